@@ -1,0 +1,1 @@
+//! clubcast browser peer.

@@ -1,0 +1,2 @@
+//! Sans-IO core of clubcast.
+#![forbid(unsafe_code)]

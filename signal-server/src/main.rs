@@ -1,0 +1,2 @@
+//! clubcast-server.
+fn main() {}

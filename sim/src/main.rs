@@ -1,0 +1,2 @@
+//! clubcast-sim: discrete-event swarm simulator.
+fn main() {}
