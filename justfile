@@ -1,0 +1,76 @@
+# clubcast task runner. `just setup` once, then `just demo`, `just test`, `just bench`.
+# Every recipe uses the default cargo target dir (or $CARGO_TARGET_DIR if set).
+
+set shell := ["bash", "-euo", "pipefail", "-c"]
+
+target_dir := env_var_or_default("CARGO_TARGET_DIR", "target")
+results := "bench/results"
+
+# List the recipes.
+default:
+    @just --list
+
+# Install what is missing: wasm32 target, wasm-bindgen-cli pinned to Cargo.lock, chromium, chromedriver, ffmpeg.
+setup:
+    scripts/setup.sh
+
+# Build the browser peer into web/pkg (set CLUBCAST_WASM_OPT=1 for an npm-binaryen wasm-opt pass).
+build-web: setup
+    cargo build -p clubcast-peer --target wasm32-unknown-unknown --release
+    wasm-bindgen --target web --out-dir web/pkg {{target_dir}}/wasm32-unknown-unknown/release/clubcast_peer.wasm
+    scripts/wasm-opt.sh web/pkg/clubcast_peer_bg.wasm
+    @echo "web/pkg/clubcast_peer_bg.wasm: $(stat -c %s web/pkg/clubcast_peer_bg.wasm) bytes"
+
+# Run the server with the built-in demo stream at http://127.0.0.1:8080/.
+demo: setup build-web
+    cargo run --release -p clubcast-server -- --listen 127.0.0.1:8080 --static-dir web
+
+# Format the workspace.
+fmt:
+    cargo fmt --all
+
+# Format check and clippy -D warnings, native and wasm32.
+lint:
+    cargo fmt --all -- --check
+    cargo clippy --workspace --all-targets -- -D warnings
+    cargo clippy -p clubcast-peer --target wasm32-unknown-unknown --all-targets -- -D warnings
+
+# Everything CI runs: lint, native tests, then the peer's tests in headless Chromium.
+test: setup build-web lint
+    cargo test --workspace
+    just test-wasm
+
+# The peer's wasm-bindgen tests in headless Chromium (flags in peer-wasm/webdriver.json).
+test-wasm:
+    #!/usr/bin/env bash
+    set -euo pipefail
+    # Each run gets a fresh TMPDIR, so chromedriver's per-session --user-data-dir
+    # lands in a private directory and no two browsers share a profile.
+    export TMPDIR="$(mktemp -d)"
+    trap 'rm -rf "${TMPDIR}"' EXIT
+    export CHROMEDRIVER="${CHROMEDRIVER:-$(command -v chromedriver)}"
+    export WASM_BINDGEN_TEST_WEBDRIVER_JSON="{{justfile_directory()}}/peer-wasm/webdriver.json"
+    export WASM_BINDGEN_TEST_TIMEOUT="${WASM_BINDGEN_TEST_TIMEOUT:-120}"
+    cargo test -p clubcast-peer --target wasm32-unknown-unknown
+
+# Swarm simulator: clubs against the server-only and mesh-pull baselines.
+sim *ARGS:
+    cargo run --release -p clubcast-sim -- --compare {{ARGS}}
+
+# All benchmarks; each writes markdown + JSON into bench/results/.
+bench: bench-sim bench-server bench-e2e
+
+# Simulator scaling sweep (clubs vs baselines, same run).
+bench-sim:
+    mkdir -p {{results}}
+    cargo run --release -p clubcast-sim -- --compare --bench --out {{results}}
+
+# Server ingest/sign/seed/origin throughput.
+bench-server:
+    mkdir -p {{results}}
+    cargo run --release -p clubcast-server -- bench --out {{results}}
+
+# One server and N headless-Chromium peers, measured end to end.
+bench-e2e: setup build-web
+    mkdir -p {{results}}
+    cargo run --release -p clubcast-tests --bin clubcast-e2e -- --out {{results}}
