@@ -1,2 +1,18 @@
 //! Sans-IO core of clubcast.
-#![forbid(unsafe_code)]
+//!
+//! Data flow: the server's [`block::StreamSigner`] cuts and signs blocks; the
+//! [`source::Source`] picks which club members the seeder pushes each block to;
+//! every viewer runs a [`peer::Peer`], which verifies blocks, relays its own clubs'
+//! blocks, serves last-hop subscribers, pulls what is missing and asks the origin
+//! for gap fill through [`bid`]s. [`wire`] encodes what peers say to each other;
+//! [`signal`] is the JSON spoken with the server; [`club`] assigns clubs and links.
+//!
+//! Nothing here reads a clock, draws randomness of its own, spawns or does I/O:
+//! time is an argument ([`Time`]) and randomness comes from an injected RNG.
+
+pub mod block;
+pub mod signal;
+mod time;
+pub mod wire;
+
+pub use time::Time;

@@ -1,0 +1,427 @@
+//! Signaling messages: the JSON spoken over the server's `GET /ws`.
+//!
+//! Flow: the client sends [`ClientMsg::Join`]; the server answers
+//! [`ServerMsg::Welcome`] with the clubs and links it assigned. After that the
+//! socket carries SDP and ICE relay ([`ClientMsg::Signal`] → [`ServerMsg::Signal`]),
+//! link changes ([`ServerMsg::Link`]) when a peer leaves or fails, heartbeats,
+//! bids answered with grants, and reports of bad blocks. Every message is an
+//! object with a `type` tag and a version field `v`; unknown or malformed
+//! messages get [`ServerMsg::Error`] with a stable [`ErrorCode`].
+
+use serde::{Deserialize, Serialize};
+
+/// Version of the signaling protocol; every message carries it as `v`.
+pub const SIGNAL_VERSION: u32 = 1;
+/// Largest signaling message the server accepts, in bytes.
+pub const MAX_SIGNAL_MESSAGE: usize = 16 * 1024;
+/// Peer id the server's seeder uses. Viewers get ids from 1 up.
+pub const SEEDER_PEER_ID: u64 = 0;
+
+/// A server-assigned peer id, unique within one server process.
+pub type PeerId = u64;
+
+/// What a link is for, seen from the peer that receives the message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(tag = "role", rename_all = "snake_case")]
+pub enum LinkRole {
+    /// The remote pushes blocks of `club` (ours) to us; we send it HAVEs.
+    Download {
+        /// The club.
+        club: u16,
+    },
+    /// We push blocks of `club` (ours) to the remote.
+    Upload {
+        /// The club.
+        club: u16,
+    },
+    /// The remote, a member of `club`, is our last-hop source for it: it pushes
+    /// the blocks with `(seq / clubs) % share_count == share`.
+    Source {
+        /// The club.
+        club: u16,
+        /// Which share of the club's blocks this source pushes.
+        share: u8,
+        /// Into how many shares the club's blocks are split.
+        share_count: u8,
+    },
+    /// We serve the remote, a non-member, as last hop for `club` (ours).
+    Subscriber {
+        /// The club.
+        club: u16,
+        /// Which share of the club's blocks we push.
+        share: u8,
+        /// Into how many shares the club's blocks are split.
+        share_count: u8,
+    },
+}
+
+impl LinkRole {
+    /// The club the role is about.
+    pub fn club(&self) -> u16 {
+        match *self {
+            LinkRole::Download { club }
+            | LinkRole::Upload { club }
+            | LinkRole::Source { club, .. }
+            | LinkRole::Subscriber { club, .. } => club,
+        }
+    }
+
+    /// The same link seen from the remote's side.
+    pub fn mirror(&self) -> LinkRole {
+        match *self {
+            LinkRole::Download { club } => LinkRole::Upload { club },
+            LinkRole::Upload { club } => LinkRole::Download { club },
+            LinkRole::Source {
+                club,
+                share,
+                share_count,
+            } => LinkRole::Subscriber {
+                club,
+                share,
+                share_count,
+            },
+            LinkRole::Subscriber {
+                club,
+                share,
+                share_count,
+            } => LinkRole::Source {
+                club,
+                share,
+                share_count,
+            },
+        }
+    }
+}
+
+/// One role on the connection to a remote peer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Link {
+    /// The remote peer.
+    pub peer: PeerId,
+    /// What the link is for.
+    #[serde(flatten)]
+    pub role: LinkRole,
+    /// Whether this side makes the WebRTC offer (if no connection is open yet).
+    pub offer: bool,
+}
+
+/// Add or remove a link role.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LinkOp {
+    /// Start using the link for this role (connect if needed).
+    Add,
+    /// Stop using it for this role (close the connection if no role is left).
+    Remove,
+}
+
+/// SDP and ICE payloads relayed between two peers, opaque to the server.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum SignalData {
+    /// An SDP offer.
+    Offer {
+        /// The SDP text.
+        sdp: String,
+    },
+    /// An SDP answer.
+    Answer {
+        /// The SDP text.
+        sdp: String,
+    },
+    /// A trickled ICE candidate, as in RTCIceCandidateInit.
+    Candidate {
+        /// The candidate line (empty for end of candidates).
+        candidate: String,
+        /// The media stream id.
+        #[serde(rename = "sdpMid", default, skip_serializing_if = "Option::is_none")]
+        sdp_mid: Option<String>,
+        /// The m-line index.
+        #[serde(
+            rename = "sdpMLineIndex",
+            default,
+            skip_serializing_if = "Option::is_none"
+        )]
+        sdp_mline_index: Option<u16>,
+    },
+}
+
+/// Messages from a client (browser peer, test peer) to the server.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ClientMsg {
+    /// First message: join a stream's swarm.
+    Join {
+        /// Protocol version, [`SIGNAL_VERSION`].
+        v: u32,
+        /// Stream id (URL form of its key) or its name.
+        stream: String,
+        /// Upload capacity the client offers, kbit/s, if it knows it.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        upload_kbps: Option<u32>,
+        /// Whether the client relays to peers (false: origin only, for baselines).
+        #[serde(default = "default_true")]
+        p2p: bool,
+    },
+    /// Relay SDP or ICE to another peer.
+    Signal {
+        /// Protocol version.
+        v: u32,
+        /// The recipient.
+        to: PeerId,
+        /// The payload.
+        data: SignalData,
+    },
+    /// Keep-alive; answered with [`ServerMsg::Pong`].
+    Heartbeat {
+        /// Protocol version.
+        v: u32,
+    },
+    /// Bits wanted from the origin in the next interval.
+    Bid {
+        /// Protocol version.
+        v: u32,
+        /// Bits wanted.
+        bits: u64,
+    },
+    /// A link failed or its peer misbehaved; asks for a replacement.
+    LinkFailed {
+        /// Protocol version.
+        v: u32,
+        /// The remote peer.
+        peer: PeerId,
+    },
+    /// The peer sent a block that did not verify.
+    Report {
+        /// Protocol version.
+        v: u32,
+        /// The offending peer.
+        peer: PeerId,
+        /// What was wrong.
+        reason: String,
+    },
+}
+
+fn default_true() -> bool {
+    true
+}
+
+/// The stream as the welcome describes it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StreamInfo {
+    /// URL form of the stream key.
+    pub id: String,
+    /// Display name.
+    pub name: String,
+    /// Path of the init segment, relative to the server.
+    pub init_url: String,
+    /// Path prefix of blocks: append the seq.
+    pub blocks_url: String,
+    /// Number of clubs C.
+    pub clubs: u16,
+    /// Bitrate estimate, kbit/s.
+    pub bitrate_kbps: u32,
+}
+
+/// An ICE server for RTCPeerConnection.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IceServer {
+    /// STUN or TURN URLs.
+    pub urls: Vec<String>,
+    /// TURN user name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub username: Option<String>,
+    /// TURN credential.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credential: Option<String>,
+}
+
+/// Stable error codes of [`ServerMsg::Error`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum ErrorCode {
+    /// Not JSON, or not a known message shape.
+    BadMessage,
+    /// A message type this server does not know.
+    UnknownType,
+    /// The `v` field names an unsupported version.
+    BadVersion,
+    /// The message is over [`MAX_SIGNAL_MESSAGE`].
+    TooLarge,
+    /// Too many messages per second.
+    RateLimited,
+    /// A message other than join came before join, or join came twice.
+    NotJoined,
+    /// No such stream.
+    UnknownStream,
+    /// The stream has its maximum number of peers.
+    StreamFull,
+    /// The recipient of a signal is not in the swarm.
+    UnknownPeer,
+    /// The server is shutting down or failed internally.
+    Internal,
+}
+
+impl ErrorCode {
+    /// The code as it appears on the wire and in metrics.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            ErrorCode::BadMessage => "bad_message",
+            ErrorCode::UnknownType => "unknown_type",
+            ErrorCode::BadVersion => "bad_version",
+            ErrorCode::TooLarge => "too_large",
+            ErrorCode::RateLimited => "rate_limited",
+            ErrorCode::NotJoined => "not_joined",
+            ErrorCode::UnknownStream => "unknown_stream",
+            ErrorCode::StreamFull => "stream_full",
+            ErrorCode::UnknownPeer => "unknown_peer",
+            ErrorCode::Internal => "internal",
+        }
+    }
+}
+
+/// Messages from the server to a client.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ServerMsg {
+    /// Answer to join.
+    Welcome {
+        /// Protocol version.
+        v: u32,
+        /// The id the server gave this peer.
+        peer_id: PeerId,
+        /// The stream.
+        stream: StreamInfo,
+        /// The clubs this peer is a member of.
+        clubs: Vec<u16>,
+        /// The link roles assigned to this peer.
+        links: Vec<Link>,
+        /// Newest block seq produced so far.
+        live_edge: u64,
+        /// Block to start playback at: a fragment start at least the target
+        /// latency behind the edge.
+        start_seq: u64,
+        /// Server wall clock (Unix ms) when the welcome was sent.
+        server_time_ms: u64,
+        /// Target live latency the player should hold, ms.
+        target_latency_ms: u32,
+        /// How often to send heartbeats, ms.
+        heartbeat_ms: u32,
+        /// ICE servers for RTCPeerConnection.
+        ice_servers: Vec<IceServer>,
+    },
+    /// A link role was added or removed (replacement after a leave or failure).
+    Link {
+        /// Protocol version.
+        v: u32,
+        /// Add or remove.
+        op: LinkOp,
+        /// The link.
+        link: Link,
+    },
+    /// SDP or ICE from another peer.
+    Signal {
+        /// Protocol version.
+        v: u32,
+        /// The sender.
+        from: PeerId,
+        /// The payload.
+        data: SignalData,
+    },
+    /// Answer to a heartbeat.
+    Pong {
+        /// Protocol version.
+        v: u32,
+        /// Server wall clock (Unix ms).
+        server_time_ms: u64,
+        /// Newest block seq produced so far.
+        live_edge: u64,
+    },
+    /// Answer to a bid: bits this peer may fetch from the origin.
+    Grant {
+        /// Protocol version.
+        v: u32,
+        /// Bits granted for the interval.
+        bits: u64,
+        /// Length of the interval, ms.
+        interval_ms: u32,
+    },
+    /// Something was wrong with the client's message.
+    Error {
+        /// Protocol version.
+        v: u32,
+        /// Stable machine-readable code.
+        code: ErrorCode,
+        /// Human-readable explanation.
+        message: String,
+    },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn join_parses_from_the_documented_form() {
+        let m: ClientMsg =
+            serde_json::from_str(r#"{"type":"join","v":1,"stream":"demo"}"#).expect("parses");
+        assert_eq!(
+            m,
+            ClientMsg::Join {
+                v: 1,
+                stream: "demo".into(),
+                upload_kbps: None,
+                p2p: true
+            }
+        );
+    }
+
+    #[test]
+    fn link_is_flat_json() {
+        let l = Link {
+            peer: 3,
+            role: LinkRole::Source {
+                club: 2,
+                share: 0,
+                share_count: 2,
+            },
+            offer: true,
+        };
+        let s = serde_json::to_string(&l).expect("serializes");
+        assert_eq!(
+            s,
+            r#"{"peer":3,"role":"source","club":2,"share":0,"share_count":2,"offer":true}"#
+        );
+        assert_eq!(serde_json::from_str::<Link>(&s).expect("parses"), l);
+        assert_eq!(l.role.mirror().mirror(), l.role);
+    }
+
+    #[test]
+    fn error_serializes_with_code() {
+        let e = ServerMsg::Error {
+            v: 1,
+            code: ErrorCode::BadMessage,
+            message: "x".into(),
+        };
+        assert_eq!(
+            serde_json::to_string(&e).expect("serializes"),
+            r#"{"type":"error","v":1,"code":"bad_message","message":"x"}"#
+        );
+    }
+
+    #[test]
+    fn candidate_uses_browser_field_names() {
+        let d: SignalData = serde_json::from_str(
+            r#"{"kind":"candidate","candidate":"candidate:1 1 udp 1 1.2.3.4 5 typ host","sdpMid":"0","sdpMLineIndex":0}"#,
+        )
+        .expect("parses");
+        assert!(matches!(
+            d,
+            SignalData::Candidate {
+                sdp_mline_index: Some(0),
+                ..
+            }
+        ));
+    }
+}
