@@ -1,0 +1,241 @@
+//! The block store: a bounded ring buffer of a stream's newest signed blocks.
+//!
+//! Blocks go in strictly in seq order. The store keeps them for `max_age_ms` of
+//! ingest time and at most `max_bytes`, whichever bound bites first, and answers
+//! lookups with found, evicted (too old) or not yet produced — the three answers
+//! the origin turns into 200, 404 and 425.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use clubcast_protocol::block::{BlockFlags, VerifiedBlock};
+
+/// Hard cap on stored bytes per stream, whatever the configured age.
+pub const MAX_STORE_BYTES: usize = 512 * 1024 * 1024;
+
+/// A block as stored: the verified block and its encoded wire form, so that the
+/// origin and the seeder serve it without encoding it again.
+#[derive(Debug)]
+pub struct StoredBlock {
+    /// The block.
+    pub block: VerifiedBlock,
+    /// `block.block().encode()`, computed once.
+    pub encoded: Bytes,
+}
+
+impl StoredBlock {
+    /// Wraps a block, encoding it once.
+    pub fn new(block: VerifiedBlock) -> Self {
+        let encoded = block.block().encode();
+        StoredBlock { block, encoded }
+    }
+
+    /// The block's seq.
+    pub fn seq(&self) -> u64 {
+        self.block.seq()
+    }
+}
+
+/// The answer to a lookup.
+#[derive(Debug, Clone)]
+pub enum Lookup {
+    /// The block is stored.
+    Found(Arc<StoredBlock>),
+    /// The block existed but has been evicted (or never will be stored).
+    Evicted,
+    /// The block has not been produced yet.
+    NotYet,
+}
+
+/// A bounded, seq-ordered ring buffer of blocks.
+#[derive(Debug)]
+pub struct BlockStore {
+    blocks: VecDeque<Arc<StoredBlock>>,
+    bytes: usize,
+    max_age_ms: u64,
+    max_bytes: usize,
+}
+
+/// Errors of [`BlockStore::push`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// The block's seq is not the one after the newest stored block.
+    #[error("block {got} is out of order, expected {expected}")]
+    OutOfOrder {
+        /// The seq expected next.
+        expected: u64,
+        /// The seq given.
+        got: u64,
+    },
+}
+
+impl BlockStore {
+    /// An empty store keeping `max_age_ms` of blocks and at most `max_bytes`.
+    pub fn new(max_age_ms: u64, max_bytes: usize) -> Self {
+        BlockStore {
+            blocks: VecDeque::new(),
+            bytes: 0,
+            max_age_ms,
+            max_bytes: max_bytes.min(MAX_STORE_BYTES),
+        }
+    }
+
+    /// Appends the next block and evicts what is over the bounds. The newest
+    /// block is never evicted.
+    pub fn push(&mut self, block: Arc<StoredBlock>) -> Result<(), StoreError> {
+        if let Some(last) = self.blocks.back() {
+            if block.seq() != last.seq() + 1 {
+                return Err(StoreError::OutOfOrder {
+                    expected: last.seq() + 1,
+                    got: block.seq(),
+                });
+            }
+        }
+        let newest_time = block.block.header().ingest_time_ms;
+        self.bytes += block.encoded.len();
+        self.blocks.push_back(block);
+        while self.blocks.len() > 1 {
+            let oldest = &self.blocks[0];
+            let too_old =
+                newest_time.saturating_sub(oldest.block.header().ingest_time_ms) > self.max_age_ms;
+            if !too_old && self.bytes <= self.max_bytes {
+                break;
+            }
+            self.bytes -= oldest.encoded.len();
+            self.blocks.pop_front();
+        }
+        Ok(())
+    }
+
+    /// Looks a block up by seq.
+    pub fn get(&self, seq: u64) -> Lookup {
+        let (Some(first), Some(last)) = (self.blocks.front(), self.blocks.back()) else {
+            return Lookup::NotYet;
+        };
+        if seq > last.seq() {
+            Lookup::NotYet
+        } else if seq < first.seq() {
+            Lookup::Evicted
+        } else {
+            Lookup::Found(self.blocks[(seq - first.seq()) as usize].clone())
+        }
+    }
+
+    /// Seq of the newest block.
+    pub fn live_edge(&self) -> Option<u64> {
+        self.blocks.back().map(|b| b.seq())
+    }
+
+    /// Seq of the oldest stored block.
+    pub fn oldest(&self) -> Option<u64> {
+        self.blocks.front().map(|b| b.seq())
+    }
+
+    /// Where a new viewer should start: the newest fragment-start block that is
+    /// at least `target_latency_ms` behind the newest block, else the oldest
+    /// fragment start.
+    pub fn start_seq(&self, target_latency_ms: u64) -> Option<u64> {
+        let newest = self.blocks.back()?.block.header().ingest_time_ms;
+        let starts = self
+            .blocks
+            .iter()
+            .rev()
+            .filter(|b| b.block.header().flags.contains(BlockFlags::FRAGMENT_START));
+        let mut fallback = None;
+        for b in starts {
+            fallback = Some(b.seq());
+            if newest.saturating_sub(b.block.header().ingest_time_ms) >= target_latency_ms {
+                return Some(b.seq());
+            }
+        }
+        fallback
+    }
+
+    /// Payload bitrate over the stored window, kbit/s (0 until two blocks exist).
+    pub fn bitrate_kbps(&self) -> u32 {
+        let (Some(first), Some(last)) = (self.blocks.front(), self.blocks.back()) else {
+            return 0;
+        };
+        let span = last
+            .block
+            .header()
+            .ingest_time_ms
+            .saturating_sub(first.block.header().ingest_time_ms);
+        if span == 0 {
+            return 0;
+        }
+        let payload: usize = self.blocks.iter().map(|b| b.block.payload().len()).sum();
+        (payload as u64 * 8 / span) as u32
+    }
+
+    /// Stored bytes.
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    /// Stored blocks.
+    pub fn len(&self) -> usize {
+        self.blocks.len()
+    }
+
+    /// Whether nothing is stored.
+    pub fn is_empty(&self) -> bool {
+        self.blocks.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clubcast_protocol::block::StreamSigner;
+
+    fn block(s: &StreamSigner, seq: u64, t: u64, start: bool) -> Arc<StoredBlock> {
+        let flags = if start {
+            BlockFlags::FRAGMENT_START
+        } else {
+            BlockFlags::empty()
+        };
+        Arc::new(StoredBlock::new(
+            s.sign(seq, flags, t, 0, Bytes::from(vec![0; 1000]))
+                .expect("small"),
+        ))
+    }
+
+    #[test]
+    fn evicts_by_age_and_answers_three_ways() {
+        let s = StreamSigner::from_seed(&[1; 32]);
+        let mut store = BlockStore::new(1000, usize::MAX);
+        for i in 0..30 {
+            store
+                .push(block(&s, i, i * 100, i % 10 == 0))
+                .expect("in order");
+        }
+        assert_eq!(store.live_edge(), Some(29));
+        assert!(matches!(store.get(29), Lookup::Found(_)));
+        assert!(matches!(store.get(30), Lookup::NotYet));
+        assert!(matches!(store.get(5), Lookup::Evicted));
+        assert_eq!(store.oldest(), Some(19));
+        assert_eq!(store.start_seq(500), Some(20));
+    }
+
+    #[test]
+    fn bounded_by_bytes_and_rejects_gaps() {
+        let s = StreamSigner::from_seed(&[2; 32]);
+        let mut store = BlockStore::new(u64::MAX, 10_000);
+        for i in 0..100 {
+            store.push(block(&s, i, i, false)).expect("in order");
+        }
+        assert!(store.bytes() <= 10_000);
+        assert_eq!(store.live_edge(), Some(99));
+        let err = store.push(block(&s, 200, 0, false)).unwrap_err();
+        assert_eq!(
+            err,
+            StoreError::OutOfOrder {
+                expected: 100,
+                got: 200
+            }
+        );
+    }
+}

@@ -1,0 +1,383 @@
+//! The stream registry: each stream's key, init segment, block store and the
+//! broadcast of new blocks to the seeder.
+//!
+//! A stream is created on first publish (or by the demo source) under a short
+//! name. Its ed25519 key is generated once and persisted in the data dir, so the
+//! stream keeps its id across restarts. Ingest calls [`Stream::set_init`] and
+//! [`Stream::publish`]; the origin, signaling and seeder read.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
+
+use bytes::Bytes;
+use clubcast_protocol::block::{BlockError, BlockFlags, StreamKey, StreamSigner};
+use tokio::sync::broadcast;
+
+use crate::store::{BlockStore, Lookup, StoreError, StoredBlock};
+
+/// Most streams one server holds.
+pub const MAX_STREAMS: usize = 256;
+/// Longest stream name.
+pub const MAX_NAME_LEN: usize = 64;
+/// Capacity of the new-block broadcast; a receiver that lags further skips ahead.
+pub const BLOCK_BROADCAST_CAPACITY: usize = 1024;
+
+/// Errors of the registry.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StreamError {
+    /// The name is empty, too long or has characters other than `[a-z0-9_-]`.
+    #[error("stream name must be 1-{MAX_NAME_LEN} characters of a-z, 0-9, '-' or '_'")]
+    BadName,
+    /// The server already holds [`MAX_STREAMS`] streams.
+    #[error("the server holds its maximum of {MAX_STREAMS} streams")]
+    TooMany,
+    /// The key file could not be read or written.
+    #[error("stream key file {path}: {source}")]
+    KeyFile {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The key file exists but does not hold a 32-byte hex seed.
+    #[error("stream key file {0} is corrupt")]
+    CorruptKey(PathBuf),
+    /// Another publisher holds the stream.
+    #[error("stream is already being published")]
+    Busy,
+    /// The block could not be signed.
+    #[error(transparent)]
+    Block(#[from] BlockError),
+    /// The block could not be stored.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Bounds of each stream's block store.
+#[derive(Debug, Clone, Copy)]
+pub struct StoreConfig {
+    /// Seconds of blocks kept.
+    pub store_seconds: u64,
+    /// Bytes kept at most.
+    pub max_bytes: usize,
+}
+
+struct State {
+    init: Option<Bytes>,
+    store: BlockStore,
+    next_seq: u64,
+}
+
+/// One live stream.
+pub struct Stream {
+    /// URL form of the stream key.
+    pub id: String,
+    /// Short display name, also accepted in URLs.
+    pub name: String,
+    /// The public key blocks verify under.
+    pub key: StreamKey,
+    signer: StreamSigner,
+    state: RwLock<State>,
+    tx: broadcast::Sender<Arc<StoredBlock>>,
+    publishing: AtomicBool,
+}
+
+impl std::fmt::Debug for Stream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Stream")
+            .field("id", &self.id)
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Held by the one publisher of a stream; dropping it frees the stream.
+#[derive(Debug)]
+pub struct PublishGuard(Arc<Stream>);
+
+impl PublishGuard {
+    /// The stream being published.
+    pub fn stream(&self) -> &Arc<Stream> {
+        &self.0
+    }
+}
+
+impl Drop for PublishGuard {
+    fn drop(&mut self) {
+        self.0.publishing.store(false, Ordering::Release);
+    }
+}
+
+impl Stream {
+    fn new(name: String, signer: StreamSigner, cfg: StoreConfig) -> Self {
+        let key = signer.key();
+        let (tx, _) = broadcast::channel(BLOCK_BROADCAST_CAPACITY);
+        Stream {
+            id: key.to_id(),
+            name,
+            key,
+            signer,
+            state: RwLock::new(State {
+                init: None,
+                store: BlockStore::new(cfg.store_seconds.saturating_mul(1000), cfg.max_bytes),
+                next_seq: 0,
+            }),
+            tx,
+            publishing: AtomicBool::new(false),
+        }
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, State> {
+        // A panic while holding the lock cannot leave State half-written: every
+        // writer finishes its mutation before anything that can panic.
+        self.state.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, State> {
+        self.state.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Claims the stream for one publisher; `Busy` if another holds it.
+    pub fn claim(self: &Arc<Self>) -> Result<PublishGuard, StreamError> {
+        self.publishing
+            .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
+            .map_err(|_| StreamError::Busy)?;
+        Ok(PublishGuard(self.clone()))
+    }
+
+    /// Sets the init segment (ftyp + moov) that every fragment after it needs.
+    pub fn set_init(&self, init: Bytes) {
+        self.write().init = Some(init);
+    }
+
+    /// The init segment, once a publisher has sent one.
+    pub fn init_segment(&self) -> Option<Bytes> {
+        self.read().init.clone()
+    }
+
+    /// Signs `payload` as the next block, stores it and announces it.
+    pub fn publish(
+        &self,
+        flags: BlockFlags,
+        media_time: u64,
+        ingest_time_ms: u64,
+        payload: Bytes,
+    ) -> Result<Arc<StoredBlock>, StreamError> {
+        let mut st = self.write();
+        let seq = st.next_seq;
+        let block = self
+            .signer
+            .sign(seq, flags, ingest_time_ms, media_time, payload)?;
+        let stored = Arc::new(StoredBlock::new(block));
+        st.store.push(stored.clone())?;
+        st.next_seq += 1;
+        drop(st);
+        // No receivers is fine: nobody is seeding yet.
+        let _ = self.tx.send(stored.clone());
+        Ok(stored)
+    }
+
+    /// New blocks as they are published.
+    pub fn subscribe(&self) -> broadcast::Receiver<Arc<StoredBlock>> {
+        self.tx.subscribe()
+    }
+
+    /// Looks a block up.
+    pub fn block(&self, seq: u64) -> Lookup {
+        self.read().store.get(seq)
+    }
+
+    /// Seq of the newest block.
+    pub fn live_edge(&self) -> Option<u64> {
+        self.read().store.live_edge()
+    }
+
+    /// Where a new viewer should start playing.
+    pub fn start_seq(&self, target_latency_ms: u64) -> Option<u64> {
+        self.read().store.start_seq(target_latency_ms)
+    }
+
+    /// Payload bitrate over the stored window, kbit/s.
+    pub fn bitrate_kbps(&self) -> u32 {
+        self.read().store.bitrate_kbps()
+    }
+}
+
+/// All streams of this server, by name and by id.
+pub struct Streams {
+    data_dir: Option<PathBuf>,
+    cfg: StoreConfig,
+    by_name: RwLock<HashMap<String, Arc<Stream>>>,
+}
+
+impl std::fmt::Debug for Streams {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Streams")
+            .field("data_dir", &self.data_dir)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Whether `name` is a valid stream name.
+pub fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= MAX_NAME_LEN
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+}
+
+impl Streams {
+    /// A registry persisting keys under `data_dir` (ephemeral keys if `None`).
+    pub fn new(data_dir: Option<PathBuf>, cfg: StoreConfig) -> Self {
+        Streams {
+            data_dir,
+            cfg,
+            by_name: RwLock::new(HashMap::new()),
+        }
+    }
+
+    /// The stream called `name`, created (with a persisted key) if new.
+    pub fn get_or_create(&self, name: &str) -> Result<Arc<Stream>, StreamError> {
+        if !valid_name(name) {
+            return Err(StreamError::BadName);
+        }
+        if let Some(s) = self
+            .by_name
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(name)
+        {
+            return Ok(s.clone());
+        }
+        let mut map = self.by_name.write().unwrap_or_else(|e| e.into_inner());
+        if let Some(s) = map.get(name) {
+            return Ok(s.clone());
+        }
+        if map.len() >= MAX_STREAMS {
+            return Err(StreamError::TooMany);
+        }
+        let signer = self.load_or_make_key(name)?;
+        let stream = Arc::new(Stream::new(name.to_owned(), signer, self.cfg));
+        map.insert(name.to_owned(), stream.clone());
+        Ok(stream)
+    }
+
+    /// A stream by id (any case, base32 or hex) or by name.
+    pub fn get(&self, id_or_name: &str) -> Option<Arc<Stream>> {
+        let map = self.by_name.read().unwrap_or_else(|e| e.into_inner());
+        if let Some(s) = map.get(id_or_name) {
+            return Some(s.clone());
+        }
+        let key = StreamKey::from_id(id_or_name).ok()?;
+        map.values().find(|s| s.key == key).cloned()
+    }
+
+    /// All streams, by name.
+    pub fn list(&self) -> Vec<Arc<Stream>> {
+        let map = self.by_name.read().unwrap_or_else(|e| e.into_inner());
+        let mut v: Vec<_> = map.values().cloned().collect();
+        v.sort_by(|a, b| a.name.cmp(&b.name));
+        v
+    }
+
+    fn load_or_make_key(&self, name: &str) -> Result<StreamSigner, StreamError> {
+        let Some(dir) = &self.data_dir else {
+            return Ok(StreamSigner::from_seed(&rand::random()));
+        };
+        let path = key_path(dir, name);
+        match std::fs::read_to_string(&path) {
+            Ok(text) => {
+                let seed = data_encoding::HEXLOWER_PERMISSIVE
+                    .decode(text.trim().as_bytes())
+                    .ok()
+                    .and_then(|v| <[u8; 32]>::try_from(v).ok())
+                    .ok_or_else(|| StreamError::CorruptKey(path.clone()))?;
+                Ok(StreamSigner::from_seed(&seed))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let signer = StreamSigner::from_seed(&rand::random());
+                let io = |source| StreamError::KeyFile {
+                    path: path.clone(),
+                    source,
+                };
+                std::fs::create_dir_all(dir.join("keys")).map_err(io)?;
+                let tmp = path.with_extension("tmp");
+                std::fs::write(&tmp, data_encoding::HEXLOWER.encode(&signer.to_seed()))
+                    .map_err(io)?;
+                restrict_permissions(&tmp);
+                std::fs::rename(&tmp, &path).map_err(io)?;
+                Ok(signer)
+            }
+            Err(source) => Err(StreamError::KeyFile { path, source }),
+        }
+    }
+}
+
+fn key_path(dir: &Path, name: &str) -> PathBuf {
+    dir.join("keys").join(format!("{name}.key"))
+}
+
+#[cfg(unix)]
+fn restrict_permissions(path: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    // Best effort: the key stays usable even where chmod is not allowed.
+    let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600));
+}
+
+#[cfg(not(unix))]
+fn restrict_permissions(_: &Path) {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clubcast_protocol::block::{Block, BlockVerifier};
+
+    fn cfg() -> StoreConfig {
+        StoreConfig {
+            store_seconds: 120,
+            max_bytes: usize::MAX,
+        }
+    }
+
+    #[test]
+    fn keys_persist_across_restarts() {
+        let dir = std::env::temp_dir().join(format!("clubcast-keys-{}", std::process::id()));
+        let id1 = Streams::new(Some(dir.clone()), cfg())
+            .get_or_create("cam")
+            .expect("ok")
+            .id
+            .clone();
+        let id2 = Streams::new(Some(dir.clone()), cfg())
+            .get_or_create("cam")
+            .expect("ok")
+            .id
+            .clone();
+        assert_eq!(id1, id2);
+        std::fs::remove_dir_all(dir).expect("cleanup");
+    }
+
+    #[test]
+    fn published_blocks_verify_and_second_publisher_is_refused() {
+        let streams = Streams::new(None, cfg());
+        let s = streams.get_or_create("live").expect("ok");
+        let guard = s.claim().expect("first publisher");
+        assert!(matches!(s.claim(), Err(StreamError::Busy)));
+        let b = s
+            .publish(BlockFlags::FRAGMENT_START, 0, 1, Bytes::from_static(b"x"))
+            .expect("publish");
+        let back = Block::decode(b.encoded.clone()).expect("decodes");
+        s.key.verify(back).expect("verifies");
+        drop(guard);
+        assert!(s.claim().is_ok());
+        assert!(streams.get(&s.id).is_some());
+        assert!(streams.get(&s.id.to_uppercase()).is_some());
+        assert!(matches!(
+            streams.get_or_create("Bad Name"),
+            Err(StreamError::BadName)
+        ));
+    }
+}
