@@ -1,0 +1,3 @@
+//! clubcast server library.
+
+pub mod rtc;

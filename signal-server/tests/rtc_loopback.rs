@@ -1,0 +1,316 @@
+//! Two native endpoints on the `rtc` wrapper, connected through an in-test signaling channel
+//! that carries the same JSON a browser would send. Real sockets on the machine's non-loopback
+//! interface; timeouts are generous and no test asserts speed.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use clubcast_server::rtc::{
+    CloseReason, Gathering, Handshake, IceCandidate, Link, LinkEvent, LinkEvents, RtcConfig,
+    RtcError, SdpKind, SendError, SessionDescription, Transport, WebrtcRs, WebrtcRsLink,
+    MAX_BUFFERED_BYTES, MAX_MESSAGE,
+};
+use tokio::time::timeout;
+
+/// Long enough for a loaded 2-core CI box; the happy path takes well under a second.
+const PATIENCE: Duration = Duration::from_secs(60);
+const BLOCK: usize = 16 * 1024;
+
+fn transport(gathering: Gathering) -> WebrtcRs {
+    WebrtcRs::new(RtcConfig {
+        gathering,
+        ..RtcConfig::default()
+    })
+}
+
+/// A message whose every byte depends on `seq`, so reordering or corruption shows.
+fn block(seq: u32) -> Bytes {
+    let mut data = vec![0u8; BLOCK];
+    data[..4].copy_from_slice(&seq.to_be_bytes());
+    for (i, byte) in data.iter_mut().enumerate().skip(4) {
+        *byte = (seq as usize).wrapping_mul(31).wrapping_add(i) as u8;
+    }
+    Bytes::from(data)
+}
+
+/// The in-test signaling server: JSON text in, JSON text out, like `/ws` would carry.
+fn relay<T: serde::Serialize + serde::de::DeserializeOwned>(value: &T) -> T {
+    let text = serde_json::to_string(value).expect("our types serialise");
+    serde_json::from_str(&text).expect("and parse back")
+}
+
+struct Pair {
+    offerer: WebrtcRsLink,
+    offerer_events: LinkEvents,
+    answerer: WebrtcRsLink,
+    answerer_events: LinkEvents,
+}
+
+/// Offer, answer and trickle until both channels are open.
+async fn open_pair(gathering: Gathering) -> Pair {
+    let stack = transport(gathering);
+    let Handshake {
+        link: offerer,
+        local: offer,
+        events: mut offerer_events,
+    } = stack.connect().await.expect("offer");
+    assert_eq!(offer.kind, SdpKind::Offer);
+    let Handshake {
+        link: answerer,
+        local: answer,
+        events: mut answerer_events,
+    } = stack.accept(relay(&offer)).await.expect("answer");
+    assert_eq!(answer.kind, SdpKind::Answer);
+    offerer
+        .apply_answer(relay(&answer))
+        .await
+        .expect("apply answer");
+
+    let (mut offerer_open, mut answerer_open) = (false, false);
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while !(offerer_open && answerer_open) {
+        let event = tokio::select! {
+            Some(event) = offerer_events.next() => (true, event),
+            Some(event) = answerer_events.next() => (false, event),
+            () = tokio::time::sleep_until(deadline) => panic!("channels did not open"),
+        };
+        match event {
+            (from_offerer, LinkEvent::LocalCandidate(candidate)) => {
+                assert_eq!(gathering, Gathering::Trickle, "complete gathering trickled");
+                let to = if from_offerer { &answerer } else { &offerer };
+                to.add_remote_candidate(relay(&candidate))
+                    .await
+                    .expect("candidate accepted");
+            }
+            (true, LinkEvent::Open) => offerer_open = true,
+            (false, LinkEvent::Open) => answerer_open = true,
+            (_, other) => panic!("unexpected event before open: {other:?}"),
+        }
+    }
+    assert!(offerer.is_open() && answerer.is_open());
+    Pair {
+        offerer,
+        offerer_events,
+        answerer,
+        answerer_events,
+    }
+}
+
+/// Next event that is not a late candidate.
+async fn next_event(events: &mut LinkEvents) -> Option<LinkEvent> {
+    loop {
+        match events.next().await {
+            Some(LinkEvent::LocalCandidate(_)) => continue,
+            other => return other,
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_hundred_blocks_arrive_intact_and_in_order() {
+    let Pair {
+        offerer,
+        mut offerer_events,
+        answerer,
+        mut answerer_events,
+    } = open_pair(Gathering::Trickle).await;
+
+    let receiver = tokio::spawn(async move {
+        for seq in 0..200u32 {
+            match next_event(&mut answerer_events).await {
+                Some(LinkEvent::Message(message)) => assert!(
+                    message == block(seq),
+                    "message {seq} corrupt or out of order"
+                ),
+                other => panic!("expected message {seq}, got {other:?}"),
+            }
+        }
+        answerer
+            .try_send(Bytes::from_static(b"done"))
+            .expect("reply");
+        (answerer, answerer_events)
+    });
+
+    // 200 x 16 KiB is three times the buffer bound, so this also exercises Full -> Writable.
+    let mut refusals = 0;
+    for seq in 0..200u32 {
+        loop {
+            match offerer.try_send(block(seq)) {
+                Ok(()) => break,
+                Err(SendError::Full { buffered }) => {
+                    assert!(buffered <= MAX_BUFFERED_BYTES);
+                    refusals += 1;
+                    match timeout(PATIENCE, next_event(&mut offerer_events)).await {
+                        Ok(Some(LinkEvent::Writable)) => {}
+                        other => panic!("waited for Writable, got {other:?}"),
+                    }
+                }
+                Err(error) => panic!("send {seq}: {error}"),
+            }
+        }
+        assert!(offerer.buffered_amount() <= MAX_BUFFERED_BYTES);
+    }
+    assert!(refusals > 0, "the burst never reached the buffer bound");
+
+    let (_answerer, _answerer_events) = timeout(PATIENCE, receiver)
+        .await
+        .expect("all 200 messages arrive")
+        .expect("receiver task");
+    match timeout(PATIENCE, next_event(&mut offerer_events)).await {
+        Ok(Some(LinkEvent::Message(reply))) => assert_eq!(&reply[..], b"done"),
+        other => panic!("expected the reply, got {other:?}"),
+    }
+    offerer.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn try_send_refuses_instead_of_growing_when_the_peer_stops_reading() {
+    let Pair {
+        offerer,
+        mut offerer_events,
+        answerer,
+        mut answerer_events,
+    } = open_pair(Gathering::Trickle).await;
+
+    // The answerer's owner reads nothing. Keep offering blocks, waiting for Writable after
+    // each refusal; once every buffer between us is full, Writable stops coming.
+    let mut admitted = 0usize;
+    let stuck = loop {
+        match offerer.try_send(block(admitted as u32)) {
+            Ok(()) => admitted += 1,
+            Err(SendError::Full { .. }) => {
+                match timeout(Duration::from_secs(3), next_event(&mut offerer_events)).await {
+                    Ok(Some(LinkEvent::Writable)) => {}
+                    Err(_) => break true,
+                    Ok(other) => panic!("unexpected {other:?}"),
+                }
+            }
+            Err(error) => panic!("send: {error}"),
+        }
+        assert!(offerer.buffered_amount() <= MAX_BUFFERED_BYTES);
+        if admitted * BLOCK > 64 * MAX_BUFFERED_BYTES {
+            break false;
+        }
+    };
+    assert!(
+        stuck,
+        "a peer that reads nothing absorbed {admitted} blocks: memory is not bounded"
+    );
+    eprintln!(
+        "peer not reading: {admitted} blocks admitted, {} bytes buffered",
+        offerer.buffered_amount()
+    );
+
+    // Once the peer reads again, everything admitted arrives and the sender may go on.
+    for seq in 0..admitted as u32 {
+        match timeout(PATIENCE, next_event(&mut answerer_events)).await {
+            Ok(Some(LinkEvent::Message(message))) => assert!(message == block(seq)),
+            other => panic!("expected message {seq}, got {other:?}"),
+        }
+    }
+    match timeout(PATIENCE, next_event(&mut offerer_events)).await {
+        Ok(Some(LinkEvent::Writable)) => {}
+        other => panic!("expected Writable after the peer drained, got {other:?}"),
+    }
+    offerer.try_send(block(0)).expect("writable again");
+    drop(answerer);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropping_one_side_closes_the_other() {
+    let Pair {
+        offerer,
+        offerer_events: _offerer_events,
+        answerer: _answerer,
+        mut answerer_events,
+    } = open_pair(Gathering::Trickle).await;
+    drop(offerer);
+    match timeout(PATIENCE, next_event(&mut answerer_events)).await {
+        Ok(Some(LinkEvent::Closed(reason))) => {
+            assert!(matches!(reason, CloseReason::Remote | CloseReason::Failed));
+        }
+        other => panic!("expected Closed, got {other:?}"),
+    }
+    assert_eq!(
+        timeout(PATIENCE, answerer_events.next()).await.ok(),
+        Some(None),
+        "Closed is the last event"
+    );
+    assert_eq!(_answerer.try_send(block(0)), Err(SendError::Closed));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn complete_gathering_connects_without_trickle() {
+    // open_pair asserts no candidate is trickled on this path.
+    let Pair {
+        offerer,
+        answerer,
+        mut answerer_events,
+        ..
+    } = open_pair(Gathering::Complete).await;
+    offerer.try_send(block(7)).expect("send");
+    match timeout(PATIENCE, next_event(&mut answerer_events)).await {
+        Ok(Some(LinkEvent::Message(message))) => assert!(message == block(7)),
+        other => panic!("expected a message, got {other:?}"),
+    }
+    answerer.close().await;
+    offerer.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_gets_typed_errors() {
+    let stack = transport(Gathering::Trickle);
+    let not_an_offer = SessionDescription {
+        kind: SdpKind::Answer,
+        sdp: "v=0".into(),
+    };
+    assert!(matches!(
+        stack.accept(not_an_offer).await,
+        Err(RtcError::WrongSdpKind { .. })
+    ));
+    let garbage = SessionDescription {
+        kind: SdpKind::Offer,
+        sdp: "this is not sdp".into(),
+    };
+    assert!(matches!(
+        stack.accept(garbage).await,
+        Err(RtcError::BadDescription(_))
+    ));
+
+    let Handshake { link, local, .. } = stack.connect().await.expect("offer");
+    assert!(local.sdp.contains("m=application"));
+    assert_eq!(link.try_send(block(0)), Err(SendError::NotOpen));
+    assert_eq!(
+        link.try_send(Bytes::from(vec![0; MAX_MESSAGE + 1])),
+        Err(SendError::TooLarge {
+            len: MAX_MESSAGE + 1
+        })
+    );
+    let bogus = IceCandidate {
+        candidate: "candidate:nonsense".into(),
+        sdp_mid: None,
+        sdp_m_line_index: Some(0),
+    };
+    assert!(link.add_remote_candidate(bogus).await.is_err());
+    link.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn closing_links_leaves_no_tasks_behind() {
+    let metrics = tokio::runtime::Handle::current().metrics();
+    let baseline = metrics.num_alive_tasks();
+    let pair = open_pair(Gathering::Trickle).await;
+    assert!(metrics.num_alive_tasks() > baseline);
+    pair.offerer.close().await;
+    drop(pair.answerer);
+    drop((pair.offerer_events, pair.answerer_events));
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while metrics.num_alive_tasks() > baseline {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{} tasks still alive after close (baseline {baseline})",
+            metrics.num_alive_tasks()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
