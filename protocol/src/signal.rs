@@ -310,6 +310,11 @@ pub enum ServerMsg {
         heartbeat_ms: u32,
         /// ICE servers for RTCPeerConnection.
         ice_servers: Vec<IceServer>,
+        /// Secret the peer sends as `Authorization: Bearer` on origin block
+        /// fetches, which count against its grant.
+        grant_token: String,
+        /// Length of a bid interval, ms: bid this often.
+        bid_interval_ms: u32,
     },
     /// A link role was added or removed (replacement after a leave or failure).
     Link {
