@@ -1,3 +1,12 @@
 //! clubcast server library.
+//!
+//! Data flow: ingest (or the demo source) parses fragmented MP4, cuts it into
+//! blocks and publishes them to a [`stream::Stream`], which signs and stores them
+//! in a bounded [`store::BlockStore`]. The seeder pushes each new block to club
+//! members over WebRTC ([`rtc`]); signaling over `/ws` assigns clubs and links and
+//! relays SDP; the origin serves blocks over HTTP within the grants of the bid
+//! allocator.
 
 pub mod rtc;
+pub mod store;
+pub mod stream;
