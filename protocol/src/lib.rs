@@ -11,6 +11,7 @@
 //! time is an argument ([`Time`]) and randomness comes from an injected RNG.
 
 pub mod block;
+pub mod club;
 pub mod signal;
 mod time;
 pub mod wire;

@@ -1,0 +1,847 @@
+//! Clubs: which peers are in which club, and which links they keep.
+//!
+//! Block `seq` belongs to club `seq mod C`. The server runs one [`Membership`] per
+//! stream. On join it puts the peer into the `m` least-populated clubs and gives it
+//! links; on leave or link failure it replaces the links that went away. Every
+//! change is returned as [`LinkChange`]s, one per peer that must hear of it, which
+//! the server sends as signaling messages (and the simulator applies directly).
+//!
+//! Link sets:
+//! - **In-club links** form a directed graph per club in which every member has
+//!   `in_club_links` download links (in-edges) and as many upload links
+//!   (out-edges). A joiner splits existing edges `X→Y` into `X→P→Y`, which keeps
+//!   every degree where it was; a leaver's in- and out-edges are spliced back
+//!   together. Clubs too small for that are complete graphs.
+//! - **Last-hop sources**: for each club it is not in, a peer has up to
+//!   `last_hop_sources` members as sources, each pushing one share of the club's
+//!   blocks (`(seq / C) % share_count == share`). Sources are the members with the
+//!   fewest subscribers. A club with no members is served by the seeder.
+//! - **Seeds**: in each club, `seeds_per_club` members receive blocks straight from
+//!   the seeder ([`SEEDER_PEER_ID`]), which pushes each block to `k` of them.
+//!
+//! Who offers: the side with the larger peer id makes the WebRTC offer, so the
+//! joiner offers to older peers and browsers always offer to the seeder.
+
+use std::collections::{BTreeMap, HashMap};
+
+use rand_core::RngCore;
+
+use crate::signal::{Link, LinkOp, LinkRole, PeerId, SEEDER_PEER_ID};
+
+/// Most clubs a stream may have.
+pub const MAX_CLUBS: u16 = 64;
+/// Default number of clubs.
+pub const DEFAULT_CLUBS: u16 = 8;
+
+/// The club of block `seq`.
+pub fn club_of(seq: u64, clubs: u16) -> u16 {
+    (seq % u64::from(clubs.max(1))) as u16
+}
+
+/// Shape of a stream's swarm.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClubConfig {
+    /// Number of clubs C.
+    pub clubs: u16,
+    /// Clubs each peer joins, m ≥ 2.
+    pub clubs_per_peer: u16,
+    /// Download (and upload) links per member in each of its clubs, ≥ 2.
+    pub in_club_links: u8,
+    /// Last-hop sources per peer for each club it is not in, ≥ 1.
+    pub last_hop_sources: u8,
+    /// Members per club that the seeder pushes to.
+    pub seeds_per_club: u8,
+}
+
+impl Default for ClubConfig {
+    fn default() -> Self {
+        ClubConfig {
+            clubs: DEFAULT_CLUBS,
+            clubs_per_peer: 2,
+            in_club_links: 2,
+            last_hop_sources: 2,
+            seeds_per_club: 3,
+        }
+    }
+}
+
+impl ClubConfig {
+    /// The config with every field clamped into its valid range.
+    pub fn normalized(mut self) -> Self {
+        self.clubs = self.clubs.clamp(1, MAX_CLUBS);
+        self.clubs_per_peer = self.clubs_per_peer.clamp(1, self.clubs);
+        self.in_club_links = self.in_club_links.max(1);
+        self.last_hop_sources = self.last_hop_sources.clamp(1, 8);
+        self.seeds_per_club = self.seeds_per_club.max(1);
+        self
+    }
+}
+
+/// One link role to tell one peer about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LinkChange {
+    /// The peer that must hear of it.
+    pub to: PeerId,
+    /// Add or remove.
+    pub op: LinkOp,
+    /// The link as `to` sees it.
+    pub link: Link,
+}
+
+/// What a join produced.
+#[derive(Debug, Clone, Default)]
+pub struct Joined {
+    /// The joiner's clubs (empty for a peer that does not relay).
+    pub clubs: Vec<u16>,
+    /// The joiner's links.
+    pub links: Vec<Link>,
+    /// Changes for other peers (the seeder included).
+    pub changes: Vec<LinkChange>,
+}
+
+#[derive(Debug, Default)]
+struct Entry {
+    clubs: Vec<u16>,
+    /// Roles as this peer sees them, by remote peer.
+    links: BTreeMap<PeerId, Vec<LinkRole>>,
+}
+
+impl Entry {
+    fn count(&self, f: impl Fn(&LinkRole) -> bool) -> usize {
+        self.links.values().flatten().filter(|r| f(r)).count()
+    }
+
+    fn has(&self, remote: PeerId, role: &LinkRole) -> bool {
+        self.links.get(&remote).is_some_and(|v| v.contains(role))
+    }
+
+    fn remotes_with(&self, f: impl Fn(&LinkRole) -> bool) -> Vec<(PeerId, LinkRole)> {
+        let mut out = Vec::new();
+        for (p, roles) in &self.links {
+            for r in roles {
+                if f(r) {
+                    out.push((*p, *r));
+                }
+            }
+        }
+        out
+    }
+}
+
+/// Club membership and link sets of one stream. Runs on the server.
+#[derive(Debug)]
+pub struct Membership {
+    cfg: ClubConfig,
+    peers: HashMap<PeerId, Entry>,
+    members: Vec<Vec<PeerId>>,
+    /// Viewers that do not relay, so never get links.
+    passive: usize,
+}
+
+impl Membership {
+    /// An empty swarm. The seeder is always present as [`SEEDER_PEER_ID`].
+    pub fn new(cfg: ClubConfig) -> Self {
+        let cfg = cfg.normalized();
+        let mut peers = HashMap::new();
+        peers.insert(SEEDER_PEER_ID, Entry::default());
+        Membership {
+            cfg,
+            peers,
+            members: vec![Vec::new(); cfg.clubs as usize],
+            passive: 0,
+        }
+    }
+
+    /// The config in force.
+    pub fn config(&self) -> &ClubConfig {
+        &self.cfg
+    }
+
+    /// Peers in the swarm, the seeder not counted.
+    pub fn len(&self) -> usize {
+        self.peers.len() - 1 + self.passive
+    }
+
+    /// Whether no viewer is in the swarm.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Members of each club.
+    pub fn club_sizes(&self) -> Vec<usize> {
+        self.members.iter().map(Vec::len).collect()
+    }
+
+    /// A peer's clubs.
+    pub fn clubs_of(&self, peer: PeerId) -> Option<&[u16]> {
+        self.peers.get(&peer).map(|e| e.clubs.as_slice())
+    }
+
+    /// A peer's links as it sees them.
+    pub fn links_of(&self, peer: PeerId) -> Vec<Link> {
+        let Some(e) = self.peers.get(&peer) else {
+            return Vec::new();
+        };
+        e.links
+            .iter()
+            .flat_map(|(remote, roles)| {
+                roles.iter().map(move |role| Link {
+                    peer: *remote,
+                    role: *role,
+                    offer: peer > *remote,
+                })
+            })
+            .collect()
+    }
+
+    /// Adds a viewer. A `p2p == false` viewer gets no clubs and no links: it
+    /// fetches everything from the origin.
+    pub fn join(&mut self, peer: PeerId, p2p: bool, rng: &mut dyn RngCore) -> Joined {
+        if !p2p {
+            self.passive += 1;
+            return Joined::default();
+        }
+        if peer == SEEDER_PEER_ID || self.peers.contains_key(&peer) {
+            return Joined {
+                clubs: self.clubs_of(peer).map(<[u16]>::to_vec).unwrap_or_default(),
+                links: self.links_of(peer),
+                changes: Vec::new(),
+            };
+        }
+        let mut out = Vec::new();
+        let clubs = self.pick_clubs(rng);
+        self.peers.insert(
+            peer,
+            Entry {
+                clubs: clubs.clone(),
+                links: BTreeMap::new(),
+            },
+        );
+        for &c in &clubs {
+            self.join_club(peer, c, rng, &mut out);
+        }
+        for c in 0..self.cfg.clubs {
+            if !clubs.contains(&c) {
+                self.fill_sources(peer, c, &[], rng, &mut out);
+            }
+        }
+        let (mine, changes): (Vec<_>, Vec<_>) = out.into_iter().partition(|ch| ch.to == peer);
+        Joined {
+            clubs,
+            links: mine.into_iter().map(|ch| ch.link).collect(),
+            changes,
+        }
+    }
+
+    /// Removes a viewer and replaces the links it held for others.
+    pub fn leave(&mut self, peer: PeerId, rng: &mut dyn RngCore) -> Vec<LinkChange> {
+        if peer == SEEDER_PEER_ID {
+            return Vec::new();
+        }
+        let Some(entry) = self.peers.remove(&peer) else {
+            self.passive = self.passive.saturating_sub(1);
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        for &c in &entry.clubs {
+            self.members[c as usize].retain(|p| *p != peer);
+        }
+        // Drop every role the others held towards the leaver.
+        for (remote, roles) in &entry.links {
+            for role in roles {
+                self.drop_role_at(*remote, peer, role.mirror(), &mut out);
+            }
+        }
+        for &c in &entry.clubs {
+            let ins: Vec<_> = entry
+                .remotes_with(|r| *r == LinkRole::Download { club: c })
+                .into_iter()
+                .map(|(p, _)| p)
+                .filter(|p| *p != SEEDER_PEER_ID)
+                .collect();
+            let outs: Vec<_> = entry
+                .remotes_with(|r| *r == LinkRole::Upload { club: c })
+                .into_iter()
+                .map(|(p, _)| p)
+                .collect();
+            // Splice in-edges to out-edges: X→P→Y becomes X→Y.
+            for (x, y) in ins.iter().zip(outs.iter()) {
+                if x != y && !self.has_edge(*x, *y, c) {
+                    self.add_role(*x, *y, LinkRole::Upload { club: c }, &mut out);
+                }
+            }
+            self.repair_club(c, rng, &mut out);
+            self.fill_seeds(c, rng, &mut out);
+            // Subscribers the leaver served need a new source for its share.
+            for (sub, role) in
+                entry.remotes_with(|r| matches!(r, LinkRole::Subscriber { club, .. } if *club == c))
+            {
+                if let LinkRole::Subscriber {
+                    share, share_count, ..
+                } = role
+                {
+                    self.add_source(sub, c, share, share_count, &[peer], rng, &mut out);
+                }
+            }
+            if self.members[c as usize].len() < self.cfg.last_hop_sources as usize {
+                self.rebalance_sources(c, rng, &mut out);
+            }
+        }
+        out
+    }
+
+    /// Replaces every role between `peer` and `remote` (a failed connection or a
+    /// misbehaving remote) with roles to other peers.
+    pub fn replace(
+        &mut self,
+        peer: PeerId,
+        remote: PeerId,
+        rng: &mut dyn RngCore,
+    ) -> Vec<LinkChange> {
+        let mut out = Vec::new();
+        let roles = match self.peers.get(&peer).and_then(|e| e.links.get(&remote)) {
+            Some(r) => r.clone(),
+            None => return out,
+        };
+        for role in &roles {
+            self.drop_role_at(peer, remote, *role, &mut out);
+            self.drop_role_at(remote, peer, role.mirror(), &mut out);
+        }
+        for role in roles {
+            match role {
+                LinkRole::Source {
+                    club,
+                    share,
+                    share_count,
+                } => self.add_source(peer, club, share, share_count, &[remote], rng, &mut out),
+                LinkRole::Subscriber {
+                    club,
+                    share,
+                    share_count,
+                } => self.add_source(remote, club, share, share_count, &[peer], rng, &mut out),
+                LinkRole::Download { club } if remote == SEEDER_PEER_ID => {
+                    self.fill_seeds_avoiding(club, &[peer], rng, &mut out)
+                }
+                LinkRole::Upload { club } if peer == SEEDER_PEER_ID => {
+                    self.fill_seeds_avoiding(club, &[remote], rng, &mut out)
+                }
+                LinkRole::Download { club } | LinkRole::Upload { club } => {
+                    self.repair_club_avoiding(club, Some((peer, remote)), rng, &mut out)
+                }
+            }
+        }
+        out
+    }
+
+    fn pick_clubs(&self, rng: &mut dyn RngCore) -> Vec<u16> {
+        let mut order: Vec<u16> = (0..self.cfg.clubs).collect();
+        // Random tie-break, then stable sort by size.
+        for i in (1..order.len()).rev() {
+            let j = (rng.next_u64() % (i as u64 + 1)) as usize;
+            order.swap(i, j);
+        }
+        order.sort_by_key(|c| self.members[*c as usize].len());
+        let mut picked: Vec<u16> = order
+            .into_iter()
+            .take(self.cfg.clubs_per_peer as usize)
+            .collect();
+        picked.sort_unstable();
+        picked
+    }
+
+    fn join_club(
+        &mut self,
+        peer: PeerId,
+        c: u16,
+        rng: &mut dyn RngCore,
+        out: &mut Vec<LinkChange>,
+    ) {
+        // The joiner stops being a last-hop subscriber of c (not the case on a
+        // fresh join, but keeps the invariant if clubs ever change).
+        let existing = self.members[c as usize].clone();
+        self.members[c as usize].push(peer);
+        let d = self.cfg.in_club_links as usize;
+        if existing.len() <= d {
+            for &x in &existing {
+                self.add_role(x, peer, LinkRole::Upload { club: c }, out);
+                self.add_role(peer, x, LinkRole::Upload { club: c }, out);
+            }
+        } else {
+            let mut split = 0;
+            let mut tries = 0;
+            let mut used: Vec<(PeerId, PeerId)> = Vec::new();
+            while split < d && tries < 32 {
+                tries += 1;
+                let x = existing[(rng.next_u64() % existing.len() as u64) as usize];
+                let outs: Vec<PeerId> = self.peers[&x]
+                    .remotes_with(|r| *r == LinkRole::Upload { club: c })
+                    .into_iter()
+                    .map(|(p, _)| p)
+                    .filter(|p| *p != peer && *p != SEEDER_PEER_ID)
+                    .collect();
+                if outs.is_empty() {
+                    continue;
+                }
+                let y = outs[(rng.next_u64() % outs.len() as u64) as usize];
+                if used.iter().any(|(ux, uy)| *ux == x || *uy == y)
+                    || self.has_edge(x, peer, c)
+                    || self.has_edge(peer, y, c)
+                {
+                    continue;
+                }
+                self.drop_role_at(x, y, LinkRole::Upload { club: c }, out);
+                self.drop_role_at(y, x, LinkRole::Download { club: c }, out);
+                self.add_role(x, peer, LinkRole::Upload { club: c }, out);
+                self.add_role(peer, y, LinkRole::Upload { club: c }, out);
+                used.push((x, y));
+                split += 1;
+            }
+            self.repair_club(c, rng, out);
+        }
+        // A new member may take over subscribers of an empty or small club.
+        if self.members[c as usize].len() <= self.cfg.last_hop_sources as usize {
+            self.rebalance_sources(c, rng, out);
+        }
+        self.fill_seeds(c, rng, out);
+    }
+
+    fn has_edge(&self, x: PeerId, y: PeerId, c: u16) -> bool {
+        self.peers
+            .get(&x)
+            .is_some_and(|e| e.has(y, &LinkRole::Upload { club: c }))
+    }
+
+    fn degree(&self, p: PeerId, role: LinkRole) -> usize {
+        self.peers
+            .get(&p)
+            .map_or(usize::MAX, |e| e.count(|r| *r == role))
+    }
+
+    fn repair_club(&mut self, c: u16, rng: &mut dyn RngCore, out: &mut Vec<LinkChange>) {
+        self.repair_club_avoiding(c, None, rng, out);
+    }
+
+    /// Gives every member of `c` at least `min(d, size - 1)` in- and out-edges,
+    /// taking the other ends from the members with the lowest matching degree.
+    fn repair_club_avoiding(
+        &mut self,
+        c: u16,
+        avoid: Option<(PeerId, PeerId)>,
+        rng: &mut dyn RngCore,
+        out: &mut Vec<LinkChange>,
+    ) {
+        let members = self.members[c as usize].clone();
+        let want = (self.cfg.in_club_links as usize).min(members.len().saturating_sub(1));
+        let up = LinkRole::Upload { club: c };
+        let avoided = |a: PeerId, b: PeerId| {
+            avoid.is_some_and(|(p, q)| (a == p && b == q) || (a == q && b == p))
+        };
+        for &y in &members {
+            let mut guard = 0;
+            while self.in_club_in_degree(y, c) < want && guard < members.len() {
+                guard += 1;
+                let x = self.pick_min(&members, rng, |m, me| {
+                    (m != y && !me.has_edge(m, y, c) && !avoided(m, y)).then(|| me.degree(m, up))
+                });
+                let Some(x) = x else { break };
+                self.add_role(x, y, up, out);
+            }
+        }
+        for &x in &members {
+            let mut guard = 0;
+            while self.degree(x, up) < want && guard < members.len() {
+                guard += 1;
+                let y = self.pick_min(&members, rng, |m, me| {
+                    (m != x && !me.has_edge(x, m, c) && !avoided(x, m))
+                        .then(|| me.in_club_in_degree(m, c))
+                });
+                let Some(y) = y else { break };
+                self.add_role(x, y, up, out);
+            }
+        }
+    }
+
+    fn in_club_in_degree(&self, p: PeerId, c: u16) -> usize {
+        self.peers.get(&p).map_or(usize::MAX, |e| {
+            e.links
+                .iter()
+                .filter(|(r, _)| **r != SEEDER_PEER_ID)
+                .flat_map(|(_, v)| v)
+                .filter(|r| **r == LinkRole::Download { club: c })
+                .count()
+        })
+    }
+
+    /// The candidate with the lowest score (random among ties); `score` returns
+    /// `None` for a candidate that may not be picked.
+    fn pick_min(
+        &self,
+        candidates: &[PeerId],
+        rng: &mut dyn RngCore,
+        score: impl Fn(PeerId, &Self) -> Option<usize>,
+    ) -> Option<PeerId> {
+        let mut best: Option<(usize, PeerId)> = None;
+        let mut ties = 0u64;
+        for &m in candidates {
+            let Some(s) = score(m, self) else { continue };
+            match best {
+                Some((b, _)) if s > b => {}
+                Some((b, _)) if s == b => {
+                    ties += 1;
+                    if rng.next_u64() % ties == 0 {
+                        best = Some((s, m));
+                    }
+                }
+                _ => {
+                    best = Some((s, m));
+                    ties = 1;
+                }
+            }
+        }
+        best.map(|(_, m)| m)
+    }
+
+    /// Seeds of club `c`: members with a download link from the seeder.
+    fn seeds(&self, c: u16) -> Vec<PeerId> {
+        self.peers[&SEEDER_PEER_ID]
+            .remotes_with(|r| *r == LinkRole::Upload { club: c })
+            .into_iter()
+            .map(|(p, _)| p)
+            .collect()
+    }
+
+    fn fill_seeds(&mut self, c: u16, rng: &mut dyn RngCore, out: &mut Vec<LinkChange>) {
+        self.fill_seeds_avoiding(c, &[], rng, out);
+    }
+
+    fn fill_seeds_avoiding(
+        &mut self,
+        c: u16,
+        avoid: &[PeerId],
+        rng: &mut dyn RngCore,
+        out: &mut Vec<LinkChange>,
+    ) {
+        let members = self.members[c as usize].clone();
+        let mut seeds = self.seeds(c);
+        while seeds.len() < self.cfg.seeds_per_club as usize {
+            let pick = self.pick_min(&members, rng, |m, me| {
+                (!seeds.contains(&m) && !avoid.contains(&m))
+                    .then(|| me.degree(m, LinkRole::Download { club: c }))
+            });
+            let Some(p) = pick else { break };
+            self.add_role(SEEDER_PEER_ID, p, LinkRole::Upload { club: c }, out);
+            seeds.push(p);
+        }
+    }
+
+    /// Gives `peer` (a non-member of `c`) its last-hop sources for `c`.
+    fn fill_sources(
+        &mut self,
+        peer: PeerId,
+        c: u16,
+        avoid: &[PeerId],
+        rng: &mut dyn RngCore,
+        out: &mut Vec<LinkChange>,
+    ) {
+        let n = self.members[c as usize].len();
+        if n == 0 {
+            self.add_role(
+                SEEDER_PEER_ID,
+                peer,
+                LinkRole::Subscriber {
+                    club: c,
+                    share: 0,
+                    share_count: 1,
+                },
+                out,
+            );
+            return;
+        }
+        let count = (self.cfg.last_hop_sources as usize).min(n) as u8;
+        for share in 0..count {
+            self.add_source(peer, c, share, count, avoid, rng, out);
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn add_source(
+        &mut self,
+        peer: PeerId,
+        c: u16,
+        share: u8,
+        share_count: u8,
+        avoid: &[PeerId],
+        rng: &mut dyn RngCore,
+        out: &mut Vec<LinkChange>,
+    ) {
+        if !self.peers.contains_key(&peer) {
+            return;
+        }
+        let members = self.members[c as usize].clone();
+        let current: Vec<PeerId> = self.peers[&peer]
+            .remotes_with(|r| matches!(r, LinkRole::Source { club, .. } if *club == c))
+            .into_iter()
+            .map(|(p, _)| p)
+            .collect();
+        let pick = self.pick_min(&members, rng, |m, me| {
+            (m != peer && !avoid.contains(&m) && !current.contains(&m))
+                .then(|| me.peers[&m].count(|r| matches!(r, LinkRole::Subscriber { .. })))
+        });
+        let src = pick.unwrap_or(SEEDER_PEER_ID);
+        if src == SEEDER_PEER_ID && current.contains(&SEEDER_PEER_ID) {
+            return;
+        }
+        self.add_role(
+            src,
+            peer,
+            LinkRole::Subscriber {
+                club: c,
+                share,
+                share_count,
+            },
+            out,
+        );
+    }
+
+    /// Re-plans the sources of every non-member of `c` whose sources no longer
+    /// match the club's size (the club was empty, or had fewer members than
+    /// sources wanted).
+    fn rebalance_sources(&mut self, c: u16, rng: &mut dyn RngCore, out: &mut Vec<LinkChange>) {
+        let n = self.members[c as usize].len();
+        let want = (self.cfg.last_hop_sources as usize).min(n.max(1));
+        let subs: Vec<PeerId> = self
+            .peers
+            .iter()
+            .filter(|(p, e)| **p != SEEDER_PEER_ID && !e.clubs.contains(&c))
+            .map(|(p, _)| *p)
+            .collect();
+        for p in subs {
+            let sources = self.peers[&p]
+                .remotes_with(|r| matches!(r, LinkRole::Source { club, .. } if *club == c));
+            let via_seeder = sources.iter().any(|(s, _)| *s == SEEDER_PEER_ID);
+            if sources.len() == want && !(via_seeder && n > 0) {
+                continue;
+            }
+            for (s, role) in sources {
+                self.drop_role_at(p, s, role, out);
+                self.drop_role_at(s, p, role.mirror(), out);
+            }
+            self.fill_sources(p, c, &[], rng, out);
+        }
+    }
+
+    /// Adds `role` at `a` towards `b`, and its mirror at `b`.
+    fn add_role(&mut self, a: PeerId, b: PeerId, role: LinkRole, out: &mut Vec<LinkChange>) {
+        for (me, remote, r) in [(a, b, role), (b, a, role.mirror())] {
+            let Some(e) = self.peers.get_mut(&me) else {
+                continue;
+            };
+            let roles = e.links.entry(remote).or_default();
+            if roles.contains(&r) {
+                continue;
+            }
+            roles.push(r);
+            out.push(LinkChange {
+                to: me,
+                op: LinkOp::Add,
+                link: Link {
+                    peer: remote,
+                    role: r,
+                    offer: me > remote,
+                },
+            });
+        }
+    }
+
+    /// Removes `role` at `me` towards `remote` (one side only).
+    fn drop_role_at(
+        &mut self,
+        me: PeerId,
+        remote: PeerId,
+        role: LinkRole,
+        out: &mut Vec<LinkChange>,
+    ) {
+        let Some(e) = self.peers.get_mut(&me) else {
+            return;
+        };
+        let Some(roles) = e.links.get_mut(&remote) else {
+            return;
+        };
+        let before = roles.len();
+        roles.retain(|r| *r != role);
+        if roles.len() == before {
+            return;
+        }
+        if roles.is_empty() {
+            e.links.remove(&remote);
+        }
+        out.push(LinkChange {
+            to: me,
+            op: LinkOp::Remove,
+            link: Link {
+                peer: remote,
+                role,
+                offer: me > remote,
+            },
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand_chacha::rand_core::SeedableRng;
+    use rand_chacha::ChaCha8Rng;
+
+    fn rng() -> ChaCha8Rng {
+        ChaCha8Rng::seed_from_u64(7)
+    }
+
+    /// Checks the invariants the relay rules need.
+    fn check(m: &Membership) {
+        let cfg = m.cfg;
+        let sizes = m.club_sizes();
+        for (&p, e) in &m.peers {
+            // Both sides agree on every role.
+            for (remote, roles) in &e.links {
+                for r in roles {
+                    assert!(
+                        m.peers[remote].has(p, &r.mirror()),
+                        "{p}->{remote} {r:?} not mirrored"
+                    );
+                }
+            }
+            if p == SEEDER_PEER_ID {
+                continue;
+            }
+            assert_eq!(e.clubs.len(), cfg.clubs_per_peer as usize);
+            for c in 0..cfg.clubs {
+                let size = sizes[c as usize];
+                if e.clubs.contains(&c) {
+                    let want = (cfg.in_club_links as usize).min(size - 1);
+                    let ins = m.in_club_in_degree(p, c);
+                    let outs = m.degree(p, LinkRole::Upload { club: c });
+                    assert!(
+                        ins >= want,
+                        "peer {p} club {c}: {ins} download links, want {want}"
+                    );
+                    assert!(
+                        outs >= want,
+                        "peer {p} club {c}: {outs} upload links, want {want}"
+                    );
+                    assert!(
+                        ins <= want + 2 && outs <= want + 2,
+                        "degree blew up: {ins}/{outs}"
+                    );
+                } else {
+                    let srcs = e
+                        .remotes_with(|r| matches!(r, LinkRole::Source { club, .. } if *club == c));
+                    let want = (cfg.last_hop_sources as usize).min(size.max(1));
+                    assert_eq!(srcs.len(), want, "peer {p} club {c}: sources {srcs:?}");
+                    let mut shares: Vec<u8> = srcs
+                        .iter()
+                        .map(|(_, r)| match r {
+                            LinkRole::Source {
+                                share, share_count, ..
+                            } => {
+                                assert_eq!(*share_count as usize, want);
+                                *share
+                            }
+                            _ => unreachable!("filtered to sources"),
+                        })
+                        .collect();
+                    shares.sort_unstable();
+                    assert_eq!(shares, (0..want as u8).collect::<Vec<_>>());
+                    if size > 0 {
+                        assert!(srcs.iter().all(|(s, _)| *s != SEEDER_PEER_ID));
+                    }
+                }
+            }
+        }
+        for c in 0..cfg.clubs {
+            let want = (cfg.seeds_per_club as usize).min(sizes[c as usize]);
+            assert_eq!(m.seeds(c).len(), want, "club {c} seeds");
+        }
+    }
+
+    #[test]
+    fn joins_keep_links_and_balance() {
+        let mut m = Membership::new(ClubConfig::default());
+        let mut r = rng();
+        for p in 1..=300 {
+            let j = m.join(p, true, &mut r);
+            assert_eq!(j.clubs.len(), 2);
+            check(&m);
+            let sizes = m.club_sizes();
+            let spread = sizes.iter().max().expect("clubs") - sizes.iter().min().expect("clubs");
+            assert!(spread <= 1, "joins keep clubs balanced: {sizes:?}");
+        }
+        assert_eq!(m.len(), 300);
+        assert_eq!(m.club_sizes().iter().sum::<usize>(), 600);
+    }
+
+    #[test]
+    fn small_swarms_fall_back_to_complete_graphs_and_the_seeder() {
+        let mut m = Membership::new(ClubConfig::default());
+        let mut r = rng();
+        let j = m.join(1, true, &mut r);
+        // Six clubs have no member yet: the seeder serves them.
+        let via_seeder = j.links.iter().filter(|l| l.peer == SEEDER_PEER_ID).count();
+        assert_eq!(via_seeder, 6 + 2, "6 last-hop + 2 seed links");
+        assert!(
+            j.links.iter().all(|l| l.offer),
+            "browsers always offer to the seeder"
+        );
+        for p in 2..=6 {
+            m.join(p, true, &mut r);
+            check(&m);
+        }
+    }
+
+    #[test]
+    fn leaves_and_failures_replace_links() {
+        let mut m = Membership::new(ClubConfig::default());
+        let mut r = rng();
+        for p in 1..=120 {
+            m.join(p, true, &mut r);
+        }
+        for p in (1..=120).step_by(3) {
+            let changes = m.leave(p, &mut r);
+            assert!(
+                changes.iter().all(|c| c.to != p),
+                "nothing is sent to the leaver"
+            );
+            assert!(changes
+                .iter()
+                .all(|c| c.link.peer != p || c.op == LinkOp::Remove));
+            check(&m);
+        }
+        for p in 121..=160 {
+            m.join(p, true, &mut r);
+            check(&m);
+        }
+        // A failed link between two peers is replaced on both sides.
+        let p = 2;
+        let remote = m.links_of(p)[0].peer;
+        m.replace(p, remote, &mut r);
+        assert!(m.links_of(p).iter().all(|l| l.peer != remote));
+        check(&m);
+    }
+
+    #[test]
+    fn passive_viewers_get_no_links() {
+        let mut m = Membership::new(ClubConfig::default());
+        let j = m.join(5, false, &mut rng());
+        assert!(j.clubs.is_empty() && j.links.is_empty());
+        assert_eq!(m.len(), 1);
+        m.leave(5, &mut rng());
+        assert_eq!(m.len(), 0);
+    }
+
+    #[test]
+    fn club_of_is_seq_mod_c() {
+        assert_eq!(club_of(17, 8), 1);
+        assert_eq!(club_of(0, 8), 0);
+        assert_eq!(club_of(5, 0), 0);
+    }
+}
