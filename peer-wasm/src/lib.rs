@@ -1,1 +1,15 @@
 //! clubcast browser peer.
+//!
+//! Data flow: the signaling socket ([`ws`]) brings club and link assignments;
+//! each link is an [`rtc::RtcLink`] whose verified blocks feed the protocol
+//! core (`clubcast-protocol`), which decides what to relay and what to play;
+//! playable bytes go to [`mse::MseSink`]; gaps are filled over [`fetch`]; the
+//! core's `poll_timeout` arms a [`timer::Timer`]. These modules are the thin,
+//! owned-closure glue to the browser; JS errors become typed errors ([`error`]).
+
+pub mod error;
+pub mod fetch;
+pub mod mse;
+pub mod rtc;
+pub mod timer;
+pub mod ws;

@@ -1,0 +1,384 @@
+//! Playback through Media Source Extensions: one `MediaSource` with one
+//! `SourceBuffer` attached to a `<video>` (or `<audio>`) element.
+//!
+//! Bytes go in with [`MseSink::append`], init segment first, then media
+//! fragments in decode order. A `SourceBuffer` takes one append at a time, so
+//! the sink keeps a bounded queue ([`MAX_QUEUED_BYTES`], [`MAX_QUEUED_SEGMENTS`])
+//! and hands the next segment over on each `updateend`. Before appending, it
+//! removes what lies more than [`KEEP_BEHIND_SECS`] behind the playhead, so the
+//! buffer stays small during a long live session. On `QuotaExceededError` it
+//! trims down to [`QUOTA_KEEP_BEHIND_SECS`] and retries the same segment.
+//!
+//! All callbacks are closures owned by the sink; dropping it detaches them,
+//! detaches the element and revokes the object URL.
+
+use std::cell::RefCell;
+use std::collections::VecDeque;
+use std::rc::{Rc, Weak};
+
+use wasm_bindgen::prelude::*;
+use web_sys::{Event, HtmlMediaElement, MediaSource, MediaSourceReadyState, SourceBuffer, Url};
+
+use crate::error::JsError;
+
+/// The codecs the demo stream and the test fixture use: H.264 constrained
+/// baseline level 3.0 and AAC-LC.
+pub const MIME_H264_AAC: &str = "video/mp4; codecs=\"avc1.42C01E, mp4a.40.2\"";
+/// Media kept behind the playhead, so a short seek back still plays.
+pub const KEEP_BEHIND_SECS: f64 = 10.0;
+/// A trim waits until this much more than [`KEEP_BEHIND_SECS`] has built up, so
+/// removes are batched instead of running before every append.
+pub const TRIM_SLACK_SECS: f64 = 5.0;
+/// Media kept behind the playhead when the browser reports the buffer full.
+pub const QUOTA_KEEP_BEHIND_SECS: f64 = 1.0;
+/// Most bytes waiting to be appended.
+pub const MAX_QUEUED_BYTES: usize = 16 * 1024 * 1024;
+/// Most segments waiting to be appended.
+pub const MAX_QUEUED_SEGMENTS: usize = 1024;
+
+/// Errors of the MSE glue.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum MseError {
+    /// A browser call failed; `op` names it.
+    #[error("{op}: {source}")]
+    Js {
+        /// The browser call that failed.
+        op: &'static str,
+        /// What it threw.
+        source: JsError,
+    },
+    /// `MediaSource.isTypeSupported` refused the MIME type.
+    #[error("unsupported media type {0}")]
+    Unsupported(String),
+    /// The append queue is at [`MAX_QUEUED_BYTES`] or [`MAX_QUEUED_SEGMENTS`].
+    #[error("append queue full")]
+    Full,
+    /// The media source is closed or ended.
+    #[error("media source closed")]
+    Closed,
+    /// The buffer is full and nothing behind the playhead can be removed yet;
+    /// the segment stays queued and is retried on the next append.
+    #[error("source buffer full and nothing to trim")]
+    QuotaExceeded,
+    /// The browser could not parse or decode appended media (`error` event).
+    #[error("media decode error")]
+    Decode,
+}
+
+impl MseError {
+    fn js(op: &'static str) -> impl FnOnce(JsValue) -> MseError {
+        move |value| MseError::Js {
+            op,
+            source: JsError::from(value),
+        }
+    }
+}
+
+/// What the sink reports to its driver.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum MseEvent {
+    /// The source is open and the SourceBuffer exists; appends start flowing.
+    Open,
+    /// Every queued segment has been appended.
+    Drained,
+    /// Something failed; see the error.
+    Error(MseError),
+}
+
+type Handler = Rc<RefCell<dyn FnMut(MseEvent)>>;
+
+struct BufferClosures {
+    _on_update_end: Closure<dyn FnMut(Event)>,
+    _on_error: Closure<dyn FnMut(Event)>,
+}
+
+struct Sink {
+    media_source: MediaSource,
+    video: HtmlMediaElement,
+    mime: String,
+    buffer: Option<SourceBuffer>,
+    buffer_closures: Option<BufferClosures>,
+    queue: VecDeque<Vec<u8>>,
+    queued_bytes: usize,
+    closed: bool,
+}
+
+/// A `MediaSource` attached to a media element, fed through a bounded queue.
+pub struct MseSink {
+    url: String,
+    shared: Rc<RefCell<Sink>>,
+    handler: Handler,
+    _on_source_open: Closure<dyn FnMut(Event)>,
+}
+
+impl MseSink {
+    /// Attaches a new `MediaSource` to `video`. The SourceBuffer for `mime` is
+    /// created on `sourceopen`, reported as [`MseEvent::Open`]; appends made
+    /// before that are queued.
+    pub fn attach(
+        video: &HtmlMediaElement,
+        mime: &str,
+        on_event: impl FnMut(MseEvent) + 'static,
+    ) -> Result<Self, MseError> {
+        if !MediaSource::is_type_supported(mime) {
+            return Err(MseError::Unsupported(mime.to_owned()));
+        }
+        let media_source = MediaSource::new().map_err(MseError::js("new MediaSource"))?;
+        let handler: Handler = Rc::new(RefCell::new(on_event));
+        let shared = Rc::new(RefCell::new(Sink {
+            media_source: media_source.clone(),
+            video: video.clone(),
+            mime: mime.to_owned(),
+            buffer: None,
+            buffer_closures: None,
+            queue: VecDeque::new(),
+            queued_bytes: 0,
+            closed: false,
+        }));
+
+        let weak = Rc::downgrade(&shared);
+        let h = Rc::clone(&handler);
+        let on_source_open = Closure::<dyn FnMut(Event)>::new(move |_: Event| {
+            if let Err(err) = open_buffer(&weak, &h) {
+                emit(&h, MseEvent::Error(err));
+                return;
+            }
+            emit(&h, MseEvent::Open);
+            pump(&weak, &h);
+        });
+        media_source.set_onsourceopen(Some(on_source_open.as_ref().unchecked_ref()));
+
+        let url = Url::create_object_url_with_source(&media_source)
+            .map_err(MseError::js("URL.createObjectURL"))?;
+        video.set_src(&url);
+        Ok(Self {
+            url,
+            shared,
+            handler,
+            _on_source_open: on_source_open,
+        })
+    }
+
+    /// Queues `bytes` for appending after everything queued before.
+    /// Returns [`MseError::Full`] at the queue's bound (the bytes are not taken)
+    /// and [`MseError::Closed`] once the source has ended.
+    pub fn append(&self, bytes: Vec<u8>) -> Result<(), MseError> {
+        {
+            let mut sink = self.shared.borrow_mut();
+            if sink.closed {
+                return Err(MseError::Closed);
+            }
+            if sink.queue.len() >= MAX_QUEUED_SEGMENTS
+                || sink.queued_bytes + bytes.len() > MAX_QUEUED_BYTES
+            {
+                return Err(MseError::Full);
+            }
+            sink.queued_bytes += bytes.len();
+            sink.queue.push_back(bytes);
+        }
+        pump(&Rc::downgrade(&self.shared), &self.handler);
+        Ok(())
+    }
+
+    /// End of the last buffered range, in media seconds (the live edge of what
+    /// can play), or `None` before anything is buffered.
+    pub fn buffered_end(&self) -> Option<f64> {
+        self.buffered().last().map(|&(_, end)| end)
+    }
+
+    /// The buffered ranges as `(start, end)` pairs in media seconds.
+    pub fn buffered(&self) -> Vec<(f64, f64)> {
+        self.shared
+            .borrow()
+            .buffer
+            .as_ref()
+            .map(ranges)
+            .unwrap_or_default()
+    }
+
+    /// Bytes waiting in the queue, not yet handed to the SourceBuffer.
+    pub fn queued_bytes(&self) -> usize {
+        self.shared.borrow().queued_bytes
+    }
+
+    /// True when nothing is queued and no append or remove is running.
+    pub fn is_idle(&self) -> bool {
+        let sink = self.shared.borrow();
+        sink.queue.is_empty() && sink.buffer.as_ref().is_some_and(|b| !b.updating())
+    }
+
+    /// Signals the end of the stream once the queue has drained; later
+    /// appends are refused with [`MseError::Closed`].
+    pub fn end_of_stream(&self) -> Result<(), MseError> {
+        let mut sink = self.shared.borrow_mut();
+        sink.closed = true;
+        if sink.media_source.ready_state() == MediaSourceReadyState::Open
+            && sink.queue.is_empty()
+            && sink.buffer.as_ref().is_some_and(|b| !b.updating())
+        {
+            sink.media_source
+                .end_of_stream()
+                .map_err(MseError::js("MediaSource.endOfStream"))?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for MseSink {
+    fn drop(&mut self) {
+        let mut sink = self.shared.borrow_mut();
+        sink.closed = true;
+        sink.queue.clear();
+        sink.media_source.set_onsourceopen(None);
+        if let Some(buffer) = sink.buffer.take() {
+            buffer.set_onupdateend(None);
+            buffer.set_onerror(None);
+        }
+        sink.buffer_closures = None;
+        sink.video.remove_attribute("src").ok();
+        sink.video.load();
+        Url::revoke_object_url(&self.url).ok();
+    }
+}
+
+fn emit(handler: &Handler, event: MseEvent) {
+    // Events come from the browser's event loop, or from `append` outside any
+    // handler, so the handler is free; a re-entrant call drops the event
+    // rather than panicking.
+    if let Ok(mut f) = handler.try_borrow_mut() {
+        f(event);
+    }
+}
+
+fn open_buffer(weak: &Weak<RefCell<Sink>>, handler: &Handler) -> Result<(), MseError> {
+    let Some(shared) = weak.upgrade() else {
+        return Ok(());
+    };
+    let mut sink = shared.borrow_mut();
+    if sink.buffer.is_some() {
+        return Ok(());
+    }
+    let buffer = sink
+        .media_source
+        .add_source_buffer(&sink.mime)
+        .map_err(MseError::js("MediaSource.addSourceBuffer"))?;
+
+    let w = weak.clone();
+    let h = Rc::clone(handler);
+    let on_update_end = Closure::<dyn FnMut(Event)>::new(move |_: Event| pump(&w, &h));
+    let h = Rc::clone(handler);
+    let on_error = Closure::<dyn FnMut(Event)>::new(move |_: Event| {
+        emit(&h, MseEvent::Error(MseError::Decode));
+    });
+    buffer.set_onupdateend(Some(on_update_end.as_ref().unchecked_ref()));
+    buffer.set_onerror(Some(on_error.as_ref().unchecked_ref()));
+    sink.buffer = Some(buffer);
+    sink.buffer_closures = Some(BufferClosures {
+        _on_update_end: on_update_end,
+        _on_error: on_error,
+    });
+    Ok(())
+}
+
+/// What `pump` decided, acted on after the sink's borrow is released.
+enum Step {
+    Wait,
+    Drained,
+    Failed(MseError),
+}
+
+/// Starts the next remove or append if the SourceBuffer is free.
+fn pump(weak: &Weak<RefCell<Sink>>, handler: &Handler) {
+    let Some(shared) = weak.upgrade() else {
+        return;
+    };
+    let step = next_step(&mut shared.borrow_mut());
+    match step {
+        Step::Wait => {}
+        Step::Drained => emit(handler, MseEvent::Drained),
+        Step::Failed(err) => emit(handler, MseEvent::Error(err)),
+    }
+}
+
+fn next_step(sink: &mut Sink) -> Step {
+    let Some(buffer) = sink.buffer.clone() else {
+        return Step::Wait;
+    };
+    if buffer.updating() || sink.media_source.ready_state() != MediaSourceReadyState::Open {
+        return Step::Wait;
+    }
+    let now = sink.video.current_time();
+    let buffered = ranges(&buffer);
+    if let Some((start, end)) = trim_range(&buffered, now, KEEP_BEHIND_SECS, TRIM_SLACK_SECS) {
+        return match buffer.remove(start, end) {
+            Ok(()) => Step::Wait,
+            Err(e) => Step::Failed(MseError::js("SourceBuffer.remove")(e)),
+        };
+    }
+    let Some(front) = sink.queue.front_mut() else {
+        if sink.closed {
+            // `end_of_stream` was asked for while appends were still queued.
+            sink.media_source.end_of_stream().ok();
+        }
+        return Step::Drained;
+    };
+    match buffer.append_buffer_with_u8_array(front) {
+        Ok(()) => {
+            if let Some(done) = sink.queue.pop_front() {
+                sink.queued_bytes -= done.len();
+            }
+            Step::Wait
+        }
+        Err(e) => {
+            let err = JsError::from(e);
+            if !err.is_quota_exceeded() {
+                return Step::Failed(MseError::Js {
+                    op: "SourceBuffer.appendBuffer",
+                    source: err,
+                });
+            }
+            // Keep the segment at the front; retry after the remove completes.
+            match trim_range(&buffered, now, QUOTA_KEEP_BEHIND_SECS, 0.0) {
+                Some((start, end)) => match buffer.remove(start, end) {
+                    Ok(()) => Step::Wait,
+                    Err(e) => Step::Failed(MseError::js("SourceBuffer.remove")(e)),
+                },
+                None => Step::Failed(MseError::QuotaExceeded),
+            }
+        }
+    }
+}
+
+fn ranges(buffer: &SourceBuffer) -> Vec<(f64, f64)> {
+    let Ok(ranges) = buffer.buffered() else {
+        return Vec::new();
+    };
+    (0..ranges.length())
+        .filter_map(|i| Some((ranges.start(i).ok()?, ranges.end(i).ok()?)))
+        .collect()
+}
+
+/// The span to remove so that at most `keep` seconds stay behind `now`, or
+/// `None` while less than `keep + slack` seconds are behind it.
+fn trim_range(buffered: &[(f64, f64)], now: f64, keep: f64, slack: f64) -> Option<(f64, f64)> {
+    let start = buffered.first()?.0;
+    let cut = now - keep;
+    (cut - start > slack && cut > start).then_some((start, cut))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::trim_range;
+
+    #[test]
+    fn trims_only_past_keep_plus_slack() {
+        let buffered = [(0.0, 30.0)];
+        assert_eq!(trim_range(&buffered, 12.0, 10.0, 5.0), None);
+        assert_eq!(trim_range(&buffered, 16.0, 10.0, 5.0), Some((0.0, 6.0)));
+        assert_eq!(trim_range(&buffered, 0.5, 1.0, 0.0), None);
+        assert_eq!(trim_range(&buffered, 3.0, 1.0, 0.0), Some((0.0, 2.0)));
+        assert_eq!(trim_range(&[], 30.0, 1.0, 0.0), None);
+    }
+}

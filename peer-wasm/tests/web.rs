@@ -1,0 +1,245 @@
+//! Browser tests for the peer glue, run in headless Chromium by
+//! `cargo test -p clubcast-peer --target wasm32-unknown-unknown`.
+#![cfg(target_arch = "wasm32")]
+
+use std::cell::RefCell;
+use std::rc::Rc;
+use std::time::Duration;
+
+use clubcast_peer::fetch::{fetch_bytes, FetchError};
+use clubcast_peer::mse::{MseEvent, MseSink, MIME_H264_AAC};
+use clubcast_peer::rtc::{
+    LinkEvent, RtcConfig, RtcError, RtcLink, MAX_BUFFERED_AMOUNT, MAX_QUEUED_BYTES,
+    MAX_QUEUED_MESSAGES,
+};
+use clubcast_peer::timer::{self, Timer};
+use wasm_bindgen::prelude::*;
+use wasm_bindgen_futures::JsFuture;
+use wasm_bindgen_test::*;
+
+wasm_bindgen_test_configure!(run_in_browser);
+
+/// Two seconds of H.264 baseline + AAC as fragmented MP4; see fixtures/make-fixture.sh.
+const FIXTURE: &[u8] = include_bytes!("fixtures/test.mp4");
+
+async fn sleep(ms: u64) {
+    let mut timer = Timer::new();
+    let promise = js_sys::Promise::new(&mut |resolve, _reject| {
+        timer
+            .set(Duration::from_millis(ms), move || {
+                resolve.call0(&JsValue::NULL).expect("resolve never throws");
+            })
+            .expect("setTimeout is available in the test page");
+    });
+    JsFuture::from(promise)
+        .await
+        .expect("the promise only resolves");
+}
+
+fn recorder<E: 'static>() -> (Rc<RefCell<Vec<E>>>, impl FnMut(E) + 'static) {
+    let events = Rc::new(RefCell::new(Vec::new()));
+    let sink = Rc::clone(&events);
+    (events, move |e| sink.borrow_mut().push(e))
+}
+
+/// Relays descriptions and candidates from one link's events to the other,
+/// and returns the events that are not signaling.
+fn relay(events: &RefCell<Vec<LinkEvent>>, to: &RtcLink) -> Vec<LinkEvent> {
+    let mut rest = Vec::new();
+    for event in events.borrow_mut().drain(..) {
+        match event {
+            LinkEvent::LocalDescription(desc) => to.handle_remote_description(desc),
+            LinkEvent::LocalCandidate(c) => to
+                .handle_remote_candidate(c)
+                .expect("a handful of candidates fits the bound"),
+            LinkEvent::CandidatesDone | LinkEvent::State(_) => {}
+            LinkEvent::Error(err) => panic!("link error: {err}"),
+            other => rest.push(other),
+        }
+    }
+    rest
+}
+
+fn numbered(seq: u32, len: usize) -> Vec<u8> {
+    let mut message = vec![(seq % 251) as u8; len];
+    message[..4].copy_from_slice(&seq.to_be_bytes());
+    message
+}
+
+#[wasm_bindgen_test]
+async fn data_channel_carries_binary_and_bounds_its_queue() {
+    let (a_events, a_handler) = recorder();
+    let (b_events, b_handler) = recorder();
+    let config = RtcConfig::default();
+    let a = RtcLink::offerer(&config, a_handler).expect("offerer");
+    let b = RtcLink::answerer(&config, b_handler).expect("answerer");
+
+    let mut a_got = Vec::new();
+    let mut b_got = Vec::new();
+    for _ in 0..1000 {
+        a_got.extend(relay(&a_events, &b));
+        b_got.extend(relay(&b_events, &a));
+        if a.is_open() && b.is_open() {
+            break;
+        }
+        sleep(10).await;
+    }
+    assert!(a.is_open() && b.is_open(), "channel did not open in 10 s");
+
+    // Both directions carry binary messages.
+    b.try_send(b"pong".to_vec()).expect("small message");
+    let block_len = 16 * 1024;
+    let mut sent = 0u32;
+    let full = loop {
+        match a.try_send(numbered(sent, block_len)) {
+            Ok(()) => sent += 1,
+            Err(err) => break err,
+        }
+        assert!(sent < 10_000, "queue never reported Full");
+    };
+    assert_eq!(full, RtcError::Full);
+    assert!(a.queued_messages() <= MAX_QUEUED_MESSAGES);
+    assert!(a.queued_bytes() <= MAX_QUEUED_BYTES);
+    let bound = (MAX_BUFFERED_AMOUNT as usize + MAX_QUEUED_BYTES) / block_len + 1;
+    assert!(sent as usize <= bound, "{sent} accepted, bound {bound}");
+    // Still full: refusing does not grow the queue.
+    let queued = a.queued_messages();
+    assert_eq!(a.try_send(numbered(sent, block_len)), Err(RtcError::Full));
+    assert_eq!(a.queued_messages(), queued);
+
+    // Everything accepted arrives, in order, and the sender hears Writable.
+    let mut received = Vec::new();
+    let mut writable = false;
+    for _ in 0..3000 {
+        for event in relay(&a_events, &b) {
+            writable |= event == LinkEvent::Writable;
+            a_got.push(event);
+        }
+        for event in relay(&b_events, &a) {
+            match event {
+                LinkEvent::Message(m) => received.push(m),
+                other => b_got.push(other),
+            }
+        }
+        if received.len() == sent as usize && writable {
+            break;
+        }
+        sleep(10).await;
+    }
+    assert_eq!(received.len(), sent as usize, "not every message arrived");
+    for (i, message) in received.iter().enumerate() {
+        assert_eq!(
+            message,
+            &numbered(i as u32, block_len),
+            "message {i} differs"
+        );
+    }
+    assert!(writable, "no Writable after the queue drained");
+    assert!(a_got.contains(&LinkEvent::Message(b"pong".to_vec())));
+    assert_eq!(a.queued_messages(), 0);
+
+    drop(b);
+    drop(a);
+}
+
+/// Splits a fragmented MP4 into the init segment (ftyp+moov) and its
+/// moof+mdat fragments, skipping other top-level boxes (mfra).
+fn segments(mp4: &[u8]) -> (Vec<u8>, Vec<Vec<u8>>) {
+    let mut init = Vec::new();
+    let mut fragments: Vec<Vec<u8>> = Vec::new();
+    let mut at = 0;
+    while at + 8 <= mp4.len() {
+        let size = u32::from_be_bytes(mp4[at..at + 4].try_into().expect("4 bytes")) as usize;
+        let kind = &mp4[at + 4..at + 8];
+        let boxed = &mp4[at..at + size];
+        match kind {
+            b"ftyp" | b"moov" => init.extend_from_slice(boxed),
+            b"moof" => fragments.push(boxed.to_vec()),
+            b"mdat" => fragments
+                .last_mut()
+                .expect("mdat follows moof")
+                .extend_from_slice(boxed),
+            _ => {}
+        }
+        at += size;
+    }
+    (init, fragments)
+}
+
+#[wasm_bindgen_test]
+async fn mse_plays_appended_fragments() {
+    let document = web_sys::window()
+        .expect("window")
+        .document()
+        .expect("document");
+    let video: web_sys::HtmlVideoElement = document
+        .create_element("video")
+        .expect("video element")
+        .unchecked_into();
+    video.set_muted(true);
+    document
+        .body()
+        .expect("body")
+        .append_child(&video)
+        .expect("append video");
+
+    let (events, handler) = recorder();
+    let sink = MseSink::attach(&video, MIME_H264_AAC, handler).expect("H.264 + AAC supported");
+    let (init, fragments) = segments(FIXTURE);
+    assert_eq!(fragments.len(), 2, "fixture has two 1-s fragments");
+    sink.append(init).expect("queue has room");
+    for fragment in fragments {
+        sink.append(fragment).expect("queue has room");
+    }
+    for _ in 0..500 {
+        if sink.is_idle() && sink.buffered_end().is_some() {
+            break;
+        }
+        sleep(10).await;
+    }
+    let events = events.borrow().clone();
+    assert!(
+        !events.iter().any(|e| matches!(e, MseEvent::Error(_))),
+        "{events:?}"
+    );
+    assert!(events.contains(&MseEvent::Open));
+    assert!(sink.is_idle(), "appends did not finish");
+    let buffered = sink.buffered();
+    let (start, end) = (buffered[0].0, sink.buffered_end().expect("buffered"));
+    assert!(end - start > 0.5, "buffered {buffered:?}");
+    assert_eq!(sink.queued_bytes(), 0);
+
+    drop(sink);
+    video.remove();
+}
+
+#[wasm_bindgen_test]
+async fn timer_fires_once_and_cancel_stops_it() {
+    let fired = Rc::new(RefCell::new(0));
+    let mut kept = Timer::new();
+    let count = Rc::clone(&fired);
+    kept.set(Duration::from_millis(5), move || *count.borrow_mut() += 1)
+        .expect("set");
+    let mut cancelled = Timer::new();
+    let count = Rc::clone(&fired);
+    cancelled
+        .set(Duration::from_millis(5), move || *count.borrow_mut() += 100)
+        .expect("set");
+    assert!(cancelled.is_pending());
+    cancelled.cancel();
+    assert!(!cancelled.is_pending());
+
+    let before = timer::now();
+    sleep(50).await;
+    assert!(timer::now() > before);
+    assert_eq!(*fired.borrow(), 1);
+    assert!(!kept.is_pending());
+}
+
+#[wasm_bindgen_test]
+async fn fetch_reports_missing_resource_as_status() {
+    let err = fetch_bytes("/clubcast-no-such-path", &[], None)
+        .await
+        .expect_err("the test server has no such path");
+    assert_eq!(err, FetchError::Status(404));
+}
