@@ -41,9 +41,9 @@ use super::{
 const MAX_CONTROL_QUEUE: usize = 64;
 
 /// How often the link re-reads the crate's outstanding bytes while any are in flight. The
-/// crate's buffered-amount-low event covers the common case; this catches the drain it does
-/// not report (it fires on the SCTP stream's count, not on the pipeline's).
-const REFRESH_INTERVAL: Duration = Duration::from_millis(20);
+/// crate's buffered-amount-low event fires on the SCTP stream's count, not on these bytes, so
+/// it misses most drains; at 20 ms, 16 KiB messages ran at 12 MB/s, at 5 ms at 30 MB/s.
+const REFRESH_INTERVAL: Duration = Duration::from_millis(5);
 
 /// The `webrtc`-crate stack: makes links that all share one [`RtcConfig`].
 #[derive(Debug, Clone, Default)]
