@@ -1,0 +1,77 @@
+// <clubcast-player> custom element.
+//
+//   <script type="module" src="https://host/clubcast-player.js"></script>
+//   <clubcast-player server="https://host" stream="<id>" stats muted></clubcast-player>
+//
+// Attributes: stream (required), server (defaults to the origin this script
+// came from), stats (show the overlay), muted, controls (default on).
+// Property `.player` is the clubcast player (stats(), on(), destroy()).
+// Changing `stream` or `server` restarts playback; removal destroys it.
+import { play } from "./clubcast.js";
+import { attachOverlay } from "./overlay.js";
+
+const SCRIPT_ORIGIN = new URL(import.meta.url).origin;
+const STYLE = new URL("./style.css", import.meta.url).href;
+
+class ClubcastPlayer extends HTMLElement {
+  static get observedAttributes() {
+    return ["stream", "server", "stats"];
+  }
+
+  constructor() {
+    super();
+    const shadow = this.attachShadow({ mode: "open" });
+    const link = document.createElement("link");
+    link.rel = "stylesheet";
+    link.href = STYLE;
+    this.frame = document.createElement("div");
+    this.frame.className = "cc-frame";
+    this.video = document.createElement("video");
+    this.video.playsInline = true;
+    this.video.autoplay = true;
+    this.frame.append(this.video);
+    shadow.append(link, this.frame);
+    this.player = null;
+    this.overlay = null;
+  }
+
+  connectedCallback() {
+    this.video.muted = this.hasAttribute("muted");
+    this.video.controls = this.getAttribute("controls") !== "false";
+    this._restart();
+  }
+
+  disconnectedCallback() {
+    this._stop();
+  }
+
+  attributeChangedCallback() {
+    if (this.isConnected) this._restart();
+  }
+
+  _stop() {
+    this.overlay?.destroy();
+    this.overlay = null;
+    this.player?.destroy();
+    this.player = null;
+  }
+
+  _restart() {
+    this._stop();
+    const stream = this.getAttribute("stream");
+    if (!stream) return;
+    const server = this.getAttribute("server") || SCRIPT_ORIGIN;
+    this.player = play(this.video, { server, stream });
+    for (const type of ["ready", "playing", "stall", "resume", "error"]) {
+      this.player.on(type, (detail) =>
+        this.dispatchEvent(new CustomEvent(type, { detail, bubbles: true, composed: true })),
+      );
+    }
+    if (this.hasAttribute("stats")) this.overlay = attachOverlay(this.frame, this.player);
+  }
+}
+
+if (!customElements.get("clubcast-player")) {
+  customElements.define("clubcast-player", ClubcastPlayer);
+}
+export { ClubcastPlayer };

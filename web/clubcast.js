@@ -1,0 +1,181 @@
+// clubcast JS API: plays a clubcast stream in a <video> element.
+//
+//   import { play } from "/clubcast.js";
+//   const player = play(document.querySelector("video"), { stream: "<id>" });
+//   player.on("playing", () => console.log("first frame"));
+//   setInterval(() => console.log(player.stats()), 1000);
+//   player.destroy();
+//
+// `play` returns at once; the wasm peer loads in the background. Events:
+//   "ready"   the peer is running                       ({})
+//   "playing" first frame shown                         ({startup_ms})
+//   "stall" / "resume"  rebuffering started / ended
+//   "stats"   a stats sample, once per second           (same object as stats())
+//   "error"   something failed                          ({message, code?})
+//   any other event the wasm peer emits, by its `type`
+//
+// ---------------------------------------------------------------------------
+// Interface this file expects from the wasm package (web/pkg/clubcast_peer.js,
+// built from peer-wasm/ by `just build-web`):
+//
+//   export default function init(): Promise<void>     // wasm-bindgen --target web
+//   export class WasmPlayer {
+//     constructor(video: HTMLMediaElement, optsJson: string);   // throws on bad options
+//     stats(): object | string;   // a plain object (or its JSON) with the fields of
+//                                 // STAT_FIELDS below; counters are totals since start
+//     on(cb: (event: {type: string, ...}) => void): void;     // one callback, all events
+//     destroy(): void;            // closes links, socket, MSE; idempotent
+//   }
+//
+// optsJson is JSON.stringify of:
+//   { server: "http://host:port",   // HTTP base; signaling is <server>/ws
+//     stream: "<stream id>",        // base32/hex of the stream's ed25519 key
+//     target_latency_ms: 1500,      // live latency the player steers toward
+//     ice_servers: [{urls: ["stun:…"], username?, credential?}] }
+// Unknown fields must be ignored, so options can grow on either side.
+// ---------------------------------------------------------------------------
+
+/** Stats fields, named as in the simulator, server metrics and benchmarks. */
+export const STAT_FIELDS = [
+  "bytes_from_peers", // payload bytes received over data channels
+  "bytes_from_origin", // payload bytes fetched from the origin (gap fill, init)
+  "bytes_uploaded", // payload bytes sent to other peers
+  "peers", // open peer links
+  "clubs", // clubs this peer belongs to
+  "latency_ms", // wall clock minus ingest time of the frame shown
+  "buffer_ms", // media buffered ahead of the playhead
+  "stalls", // rebuffering events
+  "stall_ms", // total rebuffering time
+  "startup_ms", // page load to first frame (null until then)
+];
+
+const HISTORY = 120; // seconds of rate samples kept for charts
+
+function zeroStats() {
+  const s = {};
+  for (const k of STAT_FIELDS) s[k] = 0;
+  s.startup_ms = null;
+  return s;
+}
+
+class Player {
+  constructor(video, opts) {
+    this.video = video;
+    this.opts = {
+      server: location.origin,
+      target_latency_ms: 1500,
+      ice_servers: [],
+      ...opts,
+    };
+    this.handlers = new Map();
+    this.wasm = null;
+    this.destroyed = false;
+    this.last = zeroStats();
+    this.history = []; // [{t, down_peers_bps, down_origin_bps, up_bps}]
+    this.prev = null;
+    this.ticker = setInterval(() => this._tick(), 1000);
+    this._start();
+  }
+
+  async _start() {
+    try {
+      if (!this.opts.stream) throw new Error("no stream id given");
+      const mod = await import(new URL("./pkg/clubcast_peer.js", import.meta.url).href);
+      await mod.default();
+      if (this.destroyed) return;
+      if (typeof mod.WasmPlayer !== "function") {
+        throw new Error("this build of clubcast_peer has no WasmPlayer export");
+      }
+      this.wasm = new mod.WasmPlayer(this.video, JSON.stringify(this.opts));
+      this.wasm.on((ev) => this._emit(ev && ev.type ? ev.type : "event", ev || {}));
+      this._emit("ready", {});
+    } catch (err) {
+      this._emit("error", { message: String(err && err.message ? err.message : err) });
+    }
+  }
+
+  /** Latest stats: the STAT_FIELDS plus p2p_ratio and down/up rates in bit/s. */
+  stats() {
+    if (this.wasm) {
+      try {
+        const raw = this.wasm.stats();
+        this.last = { ...zeroStats(), ...(typeof raw === "string" ? JSON.parse(raw) : raw) };
+      } catch (_) {
+        // keep the last good sample; a destroyed peer has nothing new
+      }
+    }
+    const s = { ...this.last };
+    const total = s.bytes_from_peers + s.bytes_from_origin;
+    s.p2p_ratio = total > 0 ? s.bytes_from_peers / total : 0;
+    const h = this.history[this.history.length - 1];
+    s.down_bps = h ? h.down_peers_bps + h.down_origin_bps : 0;
+    s.up_bps = h ? h.up_bps : 0;
+    return s;
+  }
+
+  /** Rate samples of the last HISTORY seconds, oldest first. */
+  rates() {
+    return this.history.slice();
+  }
+
+  /** Subscribes `fn` to `event`; returns a function that unsubscribes. */
+  on(event, fn) {
+    if (!this.handlers.has(event)) this.handlers.set(event, new Set());
+    this.handlers.get(event).add(fn);
+    return () => this.handlers.get(event)?.delete(fn);
+  }
+
+  /** Stops playback and frees the peer. */
+  destroy() {
+    if (this.destroyed) return;
+    this.destroyed = true;
+    clearInterval(this.ticker);
+    if (this.wasm) {
+      try {
+        this.wasm.destroy();
+      } catch (_) {
+        // already gone
+      }
+      if (typeof this.wasm.free === "function") this.wasm.free();
+      this.wasm = null;
+    }
+    this.handlers.clear();
+  }
+
+  _tick() {
+    const s = this.stats();
+    const now = performance.now();
+    if (this.prev) {
+      const dt = (now - this.prev.t) / 1000;
+      if (dt > 0) {
+        this.history.push({
+          t: now,
+          down_peers_bps: (8 * (s.bytes_from_peers - this.prev.s.bytes_from_peers)) / dt,
+          down_origin_bps: (8 * (s.bytes_from_origin - this.prev.s.bytes_from_origin)) / dt,
+          up_bps: (8 * (s.bytes_uploaded - this.prev.s.bytes_uploaded)) / dt,
+        });
+        if (this.history.length > HISTORY) this.history.shift();
+      }
+    }
+    this.prev = { t: now, s };
+    this._emit("stats", this.stats());
+  }
+
+  _emit(type, detail) {
+    for (const fn of this.handlers.get(type) || []) {
+      try {
+        fn(detail);
+      } catch (err) {
+        console.error("clubcast handler for", type, "threw", err);
+      }
+    }
+  }
+}
+
+/** Starts playing `opts.stream` from `opts.server` in `video`; returns the player. */
+export function play(video, opts = {}) {
+  return new Player(video, opts);
+}
+
+export const clubcast = { play, STAT_FIELDS };
+export default clubcast;
