@@ -10,9 +10,12 @@
 //! Nothing here reads a clock, draws randomness of its own, spawns or does I/O:
 //! time is an argument ([`Time`]) and randomness comes from an injected RNG.
 
+pub mod bid;
 pub mod block;
 pub mod club;
+pub mod peer;
 pub mod signal;
+pub mod source;
 mod time;
 pub mod wire;
 

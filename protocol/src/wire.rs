@@ -11,7 +11,9 @@
 //! shared club moves as [`Frame::Block`], preceded or followed by [`Frame::Have`]s
 //! that stop duplicates. A missing block is asked for with [`Frame::Want`] and
 //! answered with the block, or with [`Frame::DontHave`]; [`Frame::Cancel`]
-//! withdraws a want. [`Frame::Ping`]/[`Frame::Pong`] measure round-trip time.
+//! withdraws a want. A peer that receives a block it already had sends
+//! [`Frame::Prune`] to the slower sender, which then announces that club's blocks
+//! with HAVE instead of pushing them; a WANT on such a link grafts it back. [`Frame::Ping`]/[`Frame::Pong`] measure round-trip time.
 //!
 //! Every decoder returns a [`WireError`] on bad bytes and never panics; every
 //! variable-length field is bounded by a `MAX_*` constant.
@@ -109,6 +111,11 @@ pub enum Frame {
     Ping(u64),
     /// Answer to a ping, echoing its nonce.
     Pong(u64),
+    /// The sender already had block `seq` when it arrived from the receiver:
+    /// for that block's club, send HAVEs instead of blocks from now on (until
+    /// the sender WANTs one). This is Plumtree's prune; it keeps in-club
+    /// duplicates rare.
+    Prune(u64),
 }
 
 const T_HELLO: u8 = 0x01;
@@ -121,6 +128,7 @@ const T_CANCEL: u8 = 0x07;
 const T_DONT_HAVE: u8 = 0x08;
 const T_PING: u8 = 0x09;
 const T_PONG: u8 = 0x0A;
+const T_PRUNE: u8 = 0x0B;
 
 impl Frame {
     fn body_len(&self) -> usize {
@@ -134,7 +142,8 @@ impl Frame {
             | Frame::Cancel(_)
             | Frame::DontHave(_)
             | Frame::Ping(_)
-            | Frame::Pong(_) => 8,
+            | Frame::Pong(_)
+            | Frame::Prune(_) => 8,
         }
     }
 
@@ -192,6 +201,7 @@ impl Frame {
             Frame::DontHave(s) => put_seq(&mut out, T_DONT_HAVE, *s),
             Frame::Ping(n) => put_seq(&mut out, T_PING, *n),
             Frame::Pong(n) => put_seq(&mut out, T_PONG, *n),
+            Frame::Prune(s) => put_seq(&mut out, T_PRUNE, *s),
         }
         out.freeze()
     }
@@ -264,6 +274,7 @@ impl Frame {
             T_DONT_HAVE => Frame::DontHave(get_seq(&mut buf)?),
             T_PING => Frame::Ping(get_seq(&mut buf)?),
             T_PONG => Frame::Pong(get_seq(&mut buf)?),
+            T_PRUNE => Frame::Prune(get_seq(&mut buf)?),
             other => return Err(WireError::UnknownType(other)),
         };
         if !buf.is_empty() {
@@ -335,6 +346,7 @@ mod tests {
             any::<u64>().prop_map(Frame::DontHave),
             any::<u64>().prop_map(Frame::Ping),
             any::<u64>().prop_map(Frame::Pong),
+            any::<u64>().prop_map(Frame::Prune),
         ]
     }
 

@@ -1,0 +1,1056 @@
+//! The viewer's state machine: verify, relay, pull, gap-fill and play out blocks.
+//!
+//! Drivers (the browser glue, the simulator) feed it with `handle_*` calls and
+//! drain [`Peer::poll_transmit`], [`Peer::poll_event`] and [`Peer::poll_timeout`]
+//! until they return nothing.
+//!
+//! Relay rules, for a verified block of one of the peer's own clubs:
+//! 1. HAVE to the download links of that club (it stops their duplicates);
+//! 2. push to the club's upload links that have not said HAVE (club first);
+//! 3. push to the last-hop subscribers whose share the block is in, if the link's
+//!    send buffer is under its budget ([`LAST_HOP_MAX_BUFFERED`]).
+//!
+//! Blocks of other clubs are played but never relayed. A block still missing
+//! [`PeerConfig::pull_grace_ms`] after a later one was seen is pulled with WANT
+//! from a likely holder; one still missing [`PeerConfig::origin_margin_ms`]
+//! before its deadline produces [`PeerEvent::GapFill`], and the driver fetches it
+//! from the origin within its grant. Blocks go to the player in seq order as
+//! [`PeerEvent::Play`]; a block that misses its deadline is skipped to the next
+//! fragment start ([`PeerEvent::Skip`]). A link that sends a bad block or frame is
+//! dropped and reported ([`PeerEvent::BadPeer`]).
+
+use std::collections::{BTreeMap, VecDeque};
+
+use bytes::Bytes;
+
+use crate::block::{BlockError, BlockFlags, BlockVerifier, VerifiedBlock};
+use crate::club::club_of;
+use crate::signal::{Link, LinkOp, LinkRole, PeerId, SEEDER_PEER_ID};
+use crate::wire::{Frame, WireError, WIRE_VERSION};
+use crate::Time;
+
+/// Most blocks the cache holds; older ones are evicted first.
+pub const MAX_CACHE_BLOCKS: usize = 2048;
+/// Most missing blocks tracked at once; beyond it the oldest are given up.
+pub const MAX_MISSING: usize = 1024;
+/// Most links a peer keeps.
+pub const MAX_LINKS: usize = 256;
+/// Recent HAVEs remembered per link.
+pub const MAX_LINK_HAVES: usize = 64;
+/// Transmits queued before the driver drains them; beyond it the oldest block
+/// pushes are dropped (control frames are kept).
+pub const MAX_TRANSMITS: usize = 4096;
+/// Events queued before the driver drains them.
+pub const MAX_EVENTS: usize = 4096;
+/// Send buffer above which a link gets no more last-hop pushes.
+pub const LAST_HOP_MAX_BUFFERED: usize = 48 * 1024;
+/// Send buffer above which a link gets no more in-club pushes.
+pub const CLUB_MAX_BUFFERED: usize = 128 * 1024;
+/// WANTs a link may send per second; more are answered with DONT_HAVE.
+pub const MAX_WANTS_PER_SEC: u32 = 64;
+/// Blocks beyond the newest known seq that are accepted.
+pub const MAX_AHEAD: u64 = 4096;
+/// Origin fetches tried per missing block before it is left to be skipped.
+pub const MAX_ORIGIN_TRIES: u8 = 2;
+/// Interval between PINGs on a link, ms.
+pub const PING_INTERVAL_MS: u64 = 5_000;
+
+/// Tunables of a peer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PeerConfig {
+    /// This peer's id.
+    pub peer_id: PeerId,
+    /// Number of clubs C of the stream.
+    pub clubs: u16,
+    /// Live latency the player holds, ms; a block's deadline is its ingest time
+    /// plus this.
+    pub target_latency_ms: u64,
+    /// Wait after a later block is seen before pulling a missing one, ms.
+    pub pull_grace_ms: u64,
+    /// Wait for an answer to a WANT before asking another holder, ms.
+    pub want_timeout_ms: u64,
+    /// Wait after an in-club parent announced a block we lack before pulling
+    /// it from that parent (which grafts the parent back to pushing), ms.
+    pub graft_wait_ms: u64,
+    /// Ask the origin this long before a missing block's deadline, ms.
+    pub origin_margin_ms: u64,
+    /// Past its deadline by this much, a missing block is skipped, ms.
+    pub skip_grace_ms: u64,
+    /// Whether to relay to peers at all (false: a pure consumer).
+    pub relay: bool,
+}
+
+impl PeerConfig {
+    /// Defaults for a peer with id `peer_id` in a stream of `clubs` clubs.
+    pub fn new(peer_id: PeerId, clubs: u16) -> Self {
+        PeerConfig {
+            peer_id,
+            clubs: clubs.max(1),
+            target_latency_ms: 1500,
+            pull_grace_ms: 450,
+            want_timeout_ms: 350,
+            graft_wait_ms: 150,
+            origin_margin_ms: 450,
+            skip_grace_ms: 250,
+            relay: true,
+        }
+    }
+}
+
+/// Something a peer sends on a link.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Transmit {
+    /// The remote peer.
+    pub to: PeerId,
+    /// The frame.
+    pub frame: Frame,
+}
+
+/// Why a remote peer was dropped.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum PeerError {
+    /// It sent a block that failed verification.
+    #[error("bad block: {0}")]
+    BadBlock(#[from] BlockError),
+    /// It sent bytes that are not a frame.
+    #[error("bad frame: {0}")]
+    BadFrame(#[from] WireError),
+    /// It speaks another wire version.
+    #[error("peer speaks wire version {0}")]
+    Version(u8),
+}
+
+/// Where a block came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum From {
+    /// A peer link.
+    Peer(PeerId),
+    /// The origin, through gap fill.
+    Origin,
+}
+
+/// Something the driver must act on or may record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PeerEvent {
+    /// The next block in order, for the player.
+    Play(VerifiedBlock),
+    /// Playback jumps from `from` to `to` (a fragment start) over missing blocks.
+    Skip {
+        /// First block not played.
+        from: u64,
+        /// Block playback resumes at.
+        to: u64,
+    },
+    /// Fetch block `seq` from the origin, then call
+    /// [`Peer::handle_origin_block`] or [`Peer::handle_gap_fill_failed`].
+    GapFill {
+        /// The block.
+        seq: u64,
+    },
+    /// A new verified block arrived (not a duplicate).
+    Arrived {
+        /// The block.
+        seq: u64,
+        /// Its ingest time, for delay statistics.
+        ingest_time_ms: u64,
+        /// Who sent it.
+        from: From,
+        /// Its payload bytes.
+        bytes: usize,
+    },
+    /// Drop this link and report the peer to the server.
+    BadPeer {
+        /// The remote.
+        peer: PeerId,
+        /// What it did.
+        reason: PeerError,
+    },
+}
+
+/// Counters a driver reports as stats.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PeerStats {
+    /// Payload bytes of new blocks received from peers.
+    pub bytes_from_peers: u64,
+    /// Payload bytes of new blocks received from the origin.
+    pub bytes_from_origin: u64,
+    /// Payload bytes of duplicate blocks received.
+    pub dup_bytes: u64,
+    /// Payload bytes of blocks sent to peers.
+    pub bytes_uploaded: u64,
+    /// Non-payload bytes of all frames sent.
+    pub control_bytes_sent: u64,
+    /// Blocks that failed verification.
+    pub blocks_rejected: u64,
+    /// WANTs sent.
+    pub wants_sent: u64,
+    /// Gap fills asked of the origin.
+    pub gap_fills: u64,
+    /// Blocks skipped by playback.
+    pub blocks_skipped: u64,
+}
+
+#[derive(Debug, Default)]
+struct LinkState {
+    roles: Vec<LinkRole>,
+    open: bool,
+    remote_clubs: u64,
+    haves: VecDeque<u64>,
+    buffered: usize,
+    rtt_ms: Option<u64>,
+    next_ping: Time,
+    ping_nonce: u64,
+    ping_sent: Time,
+    want_window: (u64, u32),
+    /// Clubs for which the remote pruned us: announce, don't push.
+    lazy: u64,
+    /// Clubs for which we pruned the remote (a parent that now announces).
+    pruned: u64,
+}
+
+impl LinkState {
+    fn said_have(&self, seq: u64) -> bool {
+        self.haves.contains(&seq)
+    }
+
+    fn note_have(&mut self, seq: u64) {
+        if self.haves.len() >= MAX_LINK_HAVES {
+            self.haves.pop_front();
+        }
+        self.haves.push_back(seq);
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Missing {
+    noticed: Time,
+    asked: Option<(PeerId, Time)>,
+    tries: u8,
+    origin: bool,
+    origin_tries: u8,
+}
+
+/// One viewer's relay and playout state.
+#[derive(Debug)]
+pub struct Peer<V> {
+    cfg: PeerConfig,
+    verifier: V,
+    clubs: u64,
+    links: BTreeMap<PeerId, LinkState>,
+    cache: BTreeMap<u64, VerifiedBlock>,
+    missing: BTreeMap<u64, Missing>,
+    highest: Option<u64>,
+    /// (seq, ingest ms) of a recent block, for deadline estimates.
+    anchor: Option<(u64, u64)>,
+    ms_per_block: f64,
+    next_play: Option<u64>,
+    transmits: VecDeque<Transmit>,
+    events: VecDeque<PeerEvent>,
+    stats: PeerStats,
+    next_check: Option<Time>,
+}
+
+impl<V: BlockVerifier> Peer<V> {
+    /// A peer that verifies blocks with `verifier` (the stream key).
+    pub fn new(cfg: PeerConfig, verifier: V) -> Self {
+        Peer {
+            cfg,
+            verifier,
+            clubs: 0,
+            links: BTreeMap::new(),
+            cache: BTreeMap::new(),
+            missing: BTreeMap::new(),
+            highest: None,
+            anchor: None,
+            ms_per_block: 70.0,
+            next_play: None,
+            transmits: VecDeque::new(),
+            events: VecDeque::new(),
+            stats: PeerStats::default(),
+            next_check: None,
+        }
+    }
+
+    /// The config.
+    pub fn config(&self) -> &PeerConfig {
+        &self.cfg
+    }
+
+    /// Counters so far.
+    pub fn stats(&self) -> PeerStats {
+        self.stats
+    }
+
+    /// The clubs this peer is in.
+    pub fn clubs(&self) -> Vec<u16> {
+        (0..self.cfg.clubs).filter(|c| self.in_club(*c)).collect()
+    }
+
+    /// Remote peers with at least one role, open or not.
+    pub fn link_peers(&self) -> Vec<PeerId> {
+        self.links.keys().copied().collect()
+    }
+
+    /// Links whose data channel is open.
+    pub fn open_links(&self) -> usize {
+        self.links.values().filter(|l| l.open).count()
+    }
+
+    /// Next block the player needs.
+    pub fn next_play(&self) -> Option<u64> {
+        self.next_play
+    }
+
+    /// Whether block `seq` is in the cache.
+    pub fn has(&self, seq: u64) -> bool {
+        self.cache.contains_key(&seq)
+    }
+
+    fn in_club(&self, c: u16) -> bool {
+        c < 64 && self.clubs & (1 << c) != 0
+    }
+
+    /// Sets the clubs and links from the server's welcome, and where playback
+    /// starts. `live_edge` is the newest block the server had.
+    pub fn handle_welcome(
+        &mut self,
+        now: Time,
+        clubs: &[u16],
+        links: &[Link],
+        start_seq: u64,
+        live_edge: u64,
+    ) {
+        self.clubs = clubs
+            .iter()
+            .filter(|c| **c < 64)
+            .fold(0u64, |m, c| m | (1 << c));
+        for l in links {
+            self.handle_link(now, LinkOp::Add, *l);
+        }
+        self.next_play = Some(start_seq);
+        // The edge block was cut about now: a first anchor for deadlines.
+        self.anchor.get_or_insert((live_edge, now.as_millis()));
+        self.note_seen(now, live_edge);
+    }
+
+    /// Adds or removes a link role (from the welcome or a later `link` message).
+    /// The driver connects when a peer gets its first role and closes the
+    /// connection when [`Peer::link_peers`] no longer lists it.
+    pub fn handle_link(&mut self, _now: Time, op: LinkOp, link: Link) {
+        match op {
+            LinkOp::Add => {
+                if !self.links.contains_key(&link.peer) && self.links.len() >= MAX_LINKS {
+                    return;
+                }
+                let st = self.links.entry(link.peer).or_default();
+                if !st.roles.contains(&link.role) {
+                    st.roles.push(link.role);
+                }
+            }
+            LinkOp::Remove => {
+                if let Some(st) = self.links.get_mut(&link.peer) {
+                    st.roles.retain(|r| *r != link.role);
+                    if st.roles.is_empty() {
+                        self.links.remove(&link.peer);
+                    }
+                }
+            }
+        }
+    }
+
+    /// The data channel to `peer` opened: greet it and tell it what we hold.
+    pub fn handle_link_open(&mut self, now: Time, peer: PeerId) {
+        let clubs = self.clubs();
+        let Some(st) = self.links.get_mut(&peer) else {
+            return;
+        };
+        st.open = true;
+        st.next_ping = now + PING_INTERVAL_MS / 2;
+        self.push(
+            peer,
+            Frame::Hello {
+                version: WIRE_VERSION,
+                peer_id: self.cfg.peer_id,
+                clubs,
+            },
+        );
+        if let (Some(&first), Some(&last)) =
+            (self.cache.keys().next(), self.cache.keys().next_back())
+        {
+            let span = (last - first + 1).min(8 * crate::wire::MAX_BITFIELD_BYTES as u64);
+            let start = last + 1 - span;
+            let mut bits = vec![0u8; span.div_ceil(8) as usize];
+            for seq in self.cache.range(start..=last).map(|(s, _)| *s) {
+                let i = (seq - start) as usize;
+                bits[i / 8] |= 0x80 >> (i % 8);
+            }
+            self.push(
+                peer,
+                Frame::Bitfield {
+                    start,
+                    bits: Bytes::from(bits),
+                },
+            );
+        }
+    }
+
+    /// The data channel to `peer` closed. Its roles stay until the server
+    /// replaces them; the driver should report the failure.
+    pub fn handle_link_closed(&mut self, _now: Time, peer: PeerId) {
+        if let Some(st) = self.links.get_mut(&peer) {
+            st.open = false;
+            st.buffered = 0;
+        }
+    }
+
+    /// The link's send buffer now holds `buffered` bytes (the driver's
+    /// bufferedAmount, or the simulator's queue).
+    pub fn handle_link_buffered(&mut self, peer: PeerId, buffered: usize) {
+        if let Some(st) = self.links.get_mut(&peer) {
+            st.buffered = buffered;
+        }
+    }
+
+    /// A message arrived on the link to `from`.
+    pub fn handle_message(&mut self, now: Time, from: PeerId, msg: Bytes) {
+        match Frame::decode(msg) {
+            Ok(f) => self.handle_frame(now, from, f),
+            Err(e) => self.bad_peer(from, PeerError::BadFrame(e)),
+        }
+    }
+
+    /// A decoded frame arrived on the link to `from`.
+    pub fn handle_frame(&mut self, now: Time, from: PeerId, frame: Frame) {
+        if !self.links.contains_key(&from) {
+            return;
+        }
+        match frame {
+            Frame::Hello { version, clubs, .. } => {
+                if version != WIRE_VERSION {
+                    self.bad_peer(from, PeerError::Version(version));
+                    return;
+                }
+                if let Some(st) = self.links.get_mut(&from) {
+                    st.open = true;
+                    st.remote_clubs = clubs
+                        .iter()
+                        .filter(|c| **c < 64)
+                        .fold(0, |m, c| m | (1 << c));
+                }
+            }
+            Frame::Have(seq) => {
+                self.note_remote_have(now, from, seq);
+                let parent = self.links.get(&from).is_some_and(|l| {
+                    l.roles.contains(&LinkRole::Download {
+                        club: club_of(seq, self.cfg.clubs),
+                    })
+                });
+                if parent {
+                    // A lazy parent has it: pull soon rather than after the
+                    // full grace.
+                    let soon = now
+                        - self
+                            .cfg
+                            .pull_grace_ms
+                            .saturating_sub(self.cfg.graft_wait_ms);
+                    if let Some(m) = self.missing.get_mut(&seq) {
+                        if m.asked.is_none() && m.noticed > soon {
+                            m.noticed = soon;
+                            self.schedule(now);
+                        }
+                    }
+                }
+            }
+            Frame::HaveRange { start, count } => {
+                let last = start + u64::from(count) - 1;
+                let from_seq = last.saturating_sub(MAX_LINK_HAVES as u64 - 1).max(start);
+                for s in from_seq..=last {
+                    self.note_remote_have(now, from, s);
+                }
+            }
+            Frame::Bitfield { start, bits } => {
+                let n = bits.len() as u64 * 8;
+                let first = start.saturating_add(n.saturating_sub(MAX_LINK_HAVES as u64));
+                for s in first..start.saturating_add(n) {
+                    let i = (s - start) as usize;
+                    if bits[i / 8] & (0x80 >> (i % 8)) != 0 {
+                        self.note_remote_have(now, from, s);
+                    }
+                }
+            }
+            Frame::Block(block) => match self.verifier.verify(block) {
+                Ok(b) => self.accept(now, b, From::Peer(from)),
+                Err(e) => {
+                    self.stats.blocks_rejected += 1;
+                    self.bad_peer(from, PeerError::BadBlock(e));
+                }
+            },
+            Frame::Want(seq) => self.answer_want(now, from, seq),
+            Frame::Cancel(_) => {}
+            Frame::DontHave(seq) => {
+                if let Some(m) = self.missing.get_mut(&seq) {
+                    if m.asked.is_some_and(|(p, _)| p == from) {
+                        // Ask someone else at the next check.
+                        m.asked = Some((from, Time(0)));
+                        self.schedule(now);
+                    }
+                }
+            }
+            Frame::Prune(seq) => {
+                let c = club_of(seq, self.cfg.clubs);
+                if let Some(st) = self.links.get_mut(&from) {
+                    if c < 64 && st.roles.contains(&LinkRole::Upload { club: c }) {
+                        st.lazy |= 1 << c;
+                    }
+                }
+            }
+            Frame::Ping(n) => self.push(from, Frame::Pong(n)),
+            Frame::Pong(n) => {
+                if let Some(st) = self.links.get_mut(&from) {
+                    if st.ping_nonce == n {
+                        st.rtt_ms = Some(now.since(st.ping_sent));
+                    }
+                }
+            }
+        }
+    }
+
+    /// A block fetched from the origin (gap fill). Bad bytes count as a
+    /// rejected block but drop no link.
+    pub fn handle_origin_block(&mut self, now: Time, block: crate::block::Block) {
+        match self.verifier.verify(block) {
+            Ok(b) => self.accept(now, b, From::Origin),
+            Err(_) => self.stats.blocks_rejected += 1,
+        }
+    }
+
+    /// The origin fetch for `seq` failed (over the grant, evicted, network).
+    /// The block stays missing and may be skipped at its deadline.
+    pub fn handle_gap_fill_failed(&mut self, now: Time, seq: u64) {
+        if let Some(m) = self.missing.get_mut(&seq) {
+            m.origin = false;
+        }
+        self.schedule(now);
+    }
+
+    /// Timers: pulls, gap fills, skips and pings.
+    pub fn handle_timeout(&mut self, now: Time) {
+        self.next_check = None;
+        self.check_missing(now);
+        self.advance_play(now);
+        self.ping(now);
+        self.schedule(now);
+    }
+
+    /// Next frame to send.
+    #[must_use]
+    pub fn poll_transmit(&mut self) -> Option<Transmit> {
+        self.transmits.pop_front()
+    }
+
+    /// Next event.
+    #[must_use]
+    pub fn poll_event(&mut self) -> Option<PeerEvent> {
+        self.events.pop_front()
+    }
+
+    /// When [`Peer::handle_timeout`] should next be called.
+    #[must_use]
+    pub fn poll_timeout(&self) -> Option<Time> {
+        self.next_check
+    }
+
+    /// Bits this peer wants from the origin in the next `interval_ms`: the
+    /// missing blocks whose gap-fill moment falls inside it.
+    pub fn bid(&self, now: Time, interval_ms: u64) -> u64 {
+        let horizon = now + interval_ms;
+        let block_bits = self.avg_block_bits();
+        let due = self
+            .missing
+            .keys()
+            .filter(|s| {
+                self.deadline(**s)
+                    .0
+                    .saturating_sub(self.cfg.origin_margin_ms)
+                    <= horizon.0
+            })
+            .count() as u64;
+        due * block_bits
+    }
+
+    fn avg_block_bits(&self) -> u64 {
+        let n = self.cache.len().min(32);
+        if n == 0 {
+            return 16 * 1024 * 8;
+        }
+        let sum: usize = self
+            .cache
+            .values()
+            .rev()
+            .take(n)
+            .map(|b| b.payload().len() + crate::block::BLOCK_OVERHEAD)
+            .sum();
+        (sum / n) as u64 * 8
+    }
+
+    /// The deadline of block `seq`: its (estimated) ingest time plus the target
+    /// latency.
+    pub fn deadline(&self, seq: u64) -> Time {
+        let ingest = match self.cache.get(&seq) {
+            Some(b) => b.header().ingest_time_ms,
+            None => match self.anchor {
+                Some((s, t)) => {
+                    let d = (seq as f64 - s as f64) * self.ms_per_block;
+                    (t as f64 + d).max(0.0) as u64
+                }
+                // Nothing known yet: no deadline presses.
+                None => return Time(u64::MAX / 4),
+            },
+        };
+        Time(ingest) + self.cfg.target_latency_ms
+    }
+
+    fn bad_peer(&mut self, peer: PeerId, reason: PeerError) {
+        self.links.remove(&peer);
+        for m in self.missing.values_mut() {
+            if m.asked.is_some_and(|(p, _)| p == peer) {
+                m.asked = Some((peer, Time(0)));
+            }
+        }
+        self.event(PeerEvent::BadPeer { peer, reason });
+    }
+
+    fn event(&mut self, e: PeerEvent) {
+        if self.events.len() >= MAX_EVENTS {
+            self.events.pop_front();
+        }
+        self.events.push_back(e);
+    }
+
+    fn push(&mut self, to: PeerId, frame: Frame) {
+        let len = frame.encoded_len();
+        self.stats.control_bytes_sent += frame.overhead_len() as u64;
+        if let Frame::Block(b) = &frame {
+            self.stats.bytes_uploaded += b.payload.len() as u64;
+        }
+        if let Some(st) = self.links.get_mut(&to) {
+            st.buffered += len;
+        }
+        if self.transmits.len() >= MAX_TRANSMITS {
+            if let Some(i) = self
+                .transmits
+                .iter()
+                .position(|t| matches!(t.frame, Frame::Block(_)))
+            {
+                self.transmits.remove(i);
+            }
+        }
+        self.transmits.push_back(Transmit { to, frame });
+    }
+
+    fn note_remote_have(&mut self, now: Time, from: PeerId, seq: u64) {
+        if let Some(st) = self.links.get_mut(&from) {
+            st.note_have(seq);
+        }
+        self.note_seen(now, seq);
+        if self.highest.is_some_and(|h| seq <= h) {
+            self.mark_missing(now, seq);
+        }
+    }
+
+    /// Records that `seq` exists; blocks between the old and new edge that we
+    /// lack become missing.
+    fn note_seen(&mut self, now: Time, seq: u64) {
+        let start = match self.highest {
+            Some(h) if seq <= h => return,
+            Some(h) => {
+                if seq > h.saturating_add(MAX_AHEAD) {
+                    return;
+                }
+                h + 1
+            }
+            None => self.next_play.unwrap_or(seq),
+        };
+        self.highest = Some(seq);
+        let from = start.max(seq.saturating_sub(MAX_MISSING as u64));
+        for s in from..seq {
+            self.mark_missing(now, s);
+        }
+        self.schedule(now);
+    }
+
+    fn mark_missing(&mut self, now: Time, seq: u64) {
+        if self.cache.contains_key(&seq) || self.next_play.is_some_and(|p| seq < p) {
+            return;
+        }
+        if self.missing.len() >= MAX_MISSING {
+            self.missing.pop_first();
+        }
+        self.missing.entry(seq).or_insert(Missing {
+            noticed: now,
+            asked: None,
+            tries: 0,
+            origin: false,
+            origin_tries: 0,
+        });
+    }
+
+    fn accept(&mut self, now: Time, block: VerifiedBlock, from: From) {
+        let seq = block.seq();
+        let len = block.payload().len();
+        if self.cache.contains_key(&seq)
+            || self
+                .next_play
+                .is_some_and(|p| seq < p && !self.in_club(club_of(seq, self.cfg.clubs)))
+        {
+            self.stats.dup_bytes += len as u64;
+            if let From::Peer(p) = from {
+                self.prune(p, seq);
+            }
+            return;
+        }
+        match from {
+            From::Peer(p) => {
+                self.stats.bytes_from_peers += len as u64;
+                if let Some(st) = self.links.get_mut(&p) {
+                    st.note_have(seq);
+                }
+            }
+            From::Origin => self.stats.bytes_from_origin += len as u64,
+        }
+        let ingest = block.header().ingest_time_ms;
+        self.event(PeerEvent::Arrived {
+            seq,
+            ingest_time_ms: ingest,
+            from,
+            bytes: len,
+        });
+        self.learn_rate(seq, ingest);
+        if let Some(m) = self.missing.remove(&seq) {
+            if let Some((p, _)) = m.asked {
+                if From::Peer(p) != from {
+                    self.push(p, Frame::Cancel(seq));
+                }
+            }
+        }
+        self.note_seen(now, seq);
+        if self.cfg.relay && self.in_club(club_of(seq, self.cfg.clubs)) {
+            self.relay(&block, from);
+        }
+        self.cache.insert(seq, block);
+        while self.cache.len() > MAX_CACHE_BLOCKS {
+            self.cache.pop_first();
+        }
+        self.advance_play(now);
+    }
+
+    /// A duplicate came from `p`: if `p` is an eager in-club parent and another
+    /// parent stays eager, ask `p` to send HAVEs instead.
+    fn prune(&mut self, p: PeerId, seq: u64) {
+        let c = club_of(seq, self.cfg.clubs);
+        let down = LinkRole::Download { club: c };
+        let bit = if c < 64 { 1u64 << c } else { 0 };
+        // Keep at least one other eager peer parent (the seeder pushes only some
+        // of the club's blocks), or the club would go quiet.
+        let eager_others = self
+            .links
+            .iter()
+            .filter(|(q, l)| {
+                **q != p
+                    && **q != SEEDER_PEER_ID
+                    && l.open
+                    && l.roles.contains(&down)
+                    && l.pruned & bit == 0
+            })
+            .count();
+        let Some(st) = self.links.get_mut(&p) else {
+            return;
+        };
+        st.note_have(seq);
+        if p != SEEDER_PEER_ID
+            && bit != 0
+            && eager_others >= 1
+            && st.roles.contains(&down)
+            && st.pruned & bit == 0
+        {
+            st.pruned |= bit;
+            self.push(p, Frame::Prune(seq));
+        }
+    }
+
+    fn learn_rate(&mut self, seq: u64, ingest: u64) {
+        if let Some((s, t)) = self.anchor {
+            if seq > s && ingest >= t {
+                let per = (ingest - t) as f64 / (seq - s) as f64;
+                self.ms_per_block = 0.9 * self.ms_per_block + 0.1 * per.clamp(1.0, 10_000.0);
+            }
+            if seq <= s {
+                return;
+            }
+        }
+        self.anchor = Some((seq, ingest));
+    }
+
+    fn relay(&mut self, block: &VerifiedBlock, from: From) {
+        let seq = block.seq();
+        let c = club_of(seq, self.cfg.clubs);
+        let share_idx = seq / u64::from(self.cfg.clubs);
+        let sender = match from {
+            From::Peer(p) => Some(p),
+            From::Origin => None,
+        };
+        let mut haves = Vec::new();
+        let mut club_push = Vec::new();
+        let mut last_hop = Vec::new();
+        for (&p, st) in &self.links {
+            if Some(p) == sender || !st.open {
+                continue;
+            }
+            for r in &st.roles {
+                match *r {
+                    LinkRole::Download { club } if club == c => haves.push(p),
+                    LinkRole::Upload { club } if club == c && !st.said_have(seq) => {
+                        if c < 64 && st.lazy & (1 << c) != 0 {
+                            haves.push(p);
+                        } else if st.buffered < CLUB_MAX_BUFFERED {
+                            club_push.push(p);
+                        }
+                    }
+                    LinkRole::Subscriber {
+                        club,
+                        share,
+                        share_count,
+                    } if club == c
+                        && share_idx % u64::from(share_count.max(1)) == u64::from(share)
+                        && !st.said_have(seq)
+                        && st.buffered < LAST_HOP_MAX_BUFFERED =>
+                    {
+                        last_hop.push(p);
+                    }
+                    _ => {}
+                }
+            }
+        }
+        haves.dedup();
+        club_push.dedup();
+        last_hop.dedup();
+        for p in haves {
+            if !club_push.contains(&p) {
+                self.push(p, Frame::Have(seq));
+            }
+        }
+        let frame = Frame::Block(block.block().clone());
+        for p in club_push {
+            self.push(p, frame.clone());
+        }
+        for p in last_hop {
+            self.push(p, frame.clone());
+        }
+    }
+
+    fn answer_want(&mut self, now: Time, from: PeerId, seq: u64) {
+        let sec = now.as_millis() / 1000;
+        let Some(st) = self.links.get_mut(&from) else {
+            return;
+        };
+        if st.want_window.0 != sec {
+            st.want_window = (sec, 0);
+        }
+        st.want_window.1 += 1;
+        let c = club_of(seq, self.cfg.clubs);
+        if c < 64 {
+            // A WANT from a pruned child grafts the link back to eager push.
+            st.lazy &= !(1 << c);
+        }
+        let over = st.want_window.1 > MAX_WANTS_PER_SEC || st.buffered >= CLUB_MAX_BUFFERED;
+        match self.cache.get(&seq) {
+            Some(b) if !over => {
+                let f = Frame::Block(b.block().clone());
+                self.push(from, f);
+            }
+            _ => self.push(from, Frame::DontHave(seq)),
+        }
+    }
+
+    /// Candidates to pull `seq` from: links that said HAVE first, then members
+    /// of its club (download/upload links and sources), skipping `not`.
+    fn holder(&self, seq: u64, not: Option<PeerId>) -> Option<PeerId> {
+        let c = club_of(seq, self.cfg.clubs);
+        let mut best: Option<(u8, PeerId)> = None;
+        for (&p, st) in &self.links {
+            if !st.open || Some(p) == not {
+                continue;
+            }
+            let rank = if st.said_have(seq) {
+                0
+            } else if st.roles.iter().any(|r| match *r {
+                LinkRole::Download { club } | LinkRole::Upload { club } => club == c,
+                LinkRole::Source { club, .. } => club == c,
+                LinkRole::Subscriber { .. } => false,
+            }) || (c < 64 && st.remote_clubs & (1 << c) != 0)
+            {
+                1
+            } else {
+                continue;
+            };
+            if best.is_none_or(|(b, _)| rank < b) {
+                best = Some((rank, p));
+            }
+        }
+        best.map(|(_, p)| p)
+    }
+
+    fn check_missing(&mut self, now: Time) {
+        let seqs: Vec<u64> = self.missing.keys().copied().collect();
+        for seq in seqs {
+            let deadline = self.deadline(seq);
+            let Some(m) = self.missing.get(&seq).copied() else {
+                continue;
+            };
+            if m.origin {
+                continue;
+            }
+            if now.0 + self.cfg.origin_margin_ms >= deadline.0 {
+                if let Some((p, _)) = m.asked {
+                    self.push(p, Frame::Cancel(seq));
+                }
+                if let Some(mm) = self.missing.get_mut(&seq) {
+                    mm.origin = true;
+                    mm.asked = None;
+                }
+                if m.origin_tries < MAX_ORIGIN_TRIES {
+                    if let Some(mm) = self.missing.get_mut(&seq) {
+                        mm.origin_tries += 1;
+                    }
+                    self.stats.gap_fills += 1;
+                    self.event(PeerEvent::GapFill { seq });
+                }
+                continue;
+            }
+            let due = match m.asked {
+                None => now.since(m.noticed) >= self.cfg.pull_grace_ms,
+                Some((p, at)) => {
+                    let rtt = self.links.get(&p).and_then(|l| l.rtt_ms).unwrap_or(0);
+                    now.since(at) >= self.cfg.want_timeout_ms.max(2 * rtt)
+                }
+            };
+            if !due {
+                continue;
+            }
+            let not = m.asked.map(|(p, _)| p);
+            if let Some(p) = self.holder(seq, not) {
+                self.stats.wants_sent += 1;
+                let c = club_of(seq, self.cfg.clubs);
+                if let Some(st) = self.links.get_mut(&p) {
+                    if c < 64 && st.roles.contains(&LinkRole::Download { club: c }) {
+                        // The WANT grafts this parent back to eager push.
+                        st.pruned &= !(1 << c);
+                    }
+                }
+                self.push(p, Frame::Want(seq));
+                if let Some(mm) = self.missing.get_mut(&seq) {
+                    mm.asked = Some((p, now));
+                    mm.tries = mm.tries.saturating_add(1);
+                }
+            } else if let Some(mm) = self.missing.get_mut(&seq) {
+                mm.asked = None;
+                mm.noticed = now;
+            }
+        }
+    }
+
+    fn advance_play(&mut self, now: Time) {
+        let Some(mut next) = self.next_play else {
+            return;
+        };
+        loop {
+            if let Some(b) = self.cache.get(&next) {
+                let b = b.clone();
+                self.event(PeerEvent::Play(b));
+                next += 1;
+                continue;
+            }
+            // Missing: skip once it is past its deadline and a later fragment
+            // start is at hand.
+            if now.0 < self.deadline(next).0 + self.cfg.skip_grace_ms {
+                break;
+            }
+            let resume = self
+                .cache
+                .range(next + 1..)
+                .find(|(_, b)| b.header().flags.contains(BlockFlags::FRAGMENT_START))
+                .map(|(s, _)| *s);
+            let Some(to) = resume else { break };
+            self.stats.blocks_skipped += to - next;
+            self.event(PeerEvent::Skip { from: next, to });
+            let gone: Vec<u64> = self.missing.range(..to).map(|(s, _)| *s).collect();
+            for s in gone {
+                self.missing.remove(&s);
+            }
+            next = to;
+        }
+        self.next_play = Some(next);
+        let stale: Vec<u64> = self.missing.range(..next).map(|(s, _)| *s).collect();
+        for s in stale {
+            // Own-club blocks behind the playhead still matter to the club, but
+            // not enough to chase them.
+            self.missing.remove(&s);
+        }
+    }
+
+    fn ping(&mut self, now: Time) {
+        let due: Vec<PeerId> = self
+            .links
+            .iter()
+            .filter(|(_, st)| st.open && st.next_ping <= now)
+            .map(|(p, _)| *p)
+            .collect();
+        for p in due {
+            if let Some(st) = self.links.get_mut(&p) {
+                st.ping_nonce = st.ping_nonce.wrapping_add(1);
+                st.ping_sent = now;
+                st.next_ping = now + PING_INTERVAL_MS;
+                let n = st.ping_nonce;
+                self.push(p, Frame::Ping(n));
+            }
+        }
+    }
+
+    fn schedule(&mut self, now: Time) {
+        let mut next: Option<Time> = None;
+        let mut at = |t: Time| {
+            let t = t.max(now);
+            next = Some(next.map_or(t, |n: Time| n.min(t)));
+        };
+        for (&seq, m) in &self.missing {
+            if m.origin {
+                continue;
+            }
+            let deadline = self.deadline(seq);
+            at(deadline - self.cfg.origin_margin_ms);
+            match m.asked {
+                None => at(m.noticed + self.cfg.pull_grace_ms),
+                Some((_, t)) => at(t + self.cfg.want_timeout_ms),
+            }
+        }
+        if let Some(p) = self.next_play {
+            let skip_at = self.deadline(p) + self.cfg.skip_grace_ms;
+            // Past it, the skip waits for a fragment start to arrive, which
+            // re-evaluates playback by itself.
+            if !self.cache.contains_key(&p) && skip_at > now {
+                at(skip_at);
+            }
+        }
+        if let Some(t) = self
+            .links
+            .values()
+            .filter(|l| l.open)
+            .map(|l| l.next_ping)
+            .min()
+        {
+            at(t);
+        }
+        self.next_check = next;
+    }
+}
