@@ -162,6 +162,11 @@ pub enum ClientMsg {
         /// Whether the client relays to peers (false: origin only, for baselines).
         #[serde(default = "default_true")]
         p2p: bool,
+        /// Test only: ask to relay corrupted blocks. Honoured only by a server
+        /// built with the `test-hooks` feature and started with
+        /// `--allow-test-corruption`; any other server ignores it.
+        #[serde(default, skip_serializing_if = "is_false")]
+        test_corrupt: bool,
     },
     /// Relay SDP or ICE to another peer.
     Signal {
@@ -204,6 +209,10 @@ pub enum ClientMsg {
 
 fn default_true() -> bool {
     true
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 /// The stream as the welcome describes it.
@@ -315,6 +324,10 @@ pub enum ServerMsg {
         grant_token: String,
         /// Length of a bid interval, ms: bid this often.
         bid_interval_ms: u32,
+        /// Test only: the server allowed this peer to relay corrupted blocks
+        /// (see [`ClientMsg::Join`]). Always false in production.
+        #[serde(default, skip_serializing_if = "is_false")]
+        test_corrupt: bool,
     },
     /// A link role was added or removed (replacement after a leave or failure).
     Link {
@@ -377,7 +390,8 @@ mod tests {
                 v: 1,
                 stream: "demo".into(),
                 upload_kbps: None,
-                p2p: true
+                p2p: true,
+                test_corrupt: false,
             }
         );
     }
