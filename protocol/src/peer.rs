@@ -1054,3 +1054,332 @@ impl<V: BlockVerifier> Peer<V> {
         self.next_check = next;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::block::{Block, StreamKey, StreamSigner};
+    use proptest::prelude::*;
+
+    const T0: u64 = 1_000_000;
+
+    fn signer() -> StreamSigner {
+        StreamSigner::from_seed(&[5; 32])
+    }
+
+    fn block(seq: u64, start: bool) -> Block {
+        let flags = if start {
+            BlockFlags::FRAGMENT_START
+        } else {
+            BlockFlags::empty()
+        };
+        signer()
+            .sign(
+                seq,
+                flags,
+                T0 + seq * 100,
+                seq,
+                Bytes::from(vec![seq as u8; 100]),
+            )
+            .expect("small")
+            .into_block()
+    }
+
+    fn link(peer: PeerId, role: LinkRole) -> Link {
+        Link {
+            peer,
+            role,
+            offer: true,
+        }
+    }
+
+    /// Peer 1 in clubs 0 and 1 of 4: download from 2, upload to 3 and 4 in club
+    /// 0, last-hop subscriber 5 (share 0 of 1) and 6 (share 1 of 2) for club 0,
+    /// source 7 for club 2.
+    fn peer() -> Peer<StreamKey> {
+        let mut p = Peer::new(PeerConfig::new(1, 4), signer().key());
+        let links = [
+            link(2, LinkRole::Download { club: 0 }),
+            link(3, LinkRole::Upload { club: 0 }),
+            link(4, LinkRole::Upload { club: 0 }),
+            link(
+                5,
+                LinkRole::Subscriber {
+                    club: 0,
+                    share: 0,
+                    share_count: 1,
+                },
+            ),
+            link(
+                6,
+                LinkRole::Subscriber {
+                    club: 0,
+                    share: 1,
+                    share_count: 2,
+                },
+            ),
+            link(
+                7,
+                LinkRole::Source {
+                    club: 2,
+                    share: 0,
+                    share_count: 1,
+                },
+            ),
+        ];
+        p.handle_welcome(Time(T0), &[0, 1], &links, 0, 0);
+        for l in &links {
+            p.handle_link_open(Time(T0), l.peer);
+        }
+        drain(&mut p);
+        p
+    }
+
+    fn drain(p: &mut Peer<StreamKey>) -> (Vec<Transmit>, Vec<PeerEvent>) {
+        let t = std::iter::from_fn(|| p.poll_transmit()).collect();
+        let e = std::iter::from_fn(|| p.poll_event()).collect();
+        (t, e)
+    }
+
+    fn sent(t: &[Transmit]) -> Vec<(PeerId, &'static str)> {
+        t.iter()
+            .map(|t| {
+                let kind = match t.frame {
+                    Frame::Have(_) => "have",
+                    Frame::Block(_) => "block",
+                    Frame::Want(_) => "want",
+                    Frame::Prune(_) => "prune",
+                    Frame::Cancel(_) => "cancel",
+                    _ => "other",
+                };
+                (t.to, kind)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn own_club_block_is_announced_then_pushed_club_first_then_last_hop() {
+        let mut p = peer();
+        // Peer 4 already has block 4 (club 0, share index 1).
+        p.handle_frame(Time(T0 + 10), 4, Frame::Have(4));
+        p.handle_frame(Time(T0 + 20), 2, Frame::Block(block(4, false)));
+        let (t, e) = drain(&mut p);
+        assert_eq!(
+            sent(&t),
+            vec![(3, "block"), (5, "block"), (6, "block")],
+            "no HAVE back to the sender; push to 3 (not 4, which has it); then last hop"
+        );
+        assert!(e
+            .iter()
+            .any(|e| matches!(e, PeerEvent::Arrived { seq: 4, .. })));
+        // Block 8 is share index 2: subscriber 6 (share 1 of 2) does not get it.
+        p.handle_frame(Time(T0 + 30), 3, Frame::Block(block(8, false)));
+        let (t, _) = drain(&mut p);
+        assert_eq!(sent(&t), vec![(2, "have"), (4, "block"), (5, "block")]);
+    }
+
+    #[test]
+    fn other_clubs_blocks_are_played_but_not_relayed() {
+        let mut p = peer();
+        p.handle_frame(Time(T0), 7, Frame::Block(block(2, false)));
+        let (t, e) = drain(&mut p);
+        assert!(t.is_empty(), "club 2 is not ours: {:?}", sent(&t));
+        assert!(e
+            .iter()
+            .any(|e| matches!(e, PeerEvent::Arrived { seq: 2, .. })));
+    }
+
+    #[test]
+    fn duplicates_are_dropped_and_the_slower_parent_pruned() {
+        let mut p = peer();
+        p.handle_link(
+            Time(T0),
+            LinkOp::Add,
+            link(8, LinkRole::Download { club: 0 }),
+        );
+        p.handle_link_open(Time(T0), 8);
+        drain(&mut p);
+        p.handle_frame(Time(T0), 2, Frame::Block(block(0, true)));
+        drain(&mut p);
+        p.handle_frame(Time(T0 + 5), 8, Frame::Block(block(0, true)));
+        let (t, e) = drain(&mut p);
+        assert_eq!(sent(&t), vec![(8, "prune")]);
+        assert!(
+            e.is_empty(),
+            "a duplicate is neither played nor counted as arrived"
+        );
+        assert_eq!(p.stats().dup_bytes, 100);
+        assert_eq!(p.stats().bytes_from_peers, 100);
+        // Pruned by 3, we announce club 0 blocks to 3 instead of pushing.
+        p.handle_frame(Time(T0 + 6), 3, Frame::Prune(0));
+        p.handle_frame(Time(T0 + 7), 2, Frame::Block(block(4, false)));
+        let (t, _) = drain(&mut p);
+        assert!(sent(&t).contains(&(3, "have")));
+        assert!(!sent(&t).contains(&(3, "block")));
+        // A WANT from 3 grafts it back to pushes.
+        p.handle_frame(Time(T0 + 8), 3, Frame::Want(4));
+        p.handle_frame(Time(T0 + 9), 2, Frame::Block(block(8, false)));
+        let (t, _) = drain(&mut p);
+        assert!(sent(&t).contains(&(3, "block")));
+    }
+
+    #[test]
+    fn blocks_play_in_order() {
+        let mut p = peer();
+        p.handle_frame(Time(T0), 2, Frame::Block(block(1, false)));
+        let (_, e) = drain(&mut p);
+        assert!(
+            !e.iter().any(|e| matches!(e, PeerEvent::Play(_))),
+            "0 is still missing"
+        );
+        p.handle_frame(Time(T0 + 1), 2, Frame::Block(block(0, true)));
+        let (_, e) = drain(&mut p);
+        let played: Vec<u64> = e
+            .iter()
+            .filter_map(|e| match e {
+                PeerEvent::Play(b) => Some(b.seq()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(played, vec![0, 1]);
+    }
+
+    #[test]
+    fn missing_block_is_pulled_then_gap_filled_then_skipped() {
+        let mut p = peer();
+        p.handle_frame(Time(T0 + 100), 2, Frame::Block(block(0, true)));
+        // Block 2 (club 2) never comes; 3 and a later fragment start do.
+        p.handle_frame(Time(T0 + 350), 7, Frame::Block(block(1, false)));
+        p.handle_frame(Time(T0 + 400), 2, Frame::Block(block(4, true)));
+        drain(&mut p);
+        let pull_at = p.poll_timeout().expect("a pull is scheduled");
+        p.handle_timeout(pull_at);
+        let (t, _) = drain(&mut p);
+        assert!(sent(&t).contains(&(7, "want")), "{:?}", sent(&t));
+        p.handle_frame(pull_at + 1, 7, Frame::DontHave(2));
+        // Nobody has it: near the deadline the origin is asked.
+        let mut gap_fill = false;
+        let mut now = pull_at;
+        for _ in 0..50 {
+            now = p.poll_timeout().expect("timer").max(now + 1);
+            p.handle_timeout(now);
+            let (_, e) = drain(&mut p);
+            if e.iter().any(|e| *e == PeerEvent::GapFill { seq: 2 }) {
+                gap_fill = true;
+                break;
+            }
+        }
+        assert!(gap_fill);
+        assert!(
+            now.0 < p.deadline(2).0,
+            "gap fill comes before the deadline"
+        );
+        p.handle_gap_fill_failed(now, 2);
+        // Past the deadline playback skips to the next fragment start.
+        let late = p.deadline(2) + 1_000;
+        p.handle_timeout(late);
+        let (_, e) = drain(&mut p);
+        assert!(e.contains(&PeerEvent::Skip { from: 2, to: 4 }), "{e:?}");
+        assert_eq!(p.next_play(), Some(5));
+    }
+
+    #[test]
+    fn origin_block_fills_the_gap() {
+        let mut p = peer();
+        p.handle_frame(Time(T0), 2, Frame::Block(block(0, true)));
+        drain(&mut p);
+        // Gap-filled blocks of our own club are relayed like any other.
+        p.handle_origin_block(Time(T0 + 1), block(4, true));
+        let (t, e) = drain(&mut p);
+        assert!(e.iter().any(|e| matches!(
+            e,
+            PeerEvent::Arrived {
+                seq: 4,
+                from: From::Origin,
+                ..
+            }
+        )));
+        assert_eq!(
+            sent(&t),
+            vec![
+                (2, "have"),
+                (3, "block"),
+                (4, "block"),
+                (5, "block"),
+                (6, "block")
+            ]
+        );
+        assert_eq!(p.stats().bytes_from_origin, 100);
+        // A bad origin block counts as rejected but drops no link.
+        let mut bad = block(8, false);
+        bad.payload = Bytes::from_static(b"tampered");
+        p.handle_origin_block(Time(T0 + 2), bad);
+        assert_eq!(p.stats().blocks_rejected, 1);
+        assert_eq!(p.link_peers().len(), 6);
+    }
+
+    #[test]
+    fn bad_block_drops_the_sender() {
+        let mut p = peer();
+        let mut b = block(0, true);
+        b.signature[0] ^= 1;
+        p.handle_frame(Time(T0), 2, Frame::Block(b));
+        let (_, e) = drain(&mut p);
+        assert!(matches!(
+            e.as_slice(),
+            [PeerEvent::BadPeer {
+                peer: 2,
+                reason: PeerError::BadBlock(BlockError::Signature)
+            }]
+        ));
+        assert!(!p.link_peers().contains(&2));
+        assert_eq!(p.stats().blocks_rejected, 1);
+        p.handle_message(Time(T0), 3, Bytes::from_static(b"garbage"));
+        let (_, e) = drain(&mut p);
+        assert!(matches!(e.as_slice(), [PeerEvent::BadPeer { peer: 3, .. }]));
+    }
+
+    #[test]
+    fn cache_is_bounded() {
+        let mut p = peer();
+        for seq in 0..(MAX_CACHE_BLOCKS as u64 + 100) {
+            p.handle_frame(Time(T0 + seq), 7, Frame::Block(block(seq * 4 + 2, false)));
+            drain(&mut p);
+        }
+        assert!(p.cache.len() <= MAX_CACHE_BLOCKS);
+        assert!(p.missing.len() <= MAX_MISSING);
+    }
+
+    #[test]
+    fn wants_beyond_the_rate_limit_get_dont_have() {
+        let mut p = peer();
+        p.handle_frame(Time(T0), 2, Frame::Block(block(0, true)));
+        drain(&mut p);
+        for _ in 0..MAX_WANTS_PER_SEC + 10 {
+            p.handle_frame(Time(T0 + 1), 3, Frame::Want(0));
+        }
+        let (t, _) = drain(&mut p);
+        let blocks = t
+            .iter()
+            .filter(|t| matches!(t.frame, Frame::Block(_)))
+            .count();
+        assert_eq!(blocks, MAX_WANTS_PER_SEC as usize);
+    }
+
+    proptest! {
+        #[test]
+        fn hostile_messages_never_panic_and_stay_bounded(
+            msgs in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..64), 0..200)
+        ) {
+            let mut p = peer();
+            let mut now = T0;
+            for m in msgs {
+                now += 3;
+                p.handle_message(Time(now), 4, Bytes::from(m));
+                p.handle_timeout(Time(now));
+            }
+            let (t, e) = drain(&mut p);
+            prop_assert!(t.len() <= MAX_TRANSMITS && e.len() <= MAX_EVENTS);
+        }
+    }
+}
