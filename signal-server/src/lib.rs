@@ -7,6 +7,12 @@
 //! relays SDP; the origin serves blocks over HTTP within the grants of the bid
 //! allocator.
 
+pub mod app;
+pub mod config;
+pub mod grants;
+pub mod metrics;
+pub mod origin;
 pub mod rtc;
+pub mod signal;
 pub mod store;
 pub mod stream;

@@ -1,0 +1,100 @@
+//! The HTTP application: shared state and the router tests and `main` serve.
+//!
+//! Routes: `/ws` (signaling), `/streams…` (origin), `/healthz`, `/metrics`,
+//! `/watch/{id}` and `/embed/{id}` (player pages), `/pkg/…` (the built wasm)
+//! and every other path from the static directory. Ingest merges its own
+//! router in `main`.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::extract::State;
+use axum::http::{header, HeaderValue, Method};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use axum::Router;
+use tokio_util::sync::CancellationToken;
+use tower_http::cors::{Any, CorsLayer};
+use tower_http::services::{ServeDir, ServeFile};
+
+use crate::config::Config;
+use crate::grants::Grants;
+use crate::metrics::Metrics;
+use crate::signal::Hub;
+use crate::stream::Streams;
+
+/// Everything the handlers share. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct AppState {
+    /// Options in force.
+    pub config: Arc<Config>,
+    /// The stream registry.
+    pub streams: Arc<Streams>,
+    /// Server metrics.
+    pub metrics: Arc<Metrics>,
+    /// The origin grant ledger.
+    pub grants: Arc<Grants>,
+    /// Signaling.
+    pub hub: Hub,
+}
+
+impl AppState {
+    /// State over `streams`; connections close when `shutdown` is cancelled.
+    pub fn new(config: Config, streams: Arc<Streams>, shutdown: CancellationToken) -> Self {
+        let config = Arc::new(config);
+        let metrics = Arc::new(Metrics::new());
+        let grants = Arc::new(Grants::new(
+            config.budget_bits_per_interval(),
+            config.anonymous_budget_percent,
+            config.bid_interval(),
+            Instant::now(),
+        ));
+        let hub = Hub::new(
+            config.clone(),
+            streams.clone(),
+            metrics.clone(),
+            grants.clone(),
+            shutdown,
+        );
+        AppState {
+            config,
+            streams,
+            metrics,
+            grants,
+            hub,
+        }
+    }
+}
+
+/// The application router.
+pub fn app(state: AppState) -> Router {
+    let dir = state.config.static_dir.clone();
+    // Cross-origin players (the <clubcast-player> element on other sites) fetch
+    // blocks with a bearer token, so the origin answers CORS preflights.
+    let cors = CorsLayer::new()
+        .allow_origin(Any)
+        .allow_methods([Method::GET, Method::HEAD])
+        .allow_headers([header::AUTHORIZATION, header::IF_NONE_MATCH])
+        .expose_headers([header::ETAG, header::RETRY_AFTER]);
+    Router::new()
+        .route("/ws", get(crate::signal::ws_handler))
+        .merge(crate::origin::router().layer(cors))
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/metrics", get(metrics))
+        .route_service("/watch/{id}", ServeFile::new(dir.join("watch.html")))
+        .route_service("/embed/{id}", ServeFile::new(dir.join("embed.html")))
+        .nest_service("/pkg", ServeDir::new(dir.join("pkg")))
+        .fallback_service(ServeDir::new(dir))
+        .with_state(state)
+}
+
+async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
+    state.metrics.set_streams(state.streams.list().len());
+    (
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+        )],
+        state.metrics.render(),
+    )
+}

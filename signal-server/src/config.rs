@@ -1,0 +1,329 @@
+//! Command-line options, each with a `CLUBCAST_*` environment fallback.
+//!
+//! [`Config`] is parsed once in `main` and shared read-only (`Arc<Config>`) by
+//! every part of the server. Tests build one with [`Config::default`] (which is
+//! what an empty command line gives, environment aside) and change fields.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+use clubcast_protocol::club::{ClubConfig, MAX_CLUBS};
+use clubcast_protocol::signal::IceServer;
+
+/// Most `--ice-server` entries; browsers slow down with long ICE server lists.
+pub const MAX_ICE_SERVERS: usize = 8;
+
+/// Errors of option validation.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// An option is outside its valid range.
+    #[error("--{option}: {message}")]
+    OutOfRange {
+        /// The option, without dashes.
+        option: &'static str,
+        /// What is allowed.
+        message: String,
+    },
+    /// An `--ice-server` value is not `URL[,USERNAME,CREDENTIAL]`.
+    #[error("--ice-server {0:?}: expected URL or URL,USERNAME,CREDENTIAL with a stun:, stuns:, turn: or turns: URL")]
+    BadIceServer(String),
+    /// `--allow-test-corruption` needs a build with the `test-hooks` feature.
+    #[error("--allow-test-corruption is refused: this build lacks the `test-hooks` cargo feature")]
+    TestHooksMissing,
+}
+
+/// clubcast server options.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "clubcast-server", version, about)]
+pub struct Config {
+    /// Address to listen on for HTTP and WebSocket.
+    #[arg(long, env = "CLUBCAST_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+
+    /// Directory for persistent state (stream keys).
+    #[arg(long, env = "CLUBCAST_DATA_DIR", default_value = "./clubcast-data")]
+    pub data_dir: PathBuf,
+
+    /// Token publishers must present to ingest; generated and logged if absent.
+    #[arg(long, env = "CLUBCAST_PUBLISH_TOKEN", hide_env_values = true)]
+    pub publish_token: Option<String>,
+
+    /// Clubs per stream (C); block `seq` belongs to club `seq mod C`.
+    #[arg(long, env = "CLUBCAST_CLUBS", default_value_t = 8)]
+    pub clubs: u16,
+
+    /// Clubs each relaying peer joins (m).
+    #[arg(long, env = "CLUBCAST_CLUBS_PER_PEER", default_value_t = 2)]
+    pub clubs_per_peer: u16,
+
+    /// Club members the seeder pushes each block to (k).
+    #[arg(long, env = "CLUBCAST_SEEDS_PER_BLOCK", default_value_t = 2)]
+    pub seeds_per_block: u8,
+
+    /// Block payload size, KiB.
+    #[arg(long, env = "CLUBCAST_BLOCK_KIB", default_value_t = 16)]
+    pub block_kib: u32,
+
+    /// Seconds of blocks each stream keeps for the origin.
+    #[arg(long, env = "CLUBCAST_STORE_SECONDS", default_value_t = 120)]
+    pub store_seconds: u64,
+
+    /// Origin gap-fill egress budget, kbit/s, shared by all peers of all streams.
+    #[arg(long, env = "CLUBCAST_ORIGIN_BUDGET_KBPS", default_value_t = 100_000)]
+    pub origin_budget_kbps: u64,
+
+    /// Percent of the origin budget kept for requests without a grant token
+    /// (plain HTTP clients, caches); the rest is split among bids.
+    #[arg(long, env = "CLUBCAST_ANONYMOUS_BUDGET_PERCENT", default_value_t = 25)]
+    pub anonymous_budget_percent: u8,
+
+    /// Length of a bid interval, ms.
+    #[arg(long, env = "CLUBCAST_BID_INTERVAL_MS", default_value_t = 1000)]
+    pub bid_interval_ms: u32,
+
+    /// Live latency the player should hold behind the edge, ms.
+    #[arg(long, env = "CLUBCAST_TARGET_LATENCY_MS", default_value_t = 1500)]
+    pub target_latency_ms: u32,
+
+    /// How often peers send heartbeats, ms; a peer silent for 3 intervals is dropped.
+    #[arg(long, env = "CLUBCAST_HEARTBEAT_MS", default_value_t = 5000)]
+    pub heartbeat_ms: u32,
+
+    /// Directory of the web player (`index.html`, `watch.html`, `embed.html`, `pkg/`).
+    #[arg(long, env = "CLUBCAST_STATIC_DIR", default_value = "web")]
+    pub static_dir: PathBuf,
+
+    /// Do not start the built-in demo stream.
+    #[arg(long, env = "CLUBCAST_NO_DEMO")]
+    pub no_demo: bool,
+
+    /// Name of the built-in demo stream.
+    #[arg(long, env = "CLUBCAST_DEMO_NAME", default_value = "demo")]
+    pub demo_name: String,
+
+    /// ICE server for browsers, `URL` or `URL,USERNAME,CREDENTIAL`; repeatable
+    /// (`;`-separated in the environment). None by default: host candidates
+    /// suffice on one machine or LAN.
+    #[arg(
+        long = "ice-server",
+        env = "CLUBCAST_ICE_SERVERS",
+        value_delimiter = ';'
+    )]
+    pub ice_servers: Vec<String>,
+
+    /// Most peers in one stream's swarm; joins beyond it get `stream_full`.
+    #[arg(long, env = "CLUBCAST_MAX_PEERS_PER_STREAM", default_value_t = 20_000)]
+    pub max_peers_per_stream: usize,
+
+    /// Test only: let test peers corrupt blocks on purpose. Refused unless the
+    /// server was built with the `test-hooks` cargo feature (not wired yet).
+    #[arg(long, hide = true)]
+    pub allow_test_corruption: bool,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        // Mirrors the clap defaults above without reading the environment, so
+        // tests are not affected by a stray CLUBCAST_* variable; a unit test
+        // checks the two agree.
+        Config {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            data_dir: PathBuf::from("./clubcast-data"),
+            publish_token: None,
+            clubs: 8,
+            clubs_per_peer: 2,
+            seeds_per_block: 2,
+            block_kib: 16,
+            store_seconds: 120,
+            origin_budget_kbps: 100_000,
+            anonymous_budget_percent: 25,
+            bid_interval_ms: 1000,
+            target_latency_ms: 1500,
+            heartbeat_ms: 5000,
+            static_dir: PathBuf::from("web"),
+            no_demo: false,
+            demo_name: "demo".into(),
+            ice_servers: Vec::new(),
+            max_peers_per_stream: 20_000,
+            allow_test_corruption: false,
+        }
+    }
+}
+
+impl Config {
+    /// Checks ranges and cross-option rules; `main` refuses to start otherwise.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let range = |option, ok: bool, message: &str| {
+            if ok {
+                Ok(())
+            } else {
+                Err(ConfigError::OutOfRange {
+                    option,
+                    message: message.to_owned(),
+                })
+            }
+        };
+        range(
+            "clubs",
+            (1..=MAX_CLUBS).contains(&self.clubs),
+            &format!("must be 1-{MAX_CLUBS}"),
+        )?;
+        range(
+            "clubs-per-peer",
+            (1..=self.clubs).contains(&self.clubs_per_peer),
+            "must be 1 to --clubs",
+        )?;
+        range(
+            "seeds-per-block",
+            (1..=16).contains(&self.seeds_per_block),
+            "must be 1-16",
+        )?;
+        range(
+            "block-kib",
+            (1..=60).contains(&self.block_kib),
+            "must be 1-60 (a block must fit one 64 KiB data channel message)",
+        )?;
+        range("store-seconds", self.store_seconds >= 1, "must be ≥ 1")?;
+        range(
+            "anonymous-budget-percent",
+            self.anonymous_budget_percent <= 100,
+            "must be 0-100",
+        )?;
+        range(
+            "bid-interval-ms",
+            (100..=60_000).contains(&self.bid_interval_ms),
+            "must be 100-60000",
+        )?;
+        range(
+            "heartbeat-ms",
+            (500..=120_000).contains(&self.heartbeat_ms),
+            "must be 500-120000",
+        )?;
+        range(
+            "max-peers-per-stream",
+            self.max_peers_per_stream >= 1,
+            "must be ≥ 1",
+        )?;
+        range(
+            "ice-server",
+            self.ice_servers.len() <= MAX_ICE_SERVERS,
+            &format!("at most {MAX_ICE_SERVERS}"),
+        )?;
+        self.ice_servers()?;
+        if self.allow_test_corruption {
+            return Err(ConfigError::TestHooksMissing);
+        }
+        Ok(())
+    }
+
+    /// The club shape every stream's swarm uses. The seeder pushes to `k` seeds
+    /// per block and keeps one spare seed per club to rotate through.
+    pub fn club_config(&self) -> ClubConfig {
+        ClubConfig {
+            clubs: self.clubs,
+            clubs_per_peer: self.clubs_per_peer,
+            seeds_per_club: self.seeds_per_block.saturating_add(1),
+            ..ClubConfig::default()
+        }
+        .normalized()
+    }
+
+    /// Block payload size, bytes.
+    pub fn block_bytes(&self) -> usize {
+        self.block_kib as usize * 1024
+    }
+
+    /// Heartbeat interval.
+    pub fn heartbeat(&self) -> Duration {
+        Duration::from_millis(self.heartbeat_ms.into())
+    }
+
+    /// Bid interval.
+    pub fn bid_interval(&self) -> Duration {
+        Duration::from_millis(self.bid_interval_ms.into())
+    }
+
+    /// Origin budget for one bid interval, bits.
+    pub fn budget_bits_per_interval(&self) -> u64 {
+        self.origin_budget_kbps
+            .saturating_mul(u64::from(self.bid_interval_ms))
+    }
+
+    /// The `--ice-server` values as sent in the welcome.
+    pub fn ice_servers(&self) -> Result<Vec<IceServer>, ConfigError> {
+        self.ice_servers
+            .iter()
+            .map(|s| parse_ice_server(s))
+            .collect()
+    }
+}
+
+fn parse_ice_server(s: &str) -> Result<IceServer, ConfigError> {
+    let bad = || ConfigError::BadIceServer(s.to_owned());
+    let mut parts = s.split(',');
+    let url = parts.next().unwrap_or_default().trim();
+    let scheme_ok = ["stun:", "stuns:", "turn:", "turns:"]
+        .iter()
+        .any(|p| url.starts_with(p));
+    if !scheme_ok || url.len() <= 5 {
+        return Err(bad());
+    }
+    let rest: Vec<&str> = parts.collect();
+    let (username, credential) = match rest.as_slice() {
+        [] => (None, None),
+        [u, c] => (Some((*u).to_owned()), Some((*c).to_owned())),
+        _ => return Err(bad()),
+    };
+    Ok(IceServer {
+        urls: vec![url.to_owned()],
+        username,
+        credential,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_match_the_command_line_defaults() {
+        let parsed = Config::try_parse_from(["clubcast-server"]).expect("parses");
+        let d = Config::default();
+        // Environment may override in CI; compare what is unlikely to be set.
+        assert_eq!(parsed.clubs_per_peer, d.clubs_per_peer);
+        assert_eq!(parsed.bid_interval_ms, d.bid_interval_ms);
+        assert_eq!(parsed.heartbeat_ms, d.heartbeat_ms);
+        assert!(d.validate().is_ok());
+    }
+
+    #[test]
+    fn ice_servers_parse_and_bad_ones_are_refused() {
+        let c = Config::try_parse_from([
+            "clubcast-server",
+            "--ice-server",
+            "stun:stun.example.org:3478",
+            "--ice-server",
+            "turn:turn.example.org:3478,alice,secret",
+        ])
+        .expect("parses");
+        let ice = c.ice_servers().expect("valid");
+        assert_eq!(ice.len(), 2);
+        assert_eq!(ice[1].username.as_deref(), Some("alice"));
+        let bad = Config {
+            ice_servers: vec!["http://x".into()],
+            ..Config::default()
+        };
+        assert!(matches!(bad.validate(), Err(ConfigError::BadIceServer(_))));
+        let hooks = Config {
+            allow_test_corruption: true,
+            ..Config::default()
+        };
+        assert!(matches!(
+            hooks.validate(),
+            Err(ConfigError::TestHooksMissing)
+        ));
+    }
+}

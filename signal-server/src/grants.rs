@@ -1,0 +1,267 @@
+//! The grant ledger: who may take how many bits from the origin this interval.
+//!
+//! Flow, every bid interval (default 1 s):
+//! 1. Peers send `bid` messages over `/ws`; [`Grants::handle_bid`] keeps the
+//!    newest bid of each peer for the current interval.
+//! 2. At the interval's end, [`Grants::handle_interval`] splits the bid budget
+//!    with [`clubcast_protocol::bid::allocate`] (max-min fair), replaces every
+//!    balance with the new grants (unused bits expire) and refills the anonymous
+//!    bucket. The signaling hub sends each bidder its `grant`.
+//! 3. The origin calls [`Grants::debit`] for every block it serves. A request with
+//!    `Authorization: Bearer <grant_token>` draws on that peer's balance; one
+//!    without a token draws on the shared anonymous bucket, so plain HTTP clients
+//!    and caches keep working but cannot take more than their share.
+//!
+//! Budget split: `anonymous_percent` of the per-interval budget (default 25 %)
+//! is the anonymous bucket; the rest is what bids share. Bids are collected
+//! during one interval and their grants are spendable during the next.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use clubcast_protocol::bid::{allocate, Bid, Grant};
+use clubcast_protocol::signal::PeerId;
+
+/// Length of a grant token, bytes of randomness (hex-encoded on the wire).
+pub const GRANT_TOKEN_BYTES: usize = 16;
+
+/// Why a debit was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum GrantError {
+    /// The bearer token belongs to no connected peer.
+    #[error("unknown grant token")]
+    UnknownToken,
+    /// The peer's grant for this interval does not cover the request.
+    #[error("over grant: {wanted} bits wanted, {left} left this interval")]
+    OverGrant {
+        /// Bits the request needs.
+        wanted: u64,
+        /// Bits left in the grant.
+        left: u64,
+        /// Time until the next interval.
+        retry_after: Duration,
+    },
+    /// The anonymous bucket is empty for this interval.
+    #[error("anonymous origin budget exhausted for this interval")]
+    OverAnonymous {
+        /// Time until the next interval.
+        retry_after: Duration,
+    },
+}
+
+impl GrantError {
+    /// Stable code for JSON errors and metrics.
+    pub fn code(&self) -> &'static str {
+        match self {
+            GrantError::UnknownToken => "unknown_token",
+            GrantError::OverGrant { .. } => "over_grant",
+            GrantError::OverAnonymous { .. } => "over_anonymous_budget",
+        }
+    }
+
+    /// When the client may try again, if waiting helps.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            GrantError::UnknownToken => None,
+            GrantError::OverGrant { retry_after, .. }
+            | GrantError::OverAnonymous { retry_after } => Some(*retry_after),
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Ledger {
+    tokens: HashMap<String, PeerId>,
+    token_of: HashMap<PeerId, String>,
+    bids: HashMap<PeerId, u64>,
+    balances: HashMap<PeerId, u64>,
+    anonymous: u64,
+    interval_end: Instant,
+}
+
+/// The ledger of one server; shared by signaling (bids) and the origin (debits).
+#[derive(Debug)]
+pub struct Grants {
+    bid_budget: u64,
+    anonymous_budget: u64,
+    interval: Duration,
+    ledger: Mutex<Ledger>,
+}
+
+impl Grants {
+    /// A ledger with `budget_bits` per `interval`, of which `anonymous_percent`
+    /// goes to requests without a token. The first interval starts at `now`.
+    pub fn new(budget_bits: u64, anonymous_percent: u8, interval: Duration, now: Instant) -> Self {
+        let anonymous_budget = budget_bits / 100 * u64::from(anonymous_percent.min(100))
+            + budget_bits % 100 * u64::from(anonymous_percent.min(100)) / 100;
+        Grants {
+            bid_budget: budget_bits - anonymous_budget,
+            anonymous_budget,
+            interval,
+            ledger: Mutex::new(Ledger {
+                tokens: HashMap::new(),
+                token_of: HashMap::new(),
+                bids: HashMap::new(),
+                balances: HashMap::new(),
+                anonymous: anonymous_budget,
+                interval_end: now + interval,
+            }),
+        }
+    }
+
+    fn ledger(&self) -> std::sync::MutexGuard<'_, Ledger> {
+        // Every mutation below completes before anything that could panic.
+        self.ledger.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Bits per interval that bids share.
+    pub fn bid_budget(&self) -> u64 {
+        self.bid_budget
+    }
+
+    /// Bits per interval for requests without a token.
+    pub fn anonymous_budget(&self) -> u64 {
+        self.anonymous_budget
+    }
+
+    /// The interval length.
+    pub fn interval(&self) -> Duration {
+        self.interval
+    }
+
+    /// Gives `peer` a fresh random grant token and returns it.
+    pub fn register(&self, peer: PeerId) -> String {
+        let token = data_encoding::HEXLOWER.encode(&rand::random::<[u8; GRANT_TOKEN_BYTES]>());
+        let mut l = self.ledger();
+        if let Some(old) = l.token_of.insert(peer, token.clone()) {
+            l.tokens.remove(&old);
+        }
+        l.tokens.insert(token.clone(), peer);
+        token
+    }
+
+    /// Forgets `peer`: its token, bid and balance.
+    pub fn unregister(&self, peer: PeerId) {
+        let mut l = self.ledger();
+        if let Some(t) = l.token_of.remove(&peer) {
+            l.tokens.remove(&t);
+        }
+        l.bids.remove(&peer);
+        l.balances.remove(&peer);
+    }
+
+    /// Records `peer`'s bid for the current interval, replacing an earlier one.
+    /// Bids over the whole bid budget are cut to it. Unregistered peers are ignored.
+    pub fn handle_bid(&self, peer: PeerId, bits: u64) {
+        let mut l = self.ledger();
+        if l.token_of.contains_key(&peer) {
+            l.bids.insert(peer, bits.min(self.bid_budget));
+        }
+    }
+
+    /// Ends the interval: allocates the budget over its bids, replaces every
+    /// balance with the new grants and refills the anonymous bucket. Returns
+    /// one grant per bidder (possibly zero bits), to be sent to the bidders.
+    #[must_use]
+    pub fn handle_interval(&self, now: Instant) -> Vec<Grant> {
+        let mut l = self.ledger();
+        let mut bids: Vec<Bid> = l
+            .bids
+            .drain()
+            .map(|(peer, bits)| Bid { peer, bits })
+            .collect();
+        bids.sort_by_key(|b| b.peer);
+        let grants = allocate(self.bid_budget, &bids);
+        l.balances = grants
+            .iter()
+            .filter(|g| g.bits > 0)
+            .map(|g| (g.peer, g.bits))
+            .collect();
+        l.anonymous = self.anonymous_budget;
+        l.interval_end = now + self.interval;
+        grants
+    }
+
+    /// Takes `bits` from the grant of the peer holding `token`, or from the
+    /// anonymous bucket if there is no token. Nothing is taken on refusal.
+    pub fn debit(&self, token: Option<&str>, bits: u64, now: Instant) -> Result<(), GrantError> {
+        let mut l = self.ledger();
+        let retry_after = retry_after(l.interval_end, now);
+        match token {
+            Some(t) => {
+                let peer = *l.tokens.get(t).ok_or(GrantError::UnknownToken)?;
+                let left = l.balances.get(&peer).copied().unwrap_or(0);
+                if left < bits {
+                    return Err(GrantError::OverGrant {
+                        wanted: bits,
+                        left,
+                        retry_after,
+                    });
+                }
+                l.balances.insert(peer, left - bits);
+                Ok(())
+            }
+            None => {
+                if l.anonymous < bits {
+                    return Err(GrantError::OverAnonymous { retry_after });
+                }
+                l.anonymous -= bits;
+                Ok(())
+            }
+        }
+    }
+
+    /// Bits left in `peer`'s grant this interval.
+    pub fn balance(&self, peer: PeerId) -> u64 {
+        self.ledger().balances.get(&peer).copied().unwrap_or(0)
+    }
+}
+
+/// Time to the interval end, at least one second: `Retry-After` counts whole
+/// seconds and 0 would invite an immediate retry.
+fn retry_after(end: Instant, now: Instant) -> Duration {
+    let left = end.saturating_duration_since(now);
+    Duration::from_secs(left.as_millis().div_ceil(1000).max(1) as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grants_are_max_min_fair_and_enforced_until_the_interval_ends() {
+        let t0 = Instant::now();
+        // 10_000 bits per interval, 20 % anonymous: bids share 8_000.
+        let g = Grants::new(10_000, 20, Duration::from_secs(1), t0);
+        assert_eq!(g.bid_budget(), 8_000);
+        let tok1 = g.register(1);
+        let tok2 = g.register(2);
+        let _tok3 = g.register(3);
+        g.handle_bid(1, 1_000);
+        g.handle_bid(2, 50_000);
+        g.handle_bid(3, 50_000);
+        let grants = g.handle_interval(t0);
+        let bits: Vec<u64> = grants.iter().map(|g| g.bits).collect();
+        assert_eq!(bits, vec![1_000, 3_500, 3_500]);
+        assert!(g.debit(Some(&tok1), 800, t0).is_ok());
+        let err = g.debit(Some(&tok1), 800, t0).unwrap_err();
+        assert!(matches!(err, GrantError::OverGrant { left: 200, .. }));
+        assert_eq!(err.retry_after(), Some(Duration::from_secs(1)));
+        assert!(g.debit(Some(&tok2), 3_500, t0).is_ok());
+        assert_eq!(g.debit(Some("nope"), 1, t0), Err(GrantError::UnknownToken));
+        // Anonymous bucket: 2_000 bits.
+        assert!(g.debit(None, 1_500, t0).is_ok());
+        assert!(matches!(
+            g.debit(None, 1_000, t0),
+            Err(GrantError::OverAnonymous { .. })
+        ));
+        // Next interval with no bids: grants expire, the bucket refills.
+        assert!(g.handle_interval(t0 + Duration::from_secs(1)).is_empty());
+        assert_eq!(g.balance(2), 0);
+        assert!(g.debit(None, 1_000, t0).is_ok());
+        g.unregister(1);
+        assert_eq!(g.debit(Some(&tok1), 1, t0), Err(GrantError::UnknownToken));
+    }
+}

@@ -1,0 +1,339 @@
+//! Server metrics in Prometheus text exposition, all prefixed `clubcast_`.
+//!
+//! Counters are plain atomics; labelled ones keep a small map whose keys come
+//! from closed sets (error codes, HTTP statuses, message types) or from stream
+//! names, which the registry bounds at [`crate::stream::MAX_STREAMS`]. Every
+//! part of the server (signaling, origin, ingest, seeder) holds the one
+//! `Arc<Metrics>` and counts through its methods.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+
+/// Errors of this module (rendering cannot fail today; kept for the one-enum rule).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum MetricsError {
+    /// Formatting into the output buffer failed.
+    #[error("formatting metrics failed")]
+    Format(#[from] std::fmt::Error),
+}
+
+/// A counter or gauge split by one label.
+#[derive(Debug, Default)]
+struct Labelled(Mutex<BTreeMap<String, u64>>);
+
+impl Labelled {
+    fn map(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, u64>> {
+        // Map updates are single statements; a poisoned lock holds a valid map.
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn add(&self, label: &str, n: u64) {
+        let mut m = self.map();
+        match m.get_mut(label) {
+            Some(v) => *v = v.saturating_add(n),
+            None => {
+                m.insert(label.to_owned(), n);
+            }
+        }
+    }
+
+    fn set(&self, label: &str, n: u64) {
+        let mut m = self.map();
+        if n == 0 {
+            m.remove(label);
+        } else {
+            m.insert(label.to_owned(), n);
+        }
+    }
+
+    fn get(&self, label: &str) -> u64 {
+        self.map().get(label).copied().unwrap_or(0)
+    }
+
+    fn snapshot(&self) -> Vec<(String, u64)> {
+        self.map().iter().map(|(k, v)| (k.clone(), *v)).collect()
+    }
+}
+
+/// All server metrics.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    streams: AtomicU64,
+    peers: Labelled,
+    joins: AtomicU64,
+    signal_messages: Labelled,
+    bytes_seeded: AtomicU64,
+    gap_fill_bytes: AtomicU64,
+    bids: AtomicU64,
+    grants: AtomicU64,
+    granted_bits: AtomicU64,
+    rejects: Labelled,
+    origin_requests: Labelled,
+    dropped_peers: Labelled,
+    reports: AtomicU64,
+}
+
+fn inc(a: &AtomicU64, n: u64) {
+    a.fetch_add(n, Ordering::Relaxed);
+}
+
+impl Metrics {
+    /// Fresh, all zero.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Sets the number of streams (gauge).
+    pub fn set_streams(&self, n: usize) {
+        self.streams.store(n as u64, Ordering::Relaxed);
+    }
+
+    /// Sets the number of peers in `stream`'s swarm (gauge).
+    pub fn set_peers(&self, stream: &str, n: usize) {
+        self.peers.set(stream, n as u64);
+    }
+
+    /// A peer joined a swarm.
+    pub fn join(&self) {
+        inc(&self.joins, 1);
+    }
+
+    /// A signaling message of type `ty` arrived (`invalid` if it did not parse).
+    pub fn signal_message(&self, ty: &str) {
+        self.signal_messages.add(ty, 1);
+    }
+
+    /// The seeder sent `bytes` of blocks to peers.
+    pub fn seeded(&self, bytes: u64) {
+        inc(&self.bytes_seeded, bytes);
+    }
+
+    /// The origin served `bytes` of blocks.
+    pub fn gap_fill(&self, bytes: u64) {
+        inc(&self.gap_fill_bytes, bytes);
+    }
+
+    /// A bid arrived.
+    pub fn bid(&self) {
+        inc(&self.bids, 1);
+    }
+
+    /// A grant of `bits` was sent.
+    pub fn grant(&self, bits: u64) {
+        inc(&self.grants, 1);
+        inc(&self.granted_bits, bits);
+    }
+
+    /// Something was refused with the stable error `code` (the same string as
+    /// the JSON `code` the client saw, e.g. `rate_limited`, `over_grant`).
+    pub fn reject(&self, code: &str) {
+        self.rejects.add(code, 1);
+    }
+
+    /// The origin answered with HTTP `status`.
+    pub fn origin_request(&self, status: u16) {
+        self.origin_requests.add(&status.to_string(), 1);
+    }
+
+    /// The server dropped a peer's connection for `reason` (`slow`, `silent`,
+    /// `reported`, `offences`).
+    pub fn drop_peer(&self, reason: &str) {
+        self.dropped_peers.add(reason, 1);
+    }
+
+    /// A peer reported a bad block.
+    pub fn report(&self) {
+        inc(&self.reports, 1);
+    }
+
+    /// Times `code` was rejected so far (for tests and logs).
+    pub fn rejects(&self, code: &str) -> u64 {
+        self.rejects.get(code)
+    }
+
+    /// Peers dropped for `reason` so far.
+    pub fn dropped_peers(&self, reason: &str) -> u64 {
+        self.dropped_peers.get(reason)
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut out = String::with_capacity(4096);
+        // Writing into a String cannot fail.
+        let _ = self.render_into(&mut out);
+        out
+    }
+
+    fn render_into(&self, out: &mut String) -> Result<(), MetricsError> {
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        scalar(
+            out,
+            "clubcast_streams",
+            "gauge",
+            "Streams this server holds.",
+            get(&self.streams),
+        )?;
+        labelled(
+            out,
+            "clubcast_peers",
+            "gauge",
+            "Peers in each stream's swarm.",
+            "stream",
+            &self.peers,
+        )?;
+        scalar(
+            out,
+            "clubcast_joins_total",
+            "counter",
+            "Peers that joined a swarm.",
+            get(&self.joins),
+        )?;
+        labelled(
+            out,
+            "clubcast_signal_messages_total",
+            "counter",
+            "Signaling messages received, by type.",
+            "type",
+            &self.signal_messages,
+        )?;
+        scalar(
+            out,
+            "clubcast_bytes_seeded_total",
+            "counter",
+            "Block bytes the seeder pushed to peers.",
+            get(&self.bytes_seeded),
+        )?;
+        scalar(
+            out,
+            "clubcast_gap_fill_bytes_total",
+            "counter",
+            "Block bytes the origin served.",
+            get(&self.gap_fill_bytes),
+        )?;
+        scalar(
+            out,
+            "clubcast_bids_total",
+            "counter",
+            "Bids received.",
+            get(&self.bids),
+        )?;
+        scalar(
+            out,
+            "clubcast_grants_total",
+            "counter",
+            "Grants sent.",
+            get(&self.grants),
+        )?;
+        scalar(
+            out,
+            "clubcast_granted_bits_total",
+            "counter",
+            "Bits granted.",
+            get(&self.granted_bits),
+        )?;
+        labelled(
+            out,
+            "clubcast_rejects_total",
+            "counter",
+            "Refused requests and messages, by error code.",
+            "code",
+            &self.rejects,
+        )?;
+        labelled(
+            out,
+            "clubcast_origin_requests_total",
+            "counter",
+            "Origin HTTP responses, by status.",
+            "status",
+            &self.origin_requests,
+        )?;
+        labelled(
+            out,
+            "clubcast_dropped_peers_total",
+            "counter",
+            "Peer connections the server closed, by reason.",
+            "reason",
+            &self.dropped_peers,
+        )?;
+        scalar(
+            out,
+            "clubcast_reports_total",
+            "counter",
+            "Bad-block reports received.",
+            get(&self.reports),
+        )?;
+        Ok(())
+    }
+}
+
+fn scalar(
+    out: &mut String,
+    name: &str,
+    kind: &str,
+    help: &str,
+    value: u64,
+) -> Result<(), MetricsError> {
+    writeln!(out, "# HELP {name} {help}")?;
+    writeln!(out, "# TYPE {name} {kind}")?;
+    writeln!(out, "{name} {value}")?;
+    Ok(())
+}
+
+fn labelled(
+    out: &mut String,
+    name: &str,
+    kind: &str,
+    help: &str,
+    label: &str,
+    values: &Labelled,
+) -> Result<(), MetricsError> {
+    writeln!(out, "# HELP {name} {help}")?;
+    writeln!(out, "# TYPE {name} {kind}")?;
+    for (k, v) in values.snapshot() {
+        writeln!(out, "{name}{{{label}=\"{}\"}} {v}", escape(&k))?;
+    }
+    Ok(())
+}
+
+/// Escapes a label value per the exposition format.
+fn escape(s: &str) -> String {
+    let mut o = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '\\' => o.push_str("\\\\"),
+            '"' => o.push_str("\\\""),
+            '\n' => o.push_str("\\n"),
+            c => o.push(c),
+        }
+    }
+    o
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_labelled_counters_and_gauges() {
+        let m = Metrics::new();
+        m.set_streams(2);
+        m.set_peers("demo", 3);
+        m.reject("rate_limited");
+        m.reject("rate_limited");
+        m.origin_request(429);
+        m.signal_message("join");
+        m.reject("we\"ird");
+        let t = m.render();
+        assert!(t.contains("clubcast_streams 2\n"));
+        assert!(t.contains("clubcast_peers{stream=\"demo\"} 3\n"));
+        assert!(t.contains("clubcast_rejects_total{code=\"rate_limited\"} 2\n"));
+        assert!(t.contains("clubcast_origin_requests_total{status=\"429\"} 1\n"));
+        assert!(t.contains("clubcast_signal_messages_total{type=\"join\"} 1\n"));
+        assert!(t.contains("code=\"we\\\"ird\""));
+        m.set_peers("demo", 0);
+        assert!(!m.render().contains("stream=\"demo\""));
+    }
+}

@@ -1,0 +1,284 @@
+//! The origin: stream metadata, init segments and blocks over plain HTTP.
+//!
+//! | route | answer |
+//! |---|---|
+//! | `GET /streams` | JSON list of `{id, name, live_edge, clubs, bitrate_kbps}` |
+//! | `GET /streams/{id}` | one such object (`id` may be the name); 404 if unknown |
+//! | `GET /streams/{id}/init` | the init segment (`video/mp4`); 404 until published |
+//! | `GET`/`HEAD /streams/{id}/blocks/{seq}` | the encoded block |
+//!
+//! Blocks are immutable: 200 carries `Cache-Control: public, max-age=31536000,
+//! immutable` and an `ETag` made from the block's signature, so any HTTP cache
+//! can sit in front; a matching `If-None-Match` gets 304. 404 means evicted or
+//! unknown, 425 not produced yet (with `Retry-After`).
+//!
+//! Gap fill is metered: a `GET` that serves a block debits [`Grants`] by the
+//! encoded size × 8 bits, from the peer named by `Authorization: Bearer
+//! <grant_token>` or, without a token, from the shared anonymous bucket. Over
+//! the grant is 429 with `Retry-After` (seconds to the next bid interval); an
+//! unknown token is 401. `HEAD`, 304 and the init segment are not metered.
+//! Errors are JSON `{"code": "...", "message": "..."}`, and every answer is
+//! counted in `clubcast_origin_requests_total{status}`.
+
+use std::time::Instant;
+
+use axum::extract::{Path, State};
+use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde::Serialize;
+
+use crate::app::AppState;
+use crate::grants::{GrantError, Grants};
+use crate::metrics::Metrics;
+use crate::store::Lookup;
+use crate::stream::Stream;
+
+/// `Cache-Control` of a served block.
+pub const IMMUTABLE: &str = "public, max-age=31536000, immutable";
+/// Seconds a client should wait before asking again for a block not yet produced.
+pub const NOT_YET_RETRY_SECS: u64 = 1;
+
+/// Errors the origin answers with.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum OriginError {
+    /// No stream with this id or name.
+    #[error("no stream {0:?}")]
+    UnknownStream(String),
+    /// The stream has no init segment yet.
+    #[error("the stream has not been published yet")]
+    NoInit,
+    /// The seq is not a decimal u64.
+    #[error("block seq must be a decimal integer")]
+    BadSeq,
+    /// The block was evicted from the store.
+    #[error("block {0} is no longer stored")]
+    Evicted(u64),
+    /// The block has not been produced yet.
+    #[error("block {0} has not been produced yet")]
+    NotYet(u64),
+    /// The `Authorization` header is not `Bearer <token>`.
+    #[error("Authorization must be \"Bearer <grant_token>\"")]
+    BadAuthorization,
+    /// The grant ledger refused the request.
+    #[error(transparent)]
+    Grant(#[from] GrantError),
+}
+
+impl OriginError {
+    fn status(&self) -> StatusCode {
+        match self {
+            OriginError::UnknownStream(_) | OriginError::NoInit | OriginError::Evicted(_) => {
+                StatusCode::NOT_FOUND
+            }
+            OriginError::BadSeq => StatusCode::BAD_REQUEST,
+            OriginError::NotYet(_) => StatusCode::TOO_EARLY,
+            OriginError::BadAuthorization | OriginError::Grant(GrantError::UnknownToken) => {
+                StatusCode::UNAUTHORIZED
+            }
+            OriginError::Grant(_) => StatusCode::TOO_MANY_REQUESTS,
+        }
+    }
+
+    /// Stable code in the JSON body and in `clubcast_rejects_total`.
+    pub fn code(&self) -> &'static str {
+        match self {
+            OriginError::UnknownStream(_) => "unknown_stream",
+            OriginError::NoInit => "not_published",
+            OriginError::BadSeq => "bad_seq",
+            OriginError::Evicted(_) => "evicted",
+            OriginError::NotYet(_) => "not_yet",
+            OriginError::BadAuthorization => "bad_authorization",
+            OriginError::Grant(g) => g.code(),
+        }
+    }
+
+    fn retry_after(&self) -> Option<u64> {
+        match self {
+            OriginError::NotYet(_) => Some(NOT_YET_RETRY_SECS),
+            OriginError::Grant(g) => g.retry_after().map(|d| d.as_secs().max(1)),
+            _ => None,
+        }
+    }
+
+    fn respond(&self, metrics: &Metrics) -> Response {
+        let status = self.status();
+        metrics.reject(self.code());
+        metrics.origin_request(status.as_u16());
+        let body = serde_json::json!({ "code": self.code(), "message": self.to_string() });
+        let mut r = (status, Json(body)).into_response();
+        let h = r.headers_mut();
+        h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        if let Some(secs) = self.retry_after() {
+            h.insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        r
+    }
+}
+
+/// A stream as the listing shows it.
+#[derive(Debug, Serialize)]
+pub struct StreamSummary {
+    /// URL form of the stream key.
+    pub id: String,
+    /// Display name.
+    pub name: String,
+    /// Newest block, `null` before the first.
+    pub live_edge: Option<u64>,
+    /// Clubs C.
+    pub clubs: u16,
+    /// Bitrate estimate, kbit/s.
+    pub bitrate_kbps: u32,
+    /// Peers in the swarm.
+    pub peers: usize,
+}
+
+fn summary(state: &AppState, s: &Stream) -> StreamSummary {
+    StreamSummary {
+        id: s.id.clone(),
+        name: s.name.clone(),
+        live_edge: s.live_edge(),
+        clubs: state.config.club_config().clubs,
+        bitrate_kbps: s.bitrate_kbps(),
+        peers: state.hub.peers(&s.id),
+    }
+}
+
+/// The origin's routes.
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/streams", get(list))
+        .route("/streams/{id}", get(one))
+        .route("/streams/{id}/init", get(init))
+        .route("/streams/{id}/blocks/{seq}", get(block))
+}
+
+fn ok(metrics: &Metrics, r: impl IntoResponse) -> Response {
+    let r = r.into_response();
+    metrics.origin_request(r.status().as_u16());
+    r
+}
+
+async fn list(State(state): State<AppState>) -> Response {
+    let all: Vec<StreamSummary> = state
+        .streams
+        .list()
+        .iter()
+        .map(|s| summary(&state, s))
+        .collect();
+    ok(&state.metrics, no_cache(Json(all)))
+}
+
+async fn one(State(state): State<AppState>, Path(id): Path<String>) -> Response {
+    match state.streams.get(&id) {
+        Some(s) => ok(&state.metrics, no_cache(Json(summary(&state, &s)))),
+        None => OriginError::UnknownStream(id).respond(&state.metrics),
+    }
+}
+
+async fn init(State(state): State<AppState>, Path(id): Path<String>) -> Response {
+    let r = state
+        .streams
+        .get(&id)
+        .ok_or(OriginError::UnknownStream(id))
+        .and_then(|s| s.init_segment().ok_or(OriginError::NoInit));
+    match r {
+        Ok(bytes) => ok(
+            &state.metrics,
+            (
+                [
+                    (header::CONTENT_TYPE, "video/mp4"),
+                    // A new publisher may send a different init under the same id.
+                    (header::CACHE_CONTROL, "no-cache"),
+                ],
+                bytes,
+            ),
+        ),
+        Err(e) => e.respond(&state.metrics),
+    }
+}
+
+fn no_cache(r: impl IntoResponse) -> Response {
+    let mut r = r.into_response();
+    r.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    r
+}
+
+async fn block(
+    State(state): State<AppState>,
+    method: Method,
+    Path((id, seq)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Response {
+    match serve_block(
+        &state.streams,
+        &state.grants,
+        &state.metrics,
+        &method,
+        &id,
+        &seq,
+        &headers,
+    ) {
+        Ok(r) => ok(&state.metrics, r),
+        Err(e) => e.respond(&state.metrics),
+    }
+}
+
+fn bearer(headers: &HeaderMap) -> Result<Option<&str>, OriginError> {
+    let Some(v) = headers.get(header::AUTHORIZATION) else {
+        return Ok(None);
+    };
+    let v = v.to_str().map_err(|_| OriginError::BadAuthorization)?;
+    let (scheme, token) = v.split_once(' ').ok_or(OriginError::BadAuthorization)?;
+    if !scheme.eq_ignore_ascii_case("bearer") || token.trim().is_empty() {
+        return Err(OriginError::BadAuthorization);
+    }
+    Ok(Some(token.trim()))
+}
+
+fn serve_block(
+    streams: &crate::stream::Streams,
+    grants: &Grants,
+    metrics: &Metrics,
+    method: &Method,
+    id: &str,
+    seq: &str,
+    headers: &HeaderMap,
+) -> Result<Response, OriginError> {
+    let stream = streams
+        .get(id)
+        .ok_or_else(|| OriginError::UnknownStream(id.chars().take(80).collect()))?;
+    let seq: u64 = seq.parse().map_err(|_| OriginError::BadSeq)?;
+    let token = bearer(headers)?;
+    let block = match stream.block(seq) {
+        Lookup::Found(b) => b,
+        Lookup::Evicted => return Err(OriginError::Evicted(seq)),
+        Lookup::NotYet => return Err(OriginError::NotYet(seq)),
+    };
+    let sig = &block.block.block().signature;
+    let etag = format!("\"{}\"", data_encoding::HEXLOWER.encode(&sig[..16]));
+    let etag = HeaderValue::from_str(&etag).expect("hex in quotes is a valid header value");
+    let fresh = headers
+        .get(header::IF_NONE_MATCH)
+        .is_some_and(|v| v.as_bytes() == etag.as_bytes() || v.as_bytes() == b"*");
+    let cache = [
+        (header::CACHE_CONTROL, HeaderValue::from_static(IMMUTABLE)),
+        (header::ETAG, etag),
+    ];
+    if fresh {
+        return Ok((StatusCode::NOT_MODIFIED, cache).into_response());
+    }
+    if method != Method::HEAD {
+        let bits = block.encoded.len() as u64 * 8;
+        grants.debit(token, bits, Instant::now())?;
+        metrics.gap_fill(block.encoded.len() as u64);
+    }
+    let ctype = [(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    )];
+    Ok((StatusCode::OK, cache, ctype, block.encoded.clone()).into_response())
+}

@@ -1,0 +1,494 @@
+//! Signaling over `GET /ws`: join, clubs and links, SDP/ICE relay, heartbeats,
+//! bids and grants, reports.
+//!
+//! # Flow
+//! 1. The client's first message is `join`; the server answers `welcome` with
+//!    the stream, the clubs and links [`Membership`](clubcast_protocol::club::Membership)
+//!    assigned, where to start playing, and a per-peer `grant_token`.
+//! 2. Then the socket carries `signal` (relayed to a linked peer, `from` added),
+//!    `link` add/remove when a peer leaves, fails (`link_failed`) or is reported
+//!    (`report`), `heartbeat` → `pong`, and `bid` → `grant` once per bid interval.
+//! 3. Messages for peer 0 go to the in-process seeder ([`SeederHandle`]).
+//!
+//! # Limits
+//! | what | bound | at the bound |
+//! |---|---|---|
+//! | message size | [`MAX_SIGNAL_MESSAGE`] | `too_large` (offence); over [`MAX_TRANSPORT_MESSAGE`] the socket closes |
+//! | binary frames | none accepted | `bad_message` (offence) |
+//! | message rate | [`RATE_PER_SEC`]/s, burst [`RATE_BURST`] | `rate_limited` (offence), message dropped |
+//! | offences | [`MAX_OFFENCES`] per connection or [`MAX_OFFENCES_IN_A_ROW`] in a row | close 1008 |
+//! | outbound queue | [`OUTBOUND_QUEUE`] messages | peer dropped (`clubcast_dropped_peers_total{reason="slow"}`) |
+//! | one socket write | [`SEND_TIMEOUT`] | close |
+//! | silence | 3 × heartbeat interval | close 1001, peer dropped (`silent`) |
+//! | time to join | [`JOIN_TIMEOUT`] | close 1008 |
+//! | peers per stream | `--max-peers-per-stream` | `stream_full`, close |
+//! | reports | [`REPORTS_TO_KICK`] distinct linked reporters | the accused is dropped (`reported`) |
+//!
+//! Offences are protocol violations a correct client never commits: malformed
+//! JSON, unknown types, bad versions, oversized or binary messages, messages
+//! before join or a second join, and rate excess. `unknown_peer` is not an
+//! offence: a signal can race a link removal. A refused join (`unknown_stream`,
+//! `stream_full`) is answered and the socket closed.
+
+mod conn;
+mod limits;
+mod seeder;
+mod swarm;
+
+pub use seeder::{SeederEvent, SeederHandle, SEEDER_QUEUE};
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::extract::ws::WebSocketUpgrade;
+use axum::extract::State;
+use axum::response::Response;
+use clubcast_protocol::club::Joined;
+use clubcast_protocol::signal::{
+    IceServer, Link, PeerId, ServerMsg, SignalData, StreamInfo, MAX_SIGNAL_MESSAGE, SEEDER_PEER_ID,
+    SIGNAL_VERSION,
+};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::app::AppState;
+use crate::config::Config;
+use crate::grants::Grants;
+use crate::metrics::Metrics;
+use crate::stream::Streams;
+use swarm::{CloseCell, Effects, Swarm};
+
+/// Largest WebSocket message the transport reads at all; between
+/// [`MAX_SIGNAL_MESSAGE`] and this the client gets `too_large` and stays up.
+pub const MAX_TRANSPORT_MESSAGE: usize = 4 * MAX_SIGNAL_MESSAGE;
+/// Messages a connection may send per second on average.
+pub const RATE_PER_SEC: u32 = 50;
+/// Messages a connection may send in a burst.
+pub const RATE_BURST: u32 = 100;
+/// Offences that close a connection over its life.
+pub const MAX_OFFENCES: u32 = 5;
+/// Offences in a row (no good message between) that close a connection.
+pub const MAX_OFFENCES_IN_A_ROW: u32 = 3;
+/// Messages queued for one peer before it counts as too slow and is dropped.
+pub const OUTBOUND_QUEUE: usize = 256;
+/// Longest one socket write may take before the connection is closed.
+pub const SEND_TIMEOUT: Duration = Duration::from_secs(10);
+/// Time a new connection has to send `join`.
+pub const JOIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// Heartbeat intervals of silence after which a peer is dropped.
+pub const SILENT_HEARTBEATS: u32 = 3;
+/// Distinct linked peers whose bad-block reports get a peer dropped.
+pub const REPORTS_TO_KICK: usize = 2;
+
+/// Errors of signaling operations, each mapped to a wire [`ErrorCode`](clubcast_protocol::signal::ErrorCode).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum SignalError {
+    /// No stream has this id or name.
+    #[error("no stream {0:?}")]
+    UnknownStream(String),
+    /// The stream's swarm is at its peer limit.
+    #[error("the stream has its maximum of {0} peers")]
+    StreamFull(usize),
+    /// The peer is not in the swarm, or not linked with the sender.
+    #[error("peer {0} is not linked with you")]
+    UnknownPeer(PeerId),
+}
+
+/// Why the server closed a peer's connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum DropReason {
+    /// Its outbound queue was full.
+    Slow,
+    /// It sent nothing for [`SILENT_HEARTBEATS`] heartbeat intervals.
+    Silent,
+    /// Distinct linked peers reported bad blocks from it.
+    Reported,
+    /// It committed too many protocol offences.
+    Offences,
+}
+
+impl DropReason {
+    /// Stable label for metrics and close frames.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            DropReason::Slow => "slow",
+            DropReason::Silent => "silent",
+            DropReason::Reported => "reported",
+            DropReason::Offences => "offences",
+        }
+    }
+}
+
+struct HubInner {
+    config: Arc<Config>,
+    streams: Arc<Streams>,
+    metrics: Arc<Metrics>,
+    grants: Arc<Grants>,
+    ice_servers: Vec<IceServer>,
+    swarms: Mutex<HashMap<String, Arc<Mutex<Swarm>>>>,
+    peers: Mutex<HashMap<PeerId, Arc<Mutex<Swarm>>>>,
+    next_peer: AtomicU64,
+    seeder: Mutex<Option<mpsc::Sender<SeederEvent>>>,
+    shutdown: CancellationToken,
+    tasks: TaskTracker,
+}
+
+/// The signaling hub: every stream's swarm and the routes between peers.
+/// Cheap to clone.
+#[derive(Clone)]
+pub struct Hub(Arc<HubInner>);
+
+impl std::fmt::Debug for Hub {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Hub").finish_non_exhaustive()
+    }
+}
+
+/// A joined peer, as its connection task holds it.
+pub(crate) struct Session {
+    pub(crate) peer: PeerId,
+    pub(crate) swarm: Arc<Mutex<Swarm>>,
+    pub(crate) rx: mpsc::Receiver<String>,
+    pub(crate) close: CloseCell,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // No code panics while holding these locks with a half-done mutation;
+    // a poisoned lock still guards consistent state.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Unix time, ms.
+pub(crate) fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+impl Hub {
+    /// A hub with no swarms. Connections close when `shutdown` is cancelled.
+    /// `config` must have passed [`Config::validate`]; bad ICE entries are skipped.
+    pub fn new(
+        config: Arc<Config>,
+        streams: Arc<Streams>,
+        metrics: Arc<Metrics>,
+        grants: Arc<Grants>,
+        shutdown: CancellationToken,
+    ) -> Self {
+        let ice_servers = config.ice_servers().unwrap_or_default();
+        Hub(Arc::new(HubInner {
+            config,
+            streams,
+            metrics,
+            grants,
+            ice_servers,
+            swarms: Mutex::new(HashMap::new()),
+            peers: Mutex::new(HashMap::new()),
+            next_peer: AtomicU64::new(SEEDER_PEER_ID + 1),
+            seeder: Mutex::new(None),
+            shutdown,
+            tasks: TaskTracker::new(),
+        }))
+    }
+
+    /// Attaches the seeder, replacing any earlier one.
+    pub fn attach_seeder(&self) -> SeederHandle {
+        let (tx, rx) = mpsc::channel(SEEDER_QUEUE);
+        *lock(&self.0.seeder) = Some(tx);
+        SeederHandle {
+            hub: self.clone(),
+            rx,
+        }
+    }
+
+    /// Peers connected to the stream `id_or_name`.
+    pub fn peers(&self, id_or_name: &str) -> usize {
+        self.swarm_of(id_or_name).map_or(0, |s| lock(&s).len())
+    }
+
+    /// Ends the current bid interval: allocates the budget over the bids and
+    /// sends every bidder its grant.
+    pub fn run_bid_interval(&self, now: Instant) {
+        let grants = self.0.grants.handle_interval(now);
+        let interval_ms = self.0.config.bid_interval_ms;
+        for g in grants {
+            self.0.metrics.grant(g.bits);
+            let Some(swarm) = lock(&self.0.peers).get(&g.peer).cloned() else {
+                continue;
+            };
+            let mut fx = Effects::default();
+            let msg = ServerMsg::Grant {
+                v: SIGNAL_VERSION,
+                bits: g.bits,
+                interval_ms,
+            };
+            lock(&swarm).send(g.peer, &msg, &mut fx);
+            self.apply(fx);
+        }
+    }
+
+    /// Runs [`Hub::run_bid_interval`] every bid interval until shutdown.
+    pub fn spawn_bid_ticker(&self) -> tokio::task::JoinHandle<()> {
+        let hub = self.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(hub.0.config.bid_interval());
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            tick.tick().await;
+            loop {
+                tokio::select! {
+                    _ = hub.0.shutdown.cancelled() => break,
+                    _ = tick.tick() => hub.run_bid_interval(Instant::now()),
+                }
+            }
+        })
+    }
+
+    /// Waits up to `grace` for connection tasks to send their close frames
+    /// after shutdown was cancelled.
+    pub async fn wait_closed(&self, grace: Duration) {
+        self.0.tasks.close();
+        if tokio::time::timeout(grace, self.0.tasks.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                open = self.0.tasks.len(),
+                "signaling connections still open at shutdown"
+            );
+        }
+    }
+
+    fn swarm_of(&self, id_or_name: &str) -> Option<Arc<Mutex<Swarm>>> {
+        let stream = self.0.streams.get(id_or_name)?;
+        lock(&self.0.swarms).get(&stream.id).cloned()
+    }
+
+    /// Adds a peer to a stream's swarm and queues its welcome.
+    pub(crate) fn join(&self, stream_ref: &str, p2p: bool) -> Result<Session, SignalError> {
+        let stream = self
+            .0
+            .streams
+            .get(stream_ref)
+            .ok_or_else(|| SignalError::UnknownStream(stream_ref.chars().take(80).collect()))?;
+        let swarm = lock(&self.0.swarms)
+            .entry(stream.id.clone())
+            .or_insert_with(|| {
+                Arc::new(Mutex::new(Swarm::new(
+                    stream.clone(),
+                    self.0.config.club_config(),
+                    self.0.config.max_peers_per_stream,
+                )))
+            })
+            .clone();
+        let peer = self.0.next_peer.fetch_add(1, Ordering::Relaxed);
+        let token = self.0.grants.register(peer);
+        let (tx, rx) = mpsc::channel(OUTBOUND_QUEUE);
+        let close = CloseCell::default();
+        let joined = {
+            let mut s = lock(&swarm);
+            let r = s.join(peer, p2p, tx, close.clone(), |j| {
+                self.welcome(peer, &stream, j, token)
+            });
+            r.map(|fx| (fx, s.len()))
+        };
+        let (fx, len) = match joined {
+            Ok(v) => v,
+            Err(e) => {
+                self.0.grants.unregister(peer);
+                return Err(e);
+            }
+        };
+        lock(&self.0.peers).insert(peer, swarm.clone());
+        self.0.metrics.join();
+        self.0.metrics.set_peers(&stream.name, len);
+        tracing::debug!(peer, stream = %stream.name, p2p, "peer joined");
+        self.apply(fx);
+        Ok(Session {
+            peer,
+            swarm,
+            rx,
+            close,
+        })
+    }
+
+    fn welcome(
+        &self,
+        peer: PeerId,
+        stream: &crate::stream::Stream,
+        joined: &Joined,
+        grant_token: String,
+    ) -> String {
+        let cfg = &self.0.config;
+        let live_edge = stream.live_edge().unwrap_or(0);
+        let msg = ServerMsg::Welcome {
+            v: SIGNAL_VERSION,
+            peer_id: peer,
+            stream: StreamInfo {
+                id: stream.id.clone(),
+                name: stream.name.clone(),
+                init_url: format!("/streams/{}/init", stream.id),
+                blocks_url: format!("/streams/{}/blocks/", stream.id),
+                clubs: cfg.club_config().clubs,
+                bitrate_kbps: stream.bitrate_kbps(),
+            },
+            clubs: joined.clubs.clone(),
+            links: joined.links.clone(),
+            live_edge,
+            start_seq: stream
+                .start_seq(cfg.target_latency_ms.into())
+                .unwrap_or(live_edge),
+            server_time_ms: unix_ms(),
+            target_latency_ms: cfg.target_latency_ms,
+            heartbeat_ms: cfg.heartbeat_ms,
+            ice_servers: self.0.ice_servers.clone(),
+            grant_token,
+            bid_interval_ms: cfg.bid_interval_ms,
+            // Granted only by a `test-hooks` build with --allow-test-corruption,
+            // which does not exist yet; see Config::validate.
+            test_corrupt: false,
+        };
+        serde_json::to_string(&msg).expect("ServerMsg is plain structs and strings")
+    }
+
+    /// A peer's connection ended.
+    pub(crate) fn leave(&self, session: &Session) {
+        let (fx, name, len) = {
+            let mut s = lock(&session.swarm);
+            let fx = s.leave(session.peer);
+            (fx, s.stream.name.clone(), s.len())
+        };
+        self.forget(session.peer);
+        self.0.metrics.set_peers(&name, len);
+        self.apply(fx);
+    }
+
+    fn forget(&self, peer: PeerId) {
+        lock(&self.0.peers).remove(&peer);
+        self.0.grants.unregister(peer);
+    }
+
+    /// Applies what a swarm operation left for outside its lock.
+    fn apply(&self, fx: Effects) {
+        for (peer, reason) in fx.dropped {
+            tracing::info!(peer, reason = reason.as_str(), "peer dropped");
+            self.0.metrics.drop_peer(reason.as_str());
+            self.forget(peer);
+        }
+        if fx.seeder.is_empty() {
+            return;
+        }
+        let tx = lock(&self.0.seeder).clone();
+        let Some(tx) = tx else {
+            return;
+        };
+        for ev in fx.seeder {
+            if tx.try_send(ev).is_err() {
+                self.0.metrics.reject("seeder_queue_full");
+                tracing::warn!("seeder event queue full or closed; event dropped");
+            }
+        }
+    }
+
+    fn seeder_attached(&self) -> bool {
+        lock(&self.0.seeder)
+            .as_ref()
+            .is_some_and(|tx| !tx.is_closed())
+    }
+
+    /// Relays SDP/ICE from `session`'s peer to `to`.
+    pub(crate) fn relay(
+        &self,
+        session: &Session,
+        to: PeerId,
+        data: SignalData,
+    ) -> Result<(), SignalError> {
+        if to == SEEDER_PEER_ID && !self.seeder_attached() {
+            return Err(SignalError::UnknownPeer(to));
+        }
+        let mut fx = Effects::default();
+        let r = lock(&session.swarm).relay(session.peer, to, data, &mut fx);
+        self.apply(fx);
+        r
+    }
+
+    /// `session`'s link to `remote` failed.
+    pub(crate) fn link_failed(&self, session: &Session, remote: PeerId) {
+        let fx = lock(&session.swarm).link_failed(session.peer, remote);
+        self.apply(fx);
+    }
+
+    /// `session`'s peer reports a bad block from `accused`.
+    pub(crate) fn report(&self, session: &Session, accused: PeerId, reason: &str) {
+        self.0.metrics.report();
+        let (kicked, fx, name, len) = {
+            let mut s = lock(&session.swarm);
+            let (kicked, fx) = s.report(session.peer, accused);
+            (kicked, fx, s.stream.name.clone(), s.len())
+        };
+        tracing::warn!(
+            reporter = session.peer,
+            accused,
+            kicked,
+            reason = %reason.chars().take(200).collect::<String>(),
+            "bad block reported"
+        );
+        self.0.metrics.set_peers(&name, len);
+        self.apply(fx);
+    }
+
+    fn seeder_signal(&self, stream: &str, to: PeerId, data: SignalData) -> Result<(), SignalError> {
+        let swarm = self
+            .swarm_of(stream)
+            .ok_or_else(|| SignalError::UnknownStream(stream.to_owned()))?;
+        let mut fx = Effects::default();
+        let r = lock(&swarm).relay(SEEDER_PEER_ID, to, data, &mut fx);
+        self.apply(fx);
+        r
+    }
+
+    fn seeder_link_failed(&self, stream: &str, peer: PeerId) -> Result<(), SignalError> {
+        let swarm = self
+            .swarm_of(stream)
+            .ok_or_else(|| SignalError::UnknownStream(stream.to_owned()))?;
+        let fx = lock(&swarm).link_failed(SEEDER_PEER_ID, peer);
+        self.apply(fx);
+        Ok(())
+    }
+
+    fn seeder_links(&self, stream: &str) -> Vec<Link> {
+        self.swarm_of(stream)
+            .map(|s| lock(&s).seeder_links())
+            .unwrap_or_default()
+    }
+
+    pub(crate) fn config(&self) -> &Config {
+        &self.0.config
+    }
+
+    pub(crate) fn metrics(&self) -> &Metrics {
+        &self.0.metrics
+    }
+
+    pub(crate) fn grants(&self) -> &Grants {
+        &self.0.grants
+    }
+
+    pub(crate) fn shutdown(&self) -> &CancellationToken {
+        &self.0.shutdown
+    }
+}
+
+/// `GET /ws`: upgrades to a WebSocket and runs the signaling session.
+pub async fn ws_handler(State(state): State<AppState>, ws: WebSocketUpgrade) -> Response {
+    let hub = state.hub.clone();
+    let tasks = hub.0.tasks.clone();
+    ws.max_message_size(MAX_TRANSPORT_MESSAGE)
+        .max_frame_size(MAX_TRANSPORT_MESSAGE)
+        .on_upgrade(move |socket| tasks.track_future(conn::run(hub, socket)))
+}

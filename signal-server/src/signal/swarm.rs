@@ -1,0 +1,348 @@
+//! One stream's swarm: its [`Membership`] and the outbound queue of each peer.
+//!
+//! Everything here runs under the swarm's mutex and never awaits: messages go
+//! out through bounded queues with `try_send`. A peer whose queue is full is
+//! dropped (its queue sender is dropped, which closes its socket), and the link
+//! changes its departure causes are delivered in turn, so one slow peer costs a
+//! bounded amount of memory and work. What must happen outside the lock
+//! (metrics, the grant ledger, the seeder) comes back as [`Effects`].
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, OnceLock};
+
+use clubcast_protocol::club::{ClubConfig, Joined, LinkChange, Membership};
+use clubcast_protocol::signal::{
+    Link, PeerId, ServerMsg, SignalData, SEEDER_PEER_ID, SIGNAL_VERSION,
+};
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use tokio::sync::mpsc;
+
+use super::{DropReason, SeederEvent, SignalError, REPORTS_TO_KICK};
+use crate::stream::Stream;
+
+/// Why the server closed a peer's socket, shared between the swarm (which sets
+/// it) and the connection task (which sends it as the close reason).
+pub(crate) type CloseCell = Arc<OnceLock<DropReason>>;
+
+struct Member {
+    tx: mpsc::Sender<String>,
+    close: CloseCell,
+    reported_by: HashSet<PeerId>,
+}
+
+/// Work for the hub once the swarm lock is released.
+#[derive(Debug, Default)]
+pub(crate) struct Effects {
+    /// Peers the swarm dropped, already removed from it.
+    pub(crate) dropped: Vec<(PeerId, DropReason)>,
+    /// Events for the seeder.
+    pub(crate) seeder: Vec<SeederEvent>,
+}
+
+/// One stream's peers.
+pub(crate) struct Swarm {
+    pub(crate) stream: Arc<Stream>,
+    membership: Membership,
+    members: HashMap<PeerId, Member>,
+    rng: ChaCha8Rng,
+    max_peers: usize,
+}
+
+impl Swarm {
+    /// An empty swarm for `stream`.
+    pub(crate) fn new(stream: Arc<Stream>, cfg: ClubConfig, max_peers: usize) -> Self {
+        Swarm {
+            stream,
+            membership: Membership::new(cfg),
+            members: HashMap::new(),
+            rng: ChaCha8Rng::from_seed(rand::random()),
+            max_peers,
+        }
+    }
+
+    /// Connected peers.
+    pub(crate) fn len(&self) -> usize {
+        self.members.len()
+    }
+
+    /// Whether `peer` is connected here.
+    #[cfg(test)]
+    pub(crate) fn contains(&self, peer: PeerId) -> bool {
+        self.members.contains_key(&peer)
+    }
+
+    /// The seeder's links, as it sees them.
+    pub(crate) fn seeder_links(&self) -> Vec<Link> {
+        self.membership.links_of(SEEDER_PEER_ID)
+    }
+
+    /// Adds `peer`. `welcome` builds the joiner's first message from its clubs
+    /// and links; it is queued before anyone else hears of the joiner, so it is
+    /// always the first message the joiner receives.
+    pub(crate) fn join(
+        &mut self,
+        peer: PeerId,
+        p2p: bool,
+        tx: mpsc::Sender<String>,
+        close: CloseCell,
+        welcome: impl FnOnce(&Joined) -> String,
+    ) -> Result<Effects, SignalError> {
+        if self.members.len() >= self.max_peers {
+            return Err(SignalError::StreamFull(self.max_peers));
+        }
+        let joined = self.membership.join(peer, p2p, &mut self.rng);
+        // A fresh queue has room: the welcome is its first message.
+        let _ = tx.try_send(welcome(&joined));
+        self.members.insert(
+            peer,
+            Member {
+                tx,
+                close,
+                reported_by: HashSet::new(),
+            },
+        );
+        let mut fx = Effects::default();
+        self.deliver(joined.changes, &mut fx);
+        Ok(fx)
+    }
+
+    /// Removes `peer` (its socket closed) and repairs the links it held.
+    pub(crate) fn leave(&mut self, peer: PeerId) -> Effects {
+        let mut fx = Effects::default();
+        if self.members.remove(&peer).is_some() {
+            let changes = self.membership.leave(peer, &mut self.rng);
+            self.deliver(changes, &mut fx);
+        }
+        fx
+    }
+
+    /// Relays SDP or ICE from `from` to `to`, which must share a link with it.
+    pub(crate) fn relay(
+        &mut self,
+        from: PeerId,
+        to: PeerId,
+        data: SignalData,
+        fx: &mut Effects,
+    ) -> Result<(), SignalError> {
+        if !self.linked(from, to) {
+            return Err(SignalError::UnknownPeer(to));
+        }
+        if to == SEEDER_PEER_ID {
+            fx.seeder.push(SeederEvent::Signal {
+                stream: self.stream.clone(),
+                from,
+                data,
+            });
+            return Ok(());
+        }
+        let msg = ServerMsg::Signal {
+            v: SIGNAL_VERSION,
+            from,
+            data,
+        };
+        self.send(to, &msg, fx);
+        Ok(())
+    }
+
+    /// Whether `a` holds any link role towards `b`.
+    pub(crate) fn linked(&self, a: PeerId, b: PeerId) -> bool {
+        a != b
+            && (b == SEEDER_PEER_ID || self.members.contains_key(&b))
+            && self.membership.links_of(a).iter().any(|l| l.peer == b)
+    }
+
+    /// `peer`'s link to `remote` failed: replace every role between them.
+    pub(crate) fn link_failed(&mut self, peer: PeerId, remote: PeerId) -> Effects {
+        let mut fx = Effects::default();
+        let changes = self.membership.replace(peer, remote, &mut self.rng);
+        self.deliver(changes, &mut fx);
+        fx
+    }
+
+    /// `reporter` says `accused` sent a bad block. The link is replaced like a
+    /// failure; a report counts towards a kick only if the two were linked, so
+    /// peers cannot accuse strangers, and [`REPORTS_TO_KICK`] distinct reporters
+    /// drop the accused.
+    pub(crate) fn report(&mut self, reporter: PeerId, accused: PeerId) -> (bool, Effects) {
+        let counts = self.linked(reporter, accused);
+        let mut fx = self.link_failed(reporter, accused);
+        if !counts || accused == SEEDER_PEER_ID {
+            return (false, fx);
+        }
+        let kick = match self.members.get_mut(&accused) {
+            Some(m) => {
+                m.reported_by.insert(reporter);
+                m.reported_by.len() >= REPORTS_TO_KICK
+            }
+            None => false,
+        };
+        if kick {
+            self.drop_peers(vec![(accused, DropReason::Reported)], &mut fx);
+        }
+        (kick, fx)
+    }
+
+    /// Queues `msg` for `peer`; a full queue drops the peer.
+    pub(crate) fn send(&mut self, peer: PeerId, msg: &ServerMsg, fx: &mut Effects) {
+        let Some(m) = self.members.get(&peer) else {
+            return;
+        };
+        let text = match serde_json::to_string(msg) {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::error!(%e, "server message failed to serialize");
+                return;
+            }
+        };
+        if m.tx.try_send(text).is_err() {
+            self.drop_peers(vec![(peer, DropReason::Slow)], fx);
+        }
+    }
+
+    fn deliver(&mut self, changes: Vec<LinkChange>, fx: &mut Effects) {
+        let mut full = Vec::new();
+        self.deliver_into(changes, fx, &mut full);
+        self.drop_peers(full, fx);
+    }
+
+    fn deliver_into(
+        &mut self,
+        changes: Vec<LinkChange>,
+        fx: &mut Effects,
+        full: &mut Vec<(PeerId, DropReason)>,
+    ) {
+        for ch in changes {
+            if ch.to == SEEDER_PEER_ID {
+                fx.seeder.push(SeederEvent::Link {
+                    stream: self.stream.clone(),
+                    op: ch.op,
+                    link: ch.link,
+                });
+                continue;
+            }
+            let Some(m) = self.members.get(&ch.to) else {
+                continue;
+            };
+            let msg = ServerMsg::Link {
+                v: SIGNAL_VERSION,
+                op: ch.op,
+                link: ch.link,
+            };
+            let Ok(text) = serde_json::to_string(&msg) else {
+                continue;
+            };
+            if m.tx.try_send(text).is_err() && !full.iter().any(|(p, _)| *p == ch.to) {
+                full.push((ch.to, DropReason::Slow));
+            }
+        }
+    }
+
+    /// Drops peers and delivers the repairs their departure causes; a repair
+    /// that meets another full queue drops that peer too. Ends because every
+    /// peer is dropped at most once.
+    fn drop_peers(&mut self, mut work: Vec<(PeerId, DropReason)>, fx: &mut Effects) {
+        while let Some((peer, reason)) = work.pop() {
+            let Some(m) = self.members.remove(&peer) else {
+                continue;
+            };
+            let _ = m.close.set(reason);
+            drop(m);
+            fx.dropped.push((peer, reason));
+            let changes = self.membership.leave(peer, &mut self.rng);
+            self.deliver_into(changes, fx, &mut work);
+        }
+    }
+
+    /// The membership, for tests.
+    #[cfg(test)]
+    pub(crate) fn membership(&self) -> &Membership {
+        &self.membership
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::stream::{StoreConfig, Streams};
+
+    fn swarm(max: usize) -> Swarm {
+        let streams = Streams::new(
+            None,
+            StoreConfig {
+                store_seconds: 10,
+                max_bytes: 1 << 20,
+            },
+        );
+        Swarm::new(
+            streams.get_or_create("t").expect("valid name"),
+            ClubConfig::default(),
+            max,
+        )
+    }
+
+    fn add(s: &mut Swarm, peer: PeerId, cap: usize) -> (mpsc::Receiver<String>, Effects) {
+        let (tx, rx) = mpsc::channel(cap);
+        let fx = s
+            .join(peer, true, tx, CloseCell::default(), |_| "welcome".into())
+            .expect("room");
+        (rx, fx)
+    }
+
+    #[test]
+    fn a_full_queue_drops_the_peer_and_repairs_its_links() {
+        let mut s = swarm(100);
+        // Peer 1's queue holds only its welcome: the first change for it overflows.
+        let (_rx1, _) = add(&mut s, 1, 1);
+        let mut rxs = Vec::new();
+        let mut dropped = Vec::new();
+        for p in 2..10 {
+            let (rx, fx) = add(&mut s, p, 1024);
+            rxs.push(rx);
+            dropped.extend(fx.dropped);
+        }
+        assert_eq!(dropped, vec![(1, DropReason::Slow)]);
+        assert!(!s.contains(1));
+        assert!(s.membership().clubs_of(1).is_none());
+        assert_eq!(s.len(), 8);
+    }
+
+    #[test]
+    fn stream_full_at_the_bound() {
+        let mut s = swarm(2);
+        let _a = add(&mut s, 1, 8);
+        let _b = add(&mut s, 2, 8);
+        let (tx, _rx) = mpsc::channel(8);
+        let r = s.join(3, true, tx, CloseCell::default(), |_| String::new());
+        assert!(matches!(r, Err(SignalError::StreamFull(2))));
+    }
+
+    #[test]
+    fn two_linked_reporters_kick_and_strangers_do_not() {
+        let mut s = swarm(100);
+        let mut rxs = Vec::new();
+        for p in 1..=60 {
+            rxs.push(add(&mut s, p, 1024).0);
+        }
+        let accused = 5;
+        let stranger = (1..=60)
+            .find(|&p| p != accused && !s.linked(p, accused))
+            .expect("someone is not linked to peer 5");
+        assert!(!s.report(stranger, accused).0);
+        let linked_to_accused = |s: &Swarm, not: PeerId| {
+            (1..=60)
+                .find(|&p| p != accused && p != not && s.linked(p, accused))
+                .expect("peer 5 keeps links to other peers")
+        };
+        let first = linked_to_accused(&s, 0);
+        assert!(!s.report(first, accused).0);
+        assert!(s.contains(accused));
+        // The same reporter again does not count twice.
+        assert!(!s.report(first, accused).0);
+        let second = linked_to_accused(&s, first);
+        let (kicked, fx) = s.report(second, accused);
+        assert!(kicked);
+        assert!(fx.dropped.contains(&(accused, DropReason::Reported)));
+        assert!(!s.contains(accused));
+    }
+}

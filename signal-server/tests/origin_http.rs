@@ -1,0 +1,395 @@
+//! The origin over a loopback socket: stream listing, init, block caching
+//! headers, 404/425, and gap fill metered against bids and grants.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use clubcast_protocol::block::BlockFlags;
+use clubcast_protocol::signal::ServerMsg;
+use clubcast_server::app::{app, AppState};
+use clubcast_server::config::Config;
+use clubcast_server::origin::IMMUTABLE;
+use clubcast_server::stream::{StoreConfig, Streams};
+use futures_util::{SinkExt, StreamExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_util::sync::CancellationToken;
+
+const WAIT: Duration = Duration::from_secs(5);
+/// Payload per test block; its encoded form is a little larger.
+const PAYLOAD: usize = 1000;
+
+async fn serve(cfg: Config, store_seconds: u64) -> (SocketAddr, AppState) {
+    let streams = Arc::new(Streams::new(
+        None,
+        StoreConfig {
+            store_seconds,
+            max_bytes: 64 << 20,
+        },
+    ));
+    streams.get_or_create("demo").expect("valid name");
+    let state = AppState::new(cfg, streams, CancellationToken::new());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let router = app(state.clone());
+    tokio::spawn(async move { axum::serve(listener, router).await });
+    (addr, state)
+}
+
+/// Publishes `n` blocks 1 s apart in ingest time.
+fn publish(state: &AppState, n: u64) {
+    let s = state.streams.get("demo").expect("exists");
+    for i in 0..n {
+        s.publish(
+            BlockFlags::FRAGMENT_START,
+            i,
+            i * 1000,
+            Bytes::from(vec![i as u8; PAYLOAD]),
+        )
+        .expect("publish");
+    }
+}
+
+struct Resp {
+    status: u16,
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+}
+
+impl Resp {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).expect("JSON body")
+    }
+}
+
+/// A minimal HTTP/1.1 client: one request per connection.
+async fn http(addr: SocketAddr, method: &str, path: &str, headers: &[(&str, &str)]) -> Resp {
+    let mut s = TcpStream::connect(addr).await.expect("connect");
+    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n");
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    s.write_all(req.as_bytes()).await.expect("write");
+    let mut raw = Vec::new();
+    tokio::time::timeout(WAIT, s.read_to_end(&mut raw))
+        .await
+        .expect("in time")
+        .expect("read");
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("header end");
+    let head = String::from_utf8(raw[..split].to_vec()).expect("ascii head");
+    let mut lines = head.split("\r\n");
+    let status = lines
+        .next()
+        .and_then(|l| l.split(' ').nth(1))
+        .and_then(|c| c.parse().ok())
+        .expect("status line");
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
+        .collect();
+    let mut body = raw[split + 4..].to_vec();
+    let chunked = headers
+        .iter()
+        .any(|(k, v)| k.eq_ignore_ascii_case("transfer-encoding") && v.contains("chunked"));
+    if chunked {
+        body = dechunk(&body);
+    }
+    Resp {
+        status,
+        headers,
+        body,
+    }
+}
+
+fn dechunk(mut b: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    loop {
+        let eol = b.windows(2).position(|w| w == b"\r\n").expect("chunk size");
+        let size = usize::from_str_radix(std::str::from_utf8(&b[..eol]).expect("hex"), 16)
+            .expect("hex size");
+        if size == 0 {
+            return out;
+        }
+        out.extend_from_slice(&b[eol + 2..eol + 2 + size]);
+        b = &b[eol + 2 + size + 2..];
+    }
+}
+
+#[tokio::test]
+async fn a_block_is_served_immutable_with_an_etag() {
+    let (addr, state) = serve(Config::default(), 120).await;
+    publish(&state, 3);
+    let stream = state.streams.get("demo").expect("exists");
+    let r = http(
+        addr,
+        "GET",
+        &format!("/streams/{}/blocks/1", stream.id),
+        &[],
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("content-type"), Some("application/octet-stream"));
+    assert_eq!(r.header("cache-control"), Some(IMMUTABLE));
+    let clubcast_server::store::Lookup::Found(b) = stream.block(1) else {
+        panic!("stored");
+    };
+    assert_eq!(r.body, b.encoded.to_vec());
+    let etag = r.header("etag").expect("etag").to_owned();
+    assert!(etag.starts_with('"') && etag.len() > 10);
+
+    // By name too; a revalidation with the ETag is 304, HEAD has no body.
+    let again = http(
+        addr,
+        "GET",
+        "/streams/demo/blocks/1",
+        &[("If-None-Match", &etag)],
+    )
+    .await;
+    assert_eq!(again.status, 304);
+    let head = http(addr, "HEAD", "/streams/demo/blocks/1", &[]).await;
+    assert_eq!(head.status, 200);
+    assert!(head.body.is_empty());
+    assert_eq!(head.header("etag"), Some(etag.as_str()));
+    // Another block has another ETag.
+    let other = http(addr, "GET", "/streams/demo/blocks/2", &[]).await;
+    assert_ne!(other.header("etag"), Some(etag.as_str()));
+}
+
+#[tokio::test]
+async fn evicted_and_unknown_are_404_future_is_425() {
+    // Keep 2 s of blocks: of 6 blocks 1 s apart, 0-2 are evicted.
+    let (addr, state) = serve(Config::default(), 2).await;
+    publish(&state, 6);
+    let r = http(addr, "GET", "/streams/demo/blocks/0", &[]).await;
+    assert_eq!(r.status, 404);
+    assert_eq!(r.json()["code"], "evicted");
+    let r = http(addr, "GET", "/streams/nope/blocks/0", &[]).await;
+    assert_eq!(r.status, 404);
+    assert_eq!(r.json()["code"], "unknown_stream");
+    let r = http(addr, "GET", "/streams/demo/blocks/x1", &[]).await;
+    assert_eq!(r.status, 400);
+    let r = http(addr, "GET", "/streams/demo/blocks/6", &[]).await;
+    assert_eq!(r.status, 425);
+    assert_eq!(r.json()["code"], "not_yet");
+    assert_eq!(r.header("retry-after"), Some("1"));
+    assert_eq!(r.header("cache-control"), Some("no-store"));
+    let metrics = state.metrics.render();
+    assert!(metrics.contains("clubcast_origin_requests_total{status=\"404\"} 2\n"));
+    assert!(metrics.contains("clubcast_origin_requests_total{status=\"425\"} 1\n"));
+}
+
+#[tokio::test]
+async fn streams_are_listed_and_init_is_404_until_published() {
+    let (addr, state) = serve(Config::default(), 120).await;
+    let r = http(addr, "GET", "/streams", &[]).await;
+    assert_eq!(r.status, 200);
+    let list = r.json();
+    assert_eq!(list[0]["name"], "demo");
+    assert_eq!(list[0]["clubs"], 8);
+    assert!(list[0]["live_edge"].is_null());
+    publish(&state, 2);
+    let id = state.streams.get("demo").expect("exists").id.clone();
+    let one = http(addr, "GET", &format!("/streams/{id}"), &[])
+        .await
+        .json();
+    assert_eq!(one["live_edge"], 1);
+    assert_eq!(one["id"], id.as_str());
+    let r = http(addr, "GET", "/streams/nope", &[]).await;
+    assert_eq!(r.status, 404);
+    assert_eq!(r.json()["code"], "unknown_stream");
+
+    let r = http(addr, "GET", "/streams/demo/init", &[]).await;
+    assert_eq!(r.status, 404);
+    assert_eq!(r.json()["code"], "not_published");
+    state
+        .streams
+        .get("demo")
+        .expect("exists")
+        .set_init(Bytes::from_static(b"ftypmoov"));
+    let r = http(addr, "GET", &format!("/streams/{id}/init"), &[]).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.body, b"ftypmoov");
+    assert_eq!(r.header("content-type"), Some("video/mp4"));
+
+    assert_eq!(http(addr, "GET", "/healthz", &[]).await.body, b"ok");
+    let m = http(addr, "GET", "/metrics", &[]).await;
+    let text = String::from_utf8(m.body).expect("utf8");
+    assert!(text.contains("clubcast_streams 1\n"));
+    assert!(text.contains("# TYPE clubcast_gap_fill_bytes_total counter"));
+}
+
+/// Encoded size of a test block, bits.
+fn block_bits(state: &AppState) -> u64 {
+    match state.streams.get("demo").expect("exists").block(0) {
+        clubcast_server::store::Lookup::Found(b) => b.encoded.len() as u64 * 8,
+        _ => panic!("block 0 stored"),
+    }
+}
+
+#[tokio::test]
+async fn anonymous_fetches_share_a_capped_bucket() {
+    // 100 kbit/s × 1 s = 100_000 bits per interval; 25 % anonymous = 25_000.
+    let cfg = Config {
+        origin_budget_kbps: 100,
+        ..Config::default()
+    };
+    let (addr, state) = serve(cfg, 120).await;
+    publish(&state, 10);
+    let fit = 25_000 / block_bits(&state);
+    assert!(fit >= 1);
+    for seq in 0..fit {
+        let r = http(addr, "GET", &format!("/streams/demo/blocks/{seq}"), &[]).await;
+        assert_eq!(r.status, 200, "block {seq}");
+    }
+    let r = http(addr, "GET", &format!("/streams/demo/blocks/{fit}"), &[]).await;
+    assert_eq!(r.status, 429);
+    assert_eq!(r.json()["code"], "over_anonymous_budget");
+    assert!(r.header("retry-after").is_some());
+    // HEAD is not metered.
+    let r = http(addr, "HEAD", &format!("/streams/demo/blocks/{fit}"), &[]).await;
+    assert_eq!(r.status, 200);
+    // An unknown token is not the anonymous bucket either.
+    let r = http(
+        addr,
+        "GET",
+        "/streams/demo/blocks/0",
+        &[("Authorization", "Bearer 0000")],
+    )
+    .await;
+    assert_eq!(r.status, 401);
+    // The next interval refills the bucket.
+    state.hub.run_bid_interval(Instant::now());
+    let r = http(addr, "GET", &format!("/streams/demo/blocks/{fit}"), &[]).await;
+    assert_eq!(r.status, 200);
+}
+
+async fn join(
+    addr: SocketAddr,
+) -> (
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<TcpStream>>,
+    String,
+) {
+    let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/ws"))
+        .await
+        .expect("connects");
+    ws.send(Message::text(r#"{"type":"join","v":1,"stream":"demo"}"#))
+        .await
+        .expect("send");
+    loop {
+        let Some(Ok(Message::Text(t))) = tokio::time::timeout(WAIT, ws.next())
+            .await
+            .expect("in time")
+        else {
+            panic!("no welcome");
+        };
+        if let ServerMsg::Welcome { grant_token, .. } =
+            serde_json::from_str(t.as_str()).expect("valid")
+        {
+            return (ws, grant_token);
+        }
+    }
+}
+
+async fn grant_of<S>(ws: &mut S) -> u64
+where
+    S: futures_util::Stream<Item = Result<Message, tokio_tungstenite::tungstenite::Error>> + Unpin,
+{
+    loop {
+        let m = tokio::time::timeout(WAIT, ws.next())
+            .await
+            .expect("in time")
+            .expect("open")
+            .expect("ok");
+        if let Message::Text(t) = m {
+            if let ServerMsg::Grant { bits, .. } = serde_json::from_str(t.as_str()).expect("valid")
+            {
+                return bits;
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn bids_over_the_budget_are_cut_and_fetches_beyond_a_grant_get_429() {
+    // 100_000 bits per interval; 25 % anonymous, so bids share 75_000.
+    let cfg = Config {
+        origin_budget_kbps: 100,
+        ..Config::default()
+    };
+    let (addr, state) = serve(cfg, 120).await;
+    publish(&state, 20);
+    let bits = block_bits(&state);
+    let (mut a, token_a) = join(addr).await;
+    let (mut b, token_b) = join(addr).await;
+    let small = bits + bits / 2; // one block and a half
+    a.send(Message::text(format!(
+        r#"{{"type":"bid","v":1,"bits":{small}}}"#
+    )))
+    .await
+    .expect("send");
+    b.send(Message::text(r#"{"type":"bid","v":1,"bits":1000000}"#))
+        .await
+        .expect("send");
+    // Let both bids arrive before the interval ends.
+    for _ in 0..50 {
+        if state.metrics.render().contains("clubcast_bids_total 2\n") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    state.hub.run_bid_interval(Instant::now());
+    let grant_a = grant_of(&mut a).await;
+    let grant_b = grant_of(&mut b).await;
+    assert_eq!(grant_a, small, "a small bid is met in full");
+    assert_eq!(grant_b, 75_000 - small, "a large bid gets the rest, cut");
+
+    let auth_a = format!("Bearer {token_a}");
+    let auth_b = format!("Bearer {token_b}");
+    let get = |seq: u64, auth: &str| {
+        let auth = auth.to_owned();
+        async move {
+            http(
+                addr,
+                "GET",
+                &format!("/streams/demo/blocks/{seq}"),
+                &[("Authorization", &auth)],
+            )
+            .await
+        }
+    };
+    assert_eq!(get(0, &auth_a).await.status, 200);
+    let over = get(1, &auth_a).await;
+    assert_eq!(over.status, 429);
+    assert_eq!(over.json()["code"], "over_grant");
+    let retry: u64 = over
+        .header("retry-after")
+        .and_then(|v| v.parse().ok())
+        .expect("Retry-After seconds");
+    assert!((1..=1).contains(&retry), "{retry}");
+
+    let fit_b = grant_b / bits;
+    for seq in 0..fit_b {
+        assert_eq!(get(seq, &auth_b).await.status, 200, "block {seq}");
+    }
+    assert_eq!(get(fit_b, &auth_b).await.status, 429);
+    // Unused grants expire with the interval: no bid, no grant.
+    state.hub.run_bid_interval(Instant::now());
+    assert_eq!(get(0, &auth_b).await.status, 429);
+    assert!(state.metrics.render().contains("clubcast_grants_total 2\n"));
+}

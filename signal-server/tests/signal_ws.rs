@@ -1,0 +1,462 @@
+//! Signaling over a loopback WebSocket: join, relay, link changes, the seeder
+//! handle, and what happens at every limit.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use clubcast_protocol::block::BlockFlags;
+use clubcast_protocol::signal::{
+    ErrorCode, LinkOp, ServerMsg, SignalData, MAX_SIGNAL_MESSAGE, SEEDER_PEER_ID,
+};
+use clubcast_server::app::{app, AppState};
+use clubcast_server::config::Config;
+use clubcast_server::signal::{SeederEvent, MAX_OFFENCES, MAX_OFFENCES_IN_A_ROW, RATE_BURST};
+use clubcast_server::stream::{StoreConfig, Streams};
+use futures_util::{SinkExt, StreamExt};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+use tokio_util::sync::CancellationToken;
+
+type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+const WAIT: Duration = Duration::from_secs(5);
+
+async fn serve(cfg: Config) -> (SocketAddr, AppState) {
+    let streams = Arc::new(Streams::new(
+        None,
+        StoreConfig {
+            store_seconds: 120,
+            max_bytes: 64 << 20,
+        },
+    ));
+    let demo = streams.get_or_create("demo").expect("valid name");
+    for i in 0..20u64 {
+        let flags = if i % 5 == 0 {
+            BlockFlags::FRAGMENT_START
+        } else {
+            BlockFlags::empty()
+        };
+        demo.publish(flags, i, 1_000 + i * 200, Bytes::from(vec![7; 500]))
+            .expect("publish");
+    }
+    let state = AppState::new(cfg, streams, CancellationToken::new());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let router = app(state.clone());
+    tokio::spawn(async move { axum::serve(listener, router).await });
+    (addr, state)
+}
+
+async fn connect(addr: SocketAddr) -> Ws {
+    let (ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/ws"))
+        .await
+        .expect("connects");
+    ws
+}
+
+async fn send(ws: &mut Ws, text: &str) {
+    ws.send(Message::text(text)).await.expect("send");
+}
+
+/// The next server message; panics on close or timeout.
+async fn recv(ws: &mut Ws) -> ServerMsg {
+    loop {
+        let m = tokio::time::timeout(WAIT, ws.next())
+            .await
+            .expect("a message in time")
+            .expect("socket open")
+            .expect("no transport error");
+        match m {
+            Message::Text(t) => return serde_json::from_str(t.as_str()).expect("valid ServerMsg"),
+            Message::Close(c) => panic!("closed: {c:?}"),
+            _ => continue,
+        }
+    }
+}
+
+/// The next message that `f` accepts, skipping others (link changes etc.).
+async fn recv_until(ws: &mut Ws, f: impl Fn(&ServerMsg) -> bool) -> ServerMsg {
+    loop {
+        let m = recv(ws).await;
+        if f(&m) {
+            return m;
+        }
+    }
+}
+
+/// Reads until the server closes; returns the close code.
+async fn closed(ws: &mut Ws) -> Option<CloseCode> {
+    loop {
+        match tokio::time::timeout(WAIT, ws.next())
+            .await
+            .expect("closes in time")
+        {
+            Some(Ok(Message::Close(c))) => return c.map(|c| c.code),
+            Some(Ok(_)) => continue,
+            Some(Err(_)) | None => return None,
+        }
+    }
+}
+
+async fn error_code(ws: &mut Ws) -> ErrorCode {
+    match recv(ws).await {
+        ServerMsg::Error { code, .. } => code,
+        other => panic!("expected an error, got {other:?}"),
+    }
+}
+
+async fn join(ws: &mut Ws) -> ServerMsg {
+    send(ws, r#"{"type":"join","v":1,"stream":"demo"}"#).await;
+    recv(ws).await
+}
+
+fn peer_id(welcome: &ServerMsg) -> u64 {
+    match welcome {
+        ServerMsg::Welcome { peer_id, .. } => *peer_id,
+        other => panic!("expected welcome, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn join_gets_a_welcome_with_stream_clubs_links_and_start() {
+    let (addr, state) = serve(Config::default()).await;
+    let stream = state.streams.get("demo").expect("exists");
+    let mut ws = connect(addr).await;
+    let ServerMsg::Welcome {
+        peer_id,
+        stream: info,
+        clubs,
+        links,
+        live_edge,
+        start_seq,
+        target_latency_ms,
+        heartbeat_ms,
+        grant_token,
+        bid_interval_ms,
+        ..
+    } = join(&mut ws).await
+    else {
+        panic!("expected welcome");
+    };
+    assert!(peer_id > SEEDER_PEER_ID);
+    assert_eq!(info.name, "demo");
+    assert_eq!(info.id, stream.id);
+    assert_eq!(info.init_url, format!("/streams/{}/init", stream.id));
+    assert_eq!(info.blocks_url, format!("/streams/{}/blocks/", stream.id));
+    assert_eq!(info.clubs, 8);
+    assert_eq!(clubs.len(), 2);
+    // The first peer of a swarm is a seed: the seeder pushes to it.
+    assert!(links.iter().any(|l| l.peer == SEEDER_PEER_ID));
+    assert_eq!(live_edge, 19);
+    assert_eq!(Some(start_seq), stream.start_seq(1500));
+    assert_eq!(target_latency_ms, 1500);
+    assert_eq!(heartbeat_ms, 5000);
+    assert_eq!(bid_interval_ms, 1000);
+    assert_eq!(grant_token.len(), 32);
+    assert_eq!(state.hub.peers("demo"), 1);
+
+    send(&mut ws, r#"{"type":"heartbeat","v":1}"#).await;
+    assert!(matches!(
+        recv(&mut ws).await,
+        ServerMsg::Pong { live_edge: 19, .. }
+    ));
+}
+
+#[tokio::test]
+async fn signal_from_a_arrives_at_b_with_from() {
+    let (addr, _state) = serve(Config::default()).await;
+    let mut a = connect(addr).await;
+    let a_id = peer_id(&join(&mut a).await);
+    let mut b = connect(addr).await;
+    let wb = join(&mut b).await;
+    let b_id = peer_id(&wb);
+    let ServerMsg::Welcome { links, .. } = wb else {
+        unreachable!()
+    };
+    // With one other peer in the swarm, B gets links to A (shared club or last hop).
+    assert!(links.iter().any(|l| l.peer == a_id), "{links:?}");
+    // A hears of B through link additions.
+    recv_until(
+        &mut a,
+        |m| matches!(m, ServerMsg::Link { op: LinkOp::Add, link, .. } if link.peer == b_id),
+    )
+    .await;
+
+    send(
+        &mut b,
+        &format!(
+            r#"{{"type":"signal","v":1,"to":{a_id},"data":{{"kind":"offer","sdp":"v=0 b"}}}}"#
+        ),
+    )
+    .await;
+    let got = recv_until(&mut a, |m| matches!(m, ServerMsg::Signal { .. })).await;
+    assert_eq!(
+        got,
+        ServerMsg::Signal {
+            v: 1,
+            from: b_id,
+            data: SignalData::Offer {
+                sdp: "v=0 b".into()
+            }
+        }
+    );
+    send(
+        &mut a,
+        &format!(r#"{{"type":"signal","v":1,"to":{b_id},"data":{{"kind":"candidate","candidate":"c","sdpMid":"0","sdpMLineIndex":0}}}}"#),
+    )
+    .await;
+    let got = recv_until(&mut b, |m| matches!(m, ServerMsg::Signal { .. })).await;
+    assert!(
+        matches!(got, ServerMsg::Signal { from, data: SignalData::Candidate { .. }, .. } if from == a_id)
+    );
+}
+
+#[tokio::test]
+async fn a_leaving_peer_removes_its_links_from_the_others() {
+    let (addr, state) = serve(Config::default()).await;
+    let mut a = connect(addr).await;
+    join(&mut a).await;
+    let mut b = connect(addr).await;
+    let b_id = peer_id(&join(&mut b).await);
+    b.close(None).await.expect("close");
+    drop(b);
+    recv_until(
+        &mut a,
+        |m| matches!(m, ServerMsg::Link { op: LinkOp::Remove, link, .. } if link.peer == b_id),
+    )
+    .await;
+    assert_eq!(state.hub.peers("demo"), 1);
+}
+
+#[tokio::test]
+async fn signals_to_unlinked_or_unknown_peers_get_unknown_peer_and_stay_up() {
+    let (addr, _state) = serve(Config::default()).await;
+    let mut a = connect(addr).await;
+    join(&mut a).await;
+    for _ in 0..(MAX_OFFENCES_IN_A_ROW + 2) {
+        send(
+            &mut a,
+            r#"{"type":"signal","v":1,"to":999999,"data":{"kind":"offer","sdp":"x"}}"#,
+        )
+        .await;
+        assert_eq!(error_code(&mut a).await, ErrorCode::UnknownPeer);
+    }
+    // No seeder attached: peer 0 is unknown even though A has a link to it.
+    send(
+        &mut a,
+        r#"{"type":"signal","v":1,"to":0,"data":{"kind":"offer","sdp":"x"}}"#,
+    )
+    .await;
+    assert_eq!(error_code(&mut a).await, ErrorCode::UnknownPeer);
+    send(&mut a, r#"{"type":"heartbeat","v":1}"#).await;
+    assert!(matches!(recv(&mut a).await, ServerMsg::Pong { .. }));
+}
+
+#[tokio::test]
+async fn the_seeder_handle_gets_links_and_signals_and_answers() {
+    let (addr, state) = serve(Config::default()).await;
+    let mut seeder = state.hub.attach_seeder();
+    let mut a = connect(addr).await;
+    let a_id = peer_id(&join(&mut a).await);
+    let ev = tokio::time::timeout(WAIT, seeder.recv())
+        .await
+        .expect("in time")
+        .expect("event");
+    assert!(
+        matches!(&ev, SeederEvent::Link { op: LinkOp::Add, link, stream } if link.peer == a_id && stream.name == "demo"),
+        "{ev:?}"
+    );
+    assert!(seeder.links("demo").iter().any(|l| l.peer == a_id));
+    send(
+        &mut a,
+        r#"{"type":"signal","v":1,"to":0,"data":{"kind":"offer","sdp":"browser offer"}}"#,
+    )
+    .await;
+    let ev = loop {
+        let ev = tokio::time::timeout(WAIT, seeder.recv())
+            .await
+            .expect("in time")
+            .expect("event");
+        if matches!(ev, SeederEvent::Signal { .. }) {
+            break ev;
+        }
+    };
+    assert!(
+        matches!(&ev, SeederEvent::Signal { from, data: SignalData::Offer { sdp }, .. } if *from == a_id && sdp == "browser offer")
+    );
+    seeder
+        .signal(
+            "demo",
+            a_id,
+            SignalData::Answer {
+                sdp: "seeder answer".into(),
+            },
+        )
+        .expect("a is linked with the seeder");
+    let got = recv_until(&mut a, |m| matches!(m, ServerMsg::Signal { .. })).await;
+    assert!(matches!(
+        got,
+        ServerMsg::Signal {
+            from: 0,
+            data: SignalData::Answer { .. },
+            ..
+        }
+    ));
+}
+
+#[tokio::test]
+async fn bad_messages_get_errors_and_the_connection_stays_up() {
+    let (addr, state) = serve(Config::default()).await;
+    let mut ws = connect(addr).await;
+    // Offence 1: a message before join.
+    send(&mut ws, r#"{"type":"heartbeat","v":1}"#).await;
+    assert_eq!(error_code(&mut ws).await, ErrorCode::NotJoined);
+    join(&mut ws).await;
+    let good = r#"{"type":"heartbeat","v":1}"#;
+    let big = format!(
+        r#"{{"type":"heartbeat","v":1,"pad":"{}"}}"#,
+        "x".repeat(MAX_SIGNAL_MESSAGE)
+    );
+    // Offences 2-4, each followed by a good message: under the limit of 5.
+    let cases = [
+        ("{not json", ErrorCode::BadMessage),
+        (r#"{"type":"dance","v":1}"#, ErrorCode::UnknownType),
+        (big.as_str(), ErrorCode::TooLarge),
+    ];
+    for (text, code) in cases {
+        send(&mut ws, text).await;
+        assert_eq!(error_code(&mut ws).await, code);
+        send(&mut ws, good).await;
+        assert!(matches!(recv(&mut ws).await, ServerMsg::Pong { .. }));
+    }
+    assert_eq!(state.metrics.rejects("too_large"), 1);
+    // The fifth offence closes, good messages in between or not.
+    send(&mut ws, r#"{"type":"heartbeat","v":7}"#).await;
+    assert_eq!(error_code(&mut ws).await, ErrorCode::BadVersion);
+    assert_eq!(closed(&mut ws).await, Some(CloseCode::Policy));
+}
+
+#[tokio::test]
+async fn three_bad_messages_in_a_row_close_the_connection() {
+    let (addr, state) = serve(Config::default()).await;
+    let mut ws = connect(addr).await;
+    join(&mut ws).await;
+    for text in [
+        r#"{"type":"bid","v":1,"bits":-1}"#,
+        r#"{"type":"join","v":1,"stream":"demo"}"#,
+    ] {
+        send(&mut ws, text).await;
+        error_code(&mut ws).await;
+    }
+    ws.send(Message::binary(vec![1, 2, 3])).await.expect("send");
+    assert_eq!(error_code(&mut ws).await, ErrorCode::BadMessage);
+    assert_eq!(closed(&mut ws).await, Some(CloseCode::Policy));
+    assert_eq!(state.metrics.dropped_peers("offences"), 1);
+    // The closed peer left the swarm.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(state.hub.peers("demo"), 0);
+}
+
+#[tokio::test]
+async fn a_flood_is_rate_limited_then_closed() {
+    let (addr, state) = serve(Config::default()).await;
+    let mut ws = connect(addr).await;
+    join(&mut ws).await;
+    let n = RATE_BURST as usize + 50;
+    for _ in 0..n {
+        // The server may close mid-flood; later sends may fail.
+        if ws
+            .send(Message::text(r#"{"type":"heartbeat","v":1}"#))
+            .await
+            .is_err()
+        {
+            break;
+        }
+    }
+    let mut pongs = 0;
+    let mut limited = 0;
+    let code = loop {
+        match tokio::time::timeout(WAIT, ws.next())
+            .await
+            .expect("in time")
+        {
+            Some(Ok(Message::Text(t))) => match serde_json::from_str(t.as_str()).expect("valid") {
+                ServerMsg::Pong { .. } => pongs += 1,
+                ServerMsg::Error {
+                    code: ErrorCode::RateLimited,
+                    ..
+                } => limited += 1,
+                other => panic!("unexpected {other:?}"),
+            },
+            Some(Ok(Message::Close(c))) => break c.map(|c| c.code),
+            Some(Ok(_)) => {}
+            Some(Err(_)) | None => break None,
+        }
+    };
+    // The join took one token of the burst.
+    assert!(pongs >= RATE_BURST as usize - 1, "{pongs} pongs");
+    assert!(pongs < n, "{pongs} pongs");
+    // Closed at the third refusal in a row, or the fifth overall if the bucket
+    // refilled a token in between.
+    assert!(
+        (MAX_OFFENCES_IN_A_ROW as usize..=MAX_OFFENCES as usize).contains(&limited),
+        "{limited} refusals"
+    );
+    assert_eq!(code, Some(CloseCode::Policy));
+    assert_eq!(state.metrics.rejects("rate_limited"), limited as u64);
+}
+
+#[tokio::test]
+async fn refused_joins_answer_then_close() {
+    let cfg = Config {
+        max_peers_per_stream: 1,
+        ..Config::default()
+    };
+    let (addr, _state) = serve(cfg).await;
+    let mut ws = connect(addr).await;
+    send(&mut ws, r#"{"type":"join","v":1,"stream":"nope"}"#).await;
+    assert_eq!(error_code(&mut ws).await, ErrorCode::UnknownStream);
+    assert_eq!(closed(&mut ws).await, Some(CloseCode::Policy));
+
+    let mut a = connect(addr).await;
+    join(&mut a).await;
+    let mut b = connect(addr).await;
+    send(&mut b, r#"{"type":"join","v":1,"stream":"demo"}"#).await;
+    assert_eq!(error_code(&mut b).await, ErrorCode::StreamFull);
+    assert_eq!(closed(&mut b).await, Some(CloseCode::Policy));
+}
+
+#[tokio::test]
+async fn a_silent_peer_is_dropped_after_three_heartbeats() {
+    let cfg = Config {
+        heartbeat_ms: 500,
+        ..Config::default()
+    };
+    let (addr, state) = serve(cfg).await;
+    let mut ws = connect(addr).await;
+    join(&mut ws).await;
+    assert_eq!(closed(&mut ws).await, Some(CloseCode::Away));
+    assert_eq!(state.metrics.dropped_peers("silent"), 1);
+}
+
+#[tokio::test]
+async fn metrics_count_joins_messages_and_rejects() {
+    let (addr, state) = serve(Config::default()).await;
+    let mut ws = connect(addr).await;
+    join(&mut ws).await;
+    send(&mut ws, r#"{"type":"dance","v":1}"#).await;
+    error_code(&mut ws).await;
+    state.metrics.set_streams(state.streams.list().len());
+    let text = state.metrics.render();
+    assert!(text.contains("clubcast_joins_total 1\n"), "{text}");
+    assert!(text.contains("clubcast_peers{stream=\"demo\"} 1\n"));
+    assert!(text.contains("clubcast_signal_messages_total{type=\"join\"} 1\n"));
+    assert!(text.contains("clubcast_rejects_total{code=\"unknown_type\"} 1\n"));
+    assert!(text.contains("clubcast_streams 1\n"));
+}
