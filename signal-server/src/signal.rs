@@ -380,11 +380,14 @@ impl Hub {
             self.0.metrics.drop_peer(reason.as_str());
             self.forget(peer);
         }
+        if let Some((name, len)) = fx.size {
+            self.0.metrics.set_peers(&name, len);
+        }
         if fx.seeder.is_empty() {
             return;
         }
         let tx = lock(&self.0.seeder).clone();
-        let Some(tx) = tx else {
+        let Some(tx) = tx.filter(|tx| !tx.is_closed()) else {
             return;
         };
         for ev in fx.seeder {

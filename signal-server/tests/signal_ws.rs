@@ -460,3 +460,44 @@ async fn metrics_count_joins_messages_and_rejects() {
     assert!(text.contains("clubcast_rejects_total{code=\"unknown_type\"} 1\n"));
     assert!(text.contains("clubcast_streams 1\n"));
 }
+
+#[tokio::test]
+async fn a_report_replaces_the_reporters_link_and_is_counted() {
+    let (addr, state) = serve(Config::default()).await;
+    let mut a = connect(addr).await;
+    let a_id = peer_id(&join(&mut a).await);
+    let mut b = connect(addr).await;
+    join(&mut b).await;
+    send(
+        &mut b,
+        &format!(r#"{{"type":"report","v":1,"peer":{a_id},"reason":"bad signature"}}"#),
+    )
+    .await;
+    recv_until(
+        &mut b,
+        |m| matches!(m, ServerMsg::Link { op: LinkOp::Remove, link, .. } if link.peer == a_id),
+    )
+    .await;
+    assert!(state
+        .metrics
+        .render()
+        .contains("clubcast_reports_total 1\n"));
+    // One reporter is not enough to drop A.
+    assert_eq!(state.hub.peers("demo"), 2);
+}
+
+#[tokio::test]
+async fn a_passive_viewer_gets_no_clubs_or_links() {
+    let (addr, state) = serve(Config::default()).await;
+    let mut ws = connect(addr).await;
+    send(
+        &mut ws,
+        r#"{"type":"join","v":1,"stream":"demo","p2p":false}"#,
+    )
+    .await;
+    let ServerMsg::Welcome { clubs, links, .. } = recv(&mut ws).await else {
+        panic!("expected welcome");
+    };
+    assert!(clubs.is_empty() && links.is_empty());
+    assert_eq!(state.hub.peers("demo"), 1);
+}

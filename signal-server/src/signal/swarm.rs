@@ -38,6 +38,8 @@ pub(crate) struct Effects {
     pub(crate) dropped: Vec<(PeerId, DropReason)>,
     /// Events for the seeder.
     pub(crate) seeder: Vec<SeederEvent>,
+    /// The swarm's name and size after drops, for the peers gauge.
+    pub(crate) size: Option<(String, usize)>,
 }
 
 /// One stream's peers.
@@ -251,6 +253,7 @@ impl Swarm {
             fx.dropped.push((peer, reason));
             let changes = self.membership.leave(peer, &mut self.rng);
             self.deliver_into(changes, fx, &mut work);
+            fx.size = Some((self.stream.name.clone(), self.members.len()));
         }
     }
 
