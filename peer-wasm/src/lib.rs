@@ -7,9 +7,16 @@
 //! core's `poll_timeout` arms a [`timer::Timer`]. These modules are the thin,
 //! owned-closure glue to the browser; JS errors become typed errors ([`error`]).
 
+pub mod clock;
 pub mod error;
 pub mod fetch;
 pub mod mse;
+mod player;
+pub mod playout;
 pub mod rtc;
+mod session;
 pub mod timer;
+pub mod video;
 pub mod ws;
+
+pub use player::WasmPlayer;

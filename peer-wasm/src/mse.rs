@@ -100,9 +100,17 @@ struct Sink {
     mime: String,
     buffer: Option<SourceBuffer>,
     buffer_closures: Option<BufferClosures>,
-    queue: VecDeque<Vec<u8>>,
+    queue: VecDeque<Segment>,
     queued_bytes: usize,
     closed: bool,
+}
+
+/// One entry of the append queue.
+enum Segment {
+    /// Bytes to append.
+    Media(Vec<u8>),
+    /// `SourceBuffer.abort()`: drop the parser's partial state before what follows.
+    Reset,
 }
 
 /// A `MediaSource` attached to a media element, fed through a bounded queue.
@@ -176,7 +184,25 @@ impl MseSink {
                 return Err(MseError::Full);
             }
             sink.queued_bytes += bytes.len();
-            sink.queue.push_back(bytes);
+            sink.queue.push_back(Segment::Media(bytes));
+        }
+        pump(&Rc::downgrade(&self.shared), &self.handler);
+        Ok(())
+    }
+
+    /// Queues a parser reset (`SourceBuffer.abort()`), run once everything
+    /// queued before has been appended: the bytes after it start a new media
+    /// segment, as after a skip over missing blocks.
+    pub fn reset_parser(&self) -> Result<(), MseError> {
+        {
+            let mut sink = self.shared.borrow_mut();
+            if sink.closed {
+                return Err(MseError::Closed);
+            }
+            if sink.queue.len() >= MAX_QUEUED_SEGMENTS {
+                return Err(MseError::Full);
+            }
+            sink.queue.push_back(Segment::Reset);
         }
         pump(&Rc::downgrade(&self.shared), &self.handler);
         Ok(())
@@ -317,7 +343,14 @@ fn next_step(sink: &mut Sink) -> Step {
             Err(e) => Step::Failed(MseError::js("SourceBuffer.remove")(e)),
         };
     }
-    let Some(front) = sink.queue.front_mut() else {
+    while let Some(Segment::Reset) = sink.queue.front() {
+        sink.queue.pop_front();
+        // Not updating (checked above), so this only resets the parser.
+        if let Err(e) = buffer.abort() {
+            return Step::Failed(MseError::js("SourceBuffer.abort")(e));
+        }
+    }
+    let Some(Segment::Media(front)) = sink.queue.front_mut() else {
         if sink.closed {
             // `end_of_stream` was asked for while appends were still queued.
             sink.media_source.end_of_stream().ok();
@@ -326,7 +359,7 @@ fn next_step(sink: &mut Sink) -> Step {
     };
     match buffer.append_buffer_with_u8_array(front) {
         Ok(()) => {
-            if let Some(done) = sink.queue.pop_front() {
+            if let Some(Segment::Media(done)) = sink.queue.pop_front() {
                 sink.queued_bytes -= done.len();
             }
             Step::Wait

@@ -1,0 +1,166 @@
+//! The JS API (`WasmPlayer`) and the run loop that feeds the [`Session`].
+//!
+//! Every browser callback (socket, links, MSE, media element, timers, fetches)
+//! turns into an [`Input`] and goes through [`deliver`]: it lands in the inbox,
+//! and whoever holds the session drains the inbox. A callback that fires while
+//! the session is busy (a synchronous event from inside an append) only queues,
+//! so the session is never borrowed twice. Events for JavaScript are queued the
+//! same way and handed to the `on` callback after the session is released, so a
+//! callback may call `stats()` or `destroy()`.
+
+use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
+use std::rc::{Rc, Weak};
+
+use wasm_bindgen::prelude::*;
+use web_sys::HtmlMediaElement;
+
+use crate::session::{Input, Options, Session};
+
+/// Events for JavaScript held while no callback is registered.
+pub const MAX_OUTBOX: usize = 256;
+
+/// State shared between the API object and the callbacks (which hold a `Weak`).
+#[derive(Default)]
+pub(crate) struct Shared {
+    inbox: RefCell<VecDeque<Input>>,
+    session: RefCell<Option<Session>>,
+    outbox: RefCell<VecDeque<serde_json::Value>>,
+    callback: RefCell<Option<js_sys::Function>>,
+    last_stats: RefCell<Option<String>>,
+    destroyed: Cell<bool>,
+}
+
+impl Shared {
+    /// Queues an event for the `on` callback.
+    pub(crate) fn emit(&self, event: serde_json::Value) {
+        let mut out = self.outbox.borrow_mut();
+        if out.len() >= MAX_OUTBOX {
+            out.pop_front();
+        }
+        out.push_back(event);
+    }
+
+    fn run(&self) {
+        loop {
+            {
+                let Ok(mut guard) = self.session.try_borrow_mut() else {
+                    // The holder of the session drains the inbox before it lets go.
+                    return;
+                };
+                if self.destroyed.get() {
+                    let gone = guard.take();
+                    drop(guard);
+                    drop(gone);
+                    self.inbox.borrow_mut().clear();
+                    return;
+                }
+                let Some(session) = guard.as_mut() else {
+                    self.inbox.borrow_mut().clear();
+                    return;
+                };
+                loop {
+                    let next = self.inbox.borrow_mut().pop_front();
+                    let Some(input) = next else { break };
+                    session.handle(input);
+                }
+                session.settle();
+                *self.last_stats.borrow_mut() = Some(session.stats_json());
+            }
+            self.flush_outbox();
+            if self.inbox.borrow().is_empty() {
+                return;
+            }
+        }
+    }
+
+    fn flush_outbox(&self) {
+        loop {
+            let Some(cb) = self.callback.borrow().clone() else {
+                return;
+            };
+            let next = self.outbox.borrow_mut().pop_front();
+            let Some(event) = next else { return };
+            if let Ok(text) = serde_json::to_string(&event) {
+                if let Ok(value) = js_sys::JSON::parse(&text) {
+                    if let Err(e) = cb.call1(&JsValue::NULL, &value) {
+                        web_sys::console::error_2(&"clubcast: event handler threw".into(), &e);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Hands `input` to the session behind `weak`, if it still exists.
+pub(crate) fn deliver(weak: &Weak<Shared>, input: Input) {
+    let Some(shared) = weak.upgrade() else {
+        return;
+    };
+    if shared.destroyed.get() {
+        return;
+    }
+    shared.inbox.borrow_mut().push_back(input);
+    shared.run();
+}
+
+/// A clubcast player bound to one media element. See `web/clubcast.js`.
+#[wasm_bindgen]
+pub struct WasmPlayer {
+    shared: Rc<Shared>,
+}
+
+#[wasm_bindgen]
+impl WasmPlayer {
+    /// Starts playing. `opts_json`: `{server, stream, target_latency_ms,
+    /// ice_servers, p2p, test_corrupt}`; unknown fields are ignored.
+    #[wasm_bindgen(constructor)]
+    pub fn new(video: HtmlMediaElement, opts_json: &str) -> Result<WasmPlayer, JsValue> {
+        let opts: Options = serde_json::from_str(opts_json)
+            .map_err(|e| js_sys::Error::new(&format!("clubcast: bad options: {e}")))?;
+        let shared = Rc::new(Shared::default());
+        let session = Session::start(Rc::downgrade(&shared), video, opts)
+            .map_err(|e| js_sys::Error::new(&format!("clubcast: {e}")))?;
+        *shared.session.borrow_mut() = Some(session);
+        Ok(WasmPlayer { shared })
+    }
+
+    /// Counters and playback state as a plain object (see `STAT_FIELDS` in
+    /// `web/clubcast.js`).
+    pub fn stats(&self) -> JsValue {
+        let fresh = self
+            .shared
+            .session
+            .try_borrow()
+            .ok()
+            .and_then(|s| s.as_ref().map(Session::stats_json));
+        if let Some(text) = &fresh {
+            *self.shared.last_stats.borrow_mut() = Some(text.clone());
+        }
+        let text = fresh
+            .or_else(|| self.shared.last_stats.borrow().clone())
+            .unwrap_or_else(|| "{}".to_owned());
+        js_sys::JSON::parse(&text).unwrap_or(JsValue::NULL)
+    }
+
+    /// Registers the one callback that receives every event `{type, ...}`.
+    pub fn on(&self, cb: js_sys::Function) {
+        *self.shared.callback.borrow_mut() = Some(cb);
+        self.shared.flush_outbox();
+    }
+
+    /// Closes links, socket and media source. Idempotent.
+    pub fn destroy(&self) {
+        self.shared.destroyed.set(true);
+        self.shared.inbox.borrow_mut().clear();
+        let gone = self
+            .shared
+            .session
+            .try_borrow_mut()
+            .ok()
+            .and_then(|mut s| s.take());
+        drop(gone);
+        self.shared.outbox.borrow_mut().clear();
+        self.shared.callback.borrow_mut().take();
+    }
+}

@@ -1,0 +1,367 @@
+//! Pure playback arithmetic: what the init segment says, which wall-clock
+//! moment the playhead shows, and how to steer toward the target latency.
+//!
+//! Nothing here touches the browser, so it is tested natively and in Chromium.
+//!
+//! Latency mapping: every fragment-start block carries the decode time of the
+//! fragment's first sample (`media_time`, in the track timescale parsed from
+//! the init segment's `mdhd`) and the ingest wall clock at which the server cut
+//! it. MSE places a fragment at its decode time (no `timestampOffset` is
+//! used), so `media_time / timescale` is the fragment's start on the
+//! `currentTime` axis. A playhead at `t` inside the fragment that starts at `m`
+//! shows the frame ingested at about `ingest + (t - m)` seconds; the live
+//! latency is the server's clock now minus that.
+
+use std::collections::VecDeque;
+
+/// Fragment anchors kept for the latency mapping (a few minutes of fragments).
+pub const MAX_ANCHORS: usize = 512;
+
+/// What the driver needs from an init segment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InitInfo {
+    /// Timescale of the video track (or of the first track if none is video).
+    pub timescale: u32,
+    /// The MSE MIME type with the codecs found, e.g.
+    /// `video/mp4; codecs="avc1.64001f, mp4a.40.2"`.
+    pub mime: String,
+}
+
+/// Errors of [`parse_init`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum InitError {
+    /// No `moov` box, or no track with an `mdhd`.
+    #[error("init segment has no track with a media header")]
+    NoTrack,
+    /// A track's timescale is zero.
+    #[error("track timescale is zero")]
+    ZeroTimescale,
+}
+
+struct Track {
+    timescale: u32,
+    handler: [u8; 4],
+    codec: Option<String>,
+}
+
+/// Reads the track timescales and codecs from a fragmented-MP4 init segment.
+/// Malformed boxes are skipped, never trusted past their bounds.
+pub fn parse_init(bytes: &[u8]) -> Result<InitInfo, InitError> {
+    let moov = boxes(bytes)
+        .find(|(t, _)| t == b"moov")
+        .ok_or(InitError::NoTrack)?
+        .1;
+    let tracks: Vec<Track> = boxes(moov)
+        .filter(|(t, _)| t == b"trak")
+        .filter_map(|(_, trak)| track(trak))
+        .collect();
+    let main = tracks
+        .iter()
+        .find(|t| &t.handler == b"vide")
+        .or_else(|| tracks.first())
+        .ok_or(InitError::NoTrack)?;
+    if main.timescale == 0 {
+        return Err(InitError::ZeroTimescale);
+    }
+    let has_video = tracks.iter().any(|t| &t.handler == b"vide");
+    let codecs: Vec<&str> = tracks.iter().filter_map(|t| t.codec.as_deref()).collect();
+    let kind = if has_video { "video" } else { "audio" };
+    let mime = if codecs.is_empty() {
+        crate::mse::MIME_H264_AAC.to_owned()
+    } else {
+        format!("{kind}/mp4; codecs=\"{}\"", codecs.join(", "))
+    };
+    Ok(InitInfo {
+        timescale: main.timescale,
+        mime,
+    })
+}
+
+fn track(trak: &[u8]) -> Option<Track> {
+    let mdia = child(trak, b"mdia")?;
+    let mdhd = child(mdia, b"mdhd")?;
+    let timescale = match *mdhd.first()? {
+        // version, flags, creation and modification times (32 or 64 bit)
+        0 => be_u32(mdhd, 12)?,
+        _ => be_u32(mdhd, 20)?,
+    };
+    let hdlr = child(mdia, b"hdlr")?;
+    let handler: [u8; 4] = hdlr.get(8..12)?.try_into().ok()?;
+    let stsd = child(child(child(mdia, b"minf")?, b"stbl")?, b"stsd")?;
+    // version/flags and entry count, then the sample entries
+    let codec = boxes(stsd.get(8..)?).next().and_then(|(t, e)| codec(t, e));
+    Some(Track {
+        timescale,
+        handler,
+        codec,
+    })
+}
+
+/// The RFC 6381 codec string of a sample entry, for the codecs we know.
+fn codec(kind: [u8; 4], entry: &[u8]) -> Option<String> {
+    match &kind {
+        b"avc1" | b"avc3" => {
+            // VisualSampleEntry fields take 78 bytes before the child boxes.
+            let avcc = boxes(entry.get(78..)?).find(|(t, _)| t == b"avcC")?.1;
+            let p = avcc.get(1..4)?;
+            Some(format!(
+                "{}.{:02x}{:02x}{:02x}",
+                String::from_utf8_lossy(&kind),
+                p[0],
+                p[1],
+                p[2]
+            ))
+        }
+        // AudioSampleEntry; AAC-LC is what every encoder we target emits.
+        b"mp4a" => Some("mp4a.40.2".to_owned()),
+        b"Opus" => Some("opus".to_owned()),
+        _ => None,
+    }
+}
+
+fn be_u32(b: &[u8], at: usize) -> Option<u32> {
+    Some(u32::from_be_bytes(b.get(at..at + 4)?.try_into().ok()?))
+}
+
+fn child<'a>(parent: &'a [u8], kind: &[u8; 4]) -> Option<&'a [u8]> {
+    boxes(parent).find(|(t, _)| t == kind).map(|(_, b)| b)
+}
+
+/// Iterates the boxes directly inside `data` as `(type, body)`; stops at the
+/// first box whose size does not fit.
+fn boxes(data: &[u8]) -> impl Iterator<Item = ([u8; 4], &[u8])> {
+    // Every step advances by at least 8 bytes, so the walk ends.
+    let mut at = 0usize;
+    std::iter::from_fn(move || {
+        let size = be_u32(data, at)? as usize;
+        let kind: [u8; 4] = data.get(at + 4..at + 8)?.try_into().ok()?;
+        let (header, size) = match size {
+            1 => {
+                let big = u64::from_be_bytes(data.get(at + 8..at + 16)?.try_into().ok()?);
+                (16, usize::try_from(big).ok()?)
+            }
+            0 => (8, data.len() - at),
+            n => (8, n),
+        };
+        if size < header {
+            return None;
+        }
+        let body = data.get(at + header..at.checked_add(size)?)?;
+        at += size;
+        Some((kind, body))
+    })
+}
+
+/// Maps the playhead (`currentTime`, seconds) to the ingest wall clock (ms)
+/// of the frame it shows, from the fragment starts played so far.
+#[derive(Debug, Default)]
+pub struct Timeline {
+    timescale: u32,
+    /// `(fragment start in seconds, ingest ms)`, ascending by time.
+    anchors: VecDeque<(f64, u64)>,
+}
+
+impl Timeline {
+    /// A timeline for a track with this timescale.
+    pub fn new(timescale: u32) -> Self {
+        Timeline {
+            timescale: timescale.max(1),
+            anchors: VecDeque::new(),
+        }
+    }
+
+    /// Sets the timescale (once the init segment is parsed); anchors noted
+    /// before keep their raw media time and are rescaled.
+    pub fn set_timescale(&mut self, timescale: u32) {
+        let old = f64::from(self.timescale);
+        let new = f64::from(timescale.max(1));
+        for a in &mut self.anchors {
+            a.0 = a.0 * old / new;
+        }
+        self.timescale = timescale.max(1);
+    }
+
+    /// A fragment starting at `media_time` (track timescale) was ingested at `ingest_ms`.
+    pub fn note_fragment(&mut self, media_time: u64, ingest_ms: u64) {
+        let secs = media_time as f64 / f64::from(self.timescale);
+        // A jump back in media time (a new timeline) invalidates older anchors.
+        while self.anchors.back().is_some_and(|(s, _)| *s >= secs) {
+            self.anchors.pop_back();
+        }
+        if self.anchors.len() >= MAX_ANCHORS {
+            self.anchors.pop_front();
+        }
+        self.anchors.push_back((secs, ingest_ms));
+    }
+
+    /// Ingest wall clock (ms) of the frame at `t` seconds, if a fragment start
+    /// at or before `t` is known.
+    pub fn ingest_at(&self, t: f64) -> Option<f64> {
+        let i = self.anchors.partition_point(|(s, _)| *s <= t + 1e-3);
+        let (s, ingest) = *self.anchors.get(i.checked_sub(1)?)?;
+        Some(ingest as f64 + (t - s).max(0.0) * 1000.0)
+    }
+
+    /// Media time (seconds) of the frame ingested at `ingest_ms`, if known.
+    pub fn time_of(&self, ingest_ms: f64) -> Option<f64> {
+        let i = self
+            .anchors
+            .partition_point(|(_, ing)| (*ing as f64) <= ingest_ms);
+        let (s, ingest) = *self.anchors.get(i.checked_sub(1)?)?;
+        Some(s + (ingest_ms - ingest as f64) / 1000.0)
+    }
+}
+
+/// What the player should do to hold the target latency.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Steer {
+    /// Play at this rate.
+    Rate(f64),
+    /// Too far behind: seek forward by this many seconds (then play at 1.0).
+    Jump(f64),
+}
+
+/// Latency error below which the rate stays 1.0, ms.
+pub const DEADBAND_MS: f64 = 150.0;
+/// Largest rate change either way.
+pub const MAX_RATE_DELTA: f64 = 0.05;
+/// Latency error that gets the full rate change, ms.
+pub const FULL_RATE_ERROR_MS: f64 = 1000.0;
+/// Behind by more than this many times the target, the player jumps.
+pub const JUMP_FACTOR: f64 = 3.0;
+/// Buffer below which the player never speeds up, ms.
+pub const MIN_BUFFER_TO_SPEED_UP_MS: f64 = 500.0;
+
+/// Steering toward `target_ms` given the measured `latency_ms` and the media
+/// buffered ahead of the playhead (`buffer_ms`).
+pub fn steer(latency_ms: f64, target_ms: f64, buffer_ms: f64) -> Steer {
+    let err = latency_ms - target_ms;
+    if latency_ms > JUMP_FACTOR * target_ms && buffer_ms > MIN_BUFFER_TO_SPEED_UP_MS {
+        // Land on the target, but never closer than half a second to the end
+        // of the buffer.
+        let ahead = (err / 1000.0).min((buffer_ms - MIN_BUFFER_TO_SPEED_UP_MS) / 1000.0);
+        if ahead > 0.0 {
+            return Steer::Jump(ahead);
+        }
+    }
+    if err.abs() < DEADBAND_MS || (err > 0.0 && buffer_ms < MIN_BUFFER_TO_SPEED_UP_MS) {
+        return Steer::Rate(1.0);
+    }
+    let delta = (err / FULL_RATE_ERROR_MS).clamp(-1.0, 1.0) * MAX_RATE_DELTA;
+    Steer::Rate(1.0 + delta)
+}
+
+/// Where to seek when playback is stuck at `t`: the start of the next
+/// buffered range after a gap, or the first range when `t` is before it.
+pub fn gap_exit(ranges: &[(f64, f64)], t: f64) -> Option<f64> {
+    const EPS: f64 = 0.1;
+    if ranges.iter().any(|&(s, e)| s <= t && t < e - EPS) {
+        return None;
+    }
+    ranges.iter().find(|&&(s, _)| s > t).map(|&(s, _)| s + 0.01)
+}
+
+/// Media buffered ahead of `t`, seconds (0 when `t` is not in a range).
+pub fn ahead_of(ranges: &[(f64, f64)], t: f64) -> f64 {
+    ranges
+        .iter()
+        .find(|&&(s, e)| s <= t + 0.05 && t < e)
+        .map_or(0.0, |&(_, e)| e - t)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bx(kind: &[u8; 4], body: &[u8]) -> Vec<u8> {
+        let mut v = ((body.len() + 8) as u32).to_be_bytes().to_vec();
+        v.extend_from_slice(kind);
+        v.extend_from_slice(body);
+        v
+    }
+
+    fn trak(handler: &[u8; 4], timescale: u32, entry: Vec<u8>) -> Vec<u8> {
+        let mut mdhd = vec![0u8; 12];
+        mdhd.extend_from_slice(&timescale.to_be_bytes());
+        mdhd.extend_from_slice(&[0u8; 8]);
+        let mut hdlr = vec![0u8; 8];
+        hdlr.extend_from_slice(handler);
+        hdlr.extend_from_slice(&[0u8; 13]);
+        let mut stsd = vec![0, 0, 0, 0, 0, 0, 0, 1];
+        stsd.extend(entry);
+        let stbl = bx(b"stbl", &bx(b"stsd", &stsd));
+        let minf = bx(b"minf", &stbl);
+        let mdia = [bx(b"mdhd", &mdhd), bx(b"hdlr", &hdlr), minf].concat();
+        bx(b"trak", &bx(b"mdia", &mdia))
+    }
+
+    pub(crate) fn sample_init() -> Vec<u8> {
+        let mut avc1 = vec![0u8; 78];
+        avc1.extend(bx(b"avcC", &[1, 0x64, 0x00, 0x1f, 0xff]));
+        let video = trak(b"vide", 90_000, bx(b"avc1", &avc1));
+        let audio = trak(b"soun", 48_000, bx(b"mp4a", &[0u8; 28]));
+        [
+            bx(b"ftyp", b"isom\0\0\0\0"),
+            bx(b"moov", &[audio, video].concat()),
+        ]
+        .concat()
+    }
+
+    #[test]
+    fn init_gives_video_timescale_and_codecs() {
+        let info = parse_init(&sample_init()).expect("parses");
+        assert_eq!(info.timescale, 90_000);
+        assert_eq!(info.mime, "video/mp4; codecs=\"mp4a.40.2, avc1.64001f\"");
+    }
+
+    #[test]
+    fn init_garbage_is_an_error_not_a_panic() {
+        assert_eq!(parse_init(b"junk"), Err(InitError::NoTrack));
+        let mut init = sample_init();
+        init.truncate(init.len() - 40);
+        assert!(parse_init(&init).is_err());
+        for cut in 0..sample_init().len() {
+            let _ = parse_init(&sample_init()[..cut]);
+        }
+    }
+
+    #[test]
+    fn timeline_maps_playhead_to_ingest_time() {
+        let mut tl = Timeline::new(1000);
+        assert_eq!(tl.ingest_at(1.0), None);
+        tl.note_fragment(2_000, 10_000);
+        tl.note_fragment(4_000, 12_000);
+        assert_eq!(tl.ingest_at(1.0), None);
+        assert_eq!(tl.ingest_at(2.5), Some(10_500.0));
+        assert_eq!(tl.ingest_at(4.25), Some(12_250.0));
+        assert_eq!(tl.time_of(12_250.0), Some(4.25));
+        tl.set_timescale(2000);
+        assert_eq!(tl.ingest_at(2.0), Some(12_000.0));
+    }
+
+    #[test]
+    fn steering_is_bounded_and_jumps_when_far_behind() {
+        assert_eq!(steer(1500.0, 1500.0, 2000.0), Steer::Rate(1.0));
+        assert_eq!(steer(2500.0, 1500.0, 2000.0), Steer::Rate(1.05));
+        assert_eq!(steer(500.0, 1500.0, 2000.0), Steer::Rate(0.95));
+        assert_eq!(steer(2000.0, 1500.0, 100.0), Steer::Rate(1.0));
+        match steer(6000.0, 1500.0, 10_000.0) {
+            Steer::Jump(s) => assert!((s - 4.5).abs() < 1e-9),
+            other => panic!("expected a jump, got {other:?}"),
+        }
+        // Far behind but nothing buffered to jump into: no jump.
+        assert_eq!(steer(6000.0, 1500.0, 300.0), Steer::Rate(1.0));
+    }
+
+    #[test]
+    fn gap_exit_finds_next_range() {
+        let r = [(0.0, 4.0), (5.0, 9.0)];
+        assert_eq!(gap_exit(&r, 2.0), None);
+        assert_eq!(gap_exit(&r, 3.95), Some(5.01));
+        assert_eq!(gap_exit(&r, 9.0), None);
+        assert_eq!(gap_exit(&[(3.0, 4.0)], 0.0), Some(3.01));
+        assert_eq!(ahead_of(&r, 6.0), 3.0);
+        assert_eq!(ahead_of(&r, 4.5), 0.0);
+    }
+}

@@ -1,0 +1,728 @@
+//! One viewing session: the driver of the protocol core in the browser.
+//!
+//! Flow: the socket opens and sends `join`; the `welcome` gives the peer id,
+//! clubs, links, where to start and the grant token. The session then
+//! - runs a [`Peer`] on the server's clock ([`ServerClock`]) and, after every
+//!   input, drains its transmits to the links ([`links`]) and its events to
+//!   playback ([`playback`]) and the origin ([`origin`]), and arms one
+//!   [`Timer`] for `poll_timeout`;
+//! - ticks every [`TICK_MS`] for what has no event of its own: heartbeats,
+//!   bids, send-buffer levels, link timeouts, latency steering and stalls.
+//!
+//! With `p2p: false` the session joins without links and fetches every block
+//! from the origin in order ([`origin`]); the core still verifies and orders them.
+
+mod links;
+mod origin;
+mod playback;
+
+use std::collections::VecDeque;
+use std::rc::Weak;
+use std::time::Duration;
+
+use bytes::Bytes;
+use clubcast_protocol::block::StreamKey;
+use clubcast_protocol::peer::{Peer, PeerConfig, PeerEvent};
+use clubcast_protocol::signal::{ClientMsg, PeerId, ServerMsg, StreamInfo, SIGNAL_VERSION};
+use clubcast_protocol::Time;
+use serde::Deserialize;
+use serde_json::json;
+use web_sys::HtmlMediaElement;
+
+use crate::clock::ServerClock;
+use crate::fetch::{FetchError, Fetched};
+use crate::mse::MseEvent;
+use crate::player::{deliver, Shared};
+use crate::rtc::{IceServer, LinkEvent};
+use crate::timer::{self, Timer};
+use crate::video::{VideoEvent, VideoEvents};
+use crate::ws::{signal_url, SignalSocket, WsEvent};
+
+use links::Links;
+use origin::Origin;
+use playback::Playback;
+
+/// Period of the housekeeping tick, ms.
+pub const TICK_MS: u64 = 100;
+/// Heartbeats sent but not yet answered that are remembered for the clock.
+const MAX_HEARTBEATS_IN_FLIGHT: usize = 8;
+
+/// Errors that stop a session from starting.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum SessionError {
+    /// No `stream` was given.
+    #[error("no stream given")]
+    NoStream,
+    /// The signaling socket could not be created.
+    #[error("signaling: {0}")]
+    Socket(#[from] crate::ws::WsError),
+    /// Listening on the media element failed.
+    #[error("media element: {0}")]
+    Video(#[from] crate::error::JsError),
+}
+
+/// Player options, from the JSON given to the `WasmPlayer` constructor.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Options {
+    /// HTTP base of the server; defaults to the page's origin.
+    #[serde(default)]
+    pub server: Option<String>,
+    /// Stream id (URL form of its key) or name.
+    #[serde(default)]
+    pub stream: String,
+    /// Live latency to hold, ms; defaults to the server's.
+    #[serde(default)]
+    pub target_latency_ms: Option<u64>,
+    /// ICE servers; the welcome's are used when this is empty.
+    #[serde(default)]
+    pub ice_servers: Vec<IceServer>,
+    /// False: origin only, no links (the end-to-end baseline).
+    #[serde(default = "yes")]
+    pub p2p: bool,
+    /// Test only: relay corrupted blocks, if the server allows it.
+    #[serde(default)]
+    pub test_corrupt: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// Everything a callback can report.
+pub(crate) enum Input {
+    Ws(WsEvent),
+    Link {
+        peer: PeerId,
+        gen: u64,
+        event: LinkEvent,
+    },
+    Mse(MseEvent),
+    Video(VideoEvent),
+    Init(Result<Fetched, FetchError>),
+    Origin {
+        seq: u64,
+        result: Result<Fetched, FetchError>,
+    },
+    Wake,
+    Tick,
+}
+
+/// What the welcome set up.
+struct Joined {
+    peer: Peer<StreamKey>,
+    peer_id: PeerId,
+    stream: StreamInfo,
+    grant_token: String,
+    heartbeat_ms: f64,
+    bid_interval_ms: f64,
+    next_heartbeat: f64,
+    next_bid: f64,
+    live_edge: u64,
+    granted_bits: u64,
+    corrupt: bool,
+}
+
+/// The driver state of one `WasmPlayer`.
+pub(crate) struct Session {
+    weak: Weak<Shared>,
+    opts: Options,
+    server: String,
+    /// Unix ms at `performance.now() == 0`.
+    epoch_ms: f64,
+    /// `performance.now()` when the player was constructed.
+    created_ms: f64,
+    clock: ServerClock,
+    socket: Option<SignalSocket>,
+    join_sent: Option<f64>,
+    heartbeats: VecDeque<f64>,
+    joined: Option<Joined>,
+    links: Links,
+    origin: Origin,
+    play: Playback,
+    core_timer: Timer,
+    core_deadline: Option<Time>,
+    tick_timer: Timer,
+    _video_events: VideoEvents,
+    block_delay_ms: Option<f64>,
+    failed: Option<String>,
+}
+
+impl Session {
+    /// Connects to the server and starts the tick.
+    pub(crate) fn start(
+        weak: Weak<Shared>,
+        video: HtmlMediaElement,
+        opts: Options,
+    ) -> Result<Session, SessionError> {
+        if opts.stream.is_empty() {
+            return Err(SessionError::NoStream);
+        }
+        let server = opts
+            .server
+            .clone()
+            .filter(|s| !s.is_empty())
+            .or_else(|| web_sys::window().and_then(|w| w.location().origin().ok()))
+            .unwrap_or_default()
+            .trim_end_matches('/')
+            .to_owned();
+        let w = weak.clone();
+        let socket = SignalSocket::connect(&signal_url(&server), move |e| {
+            deliver(&w, Input::Ws(e));
+        })?;
+        let w = weak.clone();
+        let video_events = VideoEvents::attach(&video, move |e| deliver(&w, Input::Video(e)))?;
+        let perf = perf_now();
+        let mut session = Session {
+            weak: weak.clone(),
+            server,
+            epoch_ms: js_sys::Date::now() - perf,
+            created_ms: perf,
+            clock: ServerClock::new(),
+            socket: Some(socket),
+            join_sent: None,
+            heartbeats: VecDeque::new(),
+            joined: None,
+            links: Links::new(weak.clone(), opts.ice_servers.clone()),
+            origin: Origin::new(weak.clone()),
+            play: Playback::new(weak, video),
+            core_timer: Timer::new(),
+            core_deadline: None,
+            tick_timer: Timer::new(),
+            _video_events: video_events,
+            block_delay_ms: None,
+            failed: None,
+            opts,
+        };
+        session.arm_tick();
+        Ok(session)
+    }
+
+    /// Local monotonic Unix ms.
+    fn local_ms(&self) -> f64 {
+        self.epoch_ms + perf_now()
+    }
+
+    /// Now on the server's clock.
+    fn now(&self) -> Time {
+        Time((self.local_ms() + self.clock.offset_ms()).max(0.0) as u64)
+    }
+
+    fn emit(&self, event: serde_json::Value) {
+        if let Some(shared) = self.weak.upgrade() {
+            shared.emit(event);
+        }
+    }
+
+    fn error(&mut self, code: &str, message: String) {
+        web_sys::console::warn_1(&format!("clubcast: {code}: {message}").into());
+        self.emit(json!({"type": "error", "code": code, "message": message}));
+    }
+
+    fn send(&self, msg: &ClientMsg) {
+        if let Some(socket) = &self.socket {
+            if let Err(e) = socket.send_json(msg) {
+                web_sys::console::warn_1(&format!("clubcast: signaling send: {e}").into());
+            }
+        }
+    }
+
+    /// Handles one input; [`Session::settle`] follows a batch of them.
+    pub(crate) fn handle(&mut self, input: Input) {
+        match input {
+            Input::Ws(e) => self.on_socket(e),
+            Input::Link { peer, gen, event } => self.on_link(peer, gen, event),
+            Input::Mse(e) => self.on_mse(e),
+            Input::Video(e) => self.on_video(e),
+            Input::Init(r) => self.on_init(r),
+            Input::Origin { seq, result } => self.on_origin(seq, result),
+            Input::Wake => {
+                self.core_deadline = None;
+                let now = self.now();
+                if let Some(j) = &mut self.joined {
+                    j.peer.handle_timeout(now);
+                }
+            }
+            Input::Tick => self.tick(),
+        }
+    }
+
+    /// Drains the core's transmits and events, then arms its timer.
+    pub(crate) fn settle(&mut self) {
+        for _ in 0..64 {
+            let Some(j) = &mut self.joined else { return };
+            let mut busy = false;
+            while let Some(t) = j.peer.poll_transmit() {
+                busy = true;
+                self.links
+                    .transmit(&mut j.peer, t, j.corrupt, self.origin.busy());
+            }
+            let mut events = Vec::new();
+            while let Some(e) = j.peer.poll_event() {
+                events.push(e);
+            }
+            busy |= !events.is_empty();
+            for e in events {
+                self.on_peer_event(e);
+            }
+            if !busy {
+                break;
+            }
+        }
+        self.arm_core_timer();
+    }
+
+    fn arm_core_timer(&mut self) {
+        let Some(j) = &self.joined else { return };
+        let next = j.peer.poll_timeout();
+        if next == self.core_deadline && self.core_timer.is_pending() {
+            return;
+        }
+        self.core_deadline = next;
+        match next {
+            Some(at) => {
+                let delay = at.since(self.now());
+                let w = self.weak.clone();
+                if let Err(e) = self.core_timer.set(Duration::from_millis(delay), move || {
+                    deliver(&w, Input::Wake)
+                }) {
+                    web_sys::console::warn_1(&format!("clubcast: timer: {e}").into());
+                }
+            }
+            None => self.core_timer.cancel(),
+        }
+    }
+
+    fn arm_tick(&mut self) {
+        let w = self.weak.clone();
+        if let Err(e) = self
+            .tick_timer
+            .set(Duration::from_millis(TICK_MS), move || {
+                deliver(&w, Input::Tick)
+            })
+        {
+            web_sys::console::warn_1(&format!("clubcast: tick timer: {e}").into());
+        }
+    }
+
+    fn on_peer_event(&mut self, e: PeerEvent) {
+        let now = self.now();
+        match e {
+            PeerEvent::Play(block) => self.play.play(block),
+            PeerEvent::Skip { from, to } => {
+                self.play.skip();
+                self.emit(json!({"type": "skip", "from": from, "to": to}));
+            }
+            PeerEvent::GapFill { seq } => {
+                if self.opts.p2p {
+                    self.origin.gap_fill(seq);
+                }
+            }
+            PeerEvent::Arrived { ingest_time_ms, .. } => {
+                let d = now.as_millis() as f64 - ingest_time_ms as f64;
+                self.block_delay_ms = Some(match self.block_delay_ms {
+                    Some(avg) => 0.9 * avg + 0.1 * d,
+                    None => d,
+                });
+            }
+            PeerEvent::BadPeer { peer, reason } => {
+                let reason = reason.to_string();
+                self.links.close(peer);
+                self.send(&ClientMsg::Report {
+                    v: SIGNAL_VERSION,
+                    peer,
+                    reason: reason.clone(),
+                });
+                self.send(&ClientMsg::LinkFailed {
+                    v: SIGNAL_VERSION,
+                    peer,
+                });
+                self.emit(json!({"type": "bad_peer", "peer": peer, "reason": reason}));
+            }
+        }
+    }
+
+    fn on_socket(&mut self, e: WsEvent) {
+        match e {
+            WsEvent::Open => {
+                self.join_sent = Some(self.local_ms());
+                self.send(&ClientMsg::Join {
+                    v: SIGNAL_VERSION,
+                    stream: self.opts.stream.clone(),
+                    upload_kbps: None,
+                    p2p: self.opts.p2p,
+                    test_corrupt: self.opts.test_corrupt,
+                });
+            }
+            WsEvent::Message(text) => match serde_json::from_str::<ServerMsg>(&text) {
+                Ok(msg) => self.on_server(msg),
+                Err(e) => web_sys::console::warn_1(
+                    &format!("clubcast: unreadable signaling message: {e}").into(),
+                ),
+            },
+            WsEvent::Rejected(e) => {
+                web_sys::console::warn_1(&format!("clubcast: signaling: {e}").into());
+            }
+            WsEvent::Closed { code, reason, .. } => {
+                self.socket = None;
+                self.error(
+                    "signal_closed",
+                    format!("signaling closed ({code}) {reason}; playing on with open links"),
+                );
+            }
+        }
+    }
+
+    fn on_server(&mut self, msg: ServerMsg) {
+        let now = self.now();
+        match msg {
+            ServerMsg::Welcome {
+                peer_id,
+                stream,
+                clubs,
+                links,
+                live_edge,
+                start_seq,
+                server_time_ms,
+                target_latency_ms,
+                heartbeat_ms,
+                ice_servers,
+                grant_token,
+                bid_interval_ms,
+                test_corrupt,
+                ..
+            } => {
+                if self.joined.is_some() {
+                    return;
+                }
+                let received = self.local_ms();
+                let sent = self.join_sent.unwrap_or(received);
+                self.clock
+                    .handle_sample(sent, server_time_ms as f64, received);
+                let key = match StreamKey::from_id(&stream.id) {
+                    Ok(k) => k,
+                    Err(e) => return self.fail("bad_stream", format!("stream id: {e}")),
+                };
+                // A stream asked for by id must be that stream: the key is
+                // what every block is checked against.
+                if let Ok(asked) = StreamKey::from_id(&self.opts.stream) {
+                    if asked != key {
+                        return self.fail("bad_stream", "welcome names another stream".into());
+                    }
+                }
+                let target = self
+                    .opts
+                    .target_latency_ms
+                    .unwrap_or(u64::from(target_latency_ms));
+                let mut cfg = PeerConfig::new(peer_id, stream.clubs);
+                cfg.target_latency_ms = target;
+                cfg.relay = self.opts.p2p;
+                let mut peer = Peer::new(cfg, key);
+                let now = self.now();
+                peer.handle_welcome(now, &clubs, &links, start_seq, live_edge);
+                if self.opts.ice_servers.is_empty() {
+                    self.links.set_ice_servers(
+                        ice_servers
+                            .into_iter()
+                            .map(|s| IceServer {
+                                urls: s.urls,
+                                username: s.username,
+                                credential: s.credential,
+                            })
+                            .collect(),
+                    );
+                }
+                let local = self.local_ms();
+                self.emit(json!({
+                    "type": "joined", "peer_id": peer_id, "clubs": clubs,
+                    "start_seq": start_seq, "live_edge": live_edge, "links": links.len(),
+                }));
+                self.play.set_target(target as f64);
+                let init_url = format!("{}{}", self.server, stream.init_url);
+                self.joined = Some(Joined {
+                    peer,
+                    peer_id,
+                    stream,
+                    grant_token,
+                    heartbeat_ms: f64::from(heartbeat_ms.max(500)),
+                    bid_interval_ms: f64::from(bid_interval_ms.max(100)),
+                    next_heartbeat: local + f64::from(heartbeat_ms.max(500)),
+                    next_bid: local,
+                    live_edge,
+                    granted_bits: 0,
+                    corrupt: test_corrupt && self.opts.test_corrupt,
+                });
+                for l in &links {
+                    self.ensure_link(l.peer, l.offer);
+                }
+                self.play.fetch_init(init_url);
+                if !self.opts.p2p {
+                    self.origin.start_in_order(start_seq, live_edge);
+                }
+                self.bid();
+            }
+            ServerMsg::Link { op, link, .. } => {
+                let Some(j) = &mut self.joined else { return };
+                j.peer.handle_link(now, op, link);
+                let listed = j.peer.link_peers().contains(&link.peer);
+                if listed {
+                    self.ensure_link(link.peer, link.offer);
+                } else {
+                    self.links.close(link.peer);
+                }
+            }
+            ServerMsg::Signal { from, data, .. } => {
+                let listed = self
+                    .joined
+                    .as_ref()
+                    .is_some_and(|j| j.peer.link_peers().contains(&from));
+                self.links.handle_signal(from, data, listed);
+            }
+            ServerMsg::Pong {
+                server_time_ms,
+                live_edge,
+                ..
+            } => {
+                let received = self.local_ms();
+                if let Some(sent) = self.heartbeats.pop_front() {
+                    self.clock
+                        .handle_sample(sent, server_time_ms as f64, received);
+                }
+                if let Some(j) = &mut self.joined {
+                    j.live_edge = j.live_edge.max(live_edge);
+                    self.origin.note_edge(j.live_edge);
+                }
+            }
+            ServerMsg::Grant { bits, .. } => {
+                if let Some(j) = &mut self.joined {
+                    j.granted_bits = bits;
+                }
+                if bits > 0 {
+                    self.origin.unblock();
+                }
+            }
+            ServerMsg::Error { code, message, .. } => {
+                let code = code.as_str();
+                if self.joined.is_none() {
+                    self.fail(code, message);
+                } else {
+                    self.error(code, message);
+                }
+            }
+        }
+    }
+
+    /// A fatal error: stop talking to the server, keep the element.
+    fn fail(&mut self, code: &str, message: String) {
+        self.failed = Some(format!("{code}: {message}"));
+        self.error(code, message);
+        self.socket = None;
+    }
+
+    fn ensure_link(&mut self, peer: PeerId, offer: bool) {
+        let Some(j) = &self.joined else { return };
+        if peer == j.peer_id || !j.peer.link_peers().contains(&peer) {
+            return;
+        }
+        let now = self.local_ms();
+        self.links.ensure(peer, offer, now);
+    }
+
+    fn on_link(&mut self, peer: PeerId, gen: u64, event: LinkEvent) {
+        let now = self.now();
+        let local = self.local_ms();
+        let Some(j) = &mut self.joined else { return };
+        match self.links.handle_event(peer, gen, event, local) {
+            links::Outcome::None => {}
+            links::Outcome::Send(data) => self.send(&ClientMsg::Signal {
+                v: SIGNAL_VERSION,
+                to: peer,
+                data,
+            }),
+            links::Outcome::Open => {
+                j.peer.handle_link_open(now, peer);
+                self.emit(json!({"type": "link_open", "peer": peer}));
+            }
+            links::Outcome::Message(bytes) => {
+                j.peer.handle_message(now, peer, Bytes::from(bytes));
+            }
+            links::Outcome::Buffered(n) => j.peer.handle_link_buffered(peer, n),
+            links::Outcome::Failed(reason) => self.link_failed(peer, reason),
+        }
+    }
+
+    fn link_failed(&mut self, peer: PeerId, reason: String) {
+        let now = self.now();
+        if let Some(j) = &mut self.joined {
+            j.peer.handle_link_closed(now, peer);
+        }
+        self.send(&ClientMsg::LinkFailed {
+            v: SIGNAL_VERSION,
+            peer,
+        });
+        self.emit(json!({"type": "link_failed", "peer": peer, "reason": reason}));
+    }
+
+    fn on_mse(&mut self, e: MseEvent) {
+        if let Some((code, message)) = self.play.handle_mse(e) {
+            self.error(code, message);
+        }
+    }
+
+    fn on_video(&mut self, e: VideoEvent) {
+        let now = perf_now();
+        if let Some(event) = self.play.handle_video(e, now, self.created_ms) {
+            if let Some(msg) = event.get("message").and_then(|m| m.as_str()) {
+                web_sys::console::warn_1(&format!("clubcast: {msg}").into());
+            }
+            self.emit(event);
+        }
+    }
+
+    fn on_init(&mut self, r: Result<Fetched, FetchError>) {
+        if let Err((code, message)) = self.play.handle_init(r) {
+            self.error(code, message);
+        }
+    }
+
+    fn on_origin(&mut self, seq: u64, result: Result<Fetched, FetchError>) {
+        let now = self.now();
+        let Some(j) = &mut self.joined else { return };
+        self.origin
+            .handle_result(&mut j.peer, now, perf_now(), seq, result);
+        if !self.origin.busy() {
+            self.links.flush_deferred(&mut j.peer, j.corrupt);
+        }
+        self.pump_origin();
+    }
+
+    fn pump_origin(&mut self) {
+        let Some(j) = &mut self.joined else { return };
+        let base = format!("{}{}", self.server, j.stream.blocks_url);
+        self.origin
+            .pump(&base, &j.grant_token, j.peer.next_play(), perf_now());
+    }
+
+    fn bid(&mut self) {
+        let now = self.now();
+        let Some(j) = &self.joined else { return };
+        let bits = if self.opts.p2p {
+            j.peer.bid(now, j.bid_interval_ms as u64)
+        } else {
+            origin::full_rate_bits(j.stream.bitrate_kbps, j.bid_interval_ms)
+        };
+        self.send(&ClientMsg::Bid {
+            v: SIGNAL_VERSION,
+            bits,
+        });
+    }
+
+    fn tick(&mut self) {
+        self.arm_tick();
+        self.links.reap();
+        let local = self.local_ms();
+        let perf = perf_now();
+        if let Some(j) = &mut self.joined {
+            if local >= j.next_heartbeat && self.socket.is_some() {
+                j.next_heartbeat = local + j.heartbeat_ms;
+                if self.heartbeats.len() >= MAX_HEARTBEATS_IN_FLIGHT {
+                    self.heartbeats.pop_front();
+                }
+                self.heartbeats.push_back(local);
+                self.send(&ClientMsg::Heartbeat { v: SIGNAL_VERSION });
+            }
+        }
+        if let Some(j) = &mut self.joined {
+            if local >= j.next_bid {
+                j.next_bid = local + j.bid_interval_ms;
+                self.bid();
+            }
+        }
+        let (failed, retry) = match &mut self.joined {
+            Some(j) => {
+                let failed = self.links.tick(&mut j.peer, local);
+                (failed, self.links.due_retries(&j.peer.link_peers(), local))
+            }
+            None => Default::default(),
+        };
+        for (peer, reason) in failed {
+            self.link_failed(peer, reason);
+        }
+        for (peer, offer) in retry {
+            self.ensure_link(peer, offer);
+        }
+        self.pump_origin();
+        let server_now = self.now().as_millis() as f64;
+        for event in self.play.tick(perf, server_now, self.created_ms) {
+            self.emit(event);
+        }
+    }
+
+    /// The stats object, as JSON text.
+    pub(crate) fn stats_json(&self) -> String {
+        let s = self
+            .joined
+            .as_ref()
+            .map(|j| j.peer.stats())
+            .unwrap_or_default();
+        let play = &self.play;
+        json!({
+            "bytes_from_peers": s.bytes_from_peers,
+            "bytes_from_origin": s.bytes_from_origin + play.init_bytes(),
+            "bytes_uploaded": s.bytes_uploaded,
+            "peers": self.links.open_count(),
+            "links": self.links.len(),
+            "clubs": self.joined.as_ref().map_or(0, |j| j.peer.clubs().len()),
+            "latency_ms": play.latency_ms(),
+            "buffer_ms": play.buffer_ms(),
+            "stalls": play.stalls(),
+            "stall_ms": play.stall_ms(perf_now()),
+            "startup_ms": play.startup_ms(self.created_ms),
+            "page_startup_ms": play.first_frame_at(),
+            "blocks_rejected": s.blocks_rejected,
+            "blocks_skipped": s.blocks_skipped,
+            "dup_bytes": s.dup_bytes,
+            "control_bytes_sent": s.control_bytes_sent,
+            "wants_sent": s.wants_sent,
+            "gap_fills": s.gap_fills,
+            "origin_fetches": self.origin.fetches(),
+            "origin_failures": self.origin.failures(),
+            "granted_bits": self.joined.as_ref().map_or(0, |j| j.granted_bits),
+            "block_delay_ms": self.block_delay_ms.map(f64::round),
+            "clock_offset_ms": self.clock.offset_ms().round(),
+            "rtt_ms": self.clock.rtt_ms(),
+            "playback_rate": play.rate(),
+            "jumps": play.jumps(),
+            "current_time": play.current_time(),
+            "peer_id": self.joined.as_ref().map(|j| j.peer_id),
+            "live_edge": self.joined.as_ref().map(|j| j.live_edge),
+            "next_play": self.joined.as_ref().and_then(|j| j.peer.next_play()),
+            "p2p": self.opts.p2p,
+            "test_corrupt": self.joined.as_ref().is_some_and(|j| j.corrupt),
+            "error": self.failed,
+        })
+        .to_string()
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        self.core_timer.cancel();
+        self.tick_timer.cancel();
+        self.origin.abort_all();
+        self.links.close_all();
+    }
+}
+
+/// `performance.now()`, ms.
+pub(crate) fn perf_now() -> f64 {
+    timer::now().as_secs_f64() * 1000.0
+}
+
+/// Starts a JS promise and ignores its outcome (e.g. `video.play()`, whose
+/// rejection only means autoplay was refused).
+pub(crate) fn ignore_promise(p: js_sys::Promise) {
+    wasm_bindgen_futures::spawn_local(async move {
+        let _ = wasm_bindgen_futures::JsFuture::from(p).await;
+    });
+}

@@ -1,0 +1,344 @@
+//! The session's WebRTC links: one [`RtcLink`] per remote peer with a role.
+//!
+//! A link is made when its peer first gets a role (offering iff the role says
+//! so) and closed when the core no longer lists the peer. Signals for a peer
+//! without a link yet (an offer that overtook its `link` message) are held,
+//! at most [`MAX_PENDING_PEERS`] × [`MAX_PENDING_SIGNALS`]. A link that fails,
+//! closes, or is not open after [`CONNECT_TIMEOUT_MS`] is reported; if the
+//! server keeps the role, it is tried again after [`RETRY_MS`].
+//!
+//! Writes are paced twice: the core stops pushing to a link whose send buffer
+//! (reported with `handle_link_buffered` after every send and every tick) is
+//! over its budget, and [`RtcLink::try_send`] queues under `bufferedAmount`.
+//! While an origin fetch runs, WANTs are held back ([`MAX_DEFERRED_WANTS`]):
+//! the origin transfer gets the downlink first.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::rc::Weak;
+
+use clubcast_protocol::block::{Block, StreamKey};
+use clubcast_protocol::peer::{Peer, Transmit};
+use clubcast_protocol::signal::{PeerId, SignalData};
+use clubcast_protocol::wire::Frame;
+
+use crate::player::{deliver, Shared};
+use crate::rtc::{
+    IceCandidate, IceServer, LinkEvent, RtcConfig, RtcError, RtcLink, SdpKind, SessionDescription,
+};
+
+use super::Input;
+
+/// Peers for which early signals are held.
+pub const MAX_PENDING_PEERS: usize = 16;
+/// Early signals held per peer.
+pub const MAX_PENDING_SIGNALS: usize = 64;
+/// A link not open this long after it was made is given up, ms.
+pub const CONNECT_TIMEOUT_MS: f64 = 15_000.0;
+/// Wait before reconnecting a failed link whose role the server kept, ms.
+pub const RETRY_MS: f64 = 5_000.0;
+/// WANTs held while an origin fetch runs; beyond it the oldest is dropped.
+pub const MAX_DEFERRED_WANTS: usize = 64;
+
+struct Slot {
+    link: RtcLink,
+    gen: u64,
+    created: f64,
+    open: bool,
+}
+
+/// What a link event means for the session.
+pub(super) enum Outcome {
+    None,
+    Send(SignalData),
+    Open,
+    Message(Vec<u8>),
+    Buffered(usize),
+    Failed(String),
+}
+
+pub(super) struct Links {
+    weak: Weak<Shared>,
+    config: RtcConfig,
+    slots: BTreeMap<PeerId, Slot>,
+    /// Closed links, dropped on the next tick rather than inside their own callback.
+    closing: Vec<RtcLink>,
+    pending: BTreeMap<PeerId, Vec<SignalData>>,
+    offers: BTreeMap<PeerId, bool>,
+    retry_at: BTreeMap<PeerId, f64>,
+    deferred: VecDeque<Transmit>,
+    next_gen: u64,
+}
+
+impl Links {
+    pub(super) fn new(weak: Weak<Shared>, ice_servers: Vec<IceServer>) -> Self {
+        Links {
+            weak,
+            config: RtcConfig { ice_servers },
+            slots: BTreeMap::new(),
+            closing: Vec::new(),
+            pending: BTreeMap::new(),
+            offers: BTreeMap::new(),
+            retry_at: BTreeMap::new(),
+            deferred: VecDeque::new(),
+            next_gen: 0,
+        }
+    }
+
+    pub(super) fn set_ice_servers(&mut self, ice_servers: Vec<IceServer>) {
+        self.config.ice_servers = ice_servers;
+    }
+
+    pub(super) fn open_count(&self) -> usize {
+        self.slots.values().filter(|s| s.open).count()
+    }
+
+    pub(super) fn len(&self) -> usize {
+        self.slots.len()
+    }
+
+    /// Makes the link to `peer` unless one exists.
+    pub(super) fn ensure(&mut self, peer: PeerId, offer: bool, now: f64) {
+        self.offers.insert(peer, offer);
+        if self.slots.contains_key(&peer) {
+            return;
+        }
+        self.retry_at.remove(&peer);
+        let gen = self.next_gen;
+        self.next_gen += 1;
+        let weak = self.weak.clone();
+        let on_event = move |event| deliver(&weak, Input::Link { peer, gen, event });
+        let link = if offer {
+            RtcLink::offerer(&self.config, on_event)
+        } else {
+            RtcLink::answerer(&self.config, on_event)
+        };
+        let link = match link {
+            Ok(l) => l,
+            Err(e) => {
+                web_sys::console::warn_1(&format!("clubcast: link to {peer}: {e}").into());
+                self.retry_at.insert(peer, now + RETRY_MS);
+                return;
+            }
+        };
+        self.slots.insert(
+            peer,
+            Slot {
+                link,
+                gen,
+                created: now,
+                open: false,
+            },
+        );
+        for data in self.pending.remove(&peer).unwrap_or_default() {
+            self.apply_signal(peer, data);
+        }
+    }
+
+    /// SDP or ICE from `from`; `listed` says whether the core knows the peer.
+    pub(super) fn handle_signal(&mut self, from: PeerId, data: SignalData, listed: bool) {
+        if self.slots.contains_key(&from) {
+            self.apply_signal(from, data);
+            return;
+        }
+        if !listed && !self.pending.contains_key(&from) && self.pending.len() >= MAX_PENDING_PEERS {
+            return;
+        }
+        let held = self.pending.entry(from).or_default();
+        if held.len() < MAX_PENDING_SIGNALS {
+            held.push(data);
+        }
+    }
+
+    fn apply_signal(&mut self, peer: PeerId, data: SignalData) {
+        let Some(slot) = self.slots.get(&peer) else {
+            return;
+        };
+        match data {
+            SignalData::Offer { sdp } => slot.link.handle_remote_description(SessionDescription {
+                kind: SdpKind::Offer,
+                sdp,
+            }),
+            SignalData::Answer { sdp } => slot.link.handle_remote_description(SessionDescription {
+                kind: SdpKind::Answer,
+                sdp,
+            }),
+            SignalData::Candidate {
+                candidate,
+                sdp_mid,
+                sdp_mline_index,
+            } => {
+                if candidate.is_empty() {
+                    return;
+                }
+                let r = slot.link.handle_remote_candidate(IceCandidate {
+                    candidate,
+                    sdp_mid,
+                    sdp_m_line_index: sdp_mline_index,
+                });
+                if let Err(e) = r {
+                    web_sys::console::warn_1(
+                        &format!("clubcast: candidate from {peer}: {e}").into(),
+                    );
+                }
+            }
+        }
+    }
+
+    /// Interprets a link event; a failure removes the link.
+    pub(super) fn handle_event(
+        &mut self,
+        peer: PeerId,
+        gen: u64,
+        event: LinkEvent,
+        now: f64,
+    ) -> Outcome {
+        let Some(slot) = self.slots.get_mut(&peer).filter(|s| s.gen == gen) else {
+            return Outcome::None;
+        };
+        match event {
+            LinkEvent::LocalDescription(d) => Outcome::Send(match d.kind {
+                SdpKind::Offer => SignalData::Offer { sdp: d.sdp },
+                SdpKind::Answer => SignalData::Answer { sdp: d.sdp },
+            }),
+            LinkEvent::LocalCandidate(c) => Outcome::Send(SignalData::Candidate {
+                candidate: c.candidate,
+                sdp_mid: c.sdp_mid,
+                sdp_mline_index: c.sdp_m_line_index,
+            }),
+            LinkEvent::Open => {
+                slot.open = true;
+                Outcome::Open
+            }
+            LinkEvent::Message(bytes) => Outcome::Message(bytes),
+            LinkEvent::Writable => Outcome::Buffered(buffered(&slot.link)),
+            LinkEvent::State(crate::rtc::ConnectionState::Failed) => {
+                self.fail(peer, now, "connection failed".into())
+            }
+            LinkEvent::Closed => self.fail(peer, now, "data channel closed".into()),
+            // A candidate the browser cannot use is not fatal; negotiation is.
+            LinkEvent::Error(RtcError::Js {
+                op: "addIceCandidate",
+                ..
+            }) => Outcome::None,
+            LinkEvent::Error(e) => self.fail(peer, now, e.to_string()),
+            _ => Outcome::None,
+        }
+    }
+
+    fn fail(&mut self, peer: PeerId, now: f64, reason: String) -> Outcome {
+        if let Some(slot) = self.slots.remove(&peer) {
+            slot.link.close();
+            self.closing.push(slot.link);
+        }
+        self.retry_at.insert(peer, now + RETRY_MS);
+        Outcome::Failed(reason)
+    }
+
+    /// Closes the link to `peer` (its roles are gone); no retry.
+    pub(super) fn close(&mut self, peer: PeerId) {
+        if let Some(slot) = self.slots.remove(&peer) {
+            slot.link.close();
+            self.closing.push(slot.link);
+        }
+        self.pending.remove(&peer);
+        self.retry_at.remove(&peer);
+        self.offers.remove(&peer);
+    }
+
+    pub(super) fn close_all(&mut self) {
+        for (_, slot) in std::mem::take(&mut self.slots) {
+            slot.link.close();
+        }
+        self.closing.clear();
+    }
+
+    /// Drops links closed since the last tick.
+    pub(super) fn reap(&mut self) {
+        self.closing.clear();
+    }
+
+    /// Sends one of the core's frames (or defers a WANT while the origin is busy).
+    pub(super) fn transmit(
+        &mut self,
+        core: &mut Peer<StreamKey>,
+        t: Transmit,
+        corrupt: bool,
+        origin_busy: bool,
+    ) {
+        if origin_busy && matches!(t.frame, Frame::Want(_)) {
+            if self.deferred.len() >= MAX_DEFERRED_WANTS {
+                self.deferred.pop_front();
+            }
+            self.deferred.push_back(t);
+            return;
+        }
+        let Some(slot) = self.slots.get(&t.to) else {
+            return;
+        };
+        let bytes = match t.frame {
+            Frame::Block(b) if corrupt => Frame::Block(corrupted(b)).encode(),
+            frame => frame.encode(),
+        };
+        // `Full` and `Closed` drop the frame: the core re-pulls what matters.
+        let _ = slot.link.try_send(bytes.to_vec());
+        core.handle_link_buffered(t.to, buffered(&slot.link));
+    }
+
+    /// Sends the WANTs held back while the origin was busy.
+    pub(super) fn flush_deferred(&mut self, core: &mut Peer<StreamKey>, corrupt: bool) {
+        for t in std::mem::take(&mut self.deferred) {
+            self.transmit(core, t, corrupt, false);
+        }
+    }
+
+    /// Reports send-buffer levels and gives up links that never opened.
+    pub(super) fn tick(&mut self, core: &mut Peer<StreamKey>, now: f64) -> Vec<(PeerId, String)> {
+        let mut late = Vec::new();
+        for (&peer, slot) in &self.slots {
+            if slot.open {
+                core.handle_link_buffered(peer, buffered(&slot.link));
+            } else if now - slot.created > CONNECT_TIMEOUT_MS {
+                late.push(peer);
+            }
+        }
+        late.into_iter()
+            .map(|peer| {
+                self.fail(peer, now, "not connected in time".into());
+                (peer, "not connected in time".to_owned())
+            })
+            .collect()
+    }
+
+    /// Failed links whose peer is still listed and whose wait is over.
+    pub(super) fn due_retries(&mut self, listed: &[PeerId], now: f64) -> Vec<(PeerId, bool)> {
+        self.retry_at.retain(|p, _| listed.contains(p));
+        let due: Vec<PeerId> = self
+            .retry_at
+            .iter()
+            .filter(|(_, at)| now >= **at)
+            .map(|(p, _)| *p)
+            .collect();
+        due.into_iter()
+            .map(|p| {
+                self.retry_at.remove(&p);
+                (p, self.offers.get(&p).copied().unwrap_or(true))
+            })
+            .collect()
+    }
+}
+
+fn buffered(link: &RtcLink) -> usize {
+    link.buffered_amount() as usize + link.queued_bytes()
+}
+
+/// Test only: the block with one payload byte flipped, so that it no longer
+/// verifies at the receiver.
+pub(crate) fn corrupted(mut b: Block) -> Block {
+    let mut payload = b.payload.to_vec();
+    match payload.first_mut() {
+        Some(x) => *x ^= 0xff,
+        None => b.signature[0] ^= 0xff,
+    }
+    b.payload = payload.into();
+    b
+}

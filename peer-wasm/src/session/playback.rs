@@ -1,0 +1,382 @@
+//! Playback: MSE appends in block order, startup, latency steering, stalls.
+//!
+//! The init segment is fetched once the welcome names it; its `mdhd` gives
+//! the timescale of `media_time` and its sample entries the MIME codecs, so the
+//! `MediaSource` is attached only then. Blocks played before that wait in a
+//! bounded queue ([`MAX_PENDING_BYTES`]). A skip queues a parser reset
+//! (`SourceBuffer.abort()`) behind what is already queued; the core resumes
+//! at a fragment start. The sink trims the buffer behind the playhead.
+//!
+//! Every tick: start (seek to the buffered start and `play()`), detect the
+//! first frame and stalls (`waiting`, or the playhead not moving for
+//! [`STALL_DETECT_MS`] while not paused), leave gaps (seek to the next buffered
+//! range, or the live point in it), and steer the latency with
+//! [`playout::steer`]: a rate within 0.95–1.05, or a jump when far behind.
+
+use std::collections::VecDeque;
+use std::rc::Weak;
+
+use clubcast_protocol::block::{BlockFlags, VerifiedBlock};
+use serde_json::{json, Value};
+use web_sys::HtmlMediaElement;
+
+use crate::fetch::{fetch_bytes, FetchError, Fetched};
+use crate::mse::{MseError, MseEvent, MseSink, MIME_H264_AAC};
+use crate::player::{deliver, Shared};
+use crate::playout::{self, Steer, Timeline};
+
+use super::{ignore_promise, Input};
+
+/// Bytes of played blocks held until the media source is attached.
+pub const MAX_PENDING_BYTES: usize = 8 * 1024 * 1024;
+/// The playhead not moving this long (while not paused) is a stall, ms.
+pub const STALL_DETECT_MS: f64 = 600.0;
+/// Stuck this long, the player looks for buffered media past a gap, ms.
+pub const GAP_WAIT_MS: f64 = 300.0;
+/// Least time between two latency jumps, ms.
+pub const MIN_JUMP_INTERVAL_MS: f64 = 2_000.0;
+/// Timescale assumed when the init segment cannot be parsed (MPEG-TS clock).
+const FALLBACK_TIMESCALE: u32 = 90_000;
+
+enum Pending {
+    Media(Vec<u8>),
+    Reset,
+}
+
+pub(super) struct Playback {
+    weak: Weak<Shared>,
+    video: HtmlMediaElement,
+    target_ms: f64,
+    mse: Option<MseSink>,
+    init_bytes: u64,
+    pending: VecDeque<Pending>,
+    pending_bytes: usize,
+    reset_due: bool,
+    need_fragment_start: bool,
+    timeline: Timeline,
+    started: bool,
+    first_frame: Option<f64>,
+    last_play_call: f64,
+    last_time: f64,
+    last_advance: f64,
+    stall_since: Option<f64>,
+    stalls: u32,
+    stall_total: f64,
+    latency: Option<f64>,
+    buffer_ms: f64,
+    rate: f64,
+    jumps: u32,
+    last_jump: f64,
+    current_time: f64,
+}
+
+impl Playback {
+    pub(super) fn new(weak: Weak<Shared>, video: HtmlMediaElement) -> Self {
+        Playback {
+            weak,
+            video,
+            target_ms: 1500.0,
+            mse: None,
+            init_bytes: 0,
+            pending: VecDeque::new(),
+            pending_bytes: 0,
+            reset_due: false,
+            need_fragment_start: true,
+            timeline: Timeline::new(1),
+            started: false,
+            first_frame: None,
+            last_play_call: 0.0,
+            last_time: 0.0,
+            last_advance: 0.0,
+            stall_since: None,
+            stalls: 0,
+            stall_total: 0.0,
+            latency: None,
+            buffer_ms: 0.0,
+            rate: 1.0,
+            jumps: 0,
+            last_jump: f64::NEG_INFINITY,
+            current_time: 0.0,
+        }
+    }
+
+    pub(super) fn set_target(&mut self, ms: f64) {
+        self.target_ms = ms;
+    }
+
+    pub(super) fn init_bytes(&self) -> u64 {
+        self.init_bytes
+    }
+    pub(super) fn latency_ms(&self) -> Option<f64> {
+        self.latency.map(f64::round)
+    }
+    pub(super) fn buffer_ms(&self) -> f64 {
+        self.buffer_ms.round()
+    }
+    pub(super) fn stalls(&self) -> u32 {
+        self.stalls
+    }
+    pub(super) fn stall_ms(&self, now: f64) -> f64 {
+        (self.stall_total + self.stall_since.map_or(0.0, |s| now - s)).round()
+    }
+    pub(super) fn startup_ms(&self, created: f64) -> Option<f64> {
+        self.first_frame.map(|f| (f - created).round())
+    }
+    pub(super) fn first_frame_at(&self) -> Option<f64> {
+        self.first_frame.map(f64::round)
+    }
+    pub(super) fn rate(&self) -> f64 {
+        self.rate
+    }
+    pub(super) fn jumps(&self) -> u32 {
+        self.jumps
+    }
+    pub(super) fn current_time(&self) -> f64 {
+        self.current_time
+    }
+
+    pub(super) fn fetch_init(&mut self, url: String) {
+        let weak = self.weak.clone();
+        wasm_bindgen_futures::spawn_local(async move {
+            let result = fetch_bytes(&url, &[], None).await;
+            deliver(&weak, Input::Init(result));
+        });
+    }
+
+    pub(super) fn handle_init(
+        &mut self,
+        result: Result<Fetched, FetchError>,
+    ) -> Result<(), (&'static str, String)> {
+        let bytes = result
+            .map_err(|e| ("init_fetch", format!("init segment: {e}")))?
+            .bytes;
+        self.init_bytes = bytes.len() as u64;
+        let (info, parsed) = match playout::parse_init(&bytes) {
+            Ok(info) => (info, Ok(())),
+            Err(e) => (
+                playout::InitInfo {
+                    timescale: FALLBACK_TIMESCALE,
+                    mime: MIME_H264_AAC.to_owned(),
+                },
+                Err(("bad_init", format!("init segment: {e}"))),
+            ),
+        };
+        self.timeline.set_timescale(info.timescale);
+        let weak = self.weak.clone();
+        let sink = MseSink::attach(&self.video, &info.mime, move |e| {
+            deliver(&weak, Input::Mse(e));
+        })
+        .map_err(|e| ("mse", e.to_string()))?;
+        sink.append(bytes).map_err(|e| ("mse", e.to_string()))?;
+        self.mse = Some(sink);
+        self.pending_bytes = 0;
+        for p in std::mem::take(&mut self.pending) {
+            match p {
+                Pending::Media(b) => self.push_media(b),
+                Pending::Reset => self.reset(),
+            }
+        }
+        parsed
+    }
+
+    /// The next block in order, from the core.
+    pub(super) fn play(&mut self, block: VerifiedBlock) {
+        let h = block.header();
+        let fragment_start = h.flags.contains(BlockFlags::FRAGMENT_START);
+        if self.need_fragment_start && !fragment_start {
+            return;
+        }
+        self.need_fragment_start = false;
+        if fragment_start {
+            self.timeline.note_fragment(h.media_time, h.ingest_time_ms);
+        }
+        self.push_media(block.payload().to_vec());
+    }
+
+    /// The core skipped missing blocks; what follows starts a fragment.
+    pub(super) fn skip(&mut self) {
+        self.reset();
+    }
+
+    fn reset(&mut self) {
+        match &self.mse {
+            Some(mse) => {
+                if mse.reset_parser().is_err() {
+                    self.reset_due = true;
+                }
+            }
+            None => self.pending.push_back(Pending::Reset),
+        }
+    }
+
+    fn push_media(&mut self, bytes: Vec<u8>) {
+        let Some(mse) = &self.mse else {
+            if self.pending_bytes + bytes.len() > MAX_PENDING_BYTES {
+                self.pending.clear();
+                self.pending_bytes = 0;
+                self.need_fragment_start = true;
+                return;
+            }
+            self.pending_bytes += bytes.len();
+            self.pending.push_back(Pending::Media(bytes));
+            return;
+        };
+        if self.reset_due {
+            if mse.reset_parser().is_err() {
+                return;
+            }
+            self.reset_due = false;
+        }
+        if let Err(MseError::Full) = mse.append(bytes) {
+            // A block is lost mid-fragment: resume at the next fragment start.
+            self.need_fragment_start = true;
+            self.reset_due = true;
+        }
+    }
+
+    pub(super) fn handle_mse(&mut self, e: MseEvent) -> Option<(&'static str, String)> {
+        match e {
+            MseEvent::Error(e) => Some(("mse", e.to_string())),
+            _ => None,
+        }
+    }
+
+    pub(super) fn handle_video(
+        &mut self,
+        e: crate::video::VideoEvent,
+        now: f64,
+        created: f64,
+    ) -> Option<Value> {
+        use crate::video::VideoEvent;
+        match e {
+            VideoEvent::Playing => {
+                if self.first_frame.is_none() {
+                    return Some(self.first_frame(now, created));
+                }
+                self.end_stall(now)
+            }
+            VideoEvent::Waiting => self.begin_stall(now),
+            VideoEvent::Error => {
+                let message = self
+                    .video
+                    .error()
+                    .map(|e| format!("media error {}: {}", e.code(), e.message()))
+                    .unwrap_or_else(|| "media error".to_owned());
+                Some(json!({"type": "error", "code": "media", "message": message}))
+            }
+        }
+    }
+
+    fn first_frame(&mut self, now: f64, created: f64) -> Value {
+        self.first_frame = Some(now);
+        self.last_advance = now;
+        json!({"type": "playing", "startup_ms": (now - created).round()})
+    }
+
+    fn begin_stall(&mut self, now: f64) -> Option<Value> {
+        if self.first_frame.is_none() || self.stall_since.is_some() {
+            return None;
+        }
+        self.stall_since = Some(now);
+        self.stalls += 1;
+        Some(json!({"type": "stall", "current_time": self.video.current_time()}))
+    }
+
+    fn end_stall(&mut self, now: f64) -> Option<Value> {
+        let since = self.stall_since.take()?;
+        self.stall_total += now - since;
+        Some(json!({"type": "resume", "stall_ms": (now - since).round()}))
+    }
+
+    /// Periodic control; `now` is `performance.now()`, `server_now` the
+    /// server's clock (Unix ms). Returns events for JavaScript.
+    pub(super) fn tick(&mut self, now: f64, server_now: f64, created: f64) -> Vec<Value> {
+        let mut out = Vec::new();
+        let ranges = self.ranges();
+        let t = self.video.current_time();
+        self.current_time = t;
+        if !self.started {
+            if let Some(&(start, _)) = ranges.first() {
+                self.video.set_current_time(start);
+                self.play_now(now);
+                self.started = true;
+                self.last_time = start;
+                self.last_advance = now;
+            }
+            return out;
+        }
+        let paused = self.video.paused();
+        if paused && self.first_frame.is_none() && now - self.last_play_call > 1000.0 {
+            // Autoplay may be refused until media is there; ask again.
+            self.play_now(now);
+        }
+        let advancing = t > self.last_time + 1e-3;
+        if advancing {
+            self.last_time = t;
+            self.last_advance = now;
+            if self.first_frame.is_none() {
+                out.push(self.first_frame(now, created));
+            }
+            out.extend(self.end_stall(now));
+        } else if t < self.last_time {
+            // A seek back (ours or the user's).
+            self.last_time = t;
+        }
+        let stuck = !paused && !advancing && now - self.last_advance > GAP_WAIT_MS;
+        if stuck && now - self.last_advance > STALL_DETECT_MS {
+            out.extend(self.begin_stall(now));
+        }
+        if stuck {
+            if let Some(to) = playout::gap_exit(&ranges, t) {
+                let end = ranges.last().map_or(to, |r| r.1);
+                let live = self
+                    .timeline
+                    .time_of(server_now - self.target_ms)
+                    .unwrap_or(to)
+                    .clamp(to, (end - 0.5).max(to));
+                self.video.set_current_time(live);
+                self.last_advance = now;
+                out.push(json!({"type": "gap", "from": t, "to": live}));
+            }
+        }
+        self.latency = self.timeline.ingest_at(t).map(|ing| server_now - ing);
+        self.buffer_ms = playout::ahead_of(&ranges, t) * 1000.0;
+        if self.first_frame.is_some() && self.stall_since.is_none() && !paused {
+            if let Some(latency) = self.latency {
+                match playout::steer(latency, self.target_ms, self.buffer_ms) {
+                    Steer::Rate(r) => self.set_rate(r),
+                    Steer::Jump(s) if now - self.last_jump > MIN_JUMP_INTERVAL_MS => {
+                        self.last_jump = now;
+                        self.jumps += 1;
+                        self.set_rate(1.0);
+                        self.video.set_current_time(t + s);
+                        out.push(json!({"type": "jump", "from": t, "to": t + s}));
+                    }
+                    Steer::Jump(_) => {}
+                }
+            }
+        }
+        out
+    }
+
+    fn set_rate(&mut self, r: f64) {
+        if (self.video.playback_rate() - r).abs() > 1e-3 {
+            self.video.set_playback_rate(r);
+        }
+        self.rate = r;
+    }
+
+    fn play_now(&mut self, now: f64) {
+        self.last_play_call = now;
+        if let Ok(p) = self.video.play() {
+            ignore_promise(p);
+        }
+    }
+
+    fn ranges(&self) -> Vec<(f64, f64)> {
+        let r = self.video.buffered();
+        (0..r.length())
+            .filter_map(|i| Some((r.start(i).ok()?, r.end(i).ok()?)))
+            .collect()
+    }
+}
