@@ -243,3 +243,59 @@ async fn fetch_reports_missing_resource_as_status() {
         .expect_err("the test server has no such path");
     assert_eq!(err, FetchError::Status(404));
 }
+
+#[wasm_bindgen_test]
+fn init_segment_gives_video_timescale_and_a_mime_the_browser_plays() {
+    let (init, _) = segments(FIXTURE);
+    let info = clubcast_peer::playout::parse_init(&init).expect("the fixture's init parses");
+    assert!(info.timescale > 0);
+    assert!(info.mime.contains("avc1."), "{}", info.mime);
+    assert!(
+        web_sys::MediaSource::is_type_supported(&info.mime),
+        "Chromium refuses {}",
+        info.mime
+    );
+    assert!(clubcast_peer::playout::parse_init(b"not an mp4").is_err());
+}
+
+#[wasm_bindgen_test]
+fn playhead_maps_to_ingest_time_and_steering_stays_bounded() {
+    use clubcast_peer::playout::{steer, Steer, Timeline};
+    let mut tl = Timeline::new(90_000);
+    tl.note_fragment(90_000, 50_000);
+    tl.note_fragment(180_000, 51_000);
+    assert_eq!(tl.ingest_at(1.5), Some(50_500.0));
+    assert_eq!(tl.ingest_at(0.5), None);
+    for latency in [0.0, 1000.0, 1500.0, 2000.0, 4400.0] {
+        match steer(latency, 1500.0, 3000.0) {
+            Steer::Rate(r) => assert!((0.95..=1.05).contains(&r), "rate {r}"),
+            Steer::Jump(_) => panic!("no jump within 3x target"),
+        }
+    }
+    assert!(matches!(steer(9000.0, 1500.0, 20_000.0), Steer::Jump(_)));
+}
+
+#[wasm_bindgen_test]
+fn player_rejects_bad_options_and_destroys_idempotently() {
+    let document = web_sys::window()
+        .and_then(|w| w.document())
+        .expect("a test page has a document");
+    let video: web_sys::HtmlMediaElement = document
+        .create_element("video")
+        .expect("video element")
+        .dyn_into()
+        .expect("a video is a media element");
+    assert!(clubcast_peer::WasmPlayer::new(video.clone(), "not json").is_err());
+    assert!(clubcast_peer::WasmPlayer::new(video.clone(), "{}").is_err());
+    // Nothing listens on port 9: the socket fails, the player stays usable.
+    let player = clubcast_peer::WasmPlayer::new(
+        video,
+        r#"{"server":"http://127.0.0.1:9","stream":"demo","future_field":1}"#,
+    )
+    .expect("options parse");
+    let stats = player.stats();
+    assert!(js_sys::Reflect::has(&stats, &"startup_ms".into()).expect("an object"));
+    player.destroy();
+    player.destroy();
+    let _ = player.stats();
+}
