@@ -1,2 +1,266 @@
-//! clubcast-sim: discrete-event swarm simulator.
-fn main() {}
+//! clubcast-sim: command line of the swarm simulator (see the library doc for
+//! the model).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use clubcast_sim::config::{Config, Mode};
+use clubcast_sim::error::SimError;
+use clubcast_sim::metrics::Report;
+use clubcast_sim::report::{self, Row};
+
+/// Simulates a clubcast live swarm (and its baselines) on a modelled network.
+#[derive(Debug, Parser)]
+#[command(name = "clubcast-sim", version)]
+struct Cli {
+    /// System to simulate.
+    #[arg(long, value_enum, default_value = "clubs")]
+    mode: Mode,
+    /// Viewers.
+    #[arg(long, default_value_t = 1000)]
+    peers: usize,
+    /// Seconds of stream (default 60, or 120 with --bench).
+    #[arg(long)]
+    seconds: Option<u64>,
+    /// Stream bitrate, kbit/s.
+    #[arg(long, default_value_t = 2000)]
+    bitrate_kbps: u64,
+    /// Block payload size, KiB.
+    #[arg(long, default_value_t = 16)]
+    block_kib: u64,
+    /// Clubs C.
+    #[arg(long, default_value_t = 8)]
+    clubs: u16,
+    /// Fraction of viewers replaced per minute.
+    #[arg(long, default_value_t = 0.0)]
+    churn_per_min: f64,
+    /// Fraction of hostile viewers.
+    #[arg(long, default_value_t = 0.0)]
+    hostile: f64,
+    /// RNG seed.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Probability that a frame needs a retransmission.
+    #[arg(long, default_value_t = 0.01)]
+    loss: f64,
+    /// Origin egress budget (seeding + gap fill), kbit/s; 0 = 4 × bitrate.
+    #[arg(long, default_value_t = 0)]
+    origin_budget_kbps: u64,
+    /// Mean upload capacity, × bitrate.
+    #[arg(long, default_value_t = 1.5)]
+    upload_mean_x: f64,
+    /// Fraction of free riders.
+    #[arg(long, default_value_t = 0.2)]
+    free_rider_frac: f64,
+    /// Upload capacity of a free rider, × bitrate.
+    #[arg(long, default_value_t = 0.2)]
+    free_rider_x: f64,
+    /// Smallest one-way access latency, ms.
+    #[arg(long, default_value_t = 10)]
+    latency_min_ms: u64,
+    /// Largest one-way access latency, ms.
+    #[arg(long, default_value_t = 100)]
+    latency_max_ms: u64,
+    /// Seeds the server pushes each block to (k).
+    #[arg(long, default_value_t = 2)]
+    seeds_k: u8,
+    /// In-club links per member.
+    #[arg(long, default_value_t = 2)]
+    in_club_links: u8,
+    /// Neighbours per peer in mesh-pull.
+    #[arg(long, default_value_t = 8)]
+    mesh_neighbours: usize,
+    /// Write the report (or, with --compare, all reports) as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Run all three modes and print one markdown table.
+    #[arg(long)]
+    compare: bool,
+    /// Benchmark sweep: every mode at each of --bench-peers, plus churn and
+    /// hostile rows; writes sim.md, sim.json and sim.svg into --out.
+    #[arg(long)]
+    bench: bool,
+    /// Peer counts of the benchmark sweep.
+    #[arg(long, value_delimiter = ',', default_value = "100,1000,10000")]
+    bench_peers: Vec<usize>,
+    /// Output directory of --bench.
+    #[arg(long, default_value = "bench/results")]
+    out: PathBuf,
+}
+
+impl Cli {
+    fn config(&self, mode: Mode) -> Config {
+        Config {
+            mode,
+            peers: self.peers,
+            seconds: self.seconds.unwrap_or(if self.bench { 120 } else { 60 }),
+            bitrate_kbps: self.bitrate_kbps,
+            block_kib: self.block_kib,
+            clubs: self.clubs,
+            churn_per_min: self.churn_per_min,
+            hostile: self.hostile,
+            seed: self.seed,
+            loss: self.loss,
+            origin_budget_kbps: self.origin_budget_kbps,
+            upload_mean_x: self.upload_mean_x,
+            free_rider_frac: self.free_rider_frac,
+            free_rider_x: self.free_rider_x,
+            latency_min_ms: self.latency_min_ms,
+            latency_max_ms: self.latency_max_ms,
+            seeds_k: self.seeds_k,
+            in_club_links: self.in_club_links,
+            mesh_neighbours: self.mesh_neighbours,
+        }
+    }
+}
+
+/// The command line that runs `cfg` alone, for a child process.
+fn child_args(cfg: &Config, json: &std::path::Path) -> Vec<String> {
+    let mut a: Vec<String> = vec![
+        ("--mode", cfg.mode.name().to_string()),
+        ("--peers", cfg.peers.to_string()),
+        ("--seconds", cfg.seconds.to_string()),
+        ("--bitrate-kbps", cfg.bitrate_kbps.to_string()),
+        ("--block-kib", cfg.block_kib.to_string()),
+        ("--clubs", cfg.clubs.to_string()),
+        ("--churn-per-min", cfg.churn_per_min.to_string()),
+        ("--hostile", cfg.hostile.to_string()),
+        ("--seed", cfg.seed.to_string()),
+        ("--loss", cfg.loss.to_string()),
+        ("--origin-budget-kbps", cfg.origin_budget_kbps.to_string()),
+        ("--upload-mean-x", cfg.upload_mean_x.to_string()),
+        ("--free-rider-frac", cfg.free_rider_frac.to_string()),
+        ("--free-rider-x", cfg.free_rider_x.to_string()),
+        ("--latency-min-ms", cfg.latency_min_ms.to_string()),
+        ("--latency-max-ms", cfg.latency_max_ms.to_string()),
+        ("--seeds-k", cfg.seeds_k.to_string()),
+        ("--in-club-links", cfg.in_club_links.to_string()),
+        ("--mesh-neighbours", cfg.mesh_neighbours.to_string()),
+    ]
+    .into_iter()
+    .flat_map(|(k, v)| [k.to_string(), v])
+    .collect();
+    a.push("--json".into());
+    a.push(json.display().to_string());
+    a
+}
+
+/// Runs `cfg` in a child process, so that its wall time and peak memory are
+/// its own.
+fn run_child(cfg: &Config, dir: &std::path::Path) -> Result<Report, SimError> {
+    let tmp = dir.join(format!(
+        ".sim-{}-{}.json",
+        cfg.mode.name(),
+        std::process::id()
+    ));
+    let exe = std::env::current_exe()?;
+    let status = std::process::Command::new(exe)
+        .args(child_args(cfg, &tmp))
+        .status()?;
+    if !status.success() {
+        return Err(SimError::Bench(format!("{cfg:?}: {status}")));
+    }
+    let report: Report = serde_json::from_str(&std::fs::read_to_string(&tmp)?)?;
+    std::fs::remove_file(&tmp)?;
+    Ok(report)
+}
+
+fn bench(cli: &Cli) -> Result<(), SimError> {
+    std::fs::create_dir_all(&cli.out)?;
+    let mut rows = Vec::new();
+    let mut scenarios: Vec<(String, Config)> = Vec::new();
+    for &n in &cli.bench_peers {
+        for mode in Mode::ALL {
+            let mut c = cli.config(mode);
+            c.peers = n;
+            scenarios.push((format!("steady N={n}"), c));
+        }
+    }
+    for &n in cli.bench_peers.iter().filter(|n| **n >= 1000) {
+        for mode in Mode::ALL {
+            let mut c = cli.config(mode);
+            c.peers = n;
+            c.churn_per_min = 0.1;
+            c.hostile = 0.05;
+            scenarios.push((format!("churn 10%/min + 5% hostile N={n}"), c));
+        }
+    }
+    for (label, cfg) in scenarios {
+        eprintln!("bench: {label} {}", cfg.mode.name());
+        let report = run_child(&cfg, &cli.out)?;
+        eprintln!(
+            "{}",
+            report::table(&[Row {
+                label: label.clone(),
+                report: report.clone()
+            }])
+        );
+        rows.push(Row { label, report });
+    }
+    let table = report::table(&rows);
+    let md = format!(
+        "# clubcast-sim benchmark\n\n\
+         Command: `just bench-sim` (= `clubcast-sim --compare --bench --out bench/results`), \
+         {} s of a {} kbit/s stream, {} KiB blocks, {} clubs, seed {}, loss {}, \
+         upload mean {}× bitrate with {:.0} % free riders at {}×. Each row is a separate \
+         process (release build); wall time and max RSS are that process's own. The machine \
+         has 2 cores shared with other builds, so wall times are noisy.\n\n{table}\n\
+         ![origin egress and p95 block delay vs peers](sim.svg)\n",
+        cli.config(Mode::Clubs).seconds,
+        cli.bitrate_kbps,
+        cli.block_kib,
+        cli.clubs,
+        cli.seed,
+        cli.loss,
+        cli.upload_mean_x,
+        cli.free_rider_frac * 100.0,
+        cli.free_rider_x,
+    );
+    report::write(&cli.out, "sim.md", &md)?;
+    report::write(&cli.out, "sim.json", &serde_json::to_string_pretty(&rows)?)?;
+    let modes: Vec<&str> = Mode::ALL.iter().map(|m| m.name()).collect();
+    report::write(&cli.out, "sim.svg", &report::svg(&rows, &modes))?;
+    println!("{table}");
+    Ok(())
+}
+
+fn main_inner() -> Result<(), SimError> {
+    let cli = Cli::parse();
+    if cli.bench {
+        return bench(&cli);
+    }
+    let modes: Vec<Mode> = if cli.compare {
+        Mode::ALL.to_vec()
+    } else {
+        vec![cli.mode]
+    };
+    let mut rows = Vec::new();
+    for mode in modes {
+        let run = clubcast_sim::run(&cli.config(mode))?;
+        rows.push(Row {
+            label: format!("N={}", cli.peers),
+            report: run.report,
+        });
+    }
+    if let Some(path) = &cli.json {
+        let text = if cli.compare {
+            serde_json::to_string_pretty(&rows)?
+        } else {
+            serde_json::to_string_pretty(&rows[0].report)?
+        };
+        std::fs::write(path, text)?;
+    }
+    println!("{}", report::table(&rows));
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    match main_inner() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("clubcast-sim: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

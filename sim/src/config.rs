@@ -1,0 +1,150 @@
+//! What one simulation run is: the swarm, the stream and the network model.
+
+use serde::Serialize;
+
+use crate::error::SimError;
+
+/// Which distribution system is simulated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum Mode {
+    /// clubcast: the club relay driven through the real protocol state machines.
+    Clubs,
+    /// The origin sends every block to every viewer.
+    ServerOnly,
+    /// A random mesh with buffer-map exchange and pull (CoolStreaming style).
+    MeshPull,
+}
+
+impl Mode {
+    /// All modes, in table order.
+    pub const ALL: [Mode; 3] = [Mode::Clubs, Mode::ServerOnly, Mode::MeshPull];
+
+    /// The name used on the command line and in reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            Mode::Clubs => "clubs",
+            Mode::ServerOnly => "server-only",
+            Mode::MeshPull => "mesh-pull",
+        }
+    }
+}
+
+/// Every knob of a run; echoed into the JSON report.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Config {
+    /// The system simulated.
+    pub mode: Mode,
+    /// Viewers present from the start (churn keeps the count about constant).
+    pub peers: usize,
+    /// Seconds of stream produced.
+    pub seconds: u64,
+    /// Stream bitrate, kbit/s.
+    pub bitrate_kbps: u64,
+    /// Largest block payload, KiB.
+    pub block_kib: u64,
+    /// Clubs C.
+    pub clubs: u16,
+    /// Fraction of viewers that leave (and of new ones that join) per minute.
+    pub churn_per_min: f64,
+    /// Fraction of viewers that corrupt every block they send.
+    pub hostile: f64,
+    /// RNG seed; a run is a pure function of its config.
+    pub seed: u64,
+    /// Probability that a frame needs a retransmission.
+    pub loss: f64,
+    /// Origin egress budget (seeding plus gap fill), kbit/s.
+    pub origin_budget_kbps: u64,
+    /// Mean upload capacity as a multiple of the bitrate.
+    pub upload_mean_x: f64,
+    /// Fraction of viewers that are free riders.
+    pub free_rider_frac: f64,
+    /// Upload capacity of a free rider as a multiple of the bitrate.
+    pub free_rider_x: f64,
+    /// Smallest one-way access latency, ms.
+    pub latency_min_ms: u64,
+    /// Largest one-way access latency, ms.
+    pub latency_max_ms: u64,
+    /// Seeds each block is pushed to by the server (k).
+    pub seeds_k: u8,
+    /// In-club download and upload links per member.
+    pub in_club_links: u8,
+    /// Neighbours per peer in `mesh-pull`.
+    pub mesh_neighbours: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            mode: Mode::Clubs,
+            peers: 1000,
+            seconds: 60,
+            bitrate_kbps: 2000,
+            block_kib: 16,
+            clubs: 8,
+            churn_per_min: 0.0,
+            hostile: 0.0,
+            seed: 1,
+            loss: 0.01,
+            origin_budget_kbps: 0,
+            upload_mean_x: 1.5,
+            free_rider_frac: 0.2,
+            free_rider_x: 0.2,
+            latency_min_ms: 10,
+            latency_max_ms: 100,
+            seeds_k: 2,
+            in_club_links: 2,
+            mesh_neighbours: 8,
+        }
+    }
+}
+
+impl Config {
+    /// Fills derived defaults (an origin budget of 0 means 4 × bitrate) and
+    /// rejects values the model cannot run.
+    pub fn validated(mut self) -> Result<Self, SimError> {
+        if self.origin_budget_kbps == 0 {
+            self.origin_budget_kbps = 4 * self.bitrate_kbps;
+        }
+        let bad = |what: &str| Err(SimError::InvalidConfig(what.to_string()));
+        if self.peers == 0 || self.peers > 1_000_000 {
+            return bad("--peers must be 1..=1000000");
+        }
+        if self.seconds == 0 || self.seconds > 3600 {
+            return bad("--seconds must be 1..=3600");
+        }
+        if self.bitrate_kbps == 0 || self.block_kib == 0 || self.block_kib > 63 {
+            return bad("--bitrate-kbps must be > 0 and --block-kib 1..=63");
+        }
+        if self.clubs < 2 || self.clubs > clubcast_protocol::club::MAX_CLUBS {
+            return bad("--clubs must be 2..=64");
+        }
+        for (v, name) in [
+            (self.hostile, "--hostile"),
+            (self.loss, "--loss"),
+            (self.free_rider_frac, "--free-rider-frac"),
+        ] {
+            if !(0.0..1.0).contains(&v) {
+                return bad(&format!("{name} must be in [0, 1)"));
+            }
+        }
+        if !(0.0..=10.0).contains(&self.churn_per_min) {
+            return bad("--churn-per-min must be in [0, 10]");
+        }
+        if self.upload_mean_x <= 0.0 || self.free_rider_x < 0.0 {
+            return bad("upload capacities must be positive");
+        }
+        if self.latency_min_ms > self.latency_max_ms {
+            return bad("--latency-min-ms must not exceed --latency-max-ms");
+        }
+        if self.seeds_k == 0 || self.in_club_links == 0 || self.mesh_neighbours == 0 {
+            return bad("--seeds-k, --in-club-links and --mesh-neighbours must be > 0");
+        }
+        Ok(self)
+    }
+
+    /// Bytes per second of the stream.
+    pub fn byte_rate(&self) -> f64 {
+        self.bitrate_kbps as f64 * 1000.0 / 8.0
+    }
+}

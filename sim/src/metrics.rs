@@ -1,0 +1,331 @@
+//! What a run measured, under the metric names used everywhere in clubcast.
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::Config;
+use crate::stream::{Stream, TARGET_LATENCY_MS};
+
+/// Largest delay the histogram resolves, ms; later arrivals land in the last
+/// bucket.
+const MAX_DELAY_MS: usize = 120_000;
+/// Viewers present shorter than this are left out of the upload statistics.
+const MIN_UPLOAD_WINDOW_US: u64 = 10_000_000;
+
+/// Three percentiles.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct Pcts {
+    /// Median.
+    pub p50: f64,
+    /// 95th percentile.
+    pub p95: f64,
+    /// 99th percentile.
+    pub p99: f64,
+}
+
+/// Two percentiles of per-peer upload.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct UploadPcts {
+    /// Median.
+    pub p50: f64,
+    /// 99th percentile.
+    pub p99: f64,
+}
+
+/// The result of one run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Report {
+    /// The mode.
+    pub mode: String,
+    /// Bytes from peers ÷ all bytes received by viewers.
+    pub p2p_ratio: f64,
+    /// Origin bytes sent (seeding plus gap fill) ÷ (bitrate × duration).
+    pub origin_egress_ratio: f64,
+    /// Arrival wall time − ingest time over first arrivals, ms.
+    pub block_delay_ms: Pcts,
+    /// Fraction of (peer, block) present before the playback deadline.
+    pub continuity: f64,
+    /// Duplicate block bytes ÷ useful block bytes.
+    pub dup_ratio: f64,
+    /// Non-payload bytes ÷ payload bytes, over every frame sent.
+    pub control_overhead: f64,
+    /// Play events whose block differs from the original.
+    pub corrupt_blocks_played: u64,
+    /// Per-peer upload as a multiple of the bitrate.
+    pub upload_x_bitrate: UploadPcts,
+    /// Events processed.
+    pub events: u64,
+    /// Wall time of the run, s (noisy: shared machine).
+    pub wall_seconds: f64,
+    /// Peak resident memory of the process after the run, MiB (Linux VmHWM).
+    pub max_rss_mib: f64,
+    /// Viewers that ever joined.
+    pub viewers: usize,
+    /// Hostile viewers that ever joined.
+    pub hostile_viewers: usize,
+    /// Hostile viewers that were reported by ≥ 2 peers and kicked.
+    pub hostile_kicked: usize,
+    /// Honest viewers wrongly kicked.
+    pub honest_kicked: usize,
+    /// Blocks rejected by verification.
+    pub blocks_rejected: u64,
+    /// Blocks skipped by playback.
+    pub blocks_skipped: u64,
+    /// Gap fills served by the origin.
+    pub gap_fills_ok: u64,
+    /// Gap fills refused for lack of budget.
+    pub gap_fills_denied: u64,
+    /// Honest viewers with at least one eligible block that got none in time.
+    pub stranded_viewers: usize,
+    /// The config of the run.
+    pub config: serde_json::Value,
+}
+
+/// What one viewer saw.
+#[derive(Debug, Clone, Default)]
+pub struct Record {
+    /// When it joined, µs.
+    pub join_us: u64,
+    /// When it left, µs.
+    pub leave_us: Option<u64>,
+    /// First Play, µs: its startup.
+    pub first_play_us: Option<u64>,
+    /// Whether it is hostile.
+    pub hostile: bool,
+    /// Whether it was kicked.
+    pub kicked: bool,
+    /// Bit per seq: arrived before its deadline.
+    pub on_time: Vec<u64>,
+    /// Bit per seq: arrived at all.
+    pub arrived: Vec<u64>,
+}
+
+fn set(bits: &mut [u64], i: u64) -> bool {
+    let (w, b) = ((i / 64) as usize, i % 64);
+    let was = bits[w] >> b & 1 == 1;
+    bits[w] |= 1 << b;
+    !was
+}
+
+fn get(bits: &[u64], i: u64) -> bool {
+    bits[(i / 64) as usize] >> (i % 64) & 1 == 1
+}
+
+/// Accumulates a run's measurements.
+#[derive(Debug)]
+pub struct Collector {
+    /// Per viewer, by peer id (index 0 unused).
+    pub recs: Vec<Record>,
+    delay_hist: Vec<u64>,
+    /// Payload bytes of first arrivals from peers.
+    pub from_peers: u64,
+    /// Payload bytes of first arrivals from the server (seeder or origin).
+    pub from_server: u64,
+    /// Payload bytes of duplicate arrivals.
+    pub dup_bytes: u64,
+    /// Payload bytes of every frame sent.
+    pub payload_sent: u64,
+    /// Non-payload bytes of every frame sent.
+    pub overhead_sent: u64,
+    /// Plays of a block that differs from the original.
+    pub corrupt_played: u64,
+    /// Blocks rejected by verification.
+    pub rejected: u64,
+    /// Blocks skipped by playback.
+    pub skipped: u64,
+}
+
+impl Collector {
+    /// A collector for `viewers` (ids 1..=n) and a stream of `blocks` blocks.
+    pub fn new(viewers: &[crate::population::Viewer], blocks: usize) -> Self {
+        let words = blocks.div_ceil(64).max(1);
+        let mut recs = vec![Record::default()];
+        recs.extend(viewers.iter().map(|v| Record {
+            join_us: v.join_us,
+            hostile: v.hostile,
+            on_time: vec![0; words],
+            arrived: vec![0; words],
+            ..Record::default()
+        }));
+        Collector {
+            recs,
+            delay_hist: vec![0; MAX_DELAY_MS + 1],
+            from_peers: 0,
+            from_server: 0,
+            dup_bytes: 0,
+            payload_sent: 0,
+            overhead_sent: 0,
+            corrupt_played: 0,
+            rejected: 0,
+            skipped: 0,
+        }
+    }
+
+    /// A block reached viewer `id`. Returns whether it was its first copy.
+    pub fn arrival(
+        &mut self,
+        id: u64,
+        seq: u64,
+        ingest_ms: u64,
+        now_us: u64,
+        from_server: bool,
+        bytes: usize,
+    ) -> bool {
+        let r = &mut self.recs[id as usize];
+        if !set(&mut r.arrived, seq) {
+            self.dup_bytes += bytes as u64;
+            return false;
+        }
+        let now_ms = now_us / 1000;
+        if now_ms <= ingest_ms + TARGET_LATENCY_MS {
+            set(&mut r.on_time, seq);
+        }
+        if !r.hostile {
+            let d = (now_ms.saturating_sub(ingest_ms) as usize).min(MAX_DELAY_MS);
+            self.delay_hist[d] += 1;
+        }
+        if from_server {
+            self.from_server += bytes as u64;
+        } else {
+            self.from_peers += bytes as u64;
+        }
+        true
+    }
+
+    /// Viewer `id` started playing.
+    pub fn played(&mut self, id: u64, now_us: u64) {
+        self.recs[id as usize].first_play_us.get_or_insert(now_us);
+    }
+
+    fn pct(&self, q: f64) -> f64 {
+        let total: u64 = self.delay_hist.iter().sum();
+        if total == 0 {
+            return 0.0;
+        }
+        let want = ((total as f64 * q).ceil() as u64).max(1);
+        let mut acc = 0;
+        for (ms, n) in self.delay_hist.iter().enumerate() {
+            acc += n;
+            if acc >= want {
+                return ms as f64;
+            }
+        }
+        MAX_DELAY_MS as f64
+    }
+
+    /// Eligible and on-time (peer, block) pairs of viewer `id`: blocks cut
+    /// after its startup whose deadline falls while it is present and before
+    /// `end_us`.
+    pub fn continuity_of(&self, id: usize, stream: &Stream, end_us: u64) -> (u64, u64) {
+        let r = &self.recs[id];
+        let Some(start) = r.first_play_us else {
+            return (0, 0);
+        };
+        let until = r.leave_us.unwrap_or(u64::MAX).min(end_us);
+        let mut eligible = 0;
+        let mut ok = 0;
+        let first = stream.ingest_us.partition_point(|t| *t < start);
+        for (seq, &t) in stream.ingest_us.iter().enumerate().skip(first) {
+            if t + TARGET_LATENCY_MS * 1000 > until {
+                break;
+            }
+            eligible += 1;
+            ok += u64::from(get(&r.on_time, seq as u64));
+        }
+        (eligible, ok)
+    }
+
+    /// Blocks viewer `id` never received among those cut after its startup and
+    /// at least `settle_us` before `until_us` (and before it left).
+    pub fn never_arrived(&self, id: usize, stream: &Stream, until_us: u64) -> Vec<u64> {
+        let r = &self.recs[id];
+        let Some(start) = r.first_play_us else {
+            return Vec::new();
+        };
+        let until = r.leave_us.unwrap_or(u64::MAX).min(until_us);
+        stream
+            .ingest_us
+            .iter()
+            .enumerate()
+            .filter(|(s, t)| **t >= start && **t <= until && !get(&r.arrived, *s as u64))
+            .map(|(s, _)| s as u64)
+            .collect()
+    }
+
+    /// The report. `origin_bytes` is everything the server sent; `uploads`
+    /// is (bytes, present µs) per viewer.
+    #[allow(clippy::too_many_arguments)]
+    pub fn report(
+        &self,
+        cfg: &Config,
+        stream: &Stream,
+        end_us: u64,
+        origin_bytes: u64,
+        uploads: &[(u64, u64)],
+        events: u64,
+        gap_fills: (u64, u64),
+    ) -> Report {
+        let (mut eligible, mut ok, mut stranded) = (0, 0, 0);
+        for id in 1..self.recs.len() {
+            if self.recs[id].hostile {
+                continue;
+            }
+            let (e, o) = self.continuity_of(id, stream, end_us);
+            eligible += e;
+            ok += o;
+            if e > 0 && o == 0 {
+                stranded += 1;
+            }
+        }
+        let bitrate_bps = cfg.bitrate_kbps as f64 * 1000.0;
+        let mut ups: Vec<f64> = uploads
+            .iter()
+            .filter(|(_, us)| *us >= MIN_UPLOAD_WINDOW_US)
+            .map(|(b, us)| *b as f64 * 8.0 / (bitrate_bps * *us as f64 / 1e6))
+            .collect();
+        ups.sort_by(f64::total_cmp);
+        let upct = |q: f64| {
+            if ups.is_empty() {
+                0.0
+            } else {
+                ups[((ups.len() as f64 * q).ceil() as usize).clamp(1, ups.len()) - 1]
+            }
+        };
+        let useful = self.from_peers + self.from_server;
+        let ratio = |a: u64, b: u64| if b == 0 { 0.0 } else { a as f64 / b as f64 };
+        Report {
+            mode: cfg.mode.name().to_string(),
+            p2p_ratio: ratio(self.from_peers, useful),
+            origin_egress_ratio: origin_bytes as f64 * 8.0 / (bitrate_bps * cfg.seconds as f64),
+            block_delay_ms: Pcts {
+                p50: self.pct(0.50),
+                p95: self.pct(0.95),
+                p99: self.pct(0.99),
+            },
+            continuity: if eligible == 0 {
+                0.0
+            } else {
+                ok as f64 / eligible as f64
+            },
+            dup_ratio: ratio(self.dup_bytes, useful),
+            control_overhead: ratio(self.overhead_sent, self.payload_sent),
+            corrupt_blocks_played: self.corrupt_played,
+            upload_x_bitrate: UploadPcts {
+                p50: upct(0.50),
+                p99: upct(0.99),
+            },
+            events,
+            wall_seconds: 0.0,
+            max_rss_mib: 0.0,
+            viewers: self.recs.len() - 1,
+            hostile_viewers: self.recs.iter().filter(|r| r.hostile).count(),
+            hostile_kicked: self.recs.iter().filter(|r| r.hostile && r.kicked).count(),
+            honest_kicked: self.recs.iter().filter(|r| !r.hostile && r.kicked).count(),
+            blocks_rejected: self.rejected,
+            blocks_skipped: self.skipped,
+            gap_fills_ok: gap_fills.0,
+            gap_fills_denied: gap_fills.1,
+            stranded_viewers: stranded,
+            config: serde_json::to_value(cfg).unwrap_or_default(),
+        }
+    }
+}

@@ -1,0 +1,359 @@
+//! The event queue, the network model and the origin's budget.
+//!
+//! - [`Queue`]: a binary heap of `(time, seq)` keys with the event payloads in a
+//!   slab, so the heap moves 24-byte keys and equal times pop in push order.
+//! - [`Wire`]: one FIFO upload serializer per host, per-connection queued bytes
+//!   (what the core sees as `bufferedAmount`), latency and retransmissions.
+//! - [`Origin`]: bids, max-min grants and the egress counter.
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, VecDeque};
+
+use clubcast_protocol::bid::{allocate, Bid};
+use clubcast_protocol::signal::PeerId;
+use rand::Rng;
+use rand_chacha::rand_core::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+
+use crate::population::{Viewer, SEEDER_UP_BPS, SERVER_ACCESS_US};
+
+/// Least extra delay of a frame that needs a retransmission, µs.
+pub const MIN_RETRANSMIT_US: u64 = 200_000;
+
+/// Discrete events ordered by time, then by the order they were pushed.
+#[derive(Debug)]
+pub struct Queue<E> {
+    heap: BinaryHeap<Reverse<(u64, u64, u32)>>,
+    slab: Vec<Option<E>>,
+    free: Vec<u32>,
+    pushed: u64,
+    /// Events popped so far.
+    pub popped: u64,
+}
+
+impl<E> Default for Queue<E> {
+    fn default() -> Self {
+        Queue {
+            heap: BinaryHeap::new(),
+            slab: Vec::new(),
+            free: Vec::new(),
+            pushed: 0,
+            popped: 0,
+        }
+    }
+}
+
+impl<E> Queue<E> {
+    /// Schedules `e` at `at_us`.
+    pub fn push(&mut self, at_us: u64, e: E) {
+        let slot = match self.free.pop() {
+            Some(i) => {
+                self.slab[i as usize] = Some(e);
+                i
+            }
+            None => {
+                self.slab.push(Some(e));
+                (self.slab.len() - 1) as u32
+            }
+        };
+        self.pushed += 1;
+        self.heap.push(Reverse((at_us, self.pushed, slot)));
+    }
+
+    /// Time of the next event.
+    pub fn peek_time(&self) -> Option<u64> {
+        self.heap.peek().map(|Reverse((t, _, _))| *t)
+    }
+
+    /// Takes the next event.
+    pub fn pop(&mut self) -> Option<(u64, E)> {
+        let Reverse((t, _, slot)) = self.heap.pop()?;
+        let e = self.slab[slot as usize]
+            .take()
+            .expect("a queued slot holds its event");
+        self.free.push(slot);
+        self.popped += 1;
+        Some((t, e))
+    }
+}
+
+/// One direction of a connection, as its sender sees it.
+#[derive(Debug, Clone)]
+pub struct Conn {
+    /// The other end.
+    pub remote: PeerId,
+    /// Whether the data channel is open.
+    pub open: bool,
+    /// Link roles the membership gave this connection (closed at 0).
+    pub roles: u32,
+    /// Bytes queued on it that have not left the serializer.
+    pub queued: usize,
+    /// Arrival of the latest frame sent on it (ordered delivery), µs.
+    last_arrival: u64,
+    dirty: bool,
+}
+
+/// A host's network attachment.
+#[derive(Debug)]
+pub struct Host {
+    /// Upload capacity, bit/s.
+    pub up_bps: u64,
+    /// One-way access latency, µs.
+    pub access_us: u64,
+    /// Whether it is in the swarm.
+    pub alive: bool,
+    /// When it left, µs (u64::MAX while present).
+    pub left_us: u64,
+    /// Bytes it queued for upload, every frame counted.
+    pub sent_bytes: u64,
+    /// Its connections.
+    pub conns: Vec<Conn>,
+    busy_until: u64,
+    /// Frames in the serializer: (finish µs, remote, bytes).
+    pending: VecDeque<(u64, PeerId, u32)>,
+}
+
+impl Host {
+    fn new(up_bps: u64, access_us: u64) -> Self {
+        Host {
+            up_bps,
+            access_us,
+            alive: false,
+            left_us: u64::MAX,
+            sent_bytes: 0,
+            conns: Vec::new(),
+            busy_until: 0,
+            pending: VecDeque::new(),
+        }
+    }
+
+    /// The connection to `remote`.
+    pub fn conn(&self, remote: PeerId) -> Option<&Conn> {
+        self.conns.iter().find(|c| c.remote == remote)
+    }
+
+    /// The connection to `remote`, mutable.
+    pub fn conn_mut(&mut self, remote: PeerId) -> Option<&mut Conn> {
+        self.conns.iter_mut().find(|c| c.remote == remote)
+    }
+
+    /// Adds a closed connection to `remote` (or returns the existing one) and
+    /// says whether it is new.
+    pub fn add_conn(&mut self, remote: PeerId) -> (&mut Conn, bool) {
+        if let Some(i) = self.conns.iter().position(|c| c.remote == remote) {
+            return (&mut self.conns[i], false);
+        }
+        self.conns.push(Conn {
+            remote,
+            open: false,
+            roles: 0,
+            queued: 0,
+            last_arrival: 0,
+            dirty: false,
+        });
+        (self.conns.last_mut().expect("just pushed"), true)
+    }
+
+    /// Drops the connection to `remote`.
+    pub fn remove_conn(&mut self, remote: PeerId) {
+        self.conns.retain(|c| c.remote != remote);
+    }
+
+    /// Forgets everything (the host left).
+    pub fn leave(&mut self, now_us: u64) {
+        self.alive = false;
+        self.left_us = now_us;
+        self.conns.clear();
+        self.pending.clear();
+    }
+}
+
+/// Hosts and the links between them. Host 0 is the server.
+#[derive(Debug)]
+pub struct Wire {
+    /// Hosts by peer id.
+    pub hosts: Vec<Host>,
+    loss: f64,
+    rng: ChaCha8Rng,
+    /// Frames that needed a retransmission.
+    pub retransmits: u64,
+    /// Sum over frames of the time from queueing to leaving, µs.
+    pub backlog_us_sum: u64,
+    /// Frames sent.
+    pub sends: u64,
+    /// Frames that waited more than 2 s in their serializer.
+    pub late_sends: u64,
+}
+
+impl Wire {
+    /// The server plus `viewers` (ids 1..).
+    pub fn new(viewers: &[Viewer], loss: f64, seed: u64) -> Self {
+        let mut hosts = vec![Host::new(SEEDER_UP_BPS, SERVER_ACCESS_US)];
+        hosts[0].alive = true;
+        hosts.extend(viewers.iter().map(|v| Host::new(v.up_bps, v.access_us)));
+        Wire {
+            hosts,
+            loss,
+            rng: ChaCha8Rng::seed_from_u64(seed ^ 0x1055),
+            retransmits: 0,
+            backlog_us_sum: 0,
+            sends: 0,
+            late_sends: 0,
+        }
+    }
+
+    /// One-way delay between two hosts: half their round trip, µs.
+    pub fn owd(&self, a: PeerId, b: PeerId) -> u64 {
+        self.rtt(a, b) / 2
+    }
+
+    /// Round trip between two hosts: the sum of their access latencies, µs.
+    pub fn rtt(&self, a: PeerId, b: PeerId) -> u64 {
+        self.hosts[a as usize].access_us + self.hosts[b as usize].access_us
+    }
+
+    /// Extra delay of a frame on the path `a`–`b`: a retransmission with
+    /// probability `loss`.
+    pub fn loss_delay(&mut self, a: PeerId, b: PeerId) -> u64 {
+        if self.loss > 0.0 && self.rng.gen::<f64>() < self.loss {
+            self.retransmits += 1;
+            MIN_RETRANSMIT_US.max(self.rtt(a, b))
+        } else {
+            0
+        }
+    }
+
+    /// Queues `len` bytes from `from` to `to` behind everything `from` is
+    /// already sending. Returns `(finish, arrival)` in µs, or `None` when there
+    /// is no open connection.
+    pub fn send(
+        &mut self,
+        now_us: u64,
+        from: PeerId,
+        to: PeerId,
+        len: usize,
+    ) -> Option<(u64, u64)> {
+        let owd = self.owd(from, to);
+        let extra = self.loss_delay(from, to);
+        let h = &mut self.hosts[from as usize];
+        let i = h.conns.iter().position(|c| c.remote == to && c.open)?;
+        let tx_us = (len as u64 * 8 * 1_000_000).div_ceil(h.up_bps.max(1));
+        let finish = h.busy_until.max(now_us) + tx_us;
+        self.backlog_us_sum += finish - now_us;
+        self.sends += 1;
+        if finish - now_us > 2_000_000 {
+            self.late_sends += 1;
+        }
+        h.busy_until = finish;
+        h.sent_bytes += len as u64;
+        h.pending.push_back((finish, to, len as u32));
+        let c = &mut h.conns[i];
+        c.queued += len;
+        // SCTP delivers a channel's messages in order: a retransmitted frame
+        // holds back the ones behind it.
+        let arrival = (finish + owd + extra).max(c.last_arrival);
+        c.last_arrival = arrival;
+        Some((finish, arrival))
+    }
+
+    /// Retires the frames of `id` that left the serializer by `now_us` and
+    /// reports each connection whose queue changed.
+    pub fn sync(&mut self, now_us: u64, id: PeerId, mut report: impl FnMut(PeerId, usize)) {
+        let h = &mut self.hosts[id as usize];
+        let mut any = false;
+        while let Some(&(finish, to, len)) = h.pending.front() {
+            if finish > now_us {
+                break;
+            }
+            h.pending.pop_front();
+            if let Some(c) = h.conns.iter_mut().find(|c| c.remote == to) {
+                c.queued = c.queued.saturating_sub(len as usize);
+                c.dirty = true;
+                any = true;
+            }
+        }
+        if any {
+            for c in h.conns.iter_mut().filter(|c| c.dirty) {
+                c.dirty = false;
+                report(c.remote, c.queued);
+            }
+        }
+    }
+}
+
+/// The origin: gap-fill grants out of an egress budget, and the egress meter.
+#[derive(Debug)]
+pub struct Origin {
+    budget_bits: u64,
+    grants: Vec<u64>,
+    pool: u64,
+    seed_bits_interval: u64,
+    /// Bytes the seeder pushed.
+    pub seed_bytes: u64,
+    /// Bytes served as gap fill.
+    pub fill_bytes: u64,
+    /// Gap fills served.
+    pub fills_ok: u64,
+    /// Gap fills refused (over the grant and the spare pool).
+    pub fills_denied: u64,
+}
+
+impl Origin {
+    /// An origin with `budget_kbps` of egress for hosts `0..hosts`.
+    pub fn new(budget_kbps: u64, hosts: usize) -> Self {
+        Origin {
+            budget_bits: budget_kbps * 1000,
+            grants: vec![0; hosts],
+            pool: 0,
+            seed_bits_interval: 0,
+            seed_bytes: 0,
+            fill_bytes: 0,
+            fills_ok: 0,
+            fills_denied: 0,
+        }
+    }
+
+    /// The seeder pushed `bytes`.
+    pub fn seeded(&mut self, bytes: usize) {
+        self.seed_bytes += bytes as u64;
+        self.seed_bits_interval += bytes as u64 * 8;
+    }
+
+    /// A new 1 s interval: what the seeder did not use of the budget in the
+    /// last one is split among `bids` (max-min fair); the unallocated rest is a
+    /// first-come pool for fetches nobody bid for.
+    pub fn new_interval(&mut self, bids: &[Bid]) {
+        let avail = self.budget_bits.saturating_sub(self.seed_bits_interval);
+        self.seed_bits_interval = 0;
+        self.grants.iter_mut().for_each(|g| *g = 0);
+        let grants = allocate(avail, bids);
+        let mut given = 0;
+        for g in grants {
+            self.grants[g.peer as usize] = g.bits;
+            given += g.bits;
+        }
+        self.pool = avail - given;
+    }
+
+    /// A fetch of `bytes` by `peer`: within its grant, else the spare pool.
+    pub fn fetch(&mut self, peer: PeerId, bytes: usize) -> bool {
+        let bits = bytes as u64 * 8;
+        let g = &mut self.grants[peer as usize];
+        if *g >= bits {
+            *g -= bits;
+        } else if self.pool >= bits {
+            self.pool -= bits;
+        } else {
+            self.fills_denied += 1;
+            return false;
+        }
+        self.fills_ok += 1;
+        self.fill_bytes += bytes as u64;
+        true
+    }
+
+    /// All bytes the server sent (seeding plus gap fill).
+    pub fn egress_bytes(&self) -> u64 {
+        self.seed_bytes + self.fill_bytes
+    }
+}

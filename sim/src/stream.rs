@@ -1,0 +1,108 @@
+//! The live stream: 1 s fragments cut into blocks as their bytes arrive.
+
+use clubcast_protocol::block::{Block, BlockFlags, BLOCK_OVERHEAD};
+
+use crate::config::Config;
+use crate::verify::SimVerifier;
+
+/// Where the simulated clock starts, µs (an arbitrary epoch well above 0 so
+/// that no deadline arithmetic saturates).
+pub const EPOCH_US: u64 = 1_000_000_000;
+/// The stream starts this long after the first viewers arrive, µs.
+pub const LOBBY_US: u64 = 2_000_000;
+/// Length of one fragment, µs.
+pub const FRAGMENT_US: u64 = 1_000_000;
+/// The player's target latency (the protocol's default), ms.
+pub const TARGET_LATENCY_MS: u64 = 1500;
+
+/// Every block of the run, cut in advance.
+#[derive(Debug)]
+pub struct Stream {
+    /// Blocks by seq.
+    pub blocks: Vec<Block>,
+    /// When each block was cut (its ingest time), µs.
+    pub ingest_us: Vec<u64>,
+    /// When the first block is cut, µs.
+    pub start_us: u64,
+    /// When the last block is cut, µs.
+    pub end_us: u64,
+}
+
+impl Stream {
+    /// Cuts `cfg.seconds` of stream: each 1 s fragment is `bitrate / 8` bytes,
+    /// cut into blocks of at most `block_kib` (the last one short); a block is
+    /// cut when its last byte has arrived at the bitrate.
+    pub fn new(cfg: &Config, verifier: &SimVerifier) -> Self {
+        let start_us = EPOCH_US + LOBBY_US;
+        let frag_bytes = (cfg.byte_rate() as u64).max(1);
+        let block_bytes = cfg.block_kib * 1024;
+        let mut blocks = Vec::new();
+        let mut ingest_us = Vec::new();
+        for f in 0..cfg.seconds {
+            let t0 = start_us + f * FRAGMENT_US;
+            let mut off = 0;
+            while off < frag_bytes {
+                let len = block_bytes.min(frag_bytes - off);
+                off += len;
+                let at = t0 + off * FRAGMENT_US / frag_bytes;
+                let flags = if blocks.len() as u64 == 0 || off == len {
+                    BlockFlags::FRAGMENT_START.union(BlockFlags::KEYFRAME)
+                } else {
+                    BlockFlags::empty()
+                };
+                let seq = blocks.len() as u64;
+                blocks.push(verifier.block(seq, flags, at / 1000, len as usize));
+                ingest_us.push(at);
+            }
+        }
+        let end_us = *ingest_us.last().unwrap_or(&start_us);
+        Stream {
+            blocks,
+            ingest_us,
+            start_us,
+            end_us,
+        }
+    }
+
+    /// Number of blocks.
+    pub fn len(&self) -> usize {
+        self.blocks.len()
+    }
+
+    /// Whether the stream has no blocks.
+    pub fn is_empty(&self) -> bool {
+        self.blocks.is_empty()
+    }
+
+    /// Bytes of block `seq` on the wire (payload plus header and signature).
+    pub fn wire_len(&self, seq: u64) -> usize {
+        self.blocks[seq as usize].payload.len() + BLOCK_OVERHEAD
+    }
+
+    /// The newest block cut at or before `now_us`.
+    pub fn edge(&self, now_us: u64) -> Option<u64> {
+        let n = self.ingest_us.partition_point(|t| *t <= now_us);
+        n.checked_sub(1).map(|s| s as u64)
+    }
+
+    /// Where a viewer joining at `now_us` starts: the newest fragment start at
+    /// least the target latency behind the edge (0 before the stream starts).
+    /// Returns `(start_seq, live_edge)`.
+    pub fn start_for(&self, now_us: u64) -> (u64, u64) {
+        let Some(edge) = self.edge(now_us) else {
+            return (0, 0);
+        };
+        let limit = self.ingest_us[edge as usize].saturating_sub(TARGET_LATENCY_MS * 1000);
+        let start = (0..=edge)
+            .rev()
+            .find(|s| {
+                self.ingest_us[*s as usize] <= limit
+                    && self.blocks[*s as usize]
+                        .header
+                        .flags
+                        .contains(BlockFlags::FRAGMENT_START)
+            })
+            .unwrap_or(0);
+        (start, edge)
+    }
+}
