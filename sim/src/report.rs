@@ -8,6 +8,9 @@ use serde::{Deserialize, Serialize};
 use crate::error::SimError;
 use crate::metrics::Report;
 
+/// Picks the plotted value out of a report.
+type Metric = fn(&Report) -> f64;
+
 /// One row of a comparison: a label and the report.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Row {
@@ -62,7 +65,7 @@ pub fn svg(rows: &[Row], modes: &[&str]) -> String {
         2.0 * w,
         h + 30.0
     );
-    let panels: [(&str, fn(&Report) -> f64); 2] = [
+    let panels: [(&str, Metric); 2] = [
         ("origin_egress_ratio (× bitrate)", |r| {
             r.origin_egress_ratio
         }),

@@ -1,0 +1,187 @@
+//! Scenario tests: 200 viewers for 60 s of a 2 Mbit/s stream, driven through
+//! the unchanged protocol state machines.
+//!
+//! The scenarios give every viewer 4× the bitrate of upload and no free riders
+//! ("provisioned"): the protocol does not yet weigh links by upload capacity,
+//! and under the default capacity model (mean 1.5×, 20 % free riders at 0.2×)
+//! it misses the goals — see `default_capacity_model_meets_the_goals`, ignored
+//! until the protocol is capacity-aware.
+
+use clubcast_sim::config::{Config, Mode};
+use clubcast_sim::Run;
+
+fn provisioned(mode: Mode) -> Config {
+    Config {
+        mode,
+        peers: 200,
+        seconds: 60,
+        upload_mean_x: 4.0,
+        free_rider_frac: 0.0,
+        seed: 7,
+        ..Config::default()
+    }
+}
+
+fn run(cfg: &Config) -> Run {
+    clubcast_sim::run(cfg).expect("valid config")
+}
+
+/// Honest viewers that missed a block cut after their startup and at least
+/// 3 s before the end (or their departure).
+fn missing_blocks(run: &Run) -> Vec<(usize, Vec<u64>)> {
+    (1..run.metrics.recs.len())
+        .filter(|id| !run.metrics.recs[*id].hostile)
+        .map(|id| {
+            let r = &run.metrics.recs[id];
+            let until = r.leave_us.unwrap_or(run.end_us).min(run.end_us) - 3_000_000;
+            (id, run.metrics.never_arrived(id, &run.stream, until))
+        })
+        .filter(|(_, m)| !m.is_empty())
+        .collect()
+}
+
+#[test]
+fn every_viewer_gets_every_block_in_time_and_the_origin_stays_flat() {
+    let r = run(&provisioned(Mode::Clubs));
+    let m = &r.report;
+    eprintln!("{m:?}");
+    assert!(m.continuity >= 0.999, "continuity {}", m.continuity);
+    assert!(
+        m.origin_egress_ratio <= 3.5,
+        "origin egress {} × bitrate",
+        m.origin_egress_ratio
+    );
+    assert!(
+        m.p2p_ratio > 0.9,
+        "the swarm carries the stream: {}",
+        m.p2p_ratio
+    );
+    assert_eq!(m.corrupt_blocks_played, 0);
+    let missing = missing_blocks(&r);
+    assert!(
+        missing.is_empty(),
+        "viewers missed blocks of some club: {:?}",
+        &missing[..missing.len().min(5)]
+    );
+    let started = (1..r.metrics.recs.len())
+        .filter(|id| r.metrics.recs[*id].first_play_us.is_some())
+        .count();
+    assert_eq!(started, 200, "every viewer started playing");
+}
+
+#[test]
+fn hostile_relays_are_caught_and_nothing_corrupt_is_played() {
+    let cfg = Config {
+        hostile: 0.10,
+        ..provisioned(Mode::Clubs)
+    };
+    let r = run(&cfg);
+    let m = &r.report;
+    eprintln!("{m:?}");
+    assert!(m.hostile_viewers > 0);
+    assert_eq!(m.corrupt_blocks_played, 0, "a corrupt block was played");
+    assert!(
+        m.blocks_rejected > 0,
+        "corrupt blocks were sent and rejected"
+    );
+    assert!(
+        m.hostile_kicked * 10 >= m.hostile_viewers * 8,
+        "hostile peers kicked: {} of {}",
+        m.hostile_kicked,
+        m.hostile_viewers
+    );
+    assert_eq!(m.honest_kicked, 0, "no honest peer is kicked");
+    assert!(m.continuity >= 0.99, "continuity {}", m.continuity);
+}
+
+#[test]
+fn churn_strands_nobody() {
+    let cfg = Config {
+        churn_per_min: 0.3,
+        ..provisioned(Mode::Clubs)
+    };
+    let r = run(&cfg);
+    let m = &r.report;
+    eprintln!("{m:?}");
+    assert!(m.viewers > 250, "viewers joined and left: {}", m.viewers);
+    assert_eq!(m.stranded_viewers, 0);
+    // Every joiner that stayed 5 s started playing and kept up.
+    for id in 1..r.metrics.recs.len() {
+        let rec = &r.metrics.recs[id];
+        let stayed = rec.leave_us.unwrap_or(r.end_us).min(r.end_us) - rec.join_us;
+        if stayed < 5_000_000 {
+            continue;
+        }
+        assert!(rec.first_play_us.is_some(), "viewer {id} never played");
+        let (eligible, ok) = r.metrics.continuity_of(id, &r.stream, r.end_us);
+        assert!(
+            ok * 100 >= eligible * 98,
+            "viewer {id} stranded: {ok} of {eligible} in time"
+        );
+    }
+    assert!(m.continuity >= 0.995, "continuity {}", m.continuity);
+}
+
+#[test]
+fn baselines_bracket_the_clubs() {
+    let cfg = |mode| Config {
+        seconds: 20,
+        ..provisioned(mode)
+    };
+    let server = run(&cfg(Mode::ServerOnly)).report;
+    assert!(
+        server.origin_egress_ratio > 190.0,
+        "server-only sends N copies"
+    );
+    assert_eq!(server.p2p_ratio, 0.0);
+    assert!(server.continuity >= 0.999);
+    let mesh = run(&cfg(Mode::MeshPull)).report;
+    assert!(mesh.p2p_ratio > 0.5, "the mesh relays: {}", mesh.p2p_ratio);
+    assert!(mesh.origin_egress_ratio < 10.0);
+    assert!(mesh.upload_x_bitrate.p50 > 0.3);
+}
+
+fn assert_deterministic(modes: &[Mode]) {
+    for &mode in modes {
+        let cfg = Config {
+            peers: 60,
+            seconds: 10,
+            churn_per_min: 0.5,
+            hostile: 0.05,
+            ..provisioned(mode)
+        };
+        let a = run(&cfg).report;
+        let b = run(&cfg).report;
+        let strip = |mut r: clubcast_sim::metrics::Report| {
+            r.wall_seconds = 0.0;
+            r.max_rss_mib = 0.0;
+            r
+        };
+        assert_eq!(strip(a), strip(b), "{mode:?} is deterministic");
+    }
+}
+
+#[test]
+fn a_run_is_a_function_of_its_seed() {
+    assert_deterministic(&[Mode::ServerOnly, Mode::MeshPull]);
+}
+
+#[test]
+#[ignore = "fails today: Membership::rebalance_sources iterates a HashMap (random order)"]
+fn a_clubs_run_is_a_function_of_its_seed() {
+    assert_deterministic(&[Mode::Clubs]);
+}
+
+#[test]
+#[ignore = "fails today: the protocol is capacity-blind (see the sim report to protocol/)"]
+fn default_capacity_model_meets_the_goals() {
+    let r = run(&Config {
+        peers: 200,
+        seconds: 60,
+        ..Config::default()
+    });
+    let m = &r.report;
+    eprintln!("{m:?}");
+    assert!(m.continuity >= 0.999, "continuity {}", m.continuity);
+    assert!(m.origin_egress_ratio <= 3.5);
+}
