@@ -44,6 +44,9 @@ use playback::Playback;
 
 /// Period of the housekeeping tick, ms.
 pub const TICK_MS: u64 = 100;
+/// With no open link this long after joining, a p2p session fetches every
+/// block from the origin in order until a link opens, ms.
+pub const NO_PEER_FALLBACK_MS: f64 = 3_000.0;
 /// Heartbeats sent but not yet answered that are remembered for the clock.
 const MAX_HEARTBEATS_IN_FLIGHT: usize = 8;
 
@@ -121,6 +124,7 @@ struct Joined {
     live_edge: u64,
     granted_bits: u64,
     corrupt: bool,
+    joined_at: f64,
 }
 
 /// The driver state of one `WasmPlayer`.
@@ -451,6 +455,7 @@ impl Session {
                     live_edge,
                     granted_bits: 0,
                     corrupt: test_corrupt && self.opts.test_corrupt,
+                    joined_at: local,
                 });
                 for l in &links {
                     self.ensure_link(l.peer, l.offer);
@@ -606,7 +611,7 @@ impl Session {
     fn bid(&mut self) {
         let now = self.now();
         let Some(j) = &self.joined else { return };
-        let bits = if self.opts.p2p {
+        let bits = if self.opts.p2p && !self.origin.in_order() {
             j.peer.bid(now, j.bid_interval_ms as u64)
         } else {
             origin::full_rate_bits(j.stream.bitrate_kbps, j.bid_interval_ms)
@@ -651,10 +656,31 @@ impl Session {
         for (peer, offer) in retry {
             self.ensure_link(peer, offer);
         }
+        self.fallback(local);
         self.pump_origin();
         let server_now = self.now().as_millis() as f64;
         for event in self.play.tick(perf, server_now, self.created_ms) {
             self.emit(event);
+        }
+    }
+
+    /// Without any open link the core hears of no new blocks (only links
+    /// announce them), so a p2p session that has none plays from the origin in
+    /// order, and goes back to gap fill once a link opens.
+    fn fallback(&mut self, local: f64) {
+        let Some(j) = &self.joined else { return };
+        if !self.opts.p2p {
+            return;
+        }
+        let open = self.links.open_count() > 0;
+        if !open && !self.origin.in_order() && local - j.joined_at > NO_PEER_FALLBACK_MS {
+            let from = j.peer.next_play().unwrap_or(j.live_edge);
+            self.origin.start_in_order(from, j.live_edge);
+            self.emit(json!({"type": "origin_fallback", "active": true, "from": from}));
+            self.bid();
+        } else if open && self.origin.in_order() {
+            self.origin.stop_in_order();
+            self.emit(json!({"type": "origin_fallback", "active": false}));
         }
     }
 
@@ -698,6 +724,7 @@ impl Session {
             "live_edge": self.joined.as_ref().map(|j| j.live_edge),
             "next_play": self.joined.as_ref().and_then(|j| j.peer.next_play()),
             "p2p": self.opts.p2p,
+            "origin_fallback": self.opts.p2p && self.origin.in_order(),
             "test_corrupt": self.joined.as_ref().is_some_and(|j| j.corrupt),
             "error": self.failed,
         })

@@ -99,6 +99,16 @@ impl Origin {
         });
     }
 
+    /// Whether every block is being fetched in order.
+    pub(super) fn in_order(&self) -> bool {
+        self.in_order.is_some()
+    }
+
+    /// Back to gap fill only (peers deliver again).
+    pub(super) fn stop_in_order(&mut self) {
+        self.in_order = None;
+    }
+
     /// The server says blocks up to `edge` exist.
     pub(super) fn note_edge(&mut self, edge: u64) {
         if let Some(o) = &mut self.in_order {
