@@ -13,6 +13,7 @@ pub mod grants;
 pub mod metrics;
 pub mod origin;
 pub mod rtc;
+pub mod seeder;
 pub mod signal;
 pub mod store;
 pub mod stream;
