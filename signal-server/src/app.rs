@@ -76,6 +76,17 @@ pub fn app(state: AppState) -> Router {
         .allow_methods([Method::GET, Method::HEAD])
         .allow_headers([header::AUTHORIZATION, header::IF_NONE_MATCH])
         .expose_headers([header::ETAG, header::RETRY_AFTER]);
+    let ingest = crate::ingest::router(crate::ingest::IngestState {
+        streams: state.streams.clone(),
+        publish_token: state
+            .config
+            .publish_token
+            .clone()
+            .unwrap_or_default()
+            .into(),
+        block_bytes: state.config.block_bytes(),
+        metrics: state.metrics.clone(),
+    });
     Router::new()
         .route("/ws", get(crate::signal::ws_handler))
         .merge(crate::origin::router().layer(cors))
@@ -86,6 +97,8 @@ pub fn app(state: AppState) -> Router {
         .nest_service("/pkg", ServeDir::new(dir.join("pkg")))
         .fallback_service(ServeDir::new(dir))
         .with_state(state)
+        // Ingest carries its own state, so it joins the stateless router.
+        .merge(ingest)
 }
 
 async fn metrics(State(state): State<AppState>) -> impl IntoResponse {

@@ -9,7 +9,9 @@
 
 pub mod app;
 pub mod config;
+pub mod demo;
 pub mod grants;
+pub mod ingest;
 pub mod metrics;
 pub mod origin;
 pub mod rtc;

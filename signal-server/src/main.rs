@@ -51,11 +51,21 @@ async fn run(mut config: Config) -> Result<(), Box<dyn std::error::Error>> {
     let state = AppState::new(config.clone(), streams.clone(), shutdown.clone());
     let mut background = vec![state.hub.spawn_bid_ticker()];
 
-    // MEDIA PIPELINE: merge `ingest::router(IngestState { streams, publish_token,
-    // block_bytes, .. })` here and, unless `config.no_demo`, push
-    // `demo::spawn(streams.clone(), &config.demo_name, config.block_bytes(),
-    // shutdown.clone())` onto `background` once those modules land.
-    // SEEDER: `state.hub.attach_seeder()` hands the WebRTC seeder its events.
+    if !config.no_demo {
+        background.push(clubcast_server::demo::spawn(
+            streams.clone(),
+            &config.demo_name,
+            config.block_bytes(),
+            shutdown.clone(),
+        ));
+    }
+    background.push(clubcast_server::seeder::spawn(
+        &state.hub,
+        streams.clone(),
+        clubcast_server::rtc::WebrtcRs::new(clubcast_server::seeder::rtc_config(&config)),
+        clubcast_server::seeder::SeederConfig::default(),
+        shutdown.clone(),
+    ));
     let router = app(state.clone());
     let _ = &mut background;
 

@@ -1,0 +1,99 @@
+//! Cuts fragments into blocks and publishes them.
+//!
+//! A block never spans two fragments: each fragment becomes
+//! `ceil(len / block_bytes)` blocks, the first flagged `FRAGMENT_START` (and
+//! `KEYFRAME` when the fragment starts with a sync sample). Every block of a
+//! fragment carries the fragment's media time, so a player can map blocks to
+//! presentation time.
+
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use clubcast_protocol::block::{BlockFlags, MAX_PAYLOAD};
+
+use super::fmp4::Fragment;
+use crate::store::StoredBlock;
+use crate::stream::{Stream, StreamError};
+
+/// Server wall clock, Unix ms.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Block payload size actually used for a requested size.
+pub fn clamp_block_bytes(block_bytes: usize) -> usize {
+    block_bytes.clamp(1024, MAX_PAYLOAD)
+}
+
+/// Publishes `frag` as blocks of at most `block_bytes`; returns them.
+pub fn publish_fragment(
+    stream: &Stream,
+    frag: &Fragment,
+    block_bytes: usize,
+) -> Result<Vec<Arc<StoredBlock>>, StreamError> {
+    let size = clamp_block_bytes(block_bytes);
+    let now = now_ms();
+    let mut out = Vec::with_capacity(frag.bytes.len().div_ceil(size));
+    let mut off = 0;
+    while off < frag.bytes.len() {
+        let end = (off + size).min(frag.bytes.len());
+        let flags = if off == 0 {
+            let start = BlockFlags::FRAGMENT_START;
+            if frag.keyframe {
+                start.union(BlockFlags::KEYFRAME)
+            } else {
+                start
+            }
+        } else {
+            BlockFlags::empty()
+        };
+        out.push(stream.publish(flags, frag.media_time, now, frag.bytes.slice(off..end))?);
+        off = end;
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::stream::{StoreConfig, Streams};
+    use bytes::Bytes;
+
+    #[test]
+    fn fragments_become_blocks_that_never_span_two() {
+        let streams = Streams::new(
+            None,
+            StoreConfig {
+                store_seconds: 60,
+                max_bytes: usize::MAX,
+            },
+        );
+        let s = streams.get_or_create("t").expect("valid name");
+        for (i, len) in [5000usize, 4096, 1].into_iter().enumerate() {
+            let frag = Fragment {
+                bytes: Bytes::from(vec![i as u8; len]),
+                media_time: i as u64 * 1000,
+                keyframe: i != 2,
+                tracks: Vec::new(),
+            };
+            let blocks = publish_fragment(&s, &frag, 2048).expect("publish");
+            assert_eq!(blocks.len(), len.div_ceil(2048));
+            let first = blocks[0].block.header().flags;
+            assert!(first.contains(BlockFlags::FRAGMENT_START));
+            assert_eq!(first.contains(BlockFlags::KEYFRAME), i != 2);
+            assert!(blocks[1..]
+                .iter()
+                .all(|b| b.block.header().flags == BlockFlags::empty()));
+            assert!(blocks
+                .iter()
+                .all(|b| b.block.header().media_time == i as u64 * 1000));
+            let joined: Vec<u8> = blocks
+                .iter()
+                .flat_map(|b| b.block.payload().to_vec())
+                .collect();
+            assert_eq!(joined, frag.bytes.to_vec());
+        }
+    }
+}
