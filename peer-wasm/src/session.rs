@@ -493,8 +493,10 @@ impl Session {
                     self.clock
                         .handle_sample(sent, server_time_ms as f64, received);
                 }
+                let now = self.now();
                 if let Some(j) = &mut self.joined {
                     j.live_edge = j.live_edge.max(live_edge);
+                    j.peer.handle_live_edge(now, live_edge);
                     self.origin.note_edge(j.live_edge);
                 }
             }

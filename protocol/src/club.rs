@@ -22,7 +22,7 @@
 //! Who offers: the side with the larger peer id makes the WebRTC offer, so the
 //! joiner offers to older peers and browsers always offer to the seeder.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 
 use rand_core::RngCore;
 
@@ -104,6 +104,8 @@ struct Entry {
     clubs: Vec<u16>,
     /// Roles as this peer sees them, by remote peer.
     links: BTreeMap<PeerId, Vec<LinkRole>>,
+    /// Last-hop subscribers served, kept so that picking a source is O(members).
+    subscribers: usize,
 }
 
 impl Entry {
@@ -132,7 +134,7 @@ impl Entry {
 #[derive(Debug)]
 pub struct Membership {
     cfg: ClubConfig,
-    peers: HashMap<PeerId, Entry>,
+    peers: BTreeMap<PeerId, Entry>,
     members: Vec<Vec<PeerId>>,
     /// Viewers that do not relay, so never get links.
     passive: usize,
@@ -142,7 +144,7 @@ impl Membership {
     /// An empty swarm. The seeder is always present as [`SEEDER_PEER_ID`].
     pub fn new(cfg: ClubConfig) -> Self {
         let cfg = cfg.normalized();
-        let mut peers = HashMap::new();
+        let mut peers = BTreeMap::new();
         peers.insert(SEEDER_PEER_ID, Entry::default());
         Membership {
             cfg,
@@ -215,6 +217,7 @@ impl Membership {
             Entry {
                 clubs: clubs.clone(),
                 links: BTreeMap::new(),
+                subscribers: 0,
             },
         );
         for &c in &clubs {
@@ -585,7 +588,7 @@ impl Membership {
             .collect();
         let pick = self.pick_min(&members, rng, |m, me| {
             (m != peer && !avoid.contains(&m) && !current.contains(&m))
-                .then(|| me.peers[&m].count(|r| matches!(r, LinkRole::Subscriber { .. })))
+                .then(|| me.peers[&m].subscribers)
         });
         let src = pick.unwrap_or(SEEDER_PEER_ID);
         if src == SEEDER_PEER_ID && current.contains(&SEEDER_PEER_ID) {
@@ -641,6 +644,9 @@ impl Membership {
                 continue;
             }
             roles.push(r);
+            if matches!(r, LinkRole::Subscriber { .. }) {
+                e.subscribers += 1;
+            }
             out.push(LinkChange {
                 to: me,
                 op: LinkOp::Add,
@@ -674,6 +680,9 @@ impl Membership {
         }
         if roles.is_empty() {
             e.links.remove(&remote);
+        }
+        if matches!(role, LinkRole::Subscriber { .. }) {
+            e.subscribers -= 1;
         }
         out.push(LinkChange {
             to: me,

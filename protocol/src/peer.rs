@@ -52,6 +52,11 @@ pub const MAX_WANTS_PER_SEC: u32 = 64;
 pub const MAX_AHEAD: u64 = 4096;
 /// Origin fetches tried per missing block before it is left to be skipped.
 pub const MAX_ORIGIN_TRIES: u8 = 2;
+/// Wait before retrying a failed origin fetch (about one bid interval), ms.
+pub const ORIGIN_RETRY_MS: u64 = 1_000;
+/// Bytes buffered across all links above which no last-hop push is made, so a
+/// peer's total upload backlog stays short.
+pub const TOTAL_LAST_HOP_BUFFERED: usize = 192 * 1024;
 /// Interval between PINGs on a link, ms.
 pub const PING_INTERVAL_MS: u64 = 5_000;
 
@@ -229,6 +234,8 @@ struct Missing {
     tries: u8,
     origin: bool,
     origin_tries: u8,
+    /// A failed origin fetch is retried no earlier than this.
+    retry_at: Time,
 }
 
 /// One viewer's relay and playout state.
@@ -332,6 +339,17 @@ impl<V: BlockVerifier> Peer<V> {
         // The edge block was cut about now: a first anchor for deadlines.
         self.anchor.get_or_insert((live_edge, now.as_millis()));
         self.note_seen(now, live_edge);
+    }
+
+    /// The server says block `seq` is the newest produced (from a heartbeat
+    /// answer). A peer with no open link learns of new blocks this way, so it
+    /// can still pull or gap-fill them.
+    pub fn handle_live_edge(&mut self, now: Time, seq: u64) {
+        self.note_seen(now, seq);
+        if self.highest.is_some_and(|h| seq <= h) {
+            self.mark_missing(now, seq);
+        }
+        self.schedule(now);
     }
 
     /// Adds or removes a link role (from the welcome or a later `link` message).
@@ -529,7 +547,9 @@ impl<V: BlockVerifier> Peer<V> {
     /// The block stays missing and may be skipped at its deadline.
     pub fn handle_gap_fill_failed(&mut self, now: Time, seq: u64) {
         if let Some(m) = self.missing.get_mut(&seq) {
+            // Retry with the next grant, not at once.
             m.origin = false;
+            m.retry_at = now + ORIGIN_RETRY_MS;
         }
         self.schedule(now);
     }
@@ -693,6 +713,7 @@ impl<V: BlockVerifier> Peer<V> {
             tries: 0,
             origin: false,
             origin_tries: 0,
+            retry_at: Time(0),
         });
     }
 
@@ -803,6 +824,9 @@ impl<V: BlockVerifier> Peer<V> {
         let mut haves = Vec::new();
         let mut club_push = Vec::new();
         let mut last_hop = Vec::new();
+        let total: usize = self.links.values().map(|l| l.buffered).sum();
+        // The last hop is the first to give way when upload backs up.
+        let last_hop_ok = total < TOTAL_LAST_HOP_BUFFERED;
         for (&p, st) in &self.links {
             if Some(p) == sender || !st.open {
                 continue;
@@ -824,7 +848,8 @@ impl<V: BlockVerifier> Peer<V> {
                     } if club == c
                         && share_idx % u64::from(share_count.max(1)) == u64::from(share)
                         && !st.said_have(seq)
-                        && st.buffered < LAST_HOP_MAX_BUFFERED =>
+                        && st.buffered < LAST_HOP_MAX_BUFFERED
+                        && last_hop_ok =>
                     {
                         last_hop.push(p);
                     }
@@ -901,6 +926,12 @@ impl<V: BlockVerifier> Peer<V> {
         best.map(|(_, p)| p)
     }
 
+    /// How long a WANT to `p` may go unanswered: at least two round trips.
+    fn want_timeout(&self, p: PeerId) -> u64 {
+        let rtt = self.links.get(&p).and_then(|l| l.rtt_ms).unwrap_or(0);
+        self.cfg.want_timeout_ms.max(2 * rtt)
+    }
+
     fn check_missing(&mut self, now: Time) {
         let seqs: Vec<u64> = self.missing.keys().copied().collect();
         for seq in seqs {
@@ -908,7 +939,7 @@ impl<V: BlockVerifier> Peer<V> {
             let Some(m) = self.missing.get(&seq).copied() else {
                 continue;
             };
-            if m.origin {
+            if m.origin || now < m.retry_at {
                 continue;
             }
             if now.0 + self.cfg.origin_margin_ms >= deadline.0 {
@@ -930,10 +961,7 @@ impl<V: BlockVerifier> Peer<V> {
             }
             let due = match m.asked {
                 None => now.since(m.noticed) >= self.cfg.pull_grace_ms,
-                Some((p, at)) => {
-                    let rtt = self.links.get(&p).and_then(|l| l.rtt_ms).unwrap_or(0);
-                    now.since(at) >= self.cfg.want_timeout_ms.max(2 * rtt)
-                }
+                Some((p, at)) => now.since(at) >= self.want_timeout(p),
             };
             if !due {
                 continue;
@@ -1028,10 +1056,10 @@ impl<V: BlockVerifier> Peer<V> {
                 continue;
             }
             let deadline = self.deadline(seq);
-            at(deadline - self.cfg.origin_margin_ms);
+            at((deadline - self.cfg.origin_margin_ms).max(m.retry_at));
             match m.asked {
                 None => at(m.noticed + self.cfg.pull_grace_ms),
-                Some((_, t)) => at(t + self.cfg.want_timeout_ms),
+                Some((p, t)) => at(t + self.want_timeout(p)),
             }
         }
         if let Some(p) = self.next_play {
@@ -1337,6 +1365,29 @@ mod tests {
         p.handle_message(Time(T0), 3, Bytes::from_static(b"garbage"));
         let (_, e) = drain(&mut p);
         assert!(matches!(e.as_slice(), [PeerEvent::BadPeer { peer: 3, .. }]));
+    }
+
+    #[test]
+    fn a_peer_with_no_links_learns_the_edge_from_the_server_and_gap_fills() {
+        let mut p = Peer::new(PeerConfig::new(1, 4), signer().key());
+        p.handle_welcome(Time(T0), &[0, 1], &[], 0, 0);
+        p.handle_origin_block(Time(T0 + 10), block(0, true));
+        drain(&mut p);
+        p.handle_live_edge(Time(T0 + 300), 3);
+        let mut asked = Vec::new();
+        for _ in 0..20 {
+            let Some(t) = p.poll_timeout() else { break };
+            p.handle_timeout(t);
+            let (_, e) = drain(&mut p);
+            asked.extend(e.iter().filter_map(|e| match e {
+                PeerEvent::GapFill { seq } => Some(*seq),
+                _ => None,
+            }));
+            if asked.len() >= 3 {
+                break;
+            }
+        }
+        assert_eq!(asked, vec![1, 2, 3]);
     }
 
     #[test]
