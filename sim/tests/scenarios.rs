@@ -177,7 +177,6 @@ fn a_run_is_a_function_of_its_seed() {
 }
 
 #[test]
-#[ignore = "fails today: Membership::rebalance_sources iterates a HashMap (random order)"]
 fn a_clubs_run_is_a_function_of_its_seed() {
     assert_deterministic(&[Mode::Clubs]);
 }
