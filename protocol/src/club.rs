@@ -106,6 +106,21 @@ struct Entry {
     links: BTreeMap<PeerId, Vec<LinkRole>>,
     /// Last-hop subscribers served, kept so that picking a source is O(members).
     subscribers: usize,
+    /// Upload capacity as a percentage of the stream bitrate.
+    capacity: u32,
+}
+
+/// Capacity assumed for a peer that did not say, % of the bitrate.
+pub const DEFAULT_CAPACITY_PCT: u32 = 150;
+/// Below this capacity (% of the bitrate) a peer is a leaf: it receives from
+/// its clubs but is given no children, last-hop subscribers or seeding, since
+/// it could not keep up with them.
+pub const LEAF_CAPACITY_PCT: u32 = 100;
+
+impl Entry {
+    fn leaf(&self) -> bool {
+        self.capacity < LEAF_CAPACITY_PCT
+    }
 }
 
 impl Entry {
@@ -199,6 +214,19 @@ impl Membership {
     /// Adds a viewer. A `p2p == false` viewer gets no clubs and no links: it
     /// fetches everything from the origin.
     pub fn join(&mut self, peer: PeerId, p2p: bool, rng: &mut dyn RngCore) -> Joined {
+        self.join_with_capacity(peer, p2p, DEFAULT_CAPACITY_PCT, rng)
+    }
+
+    /// Adds a viewer whose upload capacity is `capacity_pct` % of the stream
+    /// bitrate. Links are weighted by free capacity: a peer below
+    /// [`LEAF_CAPACITY_PCT`] becomes a leaf.
+    pub fn join_with_capacity(
+        &mut self,
+        peer: PeerId,
+        p2p: bool,
+        capacity_pct: u32,
+        rng: &mut dyn RngCore,
+    ) -> Joined {
         if !p2p {
             self.passive += 1;
             return Joined::default();
@@ -218,6 +246,7 @@ impl Membership {
                 clubs: clubs.clone(),
                 links: BTreeMap::new(),
                 subscribers: 0,
+                capacity: capacity_pct,
             },
         );
         for &c in &clubs {
@@ -364,9 +393,22 @@ impl Membership {
         let existing = self.members[c as usize].clone();
         self.members[c as usize].push(peer);
         let d = self.cfg.in_club_links as usize;
-        if existing.len() <= d {
-            for &x in &existing {
+        if self.is_leaf(peer) {
+            // A leaf only receives: parents are the members with the most
+            // spare upload.
+            for _ in 0..d.min(existing.len()) {
+                let x = self.pick_min(&existing, rng, |m, me| {
+                    (!me.is_leaf(m) && !me.has_edge(m, peer, c))
+                        .then(|| me.degree(m, LinkRole::Upload { club: c }) * 100 / me.capacity(m))
+                });
+                let Some(x) = x else { break };
                 self.add_role(x, peer, LinkRole::Upload { club: c }, out);
+            }
+        } else if existing.len() <= d {
+            for &x in &existing {
+                if !self.is_leaf(x) {
+                    self.add_role(x, peer, LinkRole::Upload { club: c }, out);
+                }
                 self.add_role(peer, x, LinkRole::Upload { club: c }, out);
             }
         } else {
@@ -408,6 +450,14 @@ impl Membership {
         self.fill_seeds(c, rng, out);
     }
 
+    fn is_leaf(&self, p: PeerId) -> bool {
+        self.peers.get(&p).is_some_and(Entry::leaf)
+    }
+
+    fn capacity(&self, p: PeerId) -> usize {
+        self.peers.get(&p).map_or(1, |e| e.capacity.max(1) as usize)
+    }
+
     fn has_edge(&self, x: PeerId, y: PeerId, c: u16) -> bool {
         self.peers
             .get(&x)
@@ -444,13 +494,17 @@ impl Membership {
             while self.in_club_in_degree(y, c) < want && guard < members.len() {
                 guard += 1;
                 let x = self.pick_min(&members, rng, |m, me| {
-                    (m != y && !me.has_edge(m, y, c) && !avoided(m, y)).then(|| me.degree(m, up))
+                    (m != y && !me.is_leaf(m) && !me.has_edge(m, y, c) && !avoided(m, y))
+                        .then(|| me.degree(m, up) * 100 / me.capacity(m))
                 });
                 let Some(x) = x else { break };
                 self.add_role(x, y, up, out);
             }
         }
         for &x in &members {
+            if self.is_leaf(x) {
+                continue;
+            }
             let mut guard = 0;
             while self.degree(x, up) < want && guard < members.len() {
                 guard += 1;
@@ -528,8 +582,14 @@ impl Membership {
         let mut seeds = self.seeds(c);
         while seeds.len() < self.cfg.seeds_per_club as usize {
             let pick = self.pick_min(&members, rng, |m, me| {
-                (!seeds.contains(&m) && !avoid.contains(&m))
-                    .then(|| me.degree(m, LinkRole::Download { club: c }))
+                (!seeds.contains(&m) && !avoid.contains(&m)).then(|| {
+                    let d = me.degree(m, LinkRole::Download { club: c });
+                    if me.is_leaf(m) {
+                        1_000_000 + d
+                    } else {
+                        d
+                    }
+                })
             });
             let Some(p) = pick else { break };
             self.add_role(SEEDER_PEER_ID, p, LinkRole::Upload { club: c }, out);
@@ -587,8 +647,16 @@ impl Membership {
             .map(|(p, _)| p)
             .collect();
         let pick = self.pick_min(&members, rng, |m, me| {
-            (m != peer && !avoid.contains(&m) && !current.contains(&m))
-                .then(|| me.peers[&m].subscribers)
+            (m != peer && !avoid.contains(&m) && !current.contains(&m)).then(|| {
+                // Leaves serve only when nobody else can.
+                let e = &me.peers[&m];
+                let load = e.subscribers * 100 / e.capacity.max(1) as usize;
+                if e.leaf() {
+                    1_000_000 + load
+                } else {
+                    load
+                }
+            })
         });
         let src = pick.unwrap_or(SEEDER_PEER_ID);
         if src == SEEDER_PEER_ID && current.contains(&SEEDER_PEER_ID) {

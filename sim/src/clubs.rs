@@ -339,7 +339,11 @@ impl Sim {
 
     fn join(&mut self, now: u64, id: PeerId) {
         self.wire.hosts[id as usize].alive = true;
-        let j = self.membership.join(id, true, &mut self.rng);
+        // Peers state their upload capacity, as a browser would after measuring it.
+        let pct = self.wire.hosts[id as usize].up_bps * 100 / (self.cfg.bitrate_kbps * 1000).max(1);
+        let j = self
+            .membership
+            .join_with_capacity(id, true, pct as u32, &mut self.rng);
         let (start, edge) = self.stream.start_for(now);
         self.q.push(
             now + self.sig_delay(id),
