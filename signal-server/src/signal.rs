@@ -270,7 +270,15 @@ impl Hub {
     }
 
     /// Adds a peer to a stream's swarm and queues its welcome.
-    pub(crate) fn join(&self, stream_ref: &str, p2p: bool) -> Result<Session, SignalError> {
+    pub(crate) fn join(
+        &self,
+        stream_ref: &str,
+        p2p: bool,
+        test_corrupt: bool,
+    ) -> Result<Session, SignalError> {
+        // Honoured only by a `test-hooks` build started with
+        // --allow-test-corruption (Config::validate refuses it elsewhere).
+        let test_corrupt = test_corrupt && self.0.config.allow_test_corruption;
         let stream = self
             .0
             .streams
@@ -293,7 +301,7 @@ impl Hub {
         let joined = {
             let mut s = lock(&swarm);
             let r = s.join(peer, p2p, tx, close.clone(), |j| {
-                self.welcome(peer, &stream, j, token)
+                self.welcome(peer, &stream, j, token, test_corrupt)
             });
             r.map(|fx| (fx, s.len()))
         };
@@ -323,6 +331,7 @@ impl Hub {
         stream: &crate::stream::Stream,
         joined: &Joined,
         grant_token: String,
+        test_corrupt: bool,
     ) -> String {
         let cfg = &self.0.config;
         let live_edge = stream.live_edge().unwrap_or(0);
@@ -349,9 +358,7 @@ impl Hub {
             ice_servers: self.0.ice_servers.clone(),
             grant_token,
             bid_interval_ms: cfg.bid_interval_ms,
-            // Granted only by a `test-hooks` build with --allow-test-corruption,
-            // which does not exist yet; see Config::validate.
-            test_corrupt: false,
+            test_corrupt,
         };
         serde_json::to_string(&msg).expect("ServerMsg is plain structs and strings")
     }

@@ -501,3 +501,24 @@ async fn a_passive_viewer_gets_no_clubs_or_links() {
     assert!(clubs.is_empty() && links.is_empty());
     assert_eq!(state.hub.peers("demo"), 1);
 }
+
+#[tokio::test]
+async fn test_corruption_is_granted_only_when_the_server_allows_it() {
+    for allow in [false, true] {
+        let cfg = Config {
+            allow_test_corruption: allow,
+            ..Config::default()
+        };
+        let (addr, _state) = serve(cfg).await;
+        let mut ws = connect(addr).await;
+        send(
+            &mut ws,
+            r#"{"type":"join","v":1,"stream":"demo","test_corrupt":true}"#,
+        )
+        .await;
+        let ServerMsg::Welcome { test_corrupt, .. } = recv(&mut ws).await else {
+            panic!("expected a welcome")
+        };
+        assert_eq!(test_corrupt, allow);
+    }
+}

@@ -256,7 +256,13 @@ impl Conn {
     async fn handle_msg(&mut self, msg: ClientMsg) -> Flow {
         let hub = self.hub.clone();
         let Some(session) = self.session.as_ref() else {
-            let ClientMsg::Join { stream, p2p, .. } = msg else {
+            let ClientMsg::Join {
+                stream,
+                p2p,
+                test_corrupt,
+                ..
+            } = msg
+            else {
                 return self
                     .error(
                         ErrorCode::NotJoined,
@@ -265,7 +271,7 @@ impl Conn {
                     )
                     .await;
             };
-            return match hub.join(&stream, p2p) {
+            return match hub.join(&stream, p2p, test_corrupt) {
                 Ok(s) => {
                     self.offences.good();
                     self.session = Some(s);
