@@ -67,10 +67,12 @@ bench-sim:
 
 # Server ingest/sign/seed/origin throughput.
 bench-server:
-    mkdir -p {{results}}
-    cargo run --release -p clubcast-server -- bench --out {{results}}
+    @echo "bench-server is not written yet (issue 3): signaling at 10k peers and origin vs nginx are unmeasured." >&2
+    @echo "Seeder figures: cargo run --release -p clubcast-server --example seeder_bench -- fanout --peers 50 (see bench/results/seeder.md)" >&2
+    @exit 1
 
 # One server and N headless-Chromium peers, measured end to end.
 bench-e2e: setup build-web
-    mkdir -p {{results}}
-    cargo run --release -p clubcast-tests --bin clubcast-e2e -- --out {{results}}
+    @echo "bench-e2e is not written yet (issue 5); the swarm test prints per-browser figures:" >&2
+    @echo "  TMPDIR=\$(mktemp -d) cargo test -p clubcast-tests --test swarm -- --nocapture" >&2
+    @exit 1
