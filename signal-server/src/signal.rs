@@ -31,7 +31,7 @@
 //! `stream_full`) is answered and the socket closed.
 
 mod conn;
-mod limits;
+pub(crate) mod limits;
 mod seeder;
 mod swarm;
 

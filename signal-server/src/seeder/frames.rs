@@ -9,6 +9,8 @@
 
 use std::time::Instant;
 
+use crate::signal::limits::TokenBucket;
+
 use bytes::{BufMut, Bytes, BytesMut};
 use clubcast_protocol::signal::SEEDER_PEER_ID;
 use clubcast_protocol::wire::{Frame, FRAME_HEADER_LEN, WIRE_VERSION};
@@ -32,44 +34,12 @@ pub(crate) fn block_frame(block: &StoredBlock) -> Bytes {
     out.freeze()
 }
 
-/// Refills a per-link allowance of answered WANTs.
-#[derive(Debug)]
-pub(crate) struct WantBudget {
-    tokens: f64,
-    per_sec: f64,
-    last: Instant,
-}
-
-impl WantBudget {
-    /// A full budget of `per_sec` wants (also the burst).
-    pub(crate) fn new(per_sec: u32, now: Instant) -> Self {
-        let per_sec = f64::from(per_sec);
-        WantBudget {
-            tokens: per_sec,
-            per_sec,
-            last: now,
-        }
-    }
-
-    /// Takes one want if the budget allows it.
-    fn take(&mut self, now: Instant) -> bool {
-        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
-        self.last = now;
-        self.tokens = (self.tokens + elapsed * self.per_sec).min(self.per_sec);
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
-            true
-        } else {
-            false
-        }
-    }
-}
-
 /// Per-link state of the frame dialogue.
 #[derive(Debug)]
 pub(crate) struct Dialogue {
     hello_sent: bool,
-    wants: WantBudget,
+    /// Answered WANTs per second; the burst equals the rate.
+    wants: TokenBucket,
 }
 
 /// What the seeder sends back for one frame.
@@ -88,7 +58,7 @@ impl Dialogue {
     pub(crate) fn new(wants_per_sec: u32, now: Instant) -> Self {
         Dialogue {
             hello_sent: false,
-            wants: WantBudget::new(wants_per_sec, now),
+            wants: TokenBucket::new(wants_per_sec, wants_per_sec, now),
         }
     }
 
