@@ -19,6 +19,7 @@
 //! | offences | [`MAX_OFFENCES`] per connection or [`MAX_OFFENCES_IN_A_ROW`] in a row | close 1008 |
 //! | outbound queue | [`OUTBOUND_QUEUE`] messages | peer dropped (`clubcast_dropped_peers_total{reason="slow"}`) |
 //! | one socket write | [`SEND_TIMEOUT`] | close |
+//! | close handshake | [`CLOSE_LINGER`] for the client's close reply | socket dropped |
 //! | silence | 3 × heartbeat interval | close 1001, peer dropped (`silent`) |
 //! | time to join | [`JOIN_TIMEOUT`] | close 1008 |
 //! | peers per stream | `--max-peers-per-stream` | `stream_full`, close |
@@ -64,6 +65,12 @@ use swarm::{CloseCell, Effects, Swarm};
 /// Largest WebSocket message the transport reads at all; between
 /// [`MAX_SIGNAL_MESSAGE`] and this the client gets `too_large` and stays up.
 pub const MAX_TRANSPORT_MESSAGE: usize = 4 * MAX_SIGNAL_MESSAGE;
+/// Initial read buffer of one connection. The WebSocket codec zero-fills its
+/// whole read buffer on every socket read, so the transport's 128 KiB default
+/// stays resident for every connection (about 140 KB per peer at 10k peers);
+/// an ICE candidate is about 250 bytes, and a larger message (an SDP, up to
+/// [`MAX_TRANSPORT_MESSAGE`]) grows the buffer as it arrives.
+pub const READ_BUFFER: usize = 4 * 1024;
 /// Messages a connection may send per second on average.
 pub const RATE_PER_SEC: u32 = 50;
 /// Messages a connection may send in a burst.
@@ -76,6 +83,9 @@ pub const MAX_OFFENCES_IN_A_ROW: u32 = 3;
 pub const OUTBOUND_QUEUE: usize = 256;
 /// Longest one socket write may take before the connection is closed.
 pub const SEND_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest the server waits for the client's close reply after its own close
+/// frame, reading and dropping what the client still sends.
+pub const CLOSE_LINGER: Duration = Duration::from_secs(1);
 /// Time a new connection has to send `join`.
 pub const JOIN_TIMEOUT: Duration = Duration::from_secs(10);
 /// Heartbeat intervals of silence after which a peer is dropped.
@@ -500,5 +510,6 @@ pub async fn ws_handler(State(state): State<AppState>, ws: WebSocketUpgrade) -> 
     let tasks = hub.0.tasks.clone();
     ws.max_message_size(MAX_TRANSPORT_MESSAGE)
         .max_frame_size(MAX_TRANSPORT_MESSAGE)
+        .read_buffer_size(READ_BUFFER)
         .on_upgrade(move |socket| tasks.track_future(conn::run(hub, socket)))
 }

@@ -17,7 +17,7 @@ use serde::Deserialize;
 
 use super::limits::{Offences, TokenBucket};
 use super::{
-    unix_ms, DropReason, Hub, Session, SignalError, JOIN_TIMEOUT, MAX_OFFENCES,
+    unix_ms, DropReason, Hub, Session, SignalError, CLOSE_LINGER, JOIN_TIMEOUT, MAX_OFFENCES,
     MAX_OFFENCES_IN_A_ROW, RATE_BURST, RATE_PER_SEC, SEND_TIMEOUT, SILENT_HEARTBEATS,
 };
 
@@ -160,6 +160,16 @@ pub(crate) async fn run(hub: Hub, socket: WebSocket) {
             reason: Utf8Bytes::from_static(reason),
         };
         let _ = tokio::time::timeout(SEND_TIMEOUT, c.sink.send(Message::Close(Some(frame)))).await;
+        if let Some(s) = c.session.take() {
+            hub.leave(&s);
+        }
+        // Read and drop what the client already sent, until its close reply:
+        // a socket closed with unread input makes the kernel send a reset, and
+        // the client then loses the close frame and the errors queued before it.
+        let _ = tokio::time::timeout(CLOSE_LINGER, async {
+            while let Some(Ok(_)) = stream.next().await {}
+        })
+        .await;
     }
     if let Some(s) = c.session.take() {
         hub.leave(&s);
