@@ -67,9 +67,7 @@ bench-sim:
 
 # Server ingest/sign/seed/origin throughput.
 bench-server:
-    @echo "bench-server is not written yet (issue 3): signaling at 10k peers and origin vs nginx are unmeasured." >&2
-    @echo "Seeder figures: cargo run --release -p clubcast-server --example seeder_bench -- fanout --peers 50 (see bench/results/seeder.md)" >&2
-    @exit 1
+    scripts/bench-server.sh
 
 # One server and N headless-Chromium peers, measured end to end.
 bench-e2e: setup build-web
