@@ -2,23 +2,32 @@
 //!
 //! - [`Server`] runs the `clubcast-server` binary on a free loopback port with
 //!   a private data directory and `--static-dir web`. The binary is built with
-//!   `cargo build -p clubcast-server` and found from cargo's own JSON artifact
-//!   report, so `CARGO_TARGET_DIR` and any other target-dir setting are
-//!   respected; `CLUBCAST_SERVER_BIN` skips the build. A separate process
+//!   `cargo build -p clubcast-server` (plus `--features test-hooks` when
+//!   [`ServerOptions::test_hooks`] asks for it) and found from cargo's own JSON
+//!   artifact report, so `CARGO_TARGET_DIR` and any other target-dir setting
+//!   are respected. Both builds share the target dir; since cargo links either
+//!   one to the same `debug/clubcast-server`, each is copied at once to a name
+//!   of its own (see [`server_binary`]). `CLUBCAST_SERVER_BIN` (and
+//!   `CLUBCAST_SERVER_TEST_HOOKS_BIN`) skip the build. A separate process
 //!   (rather than the app in-process) runs exactly what `main` wires up: demo
 //!   source, seeder, ingest.
 //! - [`Browser`] runs one chromedriver (its own free port, its own process
 //!   group) driving headless Chromium with a fresh profile directory, through
 //!   fantoccini.
 //!
+//! - [`watch_all`], [`first_frames`] and [`sample_all`] are the steps every
+//!   browser test takes: open `/watch/…` in N browsers, wait for their first
+//!   frames, then sample each `<video>` for a window ([`Playback`]).
+//!
 //! Cleanup: both kill what they started on drop, also when a test panics:
 //! the server by its pid, chromedriver and the Chromium it launched by their
 //! process group. Temporary directories are removed after the processes are gone.
 
+use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::OnceLock;
+use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use fantoccini::{Client, ClientBuilder};
@@ -37,6 +46,13 @@ pub const CHROMIUM_FLAGS: &[&str] = &[
     "--disable-sync",
     "--autoplay-policy=no-user-gesture-required",
 ];
+/// Reads the page's first `<video>` (see [`Browser::video`]).
+const VIDEO_JS: &str = "const v = document.querySelector('video');
+    return v ? {current_time: v.currentTime, paused: v.paused, ready_state: v.readyState,
+                error: v.error ? {code: v.error.code, message: v.error.message} : null}
+             : null;";
+/// Sampling period of [`sample`].
+pub const TICK: Duration = Duration::from_millis(250);
 /// How long a started process gets to accept connections.
 pub const STARTUP_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -67,6 +83,9 @@ pub enum HarnessError {
     /// A WebDriver command failed.
     #[error("webdriver: {0}")]
     Command(#[from] fantoccini::error::CmdError),
+    /// The page's `<video>` reported a media error.
+    #[error("media error: {0}")]
+    Media(String),
 }
 
 fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> HarnessError {
@@ -128,40 +147,79 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, Vec<u8>), Ha
     Ok((status, buf[head_end..].to_vec()))
 }
 
-fn server_binary() -> Result<PathBuf, HarnessError> {
-    static BIN: OnceLock<Result<PathBuf, String>> = OnceLock::new();
-    BIN.get_or_init(|| {
-        if let Ok(p) = std::env::var("CLUBCAST_SERVER_BIN") {
-            return Ok(PathBuf::from(p));
-        }
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let out = Command::new(cargo)
-            .current_dir(workspace_dir())
-            .args([
-                "build",
-                "-p",
-                "clubcast-server",
-                "--bin",
-                "clubcast-server",
-                "--message-format=json-render-diagnostics",
-            ])
-            .stderr(Stdio::inherit())
-            .output()
-            .map_err(|e| e.to_string())?;
-        if !out.status.success() {
-            return Err(format!("cargo build exited with {}", out.status));
-        }
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-            .filter(|m| {
-                m["reason"] == "compiler-artifact" && m["target"]["name"] == "clubcast-server"
-            })
-            .find_map(|m| m["executable"].as_str().map(PathBuf::from))
-            .ok_or_else(|| "no clubcast-server executable in cargo's report".to_owned())
+/// The `clubcast-server` executable, built once per process and feature set.
+///
+/// `test_hooks` builds with `--features test-hooks` (into the same target
+/// dir: only the server crate itself is compiled twice). The plain build never
+/// has the feature: nothing in this crate depends on `clubcast-server`, so
+/// feature unification cannot turn it on. Cargo links whichever build ran
+/// last to `debug/clubcast-server`, so the executable is copied at once to
+/// `debug/clubcast-tests/clubcast-server[-test-hooks]` (via a rename, so a
+/// running copy is never overwritten) and run from there.
+/// `CLUBCAST_SERVER_BIN` (plain) and `CLUBCAST_SERVER_TEST_HOOKS_BIN` skip the
+/// build.
+pub fn server_binary(test_hooks: bool) -> Result<PathBuf, HarnessError> {
+    static PLAIN: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    static HOOKS: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    let (cell, var) = if test_hooks {
+        (&HOOKS, "CLUBCAST_SERVER_TEST_HOOKS_BIN")
+    } else {
+        (&PLAIN, "CLUBCAST_SERVER_BIN")
+    };
+    cell.get_or_init(|| match std::env::var(var) {
+        Ok(p) => Ok(PathBuf::from(p)),
+        Err(_) => build_server(test_hooks),
     })
     .clone()
     .map_err(HarnessError::Build)
+}
+
+fn build_server(test_hooks: bool) -> Result<PathBuf, String> {
+    // Two tests of one process may build at once; cargo would serialize them
+    // anyway, and the copy below must not interleave.
+    static BUILD: Mutex<()> = Mutex::new(());
+    let _one = BUILD.lock().unwrap_or_else(|e| e.into_inner());
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut cmd = Command::new(cargo);
+    cmd.current_dir(workspace_dir()).args([
+        "build",
+        "-p",
+        "clubcast-server",
+        "--bin",
+        "clubcast-server",
+        "--message-format=json-render-diagnostics",
+    ]);
+    if test_hooks {
+        cmd.args(["--features", "test-hooks"]);
+    }
+    let out = cmd
+        .stderr(Stdio::inherit())
+        .output()
+        .map_err(|e| e.to_string())?;
+    if !out.status.success() {
+        return Err(format!("cargo build exited with {}", out.status));
+    }
+    let built = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|m| m["reason"] == "compiler-artifact" && m["target"]["name"] == "clubcast-server")
+        .find_map(|m| m["executable"].as_str().map(PathBuf::from))
+        .ok_or_else(|| "no clubcast-server executable in cargo's report".to_owned())?;
+    let dir = built
+        .parent()
+        .ok_or_else(|| format!("{} has no parent dir", built.display()))?
+        .join("clubcast-tests");
+    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let name = if test_hooks {
+        "clubcast-server-test-hooks"
+    } else {
+        "clubcast-server"
+    };
+    let tmp = dir.join(format!("{name}.{}.tmp", std::process::id()));
+    std::fs::copy(&built, &tmp).map_err(|e| format!("copy {}: {e}", built.display()))?;
+    let dest = dir.join(name);
+    std::fs::rename(&tmp, &dest).map_err(|e| format!("rename to {}: {e}", dest.display()))?;
+    Ok(dest)
 }
 
 /// Extra options for [`Server::start`].
@@ -169,6 +227,9 @@ fn server_binary() -> Result<PathBuf, HarnessError> {
 pub struct ServerOptions {
     /// Further command-line arguments, e.g. `["--clubs", "4"]`.
     pub args: Vec<String>,
+    /// Build the server with the `test-hooks` cargo feature (needed for
+    /// `--allow-test-corruption`).
+    pub test_hooks: bool,
 }
 
 /// A running `clubcast-server` with the demo stream.
@@ -187,7 +248,8 @@ impl Server {
         if !pkg.exists() {
             return Err(HarnessError::NoWasm(pkg));
         }
-        let bin = tokio::task::spawn_blocking(server_binary)
+        let test_hooks = opts.test_hooks;
+        let bin = tokio::task::spawn_blocking(move || server_binary(test_hooks))
             .await
             .map_err(|e| HarnessError::Build(e.to_string()))??;
         let dir = tempfile::tempdir().map_err(io("temp dir"))?;
@@ -223,6 +285,32 @@ impl Server {
             log,
             _dir: dir,
         })
+    }
+
+    /// [`Server::start`], then waits (up to a minute) for the demo stream.
+    pub async fn start_demo(opts: ServerOptions) -> Result<Server, HarnessError> {
+        let server = Server::start(opts).await?;
+        server
+            .wait_for_stream("demo", Duration::from_secs(60))
+            .await?;
+        Ok(server)
+    }
+
+    /// The server's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// `GET /metrics`: every sample as `name{labels}` → value.
+    pub async fn metrics(&self) -> Result<BTreeMap<String, f64>, HarnessError> {
+        let (status, body) = http_get(self.addr, "/metrics").await?;
+        if status != 200 {
+            return Err(HarnessError::Io {
+                what: "GET /metrics".into(),
+                source: std::io::Error::other(format!("status {status}")),
+            });
+        }
+        Ok(parse_metrics(&String::from_utf8_lossy(&body)))
     }
 
     /// The HTTP base URL, `http://127.0.0.1:<port>`.
@@ -317,6 +405,18 @@ impl Browser {
         Ok(browser)
     }
 
+    /// Launches a browser and opens `url` in it.
+    pub async fn watch(url: &str) -> Result<Browser, HarnessError> {
+        let b = Browser::launch().await?;
+        b.goto(url).await?;
+        Ok(b)
+    }
+
+    /// The process group of chromedriver and the Chromium it started.
+    pub fn process_group(&self) -> u32 {
+        self.driver.id()
+    }
+
     /// The WebDriver client.
     pub fn client(&self) -> &Client {
         self.client
@@ -342,13 +442,7 @@ impl Browser {
 
     /// The page's first `<video>`: `{current_time, paused, error, ready_state}`.
     pub async fn video(&self) -> Result<Value, HarnessError> {
-        self.eval(
-            "const v = document.querySelector('video');
-             return v ? {current_time: v.currentTime, paused: v.paused, ready_state: v.readyState,
-                         error: v.error ? {code: v.error.code, message: v.error.message} : null}
-                      : null;",
-        )
-        .await
+        self.eval(VIDEO_JS).await
     }
 
     /// Ends the session cleanly, then stops chromedriver.
@@ -383,4 +477,166 @@ pub fn median(xs: &[f64]) -> Option<f64> {
     }
     v.sort_by(f64::total_cmp);
     Some(v[v.len() / 2])
+}
+
+/// `v[k]` as a number, 0 when absent or not a number.
+pub fn num(v: &Value, k: &str) -> f64 {
+    v.get(k).and_then(Value::as_f64).unwrap_or(0.0)
+}
+
+/// The `q` quantile (0..=1, nearest rank) of `xs` (None when empty).
+pub fn quantile(xs: &[f64], q: f64) -> Option<f64> {
+    let mut v: Vec<f64> = xs.iter().copied().filter(|x| x.is_finite()).collect();
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(f64::total_cmp);
+    let i = ((q * v.len() as f64).ceil() as usize).clamp(1, v.len()) - 1;
+    Some(v[i])
+}
+
+/// Prometheus text exposition → `name{labels}` → value (comments skipped).
+pub fn parse_metrics(text: &str) -> BTreeMap<String, f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (k, v) = l.rsplit_once(' ')?;
+            Some((k.to_owned(), v.parse().ok()?))
+        })
+        .collect()
+}
+
+/// Launches `n` browsers, one after the other, each on `url`.
+pub async fn watch_all(n: usize, url: &str) -> Result<Vec<Browser>, HarnessError> {
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        out.push(Browser::watch(url).await?);
+    }
+    Ok(out)
+}
+
+/// Waits until every browser shows a first frame; their `startup_ms`.
+/// A media error on the way, or `timeout`, is an error.
+pub async fn first_frames(
+    browsers: &[Browser],
+    timeout: Duration,
+) -> Result<Vec<f64>, HarnessError> {
+    let deadline = Instant::now() + timeout;
+    let mut startup: Vec<Option<f64>> = vec![None; browsers.len()];
+    while startup.iter().any(Option::is_none) {
+        for (i, b) in browsers.iter().enumerate() {
+            if startup[i].is_some() {
+                continue;
+            }
+            let s = b.stats().await?;
+            startup[i] = s.get("startup_ms").and_then(Value::as_f64);
+            let v = b.video().await?;
+            if !v["error"].is_null() {
+                return Err(HarnessError::Media(format!(
+                    "browser {i} before its first frame: {v}; stats {s}"
+                )));
+            }
+        }
+        if Instant::now() > deadline {
+            return Err(HarnessError::Timeout(format!(
+                "not every browser showed a first frame in {timeout:?}: {startup:?}"
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    Ok(startup.into_iter().flatten().collect())
+}
+
+/// What one browser's `<video>` did in a sampled window.
+#[derive(Debug, Default, Clone)]
+pub struct Playback {
+    /// `currentTime` at the first sample.
+    pub first: Option<f64>,
+    /// The largest `currentTime` seen.
+    pub last: f64,
+    /// Longest wall time with `currentTime` not moving, in ms (resolution: one [`TICK`]).
+    pub longest_freeze_ms: f64,
+    /// Freezes longer than 500 ms.
+    pub freezes_over_500ms: usize,
+    /// Media errors, missing video, failed WebDriver calls.
+    pub errors: Vec<String>,
+    /// Samples taken.
+    pub samples: usize,
+}
+
+impl Playback {
+    /// Media seconds played in the window.
+    pub fn advance(&self) -> f64 {
+        self.first.map_or(0.0, |f| self.last - f)
+    }
+}
+
+/// Samples the `<video>` of `client` every [`TICK`] for `window`.
+pub async fn sample(client: Client, window: Duration) -> Playback {
+    let mut p = Playback::default();
+    let end = Instant::now() + window;
+    let mut frozen_since: Option<Instant> = None;
+    let mut counted = false;
+    let mut tick = tokio::time::interval(TICK);
+    while Instant::now() < end {
+        tick.tick().await;
+        let v = match client.execute(VIDEO_JS, Vec::new()).await {
+            Ok(v) => v,
+            Err(e) => {
+                p.errors.push(format!("webdriver: {e}"));
+                continue;
+            }
+        };
+        p.samples += 1;
+        if !v["error"].is_null() {
+            p.errors.push(format!("media error: {}", v["error"]));
+        }
+        let Some(t) = v["current_time"].as_f64() else {
+            p.errors.push(format!("no video: {v}"));
+            continue;
+        };
+        let now = Instant::now();
+        match p.first {
+            None => {
+                p.first = Some(t);
+                p.last = t;
+                frozen_since = Some(now);
+            }
+            Some(_) if t > p.last => {
+                p.last = t;
+                frozen_since = Some(now);
+                counted = false;
+            }
+            Some(_) => {
+                let since = frozen_since.get_or_insert(now);
+                let ms = now.duration_since(*since).as_secs_f64() * 1000.0;
+                p.longest_freeze_ms = p.longest_freeze_ms.max(ms);
+                if ms > 500.0 && !counted {
+                    p.freezes_over_500ms += 1;
+                    counted = true;
+                }
+            }
+        }
+    }
+    p
+}
+
+/// Samples every browser's `<video>` concurrently for `window`, starting at
+/// once (one task per browser, spawned before this returns); the future gives
+/// the results in browser order.
+pub fn sample_all(
+    browsers: &[Browser],
+    window: Duration,
+) -> impl std::future::Future<Output = Vec<Playback>> + Send + 'static {
+    let tasks: Vec<_> = browsers
+        .iter()
+        .map(|b| tokio::spawn(sample(b.client().clone(), window)))
+        .collect();
+    async move {
+        let mut out = Vec::new();
+        for t in tasks {
+            out.push(t.await.expect("a sampler task does not panic"));
+        }
+        out
+    }
 }

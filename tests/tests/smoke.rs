@@ -8,7 +8,7 @@
 
 use std::time::{Duration, Instant};
 
-use clubcast_tests::{median, Browser, Server, ServerOptions};
+use clubcast_tests::{first_frames, median, Browser, Server, ServerOptions};
 use serde_json::Value;
 
 /// Media seconds the viewer must play.
@@ -24,39 +24,18 @@ fn num(v: &Value, k: &str) -> Option<f64> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_viewer_plays_the_demo_stream() {
-    let server = Server::start(ServerOptions::default())
+    let server = Server::start_demo(ServerOptions::default())
         .await
-        .expect("server starts");
-    server
-        .wait_for_stream("demo", Duration::from_secs(60))
+        .expect("server starts and publishes the demo stream");
+    let browser = Browser::watch(&format!("{}/watch/demo", server.url()))
         .await
-        .expect("the demo stream is published");
-    let browser = Browser::launch().await.expect("browser starts");
-    browser
-        .goto(&format!("{}/watch/demo", server.url()))
-        .await
-        .expect("watch page opens");
+        .expect("browser opens the watch page");
 
     // First frame.
-    let started = Instant::now();
-    let stats = loop {
-        let s = browser.stats().await.expect("stats readable");
-        if num(&s, "startup_ms").is_some() {
-            break s;
-        }
-        let v = browser.video().await.expect("video readable");
-        assert!(
-            v["error"].is_null(),
-            "video error before the first frame: {v}; stats {s}"
-        );
-        assert!(
-            started.elapsed() < START_TIMEOUT,
-            "no first frame in {START_TIMEOUT:?}; stats {s}; video {v}\nserver log:\n{}",
-            server.log_tail(30)
-        );
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    };
-    let startup_ms = num(&stats, "startup_ms").expect("checked above");
+    let startup_ms = first_frames(std::slice::from_ref(&browser), START_TIMEOUT)
+        .await
+        .unwrap_or_else(|e| panic!("no first frame: {e}\nserver log:\n{}", server.log_tail(30)))[0];
+    let stats = browser.stats().await.expect("stats readable");
     assert!(startup_ms > 0.0, "startup_ms is filled in: {stats}");
 
     // Play on.

@@ -18,7 +18,13 @@
 //!    `bytes_from_peers` includes bytes from the server's WebRTC seeder; the
 //!    browsers' own share is printed as "browser uploads / all bytes";
 //! 3. churn: two browsers are killed (dropped) and the other four must keep
-//!    advancing `currentTime` (at least [`MIN_CHURN_ADVANCE`] s) for [`CHURN`].
+//!    advancing `currentTime` (at least [`MIN_CHURN_ADVANCE`] s) for [`CHURN`],
+//!    never standing still for more than [`MAX_CHURN_FREEZE_MS`]. Their links
+//!    are replaced: no survivor keeps a link open to a killed browser (open
+//!    links at most the other survivors plus the seeder), every survivor still
+//!    has one, and in the churn window the survivors still get at least
+//!    [`MIN_P2P_RATIO`] of their bytes over peer links (the seeder's
+//!    included) rather than from the origin.
 //!
 //! `bad_input_does_not_disturb_viewers`: while two browsers play, garbage is
 //! `PUT` to `/ingest/demo` (no token, wrong token, right token) and malformed
@@ -31,9 +37,9 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use clubcast_tests::{http_get, median, Browser, Server, ServerOptions};
-use fantoccini::Client;
-use serde_json::Value;
+use clubcast_tests::{
+    first_frames, http_get, median, num, sample_all, watch_all, Server, ServerOptions,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -49,154 +55,33 @@ const MIN_ADVANCE: f64 = 20.0;
 const CHURN: Duration = Duration::from_secs(15);
 /// Media seconds every survivor must play within [`CHURN`].
 const MIN_CHURN_ADVANCE: f64 = 9.0;
+/// Longest allowed wall time with a survivor's `currentTime` not advancing
+/// after the churn (same sampling as [`MAX_FREEZE_MS`]).
+const MAX_CHURN_FREEZE_MS: f64 = 1000.0;
 /// Minimum swarm-wide `bytes_from_peers / (bytes_from_peers + bytes_from_origin)`.
 const MIN_P2P_RATIO: f64 = 0.5;
 /// Longest allowed wall time with `currentTime` not advancing, after startup
-/// (measured by [`TICK`] sampling, so resolution is one tick).
+/// (measured by [`clubcast_tests::TICK`] sampling, so resolution is one tick).
 const MAX_FREEZE_MS: f64 = 500.0;
 /// Wall time allowed for all browsers to reach a first frame.
 const START_TIMEOUT: Duration = Duration::from_secs(90);
-/// Sampling period of `currentTime`.
-const TICK: Duration = Duration::from_millis(250);
-
-fn num(v: &Value, k: &str) -> f64 {
-    v.get(k).and_then(Value::as_f64).unwrap_or(0.0)
-}
-
-const VIDEO_JS: &str = "const v = document.querySelector('video');
-    return v ? {current_time: v.currentTime, paused: v.paused, ready_state: v.readyState,
-                error: v.error ? {code: v.error.code, message: v.error.message} : null}
-             : null;";
-
-/// What one browser did in a sampled window.
-#[derive(Debug, Default)]
-struct Playback {
-    first: Option<f64>,
-    last: f64,
-    /// Longest wall time with `currentTime` not moving, in ms.
-    longest_freeze_ms: f64,
-    /// Freezes longer than 500 ms.
-    freezes_over_500ms: usize,
-    errors: Vec<String>,
-    samples: usize,
-}
-
-impl Playback {
-    fn advance(&self) -> f64 {
-        self.first.map_or(0.0, |f| self.last - f)
-    }
-}
-
-/// Samples the `<video>` of `client` every [`TICK`] for `window`.
-async fn sample(client: Client, window: Duration) -> Playback {
-    let mut p = Playback::default();
-    let end = Instant::now() + window;
-    let mut frozen_since: Option<Instant> = None;
-    let mut counted = false;
-    let mut tick = tokio::time::interval(TICK);
-    while Instant::now() < end {
-        tick.tick().await;
-        let v = match client.execute(VIDEO_JS, Vec::new()).await {
-            Ok(v) => v,
-            Err(e) => {
-                p.errors.push(format!("webdriver: {e}"));
-                continue;
-            }
-        };
-        p.samples += 1;
-        if !v["error"].is_null() {
-            p.errors.push(format!("media error: {}", v["error"]));
-        }
-        let Some(t) = v["current_time"].as_f64() else {
-            p.errors.push(format!("no video: {v}"));
-            continue;
-        };
-        let now = Instant::now();
-        match p.first {
-            None => {
-                p.first = Some(t);
-                p.last = t;
-                frozen_since = Some(now);
-            }
-            Some(_) if t > p.last => {
-                p.last = t;
-                frozen_since = Some(now);
-                counted = false;
-            }
-            Some(_) => {
-                let since = frozen_since.get_or_insert(now);
-                let ms = now.duration_since(*since).as_secs_f64() * 1000.0;
-                p.longest_freeze_ms = p.longest_freeze_ms.max(ms);
-                if ms > 500.0 && !counted {
-                    p.freezes_over_500ms += 1;
-                    counted = true;
-                }
-            }
-        }
-    }
-    p
-}
-
-/// Samples all `clients` concurrently for `window`.
-async fn sample_all(clients: &[Client], window: Duration) -> Vec<Playback> {
-    let tasks: Vec<_> = clients
-        .iter()
-        .map(|c| tokio::spawn(sample(c.clone(), window)))
-        .collect();
-    let mut out = Vec::new();
-    for t in tasks {
-        out.push(t.await.expect("sampler task"));
-    }
-    out
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn swarm_of_six_plays_and_survives_churn() {
     let _turn = ONE_AT_A_TIME.lock().await;
-    let server = Server::start(ServerOptions::default())
+    let server = Server::start_demo(ServerOptions::default())
         .await
-        .expect("server starts");
-    server
-        .wait_for_stream("demo", Duration::from_secs(60))
-        .await
-        .expect("the demo stream is published");
+        .expect("server starts and publishes the demo stream");
     let url = format!("{}/watch/demo", server.url());
-
-    let mut browsers = Vec::new();
-    for i in 0..N {
-        let b = Browser::launch()
-            .await
-            .unwrap_or_else(|e| panic!("browser {i} starts: {e}"));
-        b.goto(&url).await.expect("watch page opens");
-        browsers.push(b);
-    }
+    let mut browsers = watch_all(N, &url)
+        .await
+        .expect("browsers open the watch page");
 
     // Every browser reaches a first frame.
     let started = Instant::now();
-    let mut startup = vec![None; N];
-    while startup.iter().any(Option::is_none) {
-        for (i, b) in browsers.iter().enumerate() {
-            if startup[i].is_some() {
-                continue;
-            }
-            let s = b.stats().await.expect("stats readable");
-            if s.get("startup_ms").and_then(Value::as_f64).is_some() {
-                startup[i] = Some(num(&s, "startup_ms"));
-            }
-            let v = b.video().await.expect("video readable");
-            assert!(
-                v["error"].is_null(),
-                "browser {i}: video error before the first frame: {v}; stats {s}"
-            );
-        }
-        assert!(
-            started.elapsed() < START_TIMEOUT,
-            "not all browsers reached a first frame in {START_TIMEOUT:?}: {startup:?}\n\
-             server log:\n{}",
-            server.log_tail(30)
-        );
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
+    let startup = first_frames(&browsers, START_TIMEOUT)
+        .await
+        .unwrap_or_else(|e| panic!("{e}\nserver log:\n{}", server.log_tail(30)));
     println!("swarm: all {N} started after {:?}", started.elapsed());
 
     // Measured window.
@@ -204,8 +89,7 @@ async fn swarm_of_six_plays_and_survives_churn() {
     for b in &browsers {
         before.push(b.stats().await.expect("stats readable"));
     }
-    let clients: Vec<Client> = browsers.iter().map(|b| b.client().clone()).collect();
-    let play = sample_all(&clients, MEASURE).await;
+    let play = sample_all(&browsers, MEASURE).await;
     let mut after = Vec::new();
     for b in &browsers {
         after.push(b.stats().await.expect("stats readable"));
@@ -225,7 +109,7 @@ async fn swarm_of_six_plays_and_survives_churn() {
         win_origin += num(s, "bytes_from_origin") - num(s0, "bytes_from_origin");
         latencies.push(num(s, "latency_ms"));
         println!(
-            "swarm: browser {i}: startup_ms={:?} advance={:.1}s longest_freeze_ms={:.0} \
+            "swarm: browser {i}: startup_ms={} advance={:.1}s longest_freeze_ms={:.0} \
              freezes>500ms={} samples={} stalls={} (+{} in window) stall_ms={} (+{:.0}) \
              bytes_from_peers={} bytes_from_origin={} peers={} latency_ms={}",
             startup[i],
@@ -282,10 +166,16 @@ async fn swarm_of_six_plays_and_survives_churn() {
     // Churn: kill two, the rest keep playing.
     let survivors = browsers.split_off(KILLED);
     drop(browsers);
-    let clients: Vec<Client> = survivors.iter().map(|b| b.client().clone()).collect();
-    let play = sample_all(&clients, CHURN).await;
+    let mut before = Vec::new();
+    for b in &survivors {
+        before.push(b.stats().await.expect("stats readable"));
+    }
+    let play = sample_all(&survivors, CHURN).await;
+    let (mut win_peers, mut win_origin) = (0.0, 0.0);
     for (i, p) in play.iter().enumerate() {
         let s = survivors[i].stats().await.expect("stats readable");
+        win_peers += num(&s, "bytes_from_peers") - num(&before[i], "bytes_from_peers");
+        win_origin += num(&s, "bytes_from_origin") - num(&before[i], "bytes_from_origin");
         println!(
             "churn: survivor {i}: advance={:.1}s longest_freeze_ms={:.0} stalls={} \
              bytes_from_peers={} bytes_from_origin={} peers={} latency_ms={}",
@@ -304,7 +194,29 @@ async fn swarm_of_six_plays_and_survives_churn() {
              stats {s}",
             p.advance()
         );
+        assert!(
+            p.longest_freeze_ms <= MAX_CHURN_FREEZE_MS,
+            "survivor {i}: currentTime stood still for {:.0} ms after the churn: {p:?}",
+            p.longest_freeze_ms
+        );
+        // One link per remote at most: the other survivors and the seeder.
+        let alive = (N - KILLED) as f64;
+        assert!(
+            (1.0..=alive).contains(&num(&s, "peers")),
+            "survivor {i} has {} open links; expected 1..={alive} (none to a killed browser): {s}",
+            s["peers"]
+        );
     }
+    println!(
+        "churn: p2p ratio (churn window) = {:.3}",
+        ratio(win_peers, win_origin)
+    );
+    assert!(
+        ratio(win_peers, win_origin) >= MIN_P2P_RATIO,
+        "after the churn the survivors got only {:.3} of their bytes from peers \
+         (peers {win_peers}, origin {win_origin}): the killed browsers' roles were not taken over",
+        ratio(win_peers, win_origin)
+    );
     for b in survivors {
         b.close().await;
     }
@@ -391,31 +303,21 @@ async fn ws_garbage(addr: SocketAddr, frames: &[(u8, &[u8])]) -> u16 {
 async fn bad_input_does_not_disturb_viewers() {
     let _turn = ONE_AT_A_TIME.lock().await;
     const TOKEN: &str = "swarm-test-token";
-    let server = Server::start(ServerOptions {
+    let server = Server::start_demo(ServerOptions {
         args: vec!["--publish-token".into(), TOKEN.into()],
+        ..ServerOptions::default()
     })
     .await
-    .expect("server starts");
-    server
-        .wait_for_stream("demo", Duration::from_secs(60))
-        .await
-        .expect("the demo stream is published");
+    .expect("server starts and publishes the demo stream");
     let url = format!("{}/watch/demo", server.url());
-    let mut browsers = Vec::new();
-    for _ in 0..2 {
-        let b = Browser::launch().await.expect("browser starts");
-        b.goto(&url).await.expect("watch page opens");
-        browsers.push(b);
-    }
-    let clients: Vec<Client> = browsers.iter().map(|b| b.client().clone()).collect();
-    let watching = tokio::spawn({
-        let clients = clients.clone();
-        async move {
-            // Give the viewers time to start, then sample while the garbage flies.
-            tokio::time::sleep(Duration::from_secs(5)).await;
-            sample_all(&clients, Duration::from_secs(15)).await
-        }
-    });
+    let browsers = watch_all(2, &url)
+        .await
+        .expect("browsers open the watch page");
+    first_frames(&browsers, START_TIMEOUT)
+        .await
+        .unwrap_or_else(|e| panic!("{e}\nserver log:\n{}", server.log_tail(30)));
+    // Sample while the garbage flies.
+    let watching = sample_all(&browsers, Duration::from_secs(15));
 
     let addr = server.addr();
     let garbage: Vec<u8> = (0..64 * 1024u32)
@@ -462,7 +364,7 @@ async fn bad_input_does_not_disturb_viewers() {
         "healthz after bad input"
     );
 
-    let play = watching.await.expect("sampler");
+    let play = watching.await;
     for (i, p) in play.iter().enumerate() {
         println!(
             "bad input: browser {i}: advance={:.1}s longest_freeze_ms={:.0}",
