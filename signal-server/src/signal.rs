@@ -162,6 +162,8 @@ impl std::fmt::Debug for Hub {
 /// A joined peer, as its connection task holds it.
 pub(crate) struct Session {
     pub(crate) peer: PeerId,
+    /// The stream, readable without the swarm lock (heartbeats ask its live edge).
+    pub(crate) stream: Arc<crate::stream::Stream>,
     pub(crate) swarm: Arc<Mutex<Swarm>>,
     pub(crate) rx: mpsc::Receiver<String>,
     pub(crate) close: CloseCell,
@@ -329,6 +331,7 @@ impl Hub {
         self.apply(fx);
         Ok(Session {
             peer,
+            stream,
             swarm,
             rx,
             close,

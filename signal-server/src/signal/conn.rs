@@ -310,11 +310,9 @@ impl Conn {
                 let pong = ServerMsg::Pong {
                     v: SIGNAL_VERSION,
                     server_time_ms: unix_ms(),
-                    live_edge: session
-                        .swarm
-                        .lock()
-                        .map(|s| s.stream.live_edge().unwrap_or(0))
-                        .unwrap_or(0),
+                    // Not through the swarm lock: a join holds it for
+                    // milliseconds in a large swarm, and every peer heartbeats.
+                    live_edge: session.stream.live_edge().unwrap_or(0),
                 };
                 self.offences.good();
                 return self.reply(&pong).await;
