@@ -227,6 +227,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let joined = ctx.counters.joined.load(Ordering::Relaxed);
     eprintln!("signal_load: {joined} joined in {join_wall:.1} s; settling");
 
+    let counters_after_join = server_counters(&ctx.args.url).await;
     tokio::time::sleep(Duration::from_secs(ctx.args.settle_secs)).await;
     let rss_connected = vm_rss_bytes(pid)?;
     let connected_before_relay = joined - ctx.counters.closed.load(Ordering::Relaxed);
@@ -256,6 +257,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     tokio::time::sleep(Duration::from_secs(2)).await;
     let rss_after_relay = vm_rss_bytes(pid)?;
     let connected_after_relay = joined - c.closed.load(Ordering::Relaxed);
+    let counters_after_relay = server_counters(&ctx.args.url).await;
     ctx.phase.store(PHASE_STOP, Ordering::Relaxed);
     for t in tasks {
         let _ = tokio::time::timeout(Duration::from_secs(10), t).await;
@@ -312,6 +314,8 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             "unknown_peer": c.unknown_peer.load(Ordering::Relaxed),
         },
         "relayed_msgs_per_s_per_core": round(received as f64 / server_cpu, 0),
+        "server_counters_after_join": counters_after_join,
+        "server_counters_after_relay": counters_after_relay,
         "link_msgs": c.links_msgs.load(Ordering::Relaxed),
         "other_errors": c.other_errors.load(Ordering::Relaxed),
         "client_cpu_s_total": round((cpu_ticks("self")? - client_cpu0) as f64 / tck, 2),
@@ -322,6 +326,46 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         std::fs::write(p, text + "\n")?;
     }
     Ok(())
+}
+
+/// The server's drop and reject counters (`/metrics` beside `/ws`), by label.
+async fn server_counters(ws_url: &str) -> serde_json::Value {
+    let addr = ws_url
+        .trim_start_matches("ws://")
+        .split('/')
+        .next()
+        .unwrap_or_default()
+        .to_owned();
+    let body = async {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(&addr).await?;
+        s.write_all(format!("GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
+            .await?;
+        let mut text = String::new();
+        s.read_to_string(&mut text).await?;
+        std::io::Result::Ok(text)
+    };
+    let text = match tokio::time::timeout(Duration::from_secs(10), body).await {
+        Ok(Ok(t)) => t,
+        _ => return json!(null),
+    };
+    let mut out = serde_json::Map::new();
+    for line in text.lines() {
+        for (prefix, key) in [
+            ("clubcast_dropped_peers_total{reason=\"", "dropped"),
+            ("clubcast_rejects_total{code=\"", "rejects"),
+        ] {
+            let Some(rest) = line.strip_prefix(prefix) else {
+                continue;
+            };
+            let Some((label, value)) = rest.split_once("\"} ") else {
+                continue;
+            };
+            let entry = out.entry(key).or_insert_with(|| json!({}));
+            entry[label] = json!(value.trim().parse::<u64>().unwrap_or(0));
+        }
+    }
+    serde_json::Value::Object(out)
 }
 
 fn mib(b: u64) -> f64 {
