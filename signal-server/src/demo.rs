@@ -105,8 +105,8 @@ impl Clip {
         Fragment {
             bytes: bytes.freeze(),
             media_time,
-            keyframe: f.keyframe,
             tracks,
+            ..f.clone()
         }
     }
 

@@ -14,9 +14,9 @@
 //!
 //! Errors answer with a JSON body `{"error":{"code","message"}}`: 401 for a
 //! missing or wrong token, 409 when another publisher holds the name, 415 when the
-//! body is not MP4, 413 for an oversized box, 400 for a truncated or malformed
-//! stream or a bad name. Blocks published before an error stay stored, and other
-//! streams are not touched.
+//! body is not MP4, 413 for an oversized box, init segment or fragment, 400 for a
+//! truncated, empty or malformed stream or a bad name. Blocks published before an
+//! error stay stored, and other streams are not touched.
 
 pub mod chunker;
 pub mod fmp4;
@@ -89,6 +89,7 @@ impl IngestError {
             IngestError::Media(Fmp4Error::NotMp4(_)) => "not_mp4",
             IngestError::Media(Fmp4Error::TooLarge { .. }) => "too_large",
             IngestError::Media(Fmp4Error::Truncated(_)) => "truncated",
+            IngestError::Media(Fmp4Error::NoInit) => "no_init",
             IngestError::Media(_) => "malformed_mp4",
             IngestError::Body(_) => "body_error",
         }

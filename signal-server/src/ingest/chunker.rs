@@ -22,9 +22,14 @@ pub fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-/// Block payload size actually used for a requested size.
+/// Smallest block payload: below this the 94-byte block overhead and one
+/// signature per block dominate.
+pub const MIN_BLOCK_BYTES: usize = 1024;
+
+/// Block payload size actually used for a requested size: clamped to
+/// [`MIN_BLOCK_BYTES`]..=[`MAX_PAYLOAD`].
 pub fn clamp_block_bytes(block_bytes: usize) -> usize {
-    block_bytes.clamp(1024, MAX_PAYLOAD)
+    block_bytes.clamp(MIN_BLOCK_BYTES, MAX_PAYLOAD)
 }
 
 /// Publishes `frag` as blocks of at most `block_bytes`; returns them.
@@ -75,8 +80,11 @@ mod tests {
             let frag = Fragment {
                 bytes: Bytes::from(vec![i as u8; len]),
                 media_time: i as u64 * 1000,
+                timescale: 1000,
+                duration: None,
                 keyframe: i != 2,
                 tracks: Vec::new(),
+                sequence_offset: None,
             };
             let blocks = publish_fragment(&s, &frag, 2048).expect("publish");
             assert_eq!(blocks.len(), len.div_ceil(2048));
@@ -95,5 +103,34 @@ mod tests {
                 .collect();
             assert_eq!(joined, frag.bytes.to_vec());
         }
+    }
+
+    #[test]
+    fn block_size_is_clamped_to_what_a_block_can_carry() {
+        assert_eq!(clamp_block_bytes(0), MIN_BLOCK_BYTES);
+        assert_eq!(clamp_block_bytes(16 * 1024), 16 * 1024);
+        assert_eq!(clamp_block_bytes(usize::MAX), MAX_PAYLOAD);
+        let streams = Streams::new(
+            None,
+            StoreConfig {
+                store_seconds: 60,
+                max_bytes: usize::MAX,
+            },
+        );
+        let s = streams.get_or_create("big").expect("valid name");
+        let frag = Fragment {
+            bytes: Bytes::from(vec![7; 3 * MAX_PAYLOAD + 1]),
+            media_time: 0,
+            timescale: 1000,
+            duration: None,
+            keyframe: true,
+            tracks: Vec::new(),
+            sequence_offset: None,
+        };
+        let blocks = publish_fragment(&s, &frag, 1 << 20).expect("publish");
+        assert_eq!(blocks.len(), 4);
+        assert!(blocks
+            .iter()
+            .all(|b| b.block.payload().len() <= MAX_PAYLOAD));
     }
 }
