@@ -12,16 +12,27 @@
 //!   http://127.0.0.1:8080/ingest/cam
 //! ```
 //!
-//! Errors answer with a JSON body `{"error":{"code","message"}}`: 401 for a
-//! missing or wrong token, 409 when another publisher holds the name, 415 when the
-//! body is not MP4, 413 for an oversized box, init segment or fragment, 400 for a
-//! truncated, empty or malformed stream or a bad name. Blocks published before an
-//! error stay stored, and other streams are not touched.
+//! `-method PUT` and `-chunked_post 1` (the default) make ffmpeg's HTTP output
+//! one long chunked request; `-re` paces a file as if it were live. Fragments
+//! should start at keyframes (`frag_keyframe`, with `-g` one fragment long) so
+//! that every fragment is a place where a viewer can start.
+//!
+//! Errors answer with a JSON body `{"error":{"code":"...","message":"..."}}` and
+//! a stable code ([`IngestError::code`]): 401 `unauthorized` for a missing or
+//! wrong token, 409 `stream_busy` when another publisher holds the name, 415
+//! `not_mp4` when the body is not MP4, 413 `too_large` for an oversized box,
+//! init segment or fragment, 400 `truncated`, `no_init` or `malformed_mp4` for a
+//! bad stream, 400 `bad_name`, and 408 `idle_timeout` when the publisher sends
+//! nothing for [`IDLE_TIMEOUT`]; a block that cannot be signed or stored is a
+//! server fault, 500 `internal`. Blocks published before an error stay stored,
+//! other streams are not touched, and the name is free for the next publisher as
+//! soon as the request ends.
 
 pub mod chunker;
 pub mod fmp4;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::{Path, State};
@@ -35,6 +46,9 @@ use serde_json::json;
 use crate::metrics::Metrics;
 use crate::stream::{StreamError, Streams};
 use fmp4::{Fmp4Error, Fmp4Parser, Item};
+
+/// A publisher that sends nothing for this long is dropped and its name freed.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// What the ingest route needs.
 #[derive(Clone)]
@@ -76,6 +90,12 @@ pub enum IngestError {
     /// The request body failed mid-stream.
     #[error("request body: {0}")]
     Body(String),
+    /// The publisher sent nothing for [`IDLE_TIMEOUT`].
+    #[error("no data for {} s", IDLE_TIMEOUT.as_secs())]
+    Idle,
+    /// A block could not be signed or stored (a server bug, not the input).
+    #[error("publishing failed: {0}")]
+    Publish(StreamError),
 }
 
 impl IngestError {
@@ -92,6 +112,8 @@ impl IngestError {
             IngestError::Media(Fmp4Error::NoInit) => "no_init",
             IngestError::Media(_) => "malformed_mp4",
             IngestError::Body(_) => "body_error",
+            IngestError::Idle => "idle_timeout",
+            IngestError::Publish(_) => "internal",
         }
     }
 
@@ -104,6 +126,8 @@ impl IngestError {
             IngestError::Media(Fmp4Error::NotMp4(_)) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             IngestError::Media(Fmp4Error::TooLarge { .. }) => StatusCode::PAYLOAD_TOO_LARGE,
             IngestError::Media(_) | IngestError::Body(_) => StatusCode::BAD_REQUEST,
+            IngestError::Idle => StatusCode::REQUEST_TIMEOUT,
+            IngestError::Publish(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 }
@@ -177,14 +201,18 @@ async fn run(
     let mut parser = Fmp4Parser::new();
     let mut body = body.into_data_stream();
     let (mut fragments, mut blocks) = (0u64, 0u64);
-    while let Some(chunk) = body.next().await {
+    loop {
+        let next = tokio::time::timeout(IDLE_TIMEOUT, body.next()).await;
+        let Some(chunk) = next.map_err(|_| IngestError::Idle)? else {
+            break;
+        };
         let chunk = chunk.map_err(|e| IngestError::Body(e.to_string()))?;
         for item in parser.push(&chunk)? {
             match item {
                 Item::Init(init) => guard.stream().set_init(init),
                 Item::Fragment(frag) => {
                     let b = chunker::publish_fragment(guard.stream(), &frag, st.block_bytes)
-                        .map_err(IngestError::Stream)?;
+                        .map_err(IngestError::Publish)?;
                     fragments += 1;
                     blocks += b.len() as u64;
                 }
@@ -194,4 +222,81 @@ async fn run(
     parser.finish()?;
     tracing::info!(stream = %name, fragments, blocks, "publisher finished");
     Ok((fragments, blocks))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::stream::StoreConfig;
+    use bytes::Bytes;
+    use futures_util::stream;
+
+    const FIXTURE: &[u8] = include_bytes!("../tests/fixtures/small.mp4");
+    const TOKEN: &str = "idle-test-token";
+
+    fn state() -> IngestState {
+        IngestState {
+            streams: Arc::new(Streams::new(
+                None,
+                StoreConfig {
+                    store_seconds: 3600,
+                    max_bytes: usize::MAX,
+                },
+            )),
+            publish_token: TOKEN.into(),
+            block_bytes: 16 * 1024,
+            metrics: Arc::new(Metrics::default()),
+        }
+    }
+
+    fn auth() -> HeaderMap {
+        let mut h = HeaderMap::new();
+        let v = format!("Bearer {TOKEN}")
+            .parse()
+            .expect("ASCII header value");
+        h.insert(axum::http::header::AUTHORIZATION, v);
+        h
+    }
+
+    /// The fixture in four chunks.
+    fn quarters() -> Vec<Result<Bytes, std::io::Error>> {
+        FIXTURE
+            .chunks(FIXTURE.len().div_ceil(4))
+            .map(|c| Ok(Bytes::from_static(c)))
+            .collect()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stalled_publisher_gets_408_and_frees_the_name() {
+        let st = state();
+        let first = quarters().into_iter().take(2);
+        let body = Body::from_stream(stream::iter(first).chain(stream::pending()));
+        let started = tokio::time::Instant::now();
+        let err = tokio::time::timeout(2 * IDLE_TIMEOUT, run(&st, "cam", &auth(), body))
+            .await
+            .expect("the server gives up on the publisher")
+            .expect_err("stalls");
+        assert!(started.elapsed() >= IDLE_TIMEOUT, "not before the timeout");
+        assert!(matches!(err, IngestError::Idle), "{err}");
+        assert_eq!(err.status(), StatusCode::REQUEST_TIMEOUT);
+        assert_eq!(err.code(), "idle_timeout");
+        let s = st.streams.get("cam").expect("created");
+        assert!(s.live_edge().is_some(), "what arrived stays published");
+        assert!(s.claim().is_ok(), "the name is free for the next publisher");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_slow_but_steady_publisher_is_not_cut_off() {
+        let st = state();
+        let gap = IDLE_TIMEOUT - Duration::from_secs(1);
+        let body = Body::from_stream(stream::iter(quarters()).then(move |c| async move {
+            tokio::time::sleep(gap).await;
+            c
+        }));
+        let started = tokio::time::Instant::now();
+        let (fragments, _) = run(&st, "cam", &auth(), body).await.expect("accepted");
+        assert!(started.elapsed() > 3 * IDLE_TIMEOUT, "the limit is per gap");
+        let whole = fmp4::split([FIXTURE]).expect("valid fixture");
+        assert_eq!(fragments as usize, whole.len() - 1, "every fragment");
+    }
 }
