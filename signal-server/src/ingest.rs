@@ -12,10 +12,15 @@
 //!   http://127.0.0.1:8080/ingest/cam
 //! ```
 //!
-//! `-method PUT` and `-chunked_post 1` (the default) make ffmpeg's HTTP output
-//! one long chunked request; `-re` paces a file as if it were live. Fragments
-//! should start at keyframes (`frag_keyframe`, with `-g` one fragment long) so
-//! that every fragment is a place where a viewer can start.
+//! Verified with ffmpeg 5.1 (and run by the `ingest_router` test when ffmpeg is
+//! installed). `-method PUT` and `-chunked_post 1` (the default) make ffmpeg's
+//! HTTP output one long chunked request; `-re` paces a file as if it were live;
+//! for a camera or screen, replace `-re -i input.mp4` with its input. `-g`
+//! should be the frame rate (a keyframe a second) so that with `frag_keyframe`
+//! every fragment starts with a keyframe and is a place where a viewer can
+//! start. ffmpeg warns "No trailing CRLF found in HTTP header" and adds it
+//! itself; the warning is harmless. ffmpeg hangs up right after its last chunk
+//! without reading the answer; everything it sent is still published.
 //!
 //! Errors answer with a JSON body `{"error":{"code":"...","message":"..."}}` and
 //! a stable code ([`IngestError::code`]): 401 `unauthorized` for a missing or
