@@ -292,6 +292,9 @@ json.dump(result, open(f"{out}/server.json", "w"), indent=2)
 open(f"{out}/server.json", "a").write("\n")
 
 s, r = sig, sig["relay"]
+def fmt_counts(c, key):
+    d = (c or {}).get(key) or {}
+    return ", ".join(f"{k} {v}" for k, v in sorted(d.items())) or "none"
 def mib(b): return b / 1048576
 lines = [
  "# Server figures",
@@ -323,7 +326,8 @@ lines = [
  f"| relayed signals received / s (wall) | {r['received_per_s']:,.0f} of {r['sent_per_s']:,.0f} sent/s | |",
  f"| server CPU in the relay window | {r['server_cpu_s']} s = {r['server_cores_busy']} cores busy | |",
  f"| **relayed msgs / s per core** | **{s['relayed_msgs_per_s_per_core']:,.0f}** | aquatic_ws: ~120k responses/s per core |",
- f"| rate_limited / unknown_peer errors, peers lost | {r['rate_limited']} / {r['unknown_peer']}, {s['connected_before_relay'] - s['connected_after_relay']} | |",
+ f"| peers the server dropped (by reason): after the joins / after the relay | {fmt_counts(s['server_counters_after_join'], 'dropped')} / {fmt_counts(s['server_counters_after_relay'], 'dropped')} | |",
+ f"| rate_limited / unknown_peer answers during the relay; peers lost in it | {r['rate_limited']} / {r['unknown_peer']}; {s['connected_before_relay'] - s['connected_after_relay']} | |",
  f"| server RSS after the relay phase | {mib(s['rss_after_relay_bytes']):.1f} MiB | |",
  "",
  "## Origin: `GET /streams/{id}/blocks/{seq}` against nginx, same run, same bytes",
