@@ -71,6 +71,12 @@ bench-server:
 
 # One server and N headless-Chromium peers, measured end to end.
 bench-e2e: setup build-web
-    @echo "bench-e2e is not written yet (issue 5); the swarm test prints per-browser figures:" >&2
-    @echo "  TMPDIR=\$(mktemp -d) cargo test -p clubcast-tests --test swarm -- --nocapture" >&2
-    @exit 1
+    #!/usr/bin/env bash
+    set -euo pipefail
+    # A private TMPDIR: every browser's profile and chromedriver files land there.
+    export TMPDIR="$(mktemp -d)"
+    trap 'rm -rf "${TMPDIR}"' EXIT
+    mkdir -p {{results}}
+    # 12 browsers with P2P on, then off, then the same with 6 (labelled rows).
+    cargo run -p clubcast-tests --bin bench_e2e -- --browsers 12 --secs 60 --extra 6 \
+        --out {{results}} --command "just bench-e2e"
