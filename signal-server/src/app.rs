@@ -43,12 +43,15 @@ impl AppState {
     pub fn new(config: Config, streams: Arc<Streams>, shutdown: CancellationToken) -> Self {
         let config = Arc::new(config);
         let metrics = Arc::new(Metrics::new());
-        let grants = Arc::new(Grants::new(
-            config.budget_bits_per_interval(),
-            config.anonymous_budget_percent,
-            config.bid_interval(),
-            Instant::now(),
-        ));
+        let grants = Arc::new(
+            Grants::new(
+                config.budget_bits_per_interval(),
+                config.anonymous_budget_percent,
+                config.bid_interval(),
+                Instant::now(),
+            )
+            .with_unit_bits(config.block_unit_bits()),
+        );
         let hub = Hub::new(
             config.clone(),
             streams.clone(),

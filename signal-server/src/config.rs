@@ -246,7 +246,12 @@ impl Config {
         Duration::from_millis(self.bid_interval_ms.into())
     }
 
-    /// Origin budget for one bid interval, bits.
+    /// One gap-fill grant unit: a whole block with its header and signature, bits.
+    pub fn block_unit_bits(&self) -> u64 {
+        (self.block_bytes() + clubcast_protocol::block::BLOCK_OVERHEAD) as u64 * 8
+    }
+
+    /// Gap-fill budget per bid interval, bits.
     pub fn budget_bits_per_interval(&self) -> u64 {
         self.origin_budget_kbps
             .saturating_mul(u64::from(self.bid_interval_ms))

@@ -4,7 +4,8 @@
 //! 1. Peers send `bid` messages over `/ws`; [`Grants::handle_bid`] keeps the
 //!    newest bid of each peer for the current interval.
 //! 2. At the interval's end, [`Grants::handle_interval`] splits the bid budget
-//!    with [`clubcast_protocol::bid::allocate`] (max-min fair), replaces every
+//!    with [`clubcast_protocol::bid::allocate_units`] (max-min fair in whole
+//!    blocks, see [`Grants::with_unit_bits`]), replaces every
 //!    balance with the new grants (unused bits expire) and refills the anonymous
 //!    bucket. The signaling hub sends each bidder its `grant`.
 //! 3. The origin calls [`Grants::debit`] for every block it serves. A request with
@@ -20,7 +21,7 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use clubcast_protocol::bid::{allocate, Bid, Grant};
+use clubcast_protocol::bid::{allocate_units, Bid, Grant};
 use clubcast_protocol::signal::PeerId;
 
 /// Length of a grant token, bytes of randomness (hex-encoded on the wire).
@@ -79,6 +80,8 @@ struct Ledger {
     balances: HashMap<PeerId, u64>,
     anonymous: u64,
     interval_end: Instant,
+    /// Where the next interval's spare units start among the bids.
+    cursor: usize,
 }
 
 /// The ledger of one server; shared by signaling (bids) and the origin (debits).
@@ -87,6 +90,7 @@ pub struct Grants {
     bid_budget: u64,
     anonymous_budget: u64,
     interval: Duration,
+    unit_bits: u64,
     ledger: Mutex<Ledger>,
 }
 
@@ -100,6 +104,7 @@ impl Grants {
             bid_budget: budget_bits - anonymous_budget,
             anonymous_budget,
             interval,
+            unit_bits: 0,
             ledger: Mutex::new(Ledger {
                 tokens: HashMap::new(),
                 token_of: HashMap::new(),
@@ -107,8 +112,19 @@ impl Grants {
                 balances: HashMap::new(),
                 anonymous: anonymous_budget,
                 interval_end: now + interval,
+                cursor: 0,
             }),
         }
+    }
+
+    /// Grants in whole units of `unit_bits` (one block with its overhead), so
+    /// that a budget of a few blocks goes a block each to a few bidders, in turn,
+    /// instead of a crumb smaller than a block to every one. 0 (the default)
+    /// grants any number of bits.
+    #[must_use]
+    pub fn with_unit_bits(mut self, unit_bits: u64) -> Self {
+        self.unit_bits = unit_bits;
+        self
     }
 
     fn ledger(&self) -> std::sync::MutexGuard<'_, Ledger> {
@@ -173,7 +189,7 @@ impl Grants {
             .map(|(peer, bits)| Bid { peer, bits })
             .collect();
         bids.sort_by_key(|b| b.peer);
-        let grants = allocate(self.bid_budget, &bids);
+        let grants = allocate_units(self.bid_budget, &bids, self.unit_bits, &mut l.cursor);
         l.balances = grants
             .iter()
             .filter(|g| g.bits > 0)
@@ -263,5 +279,29 @@ mod tests {
         assert!(g.debit(None, 1_000, t0).is_ok());
         g.unregister(1);
         assert_eq!(g.debit(Some(&tok1), 1, t0), Err(GrantError::UnknownToken));
+    }
+
+    #[test]
+    fn unit_grants_hand_whole_blocks_to_bidders_in_turn() {
+        let t0 = Instant::now();
+        // Bids share 3 blocks of 1_000 bits per interval; 5 peers want 2 each.
+        let g = Grants::new(3_000, 0, Duration::from_secs(1), t0).with_unit_bits(1_000);
+        for p in 1..=5 {
+            g.register(p);
+        }
+        let mut served = [0u64; 5];
+        for i in 0..5 {
+            for p in 1..=5 {
+                g.handle_bid(p, 2_000);
+            }
+            let grants = g.handle_interval(t0 + Duration::from_secs(i));
+            assert!(grants.iter().all(|g| g.bits % 1_000 == 0));
+            assert_eq!(grants.iter().map(|g| g.bits).sum::<u64>(), 3_000);
+            for gr in grants {
+                served[(gr.peer - 1) as usize] += gr.bits / 1_000;
+            }
+        }
+        // 15 blocks over 5 intervals: everyone is served, 3 each.
+        assert_eq!(served, [3; 5]);
     }
 }
