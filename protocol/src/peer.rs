@@ -7,19 +7,34 @@
 //! Relay rules, for a verified block of one of the peer's own clubs:
 //! 1. HAVE to the download links of that club (it stops their duplicates);
 //! 2. push to the club's upload links that have not said HAVE (club first);
-//! 3. push to the last-hop subscribers whose share the block is in, if the link's
-//!    send buffer is under its budget ([`LAST_HOP_MAX_BUFFERED`]).
+//! 3. push to the last-hop subscribers whose share the block is in.
 //!
-//! Blocks of other clubs are played but never relayed. A block still missing
-//! [`PeerConfig::pull_grace_ms`] after a later one was seen is pulled with WANT
-//! from a likely holder; one still missing [`PeerConfig::origin_margin_ms`]
-//! before its deadline produces [`PeerEvent::GapFill`], and the driver fetches it
-//! from the origin within its grant. Blocks go to the player in seq order as
+//! Pushes (and answers to WANTs) wait in a send queue ordered by class, then
+//! seq: in-club pushes and WANT answers first, last-hop pushes after them, the
+//! oldest block first. The queue hands a block to the transport only while the
+//! bytes buffered on all links stay under [`SEND_WINDOW`] and on the link under
+//! [`LINK_WINDOW`], so a peer with little upload never builds a long backlog:
+//! a block waits in the queue, where it can still be overtaken by a more urgent
+//! one, and is dropped there once the remote says HAVE, cancels, the link goes,
+//! or the block's deadline passes. A driver reports buffer levels with
+//! [`Peer::handle_link_buffered`]; while pushes wait, [`Peer::poll_timeout`]
+//! also asks to be woken every [`PeerConfig::pump_poll_ms`].
+//!
+//! Blocks of other clubs are played but never relayed. A block of an own club
+//! still missing [`PeerConfig::pull_grace_ms`] after a later one was seen is
+//! pulled with WANT from a likely holder. A block of another club comes over the
+//! last hop; it is pulled only from [`PeerConfig::pull_lead_ms`] before its
+//! origin moment (by default not at all: a pull competes with the club's own
+//! pushes for the holder's upload, and the origin is cheaper). One still missing
+//! [`PeerConfig::origin_margin_ms`] before its deadline produces
+//! [`PeerEvent::GapFill`], and the driver fetches it from the origin within its
+//! grant. Peers that upload nothing (no upload or subscriber role) answer every
+//! WANT with DONT_HAVE. Blocks go to the player in seq order as
 //! [`PeerEvent::Play`]; a block that misses its deadline is skipped to the next
 //! fragment start ([`PeerEvent::Skip`]). A link that sends a bad block or frame is
 //! dropped and reported ([`PeerEvent::BadPeer`]).
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use bytes::Bytes;
 
@@ -42,10 +57,15 @@ pub const MAX_LINK_HAVES: usize = 64;
 pub const MAX_TRANSMITS: usize = 4096;
 /// Events queued before the driver drains them.
 pub const MAX_EVENTS: usize = 4096;
-/// Send buffer above which a link gets no more last-hop pushes.
-pub const LAST_HOP_MAX_BUFFERED: usize = 48 * 1024;
-/// Send buffer above which a link gets no more in-club pushes.
-pub const CLUB_MAX_BUFFERED: usize = 128 * 1024;
+/// Bytes buffered across all links under which the send queue hands out
+/// another block.
+pub const SEND_WINDOW: usize = 40 * 1024;
+/// Bytes buffered on one link under which the send queue hands it another block.
+pub const LINK_WINDOW: usize = 34 * 1024;
+/// Most pushes waiting in the send queue; beyond it the least urgent is dropped.
+pub const MAX_QUEUED_PUSHES: usize = 1024;
+/// Default wake-up interval while pushes wait, ms.
+pub const PUMP_POLL_MS: u64 = 10;
 /// WANTs a link may send per second; more are answered with DONT_HAVE.
 pub const MAX_WANTS_PER_SEC: u32 = 64;
 /// Blocks beyond the newest known seq that are accepted.
@@ -54,9 +74,6 @@ pub const MAX_AHEAD: u64 = 4096;
 pub const MAX_ORIGIN_TRIES: u8 = 2;
 /// Wait before retrying a failed origin fetch (about one bid interval), ms.
 pub const ORIGIN_RETRY_MS: u64 = 1_000;
-/// Bytes buffered across all links above which no last-hop push is made, so a
-/// peer's total upload backlog stays short.
-pub const TOTAL_LAST_HOP_BUFFERED: usize = 192 * 1024;
 /// Interval between PINGs on a link, ms.
 pub const PING_INTERVAL_MS: u64 = 5_000;
 
@@ -83,6 +100,13 @@ pub struct PeerConfig {
     pub skip_grace_ms: u64,
     /// Whether to relay to peers at all (false: a pure consumer).
     pub relay: bool,
+    /// While pushes wait in the send queue, wake this often to re-check the
+    /// buffer levels, ms (0: only [`Peer::handle_link_buffered`] wakes it, as
+    /// in the simulator, which reports every drained frame).
+    pub pump_poll_ms: u64,
+    /// How long before its origin moment a missing block of another club may
+    /// be pulled from a peer, ms (0: never; it goes to the origin).
+    pub pull_lead_ms: u64,
 }
 
 impl PeerConfig {
@@ -98,6 +122,8 @@ impl PeerConfig {
             origin_margin_ms: 450,
             skip_grace_ms: 250,
             relay: true,
+            pump_poll_ms: PUMP_POLL_MS,
+            pull_lead_ms: 0,
         }
     }
 }
@@ -194,6 +220,17 @@ pub struct PeerStats {
     pub gap_fills: u64,
     /// Blocks skipped by playback.
     pub blocks_skipped: u64,
+    /// Blocks handed to the transport for in-club links and WANT answers.
+    pub pushed_club: u64,
+    /// Blocks handed to the transport for last-hop subscribers.
+    pub pushed_last_hop: u64,
+    /// Queued pushes dropped: the remote had the block, the link went, the
+    /// deadline passed, or the queue was full.
+    pub pushes_dropped: u64,
+    /// Duplicate blocks received of the peer's own clubs.
+    pub dup_club: u64,
+    /// Duplicate blocks received of other clubs.
+    pub dup_last_hop: u64,
 }
 
 #[derive(Debug, Default)]
@@ -253,6 +290,11 @@ pub struct Peer<V> {
     ms_per_block: f64,
     next_play: Option<u64>,
     transmits: VecDeque<Transmit>,
+    /// The send queue: (class, seq, remote), class 0 in-club pushes and WANT
+    /// answers, class 1 last-hop pushes.
+    queued: BTreeSet<(u8, u64, PeerId)>,
+    /// Time of the latest `handle_*` call that carried one.
+    now: Time,
     events: VecDeque<PeerEvent>,
     stats: PeerStats,
     next_check: Option<Time>,
@@ -273,6 +315,8 @@ impl<V: BlockVerifier> Peer<V> {
             ms_per_block: 70.0,
             next_play: None,
             transmits: VecDeque::new(),
+            queued: BTreeSet::new(),
+            now: Time(0),
             events: VecDeque::new(),
             stats: PeerStats::default(),
             next_check: None,
@@ -312,6 +356,11 @@ impl<V: BlockVerifier> Peer<V> {
     /// Whether block `seq` is in the cache.
     pub fn has(&self, seq: u64) -> bool {
         self.cache.contains_key(&seq)
+    }
+
+    /// Pushes waiting in the send queue.
+    pub fn queued_pushes(&self) -> usize {
+        self.queued.len()
     }
 
     fn in_club(&self, c: u16) -> bool {
@@ -423,10 +472,16 @@ impl<V: BlockVerifier> Peer<V> {
     }
 
     /// The link's send buffer now holds `buffered` bytes (the driver's
-    /// bufferedAmount, or the simulator's queue).
+    /// bufferedAmount, or the simulator's queue). When it drained, queued
+    /// pushes may go out: drain [`Peer::poll_transmit`] afterwards.
     pub fn handle_link_buffered(&mut self, peer: PeerId, buffered: usize) {
-        if let Some(st) = self.links.get_mut(&peer) {
-            st.buffered = buffered;
+        let Some(st) = self.links.get_mut(&peer) else {
+            return;
+        };
+        let drained = buffered < st.buffered;
+        st.buffered = buffered;
+        if drained {
+            self.pump();
         }
     }
 
@@ -440,6 +495,12 @@ impl<V: BlockVerifier> Peer<V> {
 
     /// A decoded frame arrived on the link to `from`.
     pub fn handle_frame(&mut self, now: Time, from: PeerId, frame: Frame) {
+        self.now = now;
+        self.frame(now, from, frame);
+        self.pump();
+    }
+
+    fn frame(&mut self, now: Time, from: PeerId, frame: Frame) {
         if !self.links.contains_key(&from) {
             return;
         }
@@ -505,7 +566,10 @@ impl<V: BlockVerifier> Peer<V> {
                 }
             },
             Frame::Want(seq) => self.answer_want(now, from, seq),
-            Frame::Cancel(_) => {}
+            Frame::Cancel(seq) => {
+                self.queued.remove(&(0, seq, from));
+                self.queued.remove(&(1, seq, from));
+            }
             Frame::DontHave(seq) => {
                 if let Some(m) = self.missing.get_mut(&seq) {
                     if m.asked.is_some_and(|(p, _)| p == from) {
@@ -537,10 +601,12 @@ impl<V: BlockVerifier> Peer<V> {
     /// A block fetched from the origin (gap fill). Bad bytes count as a
     /// rejected block but drop no link.
     pub fn handle_origin_block(&mut self, now: Time, block: crate::block::Block) {
+        self.now = now;
         match self.verifier.verify(block) {
             Ok(b) => self.accept(now, b, From::Origin),
             Err(_) => self.stats.blocks_rejected += 1,
         }
+        self.pump();
     }
 
     /// The origin fetch for `seq` failed (over the grant, evicted, network).
@@ -556,6 +622,8 @@ impl<V: BlockVerifier> Peer<V> {
 
     /// Timers: pulls, gap fills, skips and pings.
     pub fn handle_timeout(&mut self, now: Time) {
+        self.now = now;
+        self.pump();
         self.next_check = None;
         self.check_missing(now);
         self.advance_play(now);
@@ -578,7 +646,12 @@ impl<V: BlockVerifier> Peer<V> {
     /// When [`Peer::handle_timeout`] should next be called.
     #[must_use]
     pub fn poll_timeout(&self) -> Option<Time> {
-        self.next_check
+        let pump = (!self.queued.is_empty() && self.cfg.pump_poll_ms > 0)
+            .then(|| self.now + self.cfg.pump_poll_ms);
+        match (self.next_check, pump) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
     }
 
     /// Bits this peer wants from the origin in the next `interval_ms`: the
@@ -726,6 +799,11 @@ impl<V: BlockVerifier> Peer<V> {
                 .is_some_and(|p| seq < p && !self.in_club(club_of(seq, self.cfg.clubs)))
         {
             self.stats.dup_bytes += len as u64;
+            if self.in_club(club_of(seq, self.cfg.clubs)) {
+                self.stats.dup_club += 1;
+            } else {
+                self.stats.dup_last_hop += 1;
+            }
             if let From::Peer(p) = from {
                 self.prune(p, seq);
             }
@@ -822,23 +900,21 @@ impl<V: BlockVerifier> Peer<V> {
             From::Origin => None,
         };
         let mut haves = Vec::new();
-        let mut club_push = Vec::new();
-        let mut last_hop = Vec::new();
-        let total: usize = self.links.values().map(|l| l.buffered).sum();
-        // The last hop is the first to give way when upload backs up.
-        let last_hop_ok = total < TOTAL_LAST_HOP_BUFFERED;
+        let mut pushes = Vec::new();
         for (&p, st) in &self.links {
             if Some(p) == sender || !st.open {
                 continue;
             }
+            let mut class = None;
+            let mut have = false;
             for r in &st.roles {
                 match *r {
-                    LinkRole::Download { club } if club == c => haves.push(p),
+                    LinkRole::Download { club } if club == c => have = true,
                     LinkRole::Upload { club } if club == c && !st.said_have(seq) => {
                         if c < 64 && st.lazy & (1 << c) != 0 {
-                            haves.push(p);
-                        } else if st.buffered < CLUB_MAX_BUFFERED {
-                            club_push.push(p);
+                            have = true;
+                        } else {
+                            class = Some(0);
                         }
                     }
                     LinkRole::Subscriber {
@@ -847,31 +923,89 @@ impl<V: BlockVerifier> Peer<V> {
                         share_count,
                     } if club == c
                         && share_idx % u64::from(share_count.max(1)) == u64::from(share)
-                        && !st.said_have(seq)
-                        && st.buffered < LAST_HOP_MAX_BUFFERED
-                        && last_hop_ok =>
+                        && !st.said_have(seq) =>
                     {
-                        last_hop.push(p);
+                        class = class.or(Some(1));
                     }
                     _ => {}
                 }
             }
-        }
-        haves.dedup();
-        club_push.dedup();
-        last_hop.dedup();
-        for p in haves {
-            if !club_push.contains(&p) {
-                self.push(p, Frame::Have(seq));
+            match class {
+                Some(k) => pushes.push((k, p)),
+                None if have => haves.push(p),
+                None => {}
             }
         }
-        let frame = Frame::Block(block.block().clone());
-        for p in club_push {
-            self.push(p, frame.clone());
+        for p in haves {
+            self.push(p, Frame::Have(seq));
         }
-        for p in last_hop {
-            self.push(p, frame.clone());
+        for (k, p) in pushes {
+            self.enqueue(k, seq, p);
         }
+    }
+
+    /// Queues block `seq` for `to` in `class` (0 in-club, 1 last hop).
+    fn enqueue(&mut self, class: u8, seq: u64, to: PeerId) {
+        self.queued.insert((class, seq, to));
+        if self.queued.len() > MAX_QUEUED_PUSHES {
+            self.queued.pop_last();
+            self.stats.pushes_dropped += 1;
+        }
+    }
+
+    /// Hands queued blocks to the transport while the send windows allow,
+    /// most urgent first, dropping those nobody needs any more.
+    fn pump(&mut self) {
+        if self.queued.is_empty() {
+            return;
+        }
+        let mut total: usize = self.links.values().map(|l| l.buffered).sum();
+        let entries: Vec<(u8, u64, PeerId)> = self.queued.iter().copied().collect();
+        for e @ (class, seq, to) in entries {
+            let stale = match (self.links.get(&to), self.cache.get(&seq)) {
+                (Some(st), Some(b)) => {
+                    !st.open
+                        || st.said_have(seq)
+                        || self.now.0 >= b.header().ingest_time_ms + self.cfg.target_latency_ms
+                }
+                _ => true,
+            };
+            if stale {
+                self.queued.remove(&e);
+                self.stats.pushes_dropped += 1;
+                continue;
+            }
+            if total >= SEND_WINDOW
+                || self
+                    .links
+                    .get(&to)
+                    .is_some_and(|l| l.buffered >= LINK_WINDOW)
+            {
+                continue;
+            }
+            self.queued.remove(&e);
+            let Some(b) = self.cache.get(&seq) else {
+                continue;
+            };
+            let frame = Frame::Block(b.block().clone());
+            total += frame.encoded_len();
+            if class == 0 {
+                self.stats.pushed_club += 1;
+            } else {
+                self.stats.pushed_last_hop += 1;
+            }
+            self.push(to, frame);
+        }
+    }
+
+    /// Whether the server gave this peer anyone to upload to. A peer without
+    /// (a leaf, whose upload is too small to share) answers no WANTs.
+    fn uploads(&self) -> bool {
+        self.links.values().any(|l| {
+            l.roles
+                .iter()
+                .any(|r| matches!(r, LinkRole::Upload { .. } | LinkRole::Subscriber { .. }))
+        })
     }
 
     fn answer_want(&mut self, now: Time, from: PeerId, seq: u64) {
@@ -888,13 +1022,11 @@ impl<V: BlockVerifier> Peer<V> {
             // A WANT from a pruned child grafts the link back to eager push.
             st.lazy &= !(1 << c);
         }
-        let over = st.want_window.1 > MAX_WANTS_PER_SEC || st.buffered >= CLUB_MAX_BUFFERED;
-        match self.cache.get(&seq) {
-            Some(b) if !over => {
-                let f = Frame::Block(b.block().clone());
-                self.push(from, f);
-            }
-            _ => self.push(from, Frame::DontHave(seq)),
+        let over = st.want_window.1 > MAX_WANTS_PER_SEC;
+        if !over && self.uploads() && self.cache.contains_key(&seq) {
+            self.enqueue(0, seq, from);
+        } else {
+            self.push(from, Frame::DontHave(seq));
         }
     }
 
@@ -924,6 +1056,18 @@ impl<V: BlockVerifier> Peer<V> {
             }
         }
         best.map(|(_, p)| p)
+    }
+
+    /// When a missing, unasked block is first pulled: an own club's block
+    /// after the pull grace, another club's no earlier than
+    /// [`PeerConfig::pull_lead_ms`] before its origin moment.
+    fn pull_at(&self, seq: u64, m: &Missing) -> Time {
+        let grace = m.noticed + self.cfg.pull_grace_ms;
+        if self.in_club(club_of(seq, self.cfg.clubs)) {
+            return grace;
+        }
+        let lead = self.cfg.origin_margin_ms + self.cfg.pull_lead_ms;
+        grace.max(Time(self.deadline(seq).0.saturating_sub(lead)))
     }
 
     /// How long a WANT to `p` may go unanswered: at least two round trips.
@@ -960,7 +1104,7 @@ impl<V: BlockVerifier> Peer<V> {
                 continue;
             }
             let due = match m.asked {
-                None => now.since(m.noticed) >= self.cfg.pull_grace_ms,
+                None => now >= self.pull_at(seq, &m),
                 Some((p, at)) => now.since(at) >= self.want_timeout(p),
             };
             if !due {
@@ -1058,7 +1202,7 @@ impl<V: BlockVerifier> Peer<V> {
             let deadline = self.deadline(seq);
             at((deadline - self.cfg.origin_margin_ms).max(m.retry_at));
             match m.asked {
-                None => at(m.noticed + self.cfg.pull_grace_ms),
+                None => at(self.pull_at(seq, m)),
                 Some((p, t)) => at(t + self.want_timeout(p)),
             }
         }
@@ -1125,8 +1269,12 @@ mod tests {
     /// 0, last-hop subscriber 5 (share 0 of 1) and 6 (share 1 of 2) for club 0,
     /// source 7 for club 2.
     fn peer() -> Peer<StreamKey> {
-        let mut p = Peer::new(PeerConfig::new(1, 4), signer().key());
-        let links = [
+        peer_with(PeerConfig::new(1, 4))
+    }
+
+    /// The links of [`peer`].
+    fn links() -> [Link; 6] {
+        [
             link(2, LinkRole::Download { club: 0 }),
             link(3, LinkRole::Upload { club: 0 }),
             link(4, LinkRole::Upload { club: 0 }),
@@ -1154,7 +1302,12 @@ mod tests {
                     share_count: 1,
                 },
             ),
-        ];
+        ]
+    }
+
+    fn peer_with(cfg: PeerConfig) -> Peer<StreamKey> {
+        let mut p = Peer::new(cfg, signer().key());
+        let links = links();
         p.handle_welcome(Time(T0), &[0, 1], &links, 0, 0);
         for l in &links {
             p.handle_link_open(Time(T0), l.peer);
@@ -1272,9 +1425,117 @@ mod tests {
         assert_eq!(played, vec![0, 1]);
     }
 
+    fn big_block(seq: u64) -> Block {
+        signer()
+            .sign(
+                seq,
+                BlockFlags::empty(),
+                T0 + seq * 100,
+                seq,
+                Bytes::from(vec![seq as u8; 16 * 1024]),
+            )
+            .expect("fits")
+            .into_block()
+    }
+
+    #[test]
+    fn queued_pushes_wait_for_send_window_club_first_and_drop_when_had() {
+        let mut p = peer();
+        // Two 16 KiB blocks of club 0 arrive at once; each goes to 3 and 4
+        // (in club) and to subscriber 5 (last hop). 8 is share index 2: not 6.
+        p.handle_frame(Time(T0 + 1), 2, Frame::Block(big_block(4)));
+        p.handle_frame(Time(T0 + 2), 2, Frame::Block(big_block(8)));
+        let (t, _) = drain(&mut p);
+        // The window lets about 40 KiB out: the in-club pushes of block 4 first.
+        assert_eq!(sent(&t)[..3], [(3, "block"), (4, "block"), (5, "block")]);
+        let blocks = t
+            .iter()
+            .filter(|t| matches!(t.frame, Frame::Block(_)))
+            .count();
+        assert!(blocks < 6, "the window holds some back: {:?}", sent(&t));
+        assert!(p.queued_pushes() > 0);
+        // While pushes wait, the driver is asked to wake for the pump.
+        assert_eq!(p.poll_timeout(), Some(Time(T0 + 2 + PUMP_POLL_MS)));
+        // Peer 5 says it has block 8: its queued push is dropped, not sent.
+        p.handle_frame(Time(T0 + 3), 5, Frame::Have(8));
+        for peer in [3, 4, 5, 6] {
+            p.handle_link_buffered(peer, 0);
+        }
+        let (t, _) = drain(&mut p);
+        assert!(!t.iter().any(|t| t.to == 5 && t.frame.encoded_len() > 1000));
+        assert!(sent(&t).contains(&(3, "block")) && sent(&t).contains(&(4, "block")));
+        assert_eq!(p.queued_pushes(), 0);
+        assert_eq!(p.stats().pushes_dropped, 1);
+        // A pump wake-up is asked for only while pushes wait.
+        assert_eq!(p.poll_timeout(), p.next_check);
+    }
+
+    #[test]
+    fn queued_pushes_past_their_deadline_are_dropped() {
+        let mut p = peer();
+        p.handle_frame(Time(T0 + 1), 2, Frame::Block(big_block(4)));
+        p.handle_frame(Time(T0 + 2), 2, Frame::Block(big_block(8)));
+        drain(&mut p);
+        assert!(p.queued_pushes() > 0);
+        let late = p.deadline(8) + 1;
+        p.handle_timeout(late);
+        let (t, _) = drain(&mut p);
+        assert!(!t.iter().any(|t| matches!(t.frame, Frame::Block(_))));
+        assert_eq!(p.queued_pushes(), 0);
+    }
+
+    #[test]
+    fn a_peer_that_uploads_nothing_answers_wants_with_dont_have() {
+        let mut p = peer_with(PeerConfig::new(1, 4));
+        p.handle_link(
+            Time(T0),
+            LinkOp::Remove,
+            link(3, LinkRole::Upload { club: 0 }),
+        );
+        p.handle_frame(Time(T0), 2, Frame::Block(block(0, true)));
+        drain(&mut p);
+        p.handle_frame(Time(T0 + 1), 7, Frame::Want(0));
+        let (t, _) = drain(&mut p);
+        assert_eq!(sent(&t), vec![(7, "block")], "still an uploader");
+        // Without 4, 5 and 6 (3 went above) it uploads to no one.
+        for l in &links()[2..5] {
+            p.handle_link(Time(T0), LinkOp::Remove, *l);
+        }
+        p.handle_frame(Time(T0 + 2), 7, Frame::Want(0));
+        let (t, _) = drain(&mut p);
+        assert_eq!(sent(&t), vec![(7, "other")], "a leaf says DONT_HAVE");
+    }
+
+    #[test]
+    fn by_default_a_missing_last_hop_block_goes_to_the_origin_unpulled() {
+        let mut p = peer();
+        p.handle_frame(Time(T0 + 100), 2, Frame::Block(block(0, true)));
+        // Block 2 (club 2, not ours) never comes; 4 does.
+        p.handle_frame(Time(T0 + 400), 2, Frame::Block(block(4, true)));
+        drain(&mut p);
+        let mut now = Time(T0 + 400);
+        let mut wants = 0;
+        let mut gap_fill = None;
+        for _ in 0..50 {
+            now = p.poll_timeout().expect("timer").max(now + 1);
+            p.handle_timeout(now);
+            let (t, e) = drain(&mut p);
+            wants += sent(&t).iter().filter(|(_, k)| *k == "want").count();
+            if e.contains(&PeerEvent::GapFill { seq: 2 }) {
+                gap_fill = Some(now);
+                break;
+            }
+        }
+        assert_eq!(wants, 0);
+        let at = gap_fill.expect("gap fill");
+        assert!(at.0 < p.deadline(2).0);
+    }
+
     #[test]
     fn missing_block_is_pulled_then_gap_filled_then_skipped() {
-        let mut p = peer();
+        let mut cfg = PeerConfig::new(1, 4);
+        cfg.pull_lead_ms = 350;
+        let mut p = peer_with(cfg);
         p.handle_frame(Time(T0 + 100), 2, Frame::Block(block(0, true)));
         // Block 2 (club 2) never comes; 3 and a later fragment start do.
         p.handle_frame(Time(T0 + 350), 7, Frame::Block(block(1, false)));
