@@ -70,12 +70,16 @@ enum Ev {
         kicked: bool,
     },
     Bid,
+    /// A peer's serializer finished a frame while pushes wait in its queue.
+    Drain(PeerId),
 }
 
 #[derive(Debug, Default)]
 struct Slot {
     peer: Option<Peer<SimVerifier>>,
     timer_at: u64,
+    /// When a queued `Drain` is due (u64::MAX: none).
+    drain_at: u64,
     /// Millisecond of the last `handle_timeout`.
     fired_ms: u64,
     reporters: Vec<PeerId>,
@@ -100,6 +104,7 @@ pub struct Sim {
     tx: Vec<Transmit>,
     evs: Vec<PeerEvent>,
     uploads: Vec<(u64, u64)>,
+    block_bits: u64,
     end_us: u64,
 }
 
@@ -121,6 +126,7 @@ impl Sim {
             let id = i as PeerId + 1;
             slots[id as usize].hostile = v.hostile;
             slots[id as usize].timer_at = u64::MAX;
+            slots[id as usize].drain_at = u64::MAX;
             q.push(v.join_us, Ev::Join(id));
             if let Some(t) = v.leave_us {
                 q.push(t, Ev::Leave { id, kicked: false });
@@ -136,6 +142,7 @@ impl Sim {
             source: Source::new(cfg.clubs, cfg.seeds_k),
             origin: Origin::new(cfg.origin_budget_kbps, viewers.len() + 1),
             metrics: Collector::new(viewers, stream.len()),
+            block_bits: stream.block_bits(),
             stream,
             slots,
             verifier,
@@ -168,6 +175,11 @@ impl Sim {
                 tot.dup_bytes += st.dup_bytes;
                 tot.bytes_uploaded += st.bytes_uploaded;
                 tot.bytes_from_peers += st.bytes_from_peers;
+                tot.pushed_club += st.pushed_club;
+                tot.pushed_last_hop += st.pushed_last_hop;
+                tot.pushes_dropped += st.pushes_dropped;
+                tot.dup_club += st.dup_club;
+                tot.dup_last_hop += st.dup_last_hop;
             }
             eprintln!(
                 "{tot:?} retransmits {} mean serializer wait {} us, waits > 2 s {} of {}; fills ok {} denied {}",
@@ -224,7 +236,10 @@ impl Sim {
                 gen,
             } => {
                 if self.slots[id as usize].peer.is_none() && self.alive(id) {
-                    let mut p = Peer::new(PeerConfig::new(id, self.cfg.clubs), self.verifier);
+                    // The wire reports every drained frame (`Drain`): no polling.
+                    let mut pc = PeerConfig::new(id, self.cfg.clubs);
+                    pc.pump_poll_ms = 0;
+                    let mut p = Peer::new(pc, self.verifier);
                     p.handle_welcome(ms(now), &clubs, &links, start, edge);
                     self.slots[id as usize].peer = Some(p);
                     for l in links {
@@ -281,6 +296,16 @@ impl Sim {
                 self.flush(now, to);
             }
             Ev::Leave { id, kicked } => self.leave(now, id, kicked),
+            Ev::Drain(id) => {
+                let s = &mut self.slots[id as usize];
+                if s.drain_at != now {
+                    return;
+                }
+                s.drain_at = u64::MAX;
+                let Some(p) = s.peer.as_mut() else { return };
+                self.wire.sync(now, id, |r, q| p.handle_link_buffered(r, q));
+                self.flush(now, id);
+            }
             Ev::Bid => {
                 let bids: Vec<Bid> = self
                     .slots
@@ -294,7 +319,7 @@ impl Sim {
                         })
                     })
                     .collect();
-                self.origin.new_interval(&bids);
+                self.origin.new_interval(&bids, self.block_bits);
                 self.q.push(now + BID_INTERVAL_US, Ev::Bid);
             }
         }
@@ -480,6 +505,7 @@ impl Sim {
             evs.push(e);
         }
         let timeout = p.poll_timeout();
+        let waiting = p.queued_pushes() > 0;
         let hostile = slot.hostile;
         for t in tx.drain(..) {
             let frame = match t.frame {
@@ -507,6 +533,16 @@ impl Sim {
         }
         self.tx = tx;
         self.evs = evs;
+        if waiting {
+            // Queued pushes go out as the serializer frees the window.
+            if let Some(at) = self.wire.next_finish(id) {
+                let s = &mut self.slots[id as usize];
+                if at < s.drain_at || s.drain_at <= now {
+                    s.drain_at = at.max(now);
+                    self.q.push(s.drain_at, Ev::Drain(id));
+                }
+            }
+        }
         if let Some(t) = timeout {
             let mut at = t.0 * 1000;
             let s = &mut self.slots[id as usize];

@@ -100,11 +100,12 @@ impl Default for Config {
 }
 
 impl Config {
-    /// Fills derived defaults (an origin budget of 0 means 4 × bitrate) and
+    /// Fills derived defaults (an origin budget of 0 means 3 × bitrate:
+    /// the seeder's 2 × plus 1 × for gap fill) and
     /// rejects values the model cannot run.
     pub fn validated(mut self) -> Result<Self, SimError> {
         if self.origin_budget_kbps == 0 {
-            self.origin_budget_kbps = 4 * self.bitrate_kbps;
+            self.origin_budget_kbps = 3 * self.bitrate_kbps;
         }
         let bad = |what: &str| Err(SimError::InvalidConfig(what.to_string()));
         if self.peers == 0 || self.peers > 1_000_000 {

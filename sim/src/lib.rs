@@ -53,10 +53,11 @@
 //!   signature byte flipped). A peer that rejects a block reports `BadPeer`;
 //!   the server applies `Membership::replace(reporter, bad)` and kicks a peer
 //!   reported by two distinct peers (`Membership::leave`).
-//! - **Origin**: an egress budget `--origin-budget-kbps` (default 4 ×
+//! - **Origin**: an egress budget `--origin-budget-kbps` (default 3 ×
 //!   bitrate) covers seeding and gap fill. Every 1 s the server collects every
 //!   peer's `bid`, and splits what the seeder did not use in the last second
-//!   with `allocate`; the unallocated rest serves unbid fetches first come.
+//!   with `allocate_units`, in whole blocks; the unallocated rest serves unbid
+//!   fetches first come.
 //!   A fetch within the grant arrives after the RTT to the origin plus its
 //!   transfer time (`handle_origin_block`); beyond it, the refusal arrives
 //!   after one RTT (`handle_gap_fill_failed`). Seeder pushes count as egress.

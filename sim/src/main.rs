@@ -44,7 +44,7 @@ struct Cli {
     /// Probability that a frame needs a retransmission.
     #[arg(long, default_value_t = 0.01)]
     loss: f64,
-    /// Origin egress budget (seeding + gap fill), kbit/s; 0 = 4 × bitrate.
+    /// Origin egress budget (seeding + gap fill), kbit/s; 0 = 3 × bitrate.
     #[arg(long, default_value_t = 0)]
     origin_budget_kbps: u64,
     /// Mean upload capacity, × bitrate.

@@ -129,6 +129,7 @@ pub struct Sim {
     verifier: SimVerifier,
     rng: ChaCha8Rng,
     words: usize,
+    block_bits: u64,
     end_us: u64,
 }
 
@@ -155,6 +156,7 @@ impl Sim {
             origin: Origin::new(cfg.origin_budget_kbps, viewers.len() + 1),
             metrics: Collector::new(viewers, stream.len()),
             words: stream.len().div_ceil(64).max(1),
+            block_bits: stream.block_bits(),
             end_us: stream.end_us + 2_000_000,
             stream,
             nodes,
@@ -331,7 +333,7 @@ impl Sim {
                         bids.push(Bid { peer: id, bits });
                     }
                 }
-                self.origin.new_interval(&bids);
+                self.origin.new_interval(&bids, self.block_bits);
                 self.q.push(now + BID_INTERVAL_US, Ev::Bid);
             }
         }

@@ -9,7 +9,7 @@
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, VecDeque};
 
-use clubcast_protocol::bid::{allocate, Bid};
+use clubcast_protocol::bid::{allocate_units, Bid};
 use clubcast_protocol::signal::PeerId;
 use rand::Rng;
 use rand_chacha::rand_core::SeedableRng;
@@ -256,6 +256,11 @@ impl Wire {
         Some((finish, arrival))
     }
 
+    /// When the next frame of `id` leaves its serializer, µs.
+    pub fn next_finish(&self, id: PeerId) -> Option<u64> {
+        self.hosts[id as usize].pending.front().map(|p| p.0)
+    }
+
     /// Retires the frames of `id` that left the serializer by `now_us` and
     /// reports each connection whose queue changed.
     pub fn sync(&mut self, now_us: u64, id: PeerId, mut report: impl FnMut(PeerId, usize)) {
@@ -288,6 +293,7 @@ pub struct Origin {
     grants: Vec<u64>,
     pool: u64,
     seed_bits_interval: u64,
+    cursor: usize,
     /// Bytes the seeder pushed.
     pub seed_bytes: u64,
     /// Bytes served as gap fill.
@@ -306,6 +312,7 @@ impl Origin {
             grants: vec![0; hosts],
             pool: 0,
             seed_bits_interval: 0,
+            cursor: 0,
             seed_bytes: 0,
             fill_bytes: 0,
             fills_ok: 0,
@@ -320,13 +327,14 @@ impl Origin {
     }
 
     /// A new 1 s interval: what the seeder did not use of the budget in the
-    /// last one is split among `bids` (max-min fair); the unallocated rest is a
-    /// first-come pool for fetches nobody bid for.
-    pub fn new_interval(&mut self, bids: &[Bid]) {
+    /// last one is split among `bids` (max-min fair in whole blocks of
+    /// `block_bits`, as the server does); the unallocated rest is a first-come
+    /// pool for fetches nobody bid for.
+    pub fn new_interval(&mut self, bids: &[Bid], block_bits: u64) {
         let avail = self.budget_bits.saturating_sub(self.seed_bits_interval);
         self.seed_bits_interval = 0;
         self.grants.iter_mut().for_each(|g| *g = 0);
-        let grants = allocate(avail, bids);
+        let grants = allocate_units(avail, bids, block_bits, &mut self.cursor);
         let mut given = 0;
         for g in grants {
             self.grants[g.peer as usize] = g.bits;

@@ -79,6 +79,15 @@ impl Stream {
         self.blocks[seq as usize].payload.len() + BLOCK_OVERHEAD
     }
 
+    /// Bits of the largest block on the wire: one gap-fill grant unit.
+    pub fn block_bits(&self) -> u64 {
+        (0..self.len() as u64)
+            .map(|s| self.wire_len(s))
+            .max()
+            .unwrap_or(BLOCK_OVERHEAD) as u64
+            * 8
+    }
+
     /// The newest block cut at or before `now_us`.
     pub fn edge(&self, now_us: u64) -> Option<u64> {
         let n = self.ingest_us.partition_point(|t| *t <= now_us);
