@@ -244,6 +244,8 @@ impl Session {
                 self.core_deadline = None;
                 let now = self.now();
                 if let Some(j) = &mut self.joined {
+                    // Fresh buffer levels first: the core's send queue paces by them.
+                    self.links.report_buffered(&mut j.peer);
                     j.peer.handle_timeout(now);
                 }
             }

@@ -7,9 +7,10 @@
 //! closes, or is not open after [`CONNECT_TIMEOUT_MS`] is reported; if the
 //! server keeps the role, it is tried again after [`RETRY_MS`].
 //!
-//! Writes are paced twice: the core stops pushing to a link whose send buffer
-//! (reported with `handle_link_buffered` after every send and every tick) is
-//! over its budget, and [`RtcLink::try_send`] queues under `bufferedAmount`.
+//! Writes are paced twice: the core's send queue hands out blocks only while
+//! the links' send buffers (reported with `handle_link_buffered` after every
+//! send, every tick and before every core timer) are under its windows, and
+//! [`RtcLink::try_send`] queues under `bufferedAmount`.
 //! While an origin fetch runs, WANTs are held back ([`MAX_DEFERRED_WANTS`]):
 //! the origin transfer gets the downlink first.
 
@@ -291,16 +292,25 @@ impl Links {
         }
     }
 
-    /// Reports send-buffer levels and gives up links that never opened.
-    pub(super) fn tick(&mut self, core: &mut Peer<StreamKey>, now: f64) -> Vec<(PeerId, String)> {
-        let mut late = Vec::new();
+    /// Reports every open link's send-buffer level to the core, which may then
+    /// hand out queued pushes.
+    pub(super) fn report_buffered(&self, core: &mut Peer<StreamKey>) {
         for (&peer, slot) in &self.slots {
             if slot.open {
                 core.handle_link_buffered(peer, buffered(&slot.link));
-            } else if now - slot.created > CONNECT_TIMEOUT_MS {
-                late.push(peer);
             }
         }
+    }
+
+    /// Reports send-buffer levels and gives up links that never opened.
+    pub(super) fn tick(&mut self, core: &mut Peer<StreamKey>, now: f64) -> Vec<(PeerId, String)> {
+        self.report_buffered(core);
+        let late: Vec<PeerId> = self
+            .slots
+            .iter()
+            .filter(|(_, slot)| !slot.open && now - slot.created > CONNECT_TIMEOUT_MS)
+            .map(|(&peer, _)| peer)
+            .collect();
         late.into_iter()
             .map(|peer| {
                 self.fail(peer, now, "not connected in time".into());
