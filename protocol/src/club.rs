@@ -21,12 +21,19 @@
 //!
 //! Who offers: the side with the larger peer id makes the WebRTC offer, so the
 //! joiner offers to older peers and browsers always offer to the seeder.
+//!
+//! Cost: every club keeps its members ordered by each load a pick compares, and
+//! the set of members short of links ([`members`]), so a join or leave touches
+//! only the peers it links or unlinks, in O(log n) each, never the whole club.
+
+mod members;
 
 use std::collections::BTreeMap;
 
 use rand_core::RngCore;
 
 use crate::signal::{Link, LinkOp, LinkRole, PeerId, SEEDER_PEER_ID};
+use members::{Load, Members};
 
 /// Most clubs a stream may have.
 pub const MAX_CLUBS: u16 = 64;
@@ -104,10 +111,17 @@ struct Entry {
     clubs: Vec<u16>,
     /// Roles as this peer sees them, by remote peer.
     links: BTreeMap<PeerId, Vec<LinkRole>>,
-    /// Last-hop subscribers served, kept so that picking a source is O(members).
+    /// Last-hop subscribers served, over all clubs.
     subscribers: usize,
+    /// In-club download links from other members (the seeder not counted), by
+    /// position in `clubs`.
+    ins: Vec<usize>,
+    /// In-club upload links, by position in `clubs`.
+    outs: Vec<usize>,
     /// Upload capacity as a percentage of the stream bitrate.
     capacity: u32,
+    /// Tie-break salt for the club indexes, drawn at join.
+    salt: u64,
 }
 
 /// Capacity assumed for a peer that did not say, % of the bitrate.
@@ -124,6 +138,45 @@ impl Entry {
 }
 
 impl Entry {
+    fn slot(&self, c: u16) -> Option<usize> {
+        self.clubs.iter().position(|x| *x == c)
+    }
+
+    /// Where this peer stands in club `c`'s indexes.
+    fn load(&self, c: u16) -> Load {
+        let i = self.slot(c).expect("indexed only in its own clubs");
+        Load {
+            leaf: self.leaf(),
+            capacity: self.capacity.max(1) as usize,
+            salt: self.salt,
+            ins: self.ins[i],
+            outs: self.outs[i],
+            subscribers: self.subscribers,
+        }
+    }
+
+    /// Counts `role` towards `remote` as added or removed.
+    fn tally(&mut self, remote: PeerId, role: LinkRole, added: bool) {
+        let n = match role {
+            LinkRole::Subscriber { .. } => &mut self.subscribers,
+            LinkRole::Upload { club } => match self.slot(club) {
+                Some(i) => &mut self.outs[i],
+                None => return,
+            },
+            LinkRole::Download { club } if remote != SEEDER_PEER_ID => match self.slot(club) {
+                Some(i) => &mut self.ins[i],
+                None => return,
+            },
+            LinkRole::Download { .. } | LinkRole::Source { .. } => return,
+        };
+        if added {
+            *n += 1;
+        } else {
+            *n -= 1;
+        }
+    }
+
+    #[cfg(test)]
     fn count(&self, f: impl Fn(&LinkRole) -> bool) -> usize {
         self.links.values().flatten().filter(|r| f(r)).count()
     }
@@ -150,7 +203,8 @@ impl Entry {
 pub struct Membership {
     cfg: ClubConfig,
     peers: BTreeMap<PeerId, Entry>,
-    members: Vec<Vec<PeerId>>,
+    /// Members of each club, indexed by load.
+    clubs: Vec<Members>,
     /// Viewers that do not relay, so never get links.
     passive: usize,
 }
@@ -164,7 +218,7 @@ impl Membership {
         Membership {
             cfg,
             peers,
-            members: vec![Vec::new(); cfg.clubs as usize],
+            clubs: (0..cfg.clubs).map(Members::new).collect(),
             passive: 0,
         }
     }
@@ -186,7 +240,7 @@ impl Membership {
 
     /// Members of each club.
     pub fn club_sizes(&self) -> Vec<usize> {
-        self.members.iter().map(Vec::len).collect()
+        self.clubs.iter().map(Members::len).collect()
     }
 
     /// A peer's clubs.
@@ -246,7 +300,10 @@ impl Membership {
                 clubs: clubs.clone(),
                 links: BTreeMap::new(),
                 subscribers: 0,
+                ins: vec![0; clubs.len()],
+                outs: vec![0; clubs.len()],
                 capacity: capacity_pct,
+                salt: rng.next_u64(),
             },
         );
         for &c in &clubs {
@@ -254,7 +311,7 @@ impl Membership {
         }
         for c in 0..self.cfg.clubs {
             if !clubs.contains(&c) {
-                self.fill_sources(peer, c, &[], rng, &mut out);
+                self.fill_sources(peer, c, &[], &mut out);
             }
         }
         let (mine, changes): (Vec<_>, Vec<_>) = out.into_iter().partition(|ch| ch.to == peer);
@@ -266,17 +323,23 @@ impl Membership {
     }
 
     /// Removes a viewer and replaces the links it held for others.
-    pub fn leave(&mut self, peer: PeerId, rng: &mut dyn RngCore) -> Vec<LinkChange> {
+    ///
+    /// Replacements are the least-loaded members, ties broken by the salts
+    /// drawn at join, so `_rng` is not drawn from; it stays in the signature
+    /// so that drivers hand every decision the same RNG.
+    pub fn leave(&mut self, peer: PeerId, _rng: &mut dyn RngCore) -> Vec<LinkChange> {
         if peer == SEEDER_PEER_ID {
             return Vec::new();
         }
-        let Some(entry) = self.peers.remove(&peer) else {
+        if !self.peers.contains_key(&peer) {
             self.passive = self.passive.saturating_sub(1);
             return Vec::new();
-        };
+        }
+        self.unindex(peer);
+        let entry = self.peers.remove(&peer).expect("looked up above");
         let mut out = Vec::new();
         for &c in &entry.clubs {
-            self.members[c as usize].retain(|p| *p != peer);
+            self.clubs[c as usize].remove(peer);
         }
         // Drop every role the others held towards the leaver.
         for (remote, roles) in &entry.links {
@@ -302,8 +365,8 @@ impl Membership {
                     self.add_role(*x, *y, LinkRole::Upload { club: c }, &mut out);
                 }
             }
-            self.repair_club(c, rng, &mut out);
-            self.fill_seeds(c, rng, &mut out);
+            self.repair_club(c, &mut out);
+            self.fill_seeds(c, &mut out);
             // Subscribers the leaver served need a new source for its share.
             for (sub, role) in
                 entry.remotes_with(|r| matches!(r, LinkRole::Subscriber { club, .. } if *club == c))
@@ -312,23 +375,24 @@ impl Membership {
                     share, share_count, ..
                 } = role
                 {
-                    self.add_source(sub, c, share, share_count, &[peer], rng, &mut out);
+                    self.add_source(sub, c, share, share_count, &[peer], &mut out);
                 }
             }
-            if self.members[c as usize].len() < self.cfg.last_hop_sources as usize {
-                self.rebalance_sources(c, rng, &mut out);
+            if self.clubs[c as usize].len() < self.cfg.last_hop_sources as usize {
+                self.rebalance_sources(c, &mut out);
             }
         }
         out
     }
 
     /// Replaces every role between `peer` and `remote` (a failed connection or a
-    /// misbehaving remote) with roles to other peers.
+    /// misbehaving remote) with roles to other peers. Like [`Self::leave`], it
+    /// does not draw from `_rng`.
     pub fn replace(
         &mut self,
         peer: PeerId,
         remote: PeerId,
-        rng: &mut dyn RngCore,
+        _rng: &mut dyn RngCore,
     ) -> Vec<LinkChange> {
         let mut out = Vec::new();
         let roles = match self.peers.get(&peer).and_then(|e| e.links.get(&remote)) {
@@ -345,20 +409,20 @@ impl Membership {
                     club,
                     share,
                     share_count,
-                } => self.add_source(peer, club, share, share_count, &[remote], rng, &mut out),
+                } => self.add_source(peer, club, share, share_count, &[remote], &mut out),
                 LinkRole::Subscriber {
                     club,
                     share,
                     share_count,
-                } => self.add_source(remote, club, share, share_count, &[peer], rng, &mut out),
+                } => self.add_source(remote, club, share, share_count, &[peer], &mut out),
                 LinkRole::Download { club } if remote == SEEDER_PEER_ID => {
-                    self.fill_seeds_avoiding(club, &[peer], rng, &mut out)
+                    self.fill_seeds_avoiding(club, &[peer], &mut out)
                 }
                 LinkRole::Upload { club } if peer == SEEDER_PEER_ID => {
-                    self.fill_seeds_avoiding(club, &[remote], rng, &mut out)
+                    self.fill_seeds_avoiding(club, &[remote], &mut out)
                 }
                 LinkRole::Download { club } | LinkRole::Upload { club } => {
-                    self.repair_club_avoiding(club, Some((peer, remote)), rng, &mut out)
+                    self.repair_club_avoiding(club, Some((peer, remote)), &mut out)
                 }
             }
         }
@@ -372,7 +436,7 @@ impl Membership {
             let j = (rng.next_u64() % (i as u64 + 1)) as usize;
             order.swap(i, j);
         }
-        order.sort_by_key(|c| self.members[*c as usize].len());
+        order.sort_by_key(|c| self.clubs[*c as usize].len());
         let mut picked: Vec<u16> = order
             .into_iter()
             .take(self.cfg.clubs_per_peer as usize)
@@ -390,26 +454,28 @@ impl Membership {
     ) {
         // The joiner stops being a last-hop subscriber of c (not the case on a
         // fresh join, but keeps the invariant if clubs ever change).
-        let existing = self.members[c as usize].clone();
-        self.members[c as usize].push(peer);
+        self.clubs[c as usize].push(peer);
+        self.reindex(peer);
+        // The joiner is last in the order; the others were there before it.
+        let existing = self.clubs[c as usize].len() - 1;
         let d = self.cfg.in_club_links as usize;
+        let up = LinkRole::Upload { club: c };
         if self.is_leaf(peer) {
             // A leaf only receives: parents are the members with the most
             // spare upload.
-            for _ in 0..d.min(existing.len()) {
-                let x = self.pick_min(&existing, rng, |m, me| {
-                    (!me.is_leaf(m) && !me.has_edge(m, peer, c))
-                        .then(|| me.degree(m, LinkRole::Upload { club: c }) * 100 / me.capacity(m))
-                });
+            for _ in 0..d.min(existing) {
+                let x = self.clubs[c as usize]
+                    .least_loaded_uploader(|m| m == peer || self.has_edge(m, peer, c));
                 let Some(x) = x else { break };
-                self.add_role(x, peer, LinkRole::Upload { club: c }, out);
+                self.add_role(x, peer, up, out);
             }
-        } else if existing.len() <= d {
-            for &x in &existing {
+        } else if existing <= d {
+            let others = self.clubs[c as usize].as_slice()[..existing].to_vec();
+            for x in others {
                 if !self.is_leaf(x) {
-                    self.add_role(x, peer, LinkRole::Upload { club: c }, out);
+                    self.add_role(x, peer, up, out);
                 }
-                self.add_role(peer, x, LinkRole::Upload { club: c }, out);
+                self.add_role(peer, x, up, out);
             }
         } else {
             let mut split = 0;
@@ -417,9 +483,10 @@ impl Membership {
             let mut used: Vec<(PeerId, PeerId)> = Vec::new();
             while split < d && tries < 32 {
                 tries += 1;
-                let x = existing[(rng.next_u64() % existing.len() as u64) as usize];
+                let x =
+                    self.clubs[c as usize].as_slice()[(rng.next_u64() % existing as u64) as usize];
                 let outs: Vec<PeerId> = self.peers[&x]
-                    .remotes_with(|r| *r == LinkRole::Upload { club: c })
+                    .remotes_with(|r| *r == up)
                     .into_iter()
                     .map(|(p, _)| p)
                     .filter(|p| *p != peer && *p != SEEDER_PEER_ID)
@@ -434,28 +501,24 @@ impl Membership {
                 {
                     continue;
                 }
-                self.drop_role_at(x, y, LinkRole::Upload { club: c }, out);
+                self.drop_role_at(x, y, up, out);
                 self.drop_role_at(y, x, LinkRole::Download { club: c }, out);
-                self.add_role(x, peer, LinkRole::Upload { club: c }, out);
-                self.add_role(peer, y, LinkRole::Upload { club: c }, out);
+                self.add_role(x, peer, up, out);
+                self.add_role(peer, y, up, out);
                 used.push((x, y));
                 split += 1;
             }
-            self.repair_club(c, rng, out);
+            self.repair_club(c, out);
         }
         // A new member may take over subscribers of an empty or small club.
-        if self.members[c as usize].len() <= self.cfg.last_hop_sources as usize {
-            self.rebalance_sources(c, rng, out);
+        if self.clubs[c as usize].len() <= self.cfg.last_hop_sources as usize {
+            self.rebalance_sources(c, out);
         }
-        self.fill_seeds(c, rng, out);
+        self.fill_seeds(c, out);
     }
 
     fn is_leaf(&self, p: PeerId) -> bool {
         self.peers.get(&p).is_some_and(Entry::leaf)
-    }
-
-    fn capacity(&self, p: PeerId) -> usize {
-        self.peers.get(&p).map_or(1, |e| e.capacity.max(1) as usize)
     }
 
     fn has_edge(&self, x: PeerId, y: PeerId, c: u16) -> bool {
@@ -464,149 +527,112 @@ impl Membership {
             .is_some_and(|e| e.has(y, &LinkRole::Upload { club: c }))
     }
 
-    fn degree(&self, p: PeerId, role: LinkRole) -> usize {
+    /// In-club download links of member `p` in `c`, the seeder's not counted.
+    fn ins(&self, p: PeerId, c: u16) -> usize {
         self.peers
             .get(&p)
-            .map_or(usize::MAX, |e| e.count(|r| *r == role))
+            .and_then(|e| Some(e.ins[e.slot(c)?]))
+            .unwrap_or(usize::MAX)
     }
 
-    fn repair_club(&mut self, c: u16, rng: &mut dyn RngCore, out: &mut Vec<LinkChange>) {
-        self.repair_club_avoiding(c, None, rng, out);
+    /// In-club upload links of member `p` in `c`.
+    fn outs(&self, p: PeerId, c: u16) -> usize {
+        self.peers
+            .get(&p)
+            .and_then(|e| Some(e.outs[e.slot(c)?]))
+            .unwrap_or(usize::MAX)
+    }
+
+    /// Takes `p` out of the indexes of the clubs it is a member of, before its
+    /// loads change.
+    fn unindex(&mut self, p: PeerId) {
+        self.file(p, false);
+    }
+
+    /// Files `p` again in the indexes of the clubs it is a member of, after its
+    /// loads changed.
+    fn reindex(&mut self, p: PeerId) {
+        self.file(p, true);
+    }
+
+    fn file(&mut self, p: PeerId, filed: bool) {
+        let Some(e) = self.peers.get(&p) else { return };
+        let d = self.cfg.in_club_links as usize;
+        for &c in &e.clubs {
+            let club = &mut self.clubs[c as usize];
+            if !club.contains(p) {
+                continue;
+            }
+            if filed {
+                club.index(p, &e.load(c), d);
+            } else {
+                club.unindex(p, &e.load(c), d);
+            }
+        }
+    }
+
+    fn repair_club(&mut self, c: u16, out: &mut Vec<LinkChange>) {
+        self.repair_club_avoiding(c, None, out);
     }
 
     /// Gives every member of `c` at least `min(d, size - 1)` in- and out-edges,
     /// taking the other ends from the members with the lowest matching degree.
+    /// Only the members short of `d` links are visited: the others have enough.
     fn repair_club_avoiding(
         &mut self,
         c: u16,
         avoid: Option<(PeerId, PeerId)>,
-        rng: &mut dyn RngCore,
         out: &mut Vec<LinkChange>,
     ) {
-        let members = self.members[c as usize].clone();
-        let want = (self.cfg.in_club_links as usize).min(members.len().saturating_sub(1));
+        let size = self.clubs[c as usize].len();
+        let short = self.clubs[c as usize].short();
+        let want = (self.cfg.in_club_links as usize).min(size.saturating_sub(1));
         let up = LinkRole::Upload { club: c };
         let avoided = |a: PeerId, b: PeerId| {
             avoid.is_some_and(|(p, q)| (a == p && b == q) || (a == q && b == p))
         };
-        for &y in &members {
+        for &y in &short {
             let mut guard = 0;
-            while self.in_club_in_degree(y, c) < want && guard < members.len() {
+            while self.ins(y, c) < want && guard < size {
                 guard += 1;
-                let x = self.pick_min(&members, rng, |m, me| {
-                    (m != y && !me.is_leaf(m) && !me.has_edge(m, y, c) && !avoided(m, y))
-                        .then(|| me.degree(m, up) * 100 / me.capacity(m))
-                });
+                let x = self.clubs[c as usize]
+                    .least_loaded_uploader(|m| m == y || self.has_edge(m, y, c) || avoided(m, y));
                 let Some(x) = x else { break };
                 self.add_role(x, y, up, out);
             }
         }
-        for &x in &members {
+        for &x in &short {
             if self.is_leaf(x) {
                 continue;
             }
             let mut guard = 0;
-            while self.degree(x, up) < want && guard < members.len() {
+            while self.outs(x, c) < want && guard < size {
                 guard += 1;
-                let y = self.pick_min(&members, rng, |m, me| {
-                    (m != x && !me.has_edge(x, m, c) && !avoided(x, m))
-                        .then(|| me.in_club_in_degree(m, c))
-                });
+                let y = self.clubs[c as usize]
+                    .least_fed(|m| m == x || self.has_edge(x, m, c) || avoided(x, m));
                 let Some(y) = y else { break };
                 self.add_role(x, y, up, out);
             }
         }
     }
 
-    fn in_club_in_degree(&self, p: PeerId, c: u16) -> usize {
-        self.peers.get(&p).map_or(usize::MAX, |e| {
-            e.links
-                .iter()
-                .filter(|(r, _)| **r != SEEDER_PEER_ID)
-                .flat_map(|(_, v)| v)
-                .filter(|r| **r == LinkRole::Download { club: c })
-                .count()
-        })
+    fn fill_seeds(&mut self, c: u16, out: &mut Vec<LinkChange>) {
+        self.fill_seeds_avoiding(c, &[], out);
     }
 
-    /// The candidate with the lowest score (random among ties); `score` returns
-    /// `None` for a candidate that may not be picked.
-    fn pick_min(
-        &self,
-        candidates: &[PeerId],
-        rng: &mut dyn RngCore,
-        score: impl Fn(PeerId, &Self) -> Option<usize>,
-    ) -> Option<PeerId> {
-        let mut best: Option<(usize, PeerId)> = None;
-        let mut ties = 0u64;
-        for &m in candidates {
-            let Some(s) = score(m, self) else { continue };
-            match best {
-                Some((b, _)) if s > b => {}
-                Some((b, _)) if s == b => {
-                    ties += 1;
-                    if rng.next_u64() % ties == 0 {
-                        best = Some((s, m));
-                    }
-                }
-                _ => {
-                    best = Some((s, m));
-                    ties = 1;
-                }
-            }
-        }
-        best.map(|(_, m)| m)
-    }
-
-    /// Seeds of club `c`: members with a download link from the seeder.
-    fn seeds(&self, c: u16) -> Vec<PeerId> {
-        self.peers[&SEEDER_PEER_ID]
-            .remotes_with(|r| *r == LinkRole::Upload { club: c })
-            .into_iter()
-            .map(|(p, _)| p)
-            .collect()
-    }
-
-    fn fill_seeds(&mut self, c: u16, rng: &mut dyn RngCore, out: &mut Vec<LinkChange>) {
-        self.fill_seeds_avoiding(c, &[], rng, out);
-    }
-
-    fn fill_seeds_avoiding(
-        &mut self,
-        c: u16,
-        avoid: &[PeerId],
-        rng: &mut dyn RngCore,
-        out: &mut Vec<LinkChange>,
-    ) {
-        let members = self.members[c as usize].clone();
-        let mut seeds = self.seeds(c);
-        while seeds.len() < self.cfg.seeds_per_club as usize {
-            let pick = self.pick_min(&members, rng, |m, me| {
-                (!seeds.contains(&m) && !avoid.contains(&m)).then(|| {
-                    let d = me.degree(m, LinkRole::Download { club: c });
-                    if me.is_leaf(m) {
-                        1_000_000 + d
-                    } else {
-                        d
-                    }
-                })
-            });
+    /// Tops club `c` up to `seeds_per_club` seeds, taking the members with the
+    /// fewest download links, relays before leaves.
+    fn fill_seeds_avoiding(&mut self, c: u16, avoid: &[PeerId], out: &mut Vec<LinkChange>) {
+        while self.clubs[c as usize].seed_count() < self.cfg.seeds_per_club as usize {
+            let pick = self.clubs[c as usize].next_seed(|m| avoid.contains(&m));
             let Some(p) = pick else { break };
             self.add_role(SEEDER_PEER_ID, p, LinkRole::Upload { club: c }, out);
-            seeds.push(p);
         }
     }
 
     /// Gives `peer` (a non-member of `c`) its last-hop sources for `c`.
-    fn fill_sources(
-        &mut self,
-        peer: PeerId,
-        c: u16,
-        avoid: &[PeerId],
-        rng: &mut dyn RngCore,
-        out: &mut Vec<LinkChange>,
-    ) {
-        let n = self.members[c as usize].len();
+    fn fill_sources(&mut self, peer: PeerId, c: u16, avoid: &[PeerId], out: &mut Vec<LinkChange>) {
+        let n = self.clubs[c as usize].len();
         if n == 0 {
             self.add_role(
                 SEEDER_PEER_ID,
@@ -622,7 +648,7 @@ impl Membership {
         }
         let count = (self.cfg.last_hop_sources as usize).min(n) as u8;
         for share in 0..count {
-            self.add_source(peer, c, share, count, avoid, rng, out);
+            self.add_source(peer, c, share, count, avoid, out);
         }
     }
 
@@ -634,30 +660,19 @@ impl Membership {
         share: u8,
         share_count: u8,
         avoid: &[PeerId],
-        rng: &mut dyn RngCore,
         out: &mut Vec<LinkChange>,
     ) {
         if !self.peers.contains_key(&peer) {
             return;
         }
-        let members = self.members[c as usize].clone();
         let current: Vec<PeerId> = self.peers[&peer]
             .remotes_with(|r| matches!(r, LinkRole::Source { club, .. } if *club == c))
             .into_iter()
             .map(|(p, _)| p)
             .collect();
-        let pick = self.pick_min(&members, rng, |m, me| {
-            (m != peer && !avoid.contains(&m) && !current.contains(&m)).then(|| {
-                // Leaves serve only when nobody else can.
-                let e = &me.peers[&m];
-                let load = e.subscribers * 100 / e.capacity.max(1) as usize;
-                if e.leaf() {
-                    1_000_000 + load
-                } else {
-                    load
-                }
-            })
-        });
+        // Leaves serve only when nobody else can (the index files them last).
+        let pick = self.clubs[c as usize]
+            .least_loaded_source(|m| m == peer || avoid.contains(&m) || current.contains(&m));
         let src = pick.unwrap_or(SEEDER_PEER_ID);
         if src == SEEDER_PEER_ID && current.contains(&SEEDER_PEER_ID) {
             return;
@@ -677,8 +692,8 @@ impl Membership {
     /// Re-plans the sources of every non-member of `c` whose sources no longer
     /// match the club's size (the club was empty, or had fewer members than
     /// sources wanted).
-    fn rebalance_sources(&mut self, c: u16, rng: &mut dyn RngCore, out: &mut Vec<LinkChange>) {
-        let n = self.members[c as usize].len();
+    fn rebalance_sources(&mut self, c: u16, out: &mut Vec<LinkChange>) {
+        let n = self.clubs[c as usize].len();
         let want = (self.cfg.last_hop_sources as usize).min(n.max(1));
         let subs: Vec<PeerId> = self
             .peers
@@ -697,24 +712,22 @@ impl Membership {
                 self.drop_role_at(p, s, role, out);
                 self.drop_role_at(s, p, role.mirror(), out);
             }
-            self.fill_sources(p, c, &[], rng, out);
+            self.fill_sources(p, c, &[], out);
         }
     }
 
     /// Adds `role` at `a` towards `b`, and its mirror at `b`.
     fn add_role(&mut self, a: PeerId, b: PeerId, role: LinkRole, out: &mut Vec<LinkChange>) {
         for (me, remote, r) in [(a, b, role), (b, a, role.mirror())] {
-            let Some(e) = self.peers.get_mut(&me) else {
-                continue;
-            };
-            let roles = e.links.entry(remote).or_default();
-            if roles.contains(&r) {
+            if self.peers.get(&me).is_none_or(|e| e.has(remote, &r)) {
                 continue;
             }
-            roles.push(r);
-            if matches!(r, LinkRole::Subscriber { .. }) {
-                e.subscribers += 1;
-            }
+            self.unindex(me);
+            let e = self.peers.get_mut(&me).expect("looked up above");
+            e.links.entry(remote).or_default().push(r);
+            e.tally(remote, r, true);
+            self.reindex(me);
+            self.note_seed(me, remote, r, true);
             out.push(LinkChange {
                 to: me,
                 op: LinkOp::Add,
@@ -727,6 +740,15 @@ impl Membership {
         }
     }
 
+    /// Keeps the seed sets in step with the seeder's upload links.
+    fn note_seed(&mut self, me: PeerId, remote: PeerId, role: LinkRole, added: bool) {
+        if let (SEEDER_PEER_ID, LinkRole::Upload { club }) = (me, role) {
+            if let Some(members) = self.clubs.get_mut(club as usize) {
+                members.set_seed(remote, added);
+            }
+        }
+    }
+
     /// Removes `role` at `me` towards `remote` (one side only).
     fn drop_role_at(
         &mut self,
@@ -735,23 +757,19 @@ impl Membership {
         role: LinkRole,
         out: &mut Vec<LinkChange>,
     ) {
-        let Some(e) = self.peers.get_mut(&me) else {
-            return;
-        };
-        let Some(roles) = e.links.get_mut(&remote) else {
-            return;
-        };
-        let before = roles.len();
-        roles.retain(|r| *r != role);
-        if roles.len() == before {
+        if !self.peers.get(&me).is_some_and(|e| e.has(remote, &role)) {
             return;
         }
+        self.unindex(me);
+        let e = self.peers.get_mut(&me).expect("looked up above");
+        let roles = e.links.get_mut(&remote).expect("has the role");
+        roles.retain(|r| *r != role);
         if roles.is_empty() {
             e.links.remove(&remote);
         }
-        if matches!(role, LinkRole::Subscriber { .. }) {
-            e.subscribers -= 1;
-        }
+        e.tally(remote, role, false);
+        self.reindex(me);
+        self.note_seed(me, remote, role, false);
         out.push(LinkChange {
             to: me,
             op: LinkOp::Remove,
@@ -774,10 +792,69 @@ mod tests {
         ChaCha8Rng::seed_from_u64(7)
     }
 
-    /// Checks the invariants the relay rules need.
+    /// Counts straight from the link sets, independent of the indexes.
+    impl Membership {
+        fn in_club_in_degree(&self, p: PeerId, c: u16) -> usize {
+            self.peers.get(&p).map_or(usize::MAX, |e| {
+                e.links
+                    .iter()
+                    .filter(|(r, _)| **r != SEEDER_PEER_ID)
+                    .flat_map(|(_, v)| v)
+                    .filter(|r| **r == LinkRole::Download { club: c })
+                    .count()
+            })
+        }
+
+        fn degree(&self, p: PeerId, role: LinkRole) -> usize {
+            self.peers
+                .get(&p)
+                .map_or(usize::MAX, |e| e.count(|r| *r == role))
+        }
+
+        /// Seeds of club `c`: members with a download link from the seeder.
+        fn seeds(&self, c: u16) -> Vec<PeerId> {
+            self.peers[&SEEDER_PEER_ID]
+                .remotes_with(|r| *r == LinkRole::Upload { club: c })
+                .into_iter()
+                .map(|(p, _)| p)
+                .collect()
+        }
+
+        /// Panics unless the cached counts and club indexes match the link sets.
+        fn assert_indexed(&self) {
+            let d = self.cfg.in_club_links as usize;
+            for (&p, e) in &self.peers {
+                assert_eq!(
+                    e.subscribers,
+                    e.count(|r| matches!(r, LinkRole::Subscriber { .. }))
+                );
+                for (i, &c) in e.clubs.iter().enumerate() {
+                    assert_eq!(e.ins[i], self.in_club_in_degree(p, c), "{p} ins in {c}");
+                    assert_eq!(e.outs[i], self.degree(p, LinkRole::Upload { club: c }));
+                }
+            }
+            for c in 0..self.cfg.clubs {
+                let loads: Vec<(PeerId, Load)> = self.clubs[c as usize]
+                    .as_slice()
+                    .iter()
+                    .map(|p| (*p, self.peers[p].load(c)))
+                    .collect();
+                self.clubs[c as usize].assert_indexed(&loads, d, &self.seeds(c));
+            }
+        }
+    }
+
+    /// Checks the invariants the relay rules need, in a swarm of equal peers.
     fn check(m: &Membership) {
+        check_rules(m, false);
+    }
+
+    /// Checks the relay rules; with `mixed` capacities, leaves upload nothing
+    /// and strong peers may carry more upload links than the rest.
+    fn check_rules(m: &Membership, mixed: bool) {
         let cfg = m.cfg;
         let sizes = m.club_sizes();
+        m.assert_indexed();
         for (&p, e) in &m.peers {
             // Both sides agree on every role.
             for (remote, roles) in &e.links {
@@ -802,12 +879,16 @@ mod tests {
                         ins >= want,
                         "peer {p} club {c}: {ins} download links, want {want}"
                     );
+                    if e.leaf() {
+                        assert_eq!(outs, 0, "leaf {p} uploads in club {c}");
+                    } else {
+                        assert!(
+                            outs >= want,
+                            "peer {p} club {c}: {outs} upload links, want {want}"
+                        );
+                    }
                     assert!(
-                        outs >= want,
-                        "peer {p} club {c}: {outs} upload links, want {want}"
-                    );
-                    assert!(
-                        ins <= want + 2 && outs <= want + 2,
+                        ins <= want + 2 && (mixed || outs <= want + 2),
                         "degree blew up: {ins}/{outs}"
                     );
                 } else {
@@ -903,6 +984,60 @@ mod tests {
         m.replace(p, remote, &mut r);
         assert!(m.links_of(p).iter().all(|l| l.peer != remote));
         check(&m);
+    }
+
+    /// Joins `peers`, then runs `ops` leave-and-join pairs with a failed link
+    /// every tenth op, checking the rules every `every` ops. With `mixed`
+    /// capacities one peer in four is a leaf and the rest upload 1.5x to 3.5x
+    /// the bitrate.
+    fn churn(peers: u64, ops: u64, every: u64, mixed: bool) {
+        let mut m = Membership::new(ClubConfig::default());
+        let mut r = rng();
+        let capacity = |r: &mut ChaCha8Rng| match r.next_u32() % 4 {
+            _ if !mixed => DEFAULT_CAPACITY_PCT,
+            0 => 60,
+            n => 100 * n + 50,
+        };
+        let mut alive: Vec<PeerId> = Vec::new();
+        for p in 1..=peers {
+            let cap = capacity(&mut r);
+            m.join_with_capacity(p, true, cap, &mut r);
+            alive.push(p);
+            if p % (every * 5) == 0 {
+                check_rules(&m, mixed);
+            }
+        }
+        for (op, next) in (0..ops).zip(peers + 1..) {
+            let gone = alive.swap_remove((r.next_u64() % alive.len() as u64) as usize);
+            let changes = m.leave(gone, &mut r);
+            assert!(changes.iter().all(|c| c.to != gone));
+            let cap = capacity(&mut r);
+            m.join_with_capacity(next, true, cap, &mut r);
+            alive.push(next);
+            if op % 10 == 0 {
+                let p = alive[(r.next_u64() % alive.len() as u64) as usize];
+                let links = m.links_of(p);
+                let remote = links[(r.next_u64() % links.len() as u64) as usize].peer;
+                m.replace(p, remote, &mut r);
+                assert!(m.links_of(p).iter().all(|l| l.peer != remote));
+            }
+            if op % every == 0 {
+                check_rules(&m, mixed);
+            }
+        }
+        check_rules(&m, mixed);
+        assert_eq!(m.len(), peers as usize);
+        assert_eq!(m.club_sizes().iter().sum::<usize>(), 2 * peers as usize);
+    }
+
+    #[test]
+    fn churn_in_a_large_swarm_keeps_links_and_balance() {
+        churn(2_000, 600, 50, false);
+    }
+
+    #[test]
+    fn churn_with_leaves_keeps_the_relay_rules() {
+        churn(600, 300, 20, true);
     }
 
     #[test]
