@@ -327,16 +327,21 @@ where
 
 #[tokio::test]
 async fn bids_over_the_budget_are_cut_and_fetches_beyond_a_grant_get_429() {
-    // 100_000 bits per interval; 25 % anonymous, so bids share 75_000.
+    // 100_000 bits per interval; 25 % anonymous, so bids share 75_000,
+    // granted in whole units of one 1 KiB block with its overhead.
     let cfg = Config {
         origin_budget_kbps: 100,
+        block_kib: 1,
         ..Config::default()
     };
+    let unit = cfg.block_unit_bits();
+    let units = 75_000 / unit;
     let (addr, state) = serve(cfg, 120).await;
     publish(&state, 20);
     let bits = block_bits(&state);
     let (mut a, token_a) = join(addr).await;
     let (mut b, token_b) = join(addr).await;
+    assert!(bits <= unit && units >= 4, "{bits} {unit}");
     let small = bits + bits / 2; // one block and a half
     a.send(Message::text(format!(
         r#"{{"type":"bid","v":1,"bits":{small}}}"#
@@ -356,8 +361,8 @@ async fn bids_over_the_budget_are_cut_and_fetches_beyond_a_grant_get_429() {
     state.hub.run_bid_interval(Instant::now());
     let grant_a = grant_of(&mut a).await;
     let grant_b = grant_of(&mut b).await;
-    assert_eq!(grant_a, small, "a small bid is met in full");
-    assert_eq!(grant_b, 75_000 - small, "a large bid gets the rest, cut");
+    assert_eq!(grant_a, 2 * unit, "a small bid is met in full, in whole blocks");
+    assert_eq!(grant_b, (units - 2) * unit, "a large bid gets the rest, cut");
 
     let auth_a = format!("Bearer {token_a}");
     let auth_b = format!("Bearer {token_b}");
@@ -373,8 +378,11 @@ async fn bids_over_the_budget_are_cut_and_fetches_beyond_a_grant_get_429() {
             .await
         }
     };
-    assert_eq!(get(0, &auth_a).await.status, 200);
-    let over = get(1, &auth_a).await;
+    let fit_a = grant_a / bits;
+    for seq in 0..fit_a {
+        assert_eq!(get(seq, &auth_a).await.status, 200, "block {seq}");
+    }
+    let over = get(fit_a, &auth_a).await;
     assert_eq!(over.status, 429);
     assert_eq!(over.json()["code"], "over_grant");
     let retry: u64 = over
