@@ -60,10 +60,10 @@ sim *ARGS:
 # All benchmarks; each writes markdown + JSON into bench/results/.
 bench: bench-sim bench-server bench-e2e
 
-# Simulator scaling sweep (clubs vs baselines, same run).
-bench-sim:
+# Simulator scaling sweep (clubs vs baselines, same run); e.g. `just bench-sim --bench-peers 100,1000`.
+bench-sim *ARGS:
     mkdir -p {{results}}
-    cargo run --release -p clubcast-sim -- --compare --bench --out {{results}}
+    cargo run --release -p clubcast-sim -- --compare --bench --out {{results}} {{ARGS}}
 
 # Server ingest/sign/seed/origin throughput.
 bench-server:
