@@ -361,8 +361,16 @@ async fn bids_over_the_budget_are_cut_and_fetches_beyond_a_grant_get_429() {
     state.hub.run_bid_interval(Instant::now());
     let grant_a = grant_of(&mut a).await;
     let grant_b = grant_of(&mut b).await;
-    assert_eq!(grant_a, 2 * unit, "a small bid is met in full, in whole blocks");
-    assert_eq!(grant_b, (units - 2) * unit, "a large bid gets the rest, cut");
+    assert_eq!(
+        grant_a,
+        2 * unit,
+        "a small bid is met in full, in whole blocks"
+    );
+    assert_eq!(
+        grant_b,
+        (units - 2) * unit,
+        "a large bid gets the rest, cut"
+    );
 
     let auth_a = format!("Bearer {token_a}");
     let auth_b = format!("Bearer {token_b}");
