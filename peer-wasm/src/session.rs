@@ -615,10 +615,16 @@ impl Session {
     fn bid(&mut self) {
         let now = self.now();
         let Some(j) = &self.joined else { return };
+        let due = j.peer.bid(now, j.bid_interval_ms as u64);
         let bits = if self.opts.p2p && !self.origin.in_order() {
-            j.peer.bid(now, j.bid_interval_ms as u64)
+            due
         } else {
-            origin::full_rate_bits(j.stream.bitrate_kbps, j.bid_interval_ms)
+            // A stream too new for the server to know its bitrate says 0.
+            let kbps = match j.stream.bitrate_kbps {
+                0 => j.peer.rate_kbps(),
+                k => k,
+            };
+            origin::full_rate_bits(kbps, j.bid_interval_ms, due)
         };
         self.send(&ClientMsg::Bid {
             v: SIGNAL_VERSION,

@@ -40,9 +40,12 @@ pub const ERROR_RETRY_MS: f64 = 500.0;
 /// Bid headroom over the stream's bitrate estimate, in order.
 pub const FULL_RATE_HEADROOM: f64 = 1.5;
 
-/// The bid of an origin-only viewer: the whole stream for one interval, with headroom.
-pub fn full_rate_bits(bitrate_kbps: u32, interval_ms: f64) -> u64 {
-    (f64::from(bitrate_kbps) * interval_ms * FULL_RATE_HEADROOM) as u64
+/// The bid of an origin-only viewer: the whole stream for one interval, with
+/// headroom, and never less than what the core counts as due (`core_bits`).
+/// A viewer that joins a stream too new for the server to know its bitrate
+/// (0) would otherwise bid nothing, get no grant, and never start.
+pub fn full_rate_bits(bitrate_kbps: u32, interval_ms: f64, core_bits: u64) -> u64 {
+    ((f64::from(bitrate_kbps) * interval_ms * FULL_RATE_HEADROOM) as u64).max(core_bits)
 }
 
 struct InOrder {
@@ -249,6 +252,9 @@ mod tests {
     #[test]
     fn full_rate_bid_covers_the_stream_with_headroom() {
         // 2000 kbit/s for one second is 2 Mbit; bid 1.5 of it.
-        assert_eq!(full_rate_bits(2000, 1000.0), 3_000_000);
+        assert_eq!(full_rate_bits(2000, 1000.0, 0), 3_000_000);
+        assert_eq!(full_rate_bits(2000, 1000.0, 5_000_000), 5_000_000);
+        // A stream too new to have a bitrate: the blocks due are bid for.
+        assert_eq!(full_rate_bits(0, 1000.0, 262_144), 262_144);
     }
 }
