@@ -105,6 +105,8 @@ pub struct Sim {
     evs: Vec<PeerEvent>,
     uploads: Vec<(u64, u64)>,
     block_bits: u64,
+    /// Skipped blocks of the skipper's own clubs and of other clubs (debug).
+    skipped_split: (u64, u64),
     end_us: u64,
 }
 
@@ -143,6 +145,7 @@ impl Sim {
             origin: Origin::new(cfg.origin_budget_kbps, viewers.len() + 1),
             metrics: Collector::new(viewers, stream.len()),
             block_bits: stream.block_bits(),
+            skipped_split: (0, 0),
             stream,
             slots,
             verifier,
@@ -182,7 +185,8 @@ impl Sim {
                 tot.dup_last_hop += st.dup_last_hop;
             }
             eprintln!(
-                "{tot:?} retransmits {} mean serializer wait {} us, waits > 2 s {} of {}; fills ok {} denied {}",
+                "{tot:?} skipped own/other club {:?} retransmits {} mean serializer wait {} us, waits > 2 s {} of {}; fills ok {} denied {}",
+                self.skipped_split,
                 self.wire.retransmits,
                 self.wire.backlog_us_sum / self.wire.sends.max(1),
                 self.wire.late_sends,
@@ -572,7 +576,18 @@ impl Sim {
                     self.metrics.corrupt_played += 1;
                 }
             }
-            PeerEvent::Skip { .. } => {}
+            PeerEvent::Skip { from, to } => {
+                if let Some(clubs) = self.membership.clubs_of(id) {
+                    for seq in from..to {
+                        let c = (seq % u64::from(self.cfg.clubs)) as u16;
+                        if clubs.contains(&c) {
+                            self.skipped_split.0 += 1;
+                        } else {
+                            self.skipped_split.1 += 1;
+                        }
+                    }
+                }
+            }
             PeerEvent::GapFill { seq } => {
                 let len = self.stream.wire_len(seq);
                 let rtt = self.wire.rtt(id, SEEDER_PEER_ID);
