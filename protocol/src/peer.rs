@@ -74,6 +74,8 @@ pub const MAX_AHEAD: u64 = 4096;
 pub const MAX_ORIGIN_TRIES: u8 = 2;
 /// Wait before retrying a failed origin fetch (about one bid interval), ms.
 pub const ORIGIN_RETRY_MS: u64 = 1_000;
+/// Interval at which every missing block's due time is recomputed, ms.
+pub const REINDEX_MS: u64 = 1_000;
 /// Interval between PINGs on a link, ms.
 pub const PING_INTERVAL_MS: u64 = 5_000;
 
@@ -273,6 +275,8 @@ struct Missing {
     origin_tries: u8,
     /// A failed origin fetch is retried no earlier than this.
     retry_at: Time,
+    /// When it next needs a look (its key in `Peer::due`), if ever.
+    due: Option<Time>,
 }
 
 /// One viewer's relay and playout state.
@@ -284,6 +288,11 @@ pub struct Peer<V> {
     links: BTreeMap<PeerId, LinkState>,
     cache: BTreeMap<u64, VerifiedBlock>,
     missing: BTreeMap<u64, Missing>,
+    /// (when, seq) of every missing block that needs a look at some time, so
+    /// timers touch only the blocks that are due.
+    due: BTreeSet<(Time, u64)>,
+    /// Next time every due time is recomputed (deadline estimates drift).
+    reindex_at: Time,
     highest: Option<u64>,
     /// (seq, ingest ms) of a recent block, for deadline estimates.
     anchor: Option<(u64, u64)>,
@@ -310,6 +319,8 @@ impl<V: BlockVerifier> Peer<V> {
             links: BTreeMap::new(),
             cache: BTreeMap::new(),
             missing: BTreeMap::new(),
+            due: BTreeSet::new(),
+            reindex_at: Time(0),
             highest: None,
             anchor: None,
             ms_per_block: 70.0,
@@ -536,6 +547,7 @@ impl<V: BlockVerifier> Peer<V> {
                     if let Some(m) = self.missing.get_mut(&seq) {
                         if m.asked.is_none() && m.noticed > soon {
                             m.noticed = soon;
+                            self.reindex(seq);
                             self.schedule(now);
                         }
                     }
@@ -575,6 +587,7 @@ impl<V: BlockVerifier> Peer<V> {
                     if m.asked.is_some_and(|(p, _)| p == from) {
                         // Ask someone else at the next check.
                         m.asked = Some((from, Time(0)));
+                        self.reindex(seq);
                         self.schedule(now);
                     }
                 }
@@ -617,6 +630,7 @@ impl<V: BlockVerifier> Peer<V> {
             m.origin = false;
             m.retry_at = now + ORIGIN_RETRY_MS;
         }
+        self.reindex(seq);
         self.schedule(now);
     }
 
@@ -713,10 +727,15 @@ impl<V: BlockVerifier> Peer<V> {
 
     fn bad_peer(&mut self, peer: PeerId, reason: PeerError) {
         self.links.remove(&peer);
-        for m in self.missing.values_mut() {
+        let mut asked = Vec::new();
+        for (&seq, m) in &mut self.missing {
             if m.asked.is_some_and(|(p, _)| p == peer) {
                 m.asked = Some((peer, Time(0)));
+                asked.push(seq);
             }
+        }
+        for seq in asked {
+            self.reindex(seq);
         }
         self.event(PeerEvent::BadPeer { peer, reason });
     }
@@ -784,17 +803,67 @@ impl<V: BlockVerifier> Peer<V> {
         if self.cache.contains_key(&seq) || self.next_play.is_some_and(|p| seq < p) {
             return;
         }
-        if self.missing.len() >= MAX_MISSING {
-            self.missing.pop_first();
+        if self.missing.contains_key(&seq) {
+            return;
         }
-        self.missing.entry(seq).or_insert(Missing {
-            noticed: now,
-            asked: None,
-            tries: 0,
-            origin: false,
-            origin_tries: 0,
-            retry_at: Time(0),
-        });
+        if self.missing.len() >= MAX_MISSING {
+            if let Some(&first) = self.missing.keys().next() {
+                self.forget(first);
+            }
+        }
+        self.missing.insert(
+            seq,
+            Missing {
+                noticed: now,
+                asked: None,
+                tries: 0,
+                origin: false,
+                origin_tries: 0,
+                retry_at: Time(0),
+                due: None,
+            },
+        );
+        self.reindex(seq);
+    }
+
+    /// When missing block `seq` next needs a look: its origin moment, or its
+    /// pull or WANT timeout; never while an origin fetch runs.
+    fn due_of(&self, seq: u64, m: &Missing) -> Option<Time> {
+        if m.origin {
+            return None;
+        }
+        let origin = (self.deadline(seq) - self.cfg.origin_margin_ms).max(m.retry_at);
+        let pull = match m.asked {
+            None => self.pull_at(seq, m),
+            Some((p, t)) => t + self.want_timeout(p),
+        };
+        Some(origin.min(pull))
+    }
+
+    /// Recomputes the due time of missing block `seq`.
+    fn reindex(&mut self, seq: u64) {
+        let Some(m) = self.missing.get(&seq).copied() else {
+            return;
+        };
+        if let Some(t) = m.due {
+            self.due.remove(&(t, seq));
+        }
+        let due = self.due_of(seq, &m);
+        if let Some(t) = due {
+            self.due.insert((t, seq));
+        }
+        if let Some(m) = self.missing.get_mut(&seq) {
+            m.due = due;
+        }
+    }
+
+    /// Stops tracking missing block `seq`.
+    fn forget(&mut self, seq: u64) -> Option<Missing> {
+        let m = self.missing.remove(&seq)?;
+        if let Some(t) = m.due {
+            self.due.remove(&(t, seq));
+        }
+        Some(m)
     }
 
     fn accept(&mut self, now: Time, block: VerifiedBlock, from: From) {
@@ -833,7 +902,7 @@ impl<V: BlockVerifier> Peer<V> {
             bytes: len,
         });
         self.learn_rate(seq, ingest);
-        if let Some(m) = self.missing.remove(&seq) {
+        if let Some(m) = self.forget(seq) {
             if let Some((p, _)) = m.asked {
                 if From::Peer(p) != from {
                     self.push(p, Frame::Cancel(seq));
@@ -966,30 +1035,41 @@ impl<V: BlockVerifier> Peer<V> {
         if self.queued.is_empty() {
             return;
         }
-        let mut total: usize = self.links.values().map(|l| l.buffered).sum();
-        let entries: Vec<(u8, u64, PeerId)> = self.queued.iter().copied().collect();
-        for e @ (class, seq, to) in entries {
-            let stale = match (self.links.get(&to), self.cache.get(&seq)) {
+        let Peer {
+            queued,
+            links,
+            cache,
+            cfg,
+            stats,
+            now,
+            ..
+        } = self;
+        queued.retain(|&(_, seq, to)| {
+            let keep = match (links.get(&to), cache.get(&seq)) {
                 (Some(st), Some(b)) => {
-                    !st.open
-                        || st.said_have(seq)
-                        || self.now.0 >= b.header().ingest_time_ms + self.cfg.target_latency_ms
+                    st.open
+                        && !st.said_have(seq)
+                        && now.0 < b.header().ingest_time_ms + cfg.target_latency_ms
                 }
-                _ => true,
+                _ => false,
             };
-            if stale {
-                self.queued.remove(&e);
-                self.stats.pushes_dropped += 1;
-                continue;
+            if !keep {
+                stats.pushes_dropped += 1;
             }
-            if total >= SEND_WINDOW
-                || self
-                    .links
+            keep
+        });
+        let mut total: usize = self.links.values().map(|l| l.buffered).sum();
+        while total < SEND_WINDOW {
+            // The most urgent entry whose link has room (a push raises only
+            // that link's level, so each pass sends one block).
+            let next = self.queued.iter().copied().find(|&(_, _, to)| {
+                self.links
                     .get(&to)
-                    .is_some_and(|l| l.buffered >= LINK_WINDOW)
-            {
-                continue;
-            }
+                    .is_some_and(|l| l.buffered < LINK_WINDOW)
+            });
+            let Some(e @ (class, seq, to)) = next else {
+                break;
+            };
             self.queued.remove(&e);
             let Some(b) = self.cache.get(&seq) else {
                 continue;
@@ -1084,58 +1164,77 @@ impl<V: BlockVerifier> Peer<V> {
     }
 
     fn check_missing(&mut self, now: Time) {
-        let seqs: Vec<u64> = self.missing.keys().copied().collect();
+        if now >= self.reindex_at {
+            // Deadlines are estimates that move as blocks arrive: refresh
+            // every due time now and then, not on every block.
+            self.reindex_at = now + REINDEX_MS;
+            let all: Vec<u64> = self.missing.keys().copied().collect();
+            for seq in all {
+                self.reindex(seq);
+            }
+        }
+        let seqs: Vec<u64> = self
+            .due
+            .range(..=(now, u64::MAX))
+            .map(|&(_, seq)| seq)
+            .collect();
         for seq in seqs {
-            let deadline = self.deadline(seq);
-            let Some(m) = self.missing.get(&seq).copied() else {
-                continue;
-            };
-            if m.origin || now < m.retry_at {
-                continue;
+            self.check_one(now, seq);
+            self.reindex(seq);
+        }
+    }
+
+    /// Pulls, re-pulls or gap-fills missing block `seq` if it is due.
+    fn check_one(&mut self, now: Time, seq: u64) {
+        let deadline = self.deadline(seq);
+        let Some(m) = self.missing.get(&seq).copied() else {
+            return;
+        };
+        if m.origin || now < m.retry_at {
+            return;
+        }
+        if now.0 + self.cfg.origin_margin_ms >= deadline.0 {
+            if let Some((p, _)) = m.asked {
+                self.push(p, Frame::Cancel(seq));
             }
-            if now.0 + self.cfg.origin_margin_ms >= deadline.0 {
-                if let Some((p, _)) = m.asked {
-                    self.push(p, Frame::Cancel(seq));
-                }
-                if let Some(mm) = self.missing.get_mut(&seq) {
-                    mm.origin = true;
-                    mm.asked = None;
-                }
-                if m.origin_tries < MAX_ORIGIN_TRIES {
-                    if let Some(mm) = self.missing.get_mut(&seq) {
-                        mm.origin_tries += 1;
-                    }
-                    self.stats.gap_fills += 1;
-                    self.event(PeerEvent::GapFill { seq });
-                }
-                continue;
-            }
-            let due = match m.asked {
-                None => now >= self.pull_at(seq, &m),
-                Some((p, at)) => now.since(at) >= self.want_timeout(p),
-            };
-            if !due {
-                continue;
-            }
-            let not = m.asked.map(|(p, _)| p);
-            if let Some(p) = self.holder(seq, not) {
-                self.stats.wants_sent += 1;
-                let c = club_of(seq, self.cfg.clubs);
-                if let Some(st) = self.links.get_mut(&p) {
-                    if c < 64 && st.roles.contains(&LinkRole::Download { club: c }) {
-                        // The WANT grafts this parent back to eager push.
-                        st.pruned &= !(1 << c);
-                    }
-                }
-                self.push(p, Frame::Want(seq));
-                if let Some(mm) = self.missing.get_mut(&seq) {
-                    mm.asked = Some((p, now));
-                    mm.tries = mm.tries.saturating_add(1);
-                }
-            } else if let Some(mm) = self.missing.get_mut(&seq) {
+            if let Some(mm) = self.missing.get_mut(&seq) {
+                mm.origin = true;
                 mm.asked = None;
-                mm.noticed = now;
             }
+            if m.origin_tries < MAX_ORIGIN_TRIES {
+                if let Some(mm) = self.missing.get_mut(&seq) {
+                    mm.origin_tries += 1;
+                }
+                self.stats.gap_fills += 1;
+                self.event(PeerEvent::GapFill { seq });
+            }
+            return;
+        }
+        let due = match m.asked {
+            None => now >= self.pull_at(seq, &m),
+            Some((p, at)) => now.since(at) >= self.want_timeout(p),
+        };
+        if !due {
+            return;
+        }
+        let not = m.asked.map(|(p, _)| p);
+        if let Some(p) = self.holder(seq, not) {
+            self.stats.wants_sent += 1;
+            let c = club_of(seq, self.cfg.clubs);
+            if let Some(st) = self.links.get_mut(&p) {
+                if c < 64 && st.roles.contains(&LinkRole::Download { club: c }) {
+                    // The WANT grafts this parent back to eager push.
+                    st.pruned &= !(1 << c);
+                }
+            }
+            self.push(p, Frame::Want(seq));
+            if let Some(mm) = self.missing.get_mut(&seq) {
+                mm.asked = Some((p, now));
+                mm.tries = mm.tries.saturating_add(1);
+            }
+        } else if let Some(mm) = self.missing.get_mut(&seq) {
+            mm.asked = None;
+            mm.noticed = now;
         }
     }
 
@@ -1165,7 +1264,7 @@ impl<V: BlockVerifier> Peer<V> {
             self.event(PeerEvent::Skip { from: next, to });
             let gone: Vec<u64> = self.missing.range(..to).map(|(s, _)| *s).collect();
             for s in gone {
-                self.missing.remove(&s);
+                self.forget(s);
             }
             next = to;
         }
@@ -1174,7 +1273,7 @@ impl<V: BlockVerifier> Peer<V> {
         for s in stale {
             // Own-club blocks behind the playhead still matter to the club, but
             // not enough to chase them.
-            self.missing.remove(&s);
+            self.forget(s);
         }
     }
 
@@ -1202,16 +1301,8 @@ impl<V: BlockVerifier> Peer<V> {
             let t = t.max(now);
             next = Some(next.map_or(t, |n: Time| n.min(t)));
         };
-        for (&seq, m) in &self.missing {
-            if m.origin {
-                continue;
-            }
-            let deadline = self.deadline(seq);
-            at((deadline - self.cfg.origin_margin_ms).max(m.retry_at));
-            match m.asked {
-                None => at(self.pull_at(seq, m)),
-                Some((p, t)) => at(t + self.want_timeout(p)),
-            }
+        if let Some(&(t, _)) = self.due.first() {
+            at(t);
         }
         if let Some(p) = self.next_play {
             let skip_at = self.deadline(p) + self.cfg.skip_grace_ms;
@@ -1701,7 +1792,79 @@ mod tests {
         assert_eq!(blocks, MAX_WANTS_PER_SEC as usize);
     }
 
+    #[test]
+    fn dont_have_moves_the_pull_to_another_holder_at_once() {
+        let mut p = peer();
+        p.handle_frame(Time(T0), 2, Frame::Block(block(0, true)));
+        p.handle_frame(Time(T0 + 10), 2, Frame::Block(block(8, false)));
+        drain(&mut p);
+        // Block 4 (club 0, ours) is missing: pulled after the grace.
+        let at = p.poll_timeout().expect("pull scheduled");
+        p.handle_timeout(at);
+        let (t, _) = drain(&mut p);
+        let first: Vec<PeerId> = sent(&t)
+            .iter()
+            .filter(|(_, k)| *k == "want")
+            .map(|(p, _)| *p)
+            .collect();
+        assert_eq!(first.len(), 1, "{:?}", sent(&t));
+        let now = at + 5;
+        p.handle_frame(now, first[0], Frame::DontHave(4));
+        assert_eq!(
+            p.poll_timeout(),
+            Some(now),
+            "the next holder is asked at once"
+        );
+        p.handle_timeout(now);
+        let (t, _) = drain(&mut p);
+        assert!(
+            sent(&t).iter().any(|(q, k)| *k == "want" && *q != first[0]),
+            "{:?}",
+            sent(&t)
+        );
+    }
+
+    /// The due index holds exactly the missing blocks that have a due time.
+    fn index_consistent(p: &Peer<StreamKey>) -> bool {
+        let with_due = p.missing.values().filter(|m| m.due.is_some()).count();
+        with_due == p.due.len()
+            && p.missing
+                .iter()
+                .all(|(s, m)| m.due.is_none_or(|t| p.due.contains(&(t, *s))))
+            && p.due
+                .iter()
+                .all(|(t, s)| p.missing.get(s).and_then(|m| m.due) == Some(*t))
+    }
+
     proptest! {
+        #[test]
+        fn the_due_index_follows_every_change(
+            ops in proptest::collection::vec((0u8..7, 0u64..120, 1u64..400), 0..300)
+        ) {
+            let mut p = peer();
+            let mut now = T0;
+            for (op, seq, dt) in ops {
+                now += dt;
+                let t = Time(now);
+                match op {
+                    0 => p.handle_frame(t, 2, Frame::Block(block(seq, seq % 5 == 0))),
+                    1 => p.handle_frame(t, 7, Frame::Have(seq)),
+                    2 => p.handle_frame(t, 7, Frame::DontHave(seq)),
+                    3 => p.handle_gap_fill_failed(t, seq),
+                    4 => p.handle_origin_block(t, block(seq, false)),
+                    5 => p.handle_live_edge(t, seq),
+                    _ => {
+                        if let Some(w) = p.poll_timeout() {
+                            p.handle_timeout(w.max(t));
+                        }
+                    }
+                }
+                drain(&mut p);
+                prop_assert!(index_consistent(&p));
+                prop_assert!(p.missing.len() <= MAX_MISSING);
+            }
+        }
+
         #[test]
         fn hostile_messages_never_panic_and_stay_bounded(
             msgs in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..64), 0..200)
