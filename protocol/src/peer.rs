@@ -399,6 +399,12 @@ impl<V: BlockVerifier> Peer<V> {
         // The edge block was cut about now: a first anchor for deadlines.
         self.anchor.get_or_insert((live_edge, now.as_millis()));
         self.note_seen(now, live_edge);
+        // The edge block itself exists too; the seeder pushed it before our
+        // link was up, so nobody may push it to us.
+        if live_edge >= start_seq {
+            self.mark_missing(now, live_edge);
+            self.schedule(now);
+        }
     }
 
     /// The server says block `seq` is the newest produced (from a heartbeat
@@ -1821,6 +1827,34 @@ mod tests {
             sent(&t).iter().any(|(q, k)| *k == "want" && *q != first[0]),
             "{:?}",
             sent(&t)
+        );
+    }
+
+    #[test]
+    fn the_welcome_edge_block_is_fetched_when_nobody_pushes_it() {
+        let mut p = Peer::new(PeerConfig::new(1, 4), signer().key());
+        p.handle_welcome(Time(T0 + 300), &[0, 1], &[], 0, 3);
+        for seq in 0..3 {
+            p.handle_origin_block(Time(T0 + 300 + seq), block(seq, seq == 0));
+        }
+        drain(&mut p);
+        let mut asked = Vec::new();
+        for _ in 0..20 {
+            let Some(t) = p.poll_timeout() else { break };
+            p.handle_timeout(t);
+            let (_, e) = drain(&mut p);
+            asked.extend(e.iter().filter_map(|e| match e {
+                PeerEvent::GapFill { seq } => Some(*seq),
+                _ => None,
+            }));
+            if !asked.is_empty() {
+                break;
+            }
+        }
+        assert_eq!(
+            asked,
+            vec![3],
+            "the edge block is gap-filled, not waited out"
         );
     }
 
