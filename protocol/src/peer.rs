@@ -1748,6 +1748,25 @@ mod tests {
         assert!(matches!(e.as_slice(), [PeerEvent::BadPeer { peer: 3, .. }]));
     }
 
+    /// Runs `p`'s timers until it has asked the origin for `n` blocks (or 20
+    /// timers passed) and returns the blocks asked for.
+    fn gap_fills(p: &mut Peer<StreamKey>, n: usize) -> Vec<u64> {
+        let mut asked = Vec::new();
+        for _ in 0..20 {
+            let Some(t) = p.poll_timeout() else { break };
+            p.handle_timeout(t);
+            let (_, e) = drain(p);
+            asked.extend(e.iter().filter_map(|e| match e {
+                PeerEvent::GapFill { seq } => Some(*seq),
+                _ => None,
+            }));
+            if asked.len() >= n {
+                break;
+            }
+        }
+        asked
+    }
+
     #[test]
     fn a_peer_with_no_links_learns_the_edge_from_the_server_and_gap_fills() {
         let mut p = Peer::new(PeerConfig::new(1, 4), signer().key());
@@ -1755,19 +1774,7 @@ mod tests {
         p.handle_origin_block(Time(T0 + 10), block(0, true));
         drain(&mut p);
         p.handle_live_edge(Time(T0 + 300), 3);
-        let mut asked = Vec::new();
-        for _ in 0..20 {
-            let Some(t) = p.poll_timeout() else { break };
-            p.handle_timeout(t);
-            let (_, e) = drain(&mut p);
-            asked.extend(e.iter().filter_map(|e| match e {
-                PeerEvent::GapFill { seq } => Some(*seq),
-                _ => None,
-            }));
-            if asked.len() >= 3 {
-                break;
-            }
-        }
+        let asked = gap_fills(&mut p, 3);
         assert_eq!(asked, vec![1, 2, 3]);
     }
 
@@ -1838,19 +1845,7 @@ mod tests {
             p.handle_origin_block(Time(T0 + 300 + seq), block(seq, seq == 0));
         }
         drain(&mut p);
-        let mut asked = Vec::new();
-        for _ in 0..20 {
-            let Some(t) = p.poll_timeout() else { break };
-            p.handle_timeout(t);
-            let (_, e) = drain(&mut p);
-            asked.extend(e.iter().filter_map(|e| match e {
-                PeerEvent::GapFill { seq } => Some(*seq),
-                _ => None,
-            }));
-            if !asked.is_empty() {
-                break;
-            }
-        }
+        let asked = gap_fills(&mut p, 1);
         assert_eq!(
             asked,
             vec![3],
