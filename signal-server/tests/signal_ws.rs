@@ -12,7 +12,9 @@ use clubcast_protocol::signal::{
 };
 use clubcast_server::app::{app, AppState};
 use clubcast_server::config::Config;
-use clubcast_server::signal::{SeederEvent, MAX_OFFENCES, MAX_OFFENCES_IN_A_ROW, RATE_BURST};
+use clubcast_server::signal::{
+    SeederEvent, MAX_OFFENCES, MAX_OFFENCES_IN_A_ROW, MAX_TRANSPORT_MESSAGE, RATE_BURST,
+};
 use clubcast_server::stream::{StoreConfig, Streams};
 use futures_util::{SinkExt, StreamExt};
 use tokio::net::TcpStream;
@@ -340,6 +342,24 @@ async fn bad_messages_get_errors_and_the_connection_stays_up() {
     send(&mut ws, r#"{"type":"heartbeat","v":7}"#).await;
     assert_eq!(error_code(&mut ws).await, ErrorCode::BadVersion);
     assert_eq!(closed(&mut ws).await, Some(CloseCode::Policy));
+}
+
+#[tokio::test]
+async fn a_message_over_the_transport_limit_ends_the_connection() {
+    let (addr, state) = serve(Config::default()).await;
+    let mut ws = connect(addr).await;
+    join(&mut ws).await;
+    assert_eq!(state.hub.peers("demo"), 1);
+    // Far over the read buffer too: the limit holds however the buffer grows.
+    let huge = format!(
+        r#"{{"type":"heartbeat","v":1,"pad":"{}"}}"#,
+        "x".repeat(MAX_TRANSPORT_MESSAGE)
+    );
+    // The server may hang up before the whole message is written.
+    let _ = ws.send(Message::text(huge)).await;
+    assert_eq!(closed(&mut ws).await, None);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(state.hub.peers("demo"), 0);
 }
 
 #[tokio::test]

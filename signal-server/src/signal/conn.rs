@@ -4,14 +4,20 @@
 //! outbound queue, a liveness tick and shutdown. Answers to the client's own
 //! messages (welcome aside, which goes through the queue to keep its order) are
 //! written directly; everything from other peers comes through the queue.
+//!
+//! Handling an input never awaits: it returns a [`Step`] (a reply to write,
+//! then maybe a close), and the loop has one write of its own. The task's
+//! future is resident for every connection, and each await nested in a handler
+//! would add its state to every connection's future.
 
+use std::future::Future;
 use std::time::{Duration, Instant};
 
 use axum::extract::ws::{close_code, CloseFrame, Message, Utf8Bytes, WebSocket};
 use clubcast_protocol::signal::{
     ClientMsg, ErrorCode, ServerMsg, MAX_SIGNAL_MESSAGE, SIGNAL_VERSION,
 };
-use futures_util::stream::{SplitSink, StreamExt};
+use futures_util::stream::{SplitSink, SplitStream, StreamExt};
 use futures_util::SinkExt;
 use serde::Deserialize;
 
@@ -31,10 +37,43 @@ const CLIENT_TYPES: [&str; 6] = [
     "report",
 ];
 
-/// What to do after handling one frame.
-enum Flow {
-    Continue,
-    Close(u16, &'static str),
+/// A close frame's code and reason.
+type Close = (u16, &'static str);
+
+/// What handling one input asks of the socket: write `reply`, then close if
+/// `close` is set (even if the write failed).
+#[must_use]
+#[derive(Default)]
+struct Step {
+    reply: Option<String>,
+    close: Option<Close>,
+}
+
+impl Step {
+    fn reply(text: String) -> Self {
+        Step {
+            reply: Some(text),
+            close: None,
+        }
+    }
+
+    fn close(code: u16, reason: &'static str) -> Self {
+        Step {
+            reply: None,
+            close: Some((code, reason)),
+        }
+    }
+}
+
+/// What woke the connection.
+enum Event {
+    Shutdown,
+    /// A message from the peer's queue.
+    Outbound(String),
+    /// The swarm dropped this peer and with it the queue's sender.
+    Dropped,
+    Frame(Message),
+    Tick,
 }
 
 /// Just enough of a message to tell a bad shape from an unknown type or version.
@@ -95,6 +134,10 @@ fn type_of(m: &ClientMsg) -> &'static str {
     }
 }
 
+fn to_json(msg: &ServerMsg) -> String {
+    serde_json::to_string(msg).expect("ServerMsg is plain structs and strings")
+}
+
 struct Conn {
     hub: Hub,
     sink: SplitSink<WebSocket, Message>,
@@ -106,12 +149,15 @@ struct Conn {
 }
 
 /// Runs one connection to its end.
-pub(crate) async fn run(hub: Hub, socket: WebSocket) {
+///
+/// Not an `async fn`: one keeps its arguments in its state for its whole life,
+/// and the socket (about 370 bytes) is split into two handles before the future
+/// starts. Only `c` and `stream` are captured.
+pub(crate) fn run(hub: Hub, socket: WebSocket) -> impl Future<Output = ()> + Send {
     let (sink, mut stream) = socket.split();
     let now = Instant::now();
-    let heartbeat = hub.config().heartbeat();
     let mut c = Conn {
-        hub: hub.clone(),
+        hub,
         sink,
         session: None,
         bucket: TokenBucket::new(RATE_PER_SEC, RATE_BURST, now),
@@ -119,42 +165,49 @@ pub(crate) async fn run(hub: Hub, socket: WebSocket) {
         opened: now,
         last_seen: now,
     };
-    let mut tick = tokio::time::interval(heartbeat.min(JOIN_TIMEOUT) / 2);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let flow = loop {
-        let outbound = async {
-            match c.session.as_mut() {
-                Some(s) => s.rx.recv().await,
-                None => std::future::pending().await,
+    async move {
+        let hub = c.hub.clone();
+        let heartbeat = hub.config().heartbeat();
+        let mut tick = tokio::time::interval(heartbeat.min(JOIN_TIMEOUT) / 2);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let close = loop {
+            let outbound = async {
+                match c.session.as_mut() {
+                    Some(s) => s.rx.recv().await,
+                    None => std::future::pending().await,
+                }
+            };
+            let event = tokio::select! {
+                _ = hub.shutdown().cancelled() => Event::Shutdown,
+                out = outbound => out.map_or(Event::Dropped, Event::Outbound),
+                frame = stream.next() => match frame {
+                    Some(Ok(m)) => Event::Frame(m),
+                    // Closed by the client or a transport error (incl. a message
+                    // over MAX_TRANSPORT_MESSAGE): nothing more can be said.
+                    Some(Err(_)) | None => break None,
+                },
+                _ = tick.tick() => Event::Tick,
+            };
+            let Step { reply, close } = c.handle_event(event, heartbeat);
+            let failed = match reply {
+                Some(text) => c.write(text).await,
+                None => None,
+            };
+            if let Some(close) = close.or(failed) {
+                break Some(close);
             }
         };
-        let flow = tokio::select! {
-            _ = hub.shutdown().cancelled() => Flow::Close(close_code::AWAY, "server shutting down"),
-            out = outbound => match out {
-                Some(text) => c.write(Message::Text(text.into())).await,
-                None => {
-                    // The swarm dropped this peer and with it the queue's sender.
-                    let reason = c.session.as_ref().and_then(|s| s.close.get().copied());
-                    match reason {
-                        Some(DropReason::Slow) => Flow::Close(close_code::POLICY, "too slow to read"),
-                        Some(DropReason::Reported) => Flow::Close(close_code::POLICY, "reported for bad blocks"),
-                        _ => Flow::Close(close_code::POLICY, "dropped"),
-                    }
-                }
-            },
-            frame = stream.next() => match frame {
-                Some(Ok(m)) => c.handle_frame(m).await,
-                // Closed by the client or a transport error (incl. a message
-                // over MAX_TRANSPORT_MESSAGE): nothing more can be said.
-                Some(Err(_)) | None => break None,
-            },
-            _ = tick.tick() => c.check_liveness(heartbeat),
-        };
-        if let Flow::Close(code, reason) = flow {
-            break Some((code, reason));
-        }
-    };
-    if let Some((code, reason)) = flow {
+        // Boxed: it runs once, and its timers would otherwise be part of every
+        // connection's resident future.
+        Box::pin(finish(c, stream, close)).await;
+    }
+}
+
+/// Sends the close frame if there is one, leaves the swarm, and lingers for
+/// the client's close reply.
+async fn finish(mut c: Conn, mut stream: SplitStream<WebSocket>, close: Option<Close>) {
+    let hub = c.hub.clone();
+    if let Some((code, reason)) = close {
         let frame = CloseFrame {
             code,
             reason: Utf8Bytes::from_static(reason),
@@ -177,93 +230,106 @@ pub(crate) async fn run(hub: Hub, socket: WebSocket) {
 }
 
 impl Conn {
-    async fn write(&mut self, m: Message) -> Flow {
-        match tokio::time::timeout(SEND_TIMEOUT, self.sink.send(m)).await {
-            Ok(Ok(())) => Flow::Continue,
-            Ok(Err(_)) => Flow::Close(close_code::ABNORMAL, "write failed"),
+    fn handle_event(&mut self, event: Event, heartbeat: Duration) -> Step {
+        match event {
+            Event::Shutdown => Step::close(close_code::AWAY, "server shutting down"),
+            Event::Outbound(text) => Step::reply(text),
+            Event::Dropped => self.dropped(),
+            Event::Frame(m) => self.handle_frame(m),
+            Event::Tick => self.check_liveness(heartbeat),
+        }
+    }
+
+    /// Writes one text message; `Some` is the close a failed write calls for.
+    async fn write(&mut self, text: String) -> Option<Close> {
+        match tokio::time::timeout(SEND_TIMEOUT, self.sink.send(Message::Text(text.into()))).await {
+            Ok(Ok(())) => None,
+            Ok(Err(_)) => Some((close_code::ABNORMAL, "write failed")),
             Err(_) => {
                 self.hub.metrics().drop_peer(DropReason::Slow.as_str());
-                Flow::Close(close_code::POLICY, "too slow to read")
+                Some((close_code::POLICY, "too slow to read"))
             }
         }
     }
 
-    async fn reply(&mut self, msg: &ServerMsg) -> Flow {
-        let text = serde_json::to_string(msg).expect("ServerMsg is plain structs and strings");
-        self.write(Message::Text(text.into())).await
+    /// The close for a peer the swarm dropped.
+    fn dropped(&self) -> Step {
+        let reason = self.session.as_ref().and_then(|s| s.close.get().copied());
+        match reason {
+            Some(DropReason::Slow) => Step::close(close_code::POLICY, "too slow to read"),
+            Some(DropReason::Reported) => {
+                Step::close(close_code::POLICY, "reported for bad blocks")
+            }
+            _ => Step::close(close_code::POLICY, "dropped"),
+        }
     }
 
     /// Answers with an error; a non-offence leaves the connection up.
-    async fn error(&mut self, code: ErrorCode, message: String, offence: bool) -> Flow {
+    fn error(&mut self, code: ErrorCode, message: String, offence: bool) -> Step {
         self.hub.metrics().reject(code.as_str());
-        let flow = self
-            .reply(&ServerMsg::Error {
-                v: SIGNAL_VERSION,
-                code,
-                message,
-            })
-            .await;
+        let reply = to_json(&ServerMsg::Error {
+            v: SIGNAL_VERSION,
+            code,
+            message,
+        });
+        let mut step = Step::reply(reply);
         if offence && self.offences.offend() {
             self.hub.metrics().drop_peer(DropReason::Offences.as_str());
-            return Flow::Close(close_code::POLICY, "too many bad messages");
+            step.close = Some((close_code::POLICY, "too many bad messages"));
         }
-        flow
+        step
     }
 
-    fn check_liveness(&mut self, heartbeat: Duration) -> Flow {
+    fn check_liveness(&mut self, heartbeat: Duration) -> Step {
         let now = Instant::now();
         if self.session.is_none() {
             if now.duration_since(self.opened) > JOIN_TIMEOUT {
                 self.hub.metrics().reject("join_timeout");
-                return Flow::Close(close_code::POLICY, "no join");
+                return Step::close(close_code::POLICY, "no join");
             }
         } else if now.duration_since(self.last_seen) > heartbeat * SILENT_HEARTBEATS {
             self.hub.metrics().drop_peer(DropReason::Silent.as_str());
-            return Flow::Close(close_code::AWAY, "no heartbeat");
+            return Step::close(close_code::AWAY, "no heartbeat");
         }
-        Flow::Continue
+        Step::default()
     }
 
-    async fn handle_frame(&mut self, frame: Message) -> Flow {
+    fn handle_frame(&mut self, frame: Message) -> Step {
         let now = Instant::now();
         self.last_seen = now;
         let text = match frame {
             Message::Text(t) => t,
             Message::Binary(_) => {
                 self.hub.metrics().signal_message("invalid");
-                return self
-                    .error(
-                        ErrorCode::BadMessage,
-                        "binary frames are not accepted; send JSON text".into(),
-                        true,
-                    )
-                    .await;
+                return self.error(
+                    ErrorCode::BadMessage,
+                    "binary frames are not accepted; send JSON text".into(),
+                    true,
+                );
             }
-            Message::Close(_) => return Flow::Close(close_code::NORMAL, "bye"),
+            Message::Close(_) => return Step::close(close_code::NORMAL, "bye"),
             // Pings are answered by the transport; both count as liveness.
-            Message::Ping(_) | Message::Pong(_) => return Flow::Continue,
+            Message::Ping(_) | Message::Pong(_) => return Step::default(),
         };
         if !self.bucket.take(now) {
-            return self
-                .error(
-                    ErrorCode::RateLimited,
-                    format!("over {RATE_PER_SEC} messages per second"),
-                    true,
-                )
-                .await;
+            return self.error(
+                ErrorCode::RateLimited,
+                format!("over {RATE_PER_SEC} messages per second"),
+                true,
+            );
         }
         let msg = match parse(text.as_str()) {
             Ok(m) => m,
             Err((code, message)) => {
                 self.hub.metrics().signal_message("invalid");
-                return self.error(code, message, true).await;
+                return self.error(code, message, true);
             }
         };
         self.hub.metrics().signal_message(type_of(&msg));
-        self.handle_msg(msg).await
+        self.handle_msg(msg)
     }
 
-    async fn handle_msg(&mut self, msg: ClientMsg) -> Flow {
+    fn handle_msg(&mut self, msg: ClientMsg) -> Step {
         let hub = self.hub.clone();
         let Some(session) = self.session.as_ref() else {
             let ClientMsg::Join {
@@ -273,37 +339,35 @@ impl Conn {
                 ..
             } = msg
             else {
-                return self
-                    .error(
-                        ErrorCode::NotJoined,
-                        "the first message must be join".into(),
-                        true,
-                    )
-                    .await;
+                return self.error(
+                    ErrorCode::NotJoined,
+                    "the first message must be join".into(),
+                    true,
+                );
             };
             return match hub.join(&stream, p2p, test_corrupt) {
                 Ok(s) => {
                     self.offences.good();
                     self.session = Some(s);
-                    Flow::Continue
+                    Step::default()
                 }
                 Err(e) => {
                     let code = wire_code(&e);
-                    self.error(code, e.to_string(), false).await;
-                    Flow::Close(close_code::POLICY, code.as_str())
+                    Step {
+                        close: Some((close_code::POLICY, code.as_str())),
+                        ..self.error(code, e.to_string(), false)
+                    }
                 }
             };
         };
         match msg {
             ClientMsg::Join { .. } => {
-                return self
-                    .error(ErrorCode::NotJoined, "already joined".into(), true)
-                    .await;
+                return self.error(ErrorCode::NotJoined, "already joined".into(), true);
             }
             ClientMsg::Signal { to, data, .. } => {
                 if let Err(e) = hub.relay(session, to, data) {
                     self.offences.good();
-                    return self.error(wire_code(&e), e.to_string(), false).await;
+                    return self.error(wire_code(&e), e.to_string(), false);
                 }
             }
             ClientMsg::Heartbeat { .. } => {
@@ -315,7 +379,7 @@ impl Conn {
                     live_edge: session.stream.live_edge().unwrap_or(0),
                 };
                 self.offences.good();
-                return self.reply(&pong).await;
+                return Step::reply(to_json(&pong));
             }
             ClientMsg::Bid { bits, .. } => {
                 hub.metrics().bid();
@@ -325,7 +389,7 @@ impl Conn {
             ClientMsg::Report { peer, reason, .. } => hub.report(session, peer, &reason),
         }
         self.offences.good();
-        Flow::Continue
+        Step::default()
     }
 }
 
