@@ -65,12 +65,15 @@ use swarm::{CloseCell, Effects, Swarm};
 /// Largest WebSocket message the transport reads at all; between
 /// [`MAX_SIGNAL_MESSAGE`] and this the client gets `too_large` and stays up.
 pub const MAX_TRANSPORT_MESSAGE: usize = 4 * MAX_SIGNAL_MESSAGE;
-/// Initial read buffer of one connection. The WebSocket codec zero-fills its
-/// whole read buffer on every socket read, so the transport's 128 KiB default
-/// stays resident for every connection (about 140 KB per peer at 10k peers);
-/// an ICE candidate is about 250 bytes, and a larger message (an SDP, up to
-/// [`MAX_TRANSPORT_MESSAGE`]) grows the buffer as it arrives.
-pub const READ_BUFFER: usize = 4 * 1024;
+/// Initial read buffer of one connection, and the most one socket read takes.
+/// The WebSocket codec zero-fills the buffer on every socket read, so all of
+/// it stays resident for every connection (the transport's 128 KiB default
+/// cost about 140 KB per peer at 10k peers, 4 KiB was 28 % of the 14.5 KiB a
+/// connection cost in `just bench-server`). An ICE candidate is about 250
+/// bytes and a heartbeat 30, so a few messages fit one read; a larger message
+/// (an SDP, up to [`MAX_TRANSPORT_MESSAGE`]) grows the buffer as it arrives,
+/// and that connection keeps the larger buffer.
+pub const READ_BUFFER: usize = 1024;
 /// Messages a connection may send per second on average.
 pub const RATE_PER_SEC: u32 = 50;
 /// Messages a connection may send in a burst.
