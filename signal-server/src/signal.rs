@@ -33,6 +33,7 @@
 
 mod conn;
 pub(crate) mod limits;
+mod outbox;
 mod seeder;
 mod swarm;
 
@@ -168,7 +169,7 @@ pub(crate) struct Session {
     /// The stream, readable without the swarm lock (heartbeats ask its live edge).
     pub(crate) stream: Arc<crate::stream::Stream>,
     pub(crate) swarm: Arc<Mutex<Swarm>>,
-    pub(crate) rx: mpsc::Receiver<String>,
+    pub(crate) rx: outbox::Receiver,
     pub(crate) close: CloseCell,
 }
 
@@ -311,7 +312,7 @@ impl Hub {
             .clone();
         let peer = self.0.next_peer.fetch_add(1, Ordering::Relaxed);
         let token = self.0.grants.register(peer);
-        let (tx, rx) = mpsc::channel(OUTBOUND_QUEUE);
+        let (tx, rx) = outbox::outbox(OUTBOUND_QUEUE);
         let close = CloseCell::default();
         let joined = {
             let mut s = lock(&swarm);

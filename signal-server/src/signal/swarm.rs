@@ -16,8 +16,8 @@ use clubcast_protocol::signal::{
 };
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
-use tokio::sync::mpsc;
 
+use super::outbox::Sender;
 use super::{DropReason, SeederEvent, SignalError, REPORTS_TO_KICK};
 use crate::stream::Stream;
 
@@ -26,7 +26,7 @@ use crate::stream::Stream;
 pub(crate) type CloseCell = Arc<OnceLock<DropReason>>;
 
 struct Member {
-    tx: mpsc::Sender<String>,
+    tx: Sender,
     close: CloseCell,
     reported_by: HashSet<PeerId>,
 }
@@ -86,7 +86,7 @@ impl Swarm {
         &mut self,
         peer: PeerId,
         p2p: bool,
-        tx: mpsc::Sender<String>,
+        tx: Sender,
         close: CloseCell,
         welcome: impl FnOnce(&Joined) -> String,
     ) -> Result<Effects, SignalError> {
@@ -267,6 +267,7 @@ impl Swarm {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::signal::outbox::{outbox, Receiver};
     use crate::stream::{StoreConfig, Streams};
 
     fn swarm(max: usize) -> Swarm {
@@ -284,8 +285,8 @@ mod tests {
         )
     }
 
-    fn add(s: &mut Swarm, peer: PeerId, cap: usize) -> (mpsc::Receiver<String>, Effects) {
-        let (tx, rx) = mpsc::channel(cap);
+    fn add(s: &mut Swarm, peer: PeerId, cap: usize) -> (Receiver, Effects) {
+        let (tx, rx) = outbox(cap);
         let fx = s
             .join(peer, true, tx, CloseCell::default(), |_| "welcome".into())
             .expect("room");
@@ -315,7 +316,7 @@ mod tests {
         let mut s = swarm(2);
         let _a = add(&mut s, 1, 8);
         let _b = add(&mut s, 2, 8);
-        let (tx, _rx) = mpsc::channel(8);
+        let (tx, _rx) = outbox(8);
         let r = s.join(3, true, tx, CloseCell::default(), |_| String::new());
         assert!(matches!(r, Err(SignalError::StreamFull(2))));
     }
