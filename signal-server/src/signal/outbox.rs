@@ -16,7 +16,7 @@ use std::task::{Poll, Waker};
 
 /// Slots an emptied queue keeps; a burst grows it up to the bound, and the
 /// memory goes back once the burst is drained.
-const KEEP_CAPACITY: usize = 16;
+const KEEP_CAPACITY: usize = 4;
 
 /// Why a message was not queued.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
