@@ -42,7 +42,8 @@ export const STAT_FIELDS = [
   "bytes_uploaded", // payload bytes sent to other peers
   "peers", // open peer links
   "clubs", // clubs this peer belongs to
-  "latency_ms", // wall clock minus ingest time of the frame shown
+  "latency_ms", // glass to glass: wall clock minus capture time of the frame shown
+  "edge_latency_ms", // how far the frame shown is behind the live edge (steered to the target)
   "buffer_ms", // media buffered ahead of the playhead
   "stalls", // rebuffering events
   "stall_ms", // total rebuffering time

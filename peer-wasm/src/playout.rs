@@ -9,8 +9,13 @@
 //! it. MSE places a fragment at its decode time (no `timestampOffset` is
 //! used), so `media_time / timescale` is the fragment's start on the
 //! `currentTime` axis. A playhead at `t` inside the fragment that starts at `m`
-//! shows the frame ingested at about `ingest + (t - m)` seconds; the live
-//! latency is the server's clock now minus that.
+//! shows the frame ingested at about `ingest + (t - m)` seconds; how far the
+//! playhead is behind the live edge is the server's clock now minus that (what
+//! the player steers). A fragment reaches the server only once it is complete,
+//! so its first frame was captured a fragment's duration before its ingest:
+//! glass to glass, a frame at `t` was captured at `ingest - d + (t - m)`, with
+//! `d` the fragment's duration (the distance to the next fragment start, or the
+//! last one known). That is `latency_ms` in the stats.
 
 use std::collections::VecDeque;
 
@@ -195,12 +200,34 @@ impl Timeline {
         self.anchors.push_back((secs, ingest_ms));
     }
 
-    /// Ingest wall clock (ms) of the frame at `t` seconds, if a fragment start
-    /// at or before `t` is known.
-    pub fn ingest_at(&self, t: f64) -> Option<f64> {
+    /// Index of the fragment that holds `t`: the last start at or before it,
+    /// or the first one when `t` precedes every start (a track that starts a
+    /// little after another).
+    fn fragment_at(&self, t: f64) -> Option<usize> {
         let i = self.anchors.partition_point(|(s, _)| *s <= t + 1e-3);
-        let (s, ingest) = *self.anchors.get(i.checked_sub(1)?)?;
-        Some(ingest as f64 + (t - s).max(0.0) * 1000.0)
+        if self.anchors.is_empty() {
+            return None;
+        }
+        Some(i.saturating_sub(1))
+    }
+
+    /// Ingest wall clock (ms) of the frame at `t` seconds (the edge mapping),
+    /// if a fragment start is known.
+    pub fn ingest_at(&self, t: f64) -> Option<f64> {
+        let (s, ingest) = *self.anchors.get(self.fragment_at(t)?)?;
+        Some(ingest as f64 + (t - s) * 1000.0)
+    }
+
+    /// Capture wall clock (ms) of the frame at `t` seconds: its ingest less
+    /// its fragment's duration. Known once two fragment starts are.
+    pub fn capture_at(&self, t: f64) -> Option<f64> {
+        let i = self.fragment_at(t)?;
+        let (s, _) = *self.anchors.get(i)?;
+        let duration = match self.anchors.get(i + 1) {
+            Some((next, _)) => next - s,
+            None => s - self.anchors.get(i.checked_sub(1)?)?.0,
+        };
+        Some(self.ingest_at(t)? - duration * 1000.0)
     }
 
     /// Media time (seconds) of the frame ingested at `ingest_ms`, if known.
@@ -331,9 +358,14 @@ mod tests {
         let mut tl = Timeline::new(1000);
         assert_eq!(tl.ingest_at(1.0), None);
         tl.note_fragment(2_000, 10_000);
+        assert_eq!(tl.capture_at(2.5), None, "one fragment: no duration yet");
         tl.note_fragment(4_000, 12_000);
-        assert_eq!(tl.ingest_at(1.0), None);
+        // Before the first start (another track starts earlier): extrapolated.
+        assert_eq!(tl.ingest_at(1.5), Some(9_500.0));
         assert_eq!(tl.ingest_at(2.5), Some(10_500.0));
+        // Glass to glass: the 2-s fragments were captured 2 s before ingest.
+        assert_eq!(tl.capture_at(2.5), Some(8_500.0));
+        assert_eq!(tl.capture_at(4.5), Some(10_500.0));
         assert_eq!(tl.ingest_at(4.25), Some(12_250.0));
         assert_eq!(tl.time_of(12_250.0), Some(4.25));
         tl.set_timescale(2000);

@@ -710,6 +710,7 @@ impl Session {
             "links": self.links.len(),
             "clubs": self.joined.as_ref().map_or(0, |j| j.peer.clubs().len()),
             "latency_ms": play.latency_ms(),
+            "edge_latency_ms": play.edge_latency_ms(),
             "buffer_ms": play.buffer_ms(),
             "stalls": play.stalls(),
             "stall_ms": play.stall_ms(perf_now()),

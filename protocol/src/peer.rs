@@ -28,7 +28,10 @@
 //! pushes for the holder's upload, and the origin is cheaper). One still missing
 //! [`PeerConfig::origin_margin_ms`] before its deadline produces
 //! [`PeerEvent::GapFill`], and the driver fetches it from the origin within its
-//! grant. Peers that upload nothing (no upload or subscriber role) answer every
+//! grant. A joiner's backlog (its start block up to the live edge of the
+//! welcome) is asked of the origin at once: playback cannot start without it,
+//! its links are not up yet, and the server grants it at the join (HTTP first,
+//! then the swarm). Peers that upload nothing (no upload or subscriber role) answer every
 //! WANT with DONT_HAVE. Blocks go to the player in seq order as
 //! [`PeerEvent::Play`]; a block that misses its deadline is skipped to the next
 //! fragment start ([`PeerEvent::Skip`]). A link that sends a bad block or frame is
@@ -296,6 +299,9 @@ pub struct Peer<V> {
     highest: Option<u64>,
     /// (seq, ingest ms) of a recent block, for deadline estimates.
     anchor: Option<(u64, u64)>,
+    /// The live edge of the welcome and when it came: blocks up to it are the
+    /// startup backlog.
+    backlog: Option<(u64, Time)>,
     ms_per_block: f64,
     next_play: Option<u64>,
     transmits: VecDeque<Transmit>,
@@ -323,6 +329,7 @@ impl<V: BlockVerifier> Peer<V> {
             reindex_at: Time(0),
             highest: None,
             anchor: None,
+            backlog: None,
             ms_per_block: 70.0,
             next_play: None,
             transmits: VecDeque::new(),
@@ -398,6 +405,9 @@ impl<V: BlockVerifier> Peer<V> {
         self.next_play = Some(start_seq);
         // The edge block was cut about now: a first anchor for deadlines.
         self.anchor.get_or_insert((live_edge, now.as_millis()));
+        if live_edge >= start_seq {
+            self.backlog = Some((live_edge, now));
+        }
         self.note_seen(now, live_edge);
         // The edge block itself exists too; the seeder pushed it before our
         // link was up, so nobody may push it to us.
@@ -682,12 +692,7 @@ impl<V: BlockVerifier> Peer<V> {
         let due = self
             .missing
             .keys()
-            .filter(|s| {
-                self.deadline(**s)
-                    .0
-                    .saturating_sub(self.cfg.origin_margin_ms)
-                    <= horizon.0
-            })
+            .filter(|s| self.origin_at(**s) <= horizon)
             .count() as u64;
         due * block_bits
     }
@@ -715,8 +720,18 @@ impl<V: BlockVerifier> Peer<V> {
     }
 
     /// The deadline of block `seq`: its (estimated) ingest time plus the target
-    /// latency.
+    /// latency. The startup backlog is older than that by design (the start
+    /// block is the target latency behind the edge), so its blocks get the
+    /// target latency from the welcome instead, whichever is later.
     pub fn deadline(&self, seq: u64) -> Time {
+        let d = self.ingest_deadline(seq);
+        match self.backlog {
+            Some((end, at)) if seq <= end => d.max(at + self.cfg.target_latency_ms),
+            _ => d,
+        }
+    }
+
+    fn ingest_deadline(&self, seq: u64) -> Time {
         let ingest = match self.cache.get(&seq) {
             Some(b) => b.header().ingest_time_ms,
             None => match self.anchor {
@@ -838,7 +853,7 @@ impl<V: BlockVerifier> Peer<V> {
         if m.origin {
             return None;
         }
-        let origin = (self.deadline(seq) - self.cfg.origin_margin_ms).max(m.retry_at);
+        let origin = self.origin_at(seq).max(m.retry_at);
         let pull = match m.asked {
             None => self.pull_at(seq, m),
             Some((p, t)) => t + self.want_timeout(p),
@@ -1163,6 +1178,23 @@ impl<V: BlockVerifier> Peer<V> {
         grace.max(Time(self.deadline(seq).0.saturating_sub(lead)))
     }
 
+    fn in_backlog(&self, seq: u64) -> bool {
+        self.backlog.is_some_and(|(end, _)| seq <= end)
+    }
+
+    /// When missing block `seq` goes to the origin: at once for the startup
+    /// backlog, else [`PeerConfig::origin_margin_ms`] before its deadline.
+    fn origin_at(&self, seq: u64) -> Time {
+        if self.in_backlog(seq) {
+            return Time(0);
+        }
+        Time(
+            self.deadline(seq)
+                .0
+                .saturating_sub(self.cfg.origin_margin_ms),
+        )
+    }
+
     /// How long a WANT to `p` may go unanswered: at least two round trips.
     fn want_timeout(&self, p: PeerId) -> u64 {
         let rtt = self.links.get(&p).and_then(|l| l.rtt_ms).unwrap_or(0);
@@ -1192,14 +1224,13 @@ impl<V: BlockVerifier> Peer<V> {
 
     /// Pulls, re-pulls or gap-fills missing block `seq` if it is due.
     fn check_one(&mut self, now: Time, seq: u64) {
-        let deadline = self.deadline(seq);
         let Some(m) = self.missing.get(&seq).copied() else {
             return;
         };
         if m.origin || now < m.retry_at {
             return;
         }
-        if now.0 + self.cfg.origin_margin_ms >= deadline.0 {
+        if now >= self.origin_at(seq) {
             if let Some((p, _)) = m.asked {
                 self.push(p, Frame::Cancel(seq));
             }
@@ -1416,7 +1447,10 @@ mod tests {
         for l in &links {
             p.handle_link_open(Time(T0), l.peer);
         }
-        drain(&mut p);
+        // Block 0, the startup backlog, goes to the origin at once.
+        p.handle_timeout(Time(T0));
+        let (_, e) = drain(&mut p);
+        assert!(e.contains(&PeerEvent::GapFill { seq: 0 }), "{e:?}");
         p
     }
 
@@ -1851,6 +1885,53 @@ mod tests {
             vec![3],
             "the edge block is gap-filled, not waited out"
         );
+    }
+
+    #[test]
+    fn a_joiner_asks_the_origin_for_its_backlog_at_once_and_waits_for_it() {
+        // Blocks 0..=20 were ingested 100 ms apart from T0; the welcome comes at
+        // T0 + 3000, starting at block 0: older than the target latency (1500).
+        let mut p = Peer::new(PeerConfig::new(1, 4), signer().key());
+        let welcome = T0 + 3_000;
+        p.handle_welcome(Time(welcome), &[0, 1], &[], 0, 20);
+        let Some(t) = p.poll_timeout() else {
+            panic!("a timer is armed")
+        };
+        assert!(
+            t <= Time(welcome),
+            "the backlog is due at once, not at {t:?}"
+        );
+        p.handle_timeout(Time(welcome));
+        let (_, e) = drain(&mut p);
+        let asked: Vec<u64> = e
+            .iter()
+            .filter_map(|e| match e {
+                PeerEvent::GapFill { seq } => Some(*seq),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(asked, (0..=20).collect::<Vec<_>>(), "all of it, in order");
+        assert!(
+            p.bid(Time(welcome), 1_000) > 0,
+            "the bid counts the backlog"
+        );
+        // Everything but block 0 arrives; a later fragment starts at 10.
+        for seq in 1..=20 {
+            p.handle_origin_block(Time(welcome + 100), block(seq, seq % 10 == 0));
+        }
+        drain(&mut p);
+        // Past block 0's ingest deadline, but within the target latency of the
+        // welcome: the joiner waits for its start block instead of skipping.
+        p.handle_timeout(Time(welcome + 1_499));
+        let (_, e) = drain(&mut p);
+        assert!(
+            !e.iter().any(|e| matches!(e, PeerEvent::Skip { .. })),
+            "no skip yet: {e:?}"
+        );
+        p.handle_origin_block(Time(welcome + 1_499), block(0, true));
+        let (_, e) = drain(&mut p);
+        let played = e.iter().filter(|e| matches!(e, PeerEvent::Play(_))).count();
+        assert_eq!(played, 21, "the whole backlog plays from the start block");
     }
 
     /// The due index holds exactly the missing blocks that have a due time.

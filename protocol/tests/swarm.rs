@@ -175,9 +175,13 @@ impl Net {
                 PeerEvent::Skip { from, to } => *self.skipped.entry(id).or_default() += to - from,
                 PeerEvent::GapFill { seq } => {
                     self.origin_fills += 1;
-                    let b = self.blocks[seq as usize].block().clone();
                     let p = self.peers.get_mut(&id).expect("present");
-                    p.handle_origin_block(now, b);
+                    match self.blocks.get(seq as usize) {
+                        Some(b) => p.handle_origin_block(now, b.block().clone()),
+                        // Not produced yet (the origin's 425): a welcome to a
+                        // stream with no block yet names edge 0.
+                        None => p.handle_gap_fill_failed(now, seq),
+                    }
                     self.flush(id);
                 }
                 PeerEvent::BadPeer { peer, .. } => self.bad.push((id, peer)),

@@ -16,6 +16,15 @@
 //! Budget split: `anonymous_percent` of the per-interval budget (default 25 %)
 //! is the anonymous bucket; the rest is what bids share. Bids are collected
 //! during one interval and their grants are spendable during the next.
+//!
+//! Startup grants (HTTP first, then the swarm): a joiner has no grant until the
+//! interval after its first bid, up to a whole interval away, yet it needs the
+//! blocks from its start block to the live edge at once, and its links are not
+//! up yet. [`Grants::grant_startup`] gives it those blocks (at most
+//! [`STARTUP_MAX_UNITS`] units) right at the join, out of the bid budget nobody
+//! was granted this interval and then out of the anonymous bucket. What is left
+//! of it survives the first interval end, so a join just before it loses
+//! nothing.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -26,6 +35,9 @@ use clubcast_protocol::signal::PeerId;
 
 /// Length of a grant token, bytes of randomness (hex-encoded on the wire).
 pub const GRANT_TOKEN_BYTES: usize = 16;
+/// Most units (blocks) a joiner's startup grant covers: 4 s of a 2 Mbit/s
+/// stream in 16 KiB blocks.
+pub const STARTUP_MAX_UNITS: u64 = 64;
 
 /// Why a debit was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -79,6 +91,11 @@ struct Ledger {
     bids: HashMap<PeerId, u64>,
     balances: HashMap<PeerId, u64>,
     anonymous: u64,
+    /// Bid budget no grant took this interval; startup grants draw on it.
+    spare: u64,
+    /// Startup bits granted this interval, by peer: kept over the next
+    /// interval end (as far as unspent).
+    startup: HashMap<PeerId, u64>,
     interval_end: Instant,
     /// Where the next interval's spare units start among the bids.
     cursor: usize,
@@ -111,6 +128,8 @@ impl Grants {
                 bids: HashMap::new(),
                 balances: HashMap::new(),
                 anonymous: anonymous_budget,
+                spare: budget_bits - anonymous_budget,
+                startup: HashMap::new(),
                 interval_end: now + interval,
                 cursor: 0,
             }),
@@ -166,6 +185,32 @@ impl Grants {
         }
         l.bids.remove(&peer);
         l.balances.remove(&peer);
+        l.startup.remove(&peer);
+    }
+
+    /// Grants a joiner `units` whole units (at most [`STARTUP_MAX_UNITS`]) to
+    /// spend at once: the blocks from its start block to the live edge. They
+    /// come out of this interval's unallocated bid budget, then out of the
+    /// anonymous bucket, as far as those reach. Returns the bits granted.
+    /// Without unit grants ([`Grants::with_unit_bits`]) there is no unit to
+    /// count in, and nothing is granted.
+    pub fn grant_startup(&self, peer: PeerId, units: u64) -> u64 {
+        let mut l = self.ledger();
+        if self.unit_bits == 0 || !l.token_of.contains_key(&peer) {
+            return 0;
+        }
+        let unit = self.unit_bits;
+        let wanted = units.min(STARTUP_MAX_UNITS);
+        let from_spare = wanted.min(l.spare / unit);
+        let from_anonymous = (wanted - from_spare).min(l.anonymous / unit);
+        let bits = (from_spare + from_anonymous) * unit;
+        l.spare -= from_spare * unit;
+        l.anonymous -= from_anonymous * unit;
+        if bits > 0 {
+            *l.balances.entry(peer).or_default() += bits;
+            *l.startup.entry(peer).or_default() += bits;
+        }
+        bits
     }
 
     /// Records `peer`'s bid for the current interval, replacing an earlier one.
@@ -190,11 +235,21 @@ impl Grants {
             .collect();
         bids.sort_by_key(|b| b.peer);
         let grants = allocate_units(self.bid_budget, &bids, self.unit_bits, &mut l.cursor);
-        l.balances = grants
+        let mut balances: HashMap<PeerId, u64> = grants
             .iter()
             .filter(|g| g.bits > 0)
             .map(|g| (g.peer, g.bits))
             .collect();
+        // Unspent startup bits of this interval's joiners carry over once.
+        for (peer, granted) in std::mem::take(&mut l.startup) {
+            let left = l.balances.get(&peer).copied().unwrap_or(0).min(granted);
+            if left > 0 {
+                *balances.entry(peer).or_default() += left;
+            }
+        }
+        l.balances = balances;
+        let granted: u64 = grants.iter().map(|g| g.bits).sum();
+        l.spare = self.bid_budget.saturating_sub(granted);
         l.anonymous = self.anonymous_budget;
         l.interval_end = now + self.interval;
         grants
@@ -303,5 +358,38 @@ mod tests {
         }
         // 15 blocks over 5 intervals: everyone is served, 3 each.
         assert_eq!(served, [3; 5]);
+    }
+
+    #[test]
+    fn a_joiner_gets_its_backlog_at_once_from_spare_then_anonymous_budget() {
+        let t0 = Instant::now();
+        // 10 units per interval, 20 % anonymous: bids share 8, anonymous 2.
+        let g = Grants::new(10_000, 20, Duration::from_secs(1), t0).with_unit_bits(1_000);
+        let tok1 = g.register(1);
+        let tok2 = g.register(2);
+        g.register(3);
+        // Peer 1 bids 5 units: 3 of the bid budget stay spare.
+        g.handle_bid(1, 5_000);
+        let _ = g.handle_interval(t0);
+        // Joiner 2 asks for 4: 3 spare + 1 anonymous, spendable at once.
+        assert_eq!(g.grant_startup(2, 4), 4_000);
+        assert_eq!(g.balance(2), 4_000);
+        // Joiner 3 gets the last anonymous unit; anonymous clients get nothing.
+        assert_eq!(g.grant_startup(3, 4), 1_000);
+        assert!(g.debit(None, 1, t0).is_err(), "the bucket is spent");
+        // Existing grants are untouched.
+        assert!(g.debit(Some(&tok1), 5_000, t0).is_ok());
+        // Unknown peers and huge asks are bounded.
+        assert_eq!(g.grant_startup(99, 4), 0);
+        // The startup grant outlives one interval end, as far as unspent.
+        assert!(g.debit(Some(&tok2), 1_000, t0).is_ok());
+        let _ = g.handle_interval(t0 + Duration::from_secs(1));
+        assert_eq!(g.balance(2), 3_000);
+        let _ = g.handle_interval(t0 + Duration::from_secs(2));
+        assert_eq!(g.balance(2), 0);
+        // A fresh interval: at most STARTUP_MAX_UNITS however large the backlog.
+        let big = Grants::new(1_000_000, 0, Duration::from_secs(1), t0).with_unit_bits(1_000);
+        big.register(7);
+        assert_eq!(big.grant_startup(7, 10_000), STARTUP_MAX_UNITS * 1_000);
     }
 }

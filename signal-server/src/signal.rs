@@ -180,6 +180,18 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 /// Unix time, ms.
+/// Units (blocks) of a joiner's startup grant: its backlog (start block to
+/// live edge), plus two bid intervals of the stream, the time until the grant
+/// of its own first bid is spendable. A stream too new to know its bitrate
+/// counts its backlog as one interval's worth.
+fn startup_units(backlog: u64, bitrate_kbps: u32, interval_ms: u32, unit_bits: u64) -> u64 {
+    let per_interval = match bitrate_kbps {
+        0 => backlog,
+        k => (u64::from(k) * u64::from(interval_ms)).div_ceil(unit_bits.max(1)),
+    };
+    backlog.saturating_add(per_interval.saturating_mul(2))
+}
+
 pub(crate) fn unix_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -352,6 +364,21 @@ impl Hub {
     ) -> String {
         let cfg = &self.0.config;
         let live_edge = stream.live_edge().unwrap_or(0);
+        let start_seq = stream
+            .start_seq(cfg.target_latency_ms.into())
+            .unwrap_or(live_edge);
+        // HTTP first: the joiner may fetch its start block to the live edge
+        // from the origin at once, before its links are up, and what its
+        // links miss until the grant of its own first bid comes.
+        if stream.live_edge().is_some() {
+            let units = startup_units(
+                live_edge.saturating_sub(start_seq) + 1,
+                stream.bitrate_kbps(),
+                cfg.bid_interval_ms,
+                cfg.block_unit_bits(),
+            );
+            self.0.grants.grant_startup(peer, units);
+        }
         let msg = ServerMsg::Welcome {
             v: SIGNAL_VERSION,
             peer_id: peer,
@@ -366,9 +393,7 @@ impl Hub {
             clubs: joined.clubs.clone(),
             links: joined.links.clone(),
             live_edge,
-            start_seq: stream
-                .start_seq(cfg.target_latency_ms.into())
-                .unwrap_or(live_edge),
+            start_seq,
             server_time_ms: unix_ms(),
             target_latency_ms: cfg.target_latency_ms,
             heartbeat_ms: cfg.heartbeat_ms,
@@ -519,4 +544,18 @@ pub async fn ws_handler(State(state): State<AppState>, ws: WebSocketUpgrade) -> 
         .max_frame_size(MAX_TRANSPORT_MESSAGE)
         .read_buffer_size(READ_BUFFER)
         .on_upgrade(move |socket| tasks.track_future(conn::run(hub, socket)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::startup_units;
+
+    #[test]
+    fn startup_units_cover_the_backlog_and_two_intervals() {
+        // 2 Mbit/s over 1 s intervals in 16 KiB-ish units: 16 a second.
+        assert_eq!(startup_units(30, 2_000, 1_000, 128_000), 30 + 2 * 16);
+        // Bitrate unknown yet: the backlog stands in for an interval.
+        assert_eq!(startup_units(6, 0, 1_000, 128_000), 18);
+        assert_eq!(startup_units(u64::MAX, 1, 1, 0), u64::MAX);
+    }
 }

@@ -591,7 +591,14 @@ impl Sim {
             PeerEvent::GapFill { seq } => {
                 let len = self.stream.wire_len(seq);
                 let rtt = self.wire.rtt(id, SEEDER_PEER_ID);
-                if self.origin.fetch(id, len) {
+                // A block not produced yet is the origin's 425 (a welcome to a
+                // stream with no block yet names edge 0).
+                let produced = self
+                    .stream
+                    .blocks
+                    .get(seq as usize)
+                    .is_some_and(|b| b.header.ingest_time_ms <= now / 1000);
+                if produced && self.origin.fetch(id, len) {
                     let down_bps = self.cfg.bitrate_kbps * 1000 * DOWNLOAD_X;
                     let xfer = (len as u64 * 8 * 1_000_000).div_ceil(down_bps);
                     let extra = self.wire.loss_delay(id, SEEDER_PEER_ID);

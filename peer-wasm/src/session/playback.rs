@@ -7,8 +7,9 @@
 //! (`SourceBuffer.abort()`) behind what is already queued; the core resumes
 //! at a fragment start. The sink trims the buffer behind the playhead.
 //!
-//! Every tick: start (seek to the buffered start and `play()`), detect the
-//! first frame and stalls (`waiting`, or the playhead not moving for
+//! Every tick: start (seek to the buffered start and `play()`, once it is
+//! [`MIN_START_LATENCY_SHARE`] of the target latency old), detect the
+//! first frame and stalls (`waiting` outside a seek, or the playhead not moving for
 //! [`STALL_DETECT_MS`] while not paused), leave gaps (seek to the next buffered
 //! range, or the live point in it), and steer the latency with
 //! [`playout::steer`]: a rate within 0.95–1.05, or a jump when far behind.
@@ -35,6 +36,11 @@ pub const STALL_DETECT_MS: f64 = 600.0;
 pub const GAP_WAIT_MS: f64 = 300.0;
 /// Least time between two latency jumps, ms.
 pub const MIN_JUMP_INTERVAL_MS: f64 = 2_000.0;
+/// Playback starts once the first buffered frame is at least this share of
+/// the target latency old. A fresh stream's only fragment may be a few hundred
+/// ms old; started at once, the playhead reaches its end before the next
+/// fragment can arrive, and stalls.
+pub const MIN_START_LATENCY_SHARE: f64 = 2.0 / 3.0;
 /// Timescale assumed when the init segment cannot be parsed (MPEG-TS clock).
 const FALLBACK_TIMESCALE: u32 = 90_000;
 
@@ -63,6 +69,7 @@ pub(super) struct Playback {
     stalls: u32,
     stall_total: f64,
     latency: Option<f64>,
+    glass: Option<f64>,
     buffer_ms: f64,
     rate: f64,
     jumps: u32,
@@ -92,6 +99,7 @@ impl Playback {
             stalls: 0,
             stall_total: 0.0,
             latency: None,
+            glass: None,
             buffer_ms: 0.0,
             rate: 1.0,
             jumps: 0,
@@ -107,7 +115,13 @@ impl Playback {
     pub(super) fn init_bytes(&self) -> u64 {
         self.init_bytes
     }
+    /// Glass to glass: the server's clock now minus the capture of the frame
+    /// shown (see [`playout`]).
     pub(super) fn latency_ms(&self) -> Option<f64> {
+        self.glass.map(f64::round)
+    }
+    /// How far the frame shown is behind the live edge (what is steered).
+    pub(super) fn edge_latency_ms(&self) -> Option<f64> {
         self.latency.map(f64::round)
     }
     pub(super) fn buffer_ms(&self) -> f64 {
@@ -162,6 +176,9 @@ impl Playback {
             ),
         };
         self.timeline.set_timescale(info.timescale);
+        // The start is ours (see `tick`): the element's own autoplay would
+        // start a young fragment the moment it is buffered.
+        self.video.set_autoplay(false);
         let weak = self.weak.clone();
         let sink = MseSink::attach(&self.video, &info.mime, move |e| {
             deliver(&weak, Input::Mse(e));
@@ -255,6 +272,11 @@ impl Playback {
                 }
                 self.end_stall(now)
             }
+            // A seek (ours at the start or past a gap, or the user's) fires
+            // `waiting` until the frame at the new position decodes; that is
+            // no rebuffer. One that lasts is caught by the playhead check in
+            // `tick`.
+            VideoEvent::Waiting if self.video.seeking() => None,
             VideoEvent::Waiting => self.begin_stall(now),
             VideoEvent::Error => {
                 let message = self
@@ -296,8 +318,17 @@ impl Playback {
         let t = self.video.current_time();
         self.current_time = t;
         if !self.started {
-            if let Some(&(start, _)) = ranges.first() {
-                self.video.set_current_time(start);
+            if let Some(&(start, end)) = ranges.first() {
+                let young = self
+                    .timeline
+                    .ingest_at(start)
+                    .is_some_and(|ing| server_now - ing < MIN_START_LATENCY_SHARE * self.target_ms);
+                if young {
+                    return out;
+                }
+                if !(start..end).contains(&t) {
+                    self.video.set_current_time(start);
+                }
                 self.play_now(now);
                 self.started = true;
                 self.last_time = start;
@@ -340,6 +371,7 @@ impl Playback {
             }
         }
         self.latency = self.timeline.ingest_at(t).map(|ing| server_now - ing);
+        self.glass = self.timeline.capture_at(t).map(|c| server_now - c);
         self.buffer_ms = playout::ahead_of(&ranges, t) * 1000.0;
         if self.first_frame.is_some() && self.stall_since.is_none() && !paused {
             if let Some(latency) = self.latency {

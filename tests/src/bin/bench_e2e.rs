@@ -637,8 +637,11 @@ from every browser) and the server's `/metrics`.
 - `startup_ms`: the player's own figure, from the player's creation to the first frame;
   `page_startup_ms` is from the page's navigation start. p50 is the nearest-rank median
   (the lower of the middle two), as for every p50 here.
-- `latency_ms`: the player's `latency_ms` (wall clock minus the ingest time of the frame
-  shown), sampled once a second from every browser in the window; p50 and p95 over all
+- `latency_ms`: the player's `latency_ms`, glass to glass: wall clock minus the capture time
+  of the frame shown, where a frame's capture is its fragment's ingest (the server gets a
+  fragment whole, at its end) less the media time left in the fragment. The player steers
+  `edge_latency_ms` (how far it plays behind the live edge, one fragment less) to the
+  1.5-s target. Sampled once a second from every browser in the window; p50 and p95 over all
   those samples (nearest rank). A sample is one WebDriver call; when the machine is
   saturated a call takes longer than a second and a browser gets fewer samples (see
   \"samples per browser\").
