@@ -7,8 +7,9 @@
 //! (`SourceBuffer.abort()`) behind what is already queued; the core resumes
 //! at a fragment start. The sink trims the buffer behind the playhead.
 //!
-//! Every tick: start (seek to the buffered start and `play()`, once it is
-//! [`MIN_START_LATENCY_SHARE`] of the target latency old), detect the
+//! Every tick: start (seek to the target latency inside the buffered backlog
+//! and `play()`, once that frame is [`MIN_START_LATENCY_SHARE`] of the target
+//! latency old), detect the
 //! first frame and stalls (`waiting` outside a seek, or the playhead not moving for
 //! [`STALL_DETECT_MS`] while not paused), leave gaps (seek to the next buffered
 //! range, or the live point in it), and steer the latency with
@@ -24,7 +25,7 @@ use web_sys::HtmlMediaElement;
 use crate::fetch::{fetch_bytes, FetchError, Fetched};
 use crate::mse::{MseError, MseEvent, MseSink, MIME_H264_AAC};
 use crate::player::{deliver, Shared};
-use crate::playout::{self, Steer, Timeline};
+use crate::playout::{self, Steer, Timeline, MIN_BUFFER_TO_SPEED_UP_MS};
 
 use super::{ignore_promise, Input};
 
@@ -319,19 +320,27 @@ impl Playback {
         self.current_time = t;
         if !self.started {
             if let Some(&(start, end)) = ranges.first() {
+                // The backlog starts a fragment or so further back than the
+                // target: start inside it at the target, with half a second
+                // of media ahead at least.
+                let ahead = MIN_BUFFER_TO_SPEED_UP_MS / 1000.0;
+                let at = self
+                    .timeline
+                    .time_of(server_now - self.target_ms)
+                    .map_or(start, |x| x.clamp(start, (end - ahead).max(start)));
                 let young = self
                     .timeline
-                    .ingest_at(start)
+                    .ingest_at(at)
                     .is_some_and(|ing| server_now - ing < MIN_START_LATENCY_SHARE * self.target_ms);
                 if young {
                     return out;
                 }
-                if !(start..end).contains(&t) {
-                    self.video.set_current_time(start);
+                if !(start..end).contains(&t) || (at - t).abs() > 0.05 {
+                    self.video.set_current_time(at);
                 }
                 self.play_now(now);
                 self.started = true;
-                self.last_time = start;
+                self.last_time = at;
                 self.last_advance = now;
             }
             return out;
