@@ -42,6 +42,9 @@ pub const MIN_JUMP_INTERVAL_MS: f64 = 2_000.0;
 /// ms old; started at once, the playhead reaches its end before the next
 /// fragment can arrive, and stalls.
 pub const MIN_START_LATENCY_SHARE: f64 = 2.0 / 3.0;
+/// Longest wait, once media is buffered, for the backlog to reach the target
+/// latency position before playback starts wherever it can, ms.
+pub const START_WAIT_MS: f64 = 500.0;
 /// Timescale assumed when the init segment cannot be parsed (MPEG-TS clock).
 const FALLBACK_TIMESCALE: u32 = 90_000;
 
@@ -62,6 +65,8 @@ pub(super) struct Playback {
     need_fragment_start: bool,
     timeline: Timeline,
     started: bool,
+    /// When media was first buffered (`performance.now()`).
+    buffered_since: Option<f64>,
     first_frame: Option<f64>,
     last_play_call: f64,
     last_time: f64,
@@ -92,6 +97,7 @@ impl Playback {
             need_fragment_start: true,
             timeline: Timeline::new(1),
             started: false,
+            buffered_since: None,
             first_frame: None,
             last_play_call: 0.0,
             last_time: 0.0,
@@ -324,10 +330,13 @@ impl Playback {
                 // target: start inside it at the target, with half a second
                 // of media ahead at least.
                 let ahead = MIN_BUFFER_TO_SPEED_UP_MS / 1000.0;
-                let at = self
-                    .timeline
-                    .time_of(server_now - self.target_ms)
-                    .map_or(start, |x| x.clamp(start, (end - ahead).max(start)));
+                let want = self.timeline.time_of(server_now - self.target_ms);
+                let buffered_since = *self.buffered_since.get_or_insert(now);
+                if want.is_some_and(|w| w + ahead > end) && now - buffered_since < START_WAIT_MS {
+                    // The rest of the backlog is on its way over HTTP.
+                    return out;
+                }
+                let at = want.map_or(start, |x| x.clamp(start, (end - ahead).max(start)));
                 let young = self
                     .timeline
                     .ingest_at(at)
