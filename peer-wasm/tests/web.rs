@@ -265,7 +265,10 @@ fn playhead_maps_to_ingest_time_and_steering_stays_bounded() {
     tl.note_fragment(90_000, 50_000);
     tl.note_fragment(180_000, 51_000);
     assert_eq!(tl.ingest_at(1.5), Some(50_500.0));
-    assert_eq!(tl.ingest_at(0.5), None);
+    // Before the first fragment start (a track that starts earlier): mapped.
+    assert_eq!(tl.ingest_at(0.5), Some(49_500.0));
+    // Glass to glass: the 1-s fragment was captured 1 s before its ingest.
+    assert_eq!(tl.capture_at(1.5), Some(49_500.0));
     for latency in [0.0, 1000.0, 1500.0, 2000.0, 4400.0] {
         match steer(latency, 1500.0, 3000.0) {
             Steer::Rate(r) => assert!((0.95..=1.05).contains(&r), "rate {r}"),
