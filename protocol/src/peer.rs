@@ -405,13 +405,12 @@ impl<V: BlockVerifier> Peer<V> {
         self.next_play = Some(start_seq);
         // The edge block was cut about now: a first anchor for deadlines.
         self.anchor.get_or_insert((live_edge, now.as_millis()));
-        if live_edge >= start_seq {
-            self.backlog = Some((live_edge, now));
-        }
+        // Set before `note_seen`, so the backlog is indexed as due at once.
+        self.backlog = (live_edge >= start_seq).then_some((live_edge, now));
         self.note_seen(now, live_edge);
         // The edge block itself exists too; the seeder pushed it before our
         // link was up, so nobody may push it to us.
-        if live_edge >= start_seq {
+        if self.backlog.is_some() {
             self.mark_missing(now, live_edge);
             self.schedule(now);
         }
@@ -726,7 +725,7 @@ impl<V: BlockVerifier> Peer<V> {
     pub fn deadline(&self, seq: u64) -> Time {
         let d = self.ingest_deadline(seq);
         match self.backlog {
-            Some((end, at)) if seq <= end => d.max(at + self.cfg.target_latency_ms),
+            Some((_, at)) if self.in_backlog(seq) => d.max(at + self.cfg.target_latency_ms),
             _ => d,
         }
     }
