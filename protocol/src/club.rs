@@ -14,10 +14,18 @@
 //!   together. Clubs too small for that are complete graphs.
 //! - **Last-hop sources**: for each club it is not in, a peer has up to
 //!   `last_hop_sources` members as sources, each pushing one share of the club's
-//!   blocks (`(seq / C) % share_count == share`). Sources are the members with the
-//!   fewest subscribers. A club with no members is served by the seeder.
+//!   blocks (`(seq / C) % share_count == share`). A club with no members is
+//!   served by the seeder.
+//! - **Load**: parents and sources are the members with the least upload asked
+//!   of them (in-club children and last-hop shares over all their clubs) per
+//!   unit of declared capacity. A peer below [`LEAF_CAPACITY_PCT`] is a leaf and
+//!   uploads only when nobody else can. A relay joining a club takes up to
+//!   [`MAX_HANDOVERS`] last-hop shares from the club's busiest members, so the
+//!   first members and leaves do not keep what they took while the club was
+//!   small.
 //! - **Seeds**: in each club, `seeds_per_club` members receive blocks straight from
-//!   the seeder ([`SEEDER_PEER_ID`]), which pushes each block to `k` of them.
+//!   the seeder ([`SEEDER_PEER_ID`]), which pushes each block to `k` of them. A
+//!   leaf is a seed only while the club has no other relay to take.
 //!
 //! Who offers: the side with the larger peer id makes the WebRTC offer, so the
 //! joiner offers to older peers and browsers always offer to the seeder.
@@ -111,8 +119,10 @@ struct Entry {
     clubs: Vec<u16>,
     /// Roles as this peer sees them, by remote peer.
     links: BTreeMap<PeerId, Vec<LinkRole>>,
-    /// Last-hop subscribers served, over all clubs.
-    subscribers: usize,
+    /// Upload it was asked for, over all clubs, in [`STREAM_UNITS`] per club
+    /// stream: an upload link carries a whole club's blocks, a last-hop
+    /// subscriber its share of them.
+    units: usize,
     /// In-club download links from other members (the seeder not counted), by
     /// position in `clubs`.
     ins: Vec<usize>,
@@ -123,6 +133,23 @@ struct Entry {
     /// Tie-break salt for the club indexes, drawn at join.
     salt: u64,
 }
+
+/// Upload units of one club's whole stream: divisible by every share count
+/// up to 8, so a last-hop share is a whole number of units.
+pub(crate) const STREAM_UNITS: usize = 840;
+
+/// Upload units that `role` asks of the peer holding it.
+fn upload_units(role: LinkRole) -> usize {
+    match role {
+        LinkRole::Upload { .. } => STREAM_UNITS,
+        LinkRole::Subscriber { share_count, .. } => STREAM_UNITS / usize::from(share_count.max(1)),
+        LinkRole::Download { .. } | LinkRole::Source { .. } => 0,
+    }
+}
+
+/// Most last-hop shares a relay joining a club takes over from its busiest
+/// members (each is a new connection for the subscriber).
+pub const MAX_HANDOVERS: usize = 4;
 
 /// Capacity assumed for a peer that did not say, % of the bitrate.
 pub const DEFAULT_CAPACITY_PCT: u32 = 150;
@@ -151,14 +178,18 @@ impl Entry {
             salt: self.salt,
             ins: self.ins[i],
             outs: self.outs[i],
-            subscribers: self.subscribers,
+            units: self.units,
         }
     }
 
     /// Counts `role` towards `remote` as added or removed.
     fn tally(&mut self, remote: PeerId, role: LinkRole, added: bool) {
+        if added {
+            self.units += upload_units(role);
+        } else {
+            self.units -= upload_units(role);
+        }
         let n = match role {
-            LinkRole::Subscriber { .. } => &mut self.subscribers,
             LinkRole::Upload { club } => match self.slot(club) {
                 Some(i) => &mut self.outs[i],
                 None => return,
@@ -167,7 +198,9 @@ impl Entry {
                 Some(i) => &mut self.ins[i],
                 None => return,
             },
-            LinkRole::Download { .. } | LinkRole::Source { .. } => return,
+            LinkRole::Download { .. } | LinkRole::Source { .. } | LinkRole::Subscriber { .. } => {
+                return
+            }
         };
         if added {
             *n += 1;
@@ -299,7 +332,7 @@ impl Membership {
             Entry {
                 clubs: clubs.clone(),
                 links: BTreeMap::new(),
-                subscribers: 0,
+                units: 0,
                 ins: vec![0; clubs.len()],
                 outs: vec![0; clubs.len()],
                 capacity: capacity_pct,
@@ -510,11 +543,61 @@ impl Membership {
             }
             self.repair_club(c, out);
         }
+        if !self.is_leaf(peer) {
+            self.hand_over_subscribers(c, out);
+        }
         // A new member may take over subscribers of an empty or small club.
         if self.clubs[c as usize].len() <= self.cfg.last_hop_sources as usize {
             self.rebalance_sources(c, out);
         }
         self.fill_seeds(c, out);
+    }
+
+    /// Hands last-hop subscribers of `c` from its busiest members to the
+    /// least busy relays, at most [`MAX_HANDOVERS`] per call. Without it the
+    /// first members of a club keep the subscribers they took while the club
+    /// was small, and a leaf keeps those it took while no relay was free. A
+    /// share moves only if its old source stays at least as busy (upload per
+    /// capacity) as its new one, so handovers never go back and forth.
+    fn hand_over_subscribers(&mut self, c: u16, out: &mut Vec<LinkChange>) {
+        let mut moved = 0;
+        for from in self.clubs[c as usize].busiest(MAX_HANDOVERS) {
+            let subs = self.peers[&from]
+                .remotes_with(|r| matches!(r, LinkRole::Subscriber { club, .. } if *club == c));
+            for (sub, role) in subs {
+                if moved == MAX_HANDOVERS {
+                    return;
+                }
+                let current = self.sources_in(sub, c);
+                let to = self.clubs[c as usize]
+                    .least_loaded_source(|m| m == sub || current.contains(&m));
+                let Some(to) = to.filter(|p| !self.is_leaf(*p)) else {
+                    return;
+                };
+                let units = upload_units(role);
+                let (a, b) = (&self.peers[&from], &self.peers[&to]);
+                // (ua - u) / ca >= (ub + u) / cb, leaves counted as full.
+                let stays_busier = a.leaf()
+                    || (a.units - units) * b.capacity.max(1) as usize
+                        >= (b.units + units) * a.capacity.max(1) as usize;
+                if !stays_busier {
+                    break;
+                }
+                self.drop_role_at(from, sub, role, out);
+                self.drop_role_at(sub, from, role.mirror(), out);
+                self.add_role(to, sub, role, out);
+                moved += 1;
+            }
+        }
+    }
+
+    /// The last-hop sources of `peer` for club `c`.
+    fn sources_in(&self, peer: PeerId, c: u16) -> Vec<PeerId> {
+        self.peers[&peer]
+            .remotes_with(|r| matches!(r, LinkRole::Source { club, .. } if *club == c))
+            .into_iter()
+            .map(|(p, _)| p)
+            .collect()
     }
 
     fn is_leaf(&self, p: PeerId) -> bool {
@@ -623,6 +706,21 @@ impl Membership {
     /// Tops club `c` up to `seeds_per_club` seeds, taking the members with the
     /// fewest download links, relays before leaves.
     fn fill_seeds_avoiding(&mut self, c: u16, avoid: &[PeerId], out: &mut Vec<LinkChange>) {
+        // A leaf seed relays nothing, so the blocks pushed only to leaves
+        // would reach no other member. A leaf is a seed only while the club
+        // had no relay to take; once one is free, the leaf hands its seat over.
+        loop {
+            let members = &self.clubs[c as usize];
+            let leaf = members.seeds().find(|s| self.is_leaf(*s));
+            let relay = members.next_relay_seed(|m| avoid.contains(&m));
+            let (Some(leaf), Some(relay)) = (leaf, relay) else {
+                break;
+            };
+            let up = LinkRole::Upload { club: c };
+            self.drop_role_at(SEEDER_PEER_ID, leaf, up, out);
+            self.drop_role_at(leaf, SEEDER_PEER_ID, up.mirror(), out);
+            self.add_role(SEEDER_PEER_ID, relay, up, out);
+        }
         while self.clubs[c as usize].seed_count() < self.cfg.seeds_per_club as usize {
             let pick = self.clubs[c as usize].next_seed(|m| avoid.contains(&m));
             let Some(p) = pick else { break };
@@ -665,11 +763,7 @@ impl Membership {
         if !self.peers.contains_key(&peer) {
             return;
         }
-        let current: Vec<PeerId> = self.peers[&peer]
-            .remotes_with(|r| matches!(r, LinkRole::Source { club, .. } if *club == c))
-            .into_iter()
-            .map(|(p, _)| p)
-            .collect();
+        let current = self.sources_in(peer, c);
         // Leaves serve only when nobody else can (the index files them last).
         let pick = self.clubs[c as usize]
             .least_loaded_source(|m| m == peer || avoid.contains(&m) || current.contains(&m));
@@ -824,10 +918,8 @@ mod tests {
         fn assert_indexed(&self) {
             let d = self.cfg.in_club_links as usize;
             for (&p, e) in &self.peers {
-                assert_eq!(
-                    e.subscribers,
-                    e.count(|r| matches!(r, LinkRole::Subscriber { .. }))
-                );
+                let units: usize = e.links.values().flatten().map(|r| upload_units(*r)).sum();
+                assert_eq!(e.units, units, "{p} upload units");
                 for (i, &c) in e.clubs.iter().enumerate() {
                     assert_eq!(e.ins[i], self.in_club_in_degree(p, c), "{p} ins in {c}");
                     assert_eq!(e.outs[i], self.degree(p, LinkRole::Upload { club: c }));
@@ -984,6 +1076,62 @@ mod tests {
         m.replace(p, remote, &mut r);
         assert!(m.links_of(p).iter().all(|l| l.peer != remote));
         check(&m);
+    }
+
+    /// Upload asked of `p` per capacity, in units per % of the bitrate.
+    fn busy(m: &Membership, p: PeerId) -> f64 {
+        let e = &m.peers[&p];
+        e.units as f64 / f64::from(e.capacity.max(1))
+    }
+
+    #[test]
+    fn a_leaf_seed_hands_its_seat_to_the_first_relay_that_joins() {
+        let mut m = Membership::new(ClubConfig::default());
+        let mut r = rng();
+        // Leaves only: they must be seeds, as nobody else can be.
+        for p in 1..=12 {
+            m.join_with_capacity(p, true, 20, &mut r);
+        }
+        for c in 0..m.cfg.clubs {
+            assert!(m.seeds(c).iter().all(|s| m.is_leaf(*s)));
+        }
+        for p in 13..=60 {
+            m.join_with_capacity(p, true, 200, &mut r);
+        }
+        check_rules(&m, true);
+        for c in 0..m.cfg.clubs {
+            let seeds = m.seeds(c);
+            assert_eq!(seeds.len(), usize::from(m.cfg.seeds_per_club));
+            assert!(
+                seeds.iter().all(|s| !m.is_leaf(*s)),
+                "club {c} still seeds leaves: {seeds:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn subscribers_move_off_leaves_and_the_first_members() {
+        let mut m = Membership::new(ClubConfig::default());
+        let mut r = rng();
+        // The first members take every subscriber while clubs are small,
+        // a leaf among them.
+        m.join_with_capacity(1, true, 20, &mut r);
+        for p in 2..=16 {
+            m.join_with_capacity(p, true, 200, &mut r);
+        }
+        let first_busiest = (2..=16).map(|p| busy(&m, p)).fold(0.0, f64::max);
+        for p in 17..=400 {
+            m.join_with_capacity(p, true, 200, &mut r);
+        }
+        check_rules(&m, true);
+        let leaf_subs = m.peers[&1].count(|r| matches!(r, LinkRole::Subscriber { .. }));
+        assert_eq!(leaf_subs, 0, "the leaf still serves subscribers");
+        let busiest = (2..=400).map(|p| busy(&m, p)).fold(0.0, f64::max);
+        let mean = (2..=400).map(|p| busy(&m, p)).sum::<f64>() / 399.0;
+        assert!(
+            busiest <= 2.0 * mean,
+            "busiest relay {busiest:.1} vs mean {mean:.1} (first members were at {first_busiest:.1})"
+        );
     }
 
     /// Joins `peers`, then runs `ops` leave-and-join pairs with a failed link

@@ -28,8 +28,9 @@ pub(super) struct Load {
     pub ins: usize,
     /// In-club upload links.
     pub outs: usize,
-    /// Last-hop subscribers served, over all clubs.
-    pub subscribers: usize,
+    /// Upload asked of it over all clubs, in
+    /// [`STREAM_UNITS`](super::STREAM_UNITS) per club stream.
+    pub units: usize,
 }
 
 /// Score, tie-break, peer.
@@ -37,7 +38,7 @@ type Key = (usize, u64, PeerId);
 
 /// Weight of a leaf's load when picking a last-hop source: leaves serve only
 /// when nobody else can.
-const LEAF_SOURCE_PENALTY: usize = 1_000_000;
+const LEAF_SOURCE_PENALTY: usize = 1 << 30;
 
 /// A club's members and its indexes over them.
 #[derive(Debug, Default)]
@@ -47,11 +48,11 @@ pub(super) struct Members {
     order: Vec<PeerId>,
     /// Position of each member in `order`.
     pos: BTreeMap<PeerId, usize>,
-    /// Members that upload, by upload links per unit of capacity.
+    /// Members that upload, by upload asked per unit of capacity.
     uploaders: BTreeSet<Key>,
     /// Members by in-club download links: relays, then leaves.
     receivers: [BTreeSet<Key>; 2],
-    /// Members by last-hop subscribers per unit of capacity, leaves last.
+    /// Members by upload asked per unit of capacity, leaves last.
     sources: BTreeSet<Key>,
     /// Members with fewer than the target number of download links, or (if
     /// they upload) of upload links.
@@ -124,7 +125,7 @@ impl Members {
         self.short.remove(&p);
     }
 
-    /// The uploader with the fewest upload links per capacity.
+    /// The uploader with the least upload asked of it per capacity.
     pub(super) fn least_loaded_uploader(
         &self,
         excluded: impl Fn(PeerId) -> bool,
@@ -151,7 +152,7 @@ impl Members {
             .map(|k| k.2)
     }
 
-    /// The member with the fewest last-hop subscribers per capacity.
+    /// The member with the least upload asked of it per capacity, leaves last.
     pub(super) fn least_loaded_source(&self, excluded: impl Fn(PeerId) -> bool) -> Option<PeerId> {
         first(&self.sources, &excluded).map(|k| k.2)
     }
@@ -159,6 +160,23 @@ impl Members {
     /// Members short of links, for a repair to visit.
     pub(super) fn short(&self) -> Vec<PeerId> {
         self.short.iter().copied().collect()
+    }
+
+    /// The relay with the fewest download links that is not a seed yet.
+    pub(super) fn next_relay_seed(&self, excluded: impl Fn(PeerId) -> bool) -> Option<PeerId> {
+        let excluded = |m| self.seeds.contains(&m) || excluded(m);
+        first(&self.receivers[0], &excluded).map(|k| k.2)
+    }
+
+    /// The members the seeder pushes to.
+    pub(super) fn seeds(&self) -> impl Iterator<Item = PeerId> + '_ {
+        self.seeds.iter().copied()
+    }
+
+    /// Up to `n` members, the busiest first (leaves with any upload asked of
+    /// them come before every relay).
+    pub(super) fn busiest(&self, n: usize) -> Vec<PeerId> {
+        self.sources.iter().rev().take(n).map(|k| k.2).collect()
     }
 
     pub(super) fn seed_count(&self) -> usize {
@@ -175,17 +193,19 @@ impl Members {
 
     fn keys(&self, p: PeerId, load: &Load, target: usize) -> Keys {
         let key = |order: u64, score: usize| (score, self.tiebreak(load.salt, order, score), p);
-        let upload = load.outs * 100 / load.capacity;
-        let serve = load.subscribers * 100 / load.capacity;
+        // Both picks compare the whole upload asked of a member (in-club
+        // children and last-hop shares, over all its clubs) per capacity, so
+        // a member busy with subscribers gets fewer children and vice versa.
+        let busy = load.units * 100 / load.capacity;
         Keys {
-            uploader: (!load.leaf).then(|| key(0, upload)),
+            uploader: (!load.leaf).then(|| key(0, busy)),
             receiver: key(1, load.ins),
             source: key(
                 2,
                 if load.leaf {
-                    LEAF_SOURCE_PENALTY + serve
+                    LEAF_SOURCE_PENALTY + busy
                 } else {
-                    serve
+                    busy
                 },
             ),
             short: load.ins < target || (!load.leaf && load.outs < target),
