@@ -12,8 +12,9 @@
 //! Pushes (and answers to WANTs) wait in a send queue ordered by class, then
 //! seq: in-club pushes and WANT answers first, last-hop pushes after them, the
 //! oldest block first. The queue hands a block to the transport only while the
-//! bytes buffered on all links stay under [`SEND_WINDOW`] and on the link under
-//! [`LINK_WINDOW`], so a peer with little upload never builds a long backlog:
+//! bytes buffered on all links stay under [`PeerConfig::send_window`] and on
+//! the link under [`LINK_WINDOW`], so a peer with little upload never builds a
+//! long backlog:
 //! a block waits in the queue, where it can still be overtaken by a more urgent
 //! one, and is dropped there once the remote says HAVE, cancels, the link goes,
 //! or the block's deadline passes. A driver reports buffer levels with
@@ -60,8 +61,8 @@ pub const MAX_LINK_HAVES: usize = 64;
 pub const MAX_TRANSMITS: usize = 4096;
 /// Events queued before the driver drains them.
 pub const MAX_EVENTS: usize = 4096;
-/// Bytes buffered across all links under which the send queue hands out
-/// another block.
+/// Default [`PeerConfig::send_window`]: bytes buffered across all links under
+/// which the send queue hands out another block.
 pub const SEND_WINDOW: usize = 40 * 1024;
 /// Bytes buffered on one link under which the send queue hands it another block.
 pub const LINK_WINDOW: usize = 34 * 1024;
@@ -109,6 +110,14 @@ pub struct PeerConfig {
     /// buffer levels, ms (0: only [`Peer::handle_link_buffered`] wakes it, as
     /// in the simulator, which reports every drained frame).
     pub pump_poll_ms: u64,
+    /// Bytes the send queue may leave buffered in the transport, over all
+    /// links (on one link at most [`LINK_WINDOW`] of it). A block handed over
+    /// can no longer be overtaken by a more urgent one, so the window should
+    /// only cover the driver's reporting delay: [`SEND_WINDOW`] for a driver
+    /// that polls buffer levels every [`PUMP_POLL_MS`] (the browser), 1 (one
+    /// frame at a time) for one that reports every drained frame (the
+    /// simulator).
+    pub send_window: usize,
     /// How long before its origin moment a missing block of another club may
     /// be pulled from a peer, ms (0: never; it goes to the origin).
     pub pull_lead_ms: u64,
@@ -128,6 +137,7 @@ impl PeerConfig {
             skip_grace_ms: 250,
             relay: true,
             pump_poll_ms: PUMP_POLL_MS,
+            send_window: SEND_WINDOW,
             pull_lead_ms: 0,
         }
     }
@@ -1079,13 +1089,14 @@ impl<V: BlockVerifier> Peer<V> {
             keep
         });
         let mut total: usize = self.links.values().map(|l| l.buffered).sum();
-        while total < SEND_WINDOW {
+        let link_window = LINK_WINDOW.min(self.cfg.send_window);
+        while total < self.cfg.send_window {
             // The most urgent entry whose link has room (a push raises only
             // that link's level, so each pass sends one block).
             let next = self.queued.iter().copied().find(|&(_, _, to)| {
                 self.links
                     .get(&to)
-                    .is_some_and(|l| l.buffered < LINK_WINDOW)
+                    .is_some_and(|l| l.buffered < link_window)
             });
             let Some(e @ (class, seq, to)) = next else {
                 break;
@@ -1621,6 +1632,50 @@ mod tests {
         assert_eq!(p.stats().pushes_dropped, 1);
         // A pump wake-up is asked for only while pushes wait.
         assert_eq!(p.poll_timeout(), p.next_check);
+    }
+
+    #[test]
+    fn a_one_frame_window_lets_a_newer_in_club_push_overtake_a_last_hop_one() {
+        let mut cfg = PeerConfig::new(1, 4);
+        cfg.pump_poll_ms = 0;
+        cfg.send_window = 1;
+        let mut p = peer_with(cfg);
+        let blocks = |t: &[Transmit]| -> Vec<(PeerId, u64)> {
+            t.iter()
+                .filter_map(|t| match &t.frame {
+                    Frame::Block(b) => Some((t.to, b.header.seq)),
+                    _ => None,
+                })
+                .collect()
+        };
+        // Drains what the peer sent, then reports it sent by the transport:
+        // at most one block goes out per round.
+        let round = |p: &mut Peer<StreamKey>, order: &mut Vec<(PeerId, u64)>| {
+            let (t, _) = drain(p);
+            assert!(blocks(&t).len() <= 1, "{:?}", blocks(&t));
+            order.extend(blocks(&t));
+            let mut to: Vec<PeerId> = t.iter().map(|t| t.to).collect();
+            to.dedup();
+            for peer in to {
+                p.handle_link_buffered(peer, 0);
+            }
+        };
+        let mut order = Vec::new();
+        // The welcome's frames leave.
+        for l in links() {
+            p.handle_link_buffered(l.peer, 0);
+        }
+        p.handle_frame(Time(T0 + 1), 2, Frame::Block(big_block(4)));
+        round(&mut p, &mut order);
+        // No polling: only a drained frame wakes the queue.
+        assert_eq!(p.poll_timeout(), p.next_check);
+        p.handle_frame(Time(T0 + 2), 2, Frame::Block(big_block(8)));
+        for _ in 0..8 {
+            round(&mut p, &mut order);
+        }
+        // Block 8's in-club pushes overtake block 4's last-hop pushes.
+        let want = [(3, 4), (4, 4), (3, 8), (4, 8), (5, 4), (6, 4), (5, 8)];
+        assert_eq!(order, want);
     }
 
     #[test]

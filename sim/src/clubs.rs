@@ -240,9 +240,12 @@ impl Sim {
                 gen,
             } => {
                 if self.slots[id as usize].peer.is_none() && self.alive(id) {
-                    // The wire reports every drained frame (`Drain`): no polling.
+                    // The wire reports every drained frame (`Drain`): no polling,
+                    // and a block is handed to the wire only when the serializer
+                    // is idle, so it can still be overtaken until then.
                     let mut pc = PeerConfig::new(id, self.cfg.clubs);
                     pc.pump_poll_ms = 0;
+                    pc.send_window = 1;
                     let mut p = Peer::new(pc, self.verifier);
                     p.handle_welcome(ms(now), &clubs, &links, start, edge);
                     self.slots[id as usize].peer = Some(p);
