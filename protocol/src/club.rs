@@ -347,11 +347,13 @@ impl Membership {
                 self.fill_sources(peer, c, &[], &mut out);
             }
         }
-        let (mine, changes): (Vec<_>, Vec<_>) = out.into_iter().partition(|ch| ch.to == peer);
+        // The joiner's own changes may add a role and take it away again (a
+        // handover, a small club's re-plan): its welcome lists where they ended.
+        out.retain(|ch| ch.to != peer);
         Joined {
             clubs,
-            links: mine.into_iter().map(|ch| ch.link).collect(),
-            changes,
+            links: self.links_of(peer),
+            changes: out,
         }
     }
 
@@ -543,12 +545,12 @@ impl Membership {
             }
             self.repair_club(c, out);
         }
-        if !self.is_leaf(peer) {
-            self.hand_over_subscribers(c, out);
-        }
-        // A new member may take over subscribers of an empty or small club.
         if self.clubs[c as usize].len() <= self.cfg.last_hop_sources as usize {
+            // A new member of an empty or small club: every non-member's
+            // sources are planned again.
             self.rebalance_sources(c, out);
+        } else if !self.is_leaf(peer) {
+            self.hand_over_subscribers(c, out);
         }
         self.fill_seeds(c, out);
     }
@@ -1132,6 +1134,48 @@ mod tests {
             busiest <= 2.0 * mean,
             "busiest relay {busiest:.1} vs mean {mean:.1} (first members were at {first_busiest:.1})"
         );
+    }
+
+    #[test]
+    fn every_peer_sees_what_the_membership_holds() {
+        use std::collections::{HashMap, HashSet};
+        type View = HashSet<(PeerId, LinkRole)>;
+        fn apply(views: &mut HashMap<PeerId, View>, changes: &[LinkChange]) {
+            for ch in changes {
+                let v = views.entry(ch.to).or_default();
+                let key = (ch.link.peer, ch.link.role);
+                match ch.op {
+                    LinkOp::Add => assert!(v.insert(key), "{ch:?} added twice"),
+                    LinkOp::Remove => assert!(v.remove(&key), "{ch:?} removes an unknown role"),
+                }
+            }
+        }
+        let mut m = Membership::new(ClubConfig::default());
+        let mut r = rng();
+        let mut views: HashMap<PeerId, View> = HashMap::new();
+        let mut alive = Vec::new();
+        for p in 1..=200u64 {
+            // Equal peers and mixed ones: leaves, and relays of 1.5x to 3.5x.
+            let cap = if p % 5 == 0 {
+                20
+            } else {
+                150 + 50 * (p % 5) as u32
+            };
+            let j = m.join_with_capacity(p, true, cap, &mut r);
+            views.insert(p, j.links.iter().map(|l| (l.peer, l.role)).collect());
+            apply(&mut views, &j.changes);
+            alive.push(p);
+            if p % 3 == 0 {
+                let gone = alive.swap_remove((r.next_u64() % alive.len() as u64) as usize);
+                let changes = m.leave(gone, &mut r);
+                views.remove(&gone);
+                apply(&mut views, &changes);
+            }
+            for q in &alive {
+                let want: View = m.links_of(*q).iter().map(|l| (l.peer, l.role)).collect();
+                assert_eq!(views[q], want, "peer {q}'s view after op {p}");
+            }
+        }
     }
 
     /// Joins `peers`, then runs `ops` leave-and-join pairs with a failed link
