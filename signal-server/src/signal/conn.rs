@@ -4,6 +4,10 @@
 //! outbound queue, a liveness tick and shutdown. Answers to the client's own
 //! messages (welcome aside, which goes through the queue to keep its order) are
 //! written directly; everything from other peers comes through the queue.
+//! Each write also takes what the queue holds at that moment, up to
+//! [`WRITE_BATCH`] bytes, and flushes once: on loopback and busy servers the
+//! socket write is most of the cost of a relayed message, and it is paid per
+//! write, not per message.
 //!
 //! Handling an input never awaits: it returns a [`Step`] (a reply to write,
 //! then maybe a close), and the loop has one write of its own. The task's
@@ -24,7 +28,7 @@ use serde::Deserialize;
 use super::limits::{Offences, TokenBucket};
 use super::{
     unix_ms, DropReason, Hub, Session, SignalError, CLOSE_LINGER, JOIN_TIMEOUT, MAX_OFFENCES,
-    MAX_OFFENCES_IN_A_ROW, RATE_BURST, RATE_PER_SEC, SEND_TIMEOUT, SILENT_HEARTBEATS,
+    MAX_OFFENCES_IN_A_ROW, RATE_BURST, RATE_PER_SEC, SEND_TIMEOUT, SILENT_HEARTBEATS, WRITE_BATCH,
 };
 
 /// Message types a client may send.
@@ -240,9 +244,23 @@ impl Conn {
         }
     }
 
-    /// Writes one text message; `Some` is the close a failed write calls for.
+    /// Writes one text message and what the peer's queue holds behind it, up
+    /// to [`WRITE_BATCH`] bytes, in one flush; `Some` is the close a failed
+    /// write calls for.
     async fn write(&mut self, text: String) -> Option<Close> {
-        match tokio::time::timeout(SEND_TIMEOUT, self.sink.send(Message::Text(text.into()))).await {
+        let batch = async {
+            let mut bytes = text.len();
+            self.sink.feed(Message::Text(text.into())).await?;
+            while bytes < WRITE_BATCH {
+                let Some(next) = self.session.as_mut().and_then(|s| s.rx.try_recv()) else {
+                    break;
+                };
+                bytes += next.len();
+                self.sink.feed(Message::Text(next.into())).await?;
+            }
+            self.sink.flush().await
+        };
+        match tokio::time::timeout(SEND_TIMEOUT, batch).await {
             Ok(Ok(())) => None,
             Ok(Err(_)) => Some((close_code::ABNORMAL, "write failed")),
             Err(_) => {
