@@ -34,6 +34,7 @@
 mod conn;
 pub(crate) mod limits;
 mod outbox;
+mod parse;
 mod seeder;
 mod swarm;
 
