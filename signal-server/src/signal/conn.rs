@@ -115,6 +115,11 @@ pub(crate) fn run(hub: Hub, socket: WebSocket) -> impl Future<Output = ()> + Sen
         let heartbeat = hub.config().heartbeat();
         let mut tick = tokio::time::interval(heartbeat.min(JOIN_TIMEOUT) / 2);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // One wait for the connection's life: a wait made anew in each turn of
+        // the loop joins and leaves the token's waiter list, one lock shared
+        // by every connection, twice per message.
+        let shutdown = hub.shutdown().cancelled();
+        let mut shutdown = std::pin::pin!(shutdown);
         let close = loop {
             let outbound = async {
                 match c.session.as_mut() {
@@ -123,7 +128,7 @@ pub(crate) fn run(hub: Hub, socket: WebSocket) -> impl Future<Output = ()> + Sen
                 }
             };
             let event = tokio::select! {
-                _ = hub.shutdown().cancelled() => Event::Shutdown,
+                _ = &mut shutdown => Event::Shutdown,
                 out = outbound => out.map_or(Event::Dropped, Event::Outbound),
                 frame = stream.next() => match frame {
                     Some(Ok(m)) => Event::Frame(m),
