@@ -298,6 +298,12 @@ impl Membership {
             .collect()
     }
 
+    /// Whether `a` holds any link role towards `b` (without building the
+    /// list [`Membership::links_of`] returns).
+    pub fn linked(&self, a: PeerId, b: PeerId) -> bool {
+        self.peers.get(&a).is_some_and(|e| e.links.contains_key(&b))
+    }
+
     /// Adds a viewer. A `p2p == false` viewer gets no clubs and no links: it
     /// fetches everything from the origin.
     pub fn join(&mut self, peer: PeerId, p2p: bool, rng: &mut dyn RngCore) -> Joined {
@@ -1170,10 +1176,17 @@ mod tests {
                 let changes = m.leave(gone, &mut r);
                 views.remove(&gone);
                 apply(&mut views, &changes);
+                assert!(alive
+                    .iter()
+                    .all(|q| !m.linked(*q, gone) && !m.linked(gone, *q)));
             }
             for q in &alive {
                 let want: View = m.links_of(*q).iter().map(|l| (l.peer, l.role)).collect();
                 assert_eq!(views[q], want, "peer {q}'s view after op {p}");
+                for x in &alive {
+                    let listed = want.iter().any(|(peer, _)| peer == x);
+                    assert_eq!(m.linked(*q, *x), listed, "linked({q}, {x})");
+                }
             }
         }
     }

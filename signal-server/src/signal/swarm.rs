@@ -151,7 +151,7 @@ impl Swarm {
     pub(crate) fn linked(&self, a: PeerId, b: PeerId) -> bool {
         a != b
             && (b == SEEDER_PEER_ID || self.members.contains_key(&b))
-            && self.membership.links_of(a).iter().any(|l| l.peer == b)
+            && self.membership.linked(a, b)
     }
 
     /// `peer`'s link to `remote` failed: replace every role between them.
