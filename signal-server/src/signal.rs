@@ -18,7 +18,7 @@
 //! | message rate | [`RATE_PER_SEC`]/s, burst [`RATE_BURST`] | `rate_limited` (offence), message dropped |
 //! | offences | [`MAX_OFFENCES`] per connection or [`MAX_OFFENCES_IN_A_ROW`] in a row | close 1008 |
 //! | outbound queue | [`OUTBOUND_QUEUE`] messages | peer dropped (`clubcast_dropped_peers_total{reason="slow"}`) |
-//! | one socket write | [`SEND_TIMEOUT`], [`WRITE_BATCH`] bytes of queued messages | close; the rest waits for the next write |
+//! | one socket write | [`SEND_TIMEOUT`] | close |
 //! | close handshake | [`CLOSE_LINGER`] for the client's close reply | socket dropped |
 //! | silence | 3 × heartbeat interval | close 1001, peer dropped (`silent`) |
 //! | time to join | [`JOIN_TIMEOUT`] | close 1008 |
@@ -34,7 +34,6 @@
 mod conn;
 pub(crate) mod limits;
 mod outbox;
-mod parse;
 mod seeder;
 mod swarm;
 
@@ -86,11 +85,6 @@ pub const MAX_OFFENCES: u32 = 5;
 pub const MAX_OFFENCES_IN_A_ROW: u32 = 3;
 /// Messages queued for one peer before it counts as too slow and is dropped.
 pub const OUTBOUND_QUEUE: usize = 256;
-/// Bytes of queued messages one socket write takes at most (one message may
-/// be larger). A peer whose queue holds several messages gets them in one
-/// write rather than one each; the transport keeps its write buffer at the
-/// largest batch, so the bound is also the buffer each busy connection keeps.
-pub const WRITE_BATCH: usize = 2048;
 /// Longest one socket write may take before the connection is closed.
 pub const SEND_TIMEOUT: Duration = Duration::from_secs(10);
 /// Longest the server waits for the client's close reply after its own close

@@ -28,11 +28,6 @@ type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 const WAIT: Duration = Duration::from_secs(5);
 
 async fn serve(cfg: Config) -> (SocketAddr, AppState) {
-    serve_until(cfg, CancellationToken::new()).await
-}
-
-/// Serves until `shutdown` is cancelled.
-async fn serve_until(cfg: Config, shutdown: CancellationToken) -> (SocketAddr, AppState) {
     let streams = Arc::new(Streams::new(
         None,
         StoreConfig {
@@ -50,7 +45,7 @@ async fn serve_until(cfg: Config, shutdown: CancellationToken) -> (SocketAddr, A
         demo.publish(flags, i, 1_000 + i * 200, Bytes::from(vec![7; 500]))
             .expect("publish");
     }
-    let state = AppState::new(cfg, streams, shutdown);
+    let state = AppState::new(cfg, streams, CancellationToken::new());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
@@ -468,33 +463,6 @@ async fn a_silent_peer_is_dropped_after_three_heartbeats() {
     join(&mut ws).await;
     assert_eq!(closed(&mut ws).await, Some(CloseCode::Away));
     assert_eq!(state.metrics.dropped_peers("silent"), 1);
-}
-
-#[tokio::test]
-async fn shutdown_closes_every_connection_as_going_away() {
-    let shutdown = CancellationToken::new();
-    let (addr, _state) = serve_until(Config::default(), shutdown.clone()).await;
-    let mut joined = connect(addr).await;
-    join(&mut joined).await;
-    // Busy until the end: heartbeats answered before and across the cancel.
-    send(&mut joined, r#"{"type":"heartbeat","v":1}"#).await;
-    assert!(matches!(recv(&mut joined).await, ServerMsg::Pong { .. }));
-    let mut fresh = connect(addr).await;
-    shutdown.cancel();
-    for ws in [&mut joined, &mut fresh] {
-        let frame = loop {
-            match tokio::time::timeout(WAIT, ws.next())
-                .await
-                .expect("closes in time")
-            {
-                Some(Ok(Message::Close(frame))) => break frame.expect("a close frame"),
-                Some(Ok(_)) => continue,
-                other => panic!("expected a close frame, got {other:?}"),
-            }
-        };
-        assert_eq!(frame.code, CloseCode::Away);
-        assert_eq!(frame.reason.as_str(), "server shutting down");
-    }
 }
 
 #[tokio::test]

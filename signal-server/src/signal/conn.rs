@@ -4,10 +4,6 @@
 //! outbound queue, a liveness tick and shutdown. Answers to the client's own
 //! messages (welcome aside, which goes through the queue to keep its order) are
 //! written directly; everything from other peers comes through the queue.
-//! Each write also takes what the queue holds at that moment, up to
-//! [`WRITE_BATCH`] bytes, and flushes once: on loopback and busy servers the
-//! socket write is most of the cost of a relayed message, and it is paid per
-//! write, not per message.
 //!
 //! Handling an input never awaits: it returns a [`Step`] (a reply to write,
 //! then maybe a close), and the loop has one write of its own. The task's
@@ -18,16 +14,28 @@ use std::future::Future;
 use std::time::{Duration, Instant};
 
 use axum::extract::ws::{close_code, CloseFrame, Message, Utf8Bytes, WebSocket};
-use clubcast_protocol::signal::{ClientMsg, ErrorCode, ServerMsg, SIGNAL_VERSION};
+use clubcast_protocol::signal::{
+    ClientMsg, ErrorCode, ServerMsg, MAX_SIGNAL_MESSAGE, SIGNAL_VERSION,
+};
 use futures_util::stream::{SplitSink, SplitStream, StreamExt};
 use futures_util::SinkExt;
+use serde::Deserialize;
 
 use super::limits::{Offences, TokenBucket};
-use super::parse::parse;
 use super::{
     unix_ms, DropReason, Hub, Session, SignalError, CLOSE_LINGER, JOIN_TIMEOUT, MAX_OFFENCES,
-    MAX_OFFENCES_IN_A_ROW, RATE_BURST, RATE_PER_SEC, SEND_TIMEOUT, SILENT_HEARTBEATS, WRITE_BATCH,
+    MAX_OFFENCES_IN_A_ROW, RATE_BURST, RATE_PER_SEC, SEND_TIMEOUT, SILENT_HEARTBEATS,
 };
+
+/// Message types a client may send.
+const CLIENT_TYPES: [&str; 6] = [
+    "join",
+    "signal",
+    "heartbeat",
+    "bid",
+    "link_failed",
+    "report",
+];
 
 /// A close frame's code and reason.
 type Close = (u16, &'static str);
@@ -66,6 +74,53 @@ enum Event {
     Dropped,
     Frame(Message),
     Tick,
+}
+
+/// Just enough of a message to tell a bad shape from an unknown type or version.
+#[derive(Deserialize)]
+struct Envelope<'a> {
+    #[serde(rename = "type", borrow)]
+    ty: std::borrow::Cow<'a, str>,
+    #[serde(default)]
+    v: Option<u64>,
+}
+
+/// Parses a text message into a typed message or a wire error.
+pub(crate) fn parse(text: &str) -> Result<ClientMsg, (ErrorCode, String)> {
+    if text.len() > MAX_SIGNAL_MESSAGE {
+        return Err((
+            ErrorCode::TooLarge,
+            format!(
+                "message of {} bytes is over the limit of {MAX_SIGNAL_MESSAGE}",
+                text.len()
+            ),
+        ));
+    }
+    let env: Envelope<'_> = serde_json::from_str(text).map_err(|e| {
+        (
+            ErrorCode::BadMessage,
+            format!("expected a JSON object with a string \"type\": {e}"),
+        )
+    })?;
+    if !CLIENT_TYPES.contains(&env.ty.as_ref()) {
+        let ty: String = env.ty.chars().take(40).collect();
+        return Err((
+            ErrorCode::UnknownType,
+            format!("unknown message type {ty:?}"),
+        ));
+    }
+    if env.v != Some(u64::from(SIGNAL_VERSION)) {
+        return Err((
+            ErrorCode::BadVersion,
+            format!("field \"v\" must be {SIGNAL_VERSION}"),
+        ));
+    }
+    serde_json::from_str(text).map_err(|e| {
+        (
+            ErrorCode::BadMessage,
+            format!("bad {} message: {e}", env.ty),
+        )
+    })
 }
 
 fn type_of(m: &ClientMsg) -> &'static str {
@@ -115,11 +170,6 @@ pub(crate) fn run(hub: Hub, socket: WebSocket) -> impl Future<Output = ()> + Sen
         let heartbeat = hub.config().heartbeat();
         let mut tick = tokio::time::interval(heartbeat.min(JOIN_TIMEOUT) / 2);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        // One wait for the connection's life: a wait made anew in each turn of
-        // the loop joins and leaves the token's waiter list, one lock shared
-        // by every connection, twice per message.
-        let shutdown = hub.shutdown().cancelled();
-        let mut shutdown = std::pin::pin!(shutdown);
         let close = loop {
             let outbound = async {
                 match c.session.as_mut() {
@@ -128,7 +178,7 @@ pub(crate) fn run(hub: Hub, socket: WebSocket) -> impl Future<Output = ()> + Sen
                 }
             };
             let event = tokio::select! {
-                _ = &mut shutdown => Event::Shutdown,
+                _ = hub.shutdown().cancelled() => Event::Shutdown,
                 out = outbound => out.map_or(Event::Dropped, Event::Outbound),
                 frame = stream.next() => match frame {
                     Some(Ok(m)) => Event::Frame(m),
@@ -190,23 +240,9 @@ impl Conn {
         }
     }
 
-    /// Writes one text message and what the peer's queue holds behind it, up
-    /// to [`WRITE_BATCH`] bytes, in one flush; `Some` is the close a failed
-    /// write calls for.
+    /// Writes one text message; `Some` is the close a failed write calls for.
     async fn write(&mut self, text: String) -> Option<Close> {
-        let batch = async {
-            let mut bytes = text.len();
-            self.sink.feed(Message::Text(text.into())).await?;
-            while bytes < WRITE_BATCH {
-                let Some(next) = self.session.as_mut().and_then(|s| s.rx.try_recv()) else {
-                    break;
-                };
-                bytes += next.len();
-                self.sink.feed(Message::Text(next.into())).await?;
-            }
-            self.sink.flush().await
-        };
-        match tokio::time::timeout(SEND_TIMEOUT, batch).await {
+        match tokio::time::timeout(SEND_TIMEOUT, self.sink.send(Message::Text(text.into()))).await {
             Ok(Ok(())) => None,
             Ok(Err(_)) => Some((close_code::ABNORMAL, "write failed")),
             Err(_) => {
@@ -362,5 +398,35 @@ fn wire_code(e: &SignalError) -> ErrorCode {
         SignalError::UnknownStream(_) => ErrorCode::UnknownStream,
         SignalError::StreamFull(_) => ErrorCode::StreamFull,
         SignalError::UnknownPeer(_) => ErrorCode::UnknownPeer,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parse_tells_shapes_types_and_versions_apart() {
+        let code = |s: &str| parse(s).map_err(|e| e.0).err();
+        assert_eq!(code("not json"), Some(ErrorCode::BadMessage));
+        assert_eq!(code(r#"{"v":1}"#), Some(ErrorCode::BadMessage));
+        assert_eq!(
+            code(r#"{"type":"dance","v":1}"#),
+            Some(ErrorCode::UnknownType)
+        );
+        assert_eq!(
+            code(r#"{"type":"heartbeat","v":9}"#),
+            Some(ErrorCode::BadVersion)
+        );
+        assert_eq!(
+            code(r#"{"type":"bid","v":1,"bits":"x"}"#),
+            Some(ErrorCode::BadMessage)
+        );
+        assert_eq!(code(r#"{"type":"heartbeat","v":1}"#), None);
+        let big = format!(
+            r#"{{"type":"heartbeat","v":1,"pad":"{}"}}"#,
+            "x".repeat(MAX_SIGNAL_MESSAGE)
+        );
+        assert_eq!(code(&big), Some(ErrorCode::TooLarge));
     }
 }

@@ -43,17 +43,6 @@ struct Shared {
     bound: usize,
 }
 
-impl State {
-    fn pop(&mut self) -> Option<String> {
-        let msg = self.queue.pop_front()?;
-        if self.queue.is_empty() && self.queue.capacity() > KEEP_CAPACITY {
-            // A burst is over: give back what it grew.
-            self.queue = VecDeque::new();
-        }
-        Some(msg)
-    }
-}
-
 impl Shared {
     fn lock(&self) -> MutexGuard<'_, State> {
         // Neither side panics while holding the lock with a half-done change.
@@ -124,7 +113,11 @@ impl Receiver {
     pub(crate) async fn recv(&mut self) -> Option<String> {
         poll_fn(|cx| {
             let mut s = self.0.lock();
-            if let Some(msg) = s.pop() {
+            if let Some(msg) = s.queue.pop_front() {
+                if s.queue.is_empty() && s.queue.capacity() > KEEP_CAPACITY {
+                    // A burst is over: give back what it grew.
+                    s.queue = VecDeque::new();
+                }
                 return Poll::Ready(Some(msg));
             }
             if s.closed {
@@ -137,12 +130,6 @@ impl Receiver {
             Poll::Pending
         })
         .await
-    }
-
-    /// The next message if one is queued now; never waits. Lets the
-    /// connection write what piled up behind a message in the same flush.
-    pub(crate) fn try_recv(&mut self) -> Option<String> {
-        self.0.lock().pop()
     }
 }
 
@@ -181,17 +168,6 @@ mod tests {
             rx.recv().await.expect("queued");
         }
         assert!(rx.0.lock().queue.capacity() <= KEEP_CAPACITY);
-    }
-
-    #[tokio::test]
-    async fn try_recv_takes_what_is_queued_in_order_and_never_waits() {
-        let (tx, mut rx) = outbox(8);
-        assert_eq!(rx.try_recv(), None);
-        tx.try_send("a".into()).expect("room");
-        tx.try_send("b".into()).expect("room");
-        assert_eq!(rx.try_recv().as_deref(), Some("a"));
-        assert_eq!(rx.recv().await.as_deref(), Some("b"));
-        assert_eq!(rx.try_recv(), None);
     }
 
     #[tokio::test]
