@@ -441,8 +441,7 @@ impl Membership {
             None => return out,
         };
         for role in &roles {
-            self.drop_role_at(peer, remote, *role, &mut out);
-            self.drop_role_at(remote, peer, role.mirror(), &mut out);
+            self.drop_role(peer, remote, *role, &mut out);
         }
         for role in roles {
             match role {
@@ -542,8 +541,7 @@ impl Membership {
                 {
                     continue;
                 }
-                self.drop_role_at(x, y, up, out);
-                self.drop_role_at(y, x, LinkRole::Download { club: c }, out);
+                self.drop_role(x, y, up, out);
                 self.add_role(x, peer, up, out);
                 self.add_role(peer, y, up, out);
                 used.push((x, y));
@@ -591,8 +589,7 @@ impl Membership {
                 if !stays_busier {
                     break;
                 }
-                self.drop_role_at(from, sub, role, out);
-                self.drop_role_at(sub, from, role.mirror(), out);
+                self.drop_role(from, sub, role, out);
                 self.add_role(to, sub, role, out);
                 moved += 1;
             }
@@ -725,8 +722,7 @@ impl Membership {
                 break;
             };
             let up = LinkRole::Upload { club: c };
-            self.drop_role_at(SEEDER_PEER_ID, leaf, up, out);
-            self.drop_role_at(leaf, SEEDER_PEER_ID, up.mirror(), out);
+            self.drop_role(SEEDER_PEER_ID, leaf, up, out);
             self.add_role(SEEDER_PEER_ID, relay, up, out);
         }
         while self.clubs[c as usize].seed_count() < self.cfg.seeds_per_club as usize {
@@ -811,8 +807,7 @@ impl Membership {
                 continue;
             }
             for (s, role) in sources {
-                self.drop_role_at(p, s, role, out);
-                self.drop_role_at(s, p, role.mirror(), out);
+                self.drop_role(p, s, role, out);
             }
             self.fill_sources(p, c, &[], out);
         }
@@ -849,6 +844,13 @@ impl Membership {
                 members.set_seed(remote, added);
             }
         }
+    }
+
+    /// Removes `role` at `a` towards `b`, and its mirror at `b` (the
+    /// counterpart of [`Self::add_role`]).
+    fn drop_role(&mut self, a: PeerId, b: PeerId, role: LinkRole, out: &mut Vec<LinkChange>) {
+        self.drop_role_at(a, b, role, out);
+        self.drop_role_at(b, a, role.mirror(), out);
     }
 
     /// Removes `role` at `me` towards `remote` (one side only).

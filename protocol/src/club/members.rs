@@ -173,10 +173,16 @@ impl Members {
         self.seeds.iter().copied()
     }
 
-    /// Up to `n` members, the busiest first (leaves with any upload asked of
-    /// them come before every relay).
+    /// Up to `n` members with upload asked of them, the busiest first (leaves
+    /// come before every relay; idle leaves are skipped).
     pub(super) fn busiest(&self, n: usize) -> Vec<PeerId> {
-        self.sources.iter().rev().take(n).map(|k| k.2).collect()
+        self.sources
+            .iter()
+            .rev()
+            .filter(|k| k.0 != LEAF_SOURCE_PENALTY)
+            .take(n)
+            .map(|k| k.2)
+            .collect()
     }
 
     pub(super) fn seed_count(&self) -> usize {
