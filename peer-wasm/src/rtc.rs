@@ -41,7 +41,7 @@ use crate::error::JsError;
 
 /// The label of the one data channel per link; a channel with another label is refused.
 pub const LABEL: &str = "clubcast";
-/// Largest message accepted by [`RtcLink::try_send`]. A 16 KiB block plus its
+/// Largest message accepted by [`RtcLink::try_send`]. A block of up to 60 KiB plus its
 /// header fits; 64 KiB is the size every browser's SCTP stack delivers intact.
 pub const MAX_MESSAGE_SIZE: usize = 64 * 1024;
 /// Messages are handed to the channel only while its `bufferedAmount` is below this.

@@ -29,8 +29,16 @@ pub const BLOCK_OVERHEAD: usize = HEADER_LEN + SIGNATURE_LEN;
 /// Largest payload a block may carry: a block plus its frame header stays under
 /// 64 KiB, which keeps data-channel messages small enough for every SCTP stack.
 pub const MAX_PAYLOAD: usize = 64 * 1024 - 256;
-/// Default payload size of the chunker.
-pub const DEFAULT_BLOCK_BYTES: usize = 16 * 1024;
+/// Default payload size of the chunker, KiB.
+///
+/// Every hop stores a whole block before it forwards it, so a block's delay grows
+/// with its size times the number of hops. In `clubcast-sim` (1000 peers, 30 s,
+/// seed 1), 16 KiB blocks gave continuity 0.966 and block delay p95 1383 ms;
+/// 8 KiB gave 0.998 and 1056 ms, for 1.4 % of control bytes instead of 0.8 %.
+/// 4 KiB cut p95 to 858 ms but doubled the control bytes again (2.7 %).
+pub const DEFAULT_BLOCK_KIB: usize = 8;
+/// Default payload size of the chunker, bytes.
+pub const DEFAULT_BLOCK_BYTES: usize = DEFAULT_BLOCK_KIB * 1024;
 
 /// Errors of block decoding and verification.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

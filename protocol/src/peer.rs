@@ -707,8 +707,8 @@ impl<V: BlockVerifier> Peer<V> {
     }
 
     /// The stream's bitrate as the blocks seen so far show it (mean block size
-    /// over the mean spacing of ingest times), kbit/s; a 16 KiB block every
-    /// 70 ms until blocks arrive.
+    /// over the mean spacing of ingest times), kbit/s; a default-sized block
+    /// ([`crate::block::DEFAULT_BLOCK_BYTES`]) every 70 ms until blocks arrive.
     pub fn rate_kbps(&self) -> u32 {
         (self.avg_block_bits() as f64 / self.ms_per_block.max(1.0)) as u32
     }
@@ -716,7 +716,7 @@ impl<V: BlockVerifier> Peer<V> {
     fn avg_block_bits(&self) -> u64 {
         let n = self.cache.len().min(32);
         if n == 0 {
-            return 16 * 1024 * 8;
+            return (crate::block::DEFAULT_BLOCK_BYTES * 8) as u64;
         }
         let sum: usize = self
             .cache

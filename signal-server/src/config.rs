@@ -9,6 +9,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
+use clubcast_protocol::block::DEFAULT_BLOCK_KIB;
 use clubcast_protocol::club::{ClubConfig, MAX_CLUBS};
 use clubcast_protocol::signal::IceServer;
 
@@ -64,7 +65,7 @@ pub struct Config {
     pub seeds_per_block: u8,
 
     /// Block payload size, KiB.
-    #[arg(long, env = "CLUBCAST_BLOCK_KIB", default_value_t = 16)]
+    #[arg(long, env = "CLUBCAST_BLOCK_KIB", default_value_t = DEFAULT_BLOCK_KIB as u32)]
     pub block_kib: u32,
 
     /// Seconds of blocks each stream keeps for the origin.
@@ -136,7 +137,7 @@ impl Default for Config {
             clubs: 8,
             clubs_per_peer: 2,
             seeds_per_block: 2,
-            block_kib: 16,
+            block_kib: DEFAULT_BLOCK_KIB as u32,
             store_seconds: 120,
             origin_budget_kbps: 100_000,
             anonymous_budget_percent: 25,

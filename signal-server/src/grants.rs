@@ -21,7 +21,7 @@
 //! interval after its first bid, up to a whole interval away, yet it needs the
 //! blocks from its start block to the live edge at once, and its links are not
 //! up yet. [`Grants::grant_startup`] gives it those blocks (at most
-//! [`STARTUP_MAX_UNITS`] units) right at the join, out of the bid budget nobody
+//! [`STARTUP_MAX_BITS`]) right at the join, out of the bid budget nobody
 //! was granted this interval and then out of the anonymous bucket. What is left
 //! of it survives the first interval end, so a join just before it loses
 //! nothing.
@@ -35,9 +35,9 @@ use clubcast_protocol::signal::PeerId;
 
 /// Length of a grant token, bytes of randomness (hex-encoded on the wire).
 pub const GRANT_TOKEN_BYTES: usize = 16;
-/// Most units (blocks) a joiner's startup grant covers: 4 s of a 2 Mbit/s
-/// stream in 16 KiB blocks.
-pub const STARTUP_MAX_UNITS: u64 = 64;
+/// Most bits a joiner's startup grant covers, in whole units: 4 s of a
+/// 2 Mbit/s stream, whatever the block size.
+pub const STARTUP_MAX_BITS: u64 = 4 * 2_000_000;
 
 /// Why a debit was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -188,7 +188,7 @@ impl Grants {
         l.startup.remove(&peer);
     }
 
-    /// Grants a joiner `units` whole units (at most [`STARTUP_MAX_UNITS`]) to
+    /// Grants a joiner `units` whole units (at most [`STARTUP_MAX_BITS`]) to
     /// spend at once: the blocks from its start block to the live edge. They
     /// come out of this interval's unallocated bid budget, then out of the
     /// anonymous bucket, as far as those reach. Returns the bits granted.
@@ -200,7 +200,7 @@ impl Grants {
             return 0;
         }
         let unit = self.unit_bits;
-        let wanted = units.min(STARTUP_MAX_UNITS);
+        let wanted = units.min(STARTUP_MAX_BITS / unit);
         let from_spare = wanted.min(l.spare / unit);
         let from_anonymous = (wanted - from_spare).min(l.anonymous / unit);
         let bits = (from_spare + from_anonymous) * unit;
@@ -387,9 +387,16 @@ mod tests {
         assert_eq!(g.balance(2), 3_000);
         let _ = g.handle_interval(t0 + Duration::from_secs(2));
         assert_eq!(g.balance(2), 0);
-        // A fresh interval: at most STARTUP_MAX_UNITS however large the backlog.
-        let big = Grants::new(1_000_000, 0, Duration::from_secs(1), t0).with_unit_bits(1_000);
+        // A fresh interval: at most STARTUP_MAX_BITS however large the backlog.
+        let big = Grants::new(100_000_000, 0, Duration::from_secs(1), t0).with_unit_bits(1_000);
         big.register(7);
-        assert_eq!(big.grant_startup(7, 10_000), STARTUP_MAX_UNITS * 1_000);
+        assert_eq!(big.grant_startup(7, 100_000), STARTUP_MAX_BITS);
+        // Units are whole: 3,000-bit units round the cap down.
+        let odd = Grants::new(100_000_000, 0, Duration::from_secs(1), t0).with_unit_bits(3_000);
+        odd.register(8);
+        assert_eq!(
+            odd.grant_startup(8, 100_000),
+            STARTUP_MAX_BITS / 3_000 * 3_000
+        );
     }
 }

@@ -552,7 +552,7 @@ mod tests {
 
     #[test]
     fn startup_units_cover_the_backlog_and_two_intervals() {
-        // 2 Mbit/s over 1 s intervals in 16 KiB-ish units: 16 a second.
+        // 2 Mbit/s over 1 s intervals in 128,000-bit (16 KB) units: 16 a second.
         assert_eq!(startup_units(30, 2_000, 1_000, 128_000), 30 + 2 * 16);
         // Bitrate unknown yet: the backlog stands in for an interval.
         assert_eq!(startup_units(6, 0, 1_000, 128_000), 18);

@@ -80,7 +80,7 @@ impl Default for Config {
             peers: 1000,
             seconds: 60,
             bitrate_kbps: 2000,
-            block_kib: 16,
+            block_kib: clubcast_protocol::block::DEFAULT_BLOCK_KIB as u64,
             clubs: 8,
             churn_per_min: 0.0,
             hostile: 0.0,

@@ -27,7 +27,7 @@ struct Cli {
     #[arg(long, default_value_t = 2000)]
     bitrate_kbps: u64,
     /// Block payload size, KiB.
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = clubcast_protocol::block::DEFAULT_BLOCK_KIB as u64)]
     block_kib: u64,
     /// Clubs C.
     #[arg(long, default_value_t = 8)]
