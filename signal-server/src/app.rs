@@ -36,6 +36,10 @@ pub struct AppState {
     pub grants: Arc<Grants>,
     /// Signaling.
     pub hub: Hub,
+    /// Slots for block requests that wait for their block (`Prefer: wait`).
+    pub origin_waiters: Arc<tokio::sync::Semaphore>,
+    /// Cancelled at shutdown; ends those waits at once.
+    pub shutdown: CancellationToken,
 }
 
 impl AppState {
@@ -57,7 +61,7 @@ impl AppState {
             streams.clone(),
             metrics.clone(),
             grants.clone(),
-            shutdown,
+            shutdown.clone(),
         );
         AppState {
             config,
@@ -65,6 +69,10 @@ impl AppState {
             metrics,
             grants,
             hub,
+            origin_waiters: Arc::new(tokio::sync::Semaphore::new(
+                crate::origin::MAX_WAITING_REQUESTS,
+            )),
+            shutdown,
         }
     }
 }
@@ -77,7 +85,11 @@ pub fn app(state: AppState) -> Router {
     let cors = CorsLayer::new()
         .allow_origin(Any)
         .allow_methods([Method::GET, Method::HEAD])
-        .allow_headers([header::AUTHORIZATION, header::IF_NONE_MATCH])
+        .allow_headers([
+            header::AUTHORIZATION,
+            header::IF_NONE_MATCH,
+            header::HeaderName::from_static("prefer"),
+        ])
         .expose_headers([header::ETAG, header::RETRY_AFTER]);
     let ingest = crate::ingest::router(crate::ingest::IngestState {
         streams: state.streams.clone(),

@@ -12,6 +12,13 @@
 //! can sit in front; a matching `If-None-Match` gets 304. 404 means evicted or
 //! unknown, 425 not produced yet (with `Retry-After`).
 //!
+//! A client that follows the live edge may send `Prefer: wait=<seconds>` (RFC
+//! 7240): a block not produced yet, but at most [`WAIT_AHEAD`] beyond the next
+//! one, is then answered when it is produced, or with 425 after
+//! min(wait, [`MAX_WAIT`]). At most [`MAX_WAITING_REQUESTS`] requests wait at
+//! once (beyond it, 425 at once), and shutdown ends every wait. Without the
+//! header, 425 comes at once, so caches and other clients see no change.
+//!
 //! Gap fill is metered: a `GET` that serves a block debits [`Grants`] by the
 //! encoded size × 8 bits, from the peer named by `Authorization: Bearer
 //! <grant_token>` or, without a token, from the shared anonymous bucket. Over
@@ -20,7 +27,7 @@
 //! Errors are JSON `{"code": "...", "message": "..."}`, and every answer is
 //! counted in `clubcast_origin_requests_total{status}`.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
@@ -39,6 +46,12 @@ use crate::stream::Stream;
 pub const IMMUTABLE: &str = "public, max-age=31536000, immutable";
 /// Seconds a client should wait before asking again for a block not yet produced.
 pub const NOT_YET_RETRY_SECS: u64 = 1;
+/// Longest a `Prefer: wait` request is held.
+pub const MAX_WAIT: Duration = Duration::from_secs(5);
+/// How far beyond the next block a `Prefer: wait` request may wait, blocks.
+pub const WAIT_AHEAD: u64 = 4;
+/// Most block requests waiting at once, over all streams.
+pub const MAX_WAITING_REQUESTS: usize = 4096;
 
 /// Errors the origin answers with.
 #[derive(Debug, thiserror::Error)]
@@ -213,18 +226,92 @@ async fn block(
     Path((id, seq)): Path<(String, String)>,
     headers: HeaderMap,
 ) -> Response {
-    match serve_block(
-        &state.streams,
-        &state.grants,
-        &state.metrics,
-        &method,
-        &id,
-        &seq,
-        &headers,
-    ) {
+    let serve = || {
+        serve_block(
+            &state.streams,
+            &state.grants,
+            &state.metrics,
+            &method,
+            &id,
+            &seq,
+            &headers,
+        )
+    };
+    let mut answer = serve();
+    if let (Err(OriginError::NotYet(n)), Some(wait)) = (&answer, prefer_wait(&headers)) {
+        if let Some(stream) = state.streams.get(&id) {
+            let produced = tokio::select! {
+                p = wait_for(&stream, *n, wait, &state.origin_waiters) => p,
+                () = state.shutdown.cancelled() => false,
+            };
+            if produced {
+                answer = serve();
+            }
+        }
+    }
+    match answer {
         Ok(r) => ok(&state.metrics, r),
         Err(e) => e.respond(&state.metrics),
     }
+}
+
+/// The wait a `Prefer: wait=<seconds>` header asks for, at most [`MAX_WAIT`];
+/// `None` without one (or with a malformed one).
+fn prefer_wait(headers: &HeaderMap) -> Option<Duration> {
+    headers
+        .get_all("prefer")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split([',', ';']))
+        .find_map(|pref| {
+            let (k, v) = pref.split_once('=')?;
+            if !k.trim().eq_ignore_ascii_case("wait") {
+                return None;
+            }
+            let secs: u64 = v.trim().trim_matches('"').parse().ok()?;
+            Some(Duration::from_secs(secs).min(MAX_WAIT))
+        })
+        .filter(|d| !d.is_zero())
+}
+
+/// Waits, at most `wait`, until block `seq` of `stream` is produced; whether it
+/// was. Only a block at most [`WAIT_AHEAD`] beyond the next one waits, and only
+/// while a slot of `slots` is free.
+async fn wait_for(
+    stream: &Stream,
+    seq: u64,
+    wait: Duration,
+    slots: &tokio::sync::Semaphore,
+) -> bool {
+    let next = stream.live_edge().map_or(0, |e| e + 1);
+    if seq > next.saturating_add(WAIT_AHEAD) {
+        return false;
+    }
+    let Ok(_slot) = slots.try_acquire() else {
+        return false;
+    };
+    // Subscribe before looking again, so a block published in between is seen.
+    let mut rx = stream.subscribe();
+    let produced = |s: &Stream| !matches!(s.block(seq), Lookup::NotYet);
+    if produced(stream) {
+        return true;
+    }
+    let waited = tokio::time::timeout(wait, async {
+        loop {
+            match rx.recv().await {
+                Ok(b) if b.seq() >= seq => return true,
+                Ok(_) => {}
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                    if produced(stream) {
+                        return true;
+                    }
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return false,
+            }
+        }
+    })
+    .await;
+    waited.unwrap_or(false)
 }
 
 fn bearer(headers: &HeaderMap) -> Result<Option<&str>, OriginError> {
@@ -281,4 +368,36 @@ fn serve_block(
         HeaderValue::from_static("application/octet-stream"),
     )];
     Ok((StatusCode::OK, cache, ctype, block.encoded.clone()).into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn prefer(values: &[&str]) -> Option<Duration> {
+        let mut h = HeaderMap::new();
+        for v in values {
+            h.append("prefer", HeaderValue::from_str(v).expect("header"));
+        }
+        prefer_wait(&h)
+    }
+
+    #[test]
+    fn prefer_wait_is_read_from_any_preference_and_capped() {
+        assert_eq!(prefer(&[]), None);
+        assert_eq!(prefer(&["wait=2"]), Some(Duration::from_secs(2)));
+        assert_eq!(
+            prefer(&["respond-async, Wait = 3"]),
+            Some(Duration::from_secs(3))
+        );
+        assert_eq!(
+            prefer(&["return=minimal", "wait=\"1\""]),
+            Some(Duration::from_secs(1))
+        );
+        assert_eq!(prefer(&["wait=3600"]), Some(MAX_WAIT));
+        assert_eq!(prefer(&["wait=0"]), None);
+        assert_eq!(prefer(&["wait=-1"]), None);
+        assert_eq!(prefer(&["wait=soon"]), None);
+        assert_eq!(prefer(&["waiting=2"]), None);
+    }
 }

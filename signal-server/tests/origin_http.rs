@@ -10,7 +10,7 @@ use clubcast_protocol::block::BlockFlags;
 use clubcast_protocol::signal::ServerMsg;
 use clubcast_server::app::{app, AppState};
 use clubcast_server::config::Config;
-use clubcast_server::origin::IMMUTABLE;
+use clubcast_server::origin::{IMMUTABLE, WAIT_AHEAD};
 use clubcast_server::stream::{StoreConfig, Streams};
 use futures_util::{SinkExt, StreamExt};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -192,6 +192,47 @@ async fn evicted_and_unknown_are_404_future_is_425() {
     let metrics = state.metrics.render();
     assert!(metrics.contains("clubcast_origin_requests_total{status=\"404\"} 2\n"));
     assert!(metrics.contains("clubcast_origin_requests_total{status=\"425\"} 1\n"));
+}
+
+#[tokio::test]
+async fn prefer_wait_holds_a_request_for_the_next_block_until_it_is_produced() {
+    let (addr, state) = serve(Config::default(), 3600).await;
+    publish(&state, 3);
+    let get = |path: String, prefer: Option<&'static str>| async move {
+        let headers: Vec<(&str, &str)> = prefer.map(|p| ("Prefer", p)).into_iter().collect();
+        tokio::time::timeout(4 * WAIT, http(addr, "GET", &path, &headers))
+            .await
+            .expect("answered")
+    };
+    // Without the header, a block not produced yet is 425 at once.
+    assert_eq!(get("/streams/demo/blocks/3".into(), None).await.status, 425);
+    // Too far beyond the next block: 425 even with the header.
+    let far = 3 + 1 + WAIT_AHEAD;
+    let r = get(format!("/streams/demo/blocks/{far}"), Some("wait=5")).await;
+    assert_eq!(r.status, 425);
+    // The next block, with the header: answered once it is produced.
+    let s = state.streams.get("demo").expect("exists");
+    let publisher = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        s.publish(
+            BlockFlags::FRAGMENT_START,
+            3,
+            3_000,
+            Bytes::from(vec![3; PAYLOAD]),
+        )
+        .expect("publish");
+    });
+    let r = get("/streams/demo/blocks/3".into(), Some("wait=5")).await;
+    publisher.await.expect("published");
+    assert_eq!(r.status, 200, "{:?}", String::from_utf8_lossy(&r.body));
+    let block =
+        clubcast_protocol::block::Block::decode(Bytes::from(r.body.clone())).expect("a block");
+    assert_eq!(block.header.seq, 3);
+    // Nothing is produced within the wait: 425 when it ends.
+    let r = get("/streams/demo/blocks/4".into(), Some("wait=1")).await;
+    assert_eq!(r.status, 425);
+    let metrics = state.metrics.render();
+    assert!(metrics.contains("clubcast_origin_requests_total{status=\"200\"} 1\n"));
 }
 
 #[tokio::test]

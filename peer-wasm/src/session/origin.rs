@@ -7,8 +7,10 @@
 //! origin fetches until its `Retry-After` or the next grant.
 //!
 //! In order (`p2p: false`): every block from `start_seq` on is fetched, at most
-//! [`LOOKAHEAD`] beyond the newest known one; 425 (not produced yet) is retried
-//! after [`NOT_YET_RETRY_MS`], so the fetcher follows the live edge closely.
+//! [`LOOKAHEAD`] beyond the newest known one, with `Prefer:` [`IN_ORDER_PREFER`],
+//! so the origin answers a block not produced yet when it is produced instead
+//! of with 425; a 425 (the wait ran out) is retried after
+//! [`NOT_YET_RETRY_MS`], so the fetcher follows the live edge closely.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::rc::{Rc, Weak};
@@ -29,6 +31,9 @@ pub const MAX_ORIGIN_FETCHES: usize = 4;
 pub const MAX_GAP_QUEUE: usize = 256;
 /// In order: blocks fetched beyond the newest one known to exist.
 pub const LOOKAHEAD: u64 = 2;
+/// `Prefer` header of in-order fetches (RFC 7240): the origin holds a request
+/// for a block not produced yet up to this long.
+pub const IN_ORDER_PREFER: &str = "wait=2";
 /// Retry of a block the origin has not produced yet (425), ms.
 pub const NOT_YET_RETRY_MS: f64 = 150.0;
 /// Pause after a 429 without `Retry-After`, ms.
@@ -165,18 +170,23 @@ impl Origin {
             if next_play.is_some_and(|p| seq < p) || self.inflight.contains_key(&seq) {
                 continue;
             }
-            self.spawn(format!("{base}{seq}"), token, seq);
+            let wait = self.in_order.is_some();
+            self.spawn(format!("{base}{seq}"), token, seq, wait);
         }
     }
 
-    fn spawn(&mut self, url: String, token: &str, seq: u64) {
+    fn spawn(&mut self, url: String, token: &str, seq: u64, wait: bool) {
         let Ok(abort) = Abort::new() else { return };
         let abort = Rc::new(abort);
         self.inflight.insert(seq, Rc::clone(&abort));
         let auth = format!("Bearer {token}");
         let weak = self.weak.clone();
         wasm_bindgen_futures::spawn_local(async move {
-            let result = fetch_bytes(&url, &[("Authorization", &auth)], Some(&abort)).await;
+            let mut headers = vec![("Authorization", auth.as_str())];
+            if wait {
+                headers.push(("Prefer", IN_ORDER_PREFER));
+            }
+            let result = fetch_bytes(&url, &headers, Some(&abort)).await;
             deliver(&weak, Input::Origin { seq, result });
         });
     }
