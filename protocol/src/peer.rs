@@ -54,8 +54,9 @@ pub const MAX_CACHE_BLOCKS: usize = 2048;
 pub const MAX_MISSING: usize = 1024;
 /// Most links a peer keeps.
 pub const MAX_LINKS: usize = 256;
-/// Recent HAVEs remembered per link.
-pub const MAX_LINK_HAVES: usize = 64;
+/// Recent HAVEs remembered per link: a HAVE is remembered while its seq is
+/// within this many of the highest one the link announced.
+pub const MAX_LINK_HAVES: usize = 512;
 /// Transmits queued before the driver drains them; beyond it the oldest block
 /// pushes are dropped (control frames are kept).
 pub const MAX_TRANSMITS: usize = 4096;
@@ -253,7 +254,7 @@ struct LinkState {
     roles: Vec<LinkRole>,
     open: bool,
     remote_clubs: u64,
-    haves: VecDeque<u64>,
+    haves: HaveWindow,
     buffered: usize,
     rtt_ms: Option<u64>,
     next_ping: Time,
@@ -268,14 +269,60 @@ struct LinkState {
 
 impl LinkState {
     fn said_have(&self, seq: u64) -> bool {
-        self.haves.contains(&seq)
+        self.haves.contains(seq)
     }
 
     fn note_have(&mut self, seq: u64) {
-        if self.haves.len() >= MAX_LINK_HAVES {
-            self.haves.pop_front();
+        self.haves.insert(seq);
+    }
+}
+
+/// The seqs a link announced, as a bitmap of the [`MAX_LINK_HAVES`] seqs up
+/// to the highest one: O(1) to test, where a list of recent HAVEs cost a scan
+/// per lookup and every relayed block looks up each link.
+#[derive(Debug, Default)]
+struct HaveWindow {
+    /// Highest seq noted (meaningful once `any`).
+    hi: u64,
+    any: bool,
+    bits: [u64; MAX_LINK_HAVES / 64],
+}
+
+impl HaveWindow {
+    const SPAN: u64 = MAX_LINK_HAVES as u64;
+
+    fn slot(seq: u64) -> (usize, u64) {
+        let i = (seq % Self::SPAN) as usize;
+        (i / 64, 1 << (i % 64))
+    }
+
+    fn contains(&self, seq: u64) -> bool {
+        if !self.any || seq > self.hi || self.hi - seq >= Self::SPAN {
+            return false;
         }
-        self.haves.push_back(seq);
+        let (w, b) = Self::slot(seq);
+        self.bits[w] & b != 0
+    }
+
+    fn insert(&mut self, seq: u64) {
+        if !self.any {
+            self.any = true;
+            self.hi = seq;
+        } else if seq > self.hi {
+            if seq - self.hi >= Self::SPAN {
+                self.bits = [0; MAX_LINK_HAVES / 64];
+            } else {
+                for s in self.hi + 1..seq {
+                    let (w, b) = Self::slot(s);
+                    self.bits[w] &= !b;
+                }
+            }
+            self.hi = seq;
+        } else if self.hi - seq >= Self::SPAN {
+            return;
+        }
+        let (w, b) = Self::slot(seq);
+        self.bits[w] |= b;
     }
 }
 
@@ -318,6 +365,10 @@ pub struct Peer<V> {
     /// The send queue: (class, seq, remote), class 0 in-club pushes and WANT
     /// answers, class 1 last-hop pushes.
     queued: BTreeSet<(u8, u64, PeerId)>,
+    /// Sum of the links' `buffered`.
+    buffered_total: usize,
+    /// When `pump` last dropped the expired front of the queue.
+    expired_at: Option<Time>,
     /// Time of the latest `handle_*` call that carried one.
     now: Time,
     events: VecDeque<PeerEvent>,
@@ -344,6 +395,8 @@ impl<V: BlockVerifier> Peer<V> {
             next_play: None,
             transmits: VecDeque::new(),
             queued: BTreeSet::new(),
+            buffered_total: 0,
+            expired_at: None,
             now: Time(0),
             events: VecDeque::new(),
             stats: PeerStats::default(),
@@ -455,7 +508,9 @@ impl<V: BlockVerifier> Peer<V> {
                 if let Some(st) = self.links.get_mut(&link.peer) {
                     st.roles.retain(|r| *r != link.role);
                     if st.roles.is_empty() {
+                        self.buffered_total -= st.buffered;
                         self.links.remove(&link.peer);
+                        self.unqueue(|&(_, _, to)| to == link.peer);
                     }
                 }
             }
@@ -503,8 +558,10 @@ impl<V: BlockVerifier> Peer<V> {
     pub fn handle_link_closed(&mut self, _now: Time, peer: PeerId) {
         if let Some(st) = self.links.get_mut(&peer) {
             st.open = false;
+            self.buffered_total -= st.buffered;
             st.buffered = 0;
         }
+        self.unqueue(|&(_, _, to)| to == peer);
     }
 
     /// The link's send buffer now holds `buffered` bytes (the driver's
@@ -515,6 +572,7 @@ impl<V: BlockVerifier> Peer<V> {
             return;
         };
         let drained = buffered < st.buffered;
+        self.buffered_total = self.buffered_total - st.buffered + buffered;
         st.buffered = buffered;
         if drained {
             self.pump();
@@ -756,7 +814,10 @@ impl<V: BlockVerifier> Peer<V> {
     }
 
     fn bad_peer(&mut self, peer: PeerId, reason: PeerError) {
-        self.links.remove(&peer);
+        if let Some(st) = self.links.remove(&peer) {
+            self.buffered_total -= st.buffered;
+        }
+        self.unqueue(|&(_, _, to)| to == peer);
         let mut asked = Vec::new();
         for (&seq, m) in &mut self.missing {
             if m.asked.is_some_and(|(p, _)| p == peer) {
@@ -785,6 +846,7 @@ impl<V: BlockVerifier> Peer<V> {
         }
         if let Some(st) = self.links.get_mut(&to) {
             st.buffered += len;
+            self.buffered_total += len;
         }
         if self.transmits.len() >= MAX_TRANSMITS {
             if let Some(i) = self
@@ -799,9 +861,7 @@ impl<V: BlockVerifier> Peer<V> {
     }
 
     fn note_remote_have(&mut self, now: Time, from: PeerId, seq: u64) {
-        if let Some(st) = self.links.get_mut(&from) {
-            st.note_have(seq);
-        }
+        self.link_has(from, seq);
         self.note_seen(now, seq);
         if self.highest.is_some_and(|h| seq <= h) {
             self.mark_missing(now, seq);
@@ -918,9 +978,7 @@ impl<V: BlockVerifier> Peer<V> {
         match from {
             From::Peer(p) => {
                 self.stats.bytes_from_peers += len as u64;
-                if let Some(st) = self.links.get_mut(&p) {
-                    st.note_have(seq);
-                }
+                self.link_has(p, seq);
             }
             From::Origin => self.stats.bytes_from_origin += len as u64,
         }
@@ -945,7 +1003,9 @@ impl<V: BlockVerifier> Peer<V> {
         }
         self.cache.insert(seq, block);
         while self.cache.len() > MAX_CACHE_BLOCKS {
-            self.cache.pop_first();
+            if let Some((old, _)) = self.cache.pop_first() {
+                self.unqueue(|&(_, s, _)| s == old);
+            }
         }
         self.advance_play(now);
     }
@@ -969,10 +1029,10 @@ impl<V: BlockVerifier> Peer<V> {
                     && l.pruned & bit == 0
             })
             .count();
+        self.link_has(p, seq);
         let Some(st) = self.links.get_mut(&p) else {
             return;
         };
-        st.note_have(seq);
         if p != SEEDER_PEER_ID
             && bit != 0
             && eager_others >= 1
@@ -1065,39 +1125,50 @@ impl<V: BlockVerifier> Peer<V> {
         if self.queued.is_empty() {
             return;
         }
-        let Peer {
-            queued,
-            links,
-            cache,
-            cfg,
-            stats,
-            now,
-            ..
-        } = self;
-        queued.retain(|&(_, seq, to)| {
-            let keep = match (links.get(&to), cache.get(&seq)) {
-                (Some(st), Some(b)) => {
-                    st.open
-                        && !st.said_have(seq)
-                        && now.0 < b.header().ingest_time_ms + cfg.target_latency_ms
-                }
-                _ => false,
-            };
-            if !keep {
-                stats.pushes_dropped += 1;
+        // Entries whose link went or learnt the block left the queue when
+        // that happened; deadlines pass in seq order, so the expired ones
+        // are the front of each class, and only a new millisecond expires any.
+        for class in 0..=1u8 {
+            if self.expired_at == Some(self.now) {
+                break;
             }
-            keep
-        });
-        let mut total: usize = self.links.values().map(|l| l.buffered).sum();
+            while let Some(&e) = self
+                .queued
+                .range((class, 0, 0)..=(class, u64::MAX, PeerId::MAX))
+                .next()
+            {
+                if self.sendable(e) {
+                    break;
+                }
+                self.queued.remove(&e);
+                self.stats.pushes_dropped += 1;
+            }
+        }
+        self.expired_at = Some(self.now);
+        let mut total = self.buffered_total;
+        debug_assert_eq!(total, self.links.values().map(|l| l.buffered).sum::<usize>());
         let link_window = LINK_WINDOW.min(self.cfg.send_window);
+        let mut stale = Vec::new();
         while total < self.cfg.send_window {
             // The most urgent entry whose link has room (a push raises only
             // that link's level, so each pass sends one block).
-            let next = self.queued.iter().copied().find(|&(_, _, to)| {
-                self.links
-                    .get(&to)
+            let mut next = None;
+            for &e in &self.queued {
+                if !self.sendable(e) {
+                    stale.push(e);
+                } else if self
+                    .links
+                    .get(&e.2)
                     .is_some_and(|l| l.buffered < link_window)
-            });
+                {
+                    next = Some(e);
+                    break;
+                }
+            }
+            for e in stale.drain(..) {
+                self.queued.remove(&e);
+                self.stats.pushes_dropped += 1;
+            }
             let Some(e @ (class, seq, to)) = next else {
                 break;
             };
@@ -1113,6 +1184,40 @@ impl<V: BlockVerifier> Peer<V> {
                 self.stats.pushed_last_hop += 1;
             }
             self.push(to, frame);
+        }
+    }
+
+    /// Whether a queued push may still go: its link is open, the remote has
+    /// not said it has the block, and the block is cached and not past its
+    /// deadline.
+    fn sendable(&self, (_, seq, to): (u8, u64, PeerId)) -> bool {
+        match (self.links.get(&to), self.cache.get(&seq)) {
+            (Some(st), Some(b)) => {
+                st.open
+                    && !st.said_have(seq)
+                    && self.now.0 < b.header().ingest_time_ms + self.cfg.target_latency_ms
+            }
+            _ => false,
+        }
+    }
+
+    /// Drops the queued pushes `gone` matches.
+    fn unqueue(&mut self, gone: impl Fn(&(u8, u64, PeerId)) -> bool) {
+        let before = self.queued.len();
+        self.queued.retain(|e| !gone(e));
+        self.stats.pushes_dropped += (before - self.queued.len()) as u64;
+    }
+
+    /// Link `p` has block `seq` (it said HAVE or sent it): remember that and
+    /// drop any push of it queued for `p`.
+    fn link_has(&mut self, p: PeerId, seq: u64) {
+        if let Some(st) = self.links.get_mut(&p) {
+            st.note_have(seq);
+            for class in 0..=1 {
+                if self.queued.remove(&(class, seq, p)) {
+                    self.stats.pushes_dropped += 1;
+                }
+            }
         }
     }
 
@@ -1676,6 +1781,26 @@ mod tests {
         // Block 8's in-club pushes overtake block 4's last-hop pushes.
         let want = [(3, 4), (4, 4), (3, 8), (4, 8), (5, 4), (6, 4), (5, 8)];
         assert_eq!(order, want);
+    }
+
+    #[test]
+    fn have_window_remembers_the_last_span_of_seqs() {
+        let mut w = HaveWindow::default();
+        assert!(!w.contains(0));
+        w.insert(10);
+        w.insert(3);
+        assert!(w.contains(10) && w.contains(3) && !w.contains(4) && !w.contains(11));
+        // Moving up clears the slots it passes, which held seqs a span older.
+        w.insert(10 + HaveWindow::SPAN);
+        assert!(!w.contains(10), "fell out of the window");
+        assert!(w.contains(10 + HaveWindow::SPAN));
+        assert!(!w.contains(3 + HaveWindow::SPAN), "slot of 3 was cleared");
+        // Too old to remember, and a jump past the whole span clears it all.
+        w.insert(5);
+        assert!(!w.contains(5));
+        w.insert(10 + 5 * HaveWindow::SPAN);
+        assert!(!w.contains(10 + HaveWindow::SPAN));
+        assert!(w.contains(10 + 5 * HaveWindow::SPAN));
     }
 
     #[test]
