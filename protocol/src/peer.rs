@@ -122,6 +122,10 @@ pub struct PeerConfig {
     /// How long before its origin moment a missing block of another club may
     /// be pulled from a peer, ms (0: never; it goes to the origin).
     pub pull_lead_ms: u64,
+    /// Most blocks the cache holds (at most [`MAX_CACHE_BLOCKS`]); older ones
+    /// are evicted first. Cached blocks answer WANTs and the bitfield a new
+    /// link gets.
+    pub cache_blocks: usize,
 }
 
 impl PeerConfig {
@@ -140,6 +144,7 @@ impl PeerConfig {
             pump_poll_ms: PUMP_POLL_MS,
             send_window: SEND_WINDOW,
             pull_lead_ms: 0,
+            cache_blocks: MAX_CACHE_BLOCKS,
         }
     }
 }
@@ -1002,7 +1007,7 @@ impl<V: BlockVerifier> Peer<V> {
             self.relay(&block, from);
         }
         self.cache.insert(seq, block);
-        while self.cache.len() > MAX_CACHE_BLOCKS {
+        while self.cache.len() > self.cfg.cache_blocks.clamp(1, MAX_CACHE_BLOCKS) {
             if let Some((old, _)) = self.cache.pop_first() {
                 self.unqueue(|&(_, s, _)| s == old);
             }

@@ -29,6 +29,11 @@ pub const KICK_REPORTS: usize = 2;
 pub const SPIN_BACKOFF_US: u64 = 5_000;
 /// Bid interval, µs (the server's default).
 pub const BID_INTERVAL_US: u64 = 1_000_000;
+/// Seconds of stream a simulated peer caches. A browser keeps up to
+/// `MAX_CACHE_BLOCKS`, but live viewers never ask for blocks this old, and a
+/// cached block costs the simulator about 150 bytes per peer (10,000 peers ×
+/// 2,048 blocks would be 3 GB).
+pub const CACHE_SECONDS: u64 = 10;
 
 #[derive(Debug)]
 enum Ev {
@@ -105,6 +110,8 @@ pub struct Sim {
     evs: Vec<PeerEvent>,
     uploads: Vec<(u64, u64)>,
     block_bits: u64,
+    /// Blocks a peer caches ([`CACHE_SECONDS`] of stream).
+    cache_blocks: usize,
     /// Skipped blocks of the skipper's own clubs and of other clubs (debug).
     skipped_split: (u64, u64),
     end_us: u64,
@@ -145,6 +152,9 @@ impl Sim {
             origin: Origin::new(cfg.origin_budget_kbps, viewers.len() + 1),
             metrics: Collector::new(viewers, stream.len()),
             block_bits: stream.block_bits(),
+            cache_blocks: (CACHE_SECONDS * cfg.bitrate_kbps * 1000 / 8)
+                .div_ceil(cfg.block_kib * 1024)
+                .max(64) as usize,
             skipped_split: (0, 0),
             stream,
             slots,
@@ -246,6 +256,7 @@ impl Sim {
                     let mut pc = PeerConfig::new(id, self.cfg.clubs);
                     pc.pump_poll_ms = 0;
                     pc.send_window = 1;
+                    pc.cache_blocks = self.cache_blocks;
                     let mut p = Peer::new(pc, self.verifier);
                     p.handle_welcome(ms(now), &clubs, &links, start, edge);
                     self.slots[id as usize].peer = Some(p);
