@@ -282,6 +282,22 @@ impl LinkState {
     }
 }
 
+/// Whether role `r` makes its link push block `seq` to us over the last hop.
+fn source_of(r: &LinkRole, seq: u64, clubs: u16) -> bool {
+    match *r {
+        LinkRole::Source {
+            club,
+            share,
+            share_count,
+        } => {
+            club == club_of(seq, clubs)
+                && (seq / u64::from(clubs.max(1))) % u64::from(share_count.max(1))
+                    == u64::from(share)
+        }
+        _ => false,
+    }
+}
+
 /// The seqs a link announced, as a bitmap of the [`MAX_LINK_HAVES`] seqs up
 /// to the highest one: O(1) to test, where a list of recent HAVEs cost a scan
 /// per lookup and every relayed block looks up each link.
@@ -342,6 +358,10 @@ struct Missing {
     retry_at: Time,
     /// When it next needs a look (its key in `Peer::due`), if ever.
     due: Option<Time>,
+    /// A block of another club whose last-hop source went (or was never
+    /// there) while it was missing: nobody will push it, so it is pulled at
+    /// the pull grace like an own club's block.
+    orphan: bool,
 }
 
 /// One viewer's relay and playout state.
@@ -498,7 +518,7 @@ impl<V: BlockVerifier> Peer<V> {
     /// Adds or removes a link role (from the welcome or a later `link` message).
     /// The driver connects when a peer gets its first role and closes the
     /// connection when [`Peer::link_peers`] no longer lists it.
-    pub fn handle_link(&mut self, _now: Time, op: LinkOp, link: Link) {
+    pub fn handle_link(&mut self, now: Time, op: LinkOp, link: Link) {
         match op {
             LinkOp::Add => {
                 if !self.links.contains_key(&link.peer) && self.links.len() >= MAX_LINKS {
@@ -511,11 +531,15 @@ impl<V: BlockVerifier> Peer<V> {
             }
             LinkOp::Remove => {
                 if let Some(st) = self.links.get_mut(&link.peer) {
+                    let had = st.roles.contains(&link.role);
                     st.roles.retain(|r| *r != link.role);
                     if st.roles.is_empty() {
                         self.buffered_total -= st.buffered;
                         self.links.remove(&link.peer);
                         self.unqueue(|&(_, _, to)| to == link.peer);
+                    }
+                    if had {
+                        self.orphan_shares_of(now, &[link.role]);
                     }
                 }
             }
@@ -560,13 +584,16 @@ impl<V: BlockVerifier> Peer<V> {
 
     /// The data channel to `peer` closed. Its roles stay until the server
     /// replaces them; the driver should report the failure.
-    pub fn handle_link_closed(&mut self, _now: Time, peer: PeerId) {
+    pub fn handle_link_closed(&mut self, now: Time, peer: PeerId) {
+        let mut roles = Vec::new();
         if let Some(st) = self.links.get_mut(&peer) {
             st.open = false;
             self.buffered_total -= st.buffered;
             st.buffered = 0;
+            roles.clone_from(&st.roles);
         }
         self.unqueue(|&(_, _, to)| to == peer);
+        self.orphan_shares_of(now, &roles);
     }
 
     /// The link's send buffer now holds `buffered` bytes (the driver's
@@ -821,6 +848,7 @@ impl<V: BlockVerifier> Peer<V> {
     fn bad_peer(&mut self, peer: PeerId, reason: PeerError) {
         if let Some(st) = self.links.remove(&peer) {
             self.buffered_total -= st.buffered;
+            self.orphan_shares_of(self.now, &st.roles);
         }
         self.unqueue(|&(_, _, to)| to == peer);
         let mut asked = Vec::new();
@@ -916,9 +944,53 @@ impl<V: BlockVerifier> Peer<V> {
                 origin_tries: 0,
                 retry_at: Time(0),
                 due: None,
+                orphan: false,
             },
         );
+        if !self.in_club(club_of(seq, self.cfg.clubs)) && !self.has_source(seq) {
+            if let Some(m) = self.missing.get_mut(&seq) {
+                m.orphan = true;
+            }
+        }
         self.reindex(seq);
+    }
+
+    /// Whether an open last-hop source pushes block `seq` of another club.
+    fn has_source(&self, seq: u64) -> bool {
+        self.links
+            .values()
+            .any(|st| st.open && st.roles.iter().any(|r| source_of(r, seq, self.cfg.clubs)))
+    }
+
+    /// Link `peer` stops being a source (it went, closed or lost the role):
+    /// the missing blocks of its shares that no other open source pushes are
+    /// pulled now. The server gives a new source, but it pushes only blocks
+    /// it receives after its link opens.
+    fn orphan_shares_of(&mut self, now: Time, roles: &[LinkRole]) {
+        if !roles.iter().any(|r| matches!(r, LinkRole::Source { .. })) {
+            return;
+        }
+        let clubs = self.cfg.clubs;
+        let hit: Vec<u64> = self
+            .missing
+            .iter()
+            .filter(|(&seq, m)| !m.orphan && roles.iter().any(|r| source_of(r, seq, clubs)))
+            .map(|(&seq, _)| seq)
+            .collect();
+        let mut any = false;
+        for seq in hit {
+            if self.has_source(seq) {
+                continue;
+            }
+            if let Some(m) = self.missing.get_mut(&seq) {
+                m.orphan = true;
+                any = true;
+            }
+            self.reindex(seq);
+        }
+        if any {
+            self.schedule(now);
+        }
     }
 
     /// When missing block `seq` next needs a look: its origin moment, or its
@@ -927,12 +999,15 @@ impl<V: BlockVerifier> Peer<V> {
         if m.origin {
             return None;
         }
-        let origin = self.origin_at(seq).max(m.retry_at);
+        let origin = self.origin_at(seq);
         let pull = match m.asked {
             None => self.pull_at(seq, m),
             Some((p, t)) => t + self.want_timeout(p),
         };
-        Some(origin.min(pull))
+        // After a failed origin fetch nothing happens before its retry (a
+        // pull due earlier waits too: `check_one` would do nothing, and the
+        // timer would fire again at once).
+        Some(origin.min(pull).max(m.retry_at))
     }
 
     /// Recomputes the due time of missing block `seq`.
@@ -1151,7 +1226,10 @@ impl<V: BlockVerifier> Peer<V> {
         }
         self.expired_at = Some(self.now);
         let mut total = self.buffered_total;
-        debug_assert_eq!(total, self.links.values().map(|l| l.buffered).sum::<usize>());
+        debug_assert_eq!(
+            total,
+            self.links.values().map(|l| l.buffered).sum::<usize>()
+        );
         let link_window = LINK_WINDOW.min(self.cfg.send_window);
         let mut stale = Vec::new();
         while total < self.cfg.send_window {
@@ -1292,6 +1370,9 @@ impl<V: BlockVerifier> Peer<V> {
     fn pull_at(&self, seq: u64, m: &Missing) -> Time {
         let grace = m.noticed + self.cfg.pull_grace_ms;
         if self.in_club(club_of(seq, self.cfg.clubs)) {
+            return grace;
+        }
+        if m.orphan {
             return grace;
         }
         let lead = self.cfg.origin_margin_ms + self.cfg.pull_lead_ms;
@@ -1870,6 +1951,44 @@ mod tests {
     }
 
     #[test]
+    fn a_last_hop_block_whose_source_went_is_pulled_from_another_member() {
+        let mut p = peer();
+        let other = link(
+            8,
+            LinkRole::Source {
+                club: 2,
+                share: 1,
+                share_count: 2,
+            },
+        );
+        p.handle_link(Time(T0), LinkOp::Add, other);
+        p.handle_link_open(Time(T0), 8);
+        p.handle_frame(Time(T0 + 100), 2, Frame::Block(block(0, true)));
+        // Block 2 (club 2, share 0: source 7's) does not come; 4 does.
+        p.handle_frame(Time(T0 + 400), 2, Frame::Block(block(4, true)));
+        drain(&mut p);
+        // Source 7 goes: nobody will push block 2 any more.
+        p.handle_link_closed(Time(T0 + 450), 7);
+        let mut now = Time(T0 + 450);
+        let mut want = None;
+        for _ in 0..20 {
+            now = p.poll_timeout().expect("timer").max(now + 1);
+            p.handle_timeout(now);
+            let (t, e) = drain(&mut p);
+            assert!(!e.contains(&PeerEvent::GapFill { seq: 2 }), "pulled first");
+            if sent(&t).contains(&(8, "want")) {
+                want = Some(now);
+                break;
+            }
+        }
+        let at = want.expect("block 2 is pulled from the club's other source");
+        assert!(
+            at.0 <= T0 + 400 + 450,
+            "at the pull grace, not near the deadline"
+        );
+    }
+
+    #[test]
     fn missing_block_is_pulled_then_gap_filled_then_skipped() {
         let mut cfg = PeerConfig::new(1, 4);
         cfg.pull_lead_ms = 350;
@@ -1879,10 +1998,24 @@ mod tests {
         p.handle_frame(Time(T0 + 350), 7, Frame::Block(block(1, false)));
         p.handle_frame(Time(T0 + 400), 2, Frame::Block(block(4, true)));
         drain(&mut p);
-        let pull_at = p.poll_timeout().expect("a pull is scheduled");
-        p.handle_timeout(pull_at);
-        let (t, _) = drain(&mut p);
-        assert!(sent(&t).contains(&(7, "want")), "{:?}", sent(&t));
+        // (Block 3, of a club nobody serves us, is pulled first: it has no
+        // source. Source 7 serves club 2.)
+        let mut pull_at = Time(T0 + 400);
+        for _ in 0..10 {
+            pull_at = p
+                .poll_timeout()
+                .expect("a pull is scheduled")
+                .max(pull_at + 1);
+            p.handle_timeout(pull_at);
+            let (t, _) = drain(&mut p);
+            if sent(&t).contains(&(7, "want")) {
+                break;
+            }
+        }
+        assert!(
+            pull_at.0 + 450 + 350 >= p.deadline(2).0,
+            "pulled only within the lead"
+        );
         p.handle_frame(pull_at + 1, 7, Frame::DontHave(2));
         // Nobody has it: near the deadline the origin is asked.
         let mut gap_fill = false;
