@@ -69,6 +69,9 @@ pub const SEND_WINDOW: usize = 40 * 1024;
 pub const LINK_WINDOW: usize = 34 * 1024;
 /// Most pushes waiting in the send queue; beyond it the least urgent is dropped.
 pub const MAX_QUEUED_PUSHES: usize = 1024;
+/// Weight of a new sample in the block-rate average, once past the first
+/// `1 / RATE_WEIGHT` samples (which are averaged plainly).
+const RATE_WEIGHT: f64 = 0.1;
 /// Default wake-up interval while pushes wait, ms.
 pub const PUMP_POLL_MS: u64 = 10;
 /// WANTs a link may send per second; more are answered with DONT_HAVE.
@@ -385,6 +388,11 @@ pub struct Peer<V> {
     /// startup backlog.
     backlog: Option<(u64, Time)>,
     ms_per_block: f64,
+    /// Rate samples taken (the first few weigh more, so a wrong prior fades
+    /// within a few blocks).
+    rate_samples: u32,
+    /// Whether `anchor` is a real block's, not the welcome's guess.
+    anchor_real: bool,
     next_play: Option<u64>,
     transmits: VecDeque<Transmit>,
     /// The send queue: (class, seq, remote), class 0 in-club pushes and WANT
@@ -415,6 +423,8 @@ impl<V: BlockVerifier> Peer<V> {
             reindex_at: Time(0),
             highest: None,
             anchor: None,
+            rate_samples: 0,
+            anchor_real: false,
             backlog: None,
             ms_per_block: 70.0,
             next_play: None,
@@ -1125,10 +1135,20 @@ impl<V: BlockVerifier> Peer<V> {
     }
 
     fn learn_rate(&mut self, seq: u64, ingest: u64) {
+        if !self.anchor_real {
+            // The welcome's anchor is a guess (the edge cut "about now"; in a
+            // stream not started yet, seq 0 long before it is cut): the first
+            // real block replaces it and teaches no rate.
+            self.anchor = Some((seq, ingest));
+            self.anchor_real = true;
+            return;
+        }
         if let Some((s, t)) = self.anchor {
             if seq > s && ingest >= t {
                 let per = (ingest - t) as f64 / (seq - s) as f64;
-                self.ms_per_block = 0.9 * self.ms_per_block + 0.1 * per.clamp(1.0, 10_000.0);
+                self.rate_samples = self.rate_samples.saturating_add(1);
+                let w = (1.0 / f64::from(self.rate_samples)).max(RATE_WEIGHT);
+                self.ms_per_block = (1.0 - w) * self.ms_per_block + w * per.clamp(1.0, 10_000.0);
             }
             if seq <= s {
                 return;
@@ -1948,6 +1968,33 @@ mod tests {
         assert_eq!(wants, 0);
         let at = gap_fill.expect("gap fill");
         assert!(at.0 < p.deadline(2).0);
+    }
+
+    #[test]
+    fn a_welcome_before_the_first_block_does_not_skew_deadlines() {
+        // Welcomed 2 s before the stream starts (edge 0 is a guess); blocks
+        // are then cut every 30 ms from T0 + 2000.
+        let mut p = Peer::new(PeerConfig::new(1, 4), signer().key());
+        p.handle_welcome(Time(T0), &[0, 1], &links(), 0, 0);
+        let cut = |seq: u64| {
+            signer()
+                .sign(
+                    seq,
+                    BlockFlags::empty(),
+                    T0 + 2000 + seq * 30,
+                    seq,
+                    Bytes::from_static(b"x"),
+                )
+                .expect("small")
+                .into_block()
+        };
+        for seq in [0, 1, 4, 5] {
+            p.handle_origin_block(Time(T0 + 2100 + seq * 30), cut(seq));
+        }
+        // Block 8 is estimated from the real blocks: cut at T0 + 2240.
+        let want = T0 + 2000 + 8 * 30 + p.cfg.target_latency_ms;
+        let got = p.deadline(8).0;
+        assert!(got.abs_diff(want) <= 30, "deadline {got}, cut-based {want}");
     }
 
     #[test]
