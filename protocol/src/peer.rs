@@ -26,7 +26,9 @@
 //! pulled with WANT from a likely holder. A block of another club comes over the
 //! last hop; it is pulled only from [`PeerConfig::pull_lead_ms`] before its
 //! origin moment (by default not at all: a pull competes with the club's own
-//! pushes for the holder's upload, and the origin is cheaper). One still missing
+//! pushes for the holder's upload, and the origin is cheaper), unless no open
+//! source pushes its share (the source left, closed or was dropped): such an
+//! orphan is pulled at the pull grace like an own club's block. One still missing
 //! [`PeerConfig::origin_margin_ms`] before its deadline produces
 //! [`PeerEvent::GapFill`], and the driver fetches it from the origin within its
 //! grant. A joiner's backlog (its start block up to the live edge of the
@@ -69,9 +71,10 @@ pub const SEND_WINDOW: usize = 40 * 1024;
 pub const LINK_WINDOW: usize = 34 * 1024;
 /// Most pushes waiting in the send queue; beyond it the least urgent is dropped.
 pub const MAX_QUEUED_PUSHES: usize = 1024;
-/// Weight of a new sample in the block-rate average, once past the first
-/// `1 / RATE_WEIGHT` samples (which are averaged plainly).
+/// Weight of a new sample in the moving average of ms per block.
 const RATE_WEIGHT: f64 = 0.1;
+/// Ingest time the first block-rate estimate spans, ms.
+const RATE_BASELINE_MS: u64 = 1000;
 /// Default wake-up interval while pushes wait, ms.
 pub const PUMP_POLL_MS: u64 = 10;
 /// WANTs a link may send per second; more are answered with DONT_HAVE.
@@ -388,9 +391,9 @@ pub struct Peer<V> {
     /// startup backlog.
     backlog: Option<(u64, Time)>,
     ms_per_block: f64,
-    /// Rate samples taken (the first few weigh more, so a wrong prior fades
-    /// within a few blocks).
-    rate_samples: u32,
+    /// The first real block's (seq, ingest ms), until the blocks since span
+    /// [`RATE_BASELINE_MS`] of ingest and give the first rate estimate.
+    rate_base: Option<(u64, u64)>,
     /// Whether `anchor` is a real block's, not the welcome's guess.
     anchor_real: bool,
     next_play: Option<u64>,
@@ -423,7 +426,7 @@ impl<V: BlockVerifier> Peer<V> {
             reindex_at: Time(0),
             highest: None,
             anchor: None,
-            rate_samples: 0,
+            rate_base: None,
             anchor_real: false,
             backlog: None,
             ms_per_block: 70.0,
@@ -1141,14 +1144,24 @@ impl<V: BlockVerifier> Peer<V> {
             // real block replaces it and teaches no rate.
             self.anchor = Some((seq, ingest));
             self.anchor_real = true;
+            self.rate_base = Some((seq, ingest));
             return;
+        }
+        if let Some((bs, bt)) = self.rate_base {
+            // Ingest is bursty (a fragment's blocks may share one ingest time),
+            // so the first estimate spans at least a second of it; then the
+            // average follows drift.
+            if seq > bs && ingest >= bt + RATE_BASELINE_MS {
+                let per = (ingest - bt) as f64 / (seq - bs) as f64;
+                self.ms_per_block = per.clamp(1.0, 10_000.0);
+                self.rate_base = None;
+            }
         }
         if let Some((s, t)) = self.anchor {
             if seq > s && ingest >= t {
                 let per = (ingest - t) as f64 / (seq - s) as f64;
-                self.rate_samples = self.rate_samples.saturating_add(1);
-                let w = (1.0 / f64::from(self.rate_samples)).max(RATE_WEIGHT);
-                self.ms_per_block = (1.0 - w) * self.ms_per_block + w * per.clamp(1.0, 10_000.0);
+                self.ms_per_block = (1.0 - RATE_WEIGHT) * self.ms_per_block
+                    + RATE_WEIGHT * per.clamp(1.0, 10_000.0);
             }
             if seq <= s {
                 return;
@@ -1988,13 +2001,13 @@ mod tests {
                 .expect("small")
                 .into_block()
         };
-        for seq in [0, 1, 4, 5] {
+        // A second of real blocks gives the rate.
+        for seq in 0..=34 {
             p.handle_origin_block(Time(T0 + 2100 + seq * 30), cut(seq));
         }
-        // Block 8 is estimated from the real blocks: cut at T0 + 2240.
-        let want = T0 + 2000 + 8 * 30 + p.cfg.target_latency_ms;
-        let got = p.deadline(8).0;
-        assert!(got.abs_diff(want) <= 30, "deadline {got}, cut-based {want}");
+        let want = T0 + 2000 + 44 * 30 + p.cfg.target_latency_ms;
+        let got = p.deadline(44).0;
+        assert!(got.abs_diff(want) <= 15, "deadline {got}, cut-based {want}");
     }
 
     #[test]
