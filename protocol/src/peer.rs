@@ -74,7 +74,7 @@ pub const MAX_QUEUED_PUSHES: usize = 1024;
 /// Weight of a new sample in the moving average of ms per block.
 const RATE_WEIGHT: f64 = 0.1;
 /// Ingest time the first block-rate estimate spans, ms.
-const RATE_BASELINE_MS: u64 = 1000;
+const RATE_BASELINE_MS: u64 = 250;
 /// Default wake-up interval while pushes wait, ms.
 pub const PUMP_POLL_MS: u64 = 10;
 /// WANTs a link may send per second; more are answered with DONT_HAVE.
@@ -1149,8 +1149,8 @@ impl<V: BlockVerifier> Peer<V> {
         }
         if let Some((bs, bt)) = self.rate_base {
             // Ingest is bursty (a fragment's blocks may share one ingest time),
-            // so the first estimate spans at least a second of it; then the
-            // average follows drift.
+            // so the first estimate spans some ingest time, which a burst
+            // does not; then the average follows drift.
             if seq > bs && ingest >= bt + RATE_BASELINE_MS {
                 let per = (ingest - bt) as f64 / (seq - bs) as f64;
                 self.ms_per_block = per.clamp(1.0, 10_000.0);
