@@ -288,6 +288,12 @@ impl LinkState {
     }
 }
 
+/// Whether block `seq` is in last-hop share `share` of `share_count` of its
+/// club: `(seq / C) % share_count == share`.
+fn in_share(seq: u64, clubs: u16, share: u8, share_count: u8) -> bool {
+    (seq / u64::from(clubs.max(1))) % u64::from(share_count.max(1)) == u64::from(share)
+}
+
 /// Whether role `r` makes its link push block `seq` to us over the last hop.
 fn source_of(r: &LinkRole, seq: u64, clubs: u16) -> bool {
     match *r {
@@ -295,11 +301,7 @@ fn source_of(r: &LinkRole, seq: u64, clubs: u16) -> bool {
             club,
             share,
             share_count,
-        } => {
-            club == club_of(seq, clubs)
-                && (seq / u64::from(clubs.max(1))) % u64::from(share_count.max(1))
-                    == u64::from(share)
-        }
+        } => club == club_of(seq, clubs) && in_share(seq, clubs, share, share_count),
         _ => false,
     }
 }
@@ -1097,7 +1099,7 @@ impl<V: BlockVerifier> Peer<V> {
         self.cache.insert(seq, block);
         while self.cache.len() > self.cfg.cache_blocks.clamp(1, MAX_CACHE_BLOCKS) {
             if let Some((old, _)) = self.cache.pop_first() {
-                self.unqueue(|&(_, s, _)| s == old);
+                self.unqueue_block(old);
             }
         }
         self.advance_play(now);
@@ -1173,7 +1175,6 @@ impl<V: BlockVerifier> Peer<V> {
     fn relay(&mut self, block: &VerifiedBlock, from: From) {
         let seq = block.seq();
         let c = club_of(seq, self.cfg.clubs);
-        let share_idx = seq / u64::from(self.cfg.clubs);
         let sender = match from {
             From::Peer(p) => Some(p),
             From::Origin => None,
@@ -1201,7 +1202,7 @@ impl<V: BlockVerifier> Peer<V> {
                         share,
                         share_count,
                     } if club == c
-                        && share_idx % u64::from(share_count.max(1)) == u64::from(share)
+                        && in_share(seq, self.cfg.clubs, share, share_count)
                         && !st.said_have(seq) =>
                     {
                         class = class.or(Some(1));
@@ -1322,6 +1323,23 @@ impl<V: BlockVerifier> Peer<V> {
         let before = self.queued.len();
         self.queued.retain(|e| !gone(e));
         self.stats.pushes_dropped += (before - self.queued.len()) as u64;
+    }
+
+    /// Drops the queued pushes of block `seq` (a range of the queue per
+    /// class, not a pass over all of it: this runs on every accepted block
+    /// once the cache is full).
+    fn unqueue_block(&mut self, seq: u64) {
+        for class in 0..=1u8 {
+            let gone: Vec<_> = self
+                .queued
+                .range((class, seq, 0)..=(class, seq, PeerId::MAX))
+                .copied()
+                .collect();
+            for e in gone {
+                self.queued.remove(&e);
+                self.stats.pushes_dropped += 1;
+            }
+        }
     }
 
     /// Link `p` has block `seq` (it said HAVE or sent it): remember that and
