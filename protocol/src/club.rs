@@ -25,7 +25,10 @@
 //!   small.
 //! - **Seeds**: in each club, `seeds_per_club` members receive blocks straight from
 //!   the seeder ([`SEEDER_PEER_ID`]), which pushes each block to `k` of them. A
-//!   leaf is a seed only while the club has no other relay to take.
+//!   leaf is a seed only while the club has no other relay to take. A seat
+//!   that frees goes to the relay with the most capacity, and a seed counts as
+//!   [`SEED_UNITS`] busier, so it gets fewer children and subscribers: its
+//!   children all take the seeder's copy from it.
 //!
 //! Who offers: the side with the larger peer id makes the WebRTC offer, so the
 //! joiner offers to older peers and browsers always offer to the seeder.
@@ -138,9 +141,18 @@ struct Entry {
 /// up to 8, so a last-hop share is a whole number of units.
 pub(crate) const STREAM_UNITS: usize = 840;
 
-/// Upload units that `role` asks of the peer holding it.
-fn upload_units(role: LinkRole) -> usize {
+/// Extra upload units a seed is counted for. The seeder's copy reaches a seed
+/// first, so every in-club child of a seed keeps the seed as its eager
+/// parent: a seed pushes whole club streams where another member's children
+/// split theirs between two parents. Without this the first members of each
+/// club, which become its seeds, ran at their full upload and each block
+/// waited there (1000 peers: 30 ms at the seed, 360 ms at its children).
+pub(crate) const SEED_UNITS: usize = 2 * STREAM_UNITS;
+
+/// Upload units that `role`, held towards `remote`, asks of the peer holding it.
+fn upload_units(remote: PeerId, role: LinkRole) -> usize {
     match role {
+        LinkRole::Download { .. } if remote == SEEDER_PEER_ID => SEED_UNITS,
         LinkRole::Upload { .. } => STREAM_UNITS,
         LinkRole::Subscriber { share_count, .. } => STREAM_UNITS / usize::from(share_count.max(1)),
         LinkRole::Download { .. } | LinkRole::Source { .. } => 0,
@@ -185,9 +197,9 @@ impl Entry {
     /// Counts `role` towards `remote` as added or removed.
     fn tally(&mut self, remote: PeerId, role: LinkRole, added: bool) {
         if added {
-            self.units += upload_units(role);
+            self.units += upload_units(remote, role);
         } else {
-            self.units -= upload_units(role);
+            self.units -= upload_units(remote, role);
         }
         let n = match role {
             LinkRole::Upload { club } => match self.slot(club) {
@@ -580,7 +592,7 @@ impl Membership {
                 let Some(to) = to.filter(|p| !self.is_leaf(*p)) else {
                     return;
                 };
-                let units = upload_units(role);
+                let units = upload_units(sub, role);
                 let (a, b) = (&self.peers[&from], &self.peers[&to]);
                 // (ua - u) / ca >= (ub + u) / cb, leaves counted as full.
                 let stays_busier = a.leaf()
@@ -708,8 +720,8 @@ impl Membership {
         self.fill_seeds_avoiding(c, &[], out);
     }
 
-    /// Tops club `c` up to `seeds_per_club` seeds, taking the members with the
-    /// fewest download links, relays before leaves.
+    /// Tops club `c` up to `seeds_per_club` seeds, taking the relays with the
+    /// most capacity, then the leaves with the fewest download links.
     fn fill_seeds_avoiding(&mut self, c: u16, avoid: &[PeerId], out: &mut Vec<LinkChange>) {
         // A leaf seed relays nothing, so the blocks pushed only to leaves
         // would reach no other member. A leaf is a seed only while the club
@@ -928,7 +940,11 @@ mod tests {
         fn assert_indexed(&self) {
             let d = self.cfg.in_club_links as usize;
             for (&p, e) in &self.peers {
-                let units: usize = e.links.values().flatten().map(|r| upload_units(*r)).sum();
+                let units: usize = e
+                    .links
+                    .iter()
+                    .flat_map(|(q, rs)| rs.iter().map(|r| upload_units(*q, *r)))
+                    .sum();
                 assert_eq!(e.units, units, "{p} upload units");
                 for (i, &c) in e.clubs.iter().enumerate() {
                     assert_eq!(e.ins[i], self.in_club_in_degree(p, c), "{p} ins in {c}");
@@ -1092,6 +1108,36 @@ mod tests {
     fn busy(m: &Membership, p: PeerId) -> f64 {
         let e = &m.peers[&p];
         e.units as f64 / f64::from(e.capacity.max(1))
+    }
+
+    #[test]
+    fn a_seat_that_frees_goes_to_the_strongest_relay_and_seeds_count_as_busier() {
+        let mut m = Membership::new(ClubConfig::default());
+        let mut r = rng();
+        // The first members of each club take its seats, whatever their upload.
+        for p in 1..=40 {
+            m.join_with_capacity(p, true, 150, &mut r);
+        }
+        for p in 41..=80 {
+            m.join_with_capacity(p, true, 300, &mut r);
+        }
+        for c in 0..m.cfg.clubs {
+            for s in m.seeds(c) {
+                // A seed pushes every child the seeder's copy: the load
+                // balance counts that as two more club streams.
+                assert!(m.peers[&s].units >= SEED_UNITS, "seed {s} of club {c}");
+                m.leave(s, &mut r);
+                check(&m);
+            }
+        }
+        check_rules(&m, true);
+        for c in 0..m.cfg.clubs {
+            let seeds = m.seeds(c);
+            assert_eq!(seeds.len(), usize::from(m.cfg.seeds_per_club));
+            for s in seeds {
+                assert_eq!(m.peers[&s].capacity, 300, "club {c} seeds {s}");
+            }
+        }
     }
 
     #[test]

@@ -52,6 +52,8 @@ pub(super) struct Members {
     uploaders: BTreeSet<Key>,
     /// Members by in-club download links: relays, then leaves.
     receivers: [BTreeSet<Key>; 2],
+    /// Relays by capacity, the largest first.
+    strongest: BTreeSet<Key>,
     /// Members by upload asked per unit of capacity, leaves last.
     sources: BTreeSet<Key>,
     /// Members with fewer than the target number of download links, or (if
@@ -107,6 +109,9 @@ impl Members {
         if let Some(up) = k.uploader {
             self.uploaders.insert(up);
         }
+        if let Some(n) = k.strongest {
+            self.strongest.insert(n);
+        }
         self.receivers[usize::from(load.leaf)].insert(k.receiver);
         self.sources.insert(k.source);
         if k.short {
@@ -119,6 +124,9 @@ impl Members {
         let k = self.keys(p, load, target);
         if let Some(up) = k.uploader {
             self.uploaders.remove(&up);
+        }
+        if let Some(n) = k.strongest {
+            self.strongest.remove(&n);
         }
         self.receivers[usize::from(load.leaf)].remove(&k.receiver);
         self.sources.remove(&k.source);
@@ -143,11 +151,11 @@ impl Members {
         }
     }
 
-    /// The next seed: the relay with the fewest download links that is not a
-    /// seed yet, or failing that such a leaf.
+    /// The next seed: the relay with the most capacity that is not a seed
+    /// yet, or failing that the leaf with the fewest download links.
     pub(super) fn next_seed(&self, excluded: impl Fn(PeerId) -> bool) -> Option<PeerId> {
         let excluded = |m| self.seeds.contains(&m) || excluded(m);
-        first(&self.receivers[0], &excluded)
+        first(&self.strongest, &excluded)
             .or_else(|| first(&self.receivers[1], &excluded))
             .map(|k| k.2)
     }
@@ -162,10 +170,10 @@ impl Members {
         self.short.iter().copied().collect()
     }
 
-    /// The relay with the fewest download links that is not a seed yet.
+    /// The relay with the most capacity that is not a seed yet.
     pub(super) fn next_relay_seed(&self, excluded: impl Fn(PeerId) -> bool) -> Option<PeerId> {
         let excluded = |m| self.seeds.contains(&m) || excluded(m);
-        first(&self.receivers[0], &excluded).map(|k| k.2)
+        first(&self.strongest, &excluded).map(|k| k.2)
     }
 
     /// The members the seeder pushes to.
@@ -205,6 +213,7 @@ impl Members {
         let busy = load.units * 100 / load.capacity;
         Keys {
             uploader: (!load.leaf).then(|| key(0, busy)),
+            strongest: (!load.leaf).then(|| key(3, usize::MAX - load.capacity)),
             receiver: key(1, load.ins),
             source: key(
                 2,
@@ -240,6 +249,7 @@ impl Members {
         }
         assert!(self.uploaders == fresh.uploaders, "club {c}: uploaders");
         assert!(self.receivers == fresh.receivers, "club {c}: receivers");
+        assert!(self.strongest == fresh.strongest, "club {c}: strongest");
         assert!(self.sources == fresh.sources, "club {c}: sources");
         assert!(self.short == fresh.short, "club {c}: short members");
         let seeds: BTreeSet<PeerId> = seeds.iter().copied().collect();
@@ -249,6 +259,7 @@ impl Members {
 
 struct Keys {
     uploader: Option<Key>,
+    strongest: Option<Key>,
     receiver: Key,
     source: Key,
     short: bool,
