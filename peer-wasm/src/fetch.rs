@@ -15,7 +15,7 @@ use web_sys::{AbortController, Headers, Request, RequestInit, Response};
 
 use crate::error::JsError;
 
-/// Largest body accepted, in bytes. Blocks are 8 KiB by default and init segments a few
+/// Largest body accepted, in bytes. Blocks are 4 KiB by default and init segments a few
 /// KiB; whole files arrive block by block, never as one body.
 pub const MAX_BODY_BYTES: usize = 32 * 1024 * 1024;
 

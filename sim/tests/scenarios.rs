@@ -202,8 +202,8 @@ fn churn_and_hostile_relays_keep_continuity() {
 
 #[test]
 fn default_capacity_model_meets_the_goals() {
-    // With 16 KiB blocks this gave 0.996 and was ignored; with the 8 KiB
-    // default, seed 1 gives 0.99998. Seeds 1 to 6: 0.9982 (seed 5) to 1.0.
+    // With 16 KiB blocks this gave 0.996 and was ignored; with 8 KiB blocks,
+    // seed 1 gave 0.99998 and seeds 1 to 6 0.9982 (seed 5) to 1.0.
     let r = run(&Config {
         peers: 200,
         seconds: 60,
