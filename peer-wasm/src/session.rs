@@ -331,6 +331,13 @@ impl Session {
                     None => d,
                 });
             }
+            PeerEvent::SlowSource { peer } => {
+                // Another source for its share; the remote did nothing wrong.
+                self.send(&ClientMsg::LinkFailed {
+                    v: SIGNAL_VERSION,
+                    peer,
+                });
+            }
             PeerEvent::BadPeer { peer, reason } => {
                 let reason = reason.to_string();
                 self.links.close(peer);

@@ -89,6 +89,12 @@ pub const ORIGIN_RETRY_MS: u64 = 1_000;
 pub const REINDEX_MS: u64 = 1_000;
 /// Interval between PINGs on a link, ms.
 pub const PING_INTERVAL_MS: u64 = 5_000;
+/// Blocks of its share that an open last-hop source may leave for the origin
+/// within [`SLOW_SOURCE_WINDOW_MS`] before it is reported as
+/// [`PeerEvent::SlowSource`].
+pub const SLOW_SOURCE_MISSES: u32 = 4;
+/// Window over which a last-hop source's misses are counted, ms.
+pub const SLOW_SOURCE_WINDOW_MS: u64 = 10_000;
 
 /// Tunables of a peer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -217,6 +223,14 @@ pub enum PeerEvent {
         /// Its payload bytes.
         bytes: usize,
     },
+    /// A last-hop source leaves its share to the origin: it is open but
+    /// too busy to push in time. The driver asks the server for another
+    /// source (the signaling `link_failed`); nothing is wrong with the
+    /// remote, so it is not reported.
+    SlowSource {
+        /// The remote.
+        peer: PeerId,
+    },
     /// Drop this link and report the peer to the server.
     BadPeer {
         /// The remote.
@@ -247,6 +261,8 @@ pub struct PeerStats {
     pub gap_fills: u64,
     /// Blocks skipped by playback.
     pub blocks_skipped: u64,
+    /// Last-hop sources reported as too slow ([`PeerEvent::SlowSource`]).
+    pub slow_sources: u64,
     /// Blocks handed to the transport for in-club links and WANT answers.
     pub pushed_club: u64,
     /// Blocks handed to the transport for last-hop subscribers.
@@ -276,6 +292,9 @@ struct LinkState {
     lazy: u64,
     /// Clubs for which we pruned the remote (a parent that now announces).
     pruned: u64,
+    /// Blocks of its last-hop share that went to the origin, and when the
+    /// count started.
+    source_misses: (u32, Time),
 }
 
 impl LinkState {
@@ -1474,6 +1493,31 @@ impl<V: BlockVerifier> Peer<V> {
         }
     }
 
+    /// Block `seq` goes to the origin: counts it against the open last-hop
+    /// source of its share, and reports a source that does so too often.
+    fn source_missed(&mut self, now: Time, seq: u64) {
+        let clubs = self.cfg.clubs;
+        let Some((&p, st)) = self
+            .links
+            .iter_mut()
+            .find(|(_, st)| st.open && st.roles.iter().any(|r| source_of(r, seq, clubs)))
+        else {
+            return;
+        };
+        let (n, since) = &mut st.source_misses;
+        if now.since(*since) > SLOW_SOURCE_WINDOW_MS {
+            *n = 0;
+            *since = now;
+        }
+        *n += 1;
+        if *n >= SLOW_SOURCE_MISSES {
+            *n = 0;
+            *since = now;
+            self.stats.slow_sources += 1;
+            self.event(PeerEvent::SlowSource { peer: p });
+        }
+    }
+
     /// Pulls, re-pulls or gap-fills missing block `seq` if it is due.
     fn check_one(&mut self, now: Time, seq: u64) {
         let Some(m) = self.missing.get(&seq).copied() else {
@@ -1489,6 +1533,9 @@ impl<V: BlockVerifier> Peer<V> {
             if let Some(mm) = self.missing.get_mut(&seq) {
                 mm.origin = true;
                 mm.asked = None;
+            }
+            if !m.orphan {
+                self.source_missed(now, seq);
             }
             if m.origin_tries < MAX_ORIGIN_TRIES {
                 if let Some(mm) = self.missing.get_mut(&seq) {
@@ -1999,6 +2046,47 @@ mod tests {
         assert_eq!(wants, 0);
         let at = gap_fill.expect("gap fill");
         assert!(at.0 < p.deadline(2).0);
+    }
+
+    #[test]
+    fn an_open_source_that_leaves_its_share_to_the_origin_is_reported_slow() {
+        let mut p = peer();
+        // Source 7 (club 2, the whole share) stays open but sends nothing;
+        // club 0's blocks keep coming from 2, one every 100 ms.
+        let mut club2_fills = Vec::new();
+        let mut slow = Vec::new();
+        let mut now = Time(T0);
+        for seq in (0..=80).step_by(4) {
+            let at = Time(T0 + seq * 100);
+            while let Some(t) = p.poll_timeout().filter(|t| *t < at) {
+                now = t.max(now + 1);
+                p.handle_timeout(now);
+                let e = drain(&mut p).1;
+                for e in &e {
+                    if let PeerEvent::GapFill { seq } = e {
+                        if seq % 4 == 2 {
+                            club2_fills.push(*seq);
+                        }
+                    }
+                }
+                for e in e {
+                    if let PeerEvent::SlowSource { peer } = e {
+                        slow.push((peer, club2_fills.len()));
+                    }
+                }
+            }
+            now = at;
+            p.handle_frame(now, 2, Frame::Block(block(seq, true)));
+            drain(&mut p);
+        }
+        let n = SLOW_SOURCE_MISSES as usize;
+        assert!(club2_fills.len() >= 2 * n, "{club2_fills:?}");
+        // Reported after every SLOW_SOURCE_MISSES of its blocks went to the
+        // origin, and not counted as a bad peer.
+        assert_eq!(slow.first(), Some(&(7, n)), "{slow:?}");
+        assert!(slow.iter().all(|(peer, _)| *peer == 7));
+        assert_eq!(p.stats().slow_sources, slow.len() as u64);
+        assert_eq!(p.stats().blocks_rejected, 0);
     }
 
     #[test]

@@ -185,6 +185,8 @@ impl Net {
                     self.flush(id);
                 }
                 PeerEvent::BadPeer { peer, .. } => self.bad.push((id, peer)),
+                // A fixed swarm: no server to ask for another source.
+                PeerEvent::SlowSource { .. } => {}
                 PeerEvent::Arrived {
                     from: From::Origin, ..
                 }

@@ -647,6 +647,11 @@ impl Sim {
                 self.metrics
                     .arrival(id, seq, ingest_time_ms, now, server, bytes);
             }
+            PeerEvent::SlowSource { peer } => {
+                // The signaling `link_failed`: another source, no report.
+                let changes = self.membership.replace(id, peer, &mut self.rng);
+                self.schedule_changes(now, changes);
+            }
             PeerEvent::BadPeer { peer, .. } => {
                 let changes = self.membership.replace(id, peer, &mut self.rng);
                 self.schedule_changes(now, changes);
