@@ -991,9 +991,16 @@ impl<V: BlockVerifier> Peer<V> {
 
     /// Whether an open last-hop source pushes block `seq` of another club.
     fn has_source(&self, seq: u64) -> bool {
+        self.source_link(seq).is_some()
+    }
+
+    /// The open last-hop source whose share block `seq` is in, if any.
+    fn source_link(&self, seq: u64) -> Option<PeerId> {
+        let clubs = self.cfg.clubs;
         self.links
-            .values()
-            .any(|st| st.open && st.roles.iter().any(|r| source_of(r, seq, self.cfg.clubs)))
+            .iter()
+            .find(|(_, st)| st.open && st.roles.iter().any(|r| source_of(r, seq, clubs)))
+            .map(|(p, _)| *p)
     }
 
     /// Link `peer` stops being a source (it went, closed or lost the role):
@@ -1496,12 +1503,10 @@ impl<V: BlockVerifier> Peer<V> {
     /// Block `seq` goes to the origin: counts it against the open last-hop
     /// source of its share, and reports a source that does so too often.
     fn source_missed(&mut self, now: Time, seq: u64) {
-        let clubs = self.cfg.clubs;
-        let Some((&p, st)) = self
-            .links
-            .iter_mut()
-            .find(|(_, st)| st.open && st.roles.iter().any(|r| source_of(r, seq, clubs)))
-        else {
+        let Some(p) = self.source_link(seq) else {
+            return;
+        };
+        let Some(st) = self.links.get_mut(&p) else {
             return;
         };
         let (n, since) = &mut st.source_misses;
