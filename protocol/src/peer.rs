@@ -1539,7 +1539,9 @@ impl<V: BlockVerifier> Peer<V> {
                 mm.origin = true;
                 mm.asked = None;
             }
-            if !m.orphan {
+            // The startup backlog goes to the origin by design, before any
+            // source could push it: not a source's miss.
+            if !m.orphan && !self.in_backlog(seq) {
                 self.source_missed(now, seq);
             }
             if m.origin_tries < MAX_ORIGIN_TRIES {
