@@ -331,13 +331,9 @@ impl Session {
                     None => d,
                 });
             }
-            PeerEvent::SlowSource { peer } => {
-                // Another source for its share; the remote did nothing wrong.
-                self.send(&ClientMsg::LinkFailed {
-                    v: SIGNAL_VERSION,
-                    peer,
-                });
-            }
+            // Not acted on in the browser yet: with it, the swarm test of six
+            // browsers stalled in two runs of `just test` (see issue 2's note).
+            PeerEvent::SlowSource { .. } => {}
             PeerEvent::BadPeer { peer, reason } => {
                 let reason = reason.to_string();
                 self.links.close(peer);
