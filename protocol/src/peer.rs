@@ -276,6 +276,45 @@ pub struct PeerStats {
     pub dup_last_hop: u64,
 }
 
+impl PeerStats {
+    /// Adds `other`'s counters to these, e.g. to carry a session's totals
+    /// across the cores of its rejoins.
+    pub fn add(&mut self, other: &PeerStats) {
+        let PeerStats {
+            bytes_from_peers,
+            bytes_from_origin,
+            dup_bytes,
+            bytes_uploaded,
+            control_bytes_sent,
+            blocks_rejected,
+            wants_sent,
+            gap_fills,
+            blocks_skipped,
+            slow_sources,
+            pushed_club,
+            pushed_last_hop,
+            pushes_dropped,
+            dup_club,
+            dup_last_hop,
+        } = *other;
+        self.bytes_from_peers += bytes_from_peers;
+        self.bytes_from_origin += bytes_from_origin;
+        self.dup_bytes += dup_bytes;
+        self.bytes_uploaded += bytes_uploaded;
+        self.control_bytes_sent += control_bytes_sent;
+        self.blocks_rejected += blocks_rejected;
+        self.wants_sent += wants_sent;
+        self.gap_fills += gap_fills;
+        self.blocks_skipped += blocks_skipped;
+        self.slow_sources += slow_sources;
+        self.pushed_club += pushed_club;
+        self.pushed_last_hop += pushed_last_hop;
+        self.pushes_dropped += pushes_dropped;
+        self.dup_club += dup_club;
+        self.dup_last_hop += dup_last_hop;
+    }
+}
+
 #[derive(Debug, Default)]
 struct LinkState {
     roles: Vec<LinkRole>,

@@ -181,18 +181,7 @@ impl Sim {
         if std::env::var_os("CLUBCAST_SIM_DEBUG").is_some() {
             let mut tot = clubcast_protocol::peer::PeerStats::default();
             for s in self.slots.iter().filter_map(|s| s.peer.as_ref()) {
-                let st = s.stats();
-                tot.wants_sent += st.wants_sent;
-                tot.gap_fills += st.gap_fills;
-                tot.blocks_skipped += st.blocks_skipped;
-                tot.dup_bytes += st.dup_bytes;
-                tot.bytes_uploaded += st.bytes_uploaded;
-                tot.bytes_from_peers += st.bytes_from_peers;
-                tot.pushed_club += st.pushed_club;
-                tot.pushed_last_hop += st.pushed_last_hop;
-                tot.pushes_dropped += st.pushes_dropped;
-                tot.dup_club += st.dup_club;
-                tot.dup_last_hop += st.dup_last_hop;
+                tot.add(&s.stats());
             }
             eprintln!(
                 "{tot:?} skipped own/other club {:?} retransmits {} mean serializer wait {} us, waits > 2 s {} of {}; fills ok {} denied {}",
