@@ -12,6 +12,8 @@
 //   "stall" / "resume"  rebuffering started / ended
 //   "stats"   a stats sample, once per second           (same object as stats())
 //   "error"   something failed                          ({message, code?})
+//   "reconnecting"  signaling dropped; playing on, retry ({code, reason, attempt, in_ms})
+//   "joined"  the server admitted the peer              ({peer_id, clubs, rejoin, ...})
 //   any other event the wasm peer emits, by its `type`
 //
 // ---------------------------------------------------------------------------

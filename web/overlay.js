@@ -57,6 +57,10 @@ export function attachOverlay(container, player) {
       status.textContent = "error: " + e.message;
       status.classList.add("cc-error");
     }),
+    player.on("reconnecting", (e) => (status.textContent = `reconnecting (attempt ${e.attempt})…`)),
+    player.on("joined", (e) => {
+      if (e.rejoin) status.textContent = "";
+    }),
     player.on("stall", () => (status.textContent = "buffering…")),
     player.on("resume", () => (status.textContent = "")),
     player.on("playing", () => (status.textContent = "")),

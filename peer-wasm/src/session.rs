@@ -11,6 +11,14 @@
 //!
 //! With `p2p: false` the session joins without links and fetches every block
 //! from the origin in order ([`origin`]); the core still verifies and orders them.
+//!
+//! When the signaling socket drops (network blip, proxy timeout, server
+//! restart), the session keeps playing on its open links and reconnects after
+//! [`RECONNECT_MS`], doubling up to [`MAX_RECONNECT_MS`]. The server forgot the
+//! old peer id with the socket, so the new welcome starts a new core at the
+//! block playback needs next: the old links close, the origin fills in order
+//! until a new link opens, and playback goes on without a restart. A socket the
+//! server closed for a policy reason (bad blocks, bad messages) is not reopened.
 
 mod links;
 mod origin;
@@ -22,7 +30,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use clubcast_protocol::block::StreamKey;
-use clubcast_protocol::peer::{Peer, PeerConfig, PeerEvent};
+use clubcast_protocol::peer::{Peer, PeerConfig, PeerEvent, PeerStats};
 use clubcast_protocol::signal::{ClientMsg, PeerId, ServerMsg, StreamInfo, SIGNAL_VERSION};
 use clubcast_protocol::Time;
 use serde::Deserialize;
@@ -36,7 +44,7 @@ use crate::player::{deliver, Shared};
 use crate::rtc::{IceServer, LinkEvent};
 use crate::timer::{self, Timer};
 use crate::video::{VideoEvent, VideoEvents};
-use crate::ws::{signal_url, SignalSocket, WsEvent};
+use crate::ws::{signal_url, SignalSocket, WsEvent, CLOSE_POLICY};
 
 use links::Links;
 use origin::Origin;
@@ -49,6 +57,14 @@ pub const TICK_MS: u64 = 100;
 pub const NO_PEER_FALLBACK_MS: f64 = 3_000.0;
 /// Heartbeats sent but not yet answered that are remembered for the clock.
 const MAX_HEARTBEATS_IN_FLIGHT: usize = 8;
+/// First wait before reopening a dropped signaling socket, ms.
+pub const RECONNECT_MS: u64 = 500;
+/// Longest wait between reconnection attempts, ms.
+pub const MAX_RECONNECT_MS: u64 = 16_000;
+/// A rejoin whose welcome puts the live edge this many blocks behind the
+/// block playback needs next finds the stream restarted (its numbering began
+/// again), not merely ahead of a stale edge.
+pub const RESTART_MARGIN_BLOCKS: u64 = 256;
 
 /// Errors that stop a session from starting.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -109,6 +125,7 @@ pub(crate) enum Input {
     },
     Wake,
     Tick,
+    Reconnect,
 }
 
 /// What the welcome set up.
@@ -150,6 +167,13 @@ pub(crate) struct Session {
     _video_events: VideoEvents,
     block_delay_ms: Option<f64>,
     failed: Option<String>,
+    reconnect_timer: Timer,
+    /// Reconnection attempts since the last welcome.
+    attempts: u32,
+    /// Welcomes after the first.
+    rejoins: u64,
+    /// Counters of the cores that rejoins replaced.
+    carried: PeerStats,
 }
 
 impl Session {
@@ -196,6 +220,10 @@ impl Session {
             _video_events: video_events,
             block_delay_ms: None,
             failed: None,
+            reconnect_timer: Timer::new(),
+            attempts: 0,
+            rejoins: 0,
+            carried: PeerStats::default(),
             opts,
         };
         session.arm_tick();
@@ -250,7 +278,64 @@ impl Session {
                 }
             }
             Input::Tick => self.tick(),
+            Input::Reconnect => self.reconnect(),
         }
+    }
+
+    /// Opens a new signaling socket; its `Open` sends the join.
+    fn reconnect(&mut self) {
+        if self.socket.is_some() || self.failed.is_some() {
+            return;
+        }
+        let w = self.weak.clone();
+        match SignalSocket::connect(&signal_url(&self.server), move |e| {
+            deliver(&w, Input::Ws(e));
+        }) {
+            Ok(socket) => self.socket = Some(socket),
+            Err(e) => self.fail("signal_failed", format!("signaling: {e}")),
+        }
+    }
+
+    /// The signaling socket closed: reopen it later unless the server closed
+    /// it for a policy reason or the session failed.
+    fn signal_closed(&mut self, code: u16, reason: String) {
+        self.socket = None;
+        self.heartbeats.clear();
+        if code == CLOSE_POLICY || self.failed.is_some() {
+            self.error(
+                "signal_closed",
+                format!("signaling closed ({code}) {reason}; playing on with open links"),
+            );
+            return;
+        }
+        let delay = (RECONNECT_MS << self.attempts.min(8)).min(MAX_RECONNECT_MS);
+        self.attempts += 1;
+        web_sys::console::warn_1(
+            &format!("clubcast: signaling closed ({code}) {reason}; reconnecting in {delay} ms")
+                .into(),
+        );
+        self.emit(json!({
+            "type": "reconnecting", "code": code, "reason": reason,
+            "attempt": self.attempts, "in_ms": delay,
+        }));
+        let w = self.weak.clone();
+        if let Err(e) = self
+            .reconnect_timer
+            .set(Duration::from_millis(delay), move || {
+                deliver(&w, Input::Reconnect)
+            })
+        {
+            self.fail("signal_failed", format!("reconnect timer: {e}"));
+        }
+    }
+
+    /// Counters over every core of the session.
+    fn peer_stats(&self) -> PeerStats {
+        let mut s = self.carried;
+        if let Some(j) = &self.joined {
+            s.add(&j.peer.stats());
+        }
+        s
     }
 
     /// Drains the core's transmits and events, then arms its timer.
@@ -372,13 +457,7 @@ impl Session {
             WsEvent::Rejected(e) => {
                 web_sys::console::warn_1(&format!("clubcast: signaling: {e}").into());
             }
-            WsEvent::Closed { code, reason, .. } => {
-                self.socket = None;
-                self.error(
-                    "signal_closed",
-                    format!("signaling closed ({code}) {reason}; playing on with open links"),
-                );
-            }
+            WsEvent::Closed { code, reason, .. } => self.signal_closed(code, reason),
         }
     }
 
@@ -401,9 +480,6 @@ impl Session {
                 test_corrupt,
                 ..
             } => {
-                if self.joined.is_some() {
-                    return;
-                }
                 let received = self.local_ms();
                 let sent = self.join_sent.unwrap_or(received);
                 self.clock
@@ -419,6 +495,35 @@ impl Session {
                         return self.fail("bad_stream", "welcome names another stream".into());
                     }
                 }
+                // A rejoin goes on from the block playback needs next.
+                let mut start = start_seq;
+                if let Some(old) = &self.joined {
+                    if old.stream.id != stream.id {
+                        return self.fail("bad_stream", "rejoin names another stream".into());
+                    }
+                    if let Some(next) = old.peer.next_play() {
+                        if next > live_edge.saturating_add(RESTART_MARGIN_BLOCKS) {
+                            return self.fail(
+                                "stream_restarted",
+                                format!(
+                                    "the stream restarted (its live edge is {live_edge}, \
+                                     playback was at {next}); reload the player"
+                                ),
+                            );
+                        }
+                        start = next;
+                    }
+                }
+                let rejoin = match self.joined.take() {
+                    Some(old) => {
+                        self.carried.add(&old.peer.stats());
+                        self.links.reset();
+                        self.rejoins += 1;
+                        true
+                    }
+                    None => false,
+                };
+                self.attempts = 0;
                 let target = self
                     .opts
                     .target_latency_ms
@@ -428,7 +533,7 @@ impl Session {
                 cfg.relay = self.opts.p2p;
                 let mut peer = Peer::new(cfg, key);
                 let now = self.now();
-                peer.handle_welcome(now, &clubs, &links, start_seq, live_edge);
+                peer.handle_welcome(now, &clubs, &links, start, live_edge);
                 if self.opts.ice_servers.is_empty() {
                     self.links.set_ice_servers(
                         ice_servers
@@ -444,7 +549,8 @@ impl Session {
                 let local = self.local_ms();
                 self.emit(json!({
                     "type": "joined", "peer_id": peer_id, "clubs": clubs,
-                    "start_seq": start_seq, "live_edge": live_edge, "links": links.len(),
+                    "start_seq": start, "live_edge": live_edge, "links": links.len(),
+                    "rejoin": rejoin,
                 }));
                 self.play.set_target(target as f64);
                 let init_url = format!("{}{}", self.server, stream.init_url);
@@ -460,14 +566,22 @@ impl Session {
                     live_edge,
                     granted_bits: 0,
                     corrupt: test_corrupt && self.opts.test_corrupt,
-                    joined_at: local,
+                    // A rejoin has no open link yet: the origin fills in
+                    // order at once rather than after the usual wait.
+                    joined_at: if rejoin {
+                        local - NO_PEER_FALLBACK_MS
+                    } else {
+                        local
+                    },
                 });
                 for l in &links {
                     self.ensure_link(l.peer, l.offer);
                 }
-                self.play.fetch_init(init_url);
-                if !self.opts.p2p {
-                    self.origin.start_in_order(start_seq, live_edge);
+                if !rejoin {
+                    self.play.fetch_init(init_url);
+                }
+                if !self.opts.p2p && !self.origin.in_order() {
+                    self.origin.start_in_order(start, live_edge);
                 }
                 self.bid();
             }
@@ -699,11 +813,7 @@ impl Session {
 
     /// The stats object, as JSON text.
     pub(crate) fn stats_json(&self) -> String {
-        let s = self
-            .joined
-            .as_ref()
-            .map(|j| j.peer.stats())
-            .unwrap_or_default();
+        let s = self.peer_stats();
         let play = &self.play;
         json!({
             "bytes_from_peers": s.bytes_from_peers,
@@ -735,6 +845,8 @@ impl Session {
             "jumps": play.jumps(),
             "current_time": play.current_time(),
             "peer_id": self.joined.as_ref().map(|j| j.peer_id),
+            "signaling": self.socket.is_some(),
+            "rejoins": self.rejoins,
             "live_edge": self.joined.as_ref().map(|j| j.live_edge),
             "next_play": self.joined.as_ref().and_then(|j| j.peer.next_play()),
             "p2p": self.opts.p2p,
@@ -750,6 +862,7 @@ impl Drop for Session {
     fn drop(&mut self) {
         self.core_timer.cancel();
         self.tick_timer.cancel();
+        self.reconnect_timer.cancel();
         self.origin.abort_all();
         self.links.close_all();
     }

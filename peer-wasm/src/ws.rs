@@ -23,6 +23,9 @@ pub const MAX_MESSAGE_BYTES: usize = 64 * 1024;
 pub const MAX_BUFFERED_BYTES: u32 = 1024 * 1024;
 /// Close code for a normal close initiated by us.
 pub const CLOSE_NORMAL: u16 = 1000;
+/// Close code of a server that closed for a policy reason (kicked for bad
+/// blocks, too many bad messages, too slow to read): not worth reopening.
+pub const CLOSE_POLICY: u16 = 1008;
 
 /// Errors of the WebSocket glue.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

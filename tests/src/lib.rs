@@ -506,6 +506,68 @@ pub fn parse_metrics(text: &str) -> BTreeMap<String, f64> {
         .collect()
 }
 
+/// A loopback TCP proxy in front of the server whose connections can be cut
+/// at once, as a network blip or a proxy restart would: a browser that loads
+/// its page through it has its signaling socket and HTTP fetches on it, while
+/// its WebRTC links go around it. It keeps listening after a cut, so the
+/// browser can reconnect. Everything stops on drop.
+pub struct Proxy {
+    addr: SocketAddr,
+    conns: std::sync::Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>>,
+    accept: tokio::task::JoinHandle<()>,
+}
+
+impl Proxy {
+    /// Listens on a free loopback port and forwards to `upstream`.
+    pub async fn start(upstream: SocketAddr) -> Result<Proxy, HarnessError> {
+        let listener = tokio::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+            .await
+            .map_err(io("proxy bind"))?;
+        let addr = listener.local_addr().map_err(io("proxy address"))?;
+        let conns = std::sync::Arc::new(Mutex::new(Vec::new()));
+        let list = conns.clone();
+        let accept = tokio::spawn(async move {
+            while let Ok((mut down, _)) = listener.accept().await {
+                let task = tokio::spawn(async move {
+                    if let Ok(mut up) = tokio::net::TcpStream::connect(upstream).await {
+                        let _ = tokio::io::copy_bidirectional(&mut down, &mut up).await;
+                    }
+                });
+                let mut list = list.lock().unwrap_or_else(|e| e.into_inner());
+                list.retain(|t: &tokio::task::JoinHandle<()>| !t.is_finished());
+                list.push(task);
+            }
+        });
+        Ok(Proxy {
+            addr,
+            conns,
+            accept,
+        })
+    }
+
+    /// `http://127.0.0.1:port` of the proxy.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Closes every connection open through the proxy; how many there were.
+    pub fn cut(&self) -> usize {
+        let mut list = self.conns.lock().unwrap_or_else(|e| e.into_inner());
+        let open = list.iter().filter(|t| !t.is_finished()).count();
+        for t in list.drain(..) {
+            t.abort();
+        }
+        open
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.accept.abort();
+        self.cut();
+    }
+}
+
 /// Launches `n` browsers, one after the other, each on `url`.
 pub async fn watch_all(n: usize, url: &str) -> Result<Vec<Browser>, HarnessError> {
     let mut out = Vec::with_capacity(n);

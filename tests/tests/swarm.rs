@@ -26,6 +26,15 @@
 //!    [`MIN_P2P_RATIO`] of their bytes over peer links (the seeder's
 //!    included) rather than from the origin.
 //!
+//! `a_viewer_whose_signaling_drops_rejoins_and_plays_on`: three browsers, the
+//! third loading its page through a [`Proxy`]. Once all play, every connection
+//! through the proxy is cut (its signaling socket among them; its WebRTC links
+//! go around the proxy). Asserted over the next [`REJOIN_WINDOW`]: all three
+//! keep playing (at least [`MIN_REJOIN_ADVANCE`] s of media, no stand-still
+//! over [`MAX_CHURN_FREEZE_MS`]); the third has rejoined under a new peer id,
+//! has signaling and a link again, gets blocks from peers again, and its stats
+//! carry over the rejoin.
+//!
 //! `bad_input_does_not_disturb_viewers`: while two browsers play, garbage is
 //! `PUT` to `/ingest/demo` (no token, wrong token, right token) and malformed
 //! JSON, binary and invalid UTF-8 frames are sent over `/ws`. Asserted: every
@@ -38,7 +47,8 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use clubcast_tests::{
-    first_frames, http_get, median, num, sample_all, watch_all, Server, ServerOptions,
+    first_frames, http_get, median, num, sample_all, watch_all, Browser, Proxy, Server,
+    ServerOptions,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -63,6 +73,10 @@ const MIN_P2P_RATIO: f64 = 0.5;
 /// Longest allowed wall time with `currentTime` not advancing, after startup
 /// (measured by [`clubcast_tests::TICK`] sampling, so resolution is one tick).
 const MAX_FREEZE_MS: f64 = 500.0;
+/// Wall time sampled after a viewer's signaling connection is cut.
+const REJOIN_WINDOW: Duration = Duration::from_secs(15);
+/// Media seconds every browser must play within [`REJOIN_WINDOW`].
+const MIN_REJOIN_ADVANCE: f64 = 10.0;
 /// Wall time allowed for all browsers to reach a first frame.
 const START_TIMEOUT: Duration = Duration::from_secs(90);
 
@@ -378,6 +392,79 @@ async fn bad_input_does_not_disturb_viewers() {
             p.advance()
         );
     }
+    for b in browsers {
+        b.close().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_viewer_whose_signaling_drops_rejoins_and_plays_on() {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let server = Server::start_demo(ServerOptions::default())
+        .await
+        .expect("server starts and publishes the demo stream");
+    let proxy = Proxy::start(server.addr()).await.expect("proxy starts");
+    // Two browsers straight to the server, the last one through the proxy.
+    let mut browsers = watch_all(2, &format!("{}/watch/demo", server.url()))
+        .await
+        .expect("browsers open the watch page");
+    browsers.push(
+        Browser::watch(&format!("{}/watch/demo", proxy.url()))
+            .await
+            .expect("a browser opens the watch page through the proxy"),
+    );
+    first_frames(&browsers, START_TIMEOUT)
+        .await
+        .unwrap_or_else(|e| panic!("{e}\nserver log:\n{}", server.log_tail(30)));
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let viewer = &browsers[2];
+    let before = viewer.stats().await.expect("stats readable");
+    assert_eq!(
+        num(&before, "rejoins"),
+        0.0,
+        "no rejoin before the cut: {before}"
+    );
+
+    let cut = proxy.cut();
+    assert!(cut >= 1, "the signaling socket runs through the proxy");
+    let play = sample_all(&browsers, REJOIN_WINDOW).await;
+    let s1 = viewer.stats().await.expect("stats readable");
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let s2 = viewer.stats().await.expect("stats readable");
+    println!("rejoin: cut {cut} connections; before {before}\nafter {s2}");
+    for (i, p) in play.iter().enumerate() {
+        println!(
+            "rejoin: browser {i}: advance={:.1}s longest_freeze_ms={:.0}",
+            p.advance(),
+            p.longest_freeze_ms
+        );
+        assert!(p.errors.is_empty(), "browser {i}: {:?}", p.errors);
+        assert!(
+            p.advance() >= MIN_REJOIN_ADVANCE,
+            "browser {i} played only {:.1} s of media in {REJOIN_WINDOW:?} after the cut: {p:?}",
+            p.advance()
+        );
+        assert!(
+            p.longest_freeze_ms <= MAX_CHURN_FREEZE_MS,
+            "browser {i}: currentTime stood still for {:.0} ms after the cut: {p:?}",
+            p.longest_freeze_ms
+        );
+    }
+    assert!(num(&s2, "rejoins") >= 1.0, "the viewer rejoined: {s2}");
+    assert_eq!(s2["signaling"], true, "signaling is open again: {s2}");
+    assert_ne!(
+        s2["peer_id"], before["peer_id"],
+        "the rejoin got a new peer id: {s2}"
+    );
+    assert!(num(&s2, "peers") >= 1.0, "the viewer has links again: {s2}");
+    assert!(
+        num(&s2, "bytes_from_peers") > num(&s1, "bytes_from_peers"),
+        "the viewer gets blocks from peers again after the rejoin: {s1} then {s2}"
+    );
+    assert!(
+        num(&s2, "bytes_from_peers") >= num(&before, "bytes_from_peers"),
+        "stats carry over the rejoin: {before} then {s2}"
+    );
     for b in browsers {
         b.close().await;
     }

@@ -253,6 +253,19 @@ impl Links {
         self.closing.clear();
     }
 
+    /// Closes every link and forgets every peer: after a rejoin the server
+    /// knows this browser by a new id, and the old links' remotes dropped it.
+    pub(super) fn reset(&mut self) {
+        for (_, slot) in std::mem::take(&mut self.slots) {
+            slot.link.close();
+            self.closing.push(slot.link);
+        }
+        self.pending.clear();
+        self.offers.clear();
+        self.retry_at.clear();
+        self.deferred.clear();
+    }
+
     /// Drops links closed since the last tick.
     pub(super) fn reap(&mut self) {
         self.closing.clear();
