@@ -416,9 +416,14 @@ impl Session {
                     None => d,
                 });
             }
-            // Not acted on in the browser yet: with it, the swarm test of six
-            // browsers stalled in two runs of `just test` (see issue 2's note).
-            PeerEvent::SlowSource { .. } => {}
+            PeerEvent::SlowSource { peer } => {
+                // Another source for its share; the remote did nothing wrong.
+                self.send(&ClientMsg::LinkFailed {
+                    v: SIGNAL_VERSION,
+                    peer,
+                });
+                self.emit(json!({"type": "slow_source", "peer": peer}));
+            }
             PeerEvent::BadPeer { peer, reason } => {
                 let reason = reason.to_string();
                 self.links.close(peer);
@@ -834,6 +839,7 @@ impl Session {
             "dup_bytes": s.dup_bytes,
             "control_bytes_sent": s.control_bytes_sent,
             "wants_sent": s.wants_sent,
+            "slow_sources": s.slow_sources,
             "gap_fills": s.gap_fills,
             "origin_fetches": self.origin.fetches(),
             "origin_failures": self.origin.failures(),

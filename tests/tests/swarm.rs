@@ -125,7 +125,7 @@ async fn swarm_of_six_plays_and_survives_churn() {
         println!(
             "swarm: browser {i}: startup_ms={} advance={:.1}s longest_freeze_ms={:.0} \
              freezes>500ms={} samples={} stalls={} (+{} in window) stall_ms={} (+{:.0}) \
-             bytes_from_peers={} bytes_from_origin={} peers={} latency_ms={}",
+             bytes_from_peers={} bytes_from_origin={} peers={} latency_ms={} slow_sources={}",
             startup[i],
             p.advance(),
             p.longest_freeze_ms,
@@ -139,6 +139,7 @@ async fn swarm_of_six_plays_and_survives_churn() {
             s["bytes_from_origin"],
             s["peers"],
             s["latency_ms"],
+            s["slow_sources"],
         );
     }
     let ratio = |p: f64, o: f64| if p + o > 0.0 { p / (p + o) } else { 0.0 };
