@@ -57,7 +57,8 @@ pub const TICK_MS: u64 = 100;
 pub const NO_PEER_FALLBACK_MS: f64 = 3_000.0;
 /// Heartbeats sent but not yet answered that are remembered for the clock.
 const MAX_HEARTBEATS_IN_FLIGHT: usize = 8;
-/// First wait before reopening a dropped signaling socket, ms.
+/// First wait before reopening a dropped signaling socket, ms; each wait is
+/// jittered by ±25 %.
 pub const RECONNECT_MS: u64 = 500;
 /// Longest wait between reconnection attempts, ms.
 pub const MAX_RECONNECT_MS: u64 = 16_000;
@@ -308,7 +309,7 @@ impl Session {
             );
             return;
         }
-        let delay = (RECONNECT_MS << self.attempts.min(8)).min(MAX_RECONNECT_MS);
+        let delay = reconnect_delay_ms(self.attempts, js_sys::Math::random());
         self.attempts += 1;
         web_sys::console::warn_1(
             &format!("clubcast: signaling closed ({code}) {reason}; reconnecting in {delay} ms")
@@ -874,6 +875,20 @@ impl Drop for Session {
     }
 }
 
+/// Wait before reconnection attempt `attempts` (0 first), ms: [`RECONNECT_MS`]
+/// doubling up to [`MAX_RECONNECT_MS`], scaled by 0.75 to 1.25 with `unit` (a
+/// random draw in [0, 1)), so that viewers dropped together (a server restart)
+/// do not all come back in the same instant.
+pub(crate) fn reconnect_delay_ms(attempts: u32, unit: f64) -> u64 {
+    let base = (RECONNECT_MS << attempts.min(8)).min(MAX_RECONNECT_MS);
+    let unit = if unit.is_nan() {
+        0.5
+    } else {
+        unit.clamp(0.0, 1.0)
+    };
+    (base as f64 * (0.75 + 0.5 * unit)) as u64
+}
+
 /// `performance.now()`, ms.
 pub(crate) fn perf_now() -> f64 {
     timer::now().as_secs_f64() * 1000.0
@@ -885,4 +900,26 @@ pub(crate) fn ignore_promise(p: js_sys::Promise) {
     wasm_bindgen_futures::spawn_local(async move {
         let _ = wasm_bindgen_futures::JsFuture::from(p).await;
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reconnect_waits_double_to_a_cap_and_are_jittered() {
+        assert_eq!(reconnect_delay_ms(0, 0.5), RECONNECT_MS);
+        assert_eq!(reconnect_delay_ms(0, 0.0), RECONNECT_MS * 3 / 4);
+        assert_eq!(reconnect_delay_ms(0, 1.0), RECONNECT_MS * 5 / 4);
+        assert_eq!(reconnect_delay_ms(1, 0.5), 2 * RECONNECT_MS);
+        assert_eq!(reconnect_delay_ms(3, 0.5), 8 * RECONNECT_MS);
+        for attempts in [5, 6, 50, u32::MAX] {
+            assert_eq!(reconnect_delay_ms(attempts, 0.5), MAX_RECONNECT_MS);
+            assert!(reconnect_delay_ms(attempts, 0.999) < MAX_RECONNECT_MS * 5 / 4);
+        }
+        // A draw out of range is clamped.
+        assert_eq!(reconnect_delay_ms(0, -3.0), RECONNECT_MS * 3 / 4);
+        assert_eq!(reconnect_delay_ms(0, 7.0), RECONNECT_MS * 5 / 4);
+        assert_eq!(reconnect_delay_ms(0, f64::NAN), RECONNECT_MS);
+    }
 }
