@@ -228,9 +228,10 @@ pub enum PeerEvent {
         bytes: usize,
     },
     /// A last-hop source leaves its share to the origin: it is open but
-    /// too busy to push in time. The driver asks the server for another
-    /// source (the signaling `link_failed`); nothing is wrong with the
-    /// remote, so it is not reported.
+    /// too busy to push in time. Nothing is wrong with the remote, so it is
+    /// not reported as bad. The simulator then asks the server for another
+    /// source; the browser only counts it (replacing cascaded on an
+    /// overloaded machine).
     SlowSource {
         /// The remote.
         peer: PeerId,

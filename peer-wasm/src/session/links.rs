@@ -247,9 +247,7 @@ impl Links {
     }
 
     pub(super) fn close_all(&mut self) {
-        for (_, slot) in std::mem::take(&mut self.slots) {
-            slot.link.close();
-        }
+        self.reset();
         self.closing.clear();
     }
 
