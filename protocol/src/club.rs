@@ -447,9 +447,26 @@ impl Membership {
         remote: PeerId,
         _rng: &mut dyn RngCore,
     ) -> Vec<LinkChange> {
+        self.replace_where(peer, remote, |_| true)
+    }
+
+    /// Replaces only the last-hop source roles that `peer` holds towards
+    /// `remote` (a source too slow to keep up). The in-club links between the
+    /// two stay: a slow last hop says nothing about the club tree, and tearing
+    /// that down as well moves every downstream member at once.
+    pub fn replace_source(&mut self, peer: PeerId, remote: PeerId) -> Vec<LinkChange> {
+        self.replace_where(peer, remote, |r| matches!(r, LinkRole::Source { .. }))
+    }
+
+    fn replace_where(
+        &mut self,
+        peer: PeerId,
+        remote: PeerId,
+        keep: impl Fn(&LinkRole) -> bool,
+    ) -> Vec<LinkChange> {
         let mut out = Vec::new();
-        let roles = match self.peers.get(&peer).and_then(|e| e.links.get(&remote)) {
-            Some(r) => r.clone(),
+        let roles: Vec<LinkRole> = match self.peers.get(&peer).and_then(|e| e.links.get(&remote)) {
+            Some(r) => r.iter().copied().filter(|r| keep(r)).collect(),
             None => return out,
         };
         for role in &roles {
@@ -1101,6 +1118,65 @@ mod tests {
         let remote = m.links_of(p)[0].peer;
         m.replace(p, remote, &mut r);
         assert!(m.links_of(p).iter().all(|l| l.peer != remote));
+        check(&m);
+    }
+
+    #[test]
+    fn a_slow_source_loses_only_its_source_role() {
+        let mut m = Membership::new(ClubConfig::default());
+        let mut r = rng();
+        for p in 1..=200 {
+            m.join(p, true, &mut r);
+        }
+        let is_source = |l: &Link| matches!(l.role, LinkRole::Source { .. });
+        let roles_between = |m: &Membership, p: PeerId, q: PeerId| -> Vec<LinkRole> {
+            let mut v: Vec<_> = m
+                .links_of(p)
+                .into_iter()
+                .filter(|l| l.peer == q)
+                .map(|l| l.role)
+                .collect();
+            v.sort_by_key(|r| format!("{r:?}"));
+            v
+        };
+        // An in-club link only: nothing changes.
+        let (p, q) = (1..=200)
+            .find_map(|p| {
+                let links = m.links_of(p);
+                links
+                    .iter()
+                    .find(|l| {
+                        l.peer != SEEDER_PEER_ID
+                            && !links.iter().any(|k| k.peer == l.peer && is_source(k))
+                    })
+                    .map(|l| (p, l.peer))
+            })
+            .expect("some peer has an in-club link");
+        assert!(m.replace_source(p, q).is_empty());
+        // A source: that role moves to someone else, every other role stays.
+        let (p, q) = (1..=200)
+            .find_map(|p| {
+                m.links_of(p)
+                    .iter()
+                    .find(|l| is_source(l))
+                    .map(|l| (p, l.peer))
+            })
+            .expect("some peer has a last-hop source");
+        let before = roles_between(&m, p, q);
+        let sources = m.links_of(p).iter().filter(|l| is_source(l)).count();
+        let changes = m.replace_source(p, q);
+        assert!(!changes.is_empty());
+        let after = roles_between(&m, p, q);
+        let kept: Vec<_> = before
+            .iter()
+            .copied()
+            .filter(|r| !matches!(r, LinkRole::Source { .. }))
+            .collect();
+        assert_eq!(after, kept, "only the source roles went");
+        assert_eq!(
+            m.links_of(p).iter().filter(|l| is_source(l)).count(),
+            sources
+        );
         check(&m);
     }
 

@@ -637,8 +637,9 @@ impl Sim {
                     .arrival(id, seq, ingest_time_ms, now, server, bytes);
             }
             PeerEvent::SlowSource { peer } => {
-                // The signaling `link_failed`: another source, no report.
-                let changes = self.membership.replace(id, peer, &mut self.rng);
+                // Another last-hop source, no report. The in-club links
+                // between the two stay (see `Membership::replace_source`).
+                let changes = self.membership.replace_source(id, peer);
                 self.schedule_changes(now, changes);
             }
             PeerEvent::BadPeer { peer, .. } => {
