@@ -1,4 +1,4 @@
-//! Block decoding and verification never panic on arbitrary bytes.
+//! Block decoding (single and run) and verification never panic on arbitrary bytes.
 #![no_main]
 use bytes::Bytes;
 use clubcast_protocol::block::{Block, BlockVerifier, StreamSigner};
@@ -10,5 +10,9 @@ fuzz_target!(|data: &[u8]| {
         assert_eq!(&re[..], data, "decode then encode is the identity");
         let key = StreamSigner::from_seed(&[7; 32]).key();
         let _ = key.verify(block);
+    }
+    if let Ok(run) = Block::decode_run(Bytes::copy_from_slice(data), 64) {
+        let len: usize = run.iter().map(Block::encoded_len).sum();
+        assert_eq!(len, data.len(), "a run accounts for every byte");
     }
 });

@@ -71,6 +71,9 @@ pub enum BlockError {
     /// Flags carry bits this version does not define.
     #[error("unknown flag bits {0:#04x}")]
     Flags(u8),
+    /// A run carries more blocks than the reader accepts.
+    #[error("a run of more than {0} blocks")]
+    RunTooLong(usize),
     /// The signature does not verify under the stream key.
     #[error("bad signature")]
     Signature,
@@ -209,6 +212,36 @@ impl Block {
             signature,
             payload: bytes.slice(BLOCK_OVERHEAD..),
         })
+    }
+
+    /// Splits blocks sent back to back (an origin run) and parses each; at
+    /// most `max` of them. Each header's payload length says where the next
+    /// block starts. A tail too short for its header or its declared payload,
+    /// or more than `max` blocks, is an error.
+    pub fn decode_run(mut bytes: Bytes, max: usize) -> Result<Vec<Block>, BlockError> {
+        let mut out = Vec::new();
+        while !bytes.is_empty() {
+            if out.len() == max {
+                return Err(BlockError::RunTooLong(max));
+            }
+            if bytes.len() < BLOCK_OVERHEAD {
+                return Err(BlockError::Truncated(bytes.len()));
+            }
+            let declared =
+                u32::from_be_bytes([bytes[26], bytes[27], bytes[28], bytes[29]]) as usize;
+            if declared > MAX_PAYLOAD {
+                return Err(BlockError::TooLarge(declared));
+            }
+            let len = BLOCK_OVERHEAD + declared;
+            if bytes.len() < len {
+                return Err(BlockError::Length {
+                    declared,
+                    actual: bytes.len() - BLOCK_OVERHEAD,
+                });
+            }
+            out.push(Block::decode(bytes.split_to(len))?);
+        }
+        Ok(out)
     }
 
     /// Length of [`Block::encode`]'s output.
@@ -494,10 +527,51 @@ mod tests {
         assert!(StreamKey::from_id("short").is_err());
     }
 
+    #[test]
+    fn a_run_splits_into_its_blocks_and_a_cut_tail_is_an_error() {
+        let s = signer(3);
+        let blocks: Vec<Block> = (0..4u64)
+            .map(|i| {
+                let payload = Bytes::from(vec![i as u8; 100 + 700 * i as usize]);
+                s.sign(i, BlockFlags::empty(), i, i, payload)
+                    .expect("small")
+                    .into_block()
+            })
+            .collect();
+        let mut run = BytesMut::new();
+        for b in &blocks {
+            b.encode_into(&mut run);
+        }
+        let run = run.freeze();
+        assert_eq!(Block::decode_run(run.clone(), 4).expect("splits"), blocks);
+        assert_eq!(Block::decode_run(Bytes::new(), 4).expect("empty"), vec![]);
+        assert!(matches!(
+            Block::decode_run(run.clone(), 3),
+            Err(BlockError::RunTooLong(3))
+        ));
+        // Cut inside the last payload, then inside the last header.
+        let cut = run.slice(..run.len() - 1);
+        assert!(matches!(
+            Block::decode_run(cut, 4),
+            Err(BlockError::Length { .. })
+        ));
+        let last = blocks[3].encoded_len();
+        let cut = run.slice(..run.len() - last + 10);
+        assert!(matches!(
+            Block::decode_run(cut, 4),
+            Err(BlockError::Truncated(10))
+        ));
+    }
+
     proptest! {
         #[test]
         fn decode_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
             let _ = Block::decode(Bytes::from(bytes));
+        }
+
+        #[test]
+        fn decode_run_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..600)) {
+            let _ = Block::decode_run(Bytes::from(bytes), 4);
         }
 
         #[test]

@@ -6,6 +6,7 @@
 //! | `GET /streams/{id}` | one such object (`id` may be the name); 404 if unknown |
 //! | `GET /streams/{id}/init` | the init segment (`video/mp4`); 404 until published |
 //! | `GET`/`HEAD /streams/{id}/blocks/{seq}` | the encoded block |
+//! | `GET /streams/{id}/blocks?from={seq}&max={n}` | a run: the encoded blocks from `seq` on, back to back |
 //!
 //! Blocks are immutable: 200 carries `Cache-Control: public, max-age=31536000,
 //! immutable` and an `ETag` made from the block's signature, so any HTTP cache
@@ -19,6 +20,15 @@
 //! once (beyond it, 425 at once), and shutdown ends every wait. Without the
 //! header, 425 comes at once, so caches and other clients see no change.
 //!
+//! A run answers the produced blocks from `from` on, at most `max` (default and
+//! cap [`MAX_RUN_BLOCKS`]), concatenated; each block's header gives its length,
+//! so a client splits the body without any framing. The first block decides
+//! the status as for a single block (404, 425, 429, `Prefer: wait`); the run
+//! then stops before the first block not produced yet or over the grant. It is
+//! `no-cache` (its extent depends on when it is asked) and carries
+//! `X-Clubcast-Blocks: <count>`. A viewer that plays from the origin alone
+//! makes one request per fragment instead of one per block.
+//!
 //! Gap fill is metered: a `GET` that serves a block debits [`Grants`] by the
 //! encoded size × 8 bits, from the peer named by `Authorization: Bearer
 //! <grant_token>` or, without a token, from the shared anonymous bucket. Over
@@ -29,11 +39,12 @@
 
 use std::time::{Duration, Instant};
 
-use axum::extract::{Path, State};
+use axum::extract::{Path, RawQuery, State};
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
+use bytes::BytesMut;
 use serde::Serialize;
 
 use crate::app::AppState;
@@ -52,6 +63,10 @@ pub const MAX_WAIT: Duration = Duration::from_secs(5);
 pub const WAIT_AHEAD: u64 = 4;
 /// Most block requests waiting at once, over all streams.
 pub const MAX_WAITING_REQUESTS: usize = 4096;
+/// Most blocks in one run answer (and its default `max`): 256 KiB of 4-KiB blocks.
+pub const MAX_RUN_BLOCKS: u64 = 64;
+/// Header of a run answer: how many blocks it carries.
+pub const RUN_BLOCKS_HEADER: &str = "x-clubcast-blocks";
 
 /// Errors the origin answers with.
 #[derive(Debug, thiserror::Error)]
@@ -66,6 +81,9 @@ pub enum OriginError {
     /// The seq is not a decimal u64.
     #[error("block seq must be a decimal integer")]
     BadSeq,
+    /// A run's query is not `from=<seq>[&max=<n>]` with decimal numbers, n ≥ 1.
+    #[error("a run is asked as ?from=<seq>&max=<n> with decimal integers, n >= 1")]
+    BadRun,
     /// The block was evicted from the store.
     #[error("block {0} is no longer stored")]
     Evicted(u64),
@@ -86,7 +104,7 @@ impl OriginError {
             OriginError::UnknownStream(_) | OriginError::NoInit | OriginError::Evicted(_) => {
                 StatusCode::NOT_FOUND
             }
-            OriginError::BadSeq => StatusCode::BAD_REQUEST,
+            OriginError::BadSeq | OriginError::BadRun => StatusCode::BAD_REQUEST,
             OriginError::NotYet(_) => StatusCode::TOO_EARLY,
             OriginError::BadAuthorization | OriginError::Grant(GrantError::UnknownToken) => {
                 StatusCode::UNAUTHORIZED
@@ -101,6 +119,7 @@ impl OriginError {
             OriginError::UnknownStream(_) => "unknown_stream",
             OriginError::NoInit => "not_published",
             OriginError::BadSeq => "bad_seq",
+            OriginError::BadRun => "bad_run",
             OriginError::Evicted(_) => "evicted",
             OriginError::NotYet(_) => "not_yet",
             OriginError::BadAuthorization => "bad_authorization",
@@ -166,6 +185,7 @@ pub fn router() -> Router<AppState> {
         .route("/streams/{id}", get(one))
         .route("/streams/{id}/init", get(init))
         .route("/streams/{id}/blocks/{seq}", get(block))
+        .route("/streams/{id}/blocks", get(run))
 }
 
 fn ok(metrics: &Metrics, r: impl IntoResponse) -> Response {
@@ -237,9 +257,62 @@ async fn block(
             &headers,
         )
     };
+    answer_or_wait(&state, &id, &headers, serve).await
+}
+
+async fn run(
+    State(state): State<AppState>,
+    method: Method,
+    Path(id): Path<String>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+) -> Response {
+    let (from, max) = match run_query(query.as_deref()) {
+        Ok(q) => q,
+        Err(e) => return e.respond(&state.metrics),
+    };
+    let serve = || {
+        serve_run(
+            &state.streams,
+            &state.grants,
+            &state.metrics,
+            &method,
+            &id,
+            (from, max),
+            &headers,
+        )
+    };
+    answer_or_wait(&state, &id, &headers, serve).await
+}
+
+/// `from` and `max` of a run's query string; `max` defaults to, and is capped
+/// at, [`MAX_RUN_BLOCKS`]. Unknown keys are ignored.
+fn run_query(query: Option<&str>) -> Result<(u64, u64), OriginError> {
+    let (mut from, mut max) = (None, MAX_RUN_BLOCKS);
+    for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = pair.split_once('=').ok_or(OriginError::BadRun)?;
+        let n: u64 = v.parse().map_err(|_| OriginError::BadRun)?;
+        match k {
+            "from" => from = Some(n),
+            "max" if n >= 1 => max = n.min(MAX_RUN_BLOCKS),
+            "max" => return Err(OriginError::BadRun),
+            _ => {}
+        }
+    }
+    Ok((from.ok_or(OriginError::BadRun)?, max))
+}
+
+/// Answers `serve`; when that is "not produced yet" and the client sent
+/// `Prefer: wait`, waits for the block (see [`wait_for`]) and answers again.
+async fn answer_or_wait(
+    state: &AppState,
+    id: &str,
+    headers: &HeaderMap,
+    serve: impl Fn() -> Result<Response, OriginError>,
+) -> Response {
     let mut answer = serve();
-    if let (Err(OriginError::NotYet(n)), Some(wait)) = (&answer, prefer_wait(&headers)) {
-        if let Some(stream) = state.streams.get(&id) {
+    if let (Err(OriginError::NotYet(n)), Some(wait)) = (&answer, prefer_wait(headers)) {
+        if let Some(stream) = state.streams.get(id) {
             let produced = tokio::select! {
                 p = wait_for(&stream, *n, wait, &state.origin_waiters) => p,
                 () = state.shutdown.cancelled() => false,
@@ -370,6 +443,55 @@ fn serve_block(
     Ok((StatusCode::OK, cache, ctype, block.encoded.clone()).into_response())
 }
 
+/// A run of blocks from `from`, at most `max`: see the module doc.
+fn serve_run(
+    streams: &crate::stream::Streams,
+    grants: &Grants,
+    metrics: &Metrics,
+    method: &Method,
+    id: &str,
+    (from, max): (u64, u64),
+    headers: &HeaderMap,
+) -> Result<Response, OriginError> {
+    let stream = streams
+        .get(id)
+        .ok_or_else(|| OriginError::UnknownStream(id.chars().take(80).collect()))?;
+    let token = bearer(headers)?;
+    let now = Instant::now();
+    let mut body = BytesMut::new();
+    let mut count = 0u64;
+    for seq in from..from.saturating_add(max) {
+        let block = match (stream.block(seq), count) {
+            (Lookup::Found(b), _) => b,
+            (Lookup::Evicted, 0) => return Err(OriginError::Evicted(seq)),
+            (Lookup::NotYet, 0) => return Err(OriginError::NotYet(seq)),
+            _ => break,
+        };
+        if method != Method::HEAD {
+            let len = block.encoded.len() as u64;
+            match grants.debit(token, len * 8, now) {
+                Ok(()) => metrics.gap_fill(len),
+                Err(e) if count == 0 => return Err(e.into()),
+                Err(_) => break,
+            }
+        }
+        body.extend_from_slice(&block.encoded);
+        count += 1;
+    }
+    let headers = [
+        (header::CACHE_CONTROL, HeaderValue::from_static("no-cache")),
+        (
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/octet-stream"),
+        ),
+        (
+            header::HeaderName::from_static(RUN_BLOCKS_HEADER),
+            HeaderValue::from(count),
+        ),
+    ];
+    Ok((StatusCode::OK, headers, body.freeze()).into_response())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -399,5 +521,30 @@ mod tests {
         assert_eq!(prefer(&["wait=-1"]), None);
         assert_eq!(prefer(&["wait=soon"]), None);
         assert_eq!(prefer(&["waiting=2"]), None);
+    }
+
+    #[test]
+    fn run_query_needs_from_and_caps_max() {
+        assert_eq!(run_query(Some("from=7")).ok(), Some((7, MAX_RUN_BLOCKS)));
+        assert_eq!(run_query(Some("from=7&max=3")).ok(), Some((7, 3)));
+        assert_eq!(run_query(Some("max=3&from=0&x=1")).ok(), Some((0, 3)));
+        assert_eq!(
+            run_query(Some("from=7&max=100000")).ok(),
+            Some((7, MAX_RUN_BLOCKS))
+        );
+        for bad in [
+            None,
+            Some(""),
+            Some("max=3"),
+            Some("from=-1"),
+            Some("from=7&max=0"),
+            Some("from"),
+            Some("from=1e3"),
+        ] {
+            assert!(
+                matches!(run_query(bad), Err(OriginError::BadRun)),
+                "{bad:?}"
+            );
+        }
     }
 }

@@ -6,11 +6,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use clubcast_protocol::block::Block;
 use clubcast_protocol::block::BlockFlags;
 use clubcast_protocol::signal::ServerMsg;
 use clubcast_server::app::{app, AppState};
 use clubcast_server::config::Config;
-use clubcast_server::origin::{IMMUTABLE, WAIT_AHEAD};
+use clubcast_server::origin::{IMMUTABLE, MAX_RUN_BLOCKS, RUN_BLOCKS_HEADER, WAIT_AHEAD};
 use clubcast_server::stream::{StoreConfig, Streams};
 use futures_util::{SinkExt, StreamExt};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -236,6 +237,103 @@ async fn prefer_wait_holds_a_request_for_the_next_block_until_it_is_produced() {
 }
 
 #[tokio::test]
+async fn a_run_carries_the_produced_blocks_back_to_back() {
+    let (addr, state) = serve(Config::default(), 3600).await;
+    publish(&state, 10);
+    let stream = state.streams.get("demo").expect("exists");
+    let encoded = |seq| match stream.block(seq) {
+        clubcast_server::store::Lookup::Found(b) => b.encoded.to_vec(),
+        _ => panic!("block {seq} stored"),
+    };
+    let r = http(addr, "GET", "/streams/demo/blocks?from=2&max=3", &[]).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header(RUN_BLOCKS_HEADER), Some("3"));
+    assert_eq!(r.header("cache-control"), Some("no-cache"));
+    assert_eq!(r.body, [encoded(2), encoded(3), encoded(4)].concat());
+    let run = Block::decode_run(Bytes::from(r.body), 3).expect("splits");
+    assert_eq!(
+        run.iter().map(|b| b.header.seq).collect::<Vec<_>>(),
+        [2, 3, 4]
+    );
+    // Without max, up to the newest block.
+    let r = http(addr, "GET", "/streams/demo/blocks?from=8", &[]).await;
+    assert_eq!(r.header(RUN_BLOCKS_HEADER), Some("2"));
+    // The first block decides: not produced yet, with or without a wait.
+    let r = http(addr, "GET", "/streams/demo/blocks?from=10", &[]).await;
+    assert_eq!(r.status, 425);
+    let s = state.streams.get("demo").expect("exists");
+    let publisher = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        for seq in 10..12 {
+            s.publish(
+                BlockFlags::FRAGMENT_START,
+                seq,
+                seq * 1000,
+                Bytes::from(vec![1; PAYLOAD]),
+            )
+            .expect("publish");
+        }
+    });
+    let r = tokio::time::timeout(
+        4 * WAIT,
+        http(
+            addr,
+            "GET",
+            "/streams/demo/blocks?from=10",
+            &[("Prefer", "wait=5")],
+        ),
+    )
+    .await
+    .expect("answered");
+    publisher.await.expect("published");
+    assert_eq!(r.status, 200);
+    let first = Block::decode_run(Bytes::from(r.body), MAX_RUN_BLOCKS as usize).expect("splits");
+    assert_eq!(first.first().map(|b| b.header.seq), Some(10));
+    // Malformed queries are 400 with a code; unknown streams 404.
+    for q in ["", "?max=3", "?from=x", "?from=1&max=0", "?from"] {
+        let r = http(addr, "GET", &format!("/streams/demo/blocks{q}"), &[]).await;
+        assert_eq!(r.status, 400, "{q}");
+        assert_eq!(r.json()["code"], "bad_run");
+    }
+    let r = http(addr, "GET", "/streams/nope/blocks?from=0", &[]).await;
+    assert_eq!(r.status, 404);
+}
+
+#[tokio::test]
+async fn a_run_stops_at_the_grant_and_an_evicted_start_is_404() {
+    let cfg = Config {
+        origin_budget_kbps: 100,
+        ..Config::default()
+    };
+    let (addr, state) = serve(cfg, 5).await;
+    publish(&state, 10);
+    // The oldest blocks are evicted (5 s kept of 10 blocks 1 s apart).
+    let r = http(addr, "GET", "/streams/demo/blocks?from=0", &[]).await;
+    assert_eq!(r.status, 404);
+    assert_eq!(r.json()["code"], "evicted");
+    // The anonymous bucket (25_000 bits) holds `fit` blocks: the run stops there.
+    let fit = 25_000 / block_bits(&state, 5);
+    assert!((1..5).contains(&fit));
+    let r = http(addr, "GET", "/streams/demo/blocks?from=5", &[]).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header(RUN_BLOCKS_HEADER), Some(fit.to_string().as_str()));
+    let before = state.metrics.render();
+    let r = http(
+        addr,
+        "GET",
+        &format!("/streams/demo/blocks?from={}", 5 + fit),
+        &[],
+    )
+    .await;
+    assert_eq!(r.status, 429);
+    assert_eq!(r.json()["code"], "over_anonymous_budget");
+    assert!(before.contains(&format!(
+        "clubcast_gap_fill_bytes_total {}",
+        fit * block_bits(&state, 5) / 8
+    )));
+}
+
+#[tokio::test]
 async fn streams_are_listed_and_init_is_404_until_published() {
     let (addr, state) = serve(Config::default(), 120).await;
     let r = http(addr, "GET", "/streams", &[]).await;
@@ -276,8 +374,8 @@ async fn streams_are_listed_and_init_is_404_until_published() {
 }
 
 /// Encoded size of a test block, bits.
-fn block_bits(state: &AppState) -> u64 {
-    match state.streams.get("demo").expect("exists").block(0) {
+fn block_bits(state: &AppState, seq: u64) -> u64 {
+    match state.streams.get("demo").expect("exists").block(seq) {
         clubcast_server::store::Lookup::Found(b) => b.encoded.len() as u64 * 8,
         _ => panic!("block 0 stored"),
     }
@@ -292,7 +390,7 @@ async fn anonymous_fetches_share_a_capped_bucket() {
     };
     let (addr, state) = serve(cfg, 120).await;
     publish(&state, 10);
-    let fit = 25_000 / block_bits(&state);
+    let fit = 25_000 / block_bits(&state, 0);
     assert!(fit >= 1);
     for seq in 0..fit {
         let r = http(addr, "GET", &format!("/streams/demo/blocks/{seq}"), &[]).await;
@@ -379,7 +477,7 @@ async fn bids_over_the_budget_are_cut_and_fetches_beyond_a_grant_get_429() {
     let units = 75_000 / unit;
     let (addr, state) = serve(cfg, 120).await;
     publish(&state, 20);
-    let bits = block_bits(&state);
+    let bits = block_bits(&state, 0);
     let (mut a, token_a) = join(addr).await;
     let (mut b, token_b) = join(addr).await;
     assert!(bits <= unit && units >= 4, "{bits} {unit}");

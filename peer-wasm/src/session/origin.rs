@@ -6,10 +6,13 @@
 //! anything else to `handle_gap_fill_failed`. A 429 (over the grant) pauses all
 //! origin fetches until its `Retry-After` or the next grant.
 //!
-//! In order (`p2p: false`): every block from `start_seq` on is fetched, at most
-//! [`LOOKAHEAD`] beyond the newest known one, with `Prefer:` [`IN_ORDER_PREFER`],
-//! so the origin answers a block not produced yet when it is produced instead
-//! of with 425; a 425 (the wait ran out) is retried after
+//! In order (`p2p: false`, or a p2p session with no open link): every block
+//! from `start_seq` on is fetched in runs (`GET …/blocks?from=<next>&max=`
+//! [`RUN_MAX`]: the produced blocks from `next` on, back to back), one run at a
+//! time, with `Prefer:` [`IN_ORDER_PREFER`], so the origin holds a run whose
+//! first block is not produced yet until it is. The demo's fragments are
+//! published whole, so this is about one request per fragment instead of one
+//! per 4-KiB block. A 425 (the wait ran out) is retried after
 //! [`NOT_YET_RETRY_MS`], so the fetcher follows the live edge closely.
 
 use std::collections::{BTreeMap, VecDeque};
@@ -29,8 +32,10 @@ use super::Input;
 pub const MAX_ORIGIN_FETCHES: usize = 4;
 /// Gap fills waiting for a fetch slot; beyond it the oldest is failed.
 pub const MAX_GAP_QUEUE: usize = 256;
-/// In order: blocks fetched beyond the newest one known to exist.
+/// In order: how far beyond the newest block known to exist a run may start.
 pub const LOOKAHEAD: u64 = 2;
+/// In order: most blocks asked for in one run (the origin's cap is 64).
+pub const RUN_MAX: u64 = 64;
 /// `Prefer` header of in-order fetches (RFC 7240): the origin holds a request
 /// for a block not produced yet up to this long.
 pub const IN_ORDER_PREFER: &str = "wait=2";
@@ -54,9 +59,11 @@ pub fn full_rate_bits(bitrate_kbps: u32, interval_ms: f64, core_bits: u64) -> u6
 }
 
 struct InOrder {
+    /// First block not fetched yet.
     next: u64,
     edge: u64,
-    retry: BTreeMap<u64, f64>,
+    /// No run before this `performance.now()`.
+    not_before: f64,
 }
 
 pub(super) struct Origin {
@@ -103,7 +110,7 @@ impl Origin {
         self.in_order = Some(InOrder {
             next: start,
             edge,
-            retry: BTreeMap::new(),
+            not_before: 0.0,
         });
     }
 
@@ -147,35 +154,28 @@ impl Origin {
         if now < self.paused_until {
             return;
         }
+        if let Some(o) = &mut self.in_order {
+            // One run at a time, from the first block playback still needs.
+            o.next = o.next.max(next_play.unwrap_or(0));
+            if self.inflight.is_empty() && now >= o.not_before && o.next <= o.edge + LOOKAHEAD {
+                let from = o.next;
+                let url = format!("{}?from={from}&max={RUN_MAX}", base.trim_end_matches('/'));
+                self.spawn(url, token, from, true, true);
+            }
+            return;
+        }
         while self.inflight.len() < MAX_ORIGIN_FETCHES {
-            let seq = match &mut self.in_order {
-                Some(o) => {
-                    o.retry.retain(|s, _| next_play.is_none_or(|p| *s >= p));
-                    let due = o.retry.iter().find(|(_, at)| now >= **at).map(|(s, _)| *s);
-                    match due {
-                        Some(s) => {
-                            o.retry.remove(&s);
-                            Some(s)
-                        }
-                        None if o.next <= o.edge + LOOKAHEAD => {
-                            o.next += 1;
-                            Some(o.next - 1)
-                        }
-                        None => None,
-                    }
-                }
-                None => self.queue.pop_front(),
+            let Some(seq) = self.queue.pop_front() else {
+                break;
             };
-            let Some(seq) = seq else { break };
             if next_play.is_some_and(|p| seq < p) || self.inflight.contains_key(&seq) {
                 continue;
             }
-            let wait = self.in_order.is_some();
-            self.spawn(format!("{base}{seq}"), token, seq, wait);
+            self.spawn(format!("{base}{seq}"), token, seq, false, false);
         }
     }
 
-    fn spawn(&mut self, url: String, token: &str, seq: u64, wait: bool) {
+    fn spawn(&mut self, url: String, token: &str, seq: u64, wait: bool, run: bool) {
         let Ok(abort) = Abort::new() else { return };
         let abort = Rc::new(abort);
         self.inflight.insert(seq, Rc::clone(&abort));
@@ -187,18 +187,18 @@ impl Origin {
                 headers.push(("Prefer", IN_ORDER_PREFER));
             }
             let result = fetch_bytes(&url, &headers, Some(&abort)).await;
-            deliver(&weak, Input::Origin { seq, result });
+            deliver(&weak, Input::Origin { seq, run, result });
         });
     }
 
-    /// A fetch finished. `now` is the server clock for the core; `perf` is
-    /// `performance.now()` for retries.
+    /// A fetch finished: a run (from `seq`) or one block. `now` is the server
+    /// clock for the core; `perf` is `performance.now()` for retries.
     pub(super) fn handle_result(
         &mut self,
         core: &mut Peer<StreamKey>,
         now: Time,
         perf: f64,
-        seq: u64,
+        (seq, run): (u64, bool),
         result: Result<Fetched, FetchError>,
     ) {
         if self.inflight.remove(&seq).is_none() {
@@ -208,6 +208,10 @@ impl Origin {
             core.handle_gap_fill_failed(now, s);
         }
         self.fetches += 1;
+        if run {
+            self.handle_run(core, now, perf, seq, result);
+            return;
+        }
         let not_yet = matches!(result, Err(FetchError::Status(425)));
         let block = match result {
             Ok(f) => Block::decode(Bytes::from(f.bytes))
@@ -225,23 +229,64 @@ impl Origin {
             Err(_) => Err(Some(perf + ERROR_RETRY_MS)),
         };
         match block {
-            Ok(b) => {
-                if let Some(o) = &mut self.in_order {
-                    o.edge = o.edge.max(seq);
-                }
-                core.handle_origin_block(now, b);
-            }
-            Err(retry) => {
+            Ok(b) => core.handle_origin_block(now, b),
+            Err(_) => {
                 if !not_yet {
                     self.failures += 1;
                 }
-                match (&mut self.in_order, retry) {
-                    (Some(o), Some(at)) => {
-                        o.retry.insert(seq, at);
-                    }
-                    (Some(_), None) => {}
-                    (None, _) => core.handle_gap_fill_failed(now, seq),
+                core.handle_gap_fill_failed(now, seq);
+            }
+        }
+    }
+
+    /// A run from `from` finished (in order).
+    fn handle_run(
+        &mut self,
+        core: &mut Peer<StreamKey>,
+        now: Time,
+        perf: f64,
+        from: u64,
+        result: Result<Fetched, FetchError>,
+    ) {
+        let blocks = match result {
+            Ok(f) => Block::decode_run(Bytes::from(f.bytes), RUN_MAX as usize)
+                .ok()
+                .filter(|run| {
+                    // Consecutive from `from`, as asked.
+                    !run.is_empty() && run.iter().zip(from..).all(|(b, seq)| b.header.seq == seq)
+                })
+                .ok_or((ERROR_RETRY_MS, true)),
+            Err(FetchError::Aborted) => return,
+            Err(FetchError::RateLimited { retry_after }) => {
+                let pause = retry_after.map_or(RATE_LIMIT_PAUSE_MS, |d| d.as_millis() as f64);
+                self.paused_until = perf + pause.min(MAX_PAUSE_MS);
+                Err((0.0, true))
+            }
+            // The wait ran out: not a failure.
+            Err(FetchError::Status(425)) => Err((NOT_YET_RETRY_MS, false)),
+            // Anything else, an evicted start (404) included, is retried from
+            // the block playback needs next (a skip moves it on).
+            Err(_) => Err((ERROR_RETRY_MS, true)),
+        };
+        let Some(o) = &mut self.in_order else {
+            // Switched back to gap fill while the run was out: keep what came.
+            for b in blocks.into_iter().flatten() {
+                core.handle_origin_block(now, b);
+            }
+            return;
+        };
+        match blocks {
+            Ok(run) => {
+                let last = from + run.len() as u64 - 1;
+                o.next = o.next.max(last + 1);
+                o.edge = o.edge.max(last);
+                for b in run {
+                    core.handle_origin_block(now, b);
                 }
+            }
+            Err((wait, failed)) => {
+                self.failures += u64::from(failed);
+                o.not_before = perf + wait;
             }
         }
     }
