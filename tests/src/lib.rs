@@ -45,6 +45,11 @@ pub const CHROMIUM_FLAGS: &[&str] = &[
     "--disable-component-update",
     "--disable-sync",
     "--autoplay-policy=no-user-gesture-required",
+    // A small window: with `--disable-gpu` Chromium scales and composites every
+    // video frame in software, which at the default 800×600 cost about 4 points
+    // of a core per player (13 → 9 % with P2P on, 2 browsers, `bench_e2e`). A
+    // viewer's GPU does that work; decoding and the peer still run in full.
+    "--window-size=320,240",
 ];
 /// Reads the page's first `<video>` (see [`Browser::video`]).
 const VIDEO_JS: &str = "const v = document.querySelector('video');

@@ -13,7 +13,7 @@
 //! the window of `--secs` starts when all show a first frame, and in it every
 //! browser is sampled once a second (stats, `<video>`, RSS). Writes
 //! `e2e.md` (definitions, goals, table) and `e2e.json` into `--out`.
-//! `--extra N` adds rows for N browsers (both modes), labelled as such.
+//! `--extra N` adds rows for N browsers (both modes), labelled as such; 0 adds none.
 //! Nothing is asserted: the figures are reported as measured.
 
 #![recursion_limit = "256"]
@@ -22,7 +22,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use clubcast_tests::{http_get, num, quantile, Browser, Server, ServerOptions};
+use clubcast_tests::{http_get, num, quantile, Browser, Server, ServerOptions, CHROMIUM_FLAGS};
 use fantoccini::Client;
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -67,7 +67,7 @@ fn args() -> Args {
         match k.as_str() {
             "--browsers" => a.browsers = v().parse().expect("--browsers N"),
             "--secs" => a.secs = v().parse().expect("--secs S"),
-            "--extra" => a.extra = Some(v().parse().expect("--extra N")),
+            "--extra" => a.extra = Some(v().parse().expect("--extra N")).filter(|n| *n > 0),
             "--stagger-ms" => {
                 a.stagger = Duration::from_millis(v().parse().expect("--stagger-ms MS"))
             }
@@ -544,7 +544,9 @@ fn markdown(meta: &Value, rows: &[Value]) -> String {
     s.push_str("# End-to-end: headless Chromium peers on the demo stream\n\n");
     s.push_str(&format!(
         "- date: {}\n- commit: {}\n- machine: nproc {}, {}\n- command: `{}`\n- server: `{}`\n\
-         - browsers: {}, headless, one chromedriver and one profile each; all started on a \
+         - browsers: {}, with `{}` (the window is small so that software compositing, which a \
+         viewer's GPU does, does not crowd out the players), one chromedriver and one \
+         profile each; all started on a \
          blank page first, then after 5 s each opened the watch page, {} ms apart (staggered \
          so that 12 page loads do not all land on 2 cores at once); each mode \
          has a fresh server and fresh browsers\n- window: {} s per mode, starting when every \
@@ -556,6 +558,7 @@ fn markdown(meta: &Value, rows: &[Value]) -> String {
         meta["command"].as_str().unwrap_or(""),
         meta["server"].as_str().unwrap_or(""),
         meta["chromium"].as_str().unwrap_or(""),
+        meta["chromium_flags"].as_str().unwrap_or(""),
         meta["stagger_ms"],
         meta["secs"],
     ));
@@ -720,6 +723,7 @@ async fn main() {
         "argv": std::env::args().collect::<Vec<_>>().join(" "),
         "server": format!("{server} (dev profile: dependencies at opt-level 2, our crates at 0)"),
         "chromium": sh(&std::env::var("CHROMIUM").unwrap_or("/usr/bin/chromium".into()), &["--version"]),
+        "chromium_flags": CHROMIUM_FLAGS.join(" "),
         "stagger_ms": a.stagger.as_millis() as u64,
         "secs": a.secs,
         "uptime": sh("uptime", &[]),
