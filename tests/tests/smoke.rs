@@ -28,29 +28,35 @@ async fn one_viewer_plays_the_demo_stream() {
     play(&server, "", "smoke").await;
 }
 
-/// A P2P-off viewer fetches every block from the origin in order. It asks with
-/// `Prefer: wait`, so the origin holds a request for a block not produced yet
-/// instead of answering 425: before that, the player polled the next blocks
-/// every 150 ms (94 answers 425 for 152 blocks in one run without it; 0 for
-/// 163 with it).
+/// A P2P-off viewer fetches every block from the origin in order, in runs
+/// (`/blocks?from=N`), with `Prefer: wait`: the origin holds a run whose first
+/// block is not produced yet instead of answering 425, and answers the whole
+/// fragment at once. Before runs it made one request per block (about 25 a
+/// second on the demo); before `Prefer: wait` it also polled (94 answers 425
+/// for 152 blocks in one run).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_p2p_off_viewer_follows_the_live_edge_without_polling() {
+async fn a_p2p_off_viewer_follows_the_live_edge_in_runs_without_polling() {
     let server = demo_server().await;
     play(&server, "?p2p=0", "smoke p2p=0").await;
     let m = server.metrics().await.expect("metrics");
+    let get = |k: &str| m.get(k).copied().unwrap_or(0.0);
     let count = |status: &str| {
-        m.get(&format!(
+        get(&format!(
             "clubcast_origin_requests_total{{status=\"{status}\"}}"
         ))
-        .copied()
-        .unwrap_or(0.0)
     };
     let (ok, not_yet) = (count("200"), count("425"));
-    println!("smoke p2p=0: origin 200s {ok}, 425s {not_yet}");
+    // A block is at most 4 KiB of payload plus its header and signature.
+    let blocks_at_least = get("clubcast_gap_fill_bytes_total") / f64::from(4096 + 94);
+    println!("smoke p2p=0: origin 200s {ok}, 425s {not_yet}, blocks >= {blocks_at_least:.0}");
     assert!(ok > 0.0, "blocks came from the origin: {m:?}");
     assert!(
-        not_yet * 4.0 <= ok,
-        "{not_yet} answers 425 for {ok} blocks served: the player polls"
+        ok * 4.0 <= blocks_at_least,
+        "{ok} requests for at least {blocks_at_least:.0} blocks: the player does not fetch runs"
+    );
+    assert!(
+        not_yet <= ok,
+        "{not_yet} answers 425 for {ok} runs served: the player polls"
     );
 }
 
