@@ -29,6 +29,8 @@ pub const KICK_REPORTS: usize = 2;
 pub const SPIN_BACKOFF_US: u64 = 5_000;
 /// Bid interval, µs (the server's default).
 pub const BID_INTERVAL_US: u64 = 1_000_000;
+/// With `CLUBCAST_SIM_DEBUG`, running totals are printed this often (sim time).
+pub const DEBUG_EVERY_US: u64 = 10_000_000;
 /// Seconds of stream a simulated peer caches. A browser keeps up to
 /// `MAX_CACHE_BLOCKS`, but live viewers never ask for blocks this old, and a
 /// cached block costs the simulator about 150 bytes per peer (10,000 peers ×
@@ -114,6 +116,10 @@ pub struct Sim {
     cache_blocks: usize,
     /// Skipped blocks of the skipper's own clubs and of other clubs (debug).
     skipped_split: (u64, u64),
+    /// `SlowSource` reports (debug).
+    slow_reports: u64,
+    /// `CLUBCAST_SIM_DEBUG` is set: print totals every [`DEBUG_EVERY_US`].
+    debug: bool,
     end_us: u64,
 }
 
@@ -156,6 +162,8 @@ impl Sim {
                 .div_ceil(cfg.block_kib * 1024)
                 .max(64) as usize,
             skipped_split: (0, 0),
+            slow_reports: 0,
+            debug: std::env::var_os("CLUBCAST_SIM_DEBUG").is_some(),
             stream,
             slots,
             verifier,
@@ -178,7 +186,7 @@ impl Sim {
             self.handle(now, ev);
         }
         let ids: Vec<PeerId> = (1..self.slots.len() as PeerId).collect();
-        if std::env::var_os("CLUBCAST_SIM_DEBUG").is_some() {
+        if self.debug {
             let mut tot = clubcast_protocol::peer::PeerStats::default();
             for s in self.slots.iter().filter_map(|s| s.peer.as_ref()) {
                 tot.add(&s.stats());
@@ -328,6 +336,17 @@ impl Sim {
                     .collect();
                 self.origin.new_interval(&bids, self.block_bits);
                 self.q.push(now + BID_INTERVAL_US, Ev::Bid);
+                if self.debug && now % DEBUG_EVERY_US < BID_INTERVAL_US {
+                    eprintln!(
+                        "t {:>4} s: skipped own/other {:?}, fills ok {} denied {}, slow-source reports {}, retransmits {}",
+                        now / 1_000_000,
+                        self.skipped_split,
+                        self.origin.fills_ok,
+                        self.origin.fills_denied,
+                        self.slow_reports,
+                        self.wire.retransmits,
+                    );
+                }
             }
         }
     }
@@ -637,6 +656,7 @@ impl Sim {
                     .arrival(id, seq, ingest_time_ms, now, server, bytes);
             }
             PeerEvent::SlowSource { peer } => {
+                self.slow_reports += 1;
                 // Another last-hop source, no report. The in-club links
                 // between the two stay (see `Membership::replace_source`).
                 let changes = self.membership.replace_source(id, peer);
