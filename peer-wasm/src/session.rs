@@ -120,10 +120,9 @@ pub(crate) enum Input {
     Mse(MseEvent),
     Video(VideoEvent),
     Init(Result<Fetched, FetchError>),
-    /// An origin fetch: one block, or a run from `seq` (in order).
+    /// An origin fetch from `seq`: one block or a run.
     Origin {
         seq: u64,
-        run: bool,
         result: Result<Fetched, FetchError>,
     },
     Wake,
@@ -270,7 +269,7 @@ impl Session {
             Input::Mse(e) => self.on_mse(e),
             Input::Video(e) => self.on_video(e),
             Input::Init(r) => self.on_init(r),
-            Input::Origin { seq, run, result } => self.on_origin((seq, run), result),
+            Input::Origin { seq, result } => self.on_origin(seq, result),
             Input::Wake => {
                 self.core_deadline = None;
                 let now = self.now();
@@ -719,11 +718,11 @@ impl Session {
         }
     }
 
-    fn on_origin(&mut self, fetch: (u64, bool), result: Result<Fetched, FetchError>) {
+    fn on_origin(&mut self, seq: u64, result: Result<Fetched, FetchError>) {
         let now = self.now();
         let Some(j) = &mut self.joined else { return };
         self.origin
-            .handle_result(&mut j.peer, now, perf_now(), fetch, result);
+            .handle_result(&mut j.peer, now, perf_now(), seq, result);
         if !self.origin.busy() {
             self.links.flush_deferred(&mut j.peer, j.corrupt);
         }

@@ -2,8 +2,11 @@
 //!
 //! Gap fill: each `GapFill{seq}` is queued (at most [`MAX_GAP_QUEUE`]) and
 //! fetched with `Authorization: Bearer <grant_token>`, at most
-//! [`MAX_ORIGIN_FETCHES`] at a time. 200 goes to `handle_origin_block`;
-//! anything else to `handle_gap_fill_failed`. A 429 (over the grant) pauses all
+//! [`MAX_ORIGIN_FETCHES`] at a time. Gaps queued one after the other (the
+//! startup backlog, a lost link's share) go as one run of up to [`RUN_MAX`]
+//! (`…/blocks?from=<seq>&max=<n>`), others as single blocks. What arrives goes
+//! to `handle_origin_block`; every asked block that did not arrive (an error,
+//! or a run the origin cut short at the grant) to `handle_gap_fill_failed`. A 429 (over the grant) pauses all
 //! origin fetches until its `Retry-After` or the next grant.
 //!
 //! In order (`p2p: false`, or a p2p session with no open link): every block
@@ -50,6 +53,18 @@ pub const ERROR_RETRY_MS: f64 = 500.0;
 /// Bid headroom over the stream's bitrate estimate, in order.
 pub const FULL_RATE_HEADROOM: f64 = 1.5;
 
+/// Gaps queued one after the other (the startup backlog, a lost link's share)
+/// go as one run: takes from the front of `queue` the seqs that follow `first`
+/// without a hole, up to `max` in all, and says how many the run holds.
+fn take_run(queue: &mut VecDeque<u64>, first: u64, max: u64) -> u64 {
+    let mut count = 1;
+    while count < max && queue.front() == Some(&(first + count)) {
+        queue.pop_front();
+        count += 1;
+    }
+    count
+}
+
 /// The bid of an origin-only viewer: the whole stream for one interval, with
 /// headroom, and never less than what the core counts as due (`core_bits`).
 /// A viewer that joins a stream too new for the server to know its bitrate
@@ -66,10 +81,25 @@ struct InOrder {
     not_before: f64,
 }
 
+/// What a running fetch asked for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ask {
+    /// Gap fill: the `count` blocks from the fetch's seq, one block or a run.
+    Gaps { count: u64 },
+    /// In order: a run from the fetch's seq, as many as the origin has.
+    InOrder,
+}
+
+struct Inflight {
+    ask: Ask,
+    abort: Rc<Abort>,
+}
+
 pub(super) struct Origin {
     weak: Weak<Shared>,
     queue: VecDeque<u64>,
-    inflight: BTreeMap<u64, Rc<Abort>>,
+    /// Running fetches by their first seq.
+    inflight: BTreeMap<u64, Inflight>,
     paused_until: f64,
     in_order: Option<InOrder>,
     fetches: u64,
@@ -136,8 +166,16 @@ impl Origin {
         self.paused_until = 0.0;
     }
 
+    /// Whether a running gap fill covers `seq`.
+    fn fetching(&self, seq: u64) -> bool {
+        self.inflight
+            .range(..=seq)
+            .next_back()
+            .is_some_and(|(from, f)| matches!(f.ask, Ask::Gaps { count } if seq < from + count))
+    }
+
     pub(super) fn gap_fill(&mut self, seq: u64) {
-        if self.queue.contains(&seq) || self.inflight.contains_key(&seq) {
+        if self.queue.contains(&seq) || self.fetching(seq) {
             return;
         }
         if self.queue.len() >= MAX_GAP_QUEUE {
@@ -154,13 +192,14 @@ impl Origin {
         if now < self.paused_until {
             return;
         }
+        let runs = base.trim_end_matches('/');
         if let Some(o) = &mut self.in_order {
             // One run at a time, from the first block playback still needs.
             o.next = o.next.max(next_play.unwrap_or(0));
             if self.inflight.is_empty() && now >= o.not_before && o.next <= o.edge + LOOKAHEAD {
                 let from = o.next;
-                let url = format!("{}?from={from}&max={RUN_MAX}", base.trim_end_matches('/'));
-                self.spawn(url, token, from, true, true);
+                let url = format!("{runs}?from={from}&max={RUN_MAX}");
+                self.spawn(url, token, from, Ask::InOrder);
             }
             return;
         }
@@ -168,94 +207,69 @@ impl Origin {
             let Some(seq) = self.queue.pop_front() else {
                 break;
             };
-            if next_play.is_some_and(|p| seq < p) || self.inflight.contains_key(&seq) {
+            if next_play.is_some_and(|p| seq < p) || self.fetching(seq) {
                 continue;
             }
-            self.spawn(format!("{base}{seq}"), token, seq, false, false);
+            let count = take_run(&mut self.queue, seq, RUN_MAX);
+            let url = match count {
+                1 => format!("{base}{seq}"),
+                n => format!("{runs}?from={seq}&max={n}"),
+            };
+            self.spawn(url, token, seq, Ask::Gaps { count });
         }
     }
 
-    fn spawn(&mut self, url: String, token: &str, seq: u64, wait: bool, run: bool) {
+    fn spawn(&mut self, url: String, token: &str, seq: u64, ask: Ask) {
         let Ok(abort) = Abort::new() else { return };
         let abort = Rc::new(abort);
-        self.inflight.insert(seq, Rc::clone(&abort));
+        self.inflight.insert(
+            seq,
+            Inflight {
+                ask,
+                abort: Rc::clone(&abort),
+            },
+        );
         let auth = format!("Bearer {token}");
         let weak = self.weak.clone();
         wasm_bindgen_futures::spawn_local(async move {
             let mut headers = vec![("Authorization", auth.as_str())];
-            if wait {
+            if ask == Ask::InOrder {
                 headers.push(("Prefer", IN_ORDER_PREFER));
             }
             let result = fetch_bytes(&url, &headers, Some(&abort)).await;
-            deliver(&weak, Input::Origin { seq, run, result });
+            deliver(&weak, Input::Origin { seq, result });
         });
     }
 
-    /// A fetch finished: a run (from `seq`) or one block. `now` is the server
-    /// clock for the core; `perf` is `performance.now()` for retries.
+    /// A fetch from `seq` finished. `now` is the server clock for the core;
+    /// `perf` is `performance.now()` for retries.
     pub(super) fn handle_result(
         &mut self,
         core: &mut Peer<StreamKey>,
         now: Time,
         perf: f64,
-        (seq, run): (u64, bool),
+        seq: u64,
         result: Result<Fetched, FetchError>,
     ) {
-        if self.inflight.remove(&seq).is_none() {
+        let Some(Inflight { ask, .. }) = self.inflight.remove(&seq) else {
             return;
-        }
+        };
         for s in std::mem::take(&mut self.overflow) {
             core.handle_gap_fill_failed(now, s);
         }
         self.fetches += 1;
-        if run {
-            self.handle_run(core, now, perf, seq, result);
-            return;
-        }
-        let not_yet = matches!(result, Err(FetchError::Status(425)));
-        let block = match result {
-            Ok(f) => Block::decode(Bytes::from(f.bytes))
-                .ok()
-                .filter(|b| b.header.seq == seq)
-                .ok_or(None),
-            Err(FetchError::Aborted) => return,
-            Err(FetchError::RateLimited { retry_after }) => {
-                let pause = retry_after.map_or(RATE_LIMIT_PAUSE_MS, |d| d.as_millis() as f64);
-                self.paused_until = perf + pause.min(MAX_PAUSE_MS);
-                Err(Some(self.paused_until))
-            }
-            Err(FetchError::Status(425)) => Err(Some(perf + NOT_YET_RETRY_MS)),
-            Err(FetchError::Status(404)) => Err(None),
-            Err(_) => Err(Some(perf + ERROR_RETRY_MS)),
+        let count = match ask {
+            Ask::Gaps { count } => count,
+            Ask::InOrder => RUN_MAX,
         };
-        match block {
-            Ok(b) => core.handle_origin_block(now, b),
-            Err(_) => {
-                if !not_yet {
-                    self.failures += 1;
-                }
-                core.handle_gap_fill_failed(now, seq);
-            }
-        }
-    }
-
-    /// A run from `from` finished (in order).
-    fn handle_run(
-        &mut self,
-        core: &mut Peer<StreamKey>,
-        now: Time,
-        perf: f64,
-        from: u64,
-        result: Result<Fetched, FetchError>,
-    ) {
+        // The blocks, or how long to wait before asking again and whether
+        // that counts as a failure.
         let blocks = match result {
-            Ok(f) => Block::decode_run(Bytes::from(f.bytes), RUN_MAX as usize)
-                .ok()
-                .filter(|run| {
-                    // Consecutive from `from`, as asked.
-                    !run.is_empty() && run.iter().zip(from..).all(|(b, seq)| b.header.seq == seq)
-                })
-                .ok_or((ERROR_RETRY_MS, true)),
+            Ok(f) if ask == Ask::Gaps { count: 1 } => Block::decode(Bytes::from(f.bytes))
+                .map(|b| vec![b])
+                .map_err(|_| (ERROR_RETRY_MS, true)),
+            Ok(f) => Block::decode_run(Bytes::from(f.bytes), count as usize)
+                .map_err(|_| (ERROR_RETRY_MS, true)),
             Err(FetchError::Aborted) => return,
             Err(FetchError::RateLimited { retry_after }) => {
                 let pause = retry_after.map_or(RATE_LIMIT_PAUSE_MS, |d| d.as_millis() as f64);
@@ -264,37 +278,49 @@ impl Origin {
             }
             // The wait ran out: not a failure.
             Err(FetchError::Status(425)) => Err((NOT_YET_RETRY_MS, false)),
-            // Anything else, an evicted start (404) included, is retried from
-            // the block playback needs next (a skip moves it on).
+            // Anything else, an evicted block (404) included. In order, it
+            // is retried from the block playback needs next (a skip moves
+            // that on).
             Err(_) => Err((ERROR_RETRY_MS, true)),
         };
-        let Some(o) = &mut self.in_order else {
-            // Switched back to gap fill while the run was out: keep what came.
-            for b in blocks.into_iter().flatten() {
-                core.handle_origin_block(now, b);
+        // Only blocks in order from `seq`, as asked.
+        let blocks = blocks.and_then(|run| {
+            if !run.is_empty() && run.iter().zip(seq..).all(|(b, s)| b.header.seq == s) {
+                Ok(run)
+            } else {
+                Err((ERROR_RETRY_MS, true))
             }
-            return;
-        };
-        match blocks {
-            Ok(run) => {
-                let last = from + run.len() as u64 - 1;
-                o.next = o.next.max(last + 1);
-                o.edge = o.edge.max(last);
-                for b in run {
-                    core.handle_origin_block(now, b);
+        });
+        let got = blocks.as_ref().map_or(0, |run| run.len() as u64);
+        if let Err((_, failed)) = blocks {
+            self.failures += u64::from(failed);
+        }
+        match (ask, &mut self.in_order) {
+            (Ask::InOrder, Some(o)) => match &blocks {
+                Ok(_) => {
+                    o.next = o.next.max(seq + got);
+                    o.edge = o.edge.max(seq + got - 1);
+                }
+                Err((wait, _)) => o.not_before = perf + wait,
+            },
+            // A run that ended after the switch back to gap fill: what came
+            // is kept, the rest is the core's to ask again.
+            (Ask::InOrder, None) => {}
+            (Ask::Gaps { .. }, _) => {
+                for s in seq + got..seq + count {
+                    core.handle_gap_fill_failed(now, s);
                 }
             }
-            Err((wait, failed)) => {
-                self.failures += u64::from(failed);
-                o.not_before = perf + wait;
-            }
+        }
+        for b in blocks.into_iter().flatten() {
+            core.handle_origin_block(now, b);
         }
     }
 
     /// Cancels every running fetch.
     pub(super) fn abort_all(&mut self) {
-        for (_, abort) in std::mem::take(&mut self.inflight) {
-            abort.abort();
+        for (_, f) in std::mem::take(&mut self.inflight) {
+            f.abort.abort();
         }
         self.queue.clear();
     }
@@ -303,6 +329,18 @@ impl Origin {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn consecutive_gaps_go_as_one_run() {
+        let mut q: VecDeque<u64> = [11, 12, 13, 20, 21].into();
+        assert_eq!(take_run(&mut q, 10, 64), 4);
+        assert_eq!(q, [20, 21]);
+        assert_eq!(take_run(&mut q, 5, 64), 1, "a hole ends the run");
+        assert_eq!(q, [20, 21]);
+        let mut q: VecDeque<u64> = (1..100).collect();
+        assert_eq!(take_run(&mut q, 0, 64), 64, "at most max");
+        assert_eq!(q.front(), Some(&64));
+    }
 
     #[test]
     fn full_rate_bid_covers_the_stream_with_headroom() {
