@@ -227,8 +227,9 @@ impl Block {
             if bytes.len() < BLOCK_OVERHEAD {
                 return Err(BlockError::Truncated(bytes.len()));
             }
-            let declared =
-                u32::from_be_bytes([bytes[26], bytes[27], bytes[28], bytes[29]]) as usize;
+            let mut head = [0u8; HEADER_LEN];
+            head.copy_from_slice(&bytes[..HEADER_LEN]);
+            let declared = BlockHeader::parse(&head)?.payload_len as usize;
             if declared > MAX_PAYLOAD {
                 return Err(BlockError::TooLarge(declared));
             }

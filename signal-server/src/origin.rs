@@ -399,6 +399,13 @@ fn bearer(headers: &HeaderMap) -> Result<Option<&str>, OriginError> {
     Ok(Some(token.trim()))
 }
 
+/// The stream `id` names (its id or its name).
+fn find(streams: &crate::stream::Streams, id: &str) -> Result<std::sync::Arc<Stream>, OriginError> {
+    streams
+        .get(id)
+        .ok_or_else(|| OriginError::UnknownStream(id.chars().take(80).collect()))
+}
+
 fn serve_block(
     streams: &crate::stream::Streams,
     grants: &Grants,
@@ -408,9 +415,7 @@ fn serve_block(
     seq: &str,
     headers: &HeaderMap,
 ) -> Result<Response, OriginError> {
-    let stream = streams
-        .get(id)
-        .ok_or_else(|| OriginError::UnknownStream(id.chars().take(80).collect()))?;
+    let stream = find(streams, id)?;
     let seq: u64 = seq.parse().map_err(|_| OriginError::BadSeq)?;
     let token = bearer(headers)?;
     let block = match stream.block(seq) {
@@ -453,9 +458,7 @@ fn serve_run(
     (from, max): (u64, u64),
     headers: &HeaderMap,
 ) -> Result<Response, OriginError> {
-    let stream = streams
-        .get(id)
-        .ok_or_else(|| OriginError::UnknownStream(id.chars().take(80).collect()))?;
+    let stream = find(streams, id)?;
     let token = bearer(headers)?;
     let now = Instant::now();
     let mut body = BytesMut::new();

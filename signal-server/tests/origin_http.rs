@@ -301,11 +301,7 @@ async fn a_run_carries_the_produced_blocks_back_to_back() {
 
 #[tokio::test]
 async fn a_run_stops_at_the_grant_and_an_evicted_start_is_404() {
-    let cfg = Config {
-        origin_budget_kbps: 100,
-        ..Config::default()
-    };
-    let (addr, state) = serve(cfg, 5).await;
+    let (addr, state) = serve(tight_budget(), 5).await;
     publish(&state, 10);
     // The oldest blocks are evicted (5 s kept of 10 blocks 1 s apart).
     let r = http(addr, "GET", "/streams/demo/blocks?from=0", &[]).await;
@@ -374,21 +370,25 @@ async fn streams_are_listed_and_init_is_404_until_published() {
 }
 
 /// Encoded size of a test block, bits.
+/// An origin budget of 100 kbit/s: 100_000 bits per 1-s interval, of which
+/// 25 % (25_000 bits) is the anonymous bucket.
+fn tight_budget() -> Config {
+    Config {
+        origin_budget_kbps: 100,
+        ..Config::default()
+    }
+}
+
 fn block_bits(state: &AppState, seq: u64) -> u64 {
     match state.streams.get("demo").expect("exists").block(seq) {
         clubcast_server::store::Lookup::Found(b) => b.encoded.len() as u64 * 8,
-        _ => panic!("block 0 stored"),
+        _ => panic!("block {seq} stored"),
     }
 }
 
 #[tokio::test]
 async fn anonymous_fetches_share_a_capped_bucket() {
-    // 100 kbit/s × 1 s = 100_000 bits per interval; 25 % anonymous = 25_000.
-    let cfg = Config {
-        origin_budget_kbps: 100,
-        ..Config::default()
-    };
-    let (addr, state) = serve(cfg, 120).await;
+    let (addr, state) = serve(tight_budget(), 120).await;
     publish(&state, 10);
     let fit = 25_000 / block_bits(&state, 0);
     assert!(fit >= 1);

@@ -8,6 +8,7 @@
 
 use std::time::{Duration, Instant};
 
+use clubcast_protocol::block::{BLOCK_OVERHEAD, DEFAULT_BLOCK_BYTES};
 use clubcast_tests::{first_frames, median, Browser, Server, ServerOptions};
 use serde_json::Value;
 
@@ -46,8 +47,9 @@ async fn a_p2p_off_viewer_follows_the_live_edge_in_runs_without_polling() {
         ))
     };
     let (ok, not_yet) = (count("200"), count("425"));
-    // A block is at most 4 KiB of payload plus its header and signature.
-    let blocks_at_least = get("clubcast_gap_fill_bytes_total") / f64::from(4096 + 94);
+    // A block is at most the default payload plus its header and signature.
+    let most = (DEFAULT_BLOCK_BYTES + BLOCK_OVERHEAD) as f64;
+    let blocks_at_least = get("clubcast_gap_fill_bytes_total") / most;
     println!("smoke p2p=0: origin 200s {ok}, 425s {not_yet}, blocks >= {blocks_at_least:.0}");
     assert!(ok > 0.0, "blocks came from the origin: {m:?}");
     assert!(

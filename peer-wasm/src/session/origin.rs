@@ -264,10 +264,8 @@ impl Origin {
         };
         // The blocks, or how long to wait before asking again and whether
         // that counts as a failure.
+        // One block is a run of one.
         let blocks = match result {
-            Ok(f) if ask == Ask::Gaps { count: 1 } => Block::decode(Bytes::from(f.bytes))
-                .map(|b| vec![b])
-                .map_err(|_| (ERROR_RETRY_MS, true)),
             Ok(f) => Block::decode_run(Bytes::from(f.bytes), count as usize)
                 .map_err(|_| (ERROR_RETRY_MS, true)),
             Err(FetchError::Aborted) => return,
