@@ -35,6 +35,9 @@ pub const QUOTA_KEEP_BEHIND_SECS: f64 = 1.0;
 pub const MAX_QUEUED_BYTES: usize = 16 * 1024 * 1024;
 /// Most segments waiting to be appended.
 pub const MAX_QUEUED_SEGMENTS: usize = 1024;
+/// Most bytes handed to one `appendBuffer`: queued segments with no reset
+/// between them go together, up to this.
+pub const MAX_APPEND_BYTES: usize = 1024 * 1024;
 
 /// Errors of the MSE glue.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -350,6 +353,7 @@ fn next_step(sink: &mut Sink) -> Step {
             return Step::Failed(MseError::js("SourceBuffer.abort")(e));
         }
     }
+    coalesce_front(&mut sink.queue, MAX_APPEND_BYTES);
     let Some(Segment::Media(front)) = sink.queue.front_mut() else {
         if sink.closed {
             // `end_of_stream` was asked for while appends were still queued.
@@ -384,6 +388,27 @@ fn next_step(sink: &mut Sink) -> Step {
     }
 }
 
+/// Joins the media segments at the front of `queue`, up to the first reset
+/// and to `max` bytes, into one. A `SourceBuffer` parses appends as one byte
+/// stream, so this changes nothing but the number of appends: a startup
+/// backlog of 4-KiB blocks went as one append per block, each waiting for the
+/// previous one's `updateend`, which on a busy machine took half a second.
+fn coalesce_front(queue: &mut VecDeque<Segment>, max: usize) {
+    let Some(Segment::Media(first)) = queue.front_mut() else {
+        return;
+    };
+    let mut joined = std::mem::take(first);
+    queue.pop_front();
+    while let Some(Segment::Media(next)) = queue.front() {
+        if joined.len() + next.len() > max {
+            break;
+        }
+        joined.extend_from_slice(next);
+        queue.pop_front();
+    }
+    queue.push_front(Segment::Media(joined));
+}
+
 fn ranges(buffer: &SourceBuffer) -> Vec<(f64, f64)> {
     let Ok(ranges) = buffer.buffered() else {
         return Vec::new();
@@ -403,7 +428,53 @@ fn trim_range(buffered: &[(f64, f64)], now: f64, keep: f64, slack: f64) -> Optio
 
 #[cfg(test)]
 mod tests {
-    use super::trim_range;
+    use super::{coalesce_front, trim_range, Segment};
+    use std::collections::VecDeque;
+
+    fn shape(q: &VecDeque<Segment>) -> Vec<Option<Vec<u8>>> {
+        q.iter()
+            .map(|s| match s {
+                Segment::Media(b) => Some(b.clone()),
+                Segment::Reset => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn joins_front_media_up_to_a_reset_and_the_byte_cap() {
+        let mut q: VecDeque<Segment> = [
+            Segment::Media(vec![1, 2]),
+            Segment::Media(vec![3]),
+            Segment::Media(vec![4, 5]),
+            Segment::Media(vec![6, 7]),
+            Segment::Reset,
+            Segment::Media(vec![8]),
+        ]
+        .into();
+        coalesce_front(&mut q, 5);
+        assert_eq!(
+            shape(&q),
+            [
+                Some(vec![1, 2, 3, 4, 5]),
+                Some(vec![6, 7]),
+                None,
+                Some(vec![8])
+            ]
+        );
+        q.pop_front();
+        coalesce_front(&mut q, 5);
+        assert_eq!(
+            shape(&q),
+            [Some(vec![6, 7]), None, Some(vec![8])],
+            "a reset is a wall"
+        );
+        let mut q: VecDeque<Segment> = [Segment::Reset, Segment::Media(vec![1])].into();
+        coalesce_front(&mut q, 5);
+        assert_eq!(shape(&q), [None, Some(vec![1])], "a reset in front stays");
+        let mut q: VecDeque<Segment> = [Segment::Media(vec![0; 9]), Segment::Media(vec![1])].into();
+        coalesce_front(&mut q, 5);
+        assert_eq!(q.len(), 2, "a segment over the cap goes alone");
+    }
 
     #[test]
     fn trims_only_past_keep_plus_slack() {
