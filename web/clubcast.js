@@ -49,7 +49,7 @@ export const STAT_FIELDS = [
   "buffer_ms", // media buffered ahead of the playhead
   "stalls", // rebuffering events
   "stall_ms", // total rebuffering time
-  "startup_ms", // page load to first frame (null until then)
+  "startup_ms", // player creation to first frame (null until then); see also startup_trace
 ];
 
 const HISTORY = 120; // seconds of rate samples kept for charts

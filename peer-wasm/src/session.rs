@@ -23,6 +23,7 @@
 mod links;
 mod origin;
 mod playback;
+mod startup;
 
 use std::collections::VecDeque;
 use std::rc::Weak;
@@ -49,6 +50,7 @@ use crate::ws::{signal_url, SignalSocket, WsEvent, CLOSE_POLICY};
 use links::Links;
 use origin::Origin;
 use playback::Playback;
+use startup::Mark;
 
 /// Period of the housekeeping tick, ms.
 pub const TICK_MS: u64 = 100;
@@ -362,6 +364,11 @@ impl Session {
                 break;
             }
         }
+        // Gap fills the events queued go out now, not at the next tick: a
+        // joiner's backlog waited up to a tick for its first fetch.
+        if self.origin.has_work() {
+            self.pump_origin();
+        }
         self.arm_core_timer();
     }
 
@@ -446,6 +453,7 @@ impl Session {
     fn on_socket(&mut self, e: WsEvent) {
         match e {
             WsEvent::Open => {
+                self.play.mark(Mark::SocketOpen, perf_now());
                 self.join_sent = Some(self.local_ms());
                 self.send(&ClientMsg::Join {
                     v: SIGNAL_VERSION,
@@ -487,6 +495,7 @@ impl Session {
                 test_corrupt,
                 ..
             } => {
+                self.play.mark(Mark::Welcome, perf_now());
                 let received = self.local_ms();
                 let sent = self.join_sent.unwrap_or(received);
                 self.clock
@@ -673,6 +682,7 @@ impl Session {
                 data,
             }),
             links::Outcome::Open => {
+                self.play.mark(Mark::LinkOpen, perf_now());
                 j.peer.handle_link_open(now, peer);
                 self.emit(json!({"type": "link_open", "peer": peer}));
             }
@@ -697,8 +707,17 @@ impl Session {
     }
 
     fn on_mse(&mut self, e: MseEvent) {
+        let drained = matches!(e, MseEvent::Drained);
         if let Some((code, message)) = self.play.handle_mse(e) {
             self.error(code, message);
+        }
+        if drained && !self.play.started() {
+            // Media just landed in the buffer: see whether playback can start
+            // now rather than at the next tick.
+            let server_now = self.now().as_millis() as f64;
+            for event in self.play.tick(perf_now(), server_now, self.created_ms) {
+                self.emit(event);
+            }
         }
     }
 
@@ -721,6 +740,9 @@ impl Session {
     fn on_origin(&mut self, seq: u64, result: Result<Fetched, FetchError>) {
         let now = self.now();
         let Some(j) = &mut self.joined else { return };
+        if result.is_ok() {
+            self.play.mark(Mark::OriginBlock, perf_now());
+        }
         self.origin
             .handle_result(&mut j.peer, now, perf_now(), seq, result);
         if !self.origin.busy() {
@@ -836,6 +858,7 @@ impl Session {
             "stall_ms": play.stall_ms(perf_now()),
             "startup_ms": play.startup_ms(self.created_ms),
             "page_startup_ms": play.first_frame_at(),
+            "startup_trace": play.startup_trace(self.created_ms),
             "blocks_rejected": s.blocks_rejected,
             "blocks_skipped": s.blocks_skipped,
             "dup_bytes": s.dup_bytes,

@@ -186,6 +186,11 @@ impl Origin {
         self.queue.push_back(seq);
     }
 
+    /// Whether [`Origin::pump`] may have a fetch to start.
+    pub(super) fn has_work(&self) -> bool {
+        !self.queue.is_empty() || (self.in_order.is_some() && self.inflight.is_empty())
+    }
+
     /// Starts fetches while slots are free. `next_play` drops work the player
     /// has passed; `now` is `performance.now()`.
     pub(super) fn pump(&mut self, base: &str, token: &str, next_play: Option<u64>, now: f64) {

@@ -27,6 +27,7 @@ use crate::mse::{MseError, MseEvent, MseSink, MIME_H264_AAC};
 use crate::player::{deliver, Shared};
 use crate::playout::{self, Steer, Timeline, MIN_BUFFER_TO_SPEED_UP_MS};
 
+use super::startup::{Mark, StartupTrace};
 use super::{ignore_promise, Input};
 
 /// Bytes of played blocks held until the media source is attached.
@@ -81,6 +82,7 @@ pub(super) struct Playback {
     jumps: u32,
     last_jump: f64,
     current_time: f64,
+    trace: StartupTrace,
 }
 
 impl Playback {
@@ -112,7 +114,17 @@ impl Playback {
             jumps: 0,
             last_jump: f64::NEG_INFINITY,
             current_time: 0.0,
+            trace: StartupTrace::default(),
         }
+    }
+
+    /// Records a milestone of the start ([`StartupTrace`]).
+    pub(super) fn mark(&mut self, m: Mark, now: f64) {
+        self.trace.mark(m, now);
+    }
+    /// `stats().startup_trace`.
+    pub(super) fn startup_trace(&self, created: f64) -> Value {
+        self.trace.to_json(created)
     }
 
     pub(super) fn set_target(&mut self, ms: f64) {
@@ -146,6 +158,10 @@ impl Playback {
     pub(super) fn first_frame_at(&self) -> Option<f64> {
         self.first_frame.map(f64::round)
     }
+    /// Whether playback was started (see [`Playback::tick`]).
+    pub(super) fn started(&self) -> bool {
+        self.started
+    }
     pub(super) fn rate(&self) -> f64 {
         self.rate
     }
@@ -171,6 +187,7 @@ impl Playback {
         let bytes = result
             .map_err(|e| ("init_fetch", format!("init segment: {e}")))?
             .bytes;
+        self.trace.mark(Mark::Init, super::perf_now());
         self.init_bytes = bytes.len() as u64;
         let (info, parsed) = match playout::parse_init(&bytes) {
             Ok(info) => (info, Ok(())),
@@ -211,6 +228,7 @@ impl Playback {
             return;
         }
         self.need_fragment_start = false;
+        self.trace.mark(Mark::FirstBlock, super::perf_now());
         if fragment_start {
             self.timeline.note_fragment(h.media_time, h.ingest_time_ms);
         }
@@ -298,6 +316,7 @@ impl Playback {
 
     fn first_frame(&mut self, now: f64, created: f64) -> Value {
         self.first_frame = Some(now);
+        self.trace.mark(Mark::FirstFrame, now);
         self.last_advance = now;
         json!({"type": "playing", "startup_ms": (now - created).round()})
     }
@@ -326,6 +345,7 @@ impl Playback {
         self.current_time = t;
         if !self.started {
             if let Some(&(start, end)) = ranges.first() {
+                self.trace.mark(Mark::Buffered, now);
                 // The backlog starts a fragment or so further back than the
                 // target: start inside it at the target, with half a second
                 // of media ahead at least.
@@ -348,6 +368,7 @@ impl Playback {
                     self.video.set_current_time(at);
                 }
                 self.play_now(now);
+                self.trace.mark(Mark::Play, now);
                 self.started = true;
                 self.last_time = at;
                 self.last_advance = now;

@@ -405,6 +405,7 @@ async fn run_mode(n: usize, p2p: bool, a: &Args) -> Value {
             "browser": i,
             "startup_ms": startup[i].as_ref().map(|s| num(s, "startup_ms")),
             "page_startup_ms": startup[i].as_ref().map(|s| num(s, "page_startup_ms")),
+            "startup_trace": startup[i].as_ref().map(|s| s["startup_trace"].clone()),
             "samples": t.samples.len(),
             "advance_s": advance,
             "bytes_from_peers": d("bytes_from_peers"),
@@ -460,7 +461,16 @@ async fn run_mode(n: usize, p2p: bool, a: &Args) -> Value {
     let machine = pct(machine1.saturating_sub(machine0));
     let samples = col("samples");
     let rss = col("rss_mib_peak");
+    let slowest = per_browser
+        .iter()
+        .filter(|b| b["startup_ms"].is_number())
+        .max_by(|a, b| num(a, "startup_ms").total_cmp(&num(b, "startup_ms")));
     let row = json!({
+        "slowest_start": slowest.map(|b| json!({
+            "browser": b["browser"],
+            "startup_ms": b["startup_ms"],
+            "trace": b["startup_trace"],
+        })),
         "mode": label,
         "browsers": n,
         "p2p": p2p,
@@ -633,9 +643,45 @@ fn markdown(meta: &Value, rows: &[Value]) -> String {
             r["compiler_processes_max"],
         ));
     }
+    s.push_str(
+        "\nWhere the slowest start of each mode went (`startup_trace`: ms after the player's creation):\n\n",
+    );
+    s.push_str("| mode | browser (launch order) | startup_ms |");
+    for k in TRACE_MARKS {
+        s.push_str(&format!(" {k} |"));
+    }
+    s.push_str("\n|---|---|---|");
+    s.push_str(&"---|".repeat(TRACE_MARKS.len()));
+    s.push('\n');
+    for r in rows {
+        let w = &r["slowest_start"];
+        s.push_str(&format!(
+            "| {} | {} | {} |",
+            r["mode"].as_str().unwrap_or(""),
+            w["browser"],
+            f(w, "startup_ms", 0)
+        ));
+        for k in TRACE_MARKS {
+            s.push_str(&format!(" {} |", f(&w["trace"], k, 0)));
+        }
+        s.push('\n');
+    }
     s.push_str(DEFINITIONS);
     s
 }
+
+/// The milestones of `stats().startup_trace`, in the order a start reaches them.
+const TRACE_MARKS: [&str; 9] = [
+    "socket_open",
+    "welcome",
+    "init",
+    "origin_block",
+    "link_open",
+    "first_block",
+    "buffered",
+    "play",
+    "first_frame",
+];
 
 const DEFINITIONS: &str = "
 ## Definitions
@@ -660,7 +706,12 @@ from every browser) and the server's `/metrics`.
   counted.
 - `startup_ms`: the player's own figure, from the player's creation to the first frame;
   `page_startup_ms` is from the page's navigation start. p50 is the nearest-rank median
-  (the lower of the middle two), as for every p50 here.
+  (the lower of the middle two), as for every p50 here. `startup_trace` is the player's
+  record of when its start first reached each milestone: the signaling socket open, the
+  welcome, the init segment, the first block from the origin, the first open peer link, the
+  first block handed to playback, media buffered in the element, `play()` at the start
+  position, and the first frame (a dash: not reached before the player's first frame was
+  read, e.g. no link open yet).
 - `latency_ms`: the player's `latency_ms`, glass to glass: wall clock minus the capture time
   of the frame shown, where a frame's capture is its fragment's ingest (the server gets a
   fragment whole, at its end) less the media time left in the fragment. The player steers
