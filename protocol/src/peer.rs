@@ -69,6 +69,11 @@ pub const MAX_EVENTS: usize = 4096;
 pub const SEND_WINDOW: usize = 40 * 1024;
 /// Bytes buffered on one link under which the send queue hands it another block.
 pub const LINK_WINDOW: usize = 34 * 1024;
+/// A push handed to the transport this long after its block reached this
+/// peer went out late ([`PeerStats::pushes_late`]), ms. A subscriber leaves a
+/// block to the origin a few hundred ms before its deadline; a source whose
+/// pushes wait this long in its queue is what makes it do so.
+pub const SLOW_PUSH_MS: u64 = 250;
 /// Most pushes waiting in the send queue; beyond it the least urgent is dropped.
 pub const MAX_QUEUED_PUSHES: usize = 1024;
 /// Weight of a new sample in the moving average of ms per block.
@@ -227,11 +232,12 @@ pub enum PeerEvent {
         /// Its payload bytes.
         bytes: usize,
     },
-    /// A last-hop source leaves its share to the origin: it is open but
-    /// too busy to push in time. Nothing is wrong with the remote, so it is
-    /// not reported as bad. The simulator then asks the server for another
-    /// source; the browser only counts it (replacing cascaded on an
-    /// overloaded machine).
+    /// A last-hop source leaves its share to the origin: it is open but its
+    /// blocks come too late. Nothing is wrong with the remote, so it is not
+    /// reported as bad. The driver tells the server (`slow_source`), which
+    /// replaces the source only if the source's own bids say it is
+    /// overloaded ([`PeerStats::pushes_late`]); a source that is merely late,
+    /// deep in its club's tree, is kept, as a new one would be no earlier.
     SlowSource {
         /// The remote.
         peer: PeerId,
@@ -275,6 +281,17 @@ pub struct PeerStats {
     /// Queued pushes dropped: the remote had the block, the link went, the
     /// deadline passed, or the queue was full.
     pub pushes_dropped: u64,
+    /// Pushes this peer's upload could not send in time: last-hop pushes
+    /// handed to the transport more than [`SLOW_PUSH_MS`] after the block
+    /// arrived, and pushes still wanted (link open, the remote without the
+    /// block) when they expired in the send queue or were pushed out of a
+    /// full one. The peer took on more than its upload can carry. This tells
+    /// an overloaded source from one that is merely late (a block that
+    /// reaches it past its deadline is never queued), which its subscribers'
+    /// [`PeerEvent::SlowSource`] reports cannot. The core sees only its own
+    /// queue: with a large transport window (a browser's data channel
+    /// buffer) the wait happens below it and is not counted.
+    pub pushes_late: u64,
     /// Duplicate blocks received of the peer's own clubs.
     pub dup_club: u64,
     /// Duplicate blocks received of other clubs.
@@ -299,6 +316,7 @@ impl PeerStats {
             pushed_club,
             pushed_last_hop,
             pushes_dropped,
+            pushes_late,
             dup_club,
             dup_last_hop,
         } = *other;
@@ -315,6 +333,7 @@ impl PeerStats {
         self.pushed_club += pushed_club;
         self.pushed_last_hop += pushed_last_hop;
         self.pushes_dropped += pushes_dropped;
+        self.pushes_late += pushes_late;
         self.dup_club += dup_club;
         self.dup_last_hop += dup_last_hop;
     }
@@ -479,6 +498,9 @@ pub struct Peer<V> {
     /// The send queue: (class, seq, remote), class 0 in-club pushes and WANT
     /// answers, class 1 last-hop pushes.
     queued: BTreeSet<(u8, u64, PeerId)>,
+    /// When each cached block with pushes was relayed (queued), for
+    /// [`PeerStats::pushes_late`]; pruned with the cache.
+    relayed_at: BTreeMap<u64, Time>,
     /// Sum of the links' `buffered`.
     buffered_total: usize,
     /// When `pump` last dropped the expired front of the queue.
@@ -511,6 +533,7 @@ impl<V: BlockVerifier> Peer<V> {
             next_play: None,
             transmits: VecDeque::new(),
             queued: BTreeSet::new(),
+            relayed_at: BTreeMap::new(),
             buffered_total: 0,
             expired_at: None,
             now: Time(0),
@@ -1186,6 +1209,7 @@ impl<V: BlockVerifier> Peer<V> {
         while self.cache.len() > self.cfg.cache_blocks.clamp(1, MAX_CACHE_BLOCKS) {
             if let Some((old, _)) = self.cache.pop_first() {
                 self.unqueue_block(old);
+                self.relayed_at.remove(&old);
             }
         }
         self.advance_play(now);
@@ -1305,6 +1329,15 @@ impl<V: BlockVerifier> Peer<V> {
         for p in haves {
             self.push(p, Frame::Have(seq));
         }
+        if self.now.0 >= block.header().ingest_time_ms + self.cfg.target_latency_ms {
+            // It reached us too late to be of use: no push, and no sign that
+            // our upload is short (see `PeerStats::pushes_late`).
+            self.stats.pushes_dropped += pushes.len() as u64;
+            return;
+        }
+        if !pushes.is_empty() {
+            self.relayed_at.insert(seq, self.now);
+        }
         for (k, p) in pushes {
             self.enqueue(k, seq, p);
         }
@@ -1314,8 +1347,10 @@ impl<V: BlockVerifier> Peer<V> {
     fn enqueue(&mut self, class: u8, seq: u64, to: PeerId) {
         self.queued.insert((class, seq, to));
         if self.queued.len() > MAX_QUEUED_PUSHES {
+            // The least urgent push goes unsent: the upload is behind.
             self.queued.pop_last();
             self.stats.pushes_dropped += 1;
+            self.stats.pushes_late += 1;
         }
     }
 
@@ -1340,8 +1375,7 @@ impl<V: BlockVerifier> Peer<V> {
                 if self.sendable(e) {
                     break;
                 }
-                self.queued.remove(&e);
-                self.stats.pushes_dropped += 1;
+                self.drop_queued(e);
             }
         }
         self.expired_at = Some(self.now);
@@ -1369,8 +1403,7 @@ impl<V: BlockVerifier> Peer<V> {
                 }
             }
             for e in stale.drain(..) {
-                self.queued.remove(&e);
-                self.stats.pushes_dropped += 1;
+                self.drop_queued(e);
             }
             let Some(e @ (class, seq, to)) = next else {
                 break;
@@ -1386,7 +1419,33 @@ impl<V: BlockVerifier> Peer<V> {
             } else {
                 self.stats.pushed_last_hop += 1;
             }
+            // Last-hop pushes come after the club's, so they show an upload
+            // falling behind first; only the relay queues them, while a
+            // WANT's answer may rightly go long after the block came.
+            if class == 1
+                && self
+                    .relayed_at
+                    .get(&seq)
+                    .is_some_and(|&t| self.now.since(t) > SLOW_PUSH_MS)
+            {
+                self.stats.pushes_late += 1;
+            }
             self.push(to, frame);
+        }
+    }
+
+    /// Drops unsendable entry `e` from the queue, counting it as expired if
+    /// only its deadline stopped it.
+    fn drop_queued(&mut self, e: (u8, u64, PeerId)) {
+        self.queued.remove(&e);
+        self.stats.pushes_dropped += 1;
+        let (_, seq, to) = e;
+        let wanted = self
+            .links
+            .get(&to)
+            .is_some_and(|st| st.open && !st.said_have(seq));
+        if wanted && self.cache.contains_key(&seq) {
+            self.stats.pushes_late += 1;
         }
     }
 
@@ -2066,12 +2125,28 @@ mod tests {
         p.handle_frame(Time(T0 + 1), 2, Frame::Block(big_block(4)));
         p.handle_frame(Time(T0 + 2), 2, Frame::Block(big_block(8)));
         drain(&mut p);
-        assert!(p.queued_pushes() > 0);
+        let queued = p.queued_pushes() as u64;
+        assert!(queued > 0);
+        assert_eq!(p.stats().pushes_late, 0);
         let late = p.deadline(8) + 1;
         p.handle_timeout(late);
         let (t, _) = drain(&mut p);
         assert!(!t.iter().any(|t| matches!(t.frame, Frame::Block(_))));
         assert_eq!(p.queued_pushes(), 0);
+        assert_eq!(p.stats().pushes_late, queued, "still wanted, but too late");
+    }
+
+    #[test]
+    fn a_block_that_arrives_past_its_deadline_is_not_queued_nor_counted_expired() {
+        let mut p = peer();
+        let b = big_block(4);
+        let late = Time(b.header.ingest_time_ms + p.cfg.target_latency_ms + 1);
+        p.handle_frame(late, 2, Frame::Block(b));
+        let (t, _) = drain(&mut p);
+        assert!(!t.iter().any(|t| matches!(t.frame, Frame::Block(_))));
+        assert_eq!(p.queued_pushes(), 0);
+        assert_eq!(p.stats().pushes_late, 0, "late, not overloaded");
+        assert!(p.stats().pushes_dropped > 0);
     }
 
     #[test]

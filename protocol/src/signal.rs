@@ -188,6 +188,22 @@ pub enum ClientMsg {
         v: u32,
         /// Bits wanted.
         bits: u64,
+        /// Pushes this peer's upload could not send in time since its last
+        /// bid (`PeerStats::pushes_late`): its upload fell behind. At
+        /// [`crate::club::OVERLOAD_LATE`] or more the server counts it as
+        /// overloaded, and acts on [`ClientMsg::SlowSource`] reports about it.
+        #[serde(default, skip_serializing_if = "is_zero")]
+        late: u64,
+    },
+    /// A last-hop source leaves its share to the origin
+    /// (`PeerEvent::SlowSource`). The server replaces it if it is overloaded
+    /// (see [`ClientMsg::Bid`]'s `late`); a source that is merely late,
+    /// deep in its club's tree, is kept, as a new one would be no earlier.
+    SlowSource {
+        /// Protocol version.
+        v: u32,
+        /// The source.
+        peer: PeerId,
     },
     /// A link failed or its peer misbehaved; asks for a replacement.
     LinkFailed {
@@ -213,6 +229,10 @@ fn default_true() -> bool {
 
 fn is_false(b: &bool) -> bool {
     !*b
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// The stream as the welcome describes it.
@@ -394,6 +414,36 @@ mod tests {
                 test_corrupt: false,
             }
         );
+    }
+
+    #[test]
+    fn bid_late_is_optional_and_slow_source_is_flat() {
+        let old: ClientMsg =
+            serde_json::from_str(r#"{"type":"bid","v":1,"bits":8}"#).expect("parses");
+        assert_eq!(
+            old,
+            ClientMsg::Bid {
+                v: 1,
+                bits: 8,
+                late: 0
+            }
+        );
+        assert_eq!(
+            serde_json::to_string(&old).expect("serializes"),
+            r#"{"type":"bid","v":1,"bits":8}"#
+        );
+        let m = ClientMsg::Bid {
+            v: 1,
+            bits: 8,
+            late: 3,
+        };
+        let s = serde_json::to_string(&m).expect("serializes");
+        assert_eq!(s, r#"{"type":"bid","v":1,"bits":8,"late":3}"#);
+        assert_eq!(serde_json::from_str::<ClientMsg>(&s).expect("parses"), m);
+        let m = ClientMsg::SlowSource { v: 1, peer: 9 };
+        let s = serde_json::to_string(&m).expect("serializes");
+        assert_eq!(s, r#"{"type":"slow_source","v":1,"peer":9}"#);
+        assert_eq!(serde_json::from_str::<ClientMsg>(&s).expect("parses"), m);
     }
 
     #[test]
