@@ -6,7 +6,9 @@
 //! both ends heard of it (offer/answer, then ICE, DTLS and SCTP).
 
 use clubcast_protocol::bid::Bid;
-use clubcast_protocol::club::{ClubConfig, LinkChange, Membership};
+use clubcast_protocol::club::{
+    ClubConfig, LinkChange, Membership, OVERLOAD_HOLD_MS, OVERLOAD_INTERVALS, OVERLOAD_LATE,
+};
 use clubcast_protocol::peer::{From, Peer, PeerConfig, PeerEvent, Transmit};
 use clubcast_protocol::signal::{Link, LinkOp, PeerId, SEEDER_PEER_ID};
 use clubcast_protocol::source::{Source, SourceEvent};
@@ -29,17 +31,6 @@ pub const KICK_REPORTS: usize = 2;
 pub const SPIN_BACKOFF_US: u64 = 5_000;
 /// Bid interval, µs (the server's default).
 pub const BID_INTERVAL_US: u64 = 1_000_000;
-/// A viewer replaces a last-hop source after this many slow-source reports
-/// about it within [`SLOW_SOURCE_WINDOW_US`]. Acting on every report
-/// cascaded at 10,000 peers: there sources are late because club trees are
-/// deep, a new source is no earlier, and every replacement costs blocks while
-/// the new link opens (10,000 × 12 s, seed 1: 1.7 M blocks skipped in the
-/// first 10 s acting on every report, 172 k at 5 reports, 41 k never acting).
-/// Never acting leaves an overloaded source in place (200 peers, seed 5:
-/// continuity 0.968; 0.9994 at 5 reports).
-pub const SLOW_SOURCE_REPORTS: u32 = 5;
-/// The window of [`SLOW_SOURCE_REPORTS`].
-pub const SLOW_SOURCE_WINDOW_US: u64 = 30_000_000;
 /// With `CLUBCAST_SIM_DEBUG`, running totals are printed this often (sim time).
 pub const DEBUG_EVERY_US: u64 = 10_000_000;
 /// Seconds of stream a simulated peer caches. A browser keeps up to
@@ -101,8 +92,12 @@ struct Slot {
     /// Millisecond of the last `handle_timeout`.
     fired_ms: u64,
     reporters: Vec<PeerId>,
-    /// Slow-source reports this viewer made: (source, count, first at).
-    slow: Vec<(PeerId, u32, u64)>,
+    /// Its `pushes_late` at the last bid.
+    late_seen: u64,
+    /// Bids in a row that reported [`OVERLOAD_LATE`] late pushes or more.
+    late_streak: u32,
+    /// Overloaded until then, µs (see [`OVERLOAD_LATE`]).
+    overloaded_until: u64,
     hostile: bool,
     /// (dup bytes, rejected, skipped) already folded into the collector.
     folded: bool,
@@ -129,8 +124,8 @@ pub struct Sim {
     cache_blocks: usize,
     /// Skipped blocks of the skipper's own clubs and of other clubs (debug).
     skipped_split: (u64, u64),
-    /// `SlowSource` reports (debug).
-    slow_reports: u64,
+    /// `SlowSource` reports, and those that replaced an overloaded source (debug).
+    slow_reports: (u64, u64),
     /// `CLUBCAST_SIM_DEBUG` is set: print totals every [`DEBUG_EVERY_US`].
     debug: bool,
     end_us: u64,
@@ -175,7 +170,7 @@ impl Sim {
                 .div_ceil(cfg.block_kib * 1024)
                 .max(64) as usize,
             skipped_split: (0, 0),
-            slow_reports: 0,
+            slow_reports: (0, 0),
             debug: std::env::var_os("CLUBCAST_SIM_DEBUG").is_some(),
             stream,
             slots,
@@ -348,10 +343,24 @@ impl Sim {
                     })
                     .collect();
                 self.origin.new_interval(&bids, self.block_bits);
+                // Each peer reports its late pushes with its bid.
+                for s in &mut self.slots {
+                    let Some(p) = &s.peer else { continue };
+                    let late = p.stats().pushes_late;
+                    if late >= s.late_seen + OVERLOAD_LATE {
+                        s.late_streak += 1;
+                        if s.late_streak >= OVERLOAD_INTERVALS {
+                            s.overloaded_until = now + OVERLOAD_HOLD_MS * 1000;
+                        }
+                    } else {
+                        s.late_streak = 0;
+                    }
+                    s.late_seen = late;
+                }
                 self.q.push(now + BID_INTERVAL_US, Ev::Bid);
                 if self.debug && now % DEBUG_EVERY_US < BID_INTERVAL_US {
                     eprintln!(
-                        "t {:>4} s: skipped own/other {:?}, fills ok {} denied {}, slow-source reports {}, retransmits {}",
+                        "t {:>4} s: skipped own/other {:?}, fills ok {} denied {}, slow-source reports / replaced {:?}, retransmits {}",
                         now / 1_000_000,
                         self.skipped_split,
                         self.origin.fills_ok,
@@ -669,26 +678,14 @@ impl Sim {
                     .arrival(id, seq, ingest_time_ms, now, server, bytes);
             }
             PeerEvent::SlowSource { peer } => {
-                self.slow_reports += 1;
-                // Another last-hop source, no report, once the same source was
-                // reported SLOW_SOURCE_REPORTS times. The in-club links
+                self.slow_reports.0 += 1;
+                // Another last-hop source, no report, if the source is
+                // overloaded (see `OVERLOAD_LATE`); the in-club links
                 // between the two stay (see `Membership::replace_source`).
-                let s = &mut self.slots[id as usize];
-                s.slow.retain(|(_, _, at)| now < at + SLOW_SOURCE_WINDOW_US);
-                let n = match s.slow.iter_mut().find(|(p, _, _)| *p == peer) {
-                    Some(e) => {
-                        e.1 += 1;
-                        e.1
-                    }
-                    None => {
-                        s.slow.push((peer, 1, now));
-                        1
-                    }
-                };
-                if n < SLOW_SOURCE_REPORTS {
+                if now >= self.slots[peer as usize].overloaded_until {
                     return;
                 }
-                s.slow.retain(|(p, _, _)| *p != peer);
+                self.slow_reports.1 += 1;
                 let changes = self.membership.replace_source(id, peer);
                 self.schedule_changes(now, changes);
             }

@@ -223,7 +223,8 @@ fn a_last_hop_source_too_busy_for_its_share_is_replaced() {
     // refused most gap fills: continuity 0.99344 with 4 KiB blocks. Its
     // subscribers now ask for another source (`PeerEvent::SlowSource`): 0.99999.
     // Since the cap on planned upload and replacing only after 5 reports about
-    // one source: 0.9994 (0.968 never replacing).
+    // one source: 0.9994 (0.968 never replacing). Since a report replaces only
+    // a source whose bids say it stays behind (`OVERLOAD_LATE`): 0.9996.
     let r = run(&Config {
         peers: 200,
         seconds: 60,
