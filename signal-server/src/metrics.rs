@@ -74,6 +74,7 @@ pub struct Metrics {
     origin_requests: Labelled,
     dropped_peers: Labelled,
     reports: AtomicU64,
+    sources_replaced: AtomicU64,
 }
 
 fn inc(a: &AtomicU64, n: u64) {
@@ -147,6 +148,16 @@ impl Metrics {
     /// A peer reported a bad block.
     pub fn report(&self) {
         inc(&self.reports, 1);
+    }
+
+    /// A slow-source report replaced an overloaded last-hop source.
+    pub fn source_replaced(&self) {
+        inc(&self.sources_replaced, 1);
+    }
+
+    /// Overloaded sources replaced so far.
+    pub fn sources_replaced(&self) -> u64 {
+        self.sources_replaced.load(Ordering::Relaxed)
     }
 
     /// Times `code` was rejected so far (for tests and logs).
@@ -264,6 +275,13 @@ impl Metrics {
             "counter",
             "Bad-block reports received.",
             get(&self.reports),
+        )?;
+        scalar(
+            out,
+            "clubcast_sources_replaced_total",
+            "counter",
+            "Overloaded last-hop sources replaced after a slow-source report.",
+            get(&self.sources_replaced),
         )?;
         Ok(())
     }

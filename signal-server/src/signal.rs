@@ -475,6 +475,27 @@ impl Hub {
         self.apply(fx);
     }
 
+    /// `session`'s bids say its upload stays behind (see
+    /// [`Swarm::note_overloaded`]).
+    pub(crate) fn note_overloaded(&self, session: &Session) {
+        lock(&session.swarm).note_overloaded(session.peer, Instant::now());
+    }
+
+    /// `session`'s peer says its last-hop source `source` is too slow; an
+    /// overloaded one is replaced (see [`Swarm::slow_source`]).
+    pub(crate) fn slow_source(&self, session: &Session, source: PeerId) {
+        let (replaced, fx) = lock(&session.swarm).slow_source(session.peer, source, Instant::now());
+        if replaced {
+            self.0.metrics.source_replaced();
+            tracing::debug!(
+                reporter = session.peer,
+                source,
+                "overloaded source replaced"
+            );
+        }
+        self.apply(fx);
+    }
+
     /// `session`'s peer reports a bad block from `accused`.
     pub(crate) fn report(&self, session: &Session, accused: PeerId, reason: &str) {
         self.0.metrics.report();

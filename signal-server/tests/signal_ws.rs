@@ -7,8 +7,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use clubcast_protocol::block::BlockFlags;
+use clubcast_protocol::club::{OVERLOAD_INTERVALS, OVERLOAD_LATE};
 use clubcast_protocol::signal::{
-    ErrorCode, LinkOp, ServerMsg, SignalData, MAX_SIGNAL_MESSAGE, SEEDER_PEER_ID,
+    ErrorCode, LinkOp, LinkRole, ServerMsg, SignalData, MAX_SIGNAL_MESSAGE, SEEDER_PEER_ID,
 };
 use clubcast_server::app::{app, AppState};
 use clubcast_server::config::Config;
@@ -504,6 +505,77 @@ async fn a_report_replaces_the_reporters_link_and_is_counted() {
         .contains("clubcast_reports_total 1\n"));
     // One reporter is not enough to drop A.
     assert_eq!(state.hub.peers("demo"), 2);
+}
+
+/// Sends a heartbeat and waits for its pong: every message sent before it on
+/// this socket has been handled, and none was refused.
+async fn sync(ws: &mut Ws) {
+    send(ws, r#"{"type":"heartbeat","v":1}"#).await;
+    recv_until(ws, |m| {
+        assert!(!matches!(m, ServerMsg::Error { .. }), "refused: {m:?}");
+        matches!(m, ServerMsg::Pong { .. })
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn only_an_overloaded_source_is_replaced_on_a_slow_source_report() {
+    let (addr, state) = serve(Config::default()).await;
+    let mut peers = Vec::new();
+    for _ in 0..10 {
+        let mut ws = connect(addr).await;
+        let id = peer_id(&join(&mut ws).await);
+        peers.push((id, ws));
+    }
+    // The last joiner's welcome is its current link set.
+    let mut fresh = connect(addr).await;
+    let ServerMsg::Welcome { links, .. } = join(&mut fresh).await else {
+        panic!("expected a welcome");
+    };
+    let source = links
+        .iter()
+        .find(|l| matches!(l.role, LinkRole::Source { .. }) && l.peer != SEEDER_PEER_ID)
+        .expect("a viewer among ten has another viewer as a last-hop source")
+        .peer;
+    let s_ws = &mut peers
+        .iter_mut()
+        .find(|(id, _)| *id == source)
+        .expect("the source is one of ours")
+        .1;
+    let replaced = || {
+        state
+            .metrics
+            .render()
+            .contains("clubcast_sources_replaced_total 1\n")
+    };
+    let report = format!(r#"{{"type":"slow_source","v":1,"peer":{source}}}"#);
+    // Not overloaded: the report changes nothing.
+    send(&mut fresh, &report).await;
+    sync(&mut fresh).await;
+    assert!(!replaced());
+    // Its bids say its upload fell behind, but not for long enough yet.
+    let behind = format!(r#"{{"type":"bid","v":1,"bits":0,"late":{OVERLOAD_LATE}}}"#);
+    for _ in 1..OVERLOAD_INTERVALS {
+        send(s_ws, &behind).await;
+    }
+    sync(s_ws).await;
+    send(&mut fresh, &report).await;
+    sync(&mut fresh).await;
+    assert!(!replaced());
+    // One more: it stays behind, and the report replaces it.
+    send(s_ws, &behind).await;
+    sync(s_ws).await;
+    send(&mut fresh, &report).await;
+    recv_until(&mut fresh, |m| {
+        matches!(m, ServerMsg::Link { op: LinkOp::Remove, link, .. }
+            if link.peer == source && matches!(link.role, LinkRole::Source { .. }))
+    })
+    .await;
+    assert!(replaced(), "{}", state.metrics.render());
+    assert!(state
+        .metrics
+        .render()
+        .contains("clubcast_signal_messages_total{type=\"slow_source\"} 3\n"));
 }
 
 #[tokio::test]

@@ -21,6 +21,8 @@ use futures_util::stream::{SplitSink, SplitStream, StreamExt};
 use futures_util::SinkExt;
 use serde::Deserialize;
 
+use clubcast_protocol::club::{OVERLOAD_INTERVALS, OVERLOAD_LATE};
+
 use super::limits::{Offences, TokenBucket};
 use super::{
     unix_ms, DropReason, Hub, Session, SignalError, CLOSE_LINGER, JOIN_TIMEOUT, MAX_OFFENCES,
@@ -28,13 +30,14 @@ use super::{
 };
 
 /// Message types a client may send.
-const CLIENT_TYPES: [&str; 6] = [
+const CLIENT_TYPES: [&str; 7] = [
     "join",
     "signal",
     "heartbeat",
     "bid",
     "link_failed",
     "report",
+    "slow_source",
 ];
 
 /// A close frame's code and reason.
@@ -131,6 +134,7 @@ fn type_of(m: &ClientMsg) -> &'static str {
         ClientMsg::Bid { .. } => "bid",
         ClientMsg::LinkFailed { .. } => "link_failed",
         ClientMsg::Report { .. } => "report",
+        ClientMsg::SlowSource { .. } => "slow_source",
     }
 }
 
@@ -146,6 +150,8 @@ struct Conn {
     offences: Offences,
     opened: Instant,
     last_seen: Instant,
+    /// Bids in a row that reported [`OVERLOAD_LATE`] late pushes or more.
+    late_streak: u32,
 }
 
 /// Runs one connection to its end.
@@ -164,6 +170,7 @@ pub(crate) fn run(hub: Hub, socket: WebSocket) -> impl Future<Output = ()> + Sen
         offences: Offences::new(MAX_OFFENCES, MAX_OFFENCES_IN_A_ROW),
         opened: now,
         last_seen: now,
+        late_streak: 0,
     };
     async move {
         let hub = c.hub.clone();
@@ -381,10 +388,20 @@ impl Conn {
                 self.offences.good();
                 return Step::reply(to_json(&pong));
             }
-            ClientMsg::Bid { bits, .. } => {
+            ClientMsg::Bid { bits, late, .. } => {
                 hub.metrics().bid();
                 hub.grants().handle_bid(session.peer, bits);
+                // Overloaded only if it stays behind (see `OVERLOAD_INTERVALS`).
+                if late >= OVERLOAD_LATE {
+                    self.late_streak += 1;
+                    if self.late_streak >= OVERLOAD_INTERVALS {
+                        hub.note_overloaded(session);
+                    }
+                } else {
+                    self.late_streak = 0;
+                }
             }
+            ClientMsg::SlowSource { peer, .. } => hub.slow_source(session, peer),
             ClientMsg::LinkFailed { peer, .. } => hub.link_failed(session, peer),
             ClientMsg::Report { peer, reason, .. } => hub.report(session, peer, &reason),
         }

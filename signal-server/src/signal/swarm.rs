@@ -9,8 +9,9 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
 
-use clubcast_protocol::club::{ClubConfig, Joined, LinkChange, Membership};
+use clubcast_protocol::club::{ClubConfig, Joined, LinkChange, Membership, OVERLOAD_HOLD_MS};
 use clubcast_protocol::signal::{
     Link, PeerId, ServerMsg, SignalData, SEEDER_PEER_ID, SIGNAL_VERSION,
 };
@@ -29,6 +30,8 @@ struct Member {
     tx: Sender,
     close: CloseCell,
     reported_by: HashSet<PeerId>,
+    /// Overloaded until then (see [`Swarm::note_overloaded`]).
+    overloaded_until: Option<Instant>,
 }
 
 /// Work for the hub once the swarm lock is released.
@@ -102,6 +105,7 @@ impl Swarm {
                 tx,
                 close,
                 reported_by: HashSet::new(),
+                overloaded_until: None,
             },
         );
         let mut fx = Effects::default();
@@ -160,6 +164,40 @@ impl Swarm {
         let changes = self.membership.replace(peer, remote, &mut self.rng);
         self.deliver(changes, &mut fx);
         fx
+    }
+
+    /// `peer`'s bids said its upload stays behind (`OVERLOAD_LATE` late
+    /// pushes in `OVERLOAD_INTERVALS` bids in a row): it is overloaded for
+    /// [`OVERLOAD_HOLD_MS`].
+    pub(crate) fn note_overloaded(&mut self, peer: PeerId, now: Instant) {
+        if let Some(m) = self.members.get_mut(&peer) {
+            m.overloaded_until = Some(now + Duration::from_millis(OVERLOAD_HOLD_MS));
+        }
+    }
+
+    /// `reporter` says its last-hop source `source` leaves its share to the
+    /// origin. An overloaded source is replaced as `reporter`'s source (the
+    /// in-club links between them stay); one that is merely late is kept.
+    /// Returns whether it was replaced.
+    pub(crate) fn slow_source(
+        &mut self,
+        reporter: PeerId,
+        source: PeerId,
+        now: Instant,
+    ) -> (bool, Effects) {
+        let mut fx = Effects::default();
+        let overloaded = self
+            .members
+            .get(&source)
+            .and_then(|m| m.overloaded_until)
+            .is_some_and(|until| now < until);
+        if !overloaded || !self.members.contains_key(&reporter) {
+            return (false, fx);
+        }
+        let changes = self.membership.replace_source(reporter, source);
+        let replaced = !changes.is_empty();
+        self.deliver(changes, &mut fx);
+        (replaced, fx)
     }
 
     /// `reporter` says `accused` sent a bad block. The link is replaced like a
@@ -348,5 +386,51 @@ mod tests {
         assert!(kicked);
         assert!(fx.dropped.contains(&(accused, DropReason::Reported)));
         assert!(!s.contains(accused));
+    }
+
+    #[test]
+    fn only_an_overloaded_source_is_replaced() {
+        use clubcast_protocol::signal::LinkRole;
+        let mut s = swarm(100);
+        let mut rxs = Vec::new();
+        for p in 1..=60 {
+            rxs.push(add(&mut s, p, 4096).0);
+        }
+        let sources_of = |s: &Swarm, p: PeerId| -> Vec<PeerId> {
+            s.membership()
+                .links_of(p)
+                .into_iter()
+                .filter(|l| matches!(l.role, LinkRole::Source { .. }))
+                .map(|l| l.peer)
+                .filter(|&q| q != SEEDER_PEER_ID)
+                .collect()
+        };
+        let (reporter, source) = (1..=60)
+            .find_map(|p| sources_of(&s, p).first().map(|&q| (p, q)))
+            .expect("some peer has a peer as last-hop source");
+        let t0 = Instant::now();
+        assert!(
+            !s.slow_source(reporter, source, t0).0,
+            "late, not overloaded"
+        );
+        assert!(sources_of(&s, reporter).contains(&source));
+        s.note_overloaded(source, t0);
+        let hold = Duration::from_millis(OVERLOAD_HOLD_MS);
+        assert!(
+            !s.slow_source(reporter, source, t0 + hold).0,
+            "the overload has passed"
+        );
+        let (replaced, fx) = s.slow_source(reporter, source, t0 + hold / 2);
+        assert!(replaced);
+        assert!(fx.dropped.is_empty());
+        assert!(!sources_of(&s, reporter).contains(&source));
+        assert!(
+            !s.slow_source(reporter, source, t0).0,
+            "no longer its source"
+        );
+        assert!(
+            !s.slow_source(999, source, t0).0,
+            "strangers change nothing"
+        );
     }
 }
