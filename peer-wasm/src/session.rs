@@ -146,6 +146,8 @@ struct Joined {
     granted_bits: u64,
     corrupt: bool,
     joined_at: f64,
+    /// `pushes_late` of the core at the last bid.
+    late_sent: u64,
 }
 
 /// The driver state of one `WasmPlayer`.
@@ -425,12 +427,17 @@ impl Session {
                     None => d,
                 });
             }
-            // Reported, not acted on: asking for another source (link_failed)
-            // cascaded with 12 browsers on 2 cores, 15-48 replacements per
-            // browser in 40 s, each a new connection on a saturated machine,
-            // until the swarm stalled. There the misses come from the
-            // overloaded receivers, not from their sources.
+            // Reported to the server, which replaces the source only if its
+            // own bids say it is overloaded (`pushes_late`). Asking for a new
+            // source on every report (link_failed) cascaded with 12 browsers
+            // on 2 cores, 15-48 replacements per browser in 40 s, each a new
+            // connection on a saturated machine, until the swarm stalled:
+            // there the misses came from the overloaded receivers.
             PeerEvent::SlowSource { peer } => {
+                self.send(&ClientMsg::SlowSource {
+                    v: SIGNAL_VERSION,
+                    peer,
+                });
                 self.emit(json!({"type": "slow_source", "peer": peer}));
             }
             PeerEvent::BadPeer { peer, reason } => {
@@ -582,6 +589,7 @@ impl Session {
                     live_edge,
                     granted_bits: 0,
                     corrupt: test_corrupt && self.opts.test_corrupt,
+                    late_sent: 0,
                     // A rejoin has no open link yet: the origin fills in
                     // order at once rather than after the usual wait.
                     joined_at: if rejoin {
@@ -760,8 +768,11 @@ impl Session {
 
     fn bid(&mut self) {
         let now = self.now();
-        let Some(j) = &self.joined else { return };
+        let Some(j) = &mut self.joined else { return };
         let due = j.peer.bid(now, j.bid_interval_ms as u64);
+        let late_total = j.peer.stats().pushes_late;
+        let late = late_total.saturating_sub(j.late_sent);
+        j.late_sent = late_total;
         let bits = if self.opts.p2p && !self.origin.in_order() {
             due
         } else {
@@ -775,6 +786,7 @@ impl Session {
         self.send(&ClientMsg::Bid {
             v: SIGNAL_VERSION,
             bits,
+            late,
         });
     }
 
@@ -865,6 +877,7 @@ impl Session {
             "control_bytes_sent": s.control_bytes_sent,
             "wants_sent": s.wants_sent,
             "slow_sources": s.slow_sources,
+            "pushes_late": s.pushes_late,
             "gap_fills": s.gap_fills,
             "origin_fetches": self.origin.fetches(),
             "origin_failures": self.origin.failures(),
