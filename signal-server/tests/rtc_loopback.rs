@@ -106,8 +106,12 @@ async fn next_event(events: &mut LinkEvents) -> Option<LinkEvent> {
     }
 }
 
+/// Blocks of [`a_burst_past_the_buffer_bound_arrives_intact_and_in_order`]:
+/// 16 MiB, past what the buffers between two peers hold.
+const BURST: u32 = 1000;
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn two_hundred_blocks_arrive_intact_and_in_order() {
+async fn a_burst_past_the_buffer_bound_arrives_intact_and_in_order() {
     let Pair {
         offerer,
         mut offerer_events,
@@ -115,8 +119,16 @@ async fn two_hundred_blocks_arrive_intact_and_in_order() {
         mut answerer_events,
     } = open_pair(Gathering::Trickle).await;
 
+    // The receiver starts reading only once the sender was refused (or, if
+    // it never is, after the burst): how fast an idle receiver drains must
+    // not decide whether the bound is reached (200 blocks with the receiver
+    // reading: on a loaded machine it drained as fast as the sender offered,
+    // and the test failed). A peer that reads nothing absorbs about 710
+    // blocks (see the next test), so BURST blocks must meet the bound.
+    let (start_tx, start_rx) = tokio::sync::oneshot::channel::<()>();
     let receiver = tokio::spawn(async move {
-        for seq in 0..200u32 {
+        let _ = start_rx.await;
+        for seq in 0..BURST {
             match next_event(&mut answerer_events).await {
                 Some(LinkEvent::Message(message)) => assert!(
                     message == block(seq),
@@ -131,15 +143,18 @@ async fn two_hundred_blocks_arrive_intact_and_in_order() {
         (answerer, answerer_events)
     });
 
-    // 200 x 16 KiB is three times the buffer bound, so this also exercises Full -> Writable.
     let mut refusals = 0;
-    for seq in 0..200u32 {
+    let mut start = Some(start_tx);
+    for seq in 0..BURST {
         loop {
             match offerer.try_send(block(seq)) {
                 Ok(()) => break,
                 Err(SendError::Full { buffered }) => {
                     assert!(buffered <= MAX_BUFFERED_BYTES);
                     refusals += 1;
+                    if let Some(tx) = start.take() {
+                        let _ = tx.send(());
+                    }
                     match timeout(PATIENCE, next_event(&mut offerer_events)).await {
                         Ok(Some(LinkEvent::Writable)) => {}
                         other => panic!("waited for Writable, got {other:?}"),
@@ -150,11 +165,14 @@ async fn two_hundred_blocks_arrive_intact_and_in_order() {
         }
         assert!(offerer.buffered_amount() <= MAX_BUFFERED_BYTES);
     }
+    if let Some(tx) = start.take() {
+        let _ = tx.send(());
+    }
     assert!(refusals > 0, "the burst never reached the buffer bound");
 
     let (_answerer, _answerer_events) = timeout(PATIENCE, receiver)
         .await
-        .expect("all 200 messages arrive")
+        .expect("all BURST messages arrive")
         .expect("receiver task");
     match timeout(PATIENCE, next_event(&mut offerer_events)).await {
         Ok(Some(LinkEvent::Message(reply))) => assert_eq!(&reply[..], b"done"),
