@@ -8,6 +8,7 @@
 use clubcast_protocol::bid::Bid;
 use clubcast_protocol::club::{
     ClubConfig, LinkChange, Membership, OVERLOAD_HOLD_MS, OVERLOAD_INTERVALS, OVERLOAD_LATE,
+    OVERLOAD_SHED_MS,
 };
 use clubcast_protocol::peer::{From, Peer, PeerConfig, PeerEvent, Transmit};
 use clubcast_protocol::signal::{Link, LinkOp, PeerId, SEEDER_PEER_ID};
@@ -98,6 +99,8 @@ struct Slot {
     late_streak: u32,
     /// Overloaded until then, µs (see [`OVERLOAD_LATE`]).
     overloaded_until: u64,
+    /// When a report last moved a subscriber off it, µs.
+    shed_at: Option<u64>,
     hostile: bool,
     /// (dup bytes, rejected, skipped) already folded into the collector.
     folded: bool,
@@ -680,11 +683,18 @@ impl Sim {
             PeerEvent::SlowSource { peer } => {
                 self.slow_reports.0 += 1;
                 // Another last-hop source, no report, if the source is
-                // overloaded (see `OVERLOAD_LATE`); the in-club links
-                // between the two stay (see `Membership::replace_source`).
-                if now >= self.slots[peer as usize].overloaded_until {
+                // overloaded (see `OVERLOAD_LATE`) and shed no one in the last
+                // `OVERLOAD_SHED_MS`; the in-club links between the two stay
+                // (see `Membership::replace_source`).
+                let src = &mut self.slots[peer as usize];
+                if now >= src.overloaded_until
+                    || src
+                        .shed_at
+                        .is_some_and(|t| now < t + OVERLOAD_SHED_MS * 1000)
+                {
                     return;
                 }
+                src.shed_at = Some(now);
                 self.slow_reports.1 += 1;
                 let changes = self.membership.replace_source(id, peer);
                 self.schedule_changes(now, changes);

@@ -11,7 +11,9 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-use clubcast_protocol::club::{ClubConfig, Joined, LinkChange, Membership, OVERLOAD_HOLD_MS};
+use clubcast_protocol::club::{
+    ClubConfig, Joined, LinkChange, Membership, OVERLOAD_HOLD_MS, OVERLOAD_SHED_MS,
+};
 use clubcast_protocol::signal::{
     Link, PeerId, ServerMsg, SignalData, SEEDER_PEER_ID, SIGNAL_VERSION,
 };
@@ -32,6 +34,8 @@ struct Member {
     reported_by: HashSet<PeerId>,
     /// Overloaded until then (see [`Swarm::note_overloaded`]).
     overloaded_until: Option<Instant>,
+    /// When a report last moved a subscriber off it.
+    shed_at: Option<Instant>,
 }
 
 /// Work for the hub once the swarm lock is released.
@@ -106,6 +110,7 @@ impl Swarm {
                 close,
                 reported_by: HashSet::new(),
                 overloaded_until: None,
+                shed_at: None,
             },
         );
         let mut fx = Effects::default();
@@ -177,7 +182,8 @@ impl Swarm {
 
     /// `reporter` says its last-hop source `source` leaves its share to the
     /// origin. An overloaded source is replaced as `reporter`'s source (the
-    /// in-club links between them stay); one that is merely late is kept.
+    /// in-club links between them stay), one reporter per
+    /// [`OVERLOAD_SHED_MS`] at most; one that is merely late is kept.
     /// Returns whether it was replaced.
     pub(crate) fn slow_source(
         &mut self,
@@ -186,16 +192,21 @@ impl Swarm {
         now: Instant,
     ) -> (bool, Effects) {
         let mut fx = Effects::default();
-        let overloaded = self
-            .members
-            .get(&source)
-            .and_then(|m| m.overloaded_until)
-            .is_some_and(|until| now < until);
-        if !overloaded || !self.members.contains_key(&reporter) {
+        let shed_every = Duration::from_millis(OVERLOAD_SHED_MS);
+        let sheds = self.members.get(&source).is_some_and(|m| {
+            m.overloaded_until.is_some_and(|until| now < until)
+                && m.shed_at.is_none_or(|at| now >= at + shed_every)
+        });
+        if !sheds || !self.members.contains_key(&reporter) {
             return (false, fx);
         }
         let changes = self.membership.replace_source(reporter, source);
         let replaced = !changes.is_empty();
+        if replaced {
+            if let Some(m) = self.members.get_mut(&source) {
+                m.shed_at = Some(now);
+            }
+        }
         self.deliver(changes, &mut fx);
         (replaced, fx)
     }
@@ -389,7 +400,7 @@ mod tests {
     }
 
     #[test]
-    fn only_an_overloaded_source_is_replaced() {
+    fn an_overloaded_source_sheds_one_subscriber_at_a_time() {
         use clubcast_protocol::signal::LinkRole;
         let mut s = swarm(100);
         let mut rxs = Vec::new();
@@ -405,31 +416,44 @@ mod tests {
                 .filter(|&q| q != SEEDER_PEER_ID)
                 .collect()
         };
-        let (reporter, source) = (1..=60)
-            .find_map(|p| sources_of(&s, p).first().map(|&q| (p, q)))
-            .expect("some peer has a peer as last-hop source");
+        // A source that serves two reporters.
+        let mut reporters_of: HashMap<PeerId, Vec<PeerId>> = HashMap::new();
+        for p in 1..=60 {
+            for q in sources_of(&s, p) {
+                reporters_of.entry(q).or_default().push(p);
+            }
+        }
+        let (source, reporters) = reporters_of
+            .into_iter()
+            .find(|(_, r)| r.len() >= 2)
+            .expect("some peer is the last-hop source of two others");
+        let (r1, r2) = (reporters[0], reporters[1]);
         let t0 = Instant::now();
-        assert!(
-            !s.slow_source(reporter, source, t0).0,
-            "late, not overloaded"
-        );
-        assert!(sources_of(&s, reporter).contains(&source));
+        let ms = Duration::from_millis;
+        assert!(!s.slow_source(r1, source, t0).0, "late, not overloaded");
+        assert!(sources_of(&s, r1).contains(&source));
         s.note_overloaded(source, t0);
-        let hold = Duration::from_millis(OVERLOAD_HOLD_MS);
         assert!(
-            !s.slow_source(reporter, source, t0 + hold).0,
+            !s.slow_source(r1, source, t0 + ms(OVERLOAD_HOLD_MS)).0,
             "the overload has passed"
         );
-        let (replaced, fx) = s.slow_source(reporter, source, t0 + hold / 2);
+        let (replaced, fx) = s.slow_source(r1, source, t0 + ms(1));
         assert!(replaced);
         assert!(fx.dropped.is_empty());
-        assert!(!sources_of(&s, reporter).contains(&source));
+        assert!(!sources_of(&s, r1).contains(&source));
+        let shed = ms(OVERLOAD_SHED_MS);
         assert!(
-            !s.slow_source(reporter, source, t0).0,
+            !s.slow_source(r2, source, t0 + shed).0,
+            "one subscriber per OVERLOAD_SHED_MS"
+        );
+        assert!(sources_of(&s, r2).contains(&source));
+        assert!(s.slow_source(r2, source, t0 + ms(1) + shed).0);
+        assert!(
+            !s.slow_source(r1, source, t0 + shed * 3).0,
             "no longer its source"
         );
         assert!(
-            !s.slow_source(999, source, t0).0,
+            !s.slow_source(999, source, t0 + shed * 5).0,
             "strangers change nothing"
         );
     }
