@@ -215,6 +215,57 @@ pub const OVERLOAD_INTERVALS: u32 = 5;
 pub const OVERLOAD_HOLD_MS: u64 = 10_000;
 /// An overloaded peer loses at most one last-hop subscriber per this, ms.
 pub const OVERLOAD_SHED_MS: u64 = 1_000;
+/// Counts a peer's bids in a row that report [`OVERLOAD_LATE`] late pushes or
+/// more: the part of the overload policy that needs only the bids, so a
+/// server can keep it per connection, off the swarm's lock.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LateStreak(u32);
+
+impl LateStreak {
+    /// A bid reported `late` late pushes since the previous one. Returns
+    /// whether the peer stays behind: [`OVERLOAD_INTERVALS`] such bids in a
+    /// row, this one included.
+    pub fn note_bid(&mut self, late: u64) -> bool {
+        if late >= OVERLOAD_LATE {
+            self.0 = self.0.saturating_add(1);
+        } else {
+            self.0 = 0;
+        }
+        self.0 >= OVERLOAD_INTERVALS
+    }
+}
+
+/// Whether a peer is overloaded and may shed a last-hop subscriber now
+/// ([`OVERLOAD_HOLD_MS`], [`OVERLOAD_SHED_MS`]). Times are ms on the caller's
+/// monotonic clock.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Overload {
+    until_ms: Option<u64>,
+    shed_ms: Option<u64>,
+}
+
+impl Overload {
+    /// Its bids said it stays behind ([`LateStreak::note_bid`]).
+    pub fn mark(&mut self, now_ms: u64) {
+        self.until_ms = Some(now_ms + OVERLOAD_HOLD_MS);
+    }
+
+    /// Whether a slow-source report about it may move the reporter now.
+    pub fn may_shed(&self, now_ms: u64) -> bool {
+        self.until_ms.is_some_and(|until| now_ms < until)
+            && self
+                .shed_ms
+                .is_none_or(|at| now_ms >= at + OVERLOAD_SHED_MS)
+    }
+
+    /// A subscriber was moved off it. Called only when one was: a report
+    /// that moved nobody (a stale one, or a stranger's) must not use up the
+    /// slot.
+    pub fn shed(&mut self, now_ms: u64) {
+        self.shed_ms = Some(now_ms);
+    }
+}
+
 /// Below this capacity (% of the bitrate) a peer is a leaf: it receives from
 /// its clubs but is given no children, last-hop subscribers or seeding, since
 /// it could not keep up with them.
@@ -1106,6 +1157,29 @@ mod tests {
             let want = (cfg.seeds_per_club as usize).min(sizes[c as usize]);
             assert_eq!(m.seeds(c).len(), want, "club {c} seeds");
         }
+    }
+
+    #[test]
+    fn overload_needs_a_streak_holds_and_sheds_one_at_a_time() {
+        let mut streak = LateStreak::default();
+        for _ in 1..OVERLOAD_INTERVALS {
+            assert!(!streak.note_bid(OVERLOAD_LATE));
+        }
+        assert!(!streak.note_bid(OVERLOAD_LATE - 1), "a bid under it resets");
+        for _ in 1..OVERLOAD_INTERVALS {
+            assert!(!streak.note_bid(OVERLOAD_LATE));
+        }
+        assert!(streak.note_bid(OVERLOAD_LATE));
+        assert!(streak.note_bid(OVERLOAD_LATE + 5), "and stays while behind");
+
+        let mut o = Overload::default();
+        assert!(!o.may_shed(0), "not overloaded");
+        o.mark(1_000);
+        assert!(o.may_shed(1_000));
+        assert!(!o.may_shed(1_000 + OVERLOAD_HOLD_MS), "the hold ran out");
+        o.shed(1_000);
+        assert!(!o.may_shed(1_000 + OVERLOAD_SHED_MS - 1));
+        assert!(o.may_shed(1_000 + OVERLOAD_SHED_MS));
     }
 
     #[test]

@@ -1329,7 +1329,7 @@ impl<V: BlockVerifier> Peer<V> {
         for p in haves {
             self.push(p, Frame::Have(seq));
         }
-        if self.now.0 >= block.header().ingest_time_ms + self.cfg.target_latency_ms {
+        if self.past_push_deadline(block) {
             // It reached us too late to be of use: no push, and no sign that
             // our upload is short (see `PeerStats::pushes_late`).
             self.stats.pushes_dropped += pushes.len() as u64;
@@ -1454,13 +1454,15 @@ impl<V: BlockVerifier> Peer<V> {
     /// deadline.
     fn sendable(&self, (_, seq, to): (u8, u64, PeerId)) -> bool {
         match (self.links.get(&to), self.cache.get(&seq)) {
-            (Some(st), Some(b)) => {
-                st.open
-                    && !st.said_have(seq)
-                    && self.now.0 < b.header().ingest_time_ms + self.cfg.target_latency_ms
-            }
+            (Some(st), Some(b)) => st.open && !st.said_have(seq) && !self.past_push_deadline(b),
             _ => false,
         }
+    }
+
+    /// Whether block `b` is too old to push: a receiver would get it past its
+    /// deadline (its ingest plus the target latency).
+    fn past_push_deadline(&self, b: &VerifiedBlock) -> bool {
+        self.now.0 >= b.header().ingest_time_ms + self.cfg.target_latency_ms
     }
 
     /// Drops the queued pushes `gone` matches.

@@ -6,10 +6,7 @@
 //! both ends heard of it (offer/answer, then ICE, DTLS and SCTP).
 
 use clubcast_protocol::bid::Bid;
-use clubcast_protocol::club::{
-    ClubConfig, LinkChange, Membership, OVERLOAD_HOLD_MS, OVERLOAD_INTERVALS, OVERLOAD_LATE,
-    OVERLOAD_SHED_MS,
-};
+use clubcast_protocol::club::{ClubConfig, LateStreak, LinkChange, Membership, Overload};
 use clubcast_protocol::peer::{From, Peer, PeerConfig, PeerEvent, Transmit};
 use clubcast_protocol::signal::{Link, LinkOp, PeerId, SEEDER_PEER_ID};
 use clubcast_protocol::source::{Source, SourceEvent};
@@ -95,12 +92,9 @@ struct Slot {
     reporters: Vec<PeerId>,
     /// Its `pushes_late` at the last bid.
     late_seen: u64,
-    /// Bids in a row that reported [`OVERLOAD_LATE`] late pushes or more.
-    late_streak: u32,
-    /// Overloaded until then, µs (see [`OVERLOAD_LATE`]).
-    overloaded_until: u64,
-    /// When a report last moved a subscriber off it, µs.
-    shed_at: Option<u64>,
+    /// The server's view of its bids and overload (as `clubcast-server`).
+    late_streak: LateStreak,
+    overload: Overload,
     hostile: bool,
     /// (dup bytes, rejected, skipped) already folded into the collector.
     folded: bool,
@@ -350,13 +344,8 @@ impl Sim {
                 for s in &mut self.slots {
                     let Some(p) = &s.peer else { continue };
                     let late = p.stats().pushes_late;
-                    if late >= s.late_seen + OVERLOAD_LATE {
-                        s.late_streak += 1;
-                        if s.late_streak >= OVERLOAD_INTERVALS {
-                            s.overloaded_until = now + OVERLOAD_HOLD_MS * 1000;
-                        }
-                    } else {
-                        s.late_streak = 0;
+                    if s.late_streak.note_bid(late - s.late_seen) {
+                        s.overload.mark(now / 1000);
                     }
                     s.late_seen = late;
                 }
@@ -683,20 +672,17 @@ impl Sim {
             PeerEvent::SlowSource { peer } => {
                 self.slow_reports.0 += 1;
                 // Another last-hop source, no report, if the source is
-                // overloaded (see `OVERLOAD_LATE`) and shed no one in the last
-                // `OVERLOAD_SHED_MS`; the in-club links between the two stay
-                // (see `Membership::replace_source`).
-                let src = &mut self.slots[peer as usize];
-                if now >= src.overloaded_until
-                    || src
-                        .shed_at
-                        .is_some_and(|t| now < t + OVERLOAD_SHED_MS * 1000)
-                {
+                // overloaded and may shed a subscriber (`club::Overload`); the
+                // in-club links between the two stay (see
+                // `Membership::replace_source`).
+                if !self.slots[peer as usize].overload.may_shed(now / 1000) {
                     return;
                 }
-                src.shed_at = Some(now);
-                self.slow_reports.1 += 1;
                 let changes = self.membership.replace_source(id, peer);
+                if !changes.is_empty() {
+                    self.slots[peer as usize].overload.shed(now / 1000);
+                    self.slow_reports.1 += 1;
+                }
                 self.schedule_changes(now, changes);
             }
             PeerEvent::BadPeer { peer, .. } => {

@@ -21,7 +21,7 @@ use futures_util::stream::{SplitSink, SplitStream, StreamExt};
 use futures_util::SinkExt;
 use serde::Deserialize;
 
-use clubcast_protocol::club::{OVERLOAD_INTERVALS, OVERLOAD_LATE};
+use clubcast_protocol::club::LateStreak;
 
 use super::limits::{Offences, TokenBucket};
 use super::{
@@ -150,8 +150,8 @@ struct Conn {
     offences: Offences,
     opened: Instant,
     last_seen: Instant,
-    /// Bids in a row that reported [`OVERLOAD_LATE`] late pushes or more.
-    late_streak: u32,
+    /// Its bids' late pushes, kept here so a bid takes no swarm lock.
+    late_streak: LateStreak,
 }
 
 /// Runs one connection to its end.
@@ -170,7 +170,7 @@ pub(crate) fn run(hub: Hub, socket: WebSocket) -> impl Future<Output = ()> + Sen
         offences: Offences::new(MAX_OFFENCES, MAX_OFFENCES_IN_A_ROW),
         opened: now,
         last_seen: now,
-        late_streak: 0,
+        late_streak: LateStreak::default(),
     };
     async move {
         let hub = c.hub.clone();
@@ -391,14 +391,8 @@ impl Conn {
             ClientMsg::Bid { bits, late, .. } => {
                 hub.metrics().bid();
                 hub.grants().handle_bid(session.peer, bits);
-                // Overloaded only if it stays behind (see `OVERLOAD_INTERVALS`).
-                if late >= OVERLOAD_LATE {
-                    self.late_streak += 1;
-                    if self.late_streak >= OVERLOAD_INTERVALS {
-                        hub.note_overloaded(session);
-                    }
-                } else {
-                    self.late_streak = 0;
+                if self.late_streak.note_bid(late) {
+                    hub.note_overloaded(session);
                 }
             }
             ClientMsg::SlowSource { peer, .. } => hub.slow_source(session, peer),

@@ -9,11 +9,9 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, OnceLock};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use clubcast_protocol::club::{
-    ClubConfig, Joined, LinkChange, Membership, OVERLOAD_HOLD_MS, OVERLOAD_SHED_MS,
-};
+use clubcast_protocol::club::{ClubConfig, Joined, LinkChange, Membership, Overload};
 use clubcast_protocol::signal::{
     Link, PeerId, ServerMsg, SignalData, SEEDER_PEER_ID, SIGNAL_VERSION,
 };
@@ -32,10 +30,8 @@ struct Member {
     tx: Sender,
     close: CloseCell,
     reported_by: HashSet<PeerId>,
-    /// Overloaded until then (see [`Swarm::note_overloaded`]).
-    overloaded_until: Option<Instant>,
-    /// When a report last moved a subscriber off it.
-    shed_at: Option<Instant>,
+    /// Whether it may shed a last-hop subscriber ([`Swarm::note_overloaded`]).
+    overload: Overload,
 }
 
 /// Work for the hub once the swarm lock is released.
@@ -56,6 +52,8 @@ pub(crate) struct Swarm {
     members: HashMap<PeerId, Member>,
     rng: ChaCha8Rng,
     max_peers: usize,
+    /// Zero of the ms clock the overload state runs on.
+    epoch: Instant,
 }
 
 impl Swarm {
@@ -67,7 +65,12 @@ impl Swarm {
             members: HashMap::new(),
             rng: ChaCha8Rng::from_seed(rand::random()),
             max_peers,
+            epoch: Instant::now(),
         }
+    }
+
+    fn ms(&self, now: Instant) -> u64 {
+        now.saturating_duration_since(self.epoch).as_millis() as u64
     }
 
     /// Connected peers.
@@ -109,8 +112,7 @@ impl Swarm {
                 tx,
                 close,
                 reported_by: HashSet::new(),
-                overloaded_until: None,
-                shed_at: None,
+                overload: Overload::default(),
             },
         );
         let mut fx = Effects::default();
@@ -171,20 +173,20 @@ impl Swarm {
         fx
     }
 
-    /// `peer`'s bids said its upload stays behind (`OVERLOAD_LATE` late
-    /// pushes in `OVERLOAD_INTERVALS` bids in a row): it is overloaded for
-    /// [`OVERLOAD_HOLD_MS`].
+    /// `peer`'s bids said its upload stays behind
+    /// ([`clubcast_protocol::club::LateStreak`]): it is overloaded for a while.
     pub(crate) fn note_overloaded(&mut self, peer: PeerId, now: Instant) {
+        let ms = self.ms(now);
         if let Some(m) = self.members.get_mut(&peer) {
-            m.overloaded_until = Some(now + Duration::from_millis(OVERLOAD_HOLD_MS));
+            m.overload.mark(ms);
         }
     }
 
     /// `reporter` says its last-hop source `source` leaves its share to the
     /// origin. An overloaded source is replaced as `reporter`'s source (the
-    /// in-club links between them stay), one reporter per
-    /// [`OVERLOAD_SHED_MS`] at most; one that is merely late is kept.
-    /// Returns whether it was replaced.
+    /// in-club links between them stay), one reporter at a time
+    /// ([`Overload::may_shed`]); one that is merely late is kept. Returns
+    /// whether it was replaced.
     pub(crate) fn slow_source(
         &mut self,
         reporter: PeerId,
@@ -192,11 +194,11 @@ impl Swarm {
         now: Instant,
     ) -> (bool, Effects) {
         let mut fx = Effects::default();
-        let shed_every = Duration::from_millis(OVERLOAD_SHED_MS);
-        let sheds = self.members.get(&source).is_some_and(|m| {
-            m.overloaded_until.is_some_and(|until| now < until)
-                && m.shed_at.is_none_or(|at| now >= at + shed_every)
-        });
+        let ms = self.ms(now);
+        let sheds = self
+            .members
+            .get(&source)
+            .is_some_and(|m| m.overload.may_shed(ms));
         if !sheds || !self.members.contains_key(&reporter) {
             return (false, fx);
         }
@@ -204,7 +206,7 @@ impl Swarm {
         let replaced = !changes.is_empty();
         if replaced {
             if let Some(m) = self.members.get_mut(&source) {
-                m.shed_at = Some(now);
+                m.overload.shed(ms);
             }
         }
         self.deliver(changes, &mut fx);
@@ -342,6 +344,13 @@ mod tests {
         (rx, fx)
     }
 
+    /// A swarm of peers 1 to 60, with roomy queues.
+    fn sixty_peers() -> (Swarm, Vec<Receiver>) {
+        let mut s = swarm(100);
+        let rxs = (1..=60).map(|p| add(&mut s, p, 4096).0).collect();
+        (s, rxs)
+    }
+
     #[test]
     fn a_full_queue_drops_the_peer_and_repairs_its_links() {
         let mut s = swarm(100);
@@ -372,11 +381,7 @@ mod tests {
 
     #[test]
     fn two_linked_reporters_kick_and_strangers_do_not() {
-        let mut s = swarm(100);
-        let mut rxs = Vec::new();
-        for p in 1..=60 {
-            rxs.push(add(&mut s, p, 1024).0);
-        }
+        let (mut s, _rxs) = sixty_peers();
         let accused = 5;
         let stranger = (1..=60)
             .find(|&p| p != accused && !s.linked(p, accused))
@@ -401,12 +406,10 @@ mod tests {
 
     #[test]
     fn an_overloaded_source_sheds_one_subscriber_at_a_time() {
+        use clubcast_protocol::club::{OVERLOAD_HOLD_MS, OVERLOAD_SHED_MS};
         use clubcast_protocol::signal::LinkRole;
-        let mut s = swarm(100);
-        let mut rxs = Vec::new();
-        for p in 1..=60 {
-            rxs.push(add(&mut s, p, 4096).0);
-        }
+        use std::time::Duration;
+        let (mut s, _rxs) = sixty_peers();
         let sources_of = |s: &Swarm, p: PeerId| -> Vec<PeerId> {
             s.membership()
                 .links_of(p)
