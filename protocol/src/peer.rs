@@ -41,6 +41,7 @@
 //! dropped and reported ([`PeerEvent::BadPeer`]).
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::ops::Bound::{Excluded, Unbounded};
 
 use bytes::Bytes;
 
@@ -717,12 +718,22 @@ impl<V: BlockVerifier> Peer<V> {
     /// bufferedAmount, or the simulator's queue). When it drained, queued
     /// pushes may go out: drain [`Peer::poll_transmit`] afterwards.
     pub fn handle_link_buffered(&mut self, peer: PeerId, buffered: usize) {
-        let Some(st) = self.links.get_mut(&peer) else {
-            return;
-        };
-        let drained = buffered < st.buffered;
-        self.buffered_total = self.buffered_total - st.buffered + buffered;
-        st.buffered = buffered;
+        self.handle_links_buffered([(peer, buffered)]);
+    }
+
+    /// Several links' send buffers changed at once, as `(peer, buffered)`:
+    /// the queue is pumped once, after all of them, so the most urgent push
+    /// goes first whichever of them drained.
+    pub fn handle_links_buffered(&mut self, levels: impl IntoIterator<Item = (PeerId, usize)>) {
+        let mut drained = false;
+        for (peer, buffered) in levels {
+            let Some(st) = self.links.get_mut(&peer) else {
+                continue;
+            };
+            drained |= buffered < st.buffered;
+            self.buffered_total = self.buffered_total - st.buffered + buffered;
+            st.buffered = buffered;
+        }
         if drained {
             self.pump();
         }
@@ -1386,21 +1397,40 @@ impl<V: BlockVerifier> Peer<V> {
         );
         let link_window = LINK_WINDOW.min(self.cfg.send_window);
         let mut stale = Vec::new();
+        // Entries before the last one sent were stale (dropped) or waited on
+        // a full link, which a push only fills further: each pass starts
+        // after it.
+        let mut after = None;
+        let mut room = Vec::new();
         while total < self.cfg.send_window {
             // The most urgent entry whose link has room (a push raises only
-            // that link's level, so each pass sends one block).
+            // that link's level, so each pass sends one block). Entries of
+            // full links are passed over unlooked-at: a long queue behind
+            // full links costs no cache lookups on every frame.
+            room.clear();
+            room.extend(
+                self.links
+                    .iter()
+                    .filter(|(_, l)| l.open && l.buffered < link_window)
+                    .map(|(&p, _)| p),
+            );
+            if room.is_empty() {
+                break;
+            }
             let mut next = None;
-            for &e in &self.queued {
-                if !self.sendable(e) {
-                    stale.push(e);
-                } else if self
-                    .links
-                    .get(&e.2)
-                    .is_some_and(|l| l.buffered < link_window)
-                {
+            let rest = match after {
+                Some(a) => self.queued.range((Excluded(a), Unbounded)),
+                None => self.queued.range(..),
+            };
+            for &e in rest {
+                if !room.contains(&e.2) {
+                    continue;
+                }
+                if self.sendable(e) {
                     next = Some(e);
                     break;
                 }
+                stale.push(e);
             }
             for e in stale.drain(..) {
                 self.drop_queued(e);
@@ -1408,6 +1438,7 @@ impl<V: BlockVerifier> Peer<V> {
             let Some(e @ (class, seq, to)) = next else {
                 break;
             };
+            after = Some(e);
             self.queued.remove(&e);
             let Some(b) = self.cache.get(&seq) else {
                 continue;
