@@ -41,14 +41,7 @@ pub const CACHE_SECONDS: u64 = 10;
 enum Ev {
     Produce(u64),
     Join(PeerId),
-    Welcome {
-        id: PeerId,
-        clubs: Vec<u16>,
-        links: Vec<Link>,
-        start: u64,
-        edge: u64,
-        gen: u64,
-    },
+    Welcome(Box<Welcome>),
     Signal {
         ch: LinkChange,
         gen: u64,
@@ -60,7 +53,7 @@ enum Ev {
     Deliver {
         from: PeerId,
         to: PeerId,
-        frame: Frame,
+        frame: Wired,
         finish: u64,
     },
     Timer(PeerId),
@@ -79,6 +72,53 @@ enum Ev {
     Bid,
     /// A peer's serializer finished a frame while pushes wait in its queue.
     Drain(PeerId),
+}
+
+/// The server's welcome to a joiner.
+#[derive(Debug)]
+struct Welcome {
+    id: PeerId,
+    clubs: Vec<u16>,
+    links: Vec<Link>,
+    start: u64,
+    edge: u64,
+    gen: u64,
+}
+
+/// A frame in flight, kept small: the queue holds millions of them.
+///
+/// A block travels as its seq. Every block a peer relays passed its
+/// verifier, so it is the stream's own, or that block corrupted if the peer
+/// is hostile; the receiver gets it rebuilt from the stream.
+#[derive(Debug)]
+enum Wired {
+    Block { seq: u64, corrupt: bool },
+    Have(u64),
+    Other(Box<Frame>),
+}
+
+impl Wired {
+    fn new(frame: Frame, hostile: bool) -> Self {
+        match frame {
+            Frame::Block(b) => Wired::Block {
+                seq: b.header.seq,
+                corrupt: hostile,
+            },
+            Frame::Have(seq) => Wired::Have(seq),
+            f => Wired::Other(Box::new(f)),
+        }
+    }
+
+    fn into_frame(self, stream: &Stream) -> Frame {
+        match self {
+            Wired::Block { seq, corrupt: c } => {
+                let b = &stream.blocks[seq as usize];
+                Frame::Block(if c { corrupt(b) } else { b.clone() })
+            }
+            Wired::Have(seq) => Frame::Have(seq),
+            Wired::Other(f) => *f,
+        }
+    }
 }
 
 #[derive(Debug, Default)]
@@ -243,14 +283,15 @@ impl Sim {
         match ev {
             Ev::Produce(seq) => self.produce(now, seq),
             Ev::Join(id) => self.join(now, id),
-            Ev::Welcome {
-                id,
-                clubs,
-                links,
-                start,
-                edge,
-                gen,
-            } => {
+            Ev::Welcome(w) => {
+                let Welcome {
+                    id,
+                    clubs,
+                    links,
+                    start,
+                    edge,
+                    gen,
+                } = *w;
                 if self.slots[id as usize].peer.is_none() && self.alive(id) {
                     // The wire reports every drained frame (`Drain`): no polling,
                     // and a block is handed to the wire only when the serializer
@@ -259,7 +300,7 @@ impl Sim {
                     pc.pump_poll_ms = 0;
                     pc.send_window = 1;
                     pc.cache_blocks = self.cache_blocks;
-                    let mut p = Peer::new(pc, self.verifier);
+                    let mut p = Peer::new(pc, self.verifier.clone());
                     p.handle_welcome(ms(now), &clubs, &links, start, edge);
                     self.slots[id as usize].peer = Some(p);
                     for l in links {
@@ -282,8 +323,8 @@ impl Sim {
                 let Some(p) = self.slots[to as usize].peer.as_mut() else {
                     return;
                 };
-                self.wire.sync(now, to, |r, q| p.handle_link_buffered(r, q));
-                p.handle_frame(ms(now), from, frame);
+                p.handle_links_buffered(self.wire.sync(now, to).iter().copied());
+                p.handle_frame(ms(now), from, frame.into_frame(&self.stream));
                 self.flush(now, to);
             }
             Ev::Timer(id) => {
@@ -295,7 +336,7 @@ impl Sim {
                 let Some(p) = s.peer.as_mut() else { return };
                 if p.poll_timeout().is_some_and(|t| t <= ms(now)) {
                     s.fired_ms = now / 1000;
-                    self.wire.sync(now, id, |r, q| p.handle_link_buffered(r, q));
+                    p.handle_links_buffered(self.wire.sync(now, id).iter().copied());
                     p.handle_timeout(ms(now));
                 }
                 self.flush(now, id);
@@ -304,7 +345,7 @@ impl Sim {
                 let Some(p) = self.slots[to as usize].peer.as_mut() else {
                     return;
                 };
-                self.wire.sync(now, to, |r, q| p.handle_link_buffered(r, q));
+                p.handle_links_buffered(self.wire.sync(now, to).iter().copied());
                 p.handle_origin_block(ms(now), self.stream.blocks[seq as usize].clone());
                 self.flush(now, to);
             }
@@ -323,7 +364,7 @@ impl Sim {
                 }
                 s.drain_at = u64::MAX;
                 let Some(p) = s.peer.as_mut() else { return };
-                self.wire.sync(now, id, |r, q| p.handle_link_buffered(r, q));
+                p.handle_links_buffered(self.wire.sync(now, id).iter().copied());
                 self.flush(now, id);
             }
             Ev::Bid => {
@@ -367,9 +408,9 @@ impl Sim {
 
     fn produce(&mut self, now: u64, seq: u64) {
         let source = &mut self.source;
-        self.wire.sync(now, SEEDER_PEER_ID, |r, q| {
-            source.handle_link_buffered(r, q)
-        });
+        for &(r, q) in self.wire.sync(now, SEEDER_PEER_ID) {
+            source.handle_link_buffered(r, q);
+        }
         let block = &self.stream.blocks[seq as usize];
         self.source.handle_block(seq, block.payload.len());
         while let Some(push) = self.source.poll_push() {
@@ -384,7 +425,7 @@ impl Sim {
                     Ev::Deliver {
                         from: SEEDER_PEER_ID,
                         to: push.to,
-                        frame,
+                        frame: Wired::new(frame, false),
                         finish,
                     },
                 );
@@ -412,14 +453,14 @@ impl Sim {
         let (start, edge) = self.stream.start_for(now);
         self.q.push(
             now + self.sig_delay(id),
-            Ev::Welcome {
+            Ev::Welcome(Box::new(Welcome {
                 id,
                 clubs: j.clubs,
                 links: j.links,
                 start,
                 edge,
                 gen: now,
-            },
+            })),
         );
         self.schedule_changes(now, j.changes);
     }
@@ -548,10 +589,11 @@ impl Sim {
         let waiting = p.queued_pushes() > 0;
         let hostile = slot.hostile;
         for t in tx.drain(..) {
-            let frame = match t.frame {
-                Frame::Block(b) if hostile => Frame::Block(corrupt(&b)),
-                f => f,
-            };
+            let frame = t.frame;
+            debug_assert!(
+                !matches!(&frame, Frame::Block(b) if *b != self.stream.blocks[b.header.seq as usize]),
+                "a relayed block is the stream's own"
+            );
             let len = frame.encoded_len();
             let overhead = frame.overhead_len();
             if let Some((finish, arrival)) = self.wire.send(now, id, t.to, len) {
@@ -562,7 +604,7 @@ impl Sim {
                     Ev::Deliver {
                         from: id,
                         to: t.to,
-                        frame,
+                        frame: Wired::new(frame, hostile),
                         finish,
                     },
                 );

@@ -117,6 +117,7 @@ pub fn run(cfg: &Config) -> Result<Run, SimError> {
     let started = std::time::Instant::now();
     let verifier = SimVerifier::new(cfg.seed.wrapping_mul(0x2545_f491_4f6c_dd1d) | 1);
     let stream = Stream::new(&cfg, &verifier);
+    let verifier = verifier.sharing(&stream.blocks);
     let viewers = population::draw(&cfg, stream.end_us);
     let mut run = match cfg.mode {
         Mode::Clubs => clubs::Sim::new(&cfg, &viewers, stream, verifier).run(),

@@ -1,7 +1,7 @@
 //! The event queue, the network model and the origin's budget.
 //!
-//! - [`Queue`]: a binary heap of `(time, seq)` keys with the event payloads in a
-//!   slab, so the heap moves 24-byte keys and equal times pop in push order.
+//! - [`Queue`]: a calendar queue of `(time, seq)` keys with the event payloads
+//!   in a slab, so it moves 24-byte keys and equal times pop in push order.
 //! - [`Wire`]: one FIFO upload serializer per host, per-connection queued bytes
 //!   (what the core sees as `bufferedAmount`), latency and retransmissions.
 //! - [`Origin`]: bids, max-min grants and the egress counter.
@@ -20,10 +20,37 @@ use crate::population::{Viewer, SEEDER_UP_BPS, SERVER_ACCESS_US};
 /// Least extra delay of a frame that needs a retransmission, µs.
 pub const MIN_RETRANSMIT_US: u64 = 200_000;
 
+/// Width of one bucket of the [`Queue`]'s wheel, µs.
+pub const BUCKET_US: u64 = 1_000;
+/// Buckets in the wheel: events up to this many buckets ahead wait in a
+/// bucket, later ones in the far heap.
+pub const WHEEL_BUCKETS: usize = 4_096;
+
+type Key = (u64, u64, u32);
+
 /// Discrete events ordered by time, then by the order they were pushed.
+///
+/// A calendar queue: the events of the current millisecond are in a small
+/// heap, those of the next [`WHEEL_BUCKETS`] ms in one unsorted bucket per
+/// millisecond, and later ones in a far heap. At 10,000 peers a millisecond
+/// holds a few thousand events, so the heap that orders them stays in cache,
+/// where one heap of every pending event would not. The payloads sit in a
+/// slab, so the keys that move are 24 bytes.
 #[derive(Debug)]
 pub struct Queue<E> {
-    heap: BinaryHeap<Reverse<(u64, u64, u32)>>,
+    /// Events before `near_end`.
+    near: BinaryHeap<Reverse<Key>>,
+    /// End of the current bucket, µs.
+    near_end: u64,
+    /// Bucket `i` holds events in `[near_end + (i - 1) * BUCKET_US, +BUCKET_US)`
+    /// for `i` counted from `head` round the ring, starting at 1.
+    wheel: Vec<Vec<Key>>,
+    /// The wheel slot of the bucket after the current one.
+    head: usize,
+    /// Events in the wheel.
+    in_wheel: usize,
+    /// Events at or after the wheel's end.
+    far: BinaryHeap<Reverse<Key>>,
     slab: Vec<Option<E>>,
     free: Vec<u32>,
     pushed: u64,
@@ -34,7 +61,12 @@ pub struct Queue<E> {
 impl<E> Default for Queue<E> {
     fn default() -> Self {
         Queue {
-            heap: BinaryHeap::new(),
+            near: BinaryHeap::new(),
+            near_end: 0,
+            wheel: (0..WHEEL_BUCKETS).map(|_| Vec::new()).collect(),
+            head: 0,
+            in_wheel: 0,
+            far: BinaryHeap::new(),
             slab: Vec::new(),
             free: Vec::new(),
             pushed: 0,
@@ -57,17 +89,63 @@ impl<E> Queue<E> {
             }
         };
         self.pushed += 1;
-        self.heap.push(Reverse((at_us, self.pushed, slot)));
+        self.file((at_us, self.pushed, slot));
+    }
+
+    fn file(&mut self, k: Key) {
+        if k.0 < self.near_end {
+            self.near.push(Reverse(k));
+            return;
+        }
+        let ahead = ((k.0 - self.near_end) / BUCKET_US) as usize;
+        if ahead < WHEEL_BUCKETS {
+            self.wheel[(self.head + ahead) % WHEEL_BUCKETS].push(k);
+            self.in_wheel += 1;
+        } else {
+            self.far.push(Reverse(k));
+        }
+    }
+
+    /// Makes `near` hold the earliest events, if there are any.
+    fn refill(&mut self) {
+        while self.near.is_empty() {
+            if self.in_wheel == 0 {
+                // Jump to the far heap's first bucket.
+                let Some(&Reverse((t, _, _))) = self.far.peek() else {
+                    return;
+                };
+                self.near_end = t - t % BUCKET_US;
+            } else {
+                // `near` is empty: the bucket becomes it (in place; its
+                // memory goes with it, so idle buckets hold none).
+                let bucket = std::mem::take(&mut self.wheel[self.head]);
+                self.in_wheel -= bucket.len();
+                self.near = BinaryHeap::from(bucket.into_iter().map(Reverse).collect::<Vec<_>>());
+                self.head = (self.head + 1) % WHEEL_BUCKETS;
+            }
+            self.near_end += BUCKET_US;
+            // Far events that the wheel now reaches move into it.
+            let wheel_end = self.near_end + WHEEL_BUCKETS as u64 * BUCKET_US;
+            while let Some(&Reverse(k)) = self.far.peek() {
+                if k.0 >= wheel_end {
+                    break;
+                }
+                self.far.pop();
+                self.file(k);
+            }
+        }
     }
 
     /// Time of the next event.
-    pub fn peek_time(&self) -> Option<u64> {
-        self.heap.peek().map(|Reverse((t, _, _))| *t)
+    pub fn peek_time(&mut self) -> Option<u64> {
+        self.refill();
+        self.near.peek().map(|Reverse((t, _, _))| *t)
     }
 
     /// Takes the next event.
     pub fn pop(&mut self) -> Option<(u64, E)> {
-        let Reverse((t, _, slot)) = self.heap.pop()?;
+        self.refill();
+        let Reverse((t, _, slot)) = self.near.pop()?;
         let e = self.slab[slot as usize]
             .take()
             .expect("a queued slot holds its event");
@@ -183,6 +261,8 @@ pub struct Wire {
     pub sends: u64,
     /// Frames that waited more than 2 s in their serializer.
     pub late_sends: u64,
+    /// What the latest [`Wire::sync`] returned.
+    changed: Vec<(PeerId, usize)>,
 }
 
 impl Wire {
@@ -196,6 +276,7 @@ impl Wire {
             loss,
             rng: ChaCha8Rng::seed_from_u64(seed ^ 0x1055),
             retransmits: 0,
+            changed: Vec::new(),
             backlog_us_sum: 0,
             sends: 0,
             late_sends: 0,
@@ -262,8 +343,9 @@ impl Wire {
     }
 
     /// Retires the frames of `id` that left the serializer by `now_us` and
-    /// reports each connection whose queue changed.
-    pub fn sync(&mut self, now_us: u64, id: PeerId, mut report: impl FnMut(PeerId, usize)) {
+    /// returns each connection whose queue changed, as (remote, queued bytes).
+    pub fn sync(&mut self, now_us: u64, id: PeerId) -> &[(PeerId, usize)] {
+        self.changed.clear();
         let h = &mut self.hosts[id as usize];
         let mut any = false;
         while let Some(&(finish, to, len)) = h.pending.front() {
@@ -280,9 +362,10 @@ impl Wire {
         if any {
             for c in h.conns.iter_mut().filter(|c| c.dirty) {
                 c.dirty = false;
-                report(c.remote, c.queued);
+                self.changed.push((c.remote, c.queued));
             }
         }
+        &self.changed
     }
 }
 
@@ -363,5 +446,53 @@ impl Origin {
     /// All bytes the server sent (seeding plus gap fill).
     pub fn egress_bytes(&self) -> u64 {
         self.seed_bytes + self.fill_bytes
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The calendar queue pops what one heap of every event would, near,
+    /// wheel-wide and far pushes interleaved with pops, past times included.
+    #[test]
+    fn the_queue_pops_in_time_then_push_order() {
+        let mut rng = ChaCha8Rng::seed_from_u64(7);
+        let mut q = Queue::default();
+        let mut reference = BinaryHeap::new();
+        let mut n = 0u64;
+        let mut now = 1_000_000_000u64;
+        let mut popped = Vec::new();
+        let mut expected = Vec::new();
+        for round in 0..20_000 {
+            for _ in 0..rng.gen_range(0..4) {
+                let at = match rng.gen_range(0..10) {
+                    0 => now.saturating_sub(rng.gen_range(0..5_000)),
+                    1 => now + rng.gen_range(0..20_000_000),
+                    2 => now,
+                    _ => now + rng.gen_range(0..3_000),
+                };
+                n += 1;
+                q.push(at, n);
+                reference.push(Reverse((at, n)));
+            }
+            if round % 3 != 0 {
+                assert_eq!(q.peek_time(), reference.peek().map(|Reverse((t, _))| *t));
+                if let Some((t, e)) = q.pop() {
+                    now = now.max(t);
+                    popped.push((t, e));
+                    let Reverse(r) = reference.pop().expect("same length");
+                    expected.push(r);
+                }
+            }
+        }
+        while let Some(p) = q.pop() {
+            popped.push(p);
+            let Reverse(r) = reference.pop().expect("same length");
+            expected.push(r);
+        }
+        assert!(reference.is_empty());
+        assert_eq!(popped, expected);
+        assert_eq!(q.popped, n);
     }
 }
