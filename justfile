@@ -77,6 +77,9 @@ bench-e2e: setup build-web
     export TMPDIR="$(mktemp -d)"
     trap 'rm -rf "${TMPDIR}"' EXIT
     mkdir -p {{results}}
+    # The server as `just demo` runs it: the release build.
+    cargo build --release -p clubcast-server
+    export CLUBCAST_SERVER_BIN="$(realpath {{target_dir}})/release/clubcast-server"
     # 12 browsers with P2P on, then off, then the same with 6 (labelled rows).
     cargo run -p clubcast-tests --bin bench_e2e -- --browsers 12 --secs 60 --extra 6 \
         --out {{results}} --command "just bench-e2e"

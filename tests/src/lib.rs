@@ -2,8 +2,9 @@
 //!
 //! - [`Server`] runs the `clubcast-server` binary on a free loopback port with
 //!   a private data directory and `--static-dir web`. The binary is built with
-//!   `cargo build -p clubcast-server` (plus `--features test-hooks` when
-//!   [`ServerOptions::test_hooks`] asks for it) and found from cargo's own JSON
+//!   `cargo build --workspace --all-targets` (plus `--features
+//!   clubcast-server/test-hooks` when [`ServerOptions::test_hooks`] asks for
+//!   it) and found from cargo's own JSON
 //!   artifact report, so `CARGO_TARGET_DIR` and any other target-dir setting
 //!   are respected. Both builds share the target dir; since cargo links either
 //!   one to the same `debug/clubcast-server`, each is copied at once to a name
@@ -154,8 +155,11 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, Vec<u8>), Ha
 
 /// The `clubcast-server` executable, built once per process and feature set.
 ///
-/// `test_hooks` builds with `--features test-hooks` (into the same target
-/// dir: only the server crate itself is compiled twice). The plain build never
+/// The build selects what `cargo test --workspace` builds, so that it
+/// resolves the same dependency features and finds them compiled already.
+/// `test_hooks` adds `--features clubcast-server/test-hooks` (into the same
+/// target dir: only the server crate's own targets are compiled again; cargo
+/// keeps both variants, so switching back is free). The plain build never
 /// has the feature: nothing in this crate depends on `clubcast-server`, so
 /// feature unification cannot turn it on. Cargo links whichever build ran
 /// last to `debug/clubcast-server`, so the executable is copied at once to
@@ -186,16 +190,18 @@ fn build_server(test_hooks: bool) -> Result<PathBuf, String> {
     let _one = BUILD.lock().unwrap_or_else(|e| e.into_inner());
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let mut cmd = Command::new(cargo);
+    // `--workspace --all-targets` resolves dependency features exactly as
+    // `cargo test --workspace` does, so after `just test` has compiled the
+    // tests every dependency is fresh. `-p clubcast-server` would resolve them
+    // for the server alone and build ~90 crates a second time (4 min in CI).
     cmd.current_dir(workspace_dir()).args([
         "build",
-        "-p",
-        "clubcast-server",
-        "--bin",
-        "clubcast-server",
+        "--workspace",
+        "--all-targets",
         "--message-format=json-render-diagnostics",
     ]);
     if test_hooks {
-        cmd.args(["--features", "test-hooks"]);
+        cmd.args(["--features", "clubcast-server/test-hooks"]);
     }
     let out = cmd
         .stderr(Stdio::inherit())
@@ -207,7 +213,12 @@ fn build_server(test_hooks: bool) -> Result<PathBuf, String> {
     let built = String::from_utf8_lossy(&out.stdout)
         .lines()
         .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .filter(|m| m["reason"] == "compiler-artifact" && m["target"]["name"] == "clubcast-server")
+        .filter(|m| {
+            m["reason"] == "compiler-artifact"
+                && m["target"]["name"] == "clubcast-server"
+                && m["target"]["kind"] == json!(["bin"])
+                && m["profile"]["test"] == false
+        })
         .find_map(|m| m["executable"].as_str().map(PathBuf::from))
         .ok_or_else(|| "no clubcast-server executable in cargo's report".to_owned())?;
     let dir = built

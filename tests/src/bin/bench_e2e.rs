@@ -772,7 +772,11 @@ async fn main() {
         "cpu": cpu,
         "command": a.command,
         "argv": std::env::args().collect::<Vec<_>>().join(" "),
-        "server": format!("{server} (dev profile: dependencies at opt-level 2, our crates at 0)"),
+        "server": if std::env::var_os("CLUBCAST_SERVER_BIN").is_some() {
+            format!("{server} (from CLUBCAST_SERVER_BIN)")
+        } else {
+            format!("{server} (dev profile: dependencies at opt-level 2, our crates at 0)")
+        },
         "chromium": sh(&std::env::var("CHROMIUM").unwrap_or("/usr/bin/chromium".into()), &["--version"]),
         "chromium_flags": CHROMIUM_FLAGS.join(" "),
         "stagger_ms": a.stagger.as_millis() as u64,
