@@ -9,7 +9,10 @@
 //!    balance with the new grants (unused bits expire) and refills the anonymous
 //!    bucket. The signaling hub sends each bidder its `grant`.
 //! 3. The origin calls [`Grants::debit`] for every block it serves. A request with
-//!    `Authorization: Bearer <grant_token>` draws on that peer's balance; one
+//!    `Authorization: Bearer <grant_token>` draws on that peer's balance, and
+//!    past it on the bid budget no grant took this interval (first come, first
+//!    served, as the simulator's origin does), so a budget the bids left over
+//!    is not wasted while a peer that bid too little misses a block. One
 //!    without a token draws on the shared anonymous bucket, so plain HTTP clients
 //!    and caches keep working but cannot take more than their share.
 //!
@@ -255,7 +258,8 @@ impl Grants {
         grants
     }
 
-    /// Takes `bits` from the grant of the peer holding `token`, or from the
+    /// Takes `bits` from the grant of the peer holding `token` (past it, from
+    /// the bid budget nobody was granted this interval), or from the
     /// anonymous bucket if there is no token. Nothing is taken on refusal.
     pub fn debit(&self, token: Option<&str>, bits: u64, now: Instant) -> Result<(), GrantError> {
         let mut l = self.ledger();
@@ -264,14 +268,17 @@ impl Grants {
             Some(t) => {
                 let peer = *l.tokens.get(t).ok_or(GrantError::UnknownToken)?;
                 let left = l.balances.get(&peer).copied().unwrap_or(0);
-                if left < bits {
+                if left >= bits {
+                    l.balances.insert(peer, left - bits);
+                } else if l.spare >= bits {
+                    l.spare -= bits;
+                } else {
                     return Err(GrantError::OverGrant {
                         wanted: bits,
                         left,
                         retry_after,
                     });
                 }
-                l.balances.insert(peer, left - bits);
                 Ok(())
             }
             None => {
@@ -334,6 +341,44 @@ mod tests {
         assert!(g.debit(None, 1_000, t0).is_ok());
         g.unregister(1);
         assert_eq!(g.debit(Some(&tok1), 1, t0), Err(GrantError::UnknownToken));
+    }
+
+    #[test]
+    fn a_fetch_past_its_grant_takes_the_budget_no_bid_took_first_come() {
+        let t0 = Instant::now();
+        // 10_000 bits per interval, 20 % anonymous: bids share 8_000.
+        let g = Grants::new(10_000, 20, Duration::from_secs(1), t0);
+        let tok1 = g.register(1);
+        let tok2 = g.register(2);
+        g.handle_bid(1, 3_000);
+        g.handle_bid(2, 2_000);
+        let _ = g.handle_interval(t0);
+        // 3_000 of the bid budget stayed spare. Peer 1 spends its grant, then
+        // 2_500 of the spare; peer 2's own grant is untouched by that.
+        assert!(g.debit(Some(&tok1), 3_000, t0).is_ok());
+        assert!(g.debit(Some(&tok1), 2_500, t0).is_ok());
+        assert_eq!(g.balance(1), 0);
+        let err = g.debit(Some(&tok1), 1_000, t0).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                GrantError::OverGrant {
+                    wanted: 1_000,
+                    left: 0,
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        assert!(g.debit(Some(&tok2), 2_000, t0).is_ok());
+        assert!(g.debit(Some(&tok2), 500, t0).is_ok(), "the last spare bits");
+        assert!(g.debit(Some(&tok2), 1, t0).is_err());
+        // The anonymous bucket is not the bidders' to take.
+        assert!(g.debit(None, 2_000, t0).is_ok());
+        // A new interval with every bit granted leaves nothing spare.
+        g.handle_bid(1, 50_000);
+        let _ = g.handle_interval(t0 + Duration::from_secs(1));
+        assert!(g.debit(Some(&tok2), 1, t0).is_err());
     }
 
     #[test]
