@@ -693,21 +693,6 @@ impl Sim {
                 bytes,
             } => {
                 let server = matches!(from, From::Origin | From::Peer(SEEDER_PEER_ID));
-                if seq == 200 && std::env::var_os("CLUBCAST_SIM_TRACE").is_some() {
-                    let clubs = self.membership.clubs_of(id).map(<[u16]>::to_vec);
-                    let fc = match from {
-                        From::Peer(p) => self.membership.clubs_of(p).map(<[u16]>::to_vec),
-                        _ => None,
-                    };
-                    eprintln!(
-                        "seq {seq} to {id} {clubs:?} from {from:?} {fc:?} delay {} up {}",
-                        now / 1000 - ingest_time_ms,
-                        match from {
-                            From::Peer(p) => self.wire.hosts[p as usize].up_bps,
-                            _ => 0,
-                        }
-                    );
-                }
                 self.metrics
                     .arrival(id, seq, ingest_time_ms, now, server, bytes);
             }
