@@ -419,11 +419,15 @@ mod tests {
                 .filter(|&q| q != SEEDER_PEER_ID)
                 .collect()
         };
-        // A source that serves two reporters.
+        // A source that serves two reporters. One peer may have the same
+        // source for two shares: count it once, or r1 and r2 could be one peer.
         let mut reporters_of: HashMap<PeerId, Vec<PeerId>> = HashMap::new();
         for p in 1..=60 {
             for q in sources_of(&s, p) {
-                reporters_of.entry(q).or_default().push(p);
+                let r = reporters_of.entry(q).or_default();
+                if !r.contains(&p) {
+                    r.push(p);
+                }
             }
         }
         let (source, reporters) = reporters_of
