@@ -203,6 +203,23 @@ fn build_server(test_hooks: bool) -> Result<PathBuf, String> {
     if test_hooks {
         cmd.args(["--features", "clubcast-server/test-hooks"]);
     }
+    // Cargo runs a test with its package's variables (`CARGO_PKG_NAME`,
+    // `CARGO_MANIFEST_DIR`, `OUT_DIR`, ...). Build scripts such as ring's
+    // rerun when those change in cargo's own environment, so inherited they
+    // made this build recompile ring and the 11 crates above it.
+    for (k, _) in std::env::vars_os() {
+        let Some(k) = k.to_str() else { continue };
+        if k.starts_with("CARGO_PKG_")
+            || k.starts_with("CARGO_MANIFEST_")
+            || k.starts_with("CARGO_BIN_")
+            || matches!(
+                k,
+                "OUT_DIR" | "CARGO_CRATE_NAME" | "CARGO_PRIMARY_PACKAGE" | "CARGO_TARGET_TMPDIR"
+            )
+        {
+            cmd.env_remove(k);
+        }
+    }
     let out = cmd
         .stderr(Stdio::inherit())
         .output()
