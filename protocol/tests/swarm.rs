@@ -50,6 +50,8 @@ struct Net {
     origin_fills: u64,
     seeded: u64,
     rng: ChaCha8Rng,
+    /// Every joiner's [`PeerConfig::prune_lag_ms`].
+    prune_lag_ms: u64,
 }
 
 impl Net {
@@ -75,6 +77,7 @@ impl Net {
             origin_fills: 0,
             seeded: 0,
             rng: ChaCha8Rng::seed_from_u64(1),
+            prune_lag_ms: clubcast_protocol::peer::PRUNE_LAG_MS,
         }
     }
 
@@ -101,7 +104,9 @@ impl Net {
     fn join(&mut self, id: PeerId) {
         let j = self.membership.join(id, true, &mut self.rng);
         let clubs = self.membership.config().clubs;
-        let mut peer = Peer::new(PeerConfig::new(id, clubs), self.signer.key());
+        let mut pc = PeerConfig::new(id, clubs);
+        pc.prune_lag_ms = self.prune_lag_ms;
+        let mut peer = Peer::new(pc, self.signer.key());
         let edge = self.blocks.len().saturating_sub(1) as u64;
         let start = self
             .blocks
@@ -261,6 +266,10 @@ impl Net {
 #[test]
 fn every_peer_plays_every_block_in_order() {
     let mut net = Net::new(4);
+    // This network has no upload limit, so both parents' copies come within
+    // the default prune lag and both stay eager; with a lag of 0 the second
+    // copy prunes its parent, which the duplicate bound below checks.
+    net.prune_lag_ms = 0;
     for id in 1..=24 {
         net.join(id);
     }

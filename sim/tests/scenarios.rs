@@ -225,6 +225,8 @@ fn a_last_hop_source_too_busy_for_its_share_is_replaced() {
     // Since the cap on planned upload and replacing only after 5 reports about
     // one source: 0.9994 (0.968 never replacing). Since a report replaces only
     // a source whose bids say it stays behind (`OVERLOAD_LATE`): 0.9996.
+    // Since in-club parents keep racing unless one lags by 150 ms
+    // (`PRUNE_LAG_MS`), the relay's in-club pushes cost it more: 0.9995.
     let r = run(&Config {
         peers: 200,
         seconds: 60,
