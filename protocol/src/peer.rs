@@ -114,9 +114,6 @@ pub const REINDEX_MS: u64 = 1_000;
 /// continuity: 0.9996 pruning on every duplicate, 0.9996 at 100 ms, 0.9995 at
 /// 150 ms, 0.9989 at 200 ms. Hence 150 ms.
 pub const PRUNE_LAG_MS: u64 = 150;
-/// Slots of the ring of recent arrival times that [`PeerConfig::prune_lag_ms`]
-/// reads (blocks further back than this count as long arrived).
-const ARRIVAL_SLOTS: usize = 256;
 /// Interval between PINGs on a link, ms.
 pub const PING_INTERVAL_MS: u64 = 5_000;
 /// Blocks of its share that an open last-hop source may leave for the origin
@@ -528,9 +525,10 @@ pub struct Peer<V> {
     /// The send queue: (class, seq, remote), class 0 in-club pushes and WANT
     /// answers, class 1 last-hop pushes.
     queued: BTreeSet<(u8, u64, PeerId)>,
-    /// When each cached block with pushes was relayed (queued), for
-    /// [`PeerStats::pushes_late`]; pruned with the cache.
-    relayed_at: BTreeMap<u64, Time>,
+    /// When each cached block of our clubs arrived, for
+    /// [`PeerStats::pushes_late`] and [`PeerConfig::prune_lag_ms`]; pruned
+    /// with the cache.
+    arrived_at: BTreeMap<u64, Time>,
     /// Sum of the links' `buffered`.
     buffered_total: usize,
     /// When `pump` last dropped the expired front of the queue.
@@ -540,8 +538,6 @@ pub struct Peer<V> {
     events: VecDeque<PeerEvent>,
     stats: PeerStats,
     next_check: Option<Time>,
-    /// When recent blocks arrived: `(seq, time)` in slot `seq % ARRIVAL_SLOTS`.
-    arrivals: Box<[(u64, Time); ARRIVAL_SLOTS]>,
 }
 
 impl<V: BlockVerifier> Peer<V> {
@@ -565,14 +561,13 @@ impl<V: BlockVerifier> Peer<V> {
             next_play: None,
             transmits: VecDeque::new(),
             queued: BTreeSet::new(),
-            relayed_at: BTreeMap::new(),
+            arrived_at: BTreeMap::new(),
             buffered_total: 0,
             expired_at: None,
             now: Time(0),
             events: VecDeque::new(),
             stats: PeerStats::default(),
             next_check: None,
-            arrivals: Box::new([(u64::MAX, Time(0)); ARRIVAL_SLOTS]),
         }
     }
 
@@ -1244,16 +1239,18 @@ impl<V: BlockVerifier> Peer<V> {
                 }
             }
         }
-        self.arrivals[(seq % ARRIVAL_SLOTS as u64) as usize] = (seq, now);
         self.note_seen(now, seq);
-        if self.cfg.relay && self.in_club(club_of(seq, self.cfg.clubs)) {
-            self.relay(&block, from);
+        if self.in_club(club_of(seq, self.cfg.clubs)) {
+            self.arrived_at.insert(seq, now);
+            if self.cfg.relay {
+                self.relay(&block, from);
+            }
         }
         self.cache.insert(seq, block);
         while self.cache.len() > self.cfg.cache_blocks.clamp(1, MAX_CACHE_BLOCKS) {
             if let Some((old, _)) = self.cache.pop_first() {
                 self.unqueue_block(old);
-                self.relayed_at.remove(&old);
+                self.arrived_at.remove(&old);
             }
         }
         self.advance_play(now);
@@ -1279,8 +1276,10 @@ impl<V: BlockVerifier> Peer<V> {
                     && l.pruned & bit == 0
             })
             .count();
-        let (slot_seq, first) = self.arrivals[(seq % ARRIVAL_SLOTS as u64) as usize];
-        let lagging = slot_seq != seq || self.now.since(first) > self.cfg.prune_lag_ms;
+        let lagging = self
+            .arrived_at
+            .get(&seq)
+            .is_none_or(|&t| self.now.since(t) > self.cfg.prune_lag_ms);
         self.link_has(p, seq);
         let Some(st) = self.links.get_mut(&p) else {
             return;
@@ -1382,9 +1381,6 @@ impl<V: BlockVerifier> Peer<V> {
             // our upload is short (see `PeerStats::pushes_late`).
             self.stats.pushes_dropped += pushes.len() as u64;
             return;
-        }
-        if !pushes.is_empty() {
-            self.relayed_at.insert(seq, self.now);
         }
         for (k, p) in pushes {
             self.enqueue(k, seq, p);
@@ -1492,7 +1488,7 @@ impl<V: BlockVerifier> Peer<V> {
             // WANT's answer may rightly go long after the block came.
             if class == 1
                 && self
-                    .relayed_at
+                    .arrived_at
                     .get(&seq)
                     .is_some_and(|&t| self.now.since(t) > SLOW_PUSH_MS)
             {
