@@ -16,7 +16,7 @@ use rand_chacha::rand_core::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
 use crate::config::Config;
-use crate::metrics::Collector;
+use crate::metrics::{Collector, DelayHist};
 use crate::net::{Origin, Queue, Wire};
 use crate::population::{Viewer, DOWNLOAD_X};
 use crate::stream::Stream;
@@ -166,6 +166,9 @@ pub struct Sim {
     /// `CLUBCAST_SIM_DEBUG` is set: print totals every [`DEBUG_EVERY_US`].
     debug: bool,
     end_us: u64,
+    /// With `CLUBCAST_SIM_DEBUG`: block delays of arrivals in the viewer's
+    /// own clubs, over the last hop, and from the origin.
+    delay_split: [DelayHist; 3],
 }
 
 fn ms(us: u64) -> Time {
@@ -217,6 +220,7 @@ impl Sim {
             evs: Vec::new(),
             uploads: Vec::new(),
             end_us,
+            delay_split: Default::default(),
             cfg: cfg.clone(),
         }
     }
@@ -249,6 +253,18 @@ impl Sim {
         }
         for id in ids {
             self.fold(id, self.end_us);
+        }
+        if self.debug {
+            let names = ["own clubs", "last hop", "origin"];
+            for (name, h) in names.iter().zip(&self.delay_split) {
+                eprintln!(
+                    "block delay, {name}: {} arrivals, p50/p95/p99 {}/{}/{} ms",
+                    h.len(),
+                    h.pct(0.5),
+                    h.pct(0.95),
+                    h.pct(0.99)
+                );
+            }
         }
         let report = self.metrics.report(
             &self.cfg,
@@ -693,6 +709,19 @@ impl Sim {
                 bytes,
             } => {
                 let server = matches!(from, From::Origin | From::Peer(SEEDER_PEER_ID));
+                if self.debug {
+                    let c = (seq % u64::from(self.cfg.clubs)) as u16;
+                    let own = self
+                        .membership
+                        .clubs_of(id)
+                        .is_some_and(|cs| cs.contains(&c));
+                    let k = match (own, from) {
+                        (true, _) => 0,
+                        (false, From::Peer(_)) => 1,
+                        (false, From::Origin) => 2,
+                    };
+                    self.delay_split[k].note((now / 1000).saturating_sub(ingest_time_ms));
+                }
                 self.metrics
                     .arrival(id, seq, ingest_time_ms, now, server, bytes);
             }

@@ -110,12 +110,56 @@ fn get(bits: &[u64], i: u64) -> bool {
     bits[(i / 64) as usize] >> (i % 64) & 1 == 1
 }
 
+/// Counts of block delays by millisecond, up to two minutes.
+#[derive(Debug, Clone)]
+pub struct DelayHist(Vec<u64>);
+
+impl Default for DelayHist {
+    fn default() -> Self {
+        DelayHist(vec![0; MAX_DELAY_MS + 1])
+    }
+}
+
+impl DelayHist {
+    /// Counts one delay of `ms` (longer ones as the longest).
+    pub fn note(&mut self, ms: u64) {
+        self.0[(ms as usize).min(MAX_DELAY_MS)] += 1;
+    }
+
+    /// Delays counted.
+    pub fn len(&self) -> u64 {
+        self.0.iter().sum()
+    }
+
+    /// Whether nothing was counted.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The `q` quantile, ms (0 if empty).
+    pub fn pct(&self, q: f64) -> f64 {
+        let total = self.len();
+        if total == 0 {
+            return 0.0;
+        }
+        let want = ((total as f64 * q).ceil() as u64).max(1);
+        let mut acc = 0;
+        for (ms, n) in self.0.iter().enumerate() {
+            acc += n;
+            if acc >= want {
+                return ms as f64;
+            }
+        }
+        MAX_DELAY_MS as f64
+    }
+}
+
 /// Accumulates a run's measurements.
 #[derive(Debug)]
 pub struct Collector {
     /// Per viewer, by peer id (index 0 unused).
     pub recs: Vec<Record>,
-    delay_hist: Vec<u64>,
+    delay_hist: DelayHist,
     /// Payload bytes of first arrivals from peers.
     pub from_peers: u64,
     /// Payload bytes of first arrivals from the server (seeder or origin).
@@ -148,7 +192,7 @@ impl Collector {
         }));
         Collector {
             recs,
-            delay_hist: vec![0; MAX_DELAY_MS + 1],
+            delay_hist: DelayHist::default(),
             from_peers: 0,
             from_server: 0,
             dup_bytes: 0,
@@ -180,8 +224,7 @@ impl Collector {
             set(&mut r.on_time, seq);
         }
         if !r.hostile {
-            let d = (now_ms.saturating_sub(ingest_ms) as usize).min(MAX_DELAY_MS);
-            self.delay_hist[d] += 1;
+            self.delay_hist.note(now_ms.saturating_sub(ingest_ms));
         }
         if from_server {
             self.from_server += bytes as u64;
@@ -194,22 +237,6 @@ impl Collector {
     /// Viewer `id` started playing.
     pub fn played(&mut self, id: u64, now_us: u64) {
         self.recs[id as usize].first_play_us.get_or_insert(now_us);
-    }
-
-    fn pct(&self, q: f64) -> f64 {
-        let total: u64 = self.delay_hist.iter().sum();
-        if total == 0 {
-            return 0.0;
-        }
-        let want = ((total as f64 * q).ceil() as u64).max(1);
-        let mut acc = 0;
-        for (ms, n) in self.delay_hist.iter().enumerate() {
-            acc += n;
-            if acc >= want {
-                return ms as f64;
-            }
-        }
-        MAX_DELAY_MS as f64
     }
 
     /// Eligible and on-time (peer, block) pairs of viewer `id`: blocks cut
@@ -297,9 +324,9 @@ impl Collector {
             p2p_ratio: ratio(self.from_peers, useful),
             origin_egress_ratio: origin_bytes as f64 * 8.0 / (bitrate_bps * cfg.seconds as f64),
             block_delay_ms: Pcts {
-                p50: self.pct(0.50),
-                p95: self.pct(0.95),
-                p99: self.pct(0.99),
+                p50: self.delay_hist.pct(0.50),
+                p95: self.delay_hist.pct(0.95),
+                p99: self.delay_hist.pct(0.99),
             },
             continuity: if eligible == 0 {
                 0.0
