@@ -227,6 +227,8 @@ fn a_last_hop_source_too_busy_for_its_share_is_replaced() {
     // a source whose bids say it stays behind (`OVERLOAD_LATE`): 0.9996.
     // Since in-club parents keep racing unless one lags by 150 ms
     // (`PRUNE_LAG_MS`), the relay's in-club pushes cost it more: 0.9995.
+    // Since a relay running late yields races it loses (`YIELD_LATE_MS`):
+    // 0.9996.
     let r = run(&Config {
         peers: 200,
         seconds: 60,
