@@ -114,12 +114,12 @@ pub const REINDEX_MS: u64 = 1_000;
 /// continuity: 0.9996 pruning on every duplicate, 0.9996 at 100 ms, 0.9995 at
 /// 150 ms, 0.9989 at 200 ms. Hence 150 ms.
 pub const PRUNE_LAG_MS: u64 = 150;
-/// Default [`PeerConfig::yield_late_ms`]: a relay whose last
+/// Default [`PeerConfig::yield_late_ms`], ms: a relay whose last
 /// [`YIELD_LATE_PUSHES`] late pushes ([`PeerStats::pushes_late`]) all fell
 /// within this window is short of upload. While it is, it stops racing for an
 /// in-club child that another parent beats it to while its push still waits
 /// in the send queue: it announces that club's blocks to the child instead,
-/// as if the child had pruned it, and the child's WANT grafts it back, ms.
+/// as if the child had pruned it, and the child's WANT grafts it back.
 ///
 /// Children prune by lag ([`PRUNE_LAG_MS`]), so they keep racing a parent that
 /// is a little behind, and that parent's in-club pushes go out before its
