@@ -878,6 +878,7 @@ impl Session {
             "wants_sent": s.wants_sent,
             "slow_sources": s.slow_sources,
             "pushes_late": s.pushes_late,
+            "races_yielded": s.races_yielded,
             "gap_fills": s.gap_fills,
             "origin_fetches": self.origin.fetches(),
             "origin_failures": self.origin.failures(),
