@@ -442,6 +442,20 @@ impl LinkState {
         self.haves.contains(seq)
     }
 
+    /// Announces instead of pushing club `c`'s blocks to this child, as its
+    /// PRUNE asks; its WANT grafts us back. Returns whether that is new (not
+    /// for a link that is no child of ours in `c`).
+    fn go_lazy(&mut self, c: u16) -> bool {
+        if c >= 64
+            || self.lazy & (1 << c) != 0
+            || !self.roles.contains(&LinkRole::Upload { club: c })
+        {
+            return false;
+        }
+        self.lazy |= 1 << c;
+        true
+    }
+
     fn note_have(&mut self, seq: u64) {
         self.haves.insert(seq);
     }
@@ -907,9 +921,7 @@ impl<V: BlockVerifier> Peer<V> {
             Frame::Prune(seq) => {
                 let c = club_of(seq, self.cfg.clubs);
                 if let Some(st) = self.links.get_mut(&from) {
-                    if c < 64 && st.roles.contains(&LinkRole::Upload { club: c }) {
-                        st.lazy |= 1 << c;
-                    }
+                    st.go_lazy(c);
                 }
             }
             Frame::Ping(n) => self.push(from, Frame::Pong(n)),
@@ -1104,15 +1116,11 @@ impl<V: BlockVerifier> Peer<V> {
     /// run late, stop racing for that child, as its PRUNE would make us; its
     /// WANT grafts us back ([`YIELD_LATE_MS`]).
     fn lost_race(&mut self, now: Time, from: PeerId, seq: u64) {
-        let c = club_of(seq, self.cfg.clubs);
-        if !self.running_late(now) || c >= 64 || !self.queued.contains(&(0, seq, from)) {
+        if !self.running_late(now) || !self.queued.contains(&(0, seq, from)) {
             return;
         }
-        let Some(st) = self.links.get_mut(&from) else {
-            return;
-        };
-        if st.lazy & (1 << c) == 0 && st.roles.contains(&LinkRole::Upload { club: c }) {
-            st.lazy |= 1 << c;
+        let c = club_of(seq, self.cfg.clubs);
+        if self.links.get_mut(&from).is_some_and(|st| st.go_lazy(c)) {
             self.stats.races_yielded += 1;
         }
     }
@@ -2226,12 +2234,18 @@ mod tests {
         assert_eq!(p.poll_timeout(), p.next_check);
     }
 
-    #[test]
-    fn a_one_frame_window_lets_a_newer_in_club_push_overtake_a_last_hop_one() {
+    /// A peer whose transport takes one frame at a time and whose queue is
+    /// woken only by a drained frame.
+    fn one_frame_window_peer() -> Peer<StreamKey> {
         let mut cfg = PeerConfig::new(1, 4);
         cfg.pump_poll_ms = 0;
         cfg.send_window = 1;
-        let mut p = peer_with(cfg);
+        peer_with(cfg)
+    }
+
+    #[test]
+    fn a_one_frame_window_lets_a_newer_in_club_push_overtake_a_last_hop_one() {
+        let mut p = one_frame_window_peer();
         let blocks = |t: &[Transmit]| -> Vec<(PeerId, u64)> {
             t.iter()
                 .filter_map(|t| match &t.frame {
@@ -2272,10 +2286,7 @@ mod tests {
 
     #[test]
     fn a_relay_running_late_stops_racing_for_a_child_another_parent_beat() {
-        let mut cfg = PeerConfig::new(1, 4);
-        cfg.pump_poll_ms = 0;
-        cfg.send_window = 1;
-        let mut p = peer_with(cfg);
+        let mut p = one_frame_window_peer();
         // The transport drains every link at `at`; one block goes out.
         let send = |p: &mut Peer<StreamKey>, at: u64| {
             p.now = Time(at);

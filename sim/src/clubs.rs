@@ -6,7 +6,7 @@
 //! both ends heard of it (offer/answer, then ICE, DTLS and SCTP).
 
 use clubcast_protocol::bid::Bid;
-use clubcast_protocol::club::{ClubConfig, LateStreak, LinkChange, Membership, Overload};
+use clubcast_protocol::club::{club_of, ClubConfig, LateStreak, LinkChange, Membership, Overload};
 use clubcast_protocol::peer::{From, Peer, PeerConfig, PeerEvent, Transmit};
 use clubcast_protocol::signal::{Link, LinkOp, PeerId, SEEDER_PEER_ID};
 use clubcast_protocol::source::{Source, SourceEvent};
@@ -673,7 +673,7 @@ impl Sim {
             PeerEvent::Skip { from, to } => {
                 if let Some(clubs) = self.membership.clubs_of(id) {
                     for seq in from..to {
-                        let c = (seq % u64::from(self.cfg.clubs)) as u16;
+                        let c = club_of(seq, self.cfg.clubs);
                         if clubs.contains(&c) {
                             self.skipped_split.0 += 1;
                         } else {
@@ -710,7 +710,7 @@ impl Sim {
             } => {
                 let server = matches!(from, From::Origin | From::Peer(SEEDER_PEER_ID));
                 if self.debug {
-                    let c = (seq % u64::from(self.cfg.clubs)) as u16;
+                    let c = club_of(seq, self.cfg.clubs);
                     let own = self
                         .membership
                         .clubs_of(id)
