@@ -114,6 +114,35 @@ pub const REINDEX_MS: u64 = 1_000;
 /// continuity: 0.9996 pruning on every duplicate, 0.9996 at 100 ms, 0.9995 at
 /// 150 ms, 0.9989 at 200 ms. Hence 150 ms.
 pub const PRUNE_LAG_MS: u64 = 150;
+/// Default [`PeerConfig::prune_lag_age_pct`]: a parent is pruned only if its
+/// duplicate lags the first copy by more than this share of the block's age
+/// at that first copy (and [`PRUNE_LAG_MS`]), up to [`PRUNE_LAG_MAX_MS`].
+///
+/// A block is old at a peer deep in a large club's tree: there the two
+/// parents' paths are long, their lag is larger, and each race a child keeps
+/// saves more. Near the seeds, and in a small swarm, the fixed lag still
+/// decides, so the duplicates it costs stay where they were. `clubcast-sim`,
+/// seed 1, 2026-12-03 (block delay ms; upload p99 × bitrate):
+///
+/// | share of the age, up to | 10,000 × 10 s: p95, dup, origin | 100 × 120 s: p95, dup, upload p99 | 200 × 60 s, seed 5: continuity |
+/// |---|---|---|---|
+/// | none (150 ms always) | 997, 0.089, 2.81 | 470, 0.057, 1.94 | 0.9996 |
+/// | 25 %, 250 ms (100 ms floor) | 994, 0.097, 2.77 | – | – |
+/// | **30 %, 250 ms** | **983, 0.108, 2.71** | **473, 0.057, 1.93** | **0.9996** |
+/// | 30 %, 200 ms | 983, 0.105, 2.70 | – | – |
+/// | 30 %, 400 ms | 977, 0.108, 2.73 | – | – |
+/// | 35 %, 300 ms | 978, 0.115, 2.64 | – | – |
+/// | 40 %, 300 ms | 977, 0.119, 2.65 | 480, 0.059, 1.87 | 0.9998 |
+///
+/// With 10 %/min churn and 5 % hostile peers (1,000 × 120 s, seeds 1 to 8),
+/// continuity went from 0.99939 / 0.99986 / 0.99982 / 0.99962 / 0.99974 /
+/// 0.99990 / 0.99977 / 0.99987 to 0.99931 / 0.99986 / 0.99987 / 0.99974 /
+/// 0.99972 / 0.99991 / 0.99978 / 0.99989 at 30 %, 250 ms.
+pub const PRUNE_LAG_AGE_PCT: u64 = 30;
+/// Default [`PeerConfig::prune_lag_max_ms`]: the most a block's age stretches
+/// the prune lag to, ms. Without a cap a block that came very late (pulled, or
+/// after a stall) would keep its parents racing long after.
+pub const PRUNE_LAG_MAX_MS: u64 = 250;
 /// Default [`PeerConfig::yield_late_ms`], ms: a relay whose last
 /// [`YIELD_LATE_PUSHES`] late pushes ([`PeerStats::pushes_late`]) all fell
 /// within this window is short of upload. While it is, it stops racing for an
@@ -197,13 +226,20 @@ pub struct PeerConfig {
     pub cache_blocks: usize,
     /// A duplicate from an eager in-club parent prunes that parent (it sends
     /// HAVEs instead) only if it came more than this long after the first
-    /// copy, ms: a parent that keeps up is kept racing ([`PRUNE_LAG_MS`]).
+    /// copy, ms: a parent that keeps up is kept racing ([`PRUNE_LAG_MS`]). An
+    /// old block stretches it ([`PeerConfig::prune_lag_age_pct`]).
     pub prune_lag_ms: u64,
     /// A relay with [`YIELD_LATE_PUSHES`] late pushes within this many ms
     /// stops pushing to an in-club child that another parent beats it to
     /// (0: never; [`YIELD_LATE_MS`]). Only the relay sees its own queue; its
     /// children see only the lag.
     pub yield_late_ms: u64,
+    /// The prune lag grows with the block's age at its first copy (arrival
+    /// less ingest): this percentage of it, when that is more than
+    /// [`PeerConfig::prune_lag_ms`] (0: never; [`PRUNE_LAG_AGE_PCT`]).
+    pub prune_lag_age_pct: u64,
+    /// Most the age can stretch the prune lag to, ms ([`PRUNE_LAG_MAX_MS`]).
+    pub prune_lag_max_ms: u64,
 }
 
 impl PeerConfig {
@@ -225,6 +261,8 @@ impl PeerConfig {
             cache_blocks: MAX_CACHE_BLOCKS,
             prune_lag_ms: PRUNE_LAG_MS,
             yield_late_ms: YIELD_LATE_MS,
+            prune_lag_age_pct: PRUNE_LAG_AGE_PCT,
+            prune_lag_max_ms: PRUNE_LAG_MAX_MS,
         }
     }
 }
@@ -1367,7 +1405,7 @@ impl<V: BlockVerifier> Peer<V> {
         let lagging = self
             .arrived_at
             .get(&seq)
-            .is_none_or(|&t| self.now.since(t) > self.cfg.prune_lag_ms);
+            .is_none_or(|&t| self.now.since(t) > self.prune_lag(seq, t));
         self.link_has(p, seq);
         let Some(st) = self.links.get_mut(&p) else {
             return;
@@ -1382,6 +1420,19 @@ impl<V: BlockVerifier> Peer<V> {
             st.pruned |= bit;
             self.push(p, Frame::Prune(seq));
         }
+    }
+
+    /// How far behind the first copy of `seq`, which came at `first`, a
+    /// duplicate must come to prune its parent, ms: [`PeerConfig::prune_lag_ms`],
+    /// or more for a block that was already old at its first copy.
+    fn prune_lag(&self, seq: u64, first: Time) -> u64 {
+        let floor = self.cfg.prune_lag_ms;
+        let Some(b) = self.cache.get(&seq) else {
+            return floor;
+        };
+        let age = first.0.saturating_sub(b.header().ingest_time_ms);
+        let scaled = age.saturating_mul(self.cfg.prune_lag_age_pct) / 100;
+        floor.max(scaled.min(self.cfg.prune_lag_max_ms))
     }
 
     fn learn_rate(&mut self, seq: u64, ingest: u64) {
@@ -2148,6 +2199,37 @@ mod tests {
         p.handle_frame(Time(T0 + 400), 2, Frame::Block(block(4, false)));
         drain(&mut p);
         p.handle_frame(Time(T0 + 400 + lag + 1), 8, Frame::Block(block(4, false)));
+        let (t, _) = drain(&mut p);
+        assert_eq!(sent(&t), vec![(8, "prune")]);
+    }
+
+    /// A block already old at its first copy stretches the lag: deep in a
+    /// large club both parents' paths are long.
+    #[test]
+    fn an_old_block_stretches_the_prune_lag() {
+        let (mut p, lag) = two_parents();
+        let cfg = *p.config();
+        // Block 8 (club 0) is ingested at T0 + 800 and first comes 700 ms
+        // later: the lag is 30 % of 700 ms, 210 ms.
+        let age = 700;
+        let stretched = (age * cfg.prune_lag_age_pct / 100).min(cfg.prune_lag_max_ms);
+        assert!(stretched > lag + 1);
+        let first = T0 + 800 + age;
+        p.handle_frame(Time(first), 2, Frame::Block(block(8, false)));
+        drain(&mut p);
+        p.handle_frame(Time(first + lag + 1), 8, Frame::Block(block(8, false)));
+        let (t, _) = drain(&mut p);
+        assert!(sent(&t).is_empty(), "{:?}", sent(&t));
+        // Block 12, as old at its first copy: a duplicate past the stretched
+        // lag prunes.
+        let first = T0 + 1200 + age;
+        p.handle_frame(Time(first), 2, Frame::Block(block(12, false)));
+        drain(&mut p);
+        p.handle_frame(
+            Time(first + stretched + 1),
+            8,
+            Frame::Block(block(12, false)),
+        );
         let (t, _) = drain(&mut p);
         assert_eq!(sent(&t), vec![(8, "prune")]);
     }
