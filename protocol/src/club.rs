@@ -170,6 +170,24 @@ pub const MAX_HANDOVERS: usize = 4;
 
 /// Capacity assumed for a peer that did not say, % of the bitrate.
 pub const DEFAULT_CAPACITY_PCT: u32 = 150;
+/// A viewer's stated upload as a capacity for
+/// [`Membership::join_with_capacity`], % of the stream's bitrate.
+///
+/// A viewer that stated nothing is assumed to have [`DEFAULT_CAPACITY_PCT`],
+/// and so is one whose statement cannot be converted yet because the stream's
+/// bitrate is not known (0: no blocks yet), unless it stated 0, which is 0 at
+/// any bitrate. Below [`LEAF_CAPACITY_PCT`] the viewer is a leaf.
+pub fn capacity_pct(upload_kbps: Option<u32>, bitrate_kbps: u32) -> u32 {
+    match upload_kbps {
+        Some(0) => 0,
+        Some(up) if bitrate_kbps > 0 => {
+            let pct = u64::from(up) * 100 / u64::from(bitrate_kbps);
+            u32::try_from(pct).unwrap_or(u32::MAX)
+        }
+        _ => DEFAULT_CAPACITY_PCT,
+    }
+}
+
 /// The default cap on the capacity the membership plans on, % of the bitrate.
 /// Links go to peers by free capacity, so without a cap the strongest viewers
 /// carry the most: in the simulator (1,000 peers, churn and hostile peers) the
@@ -1268,6 +1286,41 @@ mod tests {
             capped,
             "below the cap it counts"
         );
+    }
+
+    #[test]
+    fn a_stated_upload_is_a_share_of_the_bitrate() {
+        assert_eq!(capacity_pct(None, 2000), DEFAULT_CAPACITY_PCT);
+        assert_eq!(capacity_pct(Some(3000), 2000), 150);
+        assert_eq!(capacity_pct(Some(1000), 2000), 50);
+        assert_eq!(capacity_pct(Some(0), 2000), 0);
+        assert_eq!(
+            capacity_pct(Some(0), 0),
+            0,
+            "nothing is nothing at any rate"
+        );
+        assert_eq!(
+            capacity_pct(Some(500), 0),
+            DEFAULT_CAPACITY_PCT,
+            "no bitrate known yet"
+        );
+        assert_eq!(capacity_pct(Some(u32::MAX), 1), u32::MAX, "saturates");
+        // A viewer that states too little for a club stream is a leaf.
+        let mut m = Membership::new(ClubConfig::default());
+        let mut r = rng();
+        for p in 1..=40 {
+            m.join(p, true, &mut r);
+        }
+        m.join_with_capacity(41, true, capacity_pct(Some(500), 2000), &mut r);
+        let roles: Vec<LinkRole> = m.links_of(41).into_iter().map(|l| l.role).collect();
+        assert!(!roles.is_empty());
+        assert!(
+            roles
+                .iter()
+                .all(|r| matches!(r, LinkRole::Download { .. } | LinkRole::Source { .. })),
+            "a leaf only receives: {roles:?}"
+        );
+        check(&m);
     }
 
     #[test]

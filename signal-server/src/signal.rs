@@ -297,11 +297,13 @@ impl Hub {
         lock(&self.0.swarms).get(&stream.id).cloned()
     }
 
-    /// Adds a peer to a stream's swarm and queues its welcome.
+    /// Adds a peer to a stream's swarm, planned on the upload it stated if
+    /// any, and queues its welcome.
     pub(crate) fn join(
         &self,
         stream_ref: &str,
         p2p: bool,
+        upload_kbps: Option<u32>,
         test_corrupt: bool,
     ) -> Result<Session, SignalError> {
         // Honoured only by a `test-hooks` build started with
@@ -328,7 +330,7 @@ impl Hub {
         let close = CloseCell::default();
         let joined = {
             let mut s = lock(&swarm);
-            let r = s.join(peer, p2p, tx, close.clone(), |j| {
+            let r = s.join(peer, p2p, upload_kbps, tx, close.clone(), |j| {
                 self.welcome(peer, &stream, j, token, test_corrupt)
             });
             r.map(|fx| (fx, s.len()))
@@ -343,7 +345,7 @@ impl Hub {
         lock(&self.0.peers).insert(peer, swarm.clone());
         self.0.metrics.join();
         self.0.metrics.set_peers(&stream.name, len);
-        tracing::debug!(peer, stream = %stream.name, p2p, "peer joined");
+        tracing::debug!(peer, stream = %stream.name, p2p, ?upload_kbps, "peer joined");
         self.apply(fx);
         Ok(Session {
             peer,

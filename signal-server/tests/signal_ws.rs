@@ -594,6 +594,52 @@ async fn a_passive_viewer_gets_no_clubs_or_links() {
     assert_eq!(state.hub.peers("demo"), 1);
 }
 
+/// Joins the demo stream with `extra` JSON fields; returns the socket and the
+/// roles of the welcome's links.
+async fn join_roles(addr: SocketAddr, extra: &str) -> (Ws, Vec<LinkRole>) {
+    let mut ws = connect(addr).await;
+    send(
+        &mut ws,
+        &format!(r#"{{"type":"join","v":1,"stream":"demo"{extra}}}"#),
+    )
+    .await;
+    match recv(&mut ws).await {
+        ServerMsg::Welcome { links, .. } => (ws, links.into_iter().map(|l| l.role).collect()),
+        other => panic!("expected welcome, got {other:?}"),
+    }
+}
+
+/// The test stream carries about 21 kbit/s: 10 kbit/s of stated upload is under
+/// the bitrate, so that viewer is planned as a leaf that only receives.
+#[tokio::test]
+async fn a_viewer_stating_little_upload_only_receives() {
+    let (addr, state) = serve(Config::default()).await;
+    let bitrate = state.streams.get("demo").expect("exists").bitrate_kbps();
+    assert!(bitrate > 10 && bitrate < 100, "{bitrate} kbit/s");
+    let mut others = Vec::new();
+    for _ in 0..16 {
+        let mut ws = connect(addr).await;
+        join(&mut ws).await;
+        others.push(ws);
+    }
+    let sends = |r: &LinkRole| matches!(r, LinkRole::Upload { .. } | LinkRole::Subscriber { .. });
+    let (_leaf, leaf_roles) = join_roles(addr, r#","upload_kbps":10"#).await;
+    assert!(!leaf_roles.is_empty());
+    assert!(!leaf_roles.iter().any(sends), "{leaf_roles:?}");
+    // The same join with upload to spare relays.
+    let (_relay, relay_roles) = join_roles(addr, r#","upload_kbps":100"#).await;
+    assert!(relay_roles.iter().any(sends), "{relay_roles:?}");
+    // A statement that is not a kbit/s count is refused like any bad join.
+    let mut bad = connect(addr).await;
+    send(
+        &mut bad,
+        r#"{"type":"join","v":1,"stream":"demo","upload_kbps":-5}"#,
+    )
+    .await;
+    assert_eq!(error_code(&mut bad).await, ErrorCode::BadMessage);
+    assert_eq!(state.hub.peers("demo"), 18);
+}
+
 #[tokio::test]
 async fn test_corruption_is_granted_only_when_the_server_allows_it() {
     for allow in [false, true] {

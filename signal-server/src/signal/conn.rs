@@ -342,6 +342,7 @@ impl Conn {
             let ClientMsg::Join {
                 stream,
                 p2p,
+                upload_kbps,
                 test_corrupt,
                 ..
             } = msg
@@ -352,7 +353,7 @@ impl Conn {
                     true,
                 );
             };
-            return match hub.join(&stream, p2p, test_corrupt) {
+            return match hub.join(&stream, p2p, upload_kbps, test_corrupt) {
                 Ok(s) => {
                     self.offences.good();
                     self.session = Some(s);

@@ -11,7 +11,9 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
-use clubcast_protocol::club::{ClubConfig, Joined, LinkChange, Membership, Overload};
+use clubcast_protocol::club::{
+    capacity_pct, ClubConfig, Joined, LinkChange, Membership, Overload, DEFAULT_CAPACITY_PCT,
+};
 use clubcast_protocol::signal::{
     Link, PeerId, ServerMsg, SignalData, SEEDER_PEER_ID, SIGNAL_VERSION,
 };
@@ -89,13 +91,15 @@ impl Swarm {
         self.membership.links_of(SEEDER_PEER_ID)
     }
 
-    /// Adds `peer`. `welcome` builds the joiner's first message from its clubs
-    /// and links; it is queued before anyone else hears of the joiner, so it is
-    /// always the first message the joiner receives.
+    /// Adds `peer`, planned on the upload it stated (`upload_kbps`, see
+    /// [`capacity_pct`]). `welcome` builds the joiner's first message from its
+    /// clubs and links; it is queued before anyone else hears of the joiner, so
+    /// it is always the first message the joiner receives.
     pub(crate) fn join(
         &mut self,
         peer: PeerId,
         p2p: bool,
+        upload_kbps: Option<u32>,
         tx: Sender,
         close: CloseCell,
         welcome: impl FnOnce(&Joined) -> String,
@@ -103,7 +107,13 @@ impl Swarm {
         if self.members.len() >= self.max_peers {
             return Err(SignalError::StreamFull(self.max_peers));
         }
-        let joined = self.membership.join(peer, p2p, &mut self.rng);
+        let capacity = match upload_kbps {
+            Some(_) => capacity_pct(upload_kbps, self.stream.bitrate_kbps()),
+            None => DEFAULT_CAPACITY_PCT,
+        };
+        let joined = self
+            .membership
+            .join_with_capacity(peer, p2p, capacity, &mut self.rng);
         // A fresh queue has room: the welcome is its first message.
         let _ = tx.try_send(welcome(&joined));
         self.members.insert(
@@ -339,7 +349,9 @@ mod tests {
     fn add(s: &mut Swarm, peer: PeerId, cap: usize) -> (Receiver, Effects) {
         let (tx, rx) = outbox(cap);
         let fx = s
-            .join(peer, true, tx, CloseCell::default(), |_| "welcome".into())
+            .join(peer, true, None, tx, CloseCell::default(), |_| {
+                "welcome".into()
+            })
             .expect("room");
         (rx, fx)
     }
@@ -375,7 +387,7 @@ mod tests {
         let _a = add(&mut s, 1, 8);
         let _b = add(&mut s, 2, 8);
         let (tx, _rx) = outbox(8);
-        let r = s.join(3, true, tx, CloseCell::default(), |_| String::new());
+        let r = s.join(3, true, None, tx, CloseCell::default(), |_| String::new());
         assert!(matches!(r, Err(SignalError::StreamFull(2))));
     }
 
