@@ -4,9 +4,11 @@
 //   <clubcast-player server="https://host" stream="<id>" stats muted></clubcast-player>
 //
 // Attributes: stream (required), server (defaults to the origin this script
-// came from), stats (show the overlay), muted, controls (default on).
+// came from), upload-kbps (upload offered for relaying, kbit/s), stats (show
+// the overlay), muted, controls (default on).
 // Property `.player` is the clubcast player (stats(), on(), destroy()).
-// Changing `stream` or `server` restarts playback; removal destroys it.
+// Changing `stream`, `server` or `upload-kbps` restarts playback; removal
+// destroys it.
 import { play } from "./clubcast.js";
 import { attachOverlay } from "./overlay.js";
 
@@ -15,7 +17,7 @@ const STYLE = new URL("./style.css", import.meta.url).href;
 
 class ClubcastPlayer extends HTMLElement {
   static get observedAttributes() {
-    return ["stream", "server", "stats"];
+    return ["stream", "server", "upload-kbps", "stats"];
   }
 
   constructor() {
@@ -61,7 +63,10 @@ class ClubcastPlayer extends HTMLElement {
     const stream = this.getAttribute("stream");
     if (!stream) return;
     const server = this.getAttribute("server") || SCRIPT_ORIGIN;
-    this.player = play(this.video, { server, stream });
+    const opts = { server, stream };
+    const upload = this.getAttribute("upload-kbps");
+    if (upload !== null) opts.upload_kbps = upload;
+    this.player = play(this.video, opts);
     for (const type of ["ready", "playing", "stall", "resume", "error"]) {
       this.player.on(type, (detail) =>
         this.dispatchEvent(new CustomEvent(type, { detail, bubbles: true, composed: true })),

@@ -33,7 +33,10 @@
 //   { server: "http://host:port",   // HTTP base; signaling is <server>/ws
 //     stream: "<stream id>",        // base32/hex of the stream's ed25519 key
 //     target_latency_ms: 1500,      // live latency the player steers toward
-//     ice_servers: [{urls: ["stun:…"], username?, credential?}] }
+//     ice_servers: [{urls: ["stun:…"], username?, credential?}],
+//     upload_kbps?: 3000,           // upload offered for relaying; under the
+//                                   // stream's bitrate the viewer only receives
+//     p2p?: true }                  // false: everything from the origin
 // Unknown fields must be ignored, so options can grow on either side.
 // ---------------------------------------------------------------------------
 
@@ -70,6 +73,10 @@ class Player {
       ice_servers: [],
       ...opts,
     };
+    // Attributes and query strings give text: digits become a number, anything
+    // else is passed on and refused by the player with an "error" event.
+    const up = this.opts.upload_kbps;
+    if (typeof up === "string" && /^\d+$/.test(up)) this.opts.upload_kbps = Number(up);
     this.handlers = new Map();
     this.wasm = null;
     this.destroyed = false;

@@ -113,7 +113,8 @@ pub struct WasmPlayer {
 #[wasm_bindgen]
 impl WasmPlayer {
     /// Starts playing. `opts_json`: `{server, stream, target_latency_ms,
-    /// ice_servers, p2p, test_corrupt}`; unknown fields are ignored.
+    /// ice_servers, p2p, upload_kbps, test_corrupt}`; unknown fields are
+    /// ignored.
     #[wasm_bindgen(constructor)]
     pub fn new(video: HtmlMediaElement, opts_json: &str) -> Result<WasmPlayer, JsValue> {
         let opts: Options = serde_json::from_str(opts_json)

@@ -102,6 +102,11 @@ pub struct Options {
     /// False: origin only, no links (the end-to-end baseline).
     #[serde(default = "yes")]
     pub p2p: bool,
+    /// Upload the viewer offers, kbit/s; the server plans its relaying on it
+    /// (under the stream's bitrate: a leaf that only receives). None: the
+    /// server assumes 1.5× the bitrate.
+    #[serde(default)]
+    pub upload_kbps: Option<u32>,
     /// Test only: relay corrupted blocks, if the server allows it.
     #[serde(default)]
     pub test_corrupt: bool,
@@ -465,7 +470,7 @@ impl Session {
                 self.send(&ClientMsg::Join {
                     v: SIGNAL_VERSION,
                     stream: self.opts.stream.clone(),
-                    upload_kbps: None,
+                    upload_kbps: self.opts.upload_kbps,
                     p2p: self.opts.p2p,
                     test_corrupt: self.opts.test_corrupt,
                 });
@@ -959,5 +964,23 @@ mod tests {
         assert_eq!(reconnect_delay_ms(0, -3.0), RECONNECT_MS * 3 / 4);
         assert_eq!(reconnect_delay_ms(0, 7.0), RECONNECT_MS * 5 / 4);
         assert_eq!(reconnect_delay_ms(0, f64::NAN), RECONNECT_MS);
+    }
+
+    #[test]
+    fn options_carry_the_stated_upload_and_refuse_a_bad_one() {
+        let o: Options =
+            serde_json::from_str(r#"{"stream":"demo","upload_kbps":3000}"#).expect("valid");
+        assert_eq!(o.upload_kbps, Some(3000));
+        assert!(o.p2p);
+        let o: Options = serde_json::from_str(r#"{"stream":"demo"}"#).expect("valid");
+        assert_eq!(o.upload_kbps, None);
+        for bad in [
+            r#"{"upload_kbps":-1}"#,
+            r#"{"upload_kbps":"lots"}"#,
+            r#"{"upload_kbps":1.5}"#,
+            r#"{"upload_kbps":5000000000}"#,
+        ] {
+            assert!(serde_json::from_str::<Options>(bad).is_err(), "{bad}");
+        }
     }
 }
