@@ -7,6 +7,9 @@
 //! core's `poll_timeout` arms a [`timer::Timer`]. These modules are the thin,
 //! owned-closure glue to the browser; JS errors become typed errors ([`error`]).
 
+// `stats()` is one `json!` object of many keys.
+#![recursion_limit = "256"]
+
 pub mod clock;
 pub mod error;
 pub mod fetch;

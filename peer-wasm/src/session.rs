@@ -57,6 +57,11 @@ pub const TICK_MS: u64 = 100;
 /// With no open link this long after joining, a p2p session fetches every
 /// block from the origin in order until a link opens, ms.
 pub const NO_PEER_FALLBACK_MS: f64 = 3_000.0;
+/// A first start makes no peer link until its first frame shows, or at most
+/// this long after the welcome, ms: the start comes from the origin, and
+/// setting up a dozen links at once would hold up the page's main thread
+/// (the HTTP-to-swarm switch-over).
+pub const LINK_HOLD_MAX_MS: f64 = 2_000.0;
 /// Heartbeats sent but not yet answered that are remembered for the clock.
 const MAX_HEARTBEATS_IN_FLIGHT: usize = 8;
 /// First wait before reopening a dropped signaling socket, ms; each wait is
@@ -151,6 +156,8 @@ struct Joined {
     granted_bits: u64,
     corrupt: bool,
     joined_at: f64,
+    /// Held links are made from this local ms on, or from the first frame.
+    links_at: f64,
     /// `pushes_late` of the core at the last bid.
     late_sent: u64,
 }
@@ -595,22 +602,25 @@ impl Session {
                     granted_bits: 0,
                     corrupt: test_corrupt && self.opts.test_corrupt,
                     late_sent: 0,
-                    // A rejoin has no open link yet: the origin fills in
-                    // order at once rather than after the usual wait.
-                    joined_at: if rejoin {
-                        local - NO_PEER_FALLBACK_MS
-                    } else {
-                        local
-                    },
+                    joined_at: local,
+                    links_at: local + LINK_HOLD_MAX_MS,
                 });
+                if !rejoin {
+                    self.play.fetch_init(init_url);
+                    self.links.hold();
+                }
                 for l in &links {
                     self.ensure_link(l.peer, l.offer);
                 }
-                if !rejoin {
-                    self.play.fetch_init(init_url);
-                }
-                if !self.opts.p2p && !self.origin.in_order() {
+                // Every start, and every rejoin, plays from the origin in
+                // order until a link opens.
+                if !self.origin.in_order() {
                     self.origin.start_in_order(start, live_edge);
+                    if self.opts.p2p {
+                        self.emit(
+                            json!({"type": "origin_fallback", "active": true, "from": start}),
+                        );
+                    }
                 }
                 self.bid();
             }
@@ -829,6 +839,12 @@ impl Session {
         for (peer, offer) in retry {
             self.ensure_link(peer, offer);
         }
+        if let Some(j) = &self.joined {
+            let due = local >= j.links_at || self.play.first_frame_at().is_some();
+            if due && self.links.holding() {
+                self.links.release(&j.peer.link_peers(), local);
+            }
+        }
         self.fallback(local);
         self.pump_origin();
         let server_now = self.now().as_millis() as f64;
@@ -861,10 +877,15 @@ impl Session {
     pub(crate) fn stats_json(&self) -> String {
         let s = self.peer_stats();
         let play = &self.play;
+        let (sent_blocks, sent_control, received) = self.links.messages();
+        let messages = json!({
+            "sent_blocks": sent_blocks, "sent_control": sent_control, "received": received,
+        });
         json!({
             "bytes_from_peers": s.bytes_from_peers,
             "bytes_from_origin": s.bytes_from_origin + play.init_bytes(),
             "bytes_uploaded": s.bytes_uploaded,
+            "messages": messages,
             "peers": self.links.open_count(),
             "links": self.links.len(),
             "clubs": self.joined.as_ref().map_or(0, |j| j.peer.clubs().len()),

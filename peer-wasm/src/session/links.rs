@@ -13,6 +13,12 @@
 //! [`RtcLink::try_send`] queues under `bufferedAmount`.
 //! While an origin fetch runs, WANTs are held back ([`MAX_DEFERRED_WANTS`]):
 //! the origin transfer gets the downlink first.
+//!
+//! A first start holds every link back ([`Links::hold`]): making a dozen
+//! `RTCPeerConnection`s and their offers takes the page's main thread for
+//! a while on a busy machine, and the start is on the origin anyway. Once
+//! the session ends the hold, the held links are made [`LINKS_PER_TICK`] at a
+//! time ([`Links::release`]), so that playback work goes on between them.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::rc::Weak;
@@ -39,6 +45,8 @@ pub const CONNECT_TIMEOUT_MS: f64 = 15_000.0;
 pub const RETRY_MS: f64 = 5_000.0;
 /// WANTs held while an origin fetch runs; beyond it the oldest is dropped.
 pub const MAX_DEFERRED_WANTS: usize = 64;
+/// Held links made per tick once the hold ends.
+pub const LINKS_PER_TICK: usize = 3;
 
 struct Slot {
     link: RtcLink,
@@ -68,6 +76,15 @@ pub(super) struct Links {
     retry_at: BTreeMap<PeerId, f64>,
     deferred: VecDeque<Transmit>,
     next_gen: u64,
+    /// Links are not made while this holds.
+    holding: bool,
+    /// Links asked for during the hold, with their offer flag.
+    held: BTreeMap<PeerId, bool>,
+    /// Data channel messages handed to links: blocks, and everything else.
+    sent_blocks: u64,
+    sent_control: u64,
+    /// Data channel messages that arrived.
+    received: u64,
 }
 
 impl Links {
@@ -82,6 +99,39 @@ impl Links {
             retry_at: BTreeMap::new(),
             deferred: VecDeque::new(),
             next_gen: 0,
+            holding: false,
+            held: BTreeMap::new(),
+            sent_blocks: 0,
+            sent_control: 0,
+            received: 0,
+        }
+    }
+
+    /// Messages sent (blocks, other frames) and received, since the start.
+    pub(super) fn messages(&self) -> (u64, u64, u64) {
+        (self.sent_blocks, self.sent_control, self.received)
+    }
+
+    /// Holds back every link asked for from now on, until [`Links::release`].
+    pub(super) fn hold(&mut self) {
+        self.holding = true;
+    }
+
+    /// Whether links are held back, or some held ones are still to be made.
+    pub(super) fn holding(&self) -> bool {
+        self.holding || !self.held.is_empty()
+    }
+
+    /// Ends the hold: makes up to [`LINKS_PER_TICK`] of the held links whose
+    /// peer is still `listed` (call it again on the next tick for the rest).
+    pub(super) fn release(&mut self, listed: &[PeerId], now: f64) {
+        self.holding = false;
+        self.held.retain(|p, _| listed.contains(p));
+        for _ in 0..LINKS_PER_TICK {
+            let Some((peer, offer)) = self.held.pop_first() else {
+                break;
+            };
+            self.ensure(peer, offer, now);
         }
     }
 
@@ -99,6 +149,10 @@ impl Links {
 
     /// Makes the link to `peer` unless one exists.
     pub(super) fn ensure(&mut self, peer: PeerId, offer: bool, now: f64) {
+        if self.holding {
+            self.held.insert(peer, offer);
+            return;
+        }
         self.offers.insert(peer, offer);
         if self.slots.contains_key(&peer) {
             return;
@@ -210,7 +264,10 @@ impl Links {
                 slot.open = true;
                 Outcome::Open
             }
-            LinkEvent::Message(bytes) => Outcome::Message(bytes),
+            LinkEvent::Message(bytes) => {
+                self.received += 1;
+                Outcome::Message(bytes)
+            }
             LinkEvent::Writable => Outcome::Buffered(buffered(&slot.link)),
             LinkEvent::State(crate::rtc::ConnectionState::Failed) => {
                 self.fail(peer, now, "connection failed".into())
@@ -244,6 +301,7 @@ impl Links {
         self.pending.remove(&peer);
         self.retry_at.remove(&peer);
         self.offers.remove(&peer);
+        self.held.remove(&peer);
     }
 
     pub(super) fn close_all(&mut self) {
@@ -262,6 +320,8 @@ impl Links {
         self.offers.clear();
         self.retry_at.clear();
         self.deferred.clear();
+        self.holding = false;
+        self.held.clear();
     }
 
     /// Drops links closed since the last tick.
@@ -287,6 +347,11 @@ impl Links {
         let Some(slot) = self.slots.get(&t.to) else {
             return;
         };
+        if matches!(t.frame, Frame::Block(_)) {
+            self.sent_blocks += 1;
+        } else {
+            self.sent_control += 1;
+        }
         let bytes = match t.frame {
             Frame::Block(b) if corrupt => Frame::Block(corrupted(b)).encode(),
             frame => frame.encode(),
@@ -362,4 +427,42 @@ pub(crate) fn corrupted(mut b: Block) -> Block {
     }
     b.payload = payload.into();
     b
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn links() -> Links {
+        Links::new(Weak::new(), Vec::new())
+    }
+
+    #[test]
+    fn a_hold_keeps_links_back_and_forgets_closed_peers() {
+        let mut l = links();
+        l.hold();
+        l.ensure(1, true, 0.0);
+        l.ensure(2, false, 0.0);
+        l.ensure(3, true, 0.0);
+        assert_eq!(l.len(), 0, "no link is made during the hold");
+        assert!(l.holding());
+        assert_eq!(l.held.get(&2), Some(&false), "the offer flag is kept");
+        l.close(3);
+        assert!(!l.held.contains_key(&3), "a closed role is not made later");
+        // Released with none of them listed any more: nothing is made, and
+        // nothing is held.
+        l.release(&[], 0.0);
+        assert_eq!(l.len(), 0);
+        assert!(!l.holding());
+    }
+
+    #[test]
+    fn a_rejoin_drops_the_hold() {
+        let mut l = links();
+        l.hold();
+        l.ensure(1, true, 0.0);
+        l.reset();
+        assert!(!l.holding());
+        assert!(l.held.is_empty());
+    }
 }
