@@ -251,12 +251,15 @@ pub enum Steer {
 
 /// Latency error below which the rate stays 1.0, ms.
 pub const DEADBAND_MS: f64 = 150.0;
-/// Largest rate change either way.
-pub const MAX_RATE_DELTA: f64 = 0.05;
-/// Latency error that gets the full rate change, ms.
-pub const FULL_RATE_ERROR_MS: f64 = 1000.0;
-/// Behind by more than this many times the target, the player jumps.
-pub const JUMP_FACTOR: f64 = 3.0;
+/// Largest rate change either way. Browsers keep the pitch
+/// (`preservesPitch`), and a tenth is hard to notice.
+pub const MAX_RATE_DELTA: f64 = 0.10;
+/// Latency error that gets the full rate change, ms. With the deadband, an
+/// error shrinks with a time constant of `FULL_RATE_ERROR_MS / MAX_RATE_DELTA`
+/// (5 s), so a start a second late is back on target in about 10 s.
+pub const FULL_RATE_ERROR_MS: f64 = 500.0;
+/// Behind the target by more than this, the player jumps, ms.
+pub const JUMP_ERROR_MS: f64 = 2_000.0;
 /// Buffer below which the player never speeds up, ms.
 pub const MIN_BUFFER_TO_SPEED_UP_MS: f64 = 500.0;
 
@@ -264,7 +267,7 @@ pub const MIN_BUFFER_TO_SPEED_UP_MS: f64 = 500.0;
 /// buffered ahead of the playhead (`buffer_ms`).
 pub fn steer(latency_ms: f64, target_ms: f64, buffer_ms: f64) -> Steer {
     let err = latency_ms - target_ms;
-    if latency_ms > JUMP_FACTOR * target_ms && buffer_ms > MIN_BUFFER_TO_SPEED_UP_MS {
+    if err > JUMP_ERROR_MS && buffer_ms > MIN_BUFFER_TO_SPEED_UP_MS {
         // Land on the target, but never closer than half a second to the end
         // of the buffer.
         let ahead = (err / 1000.0).min((buffer_ms - MIN_BUFFER_TO_SPEED_UP_MS) / 1000.0);
@@ -375,9 +378,18 @@ mod tests {
     #[test]
     fn steering_is_bounded_and_jumps_when_far_behind() {
         assert_eq!(steer(1500.0, 1500.0, 2000.0), Steer::Rate(1.0));
-        assert_eq!(steer(2500.0, 1500.0, 2000.0), Steer::Rate(1.05));
-        assert_eq!(steer(500.0, 1500.0, 2000.0), Steer::Rate(0.95));
+        assert_eq!(
+            steer(1600.0, 1500.0, 2000.0),
+            Steer::Rate(1.0),
+            "in the deadband"
+        );
+        assert_eq!(steer(1750.0, 1500.0, 2000.0), Steer::Rate(1.05));
+        assert_eq!(steer(2500.0, 1500.0, 2000.0), Steer::Rate(1.1));
+        assert_eq!(steer(3400.0, 1500.0, 2000.0), Steer::Rate(1.1), "bounded");
+        assert_eq!(steer(500.0, 1500.0, 2000.0), Steer::Rate(0.9));
         assert_eq!(steer(2000.0, 1500.0, 100.0), Steer::Rate(1.0));
+        // 2 s behind the target is not yet a jump; more is.
+        assert_eq!(steer(3500.0, 1500.0, 10_000.0), Steer::Rate(1.1));
         match steer(6000.0, 1500.0, 10_000.0) {
             Steer::Jump(s) => assert!((s - 4.5).abs() < 1e-9),
             other => panic!("expected a jump, got {other:?}"),

@@ -13,7 +13,7 @@
 //! first frame and stalls (`waiting` outside a seek, or the playhead not moving for
 //! [`STALL_DETECT_MS`] while not paused), leave gaps (seek to the next buffered
 //! range, or the live point in it), and steer the latency with
-//! [`playout::steer`]: a rate within 0.95–1.05, or a jump when far behind.
+//! [`playout::steer`]: a rate within 0.9–1.1, or a jump when far behind.
 
 use std::collections::VecDeque;
 use std::rc::Weak;
