@@ -54,9 +54,6 @@ use startup::Mark;
 
 /// Period of the housekeeping tick, ms.
 pub const TICK_MS: u64 = 100;
-/// With no open link this long after joining, a p2p session fetches every
-/// block from the origin in order until a link opens, ms.
-pub const NO_PEER_FALLBACK_MS: f64 = 3_000.0;
 /// A first start makes no peer link until its first frame shows, or at most
 /// this long after the welcome, ms: the start comes from the origin, and
 /// setting up a dozen links at once would hold up the page's main thread
@@ -155,7 +152,6 @@ struct Joined {
     live_edge: u64,
     granted_bits: u64,
     corrupt: bool,
-    joined_at: f64,
     /// Held links are made from this local ms on, or from the first frame.
     links_at: f64,
     /// `pushes_late` of the core at the last bid.
@@ -602,7 +598,6 @@ impl Session {
                     granted_bits: 0,
                     corrupt: test_corrupt && self.opts.test_corrupt,
                     late_sent: 0,
-                    joined_at: local,
                     links_at: local + LINK_HOLD_MAX_MS,
                 });
                 if !rejoin {
@@ -612,16 +607,9 @@ impl Session {
                 for l in &links {
                     self.ensure_link(l.peer, l.offer);
                 }
-                // Every start, and every rejoin, plays from the origin in
-                // order until a link opens.
-                if !self.origin.in_order() {
-                    self.origin.start_in_order(start, live_edge);
-                    if self.opts.p2p {
-                        self.emit(
-                            json!({"type": "origin_fallback", "active": true, "from": start}),
-                        );
-                    }
-                }
+                // No link is open yet: every start, and every rejoin, plays
+                // from the origin in order (from `start`, the core's next).
+                self.fallback();
                 self.bid();
             }
             ServerMsg::Link { op, link, .. } => {
@@ -845,7 +833,9 @@ impl Session {
                 self.links.release(&j.peer.link_peers(), local);
             }
         }
-        self.fallback(local);
+        if self.fallback() {
+            self.bid();
+        }
         self.pump_origin();
         let server_now = self.now().as_millis() as f64;
         for event in self.play.tick(perf, server_now, self.created_ms) {
@@ -854,23 +844,26 @@ impl Session {
     }
 
     /// Without any open link the core hears of no new blocks (only links
-    /// announce them), so a p2p session that has none plays from the origin in
-    /// order, and goes back to gap fill once a link opens.
-    fn fallback(&mut self, local: f64) {
-        let Some(j) = &self.joined else { return };
-        if !self.opts.p2p {
-            return;
-        }
+    /// announce them), so a session that has none (a start, a rejoin, one
+    /// whose links all dropped, and `p2p: false` always) plays from the origin
+    /// in order, and a p2p session goes back to gap fill once a link opens.
+    /// Says whether it started the in-order fetch (the bid should follow).
+    fn fallback(&mut self) -> bool {
+        let Some(j) = &self.joined else { return false };
         let open = self.links.open_count() > 0;
-        if !open && !self.origin.in_order() && local - j.joined_at > NO_PEER_FALLBACK_MS {
+        if !open && !self.origin.in_order() {
             let from = j.peer.next_play().unwrap_or(j.live_edge);
             self.origin.start_in_order(from, j.live_edge);
-            self.emit(json!({"type": "origin_fallback", "active": true, "from": from}));
-            self.bid();
-        } else if open && self.origin.in_order() {
+            if self.opts.p2p {
+                self.emit(json!({"type": "origin_fallback", "active": true, "from": from}));
+            }
+            return true;
+        }
+        if open && self.origin.in_order() {
             self.origin.stop_in_order();
             self.emit(json!({"type": "origin_fallback", "active": false}));
         }
+        false
     }
 
     /// The stats object, as JSON text.

@@ -20,7 +20,7 @@
 //! the session ends the hold, the held links are made [`LINKS_PER_TICK`] at a
 //! time ([`Links::release`]), so that playback work goes on between them.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::rc::Weak;
 
 use clubcast_protocol::block::{Block, StreamKey};
@@ -78,8 +78,8 @@ pub(super) struct Links {
     next_gen: u64,
     /// Links are not made while this holds.
     holding: bool,
-    /// Links asked for during the hold, with their offer flag.
-    held: BTreeMap<PeerId, bool>,
+    /// Peers whose link was asked for during the hold (offer flag in `offers`).
+    held: BTreeSet<PeerId>,
     /// Data channel messages handed to links: blocks, and everything else.
     sent_blocks: u64,
     sent_control: u64,
@@ -100,7 +100,7 @@ impl Links {
             deferred: VecDeque::new(),
             next_gen: 0,
             holding: false,
-            held: BTreeMap::new(),
+            held: BTreeSet::new(),
             sent_blocks: 0,
             sent_control: 0,
             received: 0,
@@ -126,11 +126,12 @@ impl Links {
     /// peer is still `listed` (call it again on the next tick for the rest).
     pub(super) fn release(&mut self, listed: &[PeerId], now: f64) {
         self.holding = false;
-        self.held.retain(|p, _| listed.contains(p));
+        self.held.retain(|p| listed.contains(p));
         for _ in 0..LINKS_PER_TICK {
-            let Some((peer, offer)) = self.held.pop_first() else {
+            let Some(peer) = self.held.pop_first() else {
                 break;
             };
+            let offer = self.offers.get(&peer).copied().unwrap_or(true);
             self.ensure(peer, offer, now);
         }
     }
@@ -149,11 +150,11 @@ impl Links {
 
     /// Makes the link to `peer` unless one exists.
     pub(super) fn ensure(&mut self, peer: PeerId, offer: bool, now: f64) {
+        self.offers.insert(peer, offer);
         if self.holding {
-            self.held.insert(peer, offer);
+            self.held.insert(peer);
             return;
         }
-        self.offers.insert(peer, offer);
         if self.slots.contains_key(&peer) {
             return;
         }
@@ -446,9 +447,9 @@ mod tests {
         l.ensure(3, true, 0.0);
         assert_eq!(l.len(), 0, "no link is made during the hold");
         assert!(l.holding());
-        assert_eq!(l.held.get(&2), Some(&false), "the offer flag is kept");
+        assert_eq!(l.offers.get(&2), Some(&false), "the offer flag is kept");
         l.close(3);
-        assert!(!l.held.contains_key(&3), "a closed role is not made later");
+        assert!(!l.held.contains(&3), "a closed role is not made later");
         // Released with none of them listed any more: nothing is made, and
         // nothing is held.
         l.release(&[], 0.0);
