@@ -35,6 +35,8 @@ const LAUNCH_SETTLE: Duration = Duration::from_secs(5);
 const GOAL_P2P_RATIO: f64 = 0.80;
 const GOAL_LATENCY_P95_MS: f64 = 3000.0;
 const GOAL_STARTUP_MS: f64 = 1500.0;
+/// Swarm size at which the issue sets the p2p_ratio goal.
+const GOAL_P2P_BROWSERS: u64 = 12;
 
 /// One sample of one browser: stats and `<video>` in one script.
 const SAMPLE_JS: &str = "const v = document.querySelector('video');
@@ -601,15 +603,27 @@ fn markdown(meta: &Value, rows: &[Value]) -> String {
         ));
     }
     s.push_str("\nGoals met (P2P-on rows):\n\n");
+    let ok = |b: bool| if b { "yes" } else { "**no**" };
+    // The share relayed browser to browser is judged against the goal only
+    // where the issue sets it, at 12 browsers: in a small swarm the seeder's
+    // two copies of each block are a large share of it (2 of 6 at 6).
+    let without_seeder = |r: &Value| {
+        let x = r.get("p2p_ratio_without_seeder").and_then(Value::as_f64);
+        let at = r.get("browsers").and_then(Value::as_u64).unwrap_or(0);
+        match x {
+            Some(x) if at >= GOAL_P2P_BROWSERS => format!("{x:.3}, {}", ok(x >= GOAL_P2P_RATIO)),
+            Some(x) => format!("{x:.3}, the goal is set at {GOAL_P2P_BROWSERS} browsers"),
+            None => ok(false).to_owned(),
+        }
+    };
     for r in rows.iter().filter(|r| r["p2p"] == true) {
-        let ok = |b: bool| if b { "yes" } else { "**no**" };
         let g = |k: &str| r.get(k).and_then(Value::as_f64);
         s.push_str(&format!(
             "- {}: p2p_ratio ≥ {GOAL_P2P_RATIO}: {} (without the seeder: {}); latency p95 ≤ {GOAL_LATENCY_P95_MS} ms: {}; \
              startup ≤ {GOAL_STARTUP_MS} ms (max): {}; zero stalls: {}\n",
             r["mode"].as_str().unwrap_or(""),
             ok(g("p2p_ratio").is_some_and(|x| x >= GOAL_P2P_RATIO)),
-            ok(g("p2p_ratio_without_seeder").is_some_and(|x| x >= GOAL_P2P_RATIO)),
+            without_seeder(r),
             ok(g("latency_ms_p95").is_some_and(|x| x <= GOAL_LATENCY_P95_MS)),
             ok(g("startup_ms_max").is_some_and(|x| x <= GOAL_STARTUP_MS)),
             ok(g("stalls") == Some(0.0)),
