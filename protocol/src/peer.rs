@@ -44,9 +44,11 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::ops::Bound::{Excluded, Unbounded};
 
 use bytes::Bytes;
+use smallvec::SmallVec;
 
 use crate::block::{BlockError, BlockFlags, BlockVerifier, VerifiedBlock};
 use crate::club::club_of;
+use crate::seqmap::SeqMap;
 use crate::signal::{Link, LinkOp, LinkRole, PeerId, SEEDER_PEER_ID};
 use crate::wire::{Frame, WireError, WIRE_VERSION};
 use crate::Time;
@@ -443,7 +445,8 @@ impl PeerStats {
 
 #[derive(Debug, Default)]
 struct LinkState {
-    roles: Vec<LinkRole>,
+    /// Its roles, inline: every relayed block reads every link's roles.
+    roles: SmallVec<[LinkRole; 4]>,
     open: bool,
     remote_clubs: u64,
     haves: HaveWindow,
@@ -590,7 +593,7 @@ pub struct Peer<V> {
     verifier: V,
     clubs: u64,
     links: BTreeMap<PeerId, LinkState>,
-    cache: BTreeMap<u64, VerifiedBlock>,
+    cache: SeqMap<VerifiedBlock>,
     missing: BTreeMap<u64, Missing>,
     /// (when, seq) of every missing block that needs a look at some time, so
     /// timers touch only the blocks that are due.
@@ -617,7 +620,10 @@ pub struct Peer<V> {
     /// When each cached block of our clubs arrived, for
     /// [`PeerStats::pushes_late`] and [`PeerConfig::prune_lag_ms`]; pruned
     /// with the cache.
-    arrived_at: BTreeMap<u64, Time>,
+    arrived_at: SeqMap<Time>,
+    /// Scratch lists of [`Peer::relay`], kept so that a block costs no allocation.
+    relay_haves: Vec<PeerId>,
+    relay_pushes: Vec<(u8, PeerId)>,
     /// Sum of the links' `buffered`.
     buffered_total: usize,
     /// When the last [`YIELD_LATE_PUSHES`] pushes of ours that went out late
@@ -640,7 +646,7 @@ impl<V: BlockVerifier> Peer<V> {
             verifier,
             clubs: 0,
             links: BTreeMap::new(),
-            cache: BTreeMap::new(),
+            cache: SeqMap::new(),
             missing: BTreeMap::new(),
             due: BTreeSet::new(),
             reindex_at: Time(0),
@@ -653,7 +659,9 @@ impl<V: BlockVerifier> Peer<V> {
             next_play: None,
             transmits: VecDeque::new(),
             queued: BTreeSet::new(),
-            arrived_at: BTreeMap::new(),
+            arrived_at: SeqMap::new(),
+            relay_haves: Vec::new(),
+            relay_pushes: Vec::new(),
             buffered_total: 0,
             late_at: VecDeque::new(),
             expired_at: None,
@@ -696,7 +704,7 @@ impl<V: BlockVerifier> Peer<V> {
 
     /// Whether block `seq` is in the cache.
     pub fn has(&self, seq: u64) -> bool {
-        self.cache.contains_key(&seq)
+        self.cache.contains_key(seq)
     }
 
     /// Pushes waiting in the send queue.
@@ -799,13 +807,11 @@ impl<V: BlockVerifier> Peer<V> {
                 clubs,
             },
         );
-        if let (Some(&first), Some(&last)) =
-            (self.cache.keys().next(), self.cache.keys().next_back())
-        {
+        if let (Some(first), Some(last)) = (self.cache.first_key(), self.cache.last_key()) {
             let span = (last - first + 1).min(8 * crate::wire::MAX_BITFIELD_BYTES as u64);
             let start = last + 1 - span;
             let mut bits = vec![0u8; span.div_ceil(8) as usize];
-            for seq in self.cache.range(start..=last).map(|(s, _)| *s) {
+            for seq in self.cache.range(start, last).map(|(s, _)| s) {
                 let i = (seq - start) as usize;
                 bits[i / 8] |= 0x80 >> (i % 8);
             }
@@ -822,7 +828,7 @@ impl<V: BlockVerifier> Peer<V> {
     /// The data channel to `peer` closed. Its roles stay until the server
     /// replaces them; the driver should report the failure.
     pub fn handle_link_closed(&mut self, now: Time, peer: PeerId) {
-        let mut roles = Vec::new();
+        let mut roles = SmallVec::<[LinkRole; 4]>::new();
         if let Some(st) = self.links.get_mut(&peer) {
             st.open = false;
             st.source_since = None;
@@ -1057,10 +1063,10 @@ impl<V: BlockVerifier> Peer<V> {
         }
         let sum: usize = self
             .cache
-            .values()
+            .iter()
             .rev()
             .take(n)
-            .map(|b| b.payload().len() + crate::block::BLOCK_OVERHEAD)
+            .map(|(_, b)| b.payload().len() + crate::block::BLOCK_OVERHEAD)
             .sum();
         (sum / n) as u64 * 8
     }
@@ -1078,7 +1084,7 @@ impl<V: BlockVerifier> Peer<V> {
     }
 
     fn ingest_deadline(&self, seq: u64) -> Time {
-        let ingest = match self.cache.get(&seq) {
+        let ingest = match self.cache.get(seq) {
             Some(b) => b.header().ingest_time_ms,
             None => match self.anchor {
                 Some((s, t)) => {
@@ -1204,7 +1210,7 @@ impl<V: BlockVerifier> Peer<V> {
     }
 
     fn mark_missing(&mut self, now: Time, seq: u64) {
-        if self.cache.contains_key(&seq) || self.next_play.is_some_and(|p| seq < p) {
+        if self.cache.contains_key(seq) || self.next_play.is_some_and(|p| seq < p) {
             return;
         }
         if self.missing.contains_key(&seq) {
@@ -1327,7 +1333,7 @@ impl<V: BlockVerifier> Peer<V> {
     fn accept(&mut self, now: Time, block: VerifiedBlock, from: From) {
         let seq = block.seq();
         let len = block.payload().len();
-        if self.cache.contains_key(&seq)
+        if self.cache.contains_key(seq)
             || self
                 .next_play
                 .is_some_and(|p| seq < p && !self.in_club(club_of(seq, self.cfg.clubs)))
@@ -1376,7 +1382,7 @@ impl<V: BlockVerifier> Peer<V> {
         while self.cache.len() > self.cfg.cache_blocks.clamp(1, MAX_CACHE_BLOCKS) {
             if let Some((old, _)) = self.cache.pop_first() {
                 self.unqueue_block(old);
-                self.arrived_at.remove(&old);
+                self.arrived_at.remove(old);
             }
         }
         self.advance_play(now);
@@ -1404,7 +1410,7 @@ impl<V: BlockVerifier> Peer<V> {
             .count();
         let lagging = self
             .arrived_at
-            .get(&seq)
+            .get(seq)
             .is_none_or(|&t| self.now.since(t) > self.prune_lag(seq, t));
         self.link_has(p, seq);
         let Some(st) = self.links.get_mut(&p) else {
@@ -1427,7 +1433,7 @@ impl<V: BlockVerifier> Peer<V> {
     /// or more for a block that was already old at its first copy.
     fn prune_lag(&self, seq: u64, first: Time) -> u64 {
         let floor = self.cfg.prune_lag_ms;
-        let Some(b) = self.cache.get(&seq) else {
+        let Some(b) = self.cache.get(seq) else {
             return floor;
         };
         let age = first.0.saturating_sub(b.header().ingest_time_ms);
@@ -1475,8 +1481,9 @@ impl<V: BlockVerifier> Peer<V> {
             From::Peer(p) => Some(p),
             From::Origin => None,
         };
-        let mut haves = Vec::new();
-        let mut pushes = Vec::new();
+        // Scratch lists kept between blocks: this runs for every block.
+        let mut haves = std::mem::take(&mut self.relay_haves);
+        let mut pushes = std::mem::take(&mut self.relay_pushes);
         for (&p, st) in &self.links {
             if Some(p) == sender || !st.open {
                 continue;
@@ -1512,18 +1519,20 @@ impl<V: BlockVerifier> Peer<V> {
                 None => {}
             }
         }
-        for p in haves {
+        for p in haves.drain(..) {
             self.push(p, Frame::Have(seq));
         }
         if self.past_push_deadline(block) {
             // It reached us too late to be of use: no push, and no sign that
             // our upload is short (see `PeerStats::pushes_late`).
             self.stats.pushes_dropped += pushes.len() as u64;
-            return;
+            pushes.clear();
         }
-        for (k, p) in pushes {
+        for (k, p) in pushes.drain(..) {
             self.enqueue(k, seq, p);
         }
+        self.relay_haves = haves;
+        self.relay_pushes = pushes;
     }
 
     /// Queues block `seq` for `to` in `class` (0 in-club, 1 last hop).
@@ -1578,16 +1587,22 @@ impl<V: BlockVerifier> Peer<V> {
             // The most urgent entry whose link has room (a push raises only
             // that link's level, so each pass sends one block). Entries of
             // full links are passed over unlooked-at: a long queue behind
-            // full links costs no cache lookups on every frame.
-            room.clear();
-            room.extend(
-                self.links
-                    .iter()
-                    .filter(|(_, l)| l.open && l.buffered < link_window)
-                    .map(|(&p, _)| p),
-            );
-            if room.is_empty() {
-                break;
+            // full links costs no cache lookups on every frame. No link holds
+            // more than `total`, so below one link's window every open link
+            // has room, and the entry's own link is looked at instead of
+            // listing them all (the common case, and every frame's).
+            let every_open_link = total < link_window;
+            if !every_open_link {
+                room.clear();
+                room.extend(
+                    self.links
+                        .iter()
+                        .filter(|(_, l)| l.open && l.buffered < link_window)
+                        .map(|(&p, _)| p),
+                );
+                if room.is_empty() {
+                    break;
+                }
             }
             let mut next = None;
             let rest = match after {
@@ -1595,7 +1610,12 @@ impl<V: BlockVerifier> Peer<V> {
                 None => self.queued.range(..),
             };
             for &e in rest {
-                if !room.contains(&e.2) {
+                let has_room = if every_open_link {
+                    self.links.get(&e.2).is_some_and(|l| l.open)
+                } else {
+                    room.contains(&e.2)
+                };
+                if !has_room {
                     continue;
                 }
                 if self.sendable(e) {
@@ -1612,7 +1632,7 @@ impl<V: BlockVerifier> Peer<V> {
             };
             after = Some(e);
             self.queued.remove(&e);
-            let Some(b) = self.cache.get(&seq) else {
+            let Some(b) = self.cache.get(seq) else {
                 continue;
             };
             let frame = Frame::Block(b.block().clone());
@@ -1628,7 +1648,7 @@ impl<V: BlockVerifier> Peer<V> {
             if class == 1
                 && self
                     .arrived_at
-                    .get(&seq)
+                    .get(seq)
                     .is_some_and(|&t| self.now.since(t) > SLOW_PUSH_MS)
             {
                 self.note_late();
@@ -1647,7 +1667,7 @@ impl<V: BlockVerifier> Peer<V> {
             .links
             .get(&to)
             .is_some_and(|st| st.open && !st.said_have(seq));
-        if wanted && self.cache.contains_key(&seq) {
+        if wanted && self.cache.contains_key(seq) {
             self.note_late();
         }
     }
@@ -1656,7 +1676,7 @@ impl<V: BlockVerifier> Peer<V> {
     /// not said it has the block, and the block is cached and not past its
     /// deadline.
     fn sendable(&self, (_, seq, to): (u8, u64, PeerId)) -> bool {
-        match (self.links.get(&to), self.cache.get(&seq)) {
+        match (self.links.get(&to), self.cache.get(seq)) {
             (Some(st), Some(b)) => st.open && !st.said_have(seq) && !self.past_push_deadline(b),
             _ => false,
         }
@@ -1730,7 +1750,7 @@ impl<V: BlockVerifier> Peer<V> {
             st.lazy &= !(1 << c);
         }
         let over = st.want_window.1 > MAX_WANTS_PER_SEC;
-        if !over && self.uploads() && self.cache.contains_key(&seq) {
+        if !over && self.uploads() && self.cache.contains_key(seq) {
             self.enqueue(0, seq, from);
         } else {
             self.push(from, Frame::DontHave(seq));
@@ -1916,7 +1936,7 @@ impl<V: BlockVerifier> Peer<V> {
             return;
         };
         loop {
-            if let Some(b) = self.cache.get(&next) {
+            if let Some(b) = self.cache.get(next) {
                 let b = b.clone();
                 self.event(PeerEvent::Play(b));
                 next += 1;
@@ -1929,9 +1949,9 @@ impl<V: BlockVerifier> Peer<V> {
             }
             let resume = self
                 .cache
-                .range(next + 1..)
-                .find(|(_, b)| b.header().flags.contains(BlockFlags::FRAGMENT_START))
-                .map(|(s, _)| *s);
+                .range(next.saturating_add(1), u64::MAX)
+                .find(|(s, b)| *s > next && b.header().flags.contains(BlockFlags::FRAGMENT_START))
+                .map(|(s, _)| s);
             let Some(to) = resume else { break };
             self.stats.blocks_skipped += to - next;
             self.event(PeerEvent::Skip { from: next, to });
@@ -1981,7 +2001,7 @@ impl<V: BlockVerifier> Peer<V> {
             let skip_at = self.deadline(p) + self.cfg.skip_grace_ms;
             // Past it, the skip waits for a fragment start to arrive, which
             // re-evaluates playback by itself.
-            if !self.cache.contains_key(&p) && skip_at > now {
+            if !self.cache.contains_key(p) && skip_at > now {
                 at(skip_at);
             }
         }
