@@ -621,6 +621,10 @@ pub struct Peer<V> {
     /// [`PeerStats::pushes_late`] and [`PeerConfig::prune_lag_ms`]; pruned
     /// with the cache.
     arrived_at: SeqMap<Time>,
+    /// The earliest `next_ping` of the open links, once computed (`None`:
+    /// a link opened, closed, went or pinged since). Every event reschedules,
+    /// and a pass over the links to find it would touch them all.
+    ping_min: Option<Option<Time>>,
     /// Scratch lists of [`Peer::relay`], kept so that a block costs no allocation.
     relay_haves: Vec<PeerId>,
     relay_pushes: Vec<(u8, PeerId)>,
@@ -660,6 +664,7 @@ impl<V: BlockVerifier> Peer<V> {
             transmits: VecDeque::new(),
             queued: BTreeSet::new(),
             arrived_at: SeqMap::new(),
+            ping_min: None,
             relay_haves: Vec::new(),
             relay_pushes: Vec::new(),
             buffered_total: 0,
@@ -767,6 +772,7 @@ impl<V: BlockVerifier> Peer<V> {
                 if !self.links.contains_key(&link.peer) && self.links.len() >= MAX_LINKS {
                     return;
                 }
+                self.ping_min = None;
                 let st = self.links.entry(link.peer).or_default();
                 if !st.roles.contains(&link.role) {
                     st.roles.push(link.role);
@@ -780,6 +786,7 @@ impl<V: BlockVerifier> Peer<V> {
                     if st.roles.is_empty() {
                         self.buffered_total -= st.buffered;
                         self.links.remove(&link.peer);
+                        self.ping_min = None;
                         self.unqueue(|&(_, _, to)| to == link.peer);
                     }
                     if had {
@@ -798,6 +805,7 @@ impl<V: BlockVerifier> Peer<V> {
         };
         st.open = true;
         st.next_ping = now + PING_INTERVAL_MS / 2;
+        self.ping_min = None;
         st.note_source(now);
         self.push(
             peer,
@@ -829,6 +837,7 @@ impl<V: BlockVerifier> Peer<V> {
     /// replaces them; the driver should report the failure.
     pub fn handle_link_closed(&mut self, now: Time, peer: PeerId) {
         let mut roles = SmallVec::<[LinkRole; 4]>::new();
+        self.ping_min = None;
         if let Some(st) = self.links.get_mut(&peer) {
             st.open = false;
             st.source_since = None;
@@ -892,6 +901,7 @@ impl<V: BlockVerifier> Peer<V> {
                 }
                 if let Some(st) = self.links.get_mut(&from) {
                     st.open = true;
+                    self.ping_min = None;
                     st.remote_clubs = clubs
                         .iter()
                         .filter(|c| **c < 64)
@@ -1100,6 +1110,7 @@ impl<V: BlockVerifier> Peer<V> {
 
     fn bad_peer(&mut self, peer: PeerId, reason: PeerError) {
         if let Some(st) = self.links.remove(&peer) {
+            self.ping_min = None;
             self.buffered_total -= st.buffered;
             self.orphan_shares_of(self.now, &st.roles);
         }
@@ -1970,7 +1981,26 @@ impl<V: BlockVerifier> Peer<V> {
         }
     }
 
+    /// The earliest `next_ping` of the open links.
+    fn next_ping(&mut self) -> Option<Time> {
+        if let Some(t) = self.ping_min {
+            return t;
+        }
+        let t = self
+            .links
+            .values()
+            .filter(|l| l.open)
+            .map(|l| l.next_ping)
+            .min();
+        self.ping_min = Some(t);
+        t
+    }
+
     fn ping(&mut self, now: Time) {
+        if self.next_ping().is_none_or(|t| t > now) {
+            return;
+        }
+        self.ping_min = None;
         let due: Vec<PeerId> = self
             .links
             .iter()
@@ -2005,13 +2035,8 @@ impl<V: BlockVerifier> Peer<V> {
                 at(skip_at);
             }
         }
-        if let Some(t) = self
-            .links
-            .values()
-            .filter(|l| l.open)
-            .map(|l| l.next_ping)
-            .min()
-        {
+        let ping = self.next_ping();
+        if let Some(t) = ping {
             at(t);
         }
         self.next_check = next;
