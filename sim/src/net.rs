@@ -185,10 +185,16 @@ pub struct Host {
     /// Bytes it queued for upload, every frame counted.
     pub sent_bytes: u64,
     /// Its connections.
-    pub conns: Vec<Conn>,
+    conns: Vec<Conn>,
+    /// `conns[i].remote`, packed: a search reads a few cache lines, not every
+    /// connection.
+    remotes: Vec<PeerId>,
     busy_until: u64,
     /// Frames in the serializer: (finish µs, remote, bytes).
     pending: VecDeque<(u64, PeerId, u32)>,
+    /// Finish of the first frame in `pending` (u64::MAX: none), kept here so
+    /// that most events, when no frame finished, read no further than the host.
+    pending_head: u64,
 }
 
 impl Host {
@@ -200,27 +206,34 @@ impl Host {
             left_us: u64::MAX,
             sent_bytes: 0,
             conns: Vec::new(),
+            remotes: Vec::new(),
             busy_until: 0,
             pending: VecDeque::new(),
+            pending_head: u64::MAX,
         }
+    }
+
+    fn index(&self, remote: PeerId) -> Option<usize> {
+        self.remotes.iter().position(|&r| r == remote)
     }
 
     /// The connection to `remote`.
     pub fn conn(&self, remote: PeerId) -> Option<&Conn> {
-        self.conns.iter().find(|c| c.remote == remote)
+        self.index(remote).map(|i| &self.conns[i])
     }
 
     /// The connection to `remote`, mutable.
     pub fn conn_mut(&mut self, remote: PeerId) -> Option<&mut Conn> {
-        self.conns.iter_mut().find(|c| c.remote == remote)
+        self.index(remote).map(|i| &mut self.conns[i])
     }
 
     /// Adds a closed connection to `remote` (or returns the existing one) and
     /// says whether it is new.
     pub fn add_conn(&mut self, remote: PeerId) -> (&mut Conn, bool) {
-        if let Some(i) = self.conns.iter().position(|c| c.remote == remote) {
+        if let Some(i) = self.index(remote) {
             return (&mut self.conns[i], false);
         }
+        self.remotes.push(remote);
         self.conns.push(Conn {
             remote,
             open: false,
@@ -235,6 +248,7 @@ impl Host {
     /// Drops the connection to `remote`.
     pub fn remove_conn(&mut self, remote: PeerId) {
         self.conns.retain(|c| c.remote != remote);
+        self.remotes.retain(|&r| r != remote);
     }
 
     /// Forgets everything (the host left).
@@ -242,7 +256,9 @@ impl Host {
         self.alive = false;
         self.left_us = now_us;
         self.conns.clear();
+        self.remotes.clear();
         self.pending.clear();
+        self.pending_head = u64::MAX;
     }
 }
 
@@ -263,6 +279,8 @@ pub struct Wire {
     pub late_sends: u64,
     /// What the latest [`Wire::sync`] returned.
     changed: Vec<(PeerId, usize)>,
+    /// Connections of the host being synced whose queue changed.
+    dirty: Vec<usize>,
 }
 
 impl Wire {
@@ -277,6 +295,7 @@ impl Wire {
             rng: ChaCha8Rng::seed_from_u64(seed ^ 0x1055),
             retransmits: 0,
             changed: Vec::new(),
+            dirty: Vec::new(),
             backlog_us_sum: 0,
             sends: 0,
             late_sends: 0,
@@ -317,7 +336,7 @@ impl Wire {
         let owd = self.owd(from, to);
         let extra = self.loss_delay(from, to);
         let h = &mut self.hosts[from as usize];
-        let i = h.conns.iter().position(|c| c.remote == to && c.open)?;
+        let i = h.index(to).filter(|&i| h.conns[i].open)?;
         let tx_us = (len as u64 * 8 * 1_000_000).div_ceil(h.up_bps.max(1));
         let finish = h.busy_until.max(now_us) + tx_us;
         self.backlog_us_sum += finish - now_us;
@@ -328,6 +347,7 @@ impl Wire {
         h.busy_until = finish;
         h.sent_bytes += len as u64;
         h.pending.push_back((finish, to, len as u32));
+        h.pending_head = h.pending_head.min(finish);
         let c = &mut h.conns[i];
         c.queued += len;
         // SCTP delivers a channel's messages in order: a retransmitted frame
@@ -339,7 +359,8 @@ impl Wire {
 
     /// When the next frame of `id` leaves its serializer, µs.
     pub fn next_finish(&self, id: PeerId) -> Option<u64> {
-        self.hosts[id as usize].pending.front().map(|p| p.0)
+        let h = &self.hosts[id as usize];
+        (h.pending_head != u64::MAX).then_some(h.pending_head)
     }
 
     /// Retires the frames of `id` that left the serializer by `now_us` and
@@ -347,23 +368,30 @@ impl Wire {
     pub fn sync(&mut self, now_us: u64, id: PeerId) -> &[(PeerId, usize)] {
         self.changed.clear();
         let h = &mut self.hosts[id as usize];
-        let mut any = false;
+        if h.pending_head > now_us {
+            return &self.changed;
+        }
         while let Some(&(finish, to, len)) = h.pending.front() {
             if finish > now_us {
                 break;
             }
             h.pending.pop_front();
-            if let Some(c) = h.conns.iter_mut().find(|c| c.remote == to) {
+            if let Some(i) = h.index(to) {
+                let c = &mut h.conns[i];
                 c.queued = c.queued.saturating_sub(len as usize);
-                c.dirty = true;
-                any = true;
+                if !c.dirty {
+                    c.dirty = true;
+                    self.dirty.push(i);
+                }
             }
         }
-        if any {
-            for c in h.conns.iter_mut().filter(|c| c.dirty) {
-                c.dirty = false;
-                self.changed.push((c.remote, c.queued));
-            }
+        h.pending_head = h.pending.front().map_or(u64::MAX, |p| p.0);
+        // In connection order, as a pass over them all would give.
+        self.dirty.sort_unstable();
+        for i in self.dirty.drain(..) {
+            let c = &mut h.conns[i];
+            c.dirty = false;
+            self.changed.push((c.remote, c.queued));
         }
         &self.changed
     }
