@@ -625,6 +625,9 @@ pub struct Peer<V> {
     /// a link opened, closed, went or pinged since). Every event reschedules,
     /// and a pass over the links to find it would touch them all.
     ping_min: Option<Option<Time>>,
+    /// For each club, the links with a role in it, in peer order: a block
+    /// concerns only its club's links, and the peer has links in every club.
+    by_club: Vec<Vec<PeerId>>,
     /// Scratch lists of [`Peer::relay`], kept so that a block costs no allocation.
     relay_haves: Vec<PeerId>,
     relay_pushes: Vec<(u8, PeerId)>,
@@ -665,6 +668,7 @@ impl<V: BlockVerifier> Peer<V> {
             queued: BTreeSet::new(),
             arrived_at: SeqMap::new(),
             ping_min: None,
+            by_club: vec![Vec::new(); usize::from(cfg.clubs)],
             relay_haves: Vec::new(),
             relay_pushes: Vec::new(),
             buffered_total: 0,
@@ -778,6 +782,7 @@ impl<V: BlockVerifier> Peer<V> {
                     st.roles.push(link.role);
                 }
                 st.note_source(now);
+                self.index_link(link.peer);
             }
             LinkOp::Remove => {
                 if let Some(st) = self.links.get_mut(&link.peer) {
@@ -789,6 +794,7 @@ impl<V: BlockVerifier> Peer<V> {
                         self.ping_min = None;
                         self.unqueue(|&(_, _, to)| to == link.peer);
                     }
+                    self.index_link(link.peer);
                     if had {
                         self.orphan_shares_of(now, &[link.role]);
                     }
@@ -1111,6 +1117,7 @@ impl<V: BlockVerifier> Peer<V> {
     fn bad_peer(&mut self, peer: PeerId, reason: PeerError) {
         if let Some(st) = self.links.remove(&peer) {
             self.ping_min = None;
+            self.index_link(peer);
             self.buffered_total -= st.buffered;
             self.orphan_shares_of(self.now, &st.roles);
         }
@@ -1253,6 +1260,39 @@ impl<V: BlockVerifier> Peer<V> {
         self.reindex(seq);
     }
 
+    /// Puts link `p` in the club lists its roles name, and in no other.
+    fn index_link(&mut self, p: PeerId) {
+        let roles = self.links.get(&p).map(|st| &st.roles);
+        for (c, list) in self.by_club.iter_mut().enumerate() {
+            let member = roles.is_some_and(|rs| rs.iter().any(|r| usize::from(r.club()) == c));
+            match (list.binary_search(&p), member) {
+                (Err(i), true) => list.insert(i, p),
+                (Ok(i), false) => {
+                    list.remove(i);
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// The links with a role in club `c`, in peer order.
+    fn club_links(&self, c: u16) -> &[PeerId] {
+        let list = self
+            .by_club
+            .get(usize::from(c))
+            .map_or(&[][..], Vec::as_slice);
+        debug_assert!(
+            usize::from(c) >= self.by_club.len()
+                || list.iter().copied().eq(self
+                    .links
+                    .iter()
+                    .filter(|(_, st)| st.roles.iter().any(|r| r.club() == c))
+                    .map(|(p, _)| *p)),
+            "the club index matches the links"
+        );
+        list
+    }
+
     /// Whether an open last-hop source pushes block `seq` of another club.
     fn has_source(&self, seq: u64) -> bool {
         self.source_link(seq).is_some()
@@ -1261,10 +1301,14 @@ impl<V: BlockVerifier> Peer<V> {
     /// The open last-hop source whose share block `seq` is in, if any.
     fn source_link(&self, seq: u64) -> Option<PeerId> {
         let clubs = self.cfg.clubs;
-        self.links
+        self.club_links(club_of(seq, clubs))
             .iter()
-            .find(|(_, st)| st.open && st.roles.iter().any(|r| source_of(r, seq, clubs)))
-            .map(|(p, _)| *p)
+            .copied()
+            .find(|p| {
+                self.links
+                    .get(p)
+                    .is_some_and(|st| st.open && st.roles.iter().any(|r| source_of(r, seq, clubs)))
+            })
     }
 
     /// Link `peer` stops being a source (it went, closed or lost the role):
@@ -1409,15 +1453,11 @@ impl<V: BlockVerifier> Peer<V> {
         // Keep at least one other eager peer parent (the seeder pushes only some
         // of the club's blocks), or the club would go quiet.
         let eager_others = self
-            .links
+            .club_links(c)
             .iter()
-            .filter(|(q, l)| {
-                **q != p
-                    && **q != SEEDER_PEER_ID
-                    && l.open
-                    && l.roles.contains(&down)
-                    && l.pruned & bit == 0
-            })
+            .filter(|&&q| q != p && q != SEEDER_PEER_ID)
+            .filter_map(|q| self.links.get(q))
+            .filter(|l| l.open && l.roles.contains(&down) && l.pruned & bit == 0)
             .count();
         let lagging = self
             .arrived_at
@@ -1495,7 +1535,10 @@ impl<V: BlockVerifier> Peer<V> {
         // Scratch lists kept between blocks: this runs for every block.
         let mut haves = std::mem::take(&mut self.relay_haves);
         let mut pushes = std::mem::take(&mut self.relay_pushes);
-        for (&p, st) in &self.links {
+        for &p in self.club_links(c) {
+            let Some(st) = self.links.get(&p) else {
+                continue;
+            };
             if Some(p) == sender || !st.open {
                 continue;
             }
