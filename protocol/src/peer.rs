@@ -594,7 +594,7 @@ pub struct Peer<V> {
     clubs: u64,
     links: BTreeMap<PeerId, LinkState>,
     cache: SeqMap<VerifiedBlock>,
-    missing: BTreeMap<u64, Missing>,
+    missing: SeqMap<Missing>,
     /// (when, seq) of every missing block that needs a look at some time, so
     /// timers touch only the blocks that are due.
     due: BTreeSet<(Time, u64)>,
@@ -654,7 +654,7 @@ impl<V: BlockVerifier> Peer<V> {
             clubs: 0,
             links: BTreeMap::new(),
             cache: SeqMap::new(),
-            missing: BTreeMap::new(),
+            missing: SeqMap::new(),
             due: BTreeSet::new(),
             reindex_at: Time(0),
             highest: None,
@@ -930,7 +930,7 @@ impl<V: BlockVerifier> Peer<V> {
                             .cfg
                             .pull_grace_ms
                             .saturating_sub(self.cfg.graft_wait_ms);
-                    if let Some(m) = self.missing.get_mut(&seq) {
+                    if let Some(m) = self.missing.get_mut(seq) {
                         if m.asked.is_none() && m.noticed > soon {
                             m.noticed = soon;
                             self.reindex(seq);
@@ -969,7 +969,7 @@ impl<V: BlockVerifier> Peer<V> {
                 self.queued.remove(&(1, seq, from));
             }
             Frame::DontHave(seq) => {
-                if let Some(m) = self.missing.get_mut(&seq) {
+                if let Some(m) = self.missing.get_mut(seq) {
                     if m.asked.is_some_and(|(p, _)| p == from) {
                         // Ask someone else at the next check.
                         m.asked = Some((from, Time(0)));
@@ -1009,7 +1009,7 @@ impl<V: BlockVerifier> Peer<V> {
     /// The origin fetch for `seq` failed (over the grant, evicted, network).
     /// The block stays missing and may be skipped at its deadline.
     pub fn handle_gap_fill_failed(&mut self, now: Time, seq: u64) {
-        if let Some(m) = self.missing.get_mut(&seq) {
+        if let Some(m) = self.missing.get_mut(seq) {
             // Retry with the next grant, not at once.
             m.origin = false;
             m.retry_at = now + ORIGIN_RETRY_MS;
@@ -1060,7 +1060,7 @@ impl<V: BlockVerifier> Peer<V> {
         let due = self
             .missing
             .keys()
-            .filter(|s| self.origin_at(**s) <= horizon)
+            .filter(|s| self.origin_at(*s) <= horizon)
             .count() as u64;
         due * block_bits
     }
@@ -1123,7 +1123,7 @@ impl<V: BlockVerifier> Peer<V> {
         }
         self.unqueue(|&(_, _, to)| to == peer);
         let mut asked = Vec::new();
-        for (&seq, m) in &mut self.missing {
+        for (seq, m) in self.missing.iter_mut() {
             if m.asked.is_some_and(|(p, _)| p == peer) {
                 m.asked = Some((peer, Time(0)));
                 asked.push(seq);
@@ -1231,11 +1231,11 @@ impl<V: BlockVerifier> Peer<V> {
         if self.cache.contains_key(seq) || self.next_play.is_some_and(|p| seq < p) {
             return;
         }
-        if self.missing.contains_key(&seq) {
+        if self.missing.contains_key(seq) {
             return;
         }
         if self.missing.len() >= MAX_MISSING {
-            if let Some(&first) = self.missing.keys().next() {
+            if let Some(first) = self.missing.first_key() {
                 self.forget(first);
             }
         }
@@ -1253,7 +1253,7 @@ impl<V: BlockVerifier> Peer<V> {
             },
         );
         if !self.in_club(club_of(seq, self.cfg.clubs)) && !self.has_source(seq) {
-            if let Some(m) = self.missing.get_mut(&seq) {
+            if let Some(m) = self.missing.get_mut(seq) {
                 m.orphan = true;
             }
         }
@@ -1323,15 +1323,15 @@ impl<V: BlockVerifier> Peer<V> {
         let hit: Vec<u64> = self
             .missing
             .iter()
-            .filter(|(&seq, m)| !m.orphan && roles.iter().any(|r| source_of(r, seq, clubs)))
-            .map(|(&seq, _)| seq)
+            .filter(|(seq, m)| !m.orphan && roles.iter().any(|r| source_of(r, *seq, clubs)))
+            .map(|(seq, _)| seq)
             .collect();
         let mut any = false;
         for seq in hit {
             if self.has_source(seq) {
                 continue;
             }
-            if let Some(m) = self.missing.get_mut(&seq) {
+            if let Some(m) = self.missing.get_mut(seq) {
                 m.orphan = true;
                 any = true;
             }
@@ -1361,7 +1361,7 @@ impl<V: BlockVerifier> Peer<V> {
 
     /// Recomputes the due time of missing block `seq`.
     fn reindex(&mut self, seq: u64) {
-        let Some(m) = self.missing.get(&seq).copied() else {
+        let Some(m) = self.missing.get(seq).copied() else {
             return;
         };
         if let Some(t) = m.due {
@@ -1371,14 +1371,14 @@ impl<V: BlockVerifier> Peer<V> {
         if let Some(t) = due {
             self.due.insert((t, seq));
         }
-        if let Some(m) = self.missing.get_mut(&seq) {
+        if let Some(m) = self.missing.get_mut(seq) {
             m.due = due;
         }
     }
 
     /// Stops tracking missing block `seq`.
     fn forget(&mut self, seq: u64) -> Option<Missing> {
-        let m = self.missing.remove(&seq)?;
+        let m = self.missing.remove(seq)?;
         if let Some(t) = m.due {
             self.due.remove(&(t, seq));
         }
@@ -1882,7 +1882,7 @@ impl<V: BlockVerifier> Peer<V> {
             // Deadlines are estimates that move as blocks arrive: refresh
             // every due time now and then, not on every block.
             self.reindex_at = now + REINDEX_MS;
-            let all: Vec<u64> = self.missing.keys().copied().collect();
+            let all: Vec<u64> = self.missing.keys().collect();
             for seq in all {
                 self.reindex(seq);
             }
@@ -1929,7 +1929,7 @@ impl<V: BlockVerifier> Peer<V> {
 
     /// Pulls, re-pulls or gap-fills missing block `seq` if it is due.
     fn check_one(&mut self, now: Time, seq: u64) {
-        let Some(m) = self.missing.get(&seq).copied() else {
+        let Some(m) = self.missing.get(seq).copied() else {
             return;
         };
         if m.origin || now < m.retry_at {
@@ -1939,7 +1939,7 @@ impl<V: BlockVerifier> Peer<V> {
             if let Some((p, _)) = m.asked {
                 self.push(p, Frame::Cancel(seq));
             }
-            if let Some(mm) = self.missing.get_mut(&seq) {
+            if let Some(mm) = self.missing.get_mut(seq) {
                 mm.origin = true;
                 mm.asked = None;
             }
@@ -1949,7 +1949,7 @@ impl<V: BlockVerifier> Peer<V> {
                 self.source_missed(now, seq, m.noticed);
             }
             if m.origin_tries < MAX_ORIGIN_TRIES {
-                if let Some(mm) = self.missing.get_mut(&seq) {
+                if let Some(mm) = self.missing.get_mut(seq) {
                     mm.origin_tries += 1;
                 }
                 self.stats.gap_fills += 1;
@@ -1975,11 +1975,11 @@ impl<V: BlockVerifier> Peer<V> {
                 }
             }
             self.push(p, Frame::Want(seq));
-            if let Some(mm) = self.missing.get_mut(&seq) {
+            if let Some(mm) = self.missing.get_mut(seq) {
                 mm.asked = Some((p, now));
                 mm.tries = mm.tries.saturating_add(1);
             }
-        } else if let Some(mm) = self.missing.get_mut(&seq) {
+        } else if let Some(mm) = self.missing.get_mut(seq) {
             mm.asked = None;
             mm.noticed = now;
         }
@@ -2009,14 +2009,14 @@ impl<V: BlockVerifier> Peer<V> {
             let Some(to) = resume else { break };
             self.stats.blocks_skipped += to - next;
             self.event(PeerEvent::Skip { from: next, to });
-            let gone: Vec<u64> = self.missing.range(..to).map(|(s, _)| *s).collect();
+            let gone: Vec<u64> = self.missing.keys_below(to).collect();
             for s in gone {
                 self.forget(s);
             }
             next = to;
         }
         self.next_play = Some(next);
-        let stale: Vec<u64> = self.missing.range(..next).map(|(s, _)| *s).collect();
+        let stale: Vec<u64> = self.missing.keys_below(next).collect();
         for s in stale {
             // Own-club blocks behind the playhead still matter to the club, but
             // not enough to chase them.
@@ -2998,14 +2998,14 @@ mod tests {
 
     /// The due index holds exactly the missing blocks that have a due time.
     fn index_consistent(p: &Peer<StreamKey>) -> bool {
-        let with_due = p.missing.values().filter(|m| m.due.is_some()).count();
+        let with_due = p.missing.iter().filter(|(_, m)| m.due.is_some()).count();
         with_due == p.due.len()
             && p.missing
                 .iter()
-                .all(|(s, m)| m.due.is_none_or(|t| p.due.contains(&(t, *s))))
+                .all(|(s, m)| m.due.is_none_or(|t| p.due.contains(&(t, s))))
             && p.due
                 .iter()
-                .all(|(t, s)| p.missing.get(s).and_then(|m| m.due) == Some(*t))
+                .all(|(t, s)| p.missing.get(*s).and_then(|m| m.due) == Some(*t))
     }
 
     proptest! {

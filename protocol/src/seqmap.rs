@@ -68,6 +68,17 @@ impl<V> SeqMap<V> {
         }
     }
 
+    /// The value of `seq`, mutable.
+    pub fn get_mut(&mut self, seq: u64) -> Option<&mut V> {
+        match &mut self.inner {
+            Inner::Ring { base, slots } => {
+                let i = seq.checked_sub(*base)?;
+                slots.get_mut(usize::try_from(i).ok()?)?.as_mut()
+            }
+            Inner::Tree(t) => t.get_mut(&seq),
+        }
+    }
+
     /// Whether `seq` has a value.
     #[must_use]
     pub fn contains_key(&self, seq: u64) -> bool {
@@ -188,6 +199,28 @@ impl<V> SeqMap<V> {
         }
     }
 
+    /// The entries in seq order, values mutable.
+    pub fn iter_mut(&mut self) -> IterMut<'_, V> {
+        match &mut self.inner {
+            Inner::Ring { base, slots } => IterMut::Ring(*base, slots.iter_mut().enumerate()),
+            Inner::Tree(t) => IterMut::Tree(t.iter_mut()),
+        }
+    }
+
+    /// The seqs in order.
+    pub fn keys(&self) -> impl DoubleEndedIterator<Item = u64> + '_ {
+        self.iter().map(|(s, _)| s)
+    }
+
+    /// The seqs below `end`, in order.
+    pub fn keys_below(&self, end: u64) -> impl DoubleEndedIterator<Item = u64> + '_ {
+        let it = match end.checked_sub(1) {
+            Some(hi) => self.range(0, hi),
+            None => self.range(1, 0),
+        };
+        it.map(|(s, _)| s)
+    }
+
     /// The entries with `lo <= seq <= hi`, in seq order.
     #[must_use]
     pub fn range(&self, lo: u64, hi: u64) -> Iter<'_, V> {
@@ -258,6 +291,28 @@ impl<V> DoubleEndedIterator for Iter<'_, V> {
     }
 }
 
+/// Iterator over a [`SeqMap`]'s entries with mutable values, in seq order.
+#[derive(Debug)]
+pub enum IterMut<'a, V> {
+    /// Ring slots, the first at the given key.
+    #[doc(hidden)]
+    Ring(u64, Enumerate<vec_deque::IterMut<'a, Option<V>>>),
+    /// Tree entries.
+    #[doc(hidden)]
+    Tree(btree_map::IterMut<'a, u64, V>),
+}
+
+impl<'a, V> Iterator for IterMut<'a, V> {
+    type Item = (u64, &'a mut V);
+
+    fn next(&mut self) -> Option<Self::Item> {
+        match self {
+            IterMut::Ring(base, it) => it.find_map(|(i, v)| Some((*base + i as u64, v.as_mut()?))),
+            IterMut::Tree(it) => it.next().map(|(k, v)| (*k, v)),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -268,6 +323,8 @@ mod tests {
         Insert(u64, u32),
         Remove(u64),
         PopFirst,
+        Bump(u64),
+        BumpAll,
     }
 
     fn op(spread: u64) -> impl Strategy<Value = Op> {
@@ -275,6 +332,8 @@ mod tests {
             4 => (0..spread, any::<u32>()).prop_map(|(k, v)| Op::Insert(k, v)),
             2 => (0..spread).prop_map(Op::Remove),
             1 => Just(Op::PopFirst),
+            1 => (0..spread).prop_map(Op::Bump),
+            1 => Just(Op::BumpAll),
         ]
     }
 
@@ -298,6 +357,13 @@ mod tests {
         let want_r2: Vec<_> = t.range(lo..=hi).rev().map(|(k, _)| *k).collect();
         assert_eq!(r2, want_r2);
         assert_eq!(m.range(hi, lo).count(), 0);
+        let below: Vec<_> = m.keys_below(probe).collect();
+        let want_below: Vec<_> = t.range(..probe).map(|(k, _)| *k).collect();
+        assert_eq!(below, want_below);
+        assert_eq!(
+            m.keys().collect::<Vec<_>>(),
+            t.keys().copied().collect::<Vec<_>>()
+        );
     }
 
     fn run(ops: &[Op], offset: u64) {
@@ -308,6 +374,23 @@ mod tests {
                 Op::Insert(k, v) => assert_eq!(m.insert(k + offset, v), t.insert(k + offset, v)),
                 Op::Remove(k) => assert_eq!(m.remove(k + offset), t.remove(&(k + offset))),
                 Op::PopFirst => assert_eq!(m.pop_first(), t.pop_first()),
+                Op::Bump(k) => {
+                    let a = m.get_mut(k + offset).map(|v| {
+                        *v = v.wrapping_add(1);
+                        *v
+                    });
+                    let b = t.get_mut(&(k + offset)).map(|v| {
+                        *v = v.wrapping_add(1);
+                        *v
+                    });
+                    assert_eq!(a, b);
+                }
+                Op::BumpAll => {
+                    m.iter_mut()
+                        .for_each(|(k, v)| *v = v.wrapping_add(k as u32));
+                    t.iter_mut()
+                        .for_each(|(k, v)| *v = v.wrapping_add(*k as u32));
+                }
             }
             check(&m, &t, offset + n as u64 * 3);
         }
