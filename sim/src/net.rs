@@ -192,9 +192,6 @@ pub struct Host {
     busy_until: u64,
     /// Frames in the serializer: (finish µs, remote, bytes).
     pending: VecDeque<(u64, PeerId, u32)>,
-    /// Finish of the first frame in `pending` (u64::MAX: none), kept here so
-    /// that most events, when no frame finished, read no further than the host.
-    pending_head: u64,
 }
 
 impl Host {
@@ -209,7 +206,6 @@ impl Host {
             remotes: Vec::new(),
             busy_until: 0,
             pending: VecDeque::new(),
-            pending_head: u64::MAX,
         }
     }
 
@@ -258,7 +254,6 @@ impl Host {
         self.conns.clear();
         self.remotes.clear();
         self.pending.clear();
-        self.pending_head = u64::MAX;
     }
 }
 
@@ -347,7 +342,6 @@ impl Wire {
         h.busy_until = finish;
         h.sent_bytes += len as u64;
         h.pending.push_back((finish, to, len as u32));
-        h.pending_head = h.pending_head.min(finish);
         let c = &mut h.conns[i];
         c.queued += len;
         // SCTP delivers a channel's messages in order: a retransmitted frame
@@ -359,8 +353,7 @@ impl Wire {
 
     /// When the next frame of `id` leaves its serializer, µs.
     pub fn next_finish(&self, id: PeerId) -> Option<u64> {
-        let h = &self.hosts[id as usize];
-        (h.pending_head != u64::MAX).then_some(h.pending_head)
+        self.hosts[id as usize].pending.front().map(|p| p.0)
     }
 
     /// Retires the frames of `id` that left the serializer by `now_us` and
@@ -368,9 +361,6 @@ impl Wire {
     pub fn sync(&mut self, now_us: u64, id: PeerId) -> &[(PeerId, usize)] {
         self.changed.clear();
         let h = &mut self.hosts[id as usize];
-        if h.pending_head > now_us {
-            return &self.changed;
-        }
         while let Some(&(finish, to, len)) = h.pending.front() {
             if finish > now_us {
                 break;
@@ -385,7 +375,6 @@ impl Wire {
                 }
             }
         }
-        h.pending_head = h.pending.front().map_or(u64::MAX, |p| p.0);
         // In connection order, as a pass over them all would give.
         self.dirty.sort_unstable();
         for i in self.dirty.drain(..) {
