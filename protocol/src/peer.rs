@@ -2026,15 +2026,18 @@ impl<V: BlockVerifier> Peer<V> {
 
     /// The earliest `next_ping` of the open links.
     fn next_ping(&mut self) -> Option<Time> {
+        let fresh = || {
+            self.links
+                .values()
+                .filter(|l| l.open)
+                .map(|l| l.next_ping)
+                .min()
+        };
         if let Some(t) = self.ping_min {
+            debug_assert_eq!(t, fresh(), "the remembered ping matches the links");
             return t;
         }
-        let t = self
-            .links
-            .values()
-            .filter(|l| l.open)
-            .map(|l| l.next_ping)
-            .min();
+        let t = fresh();
         self.ping_min = Some(t);
         t
     }
