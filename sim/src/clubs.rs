@@ -4,6 +4,27 @@
 //! Signaling (welcome, link changes) reaches a peer one server round trip after
 //! the server decided it; a new connection opens two peer round trips after
 //! both ends heard of it (offer/answer, then ICE, DTLS and SCTP).
+//!
+//! # Threads: conservative windows
+//! The viewers are dealt to partitions in chunks of [`CHUNK`] ids, and each
+//! partition has its own event queue and its own thread. Nothing a viewer does
+//! reaches another viewer sooner than the shortest one-way delay between two
+//! viewers, the *lookahead*, so the partitions run the events of a window that
+//! long side by side (synchronous conservative simulation, as in YAWNS).
+//! Between two windows one thread
+//! - hands over the frames bound for another partition;
+//! - serves the window's requests to the server (gap fills, bad-peer and
+//!   slow-source reports) in time order: each answer takes at least a round
+//!   trip to the server, longer than a window;
+//! - runs the server's own events (blocks cut, joins, leaves, bids, the
+//!   seeder's connections); no window spans one.
+//!
+//! Equal times run in the order of (actor, the actor's count of events it
+//! scheduled), not in the order a queue was pushed, and loss is drawn from a
+//! hash of (sender, its frame count), so the results do not depend on the
+//! number of threads (a test checks it). With `--latency-min-ms 0` there is
+//! no lookahead between viewers: one thread runs them, in windows bounded by
+//! the server's round trip.
 
 use clubcast_protocol::bid::Bid;
 use clubcast_protocol::club::{club_of, ClubConfig, LateStreak, LinkChange, Membership, Overload};
@@ -16,11 +37,11 @@ use rand_chacha::rand_core::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
 use crate::config::Config;
-use crate::metrics::{Collector, DelayHist};
-use crate::net::{Origin, Queue, Wire};
-use crate::population::{Viewer, DOWNLOAD_X};
+use crate::metrics::{Collector, DelayHist, Record, Tally};
+use crate::net::{hashed_loss_delay, Host, Origin, Queue, SendStats};
+use crate::population::{Viewer, DOWNLOAD_X, SEEDER_UP_BPS, SERVER_ACCESS_US};
 use crate::stream::Stream;
-use crate::verify::{corrupt, SimVerifier};
+use crate::verify::{corrupt, mix, SimVerifier};
 use crate::Run;
 
 /// Distinct reporters after which a peer is kicked from the swarm.
@@ -36,6 +57,9 @@ pub const DEBUG_EVERY_US: u64 = 10_000_000;
 /// cached block costs the simulator about 150 bytes per peer (10,000 peers ×
 /// 2,048 blocks would be 3 GB).
 pub const CACHE_SECONDS: u64 = 10;
+/// Consecutive peer ids that share a partition: neighbours in memory stay on
+/// one thread, and the chunks dealt round the threads balance them.
+pub const CHUNK: usize = 64;
 
 #[derive(Debug)]
 enum Ev {
@@ -72,6 +96,30 @@ enum Ev {
     Bid,
     /// A peer's serializer finished a frame while pushes wait in its queue.
     Drain(PeerId),
+}
+
+impl Ev {
+    /// The viewer whose partition runs it; `None` for the server's own events.
+    fn owner(&self) -> Option<PeerId> {
+        match self {
+            Ev::Produce(_) | Ev::Join(_) | Ev::Leave { .. } | Ev::Bid => None,
+            Ev::Open { at, .. } => (*at != SEEDER_PEER_ID).then_some(*at),
+            Ev::Welcome(w) => Some(w.id),
+            Ev::Signal { ch, .. } => Some(ch.to),
+            Ev::Deliver { to, .. } | Ev::OriginBlock { to, .. } | Ev::GapFail { to, .. } => {
+                Some(*to)
+            }
+            Ev::Timer(id) | Ev::Drain(id) => Some(*id),
+        }
+    }
+}
+
+/// What a viewer asks of the server; served between windows, in time order.
+#[derive(Debug)]
+enum Req {
+    GapFill { id: PeerId, seq: u64 },
+    SlowSource { id: PeerId, peer: PeerId },
+    BadPeer { id: PeerId, peer: PeerId },
 }
 
 /// The server's welcome to a joiner.
@@ -140,39 +188,520 @@ struct Slot {
     folded: bool,
 }
 
+/// One host: its peer, its upload and its record. Node 0 is the seeder (its
+/// upload only).
+#[derive(Debug)]
+struct Node {
+    slot: Slot,
+    host: Host,
+    rec: Record,
+    /// Events it scheduled: the tie-break of equal times ([`Node::tie`]).
+    ties: u32,
+}
+
+impl Node {
+    /// The tie-break key of the next event `id` schedules.
+    fn tie(&mut self, id: PeerId) -> u64 {
+        self.ties += 1;
+        id << 32 | u64::from(self.ties)
+    }
+}
+
+/// What any thread may read of any host; it changes only between windows.
+#[derive(Debug)]
+struct Reach {
+    access_us: Vec<u64>,
+    alive: Vec<bool>,
+    left_us: Vec<u64>,
+}
+
+impl Reach {
+    /// Round trip between two hosts: the sum of their access latencies, µs.
+    fn rtt(&self, a: PeerId, b: PeerId) -> u64 {
+        self.access_us[a as usize] + self.access_us[b as usize]
+    }
+
+    /// How long a message of the server takes to reach `id` and be answered.
+    fn sig_delay(&self, id: PeerId) -> u64 {
+        if id == SEEDER_PEER_ID {
+            0
+        } else {
+            self.rtt(id, SEEDER_PEER_ID)
+        }
+    }
+}
+
+/// Adds a role to the connection of `host` (at `at`) to `remote`; a new
+/// connection opens at the returned time.
+fn conn_add(
+    host: &mut Host,
+    reach: &Reach,
+    now: u64,
+    at: PeerId,
+    remote: PeerId,
+    gen: u64,
+) -> Option<u64> {
+    let (c, new) = host.add_conn(remote);
+    c.roles += 1;
+    new.then(|| {
+        let known = gen + reach.sig_delay(at).max(reach.sig_delay(remote));
+        known.max(now) + 2 * reach.rtt(at, remote)
+    })
+}
+
+/// Takes a role off the connection of `host` to `remote`; says whether that
+/// was its last, which closes it.
+fn conn_remove(host: &mut Host, remote: PeerId) -> bool {
+    let Some(c) = host.conn_mut(remote) else {
+        return false;
+    };
+    c.roles = c.roles.saturating_sub(1);
+    if c.roles > 0 {
+        return false;
+    }
+    host.remove_conn(remote);
+    true
+}
+
+/// The partition that runs the events of viewer `id`.
+fn part_of(id: PeerId, parts: usize) -> usize {
+    (id as usize / CHUNK) % parts
+}
+
+/// The nodes of one partition: every `parts`-th chunk.
+struct Mine<'a> {
+    chunks: Vec<&'a mut [Node]>,
+    parts: usize,
+}
+
+impl Mine<'_> {
+    fn node(&mut self, id: PeerId) -> &mut Node {
+        let c = id as usize / CHUNK;
+        &mut self.chunks[c / self.parts][id as usize % CHUNK]
+    }
+}
+
+/// What the partitions read during a window.
+struct Shared<'a> {
+    cfg: &'a Config,
+    stream: &'a Stream,
+    reach: &'a Reach,
+    membership: &'a Membership,
+    debug: bool,
+    cache_blocks: usize,
+    loss_key: u64,
+    parts: usize,
+}
+
+impl Shared<'_> {
+    /// The loss delay of frame `n` of `from` to `to`.
+    fn loss(&self, from: PeerId, n: u64, to: PeerId) -> u64 {
+        let key = self.loss_key ^ mix(from << 40 ^ n);
+        hashed_loss_delay(self.cfg.loss, key, self.reach.rtt(from, to))
+    }
+}
+
+/// One thread's share of the viewers' events, and what they produce.
+#[derive(Debug)]
+struct Part {
+    me: usize,
+    q: Queue<Ev>,
+
+    /// Events for other partitions: (time, tie, event).
+    out: Vec<(u64, u64, Ev)>,
+    /// Requests to the server: (time, tie, request).
+    reqs: Vec<(u64, u64, Req)>,
+    tally: Tally,
+    sends: SendStats,
+    /// Its own copy, so that threads do not share the reference counts of
+    /// the blocks their peers cache.
+    verifier: SimVerifier,
+    tx: Vec<Transmit>,
+    evs: Vec<PeerEvent>,
+    changed: Vec<(PeerId, usize)>,
+    dirty: Vec<usize>,
+    /// Skipped blocks of the skipper's own clubs and of other clubs (debug).
+    skipped_split: (u64, u64),
+    /// With `CLUBCAST_SIM_DEBUG`: block delays of arrivals in the viewer's
+    /// own clubs, over the last hop, and from the origin.
+    delay_split: Vec<DelayHist>,
+}
+
+fn ms(us: u64) -> Time {
+    Time(us / 1000)
+}
+
+impl Part {
+    fn new(me: usize, verifier: SimVerifier, debug: bool) -> Self {
+        Part {
+            me,
+            q: Queue::default(),
+
+            out: Vec::new(),
+            reqs: Vec::new(),
+            tally: Tally::default(),
+            sends: SendStats::default(),
+            verifier,
+            tx: Vec::new(),
+            evs: Vec::new(),
+            changed: Vec::new(),
+            dirty: Vec::new(),
+            skipped_split: (0, 0),
+            delay_split: if debug {
+                vec![DelayHist::default(); 3]
+            } else {
+                Vec::new()
+            },
+        }
+    }
+
+    /// Runs its events before `end`.
+    fn run(&mut self, mine: &mut Mine<'_>, sh: &Shared<'_>, end: u64) {
+        while self.q.peek_time().is_some_and(|t| t < end) {
+            let (now, ev) = self.q.pop().expect("peeked");
+            self.handle(mine, sh, now, ev);
+        }
+    }
+
+    /// Schedules `ev`, which viewer `owner` runs, in its partition.
+    fn post(&mut self, sh: &Shared<'_>, at: u64, tie: u64, owner: PeerId, ev: Ev) {
+        if part_of(owner, sh.parts) == self.me {
+            self.q.push_tie(at, tie, ev);
+        } else {
+            self.out.push((at, tie, ev));
+        }
+    }
+
+    fn handle(&mut self, mine: &mut Mine<'_>, sh: &Shared<'_>, now: u64, ev: Ev) {
+        match ev {
+            Ev::Welcome(w) => {
+                let Welcome {
+                    id,
+                    clubs,
+                    links,
+                    start,
+                    edge,
+                    gen,
+                } = *w;
+                let n = mine.node(id);
+                if n.slot.peer.is_some() || !sh.reach.alive[id as usize] {
+                    return;
+                }
+                // The wire reports every drained frame (`Drain`): no polling,
+                // and a block is handed to the wire only when the serializer
+                // is idle, so it can still be overtaken until then.
+                let mut pc = PeerConfig::new(id, sh.cfg.clubs);
+                pc.pump_poll_ms = 0;
+                pc.send_window = 1;
+                pc.cache_blocks = sh.cache_blocks;
+                let mut p = Peer::new(pc, self.verifier.clone());
+                p.handle_welcome(ms(now), &clubs, &links, start, edge);
+                n.slot.peer = Some(p);
+                for l in links {
+                    self.conn_change(n, sh, now, id, LinkOp::Add, l.peer, gen);
+                }
+                self.flush(mine, sh, now, id);
+            }
+            Ev::Signal { ch, gen } => {
+                let n = mine.node(ch.to);
+                let Some(p) = n.slot.peer.as_mut() else {
+                    return;
+                };
+                p.handle_link(ms(now), ch.op, ch.link);
+                self.conn_change(n, sh, now, ch.to, ch.op, ch.link.peer, gen);
+            }
+            Ev::Open { at, remote } => {
+                if !sh.reach.alive[at as usize] || !sh.reach.alive[remote as usize] {
+                    return;
+                }
+                let n = mine.node(at);
+                let Some(c) = n.host.conn_mut(remote) else {
+                    return;
+                };
+                if c.open {
+                    return;
+                }
+                c.open = true;
+                if let Some(p) = n.slot.peer.as_mut() {
+                    p.handle_link_open(ms(now), remote);
+                    self.flush(mine, sh, now, at);
+                }
+            }
+            Ev::Deliver {
+                from,
+                to,
+                frame,
+                finish,
+            } => {
+                if finish > sh.reach.left_us[from as usize] {
+                    return;
+                }
+                let n = mine.node(to);
+                let Some(p) = n.slot.peer.as_mut() else {
+                    return;
+                };
+                n.host.sync(now, &mut self.changed, &mut self.dirty);
+                p.handle_links_buffered(self.changed.iter().copied());
+                p.handle_frame(ms(now), from, frame.into_frame(sh.stream));
+                self.flush(mine, sh, now, to);
+            }
+            Ev::Timer(id) => {
+                let n = mine.node(id);
+                if n.slot.timer_at != now {
+                    return;
+                }
+                n.slot.timer_at = u64::MAX;
+                let Some(p) = n.slot.peer.as_mut() else {
+                    return;
+                };
+                if p.poll_timeout().is_some_and(|t| t <= ms(now)) {
+                    n.slot.fired_ms = now / 1000;
+                    n.host.sync(now, &mut self.changed, &mut self.dirty);
+                    p.handle_links_buffered(self.changed.iter().copied());
+                    p.handle_timeout(ms(now));
+                }
+                self.flush(mine, sh, now, id);
+            }
+            Ev::OriginBlock { to, seq } => {
+                let n = mine.node(to);
+                let Some(p) = n.slot.peer.as_mut() else {
+                    return;
+                };
+                n.host.sync(now, &mut self.changed, &mut self.dirty);
+                p.handle_links_buffered(self.changed.iter().copied());
+                p.handle_origin_block(ms(now), sh.stream.blocks[seq as usize].clone());
+                self.flush(mine, sh, now, to);
+            }
+            Ev::GapFail { to, seq } => {
+                let Some(p) = mine.node(to).slot.peer.as_mut() else {
+                    return;
+                };
+                p.handle_gap_fill_failed(ms(now), seq);
+                self.flush(mine, sh, now, to);
+            }
+            Ev::Drain(id) => {
+                let n = mine.node(id);
+                if n.slot.drain_at != now {
+                    return;
+                }
+                n.slot.drain_at = u64::MAX;
+                let Some(p) = n.slot.peer.as_mut() else {
+                    return;
+                };
+                n.host.sync(now, &mut self.changed, &mut self.dirty);
+                p.handle_links_buffered(self.changed.iter().copied());
+                self.flush(mine, sh, now, id);
+            }
+            Ev::Produce(_) | Ev::Join(_) | Ev::Leave { .. } | Ev::Bid => {
+                debug_assert!(false, "a server event in a partition");
+            }
+        }
+    }
+
+    /// Keeps the connection of viewer `at` to `remote` in step with its
+    /// roles: the first role opens it, the last one closes it.
+    #[allow(clippy::too_many_arguments)]
+    fn conn_change(
+        &mut self,
+        n: &mut Node,
+        sh: &Shared<'_>,
+        now: u64,
+        at: PeerId,
+        op: LinkOp,
+        remote: PeerId,
+        gen: u64,
+    ) {
+        match op {
+            LinkOp::Add => {
+                if let Some(t) = conn_add(&mut n.host, sh.reach, now, at, remote, gen) {
+                    let tie = n.tie(at);
+                    self.q.push_tie(t, tie, Ev::Open { at, remote });
+                }
+            }
+            LinkOp::Remove => {
+                if conn_remove(&mut n.host, remote) {
+                    if let Some(p) = n.slot.peer.as_mut() {
+                        p.handle_link_closed(ms(now), remote);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Drains a peer's transmits and events, then re-arms its timer.
+    fn flush(&mut self, mine: &mut Mine<'_>, sh: &Shared<'_>, now: u64, id: PeerId) {
+        let n = mine.node(id);
+        let Some(p) = n.slot.peer.as_mut() else {
+            return;
+        };
+        while let Some(t) = p.poll_transmit() {
+            self.tx.push(t);
+        }
+        while let Some(e) = p.poll_event() {
+            self.evs.push(e);
+        }
+        let timeout = p.poll_timeout();
+        let waiting = p.queued_pushes() > 0;
+        let hostile = n.slot.hostile;
+        let mut tx = std::mem::take(&mut self.tx);
+        for t in tx.drain(..) {
+            let frame = t.frame;
+            debug_assert!(
+                !matches!(&frame, Frame::Block(b) if *b != sh.stream.blocks[b.header.seq as usize]),
+                "a relayed block is the stream's own"
+            );
+            let len = frame.encoded_len();
+            let overhead = frame.overhead_len();
+            n.host.frames += 1;
+            let extra = sh.loss(id, n.host.frames, t.to);
+            let owd = sh.reach.rtt(id, t.to) / 2;
+            if let Some((finish, arrival)) =
+                n.host.send(now, t.to, owd, extra, len, &mut self.sends)
+            {
+                self.sends.retransmits += u64::from(extra > 0);
+                self.tally.payload_sent += (len - overhead) as u64;
+                self.tally.overhead_sent += overhead as u64;
+                if t.to != SEEDER_PEER_ID {
+                    let tie = n.tie(id);
+                    let ev = Ev::Deliver {
+                        from: id,
+                        to: t.to,
+                        frame: Wired::new(frame, hostile),
+                        finish,
+                    };
+                    self.post(sh, arrival, tie, t.to, ev);
+                }
+            }
+        }
+        self.tx = tx;
+        let mut evs = std::mem::take(&mut self.evs);
+        for e in evs.drain(..) {
+            self.event(n, sh, now, id, e);
+        }
+        self.evs = evs;
+        if waiting {
+            // Queued pushes go out as the serializer frees the window.
+            if let Some(at) = n.host.next_finish() {
+                if at < n.slot.drain_at || n.slot.drain_at <= now {
+                    n.slot.drain_at = at.max(now);
+                    let tie = n.tie(id);
+                    self.q.push_tie(n.slot.drain_at, tie, Ev::Drain(id));
+                }
+            }
+        }
+        if let Some(t) = timeout {
+            let mut at = t.0 * 1000;
+            if at <= now {
+                // Due now: run it in the next event step. A peer that asks
+                // for a timeout in the past right after handling one at this
+                // millisecond is spinning (see the crate doc): back off.
+                at = if n.slot.fired_ms == now / 1000 {
+                    now + SPIN_BACKOFF_US
+                } else {
+                    now + 1
+                };
+            }
+            if at < n.slot.timer_at {
+                n.slot.timer_at = at;
+                let tie = n.tie(id);
+                self.q.push_tie(at, tie, Ev::Timer(id));
+            }
+        }
+    }
+
+    fn event(&mut self, n: &mut Node, sh: &Shared<'_>, now: u64, id: PeerId, e: PeerEvent) {
+        match e {
+            PeerEvent::Play(b) => {
+                n.rec.first_play_us.get_or_insert(now);
+                if b.block() != &sh.stream.blocks[b.seq() as usize] {
+                    self.tally.corrupt_played += 1;
+                }
+            }
+            PeerEvent::Skip { from, to } => {
+                if !sh.debug {
+                    return;
+                }
+                if let Some(clubs) = sh.membership.clubs_of(id) {
+                    for seq in from..to {
+                        if clubs.contains(&club_of(seq, sh.cfg.clubs)) {
+                            self.skipped_split.0 += 1;
+                        } else {
+                            self.skipped_split.1 += 1;
+                        }
+                    }
+                }
+            }
+            PeerEvent::Arrived {
+                seq,
+                ingest_time_ms,
+                from,
+                bytes,
+            } => {
+                let server = matches!(from, From::Origin | From::Peer(SEEDER_PEER_ID));
+                if sh.debug {
+                    let c = club_of(seq, sh.cfg.clubs);
+                    let own = sh.membership.clubs_of(id).is_some_and(|cs| cs.contains(&c));
+                    let k = match (own, from) {
+                        (true, _) => 0,
+                        (false, From::Peer(_)) => 1,
+                        (false, From::Origin) => 2,
+                    };
+                    self.delay_split[k].note((now / 1000).saturating_sub(ingest_time_ms));
+                }
+                self.tally
+                    .arrival(&mut n.rec, seq, ingest_time_ms, now, server, bytes);
+            }
+            PeerEvent::GapFill { seq } => {
+                let tie = n.tie(id);
+                self.reqs.push((now, tie, Req::GapFill { id, seq }));
+            }
+            PeerEvent::SlowSource { peer } => {
+                let tie = n.tie(id);
+                self.reqs.push((now, tie, Req::SlowSource { id, peer }));
+            }
+            PeerEvent::BadPeer { peer, .. } => {
+                let tie = n.tie(id);
+                self.reqs.push((now, tie, Req::BadPeer { id, peer }));
+            }
+        }
+    }
+}
+
 /// The clubs simulation.
 pub struct Sim {
     cfg: Config,
+    /// The server's own events.
     q: Queue<Ev>,
-    wire: Wire,
-    slots: Vec<Slot>,
+    parts: Vec<Part>,
+    /// By peer id; 0 is the seeder.
+    nodes: Vec<Node>,
+    reach: Reach,
     membership: Membership,
     source: Source,
     stream: Stream,
     origin: Origin,
-    metrics: Collector,
-    verifier: SimVerifier,
+    /// What the server side counted (seeder pushes, departed viewers).
+    tally: Tally,
+    /// The seeder's frames.
+    sends: SendStats,
     rng: ChaCha8Rng,
-    tx: Vec<Transmit>,
-    evs: Vec<PeerEvent>,
     uploads: Vec<(u64, u64)>,
     block_bits: u64,
     /// Blocks a peer caches ([`CACHE_SECONDS`] of stream).
     cache_blocks: usize,
-    /// Skipped blocks of the skipper's own clubs and of other clubs (debug).
-    skipped_split: (u64, u64),
     /// `SlowSource` reports, and those that replaced an overloaded source (debug).
     slow_reports: (u64, u64),
     /// `CLUBCAST_SIM_DEBUG` is set: print totals every [`DEBUG_EVERY_US`].
     debug: bool,
     end_us: u64,
-    /// With `CLUBCAST_SIM_DEBUG`: block delays of arrivals in the viewer's
-    /// own clubs, over the last hop, and from the origin.
-    delay_split: [DelayHist; 3],
-}
-
-fn ms(us: u64) -> Time {
-    Time(us / 1000)
+    /// Longest window the partitions run side by side, µs.
+    lookahead: u64,
+    /// Every event before this time has run (debug checks).
+    done_us: u64,
+    loss_key: u64,
+    reqs: Vec<(u64, u64, Req)>,
+    changed: Vec<(PeerId, usize)>,
+    dirty: Vec<usize>,
 }
 
 impl Sim {
@@ -183,80 +712,154 @@ impl Sim {
             in_club_links: cfg.in_club_links,
             ..ClubConfig::default()
         };
-        let mut q = Queue::default();
-        let mut slots: Vec<Slot> = (0..=viewers.len()).map(|_| Slot::default()).collect();
-        for (i, v) in viewers.iter().enumerate() {
-            let id = i as PeerId + 1;
-            slots[id as usize].hostile = v.hostile;
-            slots[id as usize].timer_at = u64::MAX;
-            slots[id as usize].drain_at = u64::MAX;
-            q.push(v.join_us, Ev::Join(id));
-            if let Some(t) = v.leave_us {
-                q.push(t, Ev::Leave { id, kicked: false });
-            }
-        }
-        q.push(stream.start_us, Ev::Produce(0));
-        q.push(stream.start_us, Ev::Bid);
+        let debug = std::env::var_os("CLUBCAST_SIM_DEBUG").is_some();
+        let recs = Collector::records(viewers, stream.len());
+        let mut nodes: Vec<Node> = recs
+            .into_iter()
+            .enumerate()
+            .map(|(i, rec)| {
+                let (up, access) = match i.checked_sub(1) {
+                    None => (SEEDER_UP_BPS, SERVER_ACCESS_US),
+                    Some(v) => (viewers[v].up_bps, viewers[v].access_us),
+                };
+                let slot = Slot {
+                    timer_at: u64::MAX,
+                    drain_at: u64::MAX,
+                    hostile: rec.hostile,
+                    ..Slot::default()
+                };
+                Node {
+                    slot,
+                    host: Host::new(up, access),
+                    rec,
+                    ties: 0,
+                }
+            })
+            .collect();
+        nodes[0].host.alive = true;
+        let reach = Reach {
+            access_us: nodes.iter().map(|n| n.host.access_us).collect(),
+            alive: nodes.iter().map(|n| n.host.alive).collect(),
+            left_us: vec![u64::MAX; nodes.len()],
+        };
+        // Between two viewers a frame takes at least the smaller access
+        // latency, and every answer of the server a round trip to it. One
+        // thread needs only the latter.
+        let min_access = viewers.iter().map(|v| v.access_us).min().unwrap_or(0);
+        let threads = if min_access == 0 { 1 } else { cfg.threads() };
+        let lookahead = if threads == 1 {
+            min_access + SERVER_ACCESS_US
+        } else {
+            min_access
+        };
+        let parts = (0..threads)
+            .map(|me| Part::new(me, verifier.sharing(&stream.blocks), debug))
+            .collect();
         let end_us = stream.end_us + 2_000_000;
-        Sim {
-            q,
-            wire: Wire::new(viewers, cfg.loss, cfg.seed),
+        let mut sim = Sim {
+            q: Queue::default(),
+            parts,
+            nodes,
+            reach,
             membership: Membership::new(ccfg),
             source: Source::new(cfg.clubs, cfg.seeds_k),
             origin: Origin::new(cfg.origin_budget_kbps, viewers.len() + 1),
-            metrics: Collector::new(viewers, stream.len()),
+            tally: Tally::default(),
+            sends: SendStats::default(),
             block_bits: stream.block_bits(),
             cache_blocks: (CACHE_SECONDS * cfg.bitrate_kbps * 1000 / 8)
                 .div_ceil(cfg.block_kib * 1024)
                 .max(64) as usize,
-            skipped_split: (0, 0),
             slow_reports: (0, 0),
-            debug: std::env::var_os("CLUBCAST_SIM_DEBUG").is_some(),
+            debug,
             stream,
-            slots,
-            verifier,
             rng: ChaCha8Rng::seed_from_u64(cfg.seed),
-            tx: Vec::new(),
-            evs: Vec::new(),
             uploads: Vec::new(),
             end_us,
-            delay_split: Default::default(),
+            lookahead,
+            done_us: 0,
+            loss_key: mix(cfg.seed ^ 0x1055),
+            reqs: Vec::new(),
+            changed: Vec::new(),
+            dirty: Vec::new(),
             cfg: cfg.clone(),
+        };
+        for (i, v) in viewers.iter().enumerate() {
+            let id = i as PeerId + 1;
+            sim.post(v.join_us, Ev::Join(id));
+            if let Some(t) = v.leave_us {
+                sim.post(t, Ev::Leave { id, kicked: false });
+            }
+        }
+        sim.post(sim.stream.start_us, Ev::Produce(0));
+        sim.post(sim.stream.start_us, Ev::Bid);
+        sim
+    }
+
+    /// Schedules `ev` (the server's doing) in the queue that runs it.
+    fn post(&mut self, at: u64, ev: Ev) {
+        debug_assert!(at >= self.done_us, "an event in a window that ran");
+        let tie = self.nodes[0].tie(SEEDER_PEER_ID);
+        match ev.owner() {
+            None => self.q.push_tie(at, tie, ev),
+            Some(id) => {
+                let i = part_of(id, self.parts.len());
+                self.parts[i].q.push_tie(at, tie, ev);
+            }
         }
     }
 
     /// Runs to the end and reports.
     pub fn run(mut self) -> Run {
-        while let Some(t) = self.q.peek_time() {
-            if t > self.end_us {
+        loop {
+            let server = self.q.peek_time();
+            let viewers = self.parts.iter_mut().filter_map(|p| p.q.peek_time()).min();
+            let Some(next) = server.into_iter().chain(viewers).min() else {
+                break;
+            };
+            if next > self.end_us {
                 break;
             }
-            let (now, ev) = self.q.pop().expect("peeked");
-            self.handle(now, ev);
+            if server == Some(next) {
+                // At equal times the server's events run first.
+                let (now, ev) = self.q.pop().expect("peeked");
+                self.handle(now, ev);
+                continue;
+            }
+            let end = (next + self.lookahead)
+                .min(server.unwrap_or(u64::MAX))
+                .min(self.end_us + 1);
+            self.window(end);
+            self.done_us = end;
+            self.between_windows();
         }
-        let ids: Vec<PeerId> = (1..self.slots.len() as PeerId).collect();
+        let events = self.q.popped + self.parts.iter().map(|p| p.q.popped).sum::<u64>();
+        for p in &self.parts {
+            self.tally.add(&p.tally);
+            self.sends.add(&p.sends);
+        }
         if self.debug {
             let mut tot = clubcast_protocol::peer::PeerStats::default();
-            for s in self.slots.iter().filter_map(|s| s.peer.as_ref()) {
-                tot.add(&s.stats());
+            for p in self.nodes.iter().filter_map(|n| n.slot.peer.as_ref()) {
+                tot.add(&p.stats());
             }
+            let s = &self.sends;
             eprintln!(
                 "{tot:?} skipped own/other club {:?} retransmits {} mean serializer wait {} us, waits > 2 s {} of {}; fills ok {} denied {}",
-                self.skipped_split,
-                self.wire.retransmits,
-                self.wire.backlog_us_sum / self.wire.sends.max(1),
-                self.wire.late_sends,
-                self.wire.sends,
+                self.skipped_split(),
+                s.retransmits,
+                s.backlog_us_sum / s.sends.max(1),
+                s.late_sends,
+                s.sends,
                 self.origin.fills_ok,
                 self.origin.fills_denied
             );
-        }
-        for id in ids {
-            self.fold(id, self.end_us);
-        }
-        if self.debug {
             let names = ["own clubs", "last hop", "origin"];
-            for (name, h) in names.iter().zip(&self.delay_split) {
+            for (k, name) in names.iter().enumerate() {
+                let mut h = DelayHist::default();
+                for p in &self.parts {
+                    h.add(&p.delay_split[k]);
+                }
                 eprintln!(
                     "block delay, {name}: {} arrivals, p50/p95/p99 {}/{}/{} ms",
                     h.len(),
@@ -266,193 +869,271 @@ impl Sim {
                 );
             }
         }
-        let report = self.metrics.report(
+        for id in 1..self.nodes.len() as PeerId {
+            self.fold(id, self.end_us);
+        }
+        let metrics = Collector {
+            recs: std::mem::take(&mut self.nodes)
+                .into_iter()
+                .map(|n| n.rec)
+                .collect(),
+            tally: std::mem::take(&mut self.tally),
+        };
+        let mut report = metrics.report(
             &self.cfg,
             &self.stream,
             self.end_us,
             self.origin.egress_bytes(),
             &self.uploads,
-            self.q.popped,
+            events,
             (self.origin.fills_ok, self.origin.fills_denied),
         );
+        report.threads = self.parts.len();
         Run {
             report,
-            metrics: self.metrics,
+            metrics,
             stream: self.stream,
             end_us: self.end_us,
         }
     }
 
-    fn sig_delay(&self, id: PeerId) -> u64 {
-        if id == SEEDER_PEER_ID {
-            0
-        } else {
-            self.wire.rtt(id, SEEDER_PEER_ID)
+    fn skipped_split(&self) -> (u64, u64) {
+        self.parts.iter().fold((0, 0), |a, p| {
+            (a.0 + p.skipped_split.0, a.1 + p.skipped_split.1)
+        })
+    }
+
+    /// Runs every viewer event before `end`, the partitions side by side.
+    fn window(&mut self, end: u64) {
+        let n = self.parts.len();
+        let sh = Shared {
+            cfg: &self.cfg,
+            stream: &self.stream,
+            reach: &self.reach,
+            membership: &self.membership,
+            debug: self.debug,
+            cache_blocks: self.cache_blocks,
+            loss_key: self.loss_key,
+            parts: n,
+        };
+        let mut mine: Vec<Mine<'_>> = (0..n)
+            .map(|_| Mine {
+                chunks: Vec::new(),
+                parts: n,
+            })
+            .collect();
+        for (c, chunk) in self.nodes.chunks_mut(CHUNK).enumerate() {
+            mine[c % n].chunks.push(chunk);
+        }
+        let mut work = self.parts.iter_mut().zip(mine.iter_mut());
+        let Some((first, first_mine)) = work.next() else {
+            return;
+        };
+        if n == 1 {
+            first.run(first_mine, &sh, end);
+            return;
+        }
+        std::thread::scope(|s| {
+            for (p, m) in work {
+                let sh = &sh;
+                s.spawn(move || p.run(m, sh, end));
+            }
+            first.run(first_mine, &sh, end);
+        });
+    }
+
+    /// Hands frames over between partitions, then serves the window's
+    /// requests to the server in time order.
+    fn between_windows(&mut self) {
+        let n = self.parts.len();
+        for i in 0..n {
+            let out = std::mem::take(&mut self.parts[i].out);
+            for (at, tie, ev) in out {
+                debug_assert!(at >= self.done_us, "a frame faster than the lookahead");
+                let owner = ev.owner().expect("a viewer's event");
+                self.parts[part_of(owner, n)].q.push_tie(at, tie, ev);
+            }
+        }
+        let mut reqs = std::mem::take(&mut self.reqs);
+        for p in &mut self.parts {
+            reqs.append(&mut p.reqs);
+        }
+        reqs.sort_unstable_by_key(|r| (r.0, r.1));
+        for (now, _, req) in reqs.drain(..) {
+            self.serve(now, req);
+        }
+        self.reqs = reqs;
+    }
+
+    /// Serves a viewer's request that reached the server at `now`.
+    fn serve(&mut self, now: u64, req: Req) {
+        match req {
+            Req::GapFill { id, seq } => {
+                let len = self.stream.wire_len(seq);
+                let rtt = self.reach.rtt(id, SEEDER_PEER_ID);
+                // A block not produced yet is the origin's 425 (a welcome to a
+                // stream with no block yet names edge 0).
+                let produced = self
+                    .stream
+                    .blocks
+                    .get(seq as usize)
+                    .is_some_and(|b| b.header.ingest_time_ms <= now / 1000);
+                if produced && self.origin.fetch(id, len) {
+                    let down_bps = self.cfg.bitrate_kbps * 1000 * DOWNLOAD_X;
+                    let xfer = (len as u64 * 8 * 1_000_000).div_ceil(down_bps);
+                    let key = self.loss_key ^ mix(!(id << 40 ^ seq));
+                    let extra = hashed_loss_delay(self.cfg.loss, key, rtt);
+                    self.sends.retransmits += u64::from(extra > 0);
+                    self.post(now + rtt + xfer + extra, Ev::OriginBlock { to: id, seq });
+                } else {
+                    self.post(now + rtt, Ev::GapFail { to: id, seq });
+                }
+            }
+            Req::SlowSource { id, peer } => {
+                self.slow_reports.0 += 1;
+                // Another last-hop source, no report, if the source is
+                // overloaded and may shed a subscriber (`club::Overload`); the
+                // in-club links between the two stay (see
+                // `Membership::replace_source`).
+                if !self.nodes[peer as usize].slot.overload.may_shed(now / 1000) {
+                    return;
+                }
+                let changes = self.membership.replace_source(id, peer);
+                if !changes.is_empty() {
+                    self.nodes[peer as usize].slot.overload.shed(now / 1000);
+                    self.slow_reports.1 += 1;
+                }
+                self.schedule_changes(now, changes);
+            }
+            Req::BadPeer { id, peer } => {
+                let changes = self.membership.replace(id, peer, &mut self.rng);
+                self.schedule_changes(now, changes);
+                let s = &mut self.nodes[peer as usize].slot;
+                if !s.reporters.contains(&id) {
+                    s.reporters.push(id);
+                    if s.reporters.len() == KICK_REPORTS {
+                        // The kick takes effect once the server has heard the
+                        // report and the peer its verdict.
+                        let at = now + self.reach.sig_delay(id);
+                        self.post(
+                            at,
+                            Ev::Leave {
+                                id: peer,
+                                kicked: true,
+                            },
+                        );
+                    }
+                }
+            }
         }
     }
 
-    fn alive(&self, id: PeerId) -> bool {
-        self.wire.hosts[id as usize].alive
-    }
-
+    /// Runs one of the server's own events.
     fn handle(&mut self, now: u64, ev: Ev) {
         match ev {
             Ev::Produce(seq) => self.produce(now, seq),
             Ev::Join(id) => self.join(now, id),
-            Ev::Welcome(w) => {
-                let Welcome {
-                    id,
-                    clubs,
-                    links,
-                    start,
-                    edge,
-                    gen,
-                } = *w;
-                if self.slots[id as usize].peer.is_none() && self.alive(id) {
-                    // The wire reports every drained frame (`Drain`): no polling,
-                    // and a block is handed to the wire only when the serializer
-                    // is idle, so it can still be overtaken until then.
-                    let mut pc = PeerConfig::new(id, self.cfg.clubs);
-                    pc.pump_poll_ms = 0;
-                    pc.send_window = 1;
-                    pc.cache_blocks = self.cache_blocks;
-                    let mut p = Peer::new(pc, self.verifier.clone());
-                    p.handle_welcome(ms(now), &clubs, &links, start, edge);
-                    self.slots[id as usize].peer = Some(p);
-                    for l in links {
-                        self.conn_change(now, id, LinkOp::Add, l.peer, gen);
-                    }
-                    self.flush(now, id);
-                }
-            }
-            Ev::Signal { ch, gen } => self.signal(now, ch, gen),
-            Ev::Open { at, remote } => self.open(now, at, remote),
-            Ev::Deliver {
-                from,
-                to,
-                frame,
-                finish,
-            } => {
-                if finish > self.wire.hosts[from as usize].left_us || to == SEEDER_PEER_ID {
-                    return;
-                }
-                let Some(p) = self.slots[to as usize].peer.as_mut() else {
-                    return;
-                };
-                p.handle_links_buffered(self.wire.sync(now, to).iter().copied());
-                p.handle_frame(ms(now), from, frame.into_frame(&self.stream));
-                self.flush(now, to);
-            }
-            Ev::Timer(id) => {
-                let s = &mut self.slots[id as usize];
-                if s.timer_at != now {
-                    return;
-                }
-                s.timer_at = u64::MAX;
-                let Some(p) = s.peer.as_mut() else { return };
-                if p.poll_timeout().is_some_and(|t| t <= ms(now)) {
-                    s.fired_ms = now / 1000;
-                    p.handle_links_buffered(self.wire.sync(now, id).iter().copied());
-                    p.handle_timeout(ms(now));
-                }
-                self.flush(now, id);
-            }
-            Ev::OriginBlock { to, seq } => {
-                let Some(p) = self.slots[to as usize].peer.as_mut() else {
-                    return;
-                };
-                p.handle_links_buffered(self.wire.sync(now, to).iter().copied());
-                p.handle_origin_block(ms(now), self.stream.blocks[seq as usize].clone());
-                self.flush(now, to);
-            }
-            Ev::GapFail { to, seq } => {
-                let Some(p) = self.slots[to as usize].peer.as_mut() else {
-                    return;
-                };
-                p.handle_gap_fill_failed(ms(now), seq);
-                self.flush(now, to);
-            }
             Ev::Leave { id, kicked } => self.leave(now, id, kicked),
-            Ev::Drain(id) => {
-                let s = &mut self.slots[id as usize];
-                if s.drain_at != now {
+            Ev::Open { at, remote } => {
+                debug_assert_eq!(at, SEEDER_PEER_ID);
+                if !self.reach.alive[remote as usize] {
                     return;
                 }
-                s.drain_at = u64::MAX;
-                let Some(p) = s.peer.as_mut() else { return };
-                p.handle_links_buffered(self.wire.sync(now, id).iter().copied());
-                self.flush(now, id);
-            }
-            Ev::Bid => {
-                let bids: Vec<Bid> = self
-                    .slots
-                    .iter()
-                    .enumerate()
-                    .filter_map(|(i, s)| {
-                        let bits = s.peer.as_ref()?.bid(ms(now), BID_INTERVAL_US / 1000);
-                        (bits > 0).then_some(Bid {
-                            peer: i as PeerId,
-                            bits,
-                        })
-                    })
-                    .collect();
-                self.origin.new_interval(&bids, self.block_bits);
-                // Each peer reports its late pushes with its bid.
-                for s in &mut self.slots {
-                    let Some(p) = &s.peer else { continue };
-                    let late = p.stats().pushes_late;
-                    if s.late_streak.note_bid(late - s.late_seen) {
-                        s.overload.mark(now / 1000);
-                    }
-                    s.late_seen = late;
-                }
-                self.q.push(now + BID_INTERVAL_US, Ev::Bid);
-                if self.debug && now % DEBUG_EVERY_US < BID_INTERVAL_US {
-                    eprintln!(
-                        "t {:>4} s: skipped own/other {:?}, fills ok {} denied {}, slow-source reports / replaced {:?}, retransmits {}",
-                        now / 1_000_000,
-                        self.skipped_split,
-                        self.origin.fills_ok,
-                        self.origin.fills_denied,
-                        self.slow_reports,
-                        self.wire.retransmits,
-                    );
+                let Some(c) = self.nodes[0].host.conn_mut(remote) else {
+                    return;
+                };
+                if !c.open {
+                    c.open = true;
+                    self.source.handle_link_open(remote, true);
                 }
             }
+            Ev::Bid => self.bid(now),
+            _ => debug_assert!(false, "a viewer's event in the server's queue"),
+        }
+    }
+
+    fn bid(&mut self, now: u64) {
+        let bids: Vec<Bid> = self
+            .nodes
+            .iter()
+            .enumerate()
+            .filter_map(|(i, n)| {
+                let bits = n.slot.peer.as_ref()?.bid(ms(now), BID_INTERVAL_US / 1000);
+                (bits > 0).then_some(Bid {
+                    peer: i as PeerId,
+                    bits,
+                })
+            })
+            .collect();
+        self.origin.new_interval(&bids, self.block_bits);
+        // Each peer reports its late pushes with its bid.
+        for n in &mut self.nodes {
+            let s = &mut n.slot;
+            let Some(p) = &s.peer else { continue };
+            let late = p.stats().pushes_late;
+            if s.late_streak.note_bid(late - s.late_seen) {
+                s.overload.mark(now / 1000);
+            }
+            s.late_seen = late;
+        }
+        self.post(now + BID_INTERVAL_US, Ev::Bid);
+        if self.debug && now % DEBUG_EVERY_US < BID_INTERVAL_US {
+            let retransmits = self.sends.retransmits
+                + self.parts.iter().map(|p| p.sends.retransmits).sum::<u64>();
+            eprintln!(
+                "t {:>4} s: skipped own/other {:?}, fills ok {} denied {}, slow-source reports / replaced {:?}, retransmits {}",
+                now / 1_000_000,
+                self.skipped_split(),
+                self.origin.fills_ok,
+                self.origin.fills_denied,
+                self.slow_reports,
+                retransmits,
+            );
         }
     }
 
     fn produce(&mut self, now: u64, seq: u64) {
-        let source = &mut self.source;
-        for &(r, q) in self.wire.sync(now, SEEDER_PEER_ID) {
-            source.handle_link_buffered(r, q);
+        let seeder = &mut self.nodes[0].host;
+        seeder.sync(now, &mut self.changed, &mut self.dirty);
+        for &(r, q) in &self.changed {
+            self.source.handle_link_buffered(r, q);
         }
         let block = &self.stream.blocks[seq as usize];
         self.source.handle_block(seq, block.payload.len());
+        let mut delivers = Vec::new();
         while let Some(push) = self.source.poll_push() {
             let frame = Frame::Block(block.clone());
             let len = frame.encoded_len();
-            if let Some((finish, arrival)) = self.wire.send(now, SEEDER_PEER_ID, push.to, len) {
+            let seeder = &mut self.nodes[0].host;
+            seeder.frames += 1;
+            let key = self.loss_key ^ mix(seeder.frames);
+            let rtt = self.reach.rtt(SEEDER_PEER_ID, push.to);
+            let extra = hashed_loss_delay(self.cfg.loss, key, rtt);
+            if let Some((finish, arrival)) =
+                seeder.send(now, push.to, rtt / 2, extra, len, &mut self.sends)
+            {
+                self.sends.retransmits += u64::from(extra > 0);
                 self.origin.seeded(len);
-                self.metrics.payload_sent += block.payload.len() as u64;
-                self.metrics.overhead_sent += frame.overhead_len() as u64;
-                self.q.push(
-                    arrival,
-                    Ev::Deliver {
-                        from: SEEDER_PEER_ID,
-                        to: push.to,
-                        frame: Wired::new(frame, false),
-                        finish,
-                    },
-                );
+                self.tally.payload_sent += block.payload.len() as u64;
+                self.tally.overhead_sent += frame.overhead_len() as u64;
+                let ev = Ev::Deliver {
+                    from: SEEDER_PEER_ID,
+                    to: push.to,
+                    frame: Wired::new(frame, false),
+                    finish,
+                };
+                delivers.push((arrival, ev));
             }
+        }
+        for (at, ev) in delivers {
+            self.post(at, ev);
         }
         while let Some(SourceEvent::SlowSeed(p)) = self.source.poll_event() {
             let changes = self.membership.replace(SEEDER_PEER_ID, p, &mut self.rng);
             self.schedule_changes(now, changes);
         }
         if ((seq + 1) as usize) < self.stream.len() {
-            self.q.push(
+            self.post(
                 self.stream.ingest_us[seq as usize + 1],
                 Ev::Produce(seq + 1),
             );
@@ -460,15 +1141,17 @@ impl Sim {
     }
 
     fn join(&mut self, now: u64, id: PeerId) {
-        self.wire.hosts[id as usize].alive = true;
+        self.reach.alive[id as usize] = true;
+        let host = &mut self.nodes[id as usize].host;
+        host.alive = true;
         // Peers state their upload capacity, as a browser would after measuring it.
-        let pct = self.wire.hosts[id as usize].up_bps * 100 / (self.cfg.bitrate_kbps * 1000).max(1);
+        let pct = host.up_bps * 100 / (self.cfg.bitrate_kbps * 1000).max(1);
         let j = self
             .membership
             .join_with_capacity(id, true, pct as u32, &mut self.rng);
         let (start, edge) = self.stream.start_for(now);
-        self.q.push(
-            now + self.sig_delay(id),
+        self.post(
+            now + self.reach.sig_delay(id),
             Ev::Welcome(Box::new(Welcome {
                 id,
                 clubs: j.clubs,
@@ -482,35 +1165,38 @@ impl Sim {
     }
 
     fn leave(&mut self, now: u64, id: PeerId, kicked: bool) {
-        if !self.alive(id) {
+        if !self.reach.alive[id as usize] {
             return;
         }
         self.fold(id, now);
-        self.metrics.recs[id as usize].leave_us = Some(now);
-        self.metrics.recs[id as usize].kicked |= kicked;
-        self.wire.hosts[id as usize].leave(now);
-        self.slots[id as usize].peer = None;
+        let n = &mut self.nodes[id as usize];
+        n.rec.leave_us = Some(now);
+        n.rec.kicked |= kicked;
+        n.host.leave(now);
+        n.slot.peer = None;
+        self.reach.alive[id as usize] = false;
+        self.reach.left_us[id as usize] = now;
         let changes = self.membership.leave(id, &mut self.rng);
         self.schedule_changes(now, changes);
     }
 
     /// Folds a viewer's counters into the collector (once).
     fn fold(&mut self, id: PeerId, now: u64) {
-        let s = &mut self.slots[id as usize];
-        if s.folded {
+        let n = &mut self.nodes[id as usize];
+        if n.slot.folded {
             return;
         }
-        let Some(p) = s.peer.as_ref() else { return };
-        s.folded = true;
+        let Some(p) = n.slot.peer.as_ref() else {
+            return;
+        };
+        n.slot.folded = true;
         let st = p.stats();
-        self.metrics.dup_bytes += st.dup_bytes;
-        self.metrics.rejected += st.blocks_rejected;
-        self.metrics.skipped += st.blocks_skipped;
-        let h = &self.wire.hosts[id as usize];
-        let joined = self.metrics.recs[id as usize].join_us;
-        let from = joined.max(self.stream.start_us);
+        self.tally.dup_bytes += st.dup_bytes;
+        self.tally.rejected += st.blocks_rejected;
+        self.tally.skipped += st.blocks_skipped;
+        let from = n.rec.join_us.max(self.stream.start_us);
         self.uploads.push((
-            h.sent_bytes,
+            n.host.sent_bytes,
             now.min(self.stream.end_us).saturating_sub(from),
         ));
     }
@@ -518,244 +1204,34 @@ impl Sim {
     fn schedule_changes(&mut self, now: u64, changes: Vec<LinkChange>) {
         for ch in changes {
             if ch.to == SEEDER_PEER_ID {
-                self.signal(now, ch, now);
+                self.signal_seeder(now, ch);
             } else {
-                self.q
-                    .push(now + self.sig_delay(ch.to), Ev::Signal { ch, gen: now });
+                let at = now + self.reach.sig_delay(ch.to);
+                self.post(at, Ev::Signal { ch, gen: now });
             }
         }
     }
 
-    fn signal(&mut self, now: u64, ch: LinkChange, gen: u64) {
-        if ch.to == SEEDER_PEER_ID {
-            self.source.handle_link(ch.op, ch.link);
-        } else {
-            let Some(p) = self.slots[ch.to as usize].peer.as_mut() else {
-                return;
-            };
-            p.handle_link(ms(now), ch.op, ch.link);
-        }
-        self.conn_change(now, ch.to, ch.op, ch.link.peer, gen);
-    }
-
-    /// Keeps the connection of `at` to `remote` in step with its roles: the
-    /// first role opens it, the last one closes it.
-    fn conn_change(&mut self, now: u64, at: PeerId, op: LinkOp, remote: PeerId, gen: u64) {
-        match op {
+    /// The seeder hears of a link change at once.
+    fn signal_seeder(&mut self, now: u64, ch: LinkChange) {
+        self.source.handle_link(ch.op, ch.link);
+        let remote = ch.link.peer;
+        let seeder = &mut self.nodes[0].host;
+        match ch.op {
             LinkOp::Add => {
-                let (c, new) = self.wire.hosts[at as usize].add_conn(remote);
-                c.roles += 1;
-                if new {
-                    let known = gen + self.sig_delay(at).max(self.sig_delay(remote));
-                    let open_at = known.max(now) + 2 * self.wire.rtt(at, remote);
-                    self.q.push(open_at, Ev::Open { at, remote });
+                if let Some(t) = conn_add(seeder, &self.reach, now, SEEDER_PEER_ID, remote, now) {
+                    self.post(
+                        t,
+                        Ev::Open {
+                            at: SEEDER_PEER_ID,
+                            remote,
+                        },
+                    );
                 }
             }
             LinkOp::Remove => {
-                let h = &mut self.wire.hosts[at as usize];
-                if let Some(c) = h.conn_mut(remote) {
-                    c.roles = c.roles.saturating_sub(1);
-                    if c.roles == 0 {
-                        h.remove_conn(remote);
-                        if at == SEEDER_PEER_ID {
-                            self.source.handle_link_open(remote, false);
-                        } else if let Some(p) = self.slots[at as usize].peer.as_mut() {
-                            p.handle_link_closed(ms(now), remote);
-                        }
-                    }
-                }
-            }
-        }
-    }
-
-    fn open(&mut self, now: u64, at: PeerId, remote: PeerId) {
-        if !self.alive(at) || !self.alive(remote) {
-            return;
-        }
-        let Some(c) = self.wire.hosts[at as usize].conn_mut(remote) else {
-            return;
-        };
-        if c.open {
-            return;
-        }
-        c.open = true;
-        if at == SEEDER_PEER_ID {
-            self.source.handle_link_open(remote, true);
-        } else if let Some(p) = self.slots[at as usize].peer.as_mut() {
-            p.handle_link_open(ms(now), remote);
-            self.flush(now, at);
-        }
-    }
-
-    /// Drains a peer's transmits and events, then re-arms its timer.
-    fn flush(&mut self, now: u64, id: PeerId) {
-        let mut tx = std::mem::take(&mut self.tx);
-        let mut evs = std::mem::take(&mut self.evs);
-        let slot = &mut self.slots[id as usize];
-        let Some(p) = slot.peer.as_mut() else {
-            return;
-        };
-        while let Some(t) = p.poll_transmit() {
-            tx.push(t);
-        }
-        while let Some(e) = p.poll_event() {
-            evs.push(e);
-        }
-        let timeout = p.poll_timeout();
-        let waiting = p.queued_pushes() > 0;
-        let hostile = slot.hostile;
-        for t in tx.drain(..) {
-            let frame = t.frame;
-            debug_assert!(
-                !matches!(&frame, Frame::Block(b) if *b != self.stream.blocks[b.header.seq as usize]),
-                "a relayed block is the stream's own"
-            );
-            let len = frame.encoded_len();
-            let overhead = frame.overhead_len();
-            if let Some((finish, arrival)) = self.wire.send(now, id, t.to, len) {
-                self.metrics.payload_sent += (len - overhead) as u64;
-                self.metrics.overhead_sent += overhead as u64;
-                self.q.push(
-                    arrival,
-                    Ev::Deliver {
-                        from: id,
-                        to: t.to,
-                        frame: Wired::new(frame, hostile),
-                        finish,
-                    },
-                );
-            }
-        }
-        for e in evs.drain(..) {
-            self.event(now, id, e);
-        }
-        self.tx = tx;
-        self.evs = evs;
-        if waiting {
-            // Queued pushes go out as the serializer frees the window.
-            if let Some(at) = self.wire.next_finish(id) {
-                let s = &mut self.slots[id as usize];
-                if at < s.drain_at || s.drain_at <= now {
-                    s.drain_at = at.max(now);
-                    self.q.push(s.drain_at, Ev::Drain(id));
-                }
-            }
-        }
-        if let Some(t) = timeout {
-            let mut at = t.0 * 1000;
-            let s = &mut self.slots[id as usize];
-            if at <= now {
-                // Due now: run it in the next event step. A peer that asks
-                // for a timeout in the past right after handling one at this
-                // millisecond is spinning (see the crate doc): back off.
-                at = if s.fired_ms == now / 1000 {
-                    now + SPIN_BACKOFF_US
-                } else {
-                    now + 1
-                };
-            }
-            if at < s.timer_at {
-                s.timer_at = at;
-                self.q.push(at, Ev::Timer(id));
-            }
-        }
-    }
-
-    fn event(&mut self, now: u64, id: PeerId, e: PeerEvent) {
-        match e {
-            PeerEvent::Play(b) => {
-                self.metrics.played(id, now);
-                let orig = &self.stream.blocks[b.seq() as usize];
-                if b.block() != orig {
-                    self.metrics.corrupt_played += 1;
-                }
-            }
-            PeerEvent::Skip { from, to } => {
-                if let Some(clubs) = self.membership.clubs_of(id) {
-                    for seq in from..to {
-                        let c = club_of(seq, self.cfg.clubs);
-                        if clubs.contains(&c) {
-                            self.skipped_split.0 += 1;
-                        } else {
-                            self.skipped_split.1 += 1;
-                        }
-                    }
-                }
-            }
-            PeerEvent::GapFill { seq } => {
-                let len = self.stream.wire_len(seq);
-                let rtt = self.wire.rtt(id, SEEDER_PEER_ID);
-                // A block not produced yet is the origin's 425 (a welcome to a
-                // stream with no block yet names edge 0).
-                let produced = self
-                    .stream
-                    .blocks
-                    .get(seq as usize)
-                    .is_some_and(|b| b.header.ingest_time_ms <= now / 1000);
-                if produced && self.origin.fetch(id, len) {
-                    let down_bps = self.cfg.bitrate_kbps * 1000 * DOWNLOAD_X;
-                    let xfer = (len as u64 * 8 * 1_000_000).div_ceil(down_bps);
-                    let extra = self.wire.loss_delay(id, SEEDER_PEER_ID);
-                    self.q
-                        .push(now + rtt + xfer + extra, Ev::OriginBlock { to: id, seq });
-                } else {
-                    self.q.push(now + rtt, Ev::GapFail { to: id, seq });
-                }
-            }
-            PeerEvent::Arrived {
-                seq,
-                ingest_time_ms,
-                from,
-                bytes,
-            } => {
-                let server = matches!(from, From::Origin | From::Peer(SEEDER_PEER_ID));
-                if self.debug {
-                    let c = club_of(seq, self.cfg.clubs);
-                    let own = self
-                        .membership
-                        .clubs_of(id)
-                        .is_some_and(|cs| cs.contains(&c));
-                    let k = match (own, from) {
-                        (true, _) => 0,
-                        (false, From::Peer(_)) => 1,
-                        (false, From::Origin) => 2,
-                    };
-                    self.delay_split[k].note((now / 1000).saturating_sub(ingest_time_ms));
-                }
-                self.metrics
-                    .arrival(id, seq, ingest_time_ms, now, server, bytes);
-            }
-            PeerEvent::SlowSource { peer } => {
-                self.slow_reports.0 += 1;
-                // Another last-hop source, no report, if the source is
-                // overloaded and may shed a subscriber (`club::Overload`); the
-                // in-club links between the two stay (see
-                // `Membership::replace_source`).
-                if !self.slots[peer as usize].overload.may_shed(now / 1000) {
-                    return;
-                }
-                let changes = self.membership.replace_source(id, peer);
-                if !changes.is_empty() {
-                    self.slots[peer as usize].overload.shed(now / 1000);
-                    self.slow_reports.1 += 1;
-                }
-                self.schedule_changes(now, changes);
-            }
-            PeerEvent::BadPeer { peer, .. } => {
-                let changes = self.membership.replace(id, peer, &mut self.rng);
-                self.schedule_changes(now, changes);
-                let s = &mut self.slots[peer as usize];
-                if !s.reporters.contains(&id) {
-                    s.reporters.push(id);
-                    if s.reporters.len() == KICK_REPORTS {
-                        self.q.push(
-                            now,
-                            Ev::Leave {
-                                id: peer,
-                                kicked: true,
-                            },
-                        );
-                    }
+                if conn_remove(seeder, remote) {
+                    self.source.handle_link_open(remote, false);
                 }
             }
         }

@@ -30,6 +30,12 @@ impl Mode {
     }
 }
 
+/// Most threads the `clubs` driver runs.
+pub const MAX_THREADS: usize = 64;
+/// Peers from which `--threads 0` runs one thread per core: below it a
+/// window of events is too short to pay for waking a second thread.
+pub const AUTO_THREADS_FROM_PEERS: usize = 300;
+
 /// Every knob of a run; echoed into the JSON report.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Config {
@@ -71,6 +77,11 @@ pub struct Config {
     pub in_club_links: u8,
     /// Neighbours per peer in `mesh-pull`.
     pub mesh_neighbours: usize,
+    /// Threads of the `clubs` driver (0: one per core from 300 peers up,
+    /// else one). Results do not depend on it, so the report leaves it out of
+    /// the config and states it in [`crate::metrics::Report::threads`].
+    #[serde(skip)]
+    pub threads: usize,
 }
 
 impl Default for Config {
@@ -95,6 +106,7 @@ impl Default for Config {
             seeds_k: 2,
             in_club_links: 2,
             mesh_neighbours: 8,
+            threads: 0,
         }
     }
 }
@@ -138,10 +150,24 @@ impl Config {
         if self.latency_min_ms > self.latency_max_ms {
             return bad("--latency-min-ms must not exceed --latency-max-ms");
         }
+        if self.threads > MAX_THREADS {
+            return bad(&format!("--threads must be 0..={MAX_THREADS}"));
+        }
         if self.seeds_k == 0 || self.in_club_links == 0 || self.mesh_neighbours == 0 {
             return bad("--seeds-k, --in-club-links and --mesh-neighbours must be > 0");
         }
         Ok(self)
+    }
+
+    /// Threads the `clubs` driver runs.
+    pub fn threads(&self) -> usize {
+        match self.threads {
+            0 if self.peers >= AUTO_THREADS_FROM_PEERS => std::thread::available_parallelism()
+                .map_or(1, |n| n.get())
+                .min(MAX_THREADS),
+            0 => 1,
+            n => n,
+        }
     }
 
     /// Bytes per second of the stream.

@@ -10,8 +10,12 @@
 //!
 //! # Model (each choice is a knob in [`config::Config`] unless fixed here)
 //! - **Time**: one virtual clock in µs; the core sees milliseconds. Events are
-//!   `(time, seq)` keys in a binary heap with payloads in a slab; equal times
-//!   run in push order, so a run is a pure function of its config and seed.
+//!   `(time, tie)` keys in a calendar queue with payloads in a slab; equal
+//!   times run in push order (`clubs`: in the order of the viewer that
+//!   scheduled them and its count), so a run is a pure function of its config
+//!   and seed. `clubs` runs the viewers on `--threads` threads in windows as
+//!   long as the shortest viewer-to-viewer delay (see [`clubs`]); the results
+//!   do not depend on the thread count.
 //! - **Stream**: `--bitrate-kbps` (2000), 1 s fragments cut into blocks of at
 //!   most `--block-kib` (16) with the last block of a fragment short, and
 //!   `FRAGMENT_START` on each fragment's first block. A block is cut when its

@@ -71,6 +71,10 @@ struct Cli {
     /// Neighbours per peer in mesh-pull.
     #[arg(long, default_value_t = 8)]
     mesh_neighbours: usize,
+    /// Threads of the clubs driver (0: one per core from 300 peers up).
+    /// The results are the same for any count.
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
     /// Write the report (or, with --compare, all reports) as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -111,6 +115,7 @@ impl Cli {
             seeds_k: self.seeds_k,
             in_club_links: self.in_club_links,
             mesh_neighbours: self.mesh_neighbours,
+            threads: self.threads,
         }
     }
 }
@@ -137,6 +142,7 @@ fn child_args(cfg: &Config, json: &std::path::Path) -> Vec<String> {
         ("--seeds-k", cfg.seeds_k.to_string()),
         ("--in-club-links", cfg.in_club_links.to_string()),
         ("--mesh-neighbours", cfg.mesh_neighbours.to_string()),
+        ("--threads", cfg.threads.to_string()),
     ]
     .into_iter()
     .flat_map(|(k, v)| [k.to_string(), v])

@@ -219,8 +219,8 @@ impl Sim {
                     let frame = Frame::Block(block.clone());
                     let len = frame.encoded_len();
                     self.origin.seeded(len);
-                    self.metrics.payload_sent += block.payload.len() as u64;
-                    self.metrics.overhead_sent += frame.overhead_len() as u64;
+                    self.metrics.tally.payload_sent += block.payload.len() as u64;
+                    self.metrics.tally.overhead_sent += frame.overhead_len() as u64;
                     let at = now + self.wire.owd(0, to) + self.wire.loss_delay(0, to);
                     self.q.push(
                         at,
@@ -430,8 +430,8 @@ impl Sim {
         let len = frame.encoded_len();
         let overhead = frame.overhead_len();
         if let Some((finish, arrival)) = self.wire.send(now, from, to, len) {
-            self.metrics.payload_sent += (len - overhead) as u64;
-            self.metrics.overhead_sent += overhead as u64;
+            self.metrics.tally.payload_sent += (len - overhead) as u64;
+            self.metrics.tally.overhead_sent += overhead as u64;
             self.q.push(
                 arrival,
                 Ev::Deliver {
@@ -473,7 +473,7 @@ impl Sim {
                         self.got_block(now, to, from, &b);
                     }
                     Err(_) => {
-                        self.metrics.rejected += 1;
+                        self.metrics.tally.rejected += 1;
                         self.drop_nbr(to, from);
                         self.q.push(
                             now + self.sig(from),
@@ -533,7 +533,7 @@ impl Sim {
         let seq = b.header.seq;
         let n = &mut self.nodes[at as usize];
         if get(&n.have, seq) {
-            self.metrics.dup_bytes += b.payload.len() as u64;
+            self.metrics.tally.dup_bytes += b.payload.len() as u64;
             return;
         }
         set(&mut n.have, seq);
@@ -542,10 +542,11 @@ impl Sim {
             self.metrics.played(at, now);
         }
         if *b != self.stream.blocks[seq as usize] {
-            self.metrics.corrupt_played += 1;
+            self.metrics.tally.corrupt_played += 1;
         }
-        self.metrics.arrival(
-            at,
+        let rec = &mut self.metrics.recs[at as usize];
+        self.metrics.tally.arrival(
+            rec,
             seq,
             b.header.ingest_time_ms,
             now,

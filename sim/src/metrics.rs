@@ -58,6 +58,9 @@ pub struct Report {
     pub wall_seconds: f64,
     /// Peak resident memory of the process after the run, MiB (Linux VmHWM).
     pub max_rss_mib: f64,
+    /// Threads the run used (the results do not depend on it).
+    #[serde(default)]
+    pub threads: usize,
     /// Viewers that ever joined.
     pub viewers: usize,
     /// Hostile viewers that ever joined.
@@ -126,6 +129,13 @@ impl DelayHist {
         self.0[(ms as usize).min(MAX_DELAY_MS)] += 1;
     }
 
+    /// Adds the counts of `o`.
+    pub fn add(&mut self, o: &DelayHist) {
+        for (a, b) in self.0.iter_mut().zip(&o.0) {
+            *a += b;
+        }
+    }
+
     /// Delays counted.
     pub fn len(&self) -> u64 {
         self.0.iter().sum()
@@ -154,11 +164,10 @@ impl DelayHist {
     }
 }
 
-/// Accumulates a run's measurements.
-#[derive(Debug)]
-pub struct Collector {
-    /// Per viewer, by peer id (index 0 unused).
-    pub recs: Vec<Record>,
+/// The run-wide sums a driver accumulates; a parallel driver keeps one per
+/// thread and adds them up ([`Tally::add`]).
+#[derive(Debug, Default)]
+pub struct Tally {
     delay_hist: DelayHist,
     /// Payload bytes of first arrivals from peers.
     pub from_peers: u64,
@@ -178,43 +187,31 @@ pub struct Collector {
     pub skipped: u64,
 }
 
-impl Collector {
-    /// A collector for `viewers` (ids 1..=n) and a stream of `blocks` blocks.
-    pub fn new(viewers: &[crate::population::Viewer], blocks: usize) -> Self {
-        let words = blocks.div_ceil(64).max(1);
-        let mut recs = vec![Record::default()];
-        recs.extend(viewers.iter().map(|v| Record {
-            join_us: v.join_us,
-            hostile: v.hostile,
-            on_time: vec![0; words],
-            arrived: vec![0; words],
-            ..Record::default()
-        }));
-        Collector {
-            recs,
-            delay_hist: DelayHist::default(),
-            from_peers: 0,
-            from_server: 0,
-            dup_bytes: 0,
-            payload_sent: 0,
-            overhead_sent: 0,
-            corrupt_played: 0,
-            rejected: 0,
-            skipped: 0,
-        }
+impl Tally {
+    /// Adds `o` into `self`.
+    pub fn add(&mut self, o: &Tally) {
+        self.delay_hist.add(&o.delay_hist);
+        self.from_peers += o.from_peers;
+        self.from_server += o.from_server;
+        self.dup_bytes += o.dup_bytes;
+        self.payload_sent += o.payload_sent;
+        self.overhead_sent += o.overhead_sent;
+        self.corrupt_played += o.corrupt_played;
+        self.rejected += o.rejected;
+        self.skipped += o.skipped;
     }
 
-    /// A block reached viewer `id`. Returns whether it was its first copy.
+    /// A block reached the viewer of record `r`. Returns whether it was its
+    /// first copy.
     pub fn arrival(
         &mut self,
-        id: u64,
+        r: &mut Record,
         seq: u64,
         ingest_ms: u64,
         now_us: u64,
         from_server: bool,
         bytes: usize,
     ) -> bool {
-        let r = &mut self.recs[id as usize];
         if !set(&mut r.arrived, seq) {
             self.dup_bytes += bytes as u64;
             return false;
@@ -232,6 +229,40 @@ impl Collector {
             self.from_peers += bytes as u64;
         }
         true
+    }
+}
+
+/// Accumulates a run's measurements.
+#[derive(Debug)]
+pub struct Collector {
+    /// Per viewer, by peer id (index 0 unused).
+    pub recs: Vec<Record>,
+    /// The run-wide sums.
+    pub tally: Tally,
+}
+
+impl Collector {
+    /// The records of `viewers` (ids 1..=n, index 0 unused) for a stream of
+    /// `blocks` blocks.
+    pub fn records(viewers: &[crate::population::Viewer], blocks: usize) -> Vec<Record> {
+        let words = blocks.div_ceil(64).max(1);
+        let mut recs = vec![Record::default()];
+        recs.extend(viewers.iter().map(|v| Record {
+            join_us: v.join_us,
+            hostile: v.hostile,
+            on_time: vec![0; words],
+            arrived: vec![0; words],
+            ..Record::default()
+        }));
+        recs
+    }
+
+    /// A collector for `viewers` (ids 1..=n) and a stream of `blocks` blocks.
+    pub fn new(viewers: &[crate::population::Viewer], blocks: usize) -> Self {
+        Collector {
+            recs: Self::records(viewers, blocks),
+            tally: Tally::default(),
+        }
     }
 
     /// Viewer `id` started playing.
@@ -317,25 +348,25 @@ impl Collector {
                 ups[((ups.len() as f64 * q).ceil() as usize).clamp(1, ups.len()) - 1]
             }
         };
-        let useful = self.from_peers + self.from_server;
+        let useful = self.tally.from_peers + self.tally.from_server;
         let ratio = |a: u64, b: u64| if b == 0 { 0.0 } else { a as f64 / b as f64 };
         Report {
             mode: cfg.mode.name().to_string(),
-            p2p_ratio: ratio(self.from_peers, useful),
+            p2p_ratio: ratio(self.tally.from_peers, useful),
             origin_egress_ratio: origin_bytes as f64 * 8.0 / (bitrate_bps * cfg.seconds as f64),
             block_delay_ms: Pcts {
-                p50: self.delay_hist.pct(0.50),
-                p95: self.delay_hist.pct(0.95),
-                p99: self.delay_hist.pct(0.99),
+                p50: self.tally.delay_hist.pct(0.50),
+                p95: self.tally.delay_hist.pct(0.95),
+                p99: self.tally.delay_hist.pct(0.99),
             },
             continuity: if eligible == 0 {
                 0.0
             } else {
                 ok as f64 / eligible as f64
             },
-            dup_ratio: ratio(self.dup_bytes, useful),
-            control_overhead: ratio(self.overhead_sent, self.payload_sent),
-            corrupt_blocks_played: self.corrupt_played,
+            dup_ratio: ratio(self.tally.dup_bytes, useful),
+            control_overhead: ratio(self.tally.overhead_sent, self.tally.payload_sent),
+            corrupt_blocks_played: self.tally.corrupt_played,
             upload_x_bitrate: UploadPcts {
                 p50: upct(0.50),
                 p99: upct(0.99),
@@ -343,12 +374,13 @@ impl Collector {
             events,
             wall_seconds: 0.0,
             max_rss_mib: 0.0,
+            threads: 1,
             viewers: self.recs.len() - 1,
             hostile_viewers: self.recs.iter().filter(|r| r.hostile).count(),
             hostile_kicked: self.recs.iter().filter(|r| r.hostile && r.kicked).count(),
             honest_kicked: self.recs.iter().filter(|r| !r.hostile && r.kicked).count(),
-            blocks_rejected: self.rejected,
-            blocks_skipped: self.skipped,
+            blocks_rejected: self.tally.rejected,
+            blocks_skipped: self.tally.skipped,
             gap_fills_ok: gap_fills.0,
             gap_fills_denied: gap_fills.1,
             stranded_viewers: stranded,

@@ -76,8 +76,15 @@ impl<E> Default for Queue<E> {
 }
 
 impl<E> Queue<E> {
-    /// Schedules `e` at `at_us`.
+    /// Schedules `e` at `at_us`; equal times pop in push order.
     pub fn push(&mut self, at_us: u64, e: E) {
+        self.pushed += 1;
+        self.push_tie(at_us, self.pushed, e);
+    }
+
+    /// Schedules `e` at `at_us`; equal times pop in the order of `tie`, which
+    /// the caller keeps unique (do not mix with [`Queue::push`]).
+    pub fn push_tie(&mut self, at_us: u64, tie: u64, e: E) {
         let slot = match self.free.pop() {
             Some(i) => {
                 self.slab[i as usize] = Some(e);
@@ -88,8 +95,7 @@ impl<E> Queue<E> {
                 (self.slab.len() - 1) as u32
             }
         };
-        self.pushed += 1;
-        self.file((at_us, self.pushed, slot));
+        self.file((at_us, tie, slot));
     }
 
     fn file(&mut self, k: Key) {
@@ -192,10 +198,14 @@ pub struct Host {
     busy_until: u64,
     /// Frames in the serializer: (finish µs, remote, bytes).
     pending: VecDeque<(u64, PeerId, u32)>,
+    /// Frames it offered to send: with its id, the key of each frame's loss draw
+    /// ([`hashed_loss_delay`]).
+    pub frames: u64,
 }
 
 impl Host {
-    fn new(up_bps: u64, access_us: u64) -> Self {
+    /// A host uploading at `up_bps` with one-way access latency `access_us`.
+    pub fn new(up_bps: u64, access_us: u64) -> Self {
         Host {
             up_bps,
             access_us,
@@ -206,6 +216,7 @@ impl Host {
             remotes: Vec::new(),
             busy_until: 0,
             pending: VecDeque::new(),
+            frames: 0,
         }
     }
 
@@ -247,6 +258,77 @@ impl Host {
         self.remotes.retain(|&r| r != remote);
     }
 
+    /// Queues `len` bytes to `to` behind everything already sending; the
+    /// path's one-way delay is `owd` and its loss delay `extra`, µs (the
+    /// caller counts retransmissions). Returns
+    /// `(finish, arrival)` in µs, or `None` when there is no open connection.
+    pub fn send(
+        &mut self,
+        now_us: u64,
+        to: PeerId,
+        owd: u64,
+        extra: u64,
+        len: usize,
+        stats: &mut SendStats,
+    ) -> Option<(u64, u64)> {
+        let i = self.index(to).filter(|&i| self.conns[i].open)?;
+        let tx_us = (len as u64 * 8 * 1_000_000).div_ceil(self.up_bps.max(1));
+        let finish = self.busy_until.max(now_us) + tx_us;
+        stats.backlog_us_sum += finish - now_us;
+        stats.sends += 1;
+        if finish - now_us > 2_000_000 {
+            stats.late_sends += 1;
+        }
+        self.busy_until = finish;
+        self.sent_bytes += len as u64;
+        self.pending.push_back((finish, to, len as u32));
+        let c = &mut self.conns[i];
+        c.queued += len;
+        // SCTP delivers a channel's messages in order: a retransmitted frame
+        // holds back the ones behind it.
+        let arrival = (finish + owd + extra).max(c.last_arrival);
+        c.last_arrival = arrival;
+        Some((finish, arrival))
+    }
+
+    /// When its next frame leaves the serializer, µs.
+    pub fn next_finish(&self) -> Option<u64> {
+        self.pending.front().map(|p| p.0)
+    }
+
+    /// Retires the frames that left the serializer by `now_us` and fills
+    /// `changed` with each connection whose queue changed, as (remote, queued
+    /// bytes), in connection order. `dirty` is scratch space.
+    pub fn sync(
+        &mut self,
+        now_us: u64,
+        changed: &mut Vec<(PeerId, usize)>,
+        dirty: &mut Vec<usize>,
+    ) {
+        changed.clear();
+        while let Some(&(finish, to, len)) = self.pending.front() {
+            if finish > now_us {
+                break;
+            }
+            self.pending.pop_front();
+            if let Some(i) = self.index(to) {
+                let c = &mut self.conns[i];
+                c.queued = c.queued.saturating_sub(len as usize);
+                if !c.dirty {
+                    c.dirty = true;
+                    dirty.push(i);
+                }
+            }
+        }
+        // In connection order, as a pass over them all would give.
+        dirty.sort_unstable();
+        for i in dirty.drain(..) {
+            let c = &mut self.conns[i];
+            c.dirty = false;
+            changed.push((c.remote, c.queued));
+        }
+    }
+
     /// Forgets everything (the host left).
     pub fn leave(&mut self, now_us: u64) {
         self.alive = false;
@@ -264,14 +346,8 @@ pub struct Wire {
     pub hosts: Vec<Host>,
     loss: f64,
     rng: ChaCha8Rng,
-    /// Frames that needed a retransmission.
-    pub retransmits: u64,
-    /// Sum over frames of the time from queueing to leaving, µs.
-    pub backlog_us_sum: u64,
-    /// Frames sent.
-    pub sends: u64,
-    /// Frames that waited more than 2 s in their serializer.
-    pub late_sends: u64,
+    /// Counters of the frames sent.
+    pub stats: SendStats,
     /// What the latest [`Wire::sync`] returned.
     changed: Vec<(PeerId, usize)>,
     /// Connections of the host being synced whose queue changed.
@@ -288,12 +364,9 @@ impl Wire {
             hosts,
             loss,
             rng: ChaCha8Rng::seed_from_u64(seed ^ 0x1055),
-            retransmits: 0,
+            stats: SendStats::default(),
             changed: Vec::new(),
             dirty: Vec::new(),
-            backlog_us_sum: 0,
-            sends: 0,
-            late_sends: 0,
         }
     }
 
@@ -311,7 +384,7 @@ impl Wire {
     /// probability `loss`.
     pub fn loss_delay(&mut self, a: PeerId, b: PeerId) -> u64 {
         if self.loss > 0.0 && self.rng.gen::<f64>() < self.loss {
-            self.retransmits += 1;
+            self.stats.retransmits += 1;
             MIN_RETRANSMIT_US.max(self.rtt(a, b))
         } else {
             0
@@ -330,59 +403,55 @@ impl Wire {
     ) -> Option<(u64, u64)> {
         let owd = self.owd(from, to);
         let extra = self.loss_delay(from, to);
-        let h = &mut self.hosts[from as usize];
-        let i = h.index(to).filter(|&i| h.conns[i].open)?;
-        let tx_us = (len as u64 * 8 * 1_000_000).div_ceil(h.up_bps.max(1));
-        let finish = h.busy_until.max(now_us) + tx_us;
-        self.backlog_us_sum += finish - now_us;
-        self.sends += 1;
-        if finish - now_us > 2_000_000 {
-            self.late_sends += 1;
-        }
-        h.busy_until = finish;
-        h.sent_bytes += len as u64;
-        h.pending.push_back((finish, to, len as u32));
-        let c = &mut h.conns[i];
-        c.queued += len;
-        // SCTP delivers a channel's messages in order: a retransmitted frame
-        // holds back the ones behind it.
-        let arrival = (finish + owd + extra).max(c.last_arrival);
-        c.last_arrival = arrival;
-        Some((finish, arrival))
+        self.hosts[from as usize].send(now_us, to, owd, extra, len, &mut self.stats)
     }
 
     /// When the next frame of `id` leaves its serializer, µs.
     pub fn next_finish(&self, id: PeerId) -> Option<u64> {
-        self.hosts[id as usize].pending.front().map(|p| p.0)
+        self.hosts[id as usize].next_finish()
     }
 
     /// Retires the frames of `id` that left the serializer by `now_us` and
     /// returns each connection whose queue changed, as (remote, queued bytes).
     pub fn sync(&mut self, now_us: u64, id: PeerId) -> &[(PeerId, usize)] {
-        self.changed.clear();
-        let h = &mut self.hosts[id as usize];
-        while let Some(&(finish, to, len)) = h.pending.front() {
-            if finish > now_us {
-                break;
-            }
-            h.pending.pop_front();
-            if let Some(i) = h.index(to) {
-                let c = &mut h.conns[i];
-                c.queued = c.queued.saturating_sub(len as usize);
-                if !c.dirty {
-                    c.dirty = true;
-                    self.dirty.push(i);
-                }
-            }
-        }
-        // In connection order, as a pass over them all would give.
-        self.dirty.sort_unstable();
-        for i in self.dirty.drain(..) {
-            let c = &mut h.conns[i];
-            c.dirty = false;
-            self.changed.push((c.remote, c.queued));
-        }
+        self.hosts[id as usize].sync(now_us, &mut self.changed, &mut self.dirty);
         &self.changed
+    }
+}
+
+/// Counters of the frames hosts sent; a parallel driver keeps one per thread.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct SendStats {
+    /// Frames that needed a retransmission.
+    pub retransmits: u64,
+    /// Sum over frames of the time from queueing to leaving, µs.
+    pub backlog_us_sum: u64,
+    /// Frames sent.
+    pub sends: u64,
+    /// Frames that waited more than 2 s in their serializer.
+    pub late_sends: u64,
+}
+
+impl SendStats {
+    /// Adds `o` into `self`.
+    pub fn add(&mut self, o: &SendStats) {
+        self.retransmits += o.retransmits;
+        self.backlog_us_sum += o.backlog_us_sum;
+        self.sends += o.sends;
+        self.late_sends += o.late_sends;
+    }
+}
+
+/// The loss delay of the frame with draw key `key`: as
+/// [`Wire::loss_delay`], but drawn from a hash of the key rather than one
+/// shared generator, so a frame's fate does not depend on the order in which
+/// threads send ([`crate::clubs`] keys it by sender and the sender's frame count).
+pub fn hashed_loss_delay(loss: f64, key: u64, rtt_us: u64) -> u64 {
+    let unit = (crate::verify::mix(key) >> 11) as f64 / (1u64 << 53) as f64;
+    if loss > 0.0 && unit < loss {
+        MIN_RETRANSMIT_US.max(rtt_us)
+    } else {
+        0
     }
 }
 

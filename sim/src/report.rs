@@ -24,14 +24,14 @@ pub struct Row {
 pub fn table(rows: &[Row]) -> String {
     let mut s = String::new();
     s.push_str(
-        "| scenario | mode | p2p_ratio | origin_egress_ratio | block_delay p50/p95/p99 ms | continuity | dup_ratio | control_overhead | corrupt played | upload×bitrate p50/p99 | hostile kicked | events | wall s | max RSS MiB |\n",
+        "| scenario | mode | p2p_ratio | origin_egress_ratio | block_delay p50/p95/p99 ms | continuity | dup_ratio | control_overhead | corrupt played | upload×bitrate p50/p99 | hostile kicked | events | wall s | threads | max RSS MiB |\n",
     );
-    s.push_str("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
+    s.push_str("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
     for r in rows {
         let m = &r.report;
         let _ = writeln!(
             s,
-            "| {} | {} | {:.3} | {:.2} | {:.0}/{:.0}/{:.0} | {:.4} | {:.3} | {:.4} | {} | {:.2}/{:.2} | {}/{} | {} | {:.1} | {:.0} |",
+            "| {} | {} | {:.3} | {:.2} | {:.0}/{:.0}/{:.0} | {:.4} | {:.3} | {:.4} | {} | {:.2}/{:.2} | {}/{} | {} | {:.1} | {} | {:.0} |",
             r.label,
             m.mode,
             m.p2p_ratio,
@@ -49,6 +49,7 @@ pub fn table(rows: &[Row]) -> String {
             m.hostile_viewers,
             m.events,
             m.wall_seconds,
+            m.threads,
             m.max_rss_mib,
         );
     }

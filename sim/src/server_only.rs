@@ -40,11 +40,11 @@ pub fn run(cfg: &Config, viewers: &[Viewer], stream: Stream) -> Run {
             }
             events += 1;
             origin_bytes += len as u64;
-            metrics.payload_sent += block.payload.len() as u64;
-            metrics.overhead_sent += frame.overhead_len() as u64;
+            metrics.tally.payload_sent += block.payload.len() as u64;
+            metrics.tally.overhead_sent += frame.overhead_len() as u64;
             metrics.played(id, at);
-            metrics.arrival(
-                id,
+            metrics.tally.arrival(
+                &mut metrics.recs[id as usize],
                 seq as u64,
                 block.header.ingest_time_ms,
                 at,

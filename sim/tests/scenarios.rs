@@ -181,6 +181,39 @@ fn a_clubs_run_is_a_function_of_its_seed() {
     assert_deterministic(&[Mode::Clubs]);
 }
 
+/// The clubs driver runs viewers on several threads in windows of the
+/// lookahead; equal times and loss do not depend on which thread ran what, so
+/// one, two and three threads give the same report.
+#[test]
+fn a_clubs_run_does_not_depend_on_its_thread_count() {
+    let cfg = Config {
+        peers: 200,
+        seconds: 10,
+        churn_per_min: 0.5,
+        hostile: 0.05,
+        seed: 11,
+        ..Config::default()
+    };
+    let reports: Vec<_> = [1, 2, 3]
+        .iter()
+        .map(|&threads| {
+            let mut r = run(&Config {
+                threads,
+                ..cfg.clone()
+            })
+            .report;
+            assert_eq!(r.threads, threads);
+            r.wall_seconds = 0.0;
+            r.max_rss_mib = 0.0;
+            r.threads = 0;
+            r
+        })
+        .collect();
+    assert!(reports[0].events > 100_000, "{:?}", reports[0]);
+    assert_eq!(reports[0], reports[1], "one thread against two");
+    assert_eq!(reports[0], reports[2], "one thread against three");
+}
+
 #[test]
 fn churn_and_hostile_relays_keep_continuity() {
     // The bench's hard scenario at test size: 10 %/min churn and 5 % hostile
