@@ -210,7 +210,9 @@ fn bench(cli: &Cli) -> Result<(), SimError> {
          Command: `just bench-sim` (= `clubcast-sim --compare --bench --out bench/results`), \
          {} s of a {} kbit/s stream, {} KiB blocks, {} clubs, seed {}, loss {}, \
          upload mean {}× bitrate with {:.0} % free riders at {}×. Each row is a separate \
-         process (release build); wall time and max RSS are that process's own. The machine \
+         process (release build); wall time and max RSS are that process's own, and \
+         `threads` is how many threads it ran (clubs: one per core from 300 peers up; \
+         the figures do not depend on it). The machine \
          has 2 cores shared with other builds, so wall times are noisy.\n\n{table}\n\
          ![origin egress and p95 block delay vs peers](sim.svg)\n",
         cli.config(Mode::Clubs).seconds,
@@ -223,7 +225,12 @@ fn bench(cli: &Cli) -> Result<(), SimError> {
         cli.free_rider_frac * 100.0,
         cli.free_rider_x,
     );
-    report::write(&cli.out, "sim.md", &md)?;
+    // Hand-written notes (from the first `## ` heading on) outlive a rerun.
+    let notes = std::fs::read_to_string(cli.out.join("sim.md"))
+        .ok()
+        .and_then(|old| old.find("\n## ").map(|i| old[i..].to_string()))
+        .unwrap_or_default();
+    report::write(&cli.out, "sim.md", &format!("{md}{notes}"))?;
     report::write(&cli.out, "sim.json", &serde_json::to_string_pretty(&rows)?)?;
     let modes: Vec<&str> = Mode::ALL.iter().map(|m| m.name()).collect();
     report::write(&cli.out, "sim.svg", &report::svg(&rows, &modes))?;

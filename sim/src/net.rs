@@ -1,9 +1,12 @@
 //! The event queue, the network model and the origin's budget.
 //!
-//! - [`Queue`]: a calendar queue of `(time, seq)` keys with the event payloads
-//!   in a slab, so it moves 24-byte keys and equal times pop in push order.
-//! - [`Wire`]: one FIFO upload serializer per host, per-connection queued bytes
-//!   (what the core sees as `bufferedAmount`), latency and retransmissions.
+//! - [`Queue`]: a calendar queue of `(time, tie)` keys with the event payloads
+//!   in a slab, so it moves 24-byte keys; equal times pop in push order, or
+//!   in the order of the caller's tie keys ([`Queue::push_tie`]).
+//! - [`Host`]: one FIFO upload serializer per host, per-connection queued
+//!   bytes (what the core sees as `bufferedAmount`) and in-order delivery.
+//! - [`Wire`]: the hosts with their latency and retransmissions (the `clubs`
+//!   driver keeps its hosts itself and draws loss with [`hashed_loss_delay`]).
 //! - [`Origin`]: bids, max-min grants and the egress counter.
 
 use std::cmp::Reverse;
