@@ -2046,21 +2046,21 @@ impl<V: BlockVerifier> Peer<V> {
         if self.next_ping().is_none_or(|t| t > now) {
             return;
         }
-        self.ping_min = None;
-        let due: Vec<PeerId> = self
-            .links
-            .iter()
-            .filter(|(_, st)| st.open && st.next_ping <= now)
-            .map(|(p, _)| *p)
-            .collect();
-        for p in due {
-            if let Some(st) = self.links.get_mut(&p) {
+        // One pass pings the due links and finds the next ping.
+        let mut due = SmallVec::<[(PeerId, u64); 8]>::new();
+        let mut next: Option<Time> = None;
+        for (&p, st) in self.links.iter_mut().filter(|(_, st)| st.open) {
+            if st.next_ping <= now {
                 st.ping_nonce = st.ping_nonce.wrapping_add(1);
                 st.ping_sent = now;
                 st.next_ping = now + PING_INTERVAL_MS;
-                let n = st.ping_nonce;
-                self.push(p, Frame::Ping(n));
+                due.push((p, st.ping_nonce));
             }
+            next = Some(next.map_or(st.next_ping, |t| t.min(st.next_ping)));
+        }
+        self.ping_min = Some(next);
+        for (p, n) in due {
+            self.push(p, Frame::Ping(n));
         }
     }
 
