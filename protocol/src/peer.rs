@@ -443,23 +443,27 @@ impl PeerStats {
     }
 }
 
+/// The fields up to `haves` are read for every block relayed, every ping and
+/// every buffer report, so they are laid out together (`repr(C)`): a link
+/// costs a cache line or two, not one per field.
 #[derive(Debug, Default)]
+#[repr(C)]
 struct LinkState {
+    open: bool,
     /// Its roles, inline: every relayed block reads every link's roles.
     roles: SmallVec<[LinkRole; 4]>,
-    open: bool,
-    remote_clubs: u64,
-    haves: HaveWindow,
-    buffered: usize,
-    rtt_ms: Option<u64>,
-    next_ping: Time,
-    ping_nonce: u64,
-    ping_sent: Time,
-    want_window: (u64, u32),
     /// Clubs for which the remote pruned us: announce, don't push.
     lazy: u64,
     /// Clubs for which we pruned the remote (a parent that now announces).
     pruned: u64,
+    buffered: usize,
+    next_ping: Time,
+    haves: HaveWindow,
+    remote_clubs: u64,
+    rtt_ms: Option<u64>,
+    ping_nonce: u64,
+    ping_sent: Time,
+    want_window: (u64, u32),
     /// Blocks of its last-hop share that went to the origin, and when the
     /// count started.
     source_misses: (u32, Time),
