@@ -169,21 +169,24 @@ impl Wired {
     }
 }
 
+/// A viewer's simulation state and the server's view of it. The fields up to
+/// `peer` are read on every event and come first, together (`repr(C)`).
 #[derive(Debug, Default)]
+#[repr(C)]
 struct Slot {
-    peer: Option<Peer<SimVerifier>>,
     timer_at: u64,
     /// When a queued `Drain` is due (u64::MAX: none).
     drain_at: u64,
     /// Millisecond of the last `handle_timeout`.
     fired_ms: u64,
+    hostile: bool,
+    peer: Option<Peer<SimVerifier>>,
     reporters: Vec<PeerId>,
     /// Its `pushes_late` at the last bid.
     late_seen: u64,
     /// The server's view of its bids and overload (as `clubcast-server`).
     late_streak: LateStreak,
     overload: Overload,
-    hostile: bool,
     /// (dup bytes, rejected, skipped) already folded into the collector.
     folded: bool,
 }
@@ -191,12 +194,13 @@ struct Slot {
 /// One host: its peer, its upload and its record. Node 0 is the seeder (its
 /// upload only).
 #[derive(Debug)]
+#[repr(C)]
 struct Node {
-    slot: Slot,
-    host: Host,
-    rec: Record,
     /// Events it scheduled: the tie-break of equal times ([`Node::tie`]).
     ties: u32,
+    host: Host,
+    slot: Slot,
+    rec: Record,
 }
 
 impl Node {

@@ -180,30 +180,32 @@ pub struct Conn {
     dirty: bool,
 }
 
-/// A host's network attachment.
+/// A host's network attachment. The fields every send and every event's
+/// sync read come first, together (`repr(C)`).
 #[derive(Debug)]
+#[repr(C)]
 pub struct Host {
+    /// Frames in the serializer: (finish µs, remote, bytes).
+    pending: VecDeque<(u64, PeerId, u32)>,
+    /// `conns[i].remote`, packed: a search reads a few cache lines, not every
+    /// connection.
+    remotes: Vec<PeerId>,
+    /// Its connections.
+    conns: Vec<Conn>,
+    busy_until: u64,
     /// Upload capacity, bit/s.
     pub up_bps: u64,
+    /// Bytes it queued for upload, every frame counted.
+    pub sent_bytes: u64,
+    /// Frames it offered to send: with its id, the key of each frame's loss draw
+    /// ([`hashed_loss_delay`]).
+    pub frames: u64,
     /// One-way access latency, µs.
     pub access_us: u64,
     /// Whether it is in the swarm.
     pub alive: bool,
     /// When it left, µs (u64::MAX while present).
     pub left_us: u64,
-    /// Bytes it queued for upload, every frame counted.
-    pub sent_bytes: u64,
-    /// Its connections.
-    conns: Vec<Conn>,
-    /// `conns[i].remote`, packed: a search reads a few cache lines, not every
-    /// connection.
-    remotes: Vec<PeerId>,
-    busy_until: u64,
-    /// Frames in the serializer: (finish µs, remote, bytes).
-    pending: VecDeque<(u64, PeerId, u32)>,
-    /// Frames it offered to send: with its id, the key of each frame's loss draw
-    /// ([`hashed_loss_delay`]).
-    pub frames: u64,
 }
 
 impl Host {
