@@ -573,6 +573,14 @@ impl HaveWindow {
     }
 }
 
+/// A cached block and, for a block of an own club, when it came (late pushes
+/// and the prune lag read it): one ring slot serves both.
+#[derive(Debug, Clone)]
+struct Cached {
+    block: VerifiedBlock,
+    arrived: Option<Time>,
+}
+
 #[derive(Debug, Clone, Copy)]
 struct Missing {
     noticed: Time,
@@ -597,7 +605,7 @@ pub struct Peer<V> {
     verifier: V,
     clubs: u64,
     links: BTreeMap<PeerId, LinkState>,
-    cache: SeqMap<VerifiedBlock>,
+    cache: SeqMap<Cached>,
     missing: SeqMap<Missing>,
     /// (when, seq) of every missing block that needs a look at some time, so
     /// timers touch only the blocks that are due.
@@ -624,7 +632,6 @@ pub struct Peer<V> {
     /// When each cached block of our clubs arrived, for
     /// [`PeerStats::pushes_late`] and [`PeerConfig::prune_lag_ms`]; pruned
     /// with the cache.
-    arrived_at: SeqMap<Time>,
     /// The earliest `next_ping` of the open links, once computed (`None`:
     /// a link opened, closed, went or pinged since). Every event reschedules,
     /// and a pass over the links to find it would touch them all.
@@ -670,7 +677,6 @@ impl<V: BlockVerifier> Peer<V> {
             next_play: None,
             transmits: VecDeque::new(),
             queued: BTreeSet::new(),
-            arrived_at: SeqMap::new(),
             ping_min: None,
             by_club: vec![Vec::new(); usize::from(cfg.clubs)],
             relay_haves: Vec::new(),
@@ -1086,7 +1092,7 @@ impl<V: BlockVerifier> Peer<V> {
             .iter()
             .rev()
             .take(n)
-            .map(|(_, b)| b.payload().len() + crate::block::BLOCK_OVERHEAD)
+            .map(|(_, c)| c.block.payload().len() + crate::block::BLOCK_OVERHEAD)
             .sum();
         (sum / n) as u64 * 8
     }
@@ -1105,7 +1111,7 @@ impl<V: BlockVerifier> Peer<V> {
 
     fn ingest_deadline(&self, seq: u64) -> Time {
         let ingest = match self.cache.get(seq) {
-            Some(b) => b.header().ingest_time_ms,
+            Some(c) => c.block.header().ingest_time_ms,
             None => match self.anchor {
                 Some((s, t)) => {
                     let d = (seq as f64 - s as f64) * self.ms_per_block;
@@ -1431,17 +1437,14 @@ impl<V: BlockVerifier> Peer<V> {
             }
         }
         self.note_seen(now, seq);
-        if self.in_club(club_of(seq, self.cfg.clubs)) {
-            self.arrived_at.insert(seq, now);
-            if self.cfg.relay {
-                self.relay(&block, from);
-            }
+        let arrived = self.in_club(club_of(seq, self.cfg.clubs)).then_some(now);
+        if arrived.is_some() && self.cfg.relay {
+            self.relay(&block, from);
         }
-        self.cache.insert(seq, block);
+        self.cache.insert(seq, Cached { block, arrived });
         while self.cache.len() > self.cfg.cache_blocks.clamp(1, MAX_CACHE_BLOCKS) {
             if let Some((old, _)) = self.cache.pop_first() {
                 self.unqueue_block(old);
-                self.arrived_at.remove(old);
             }
         }
         self.advance_play(now);
@@ -1464,9 +1467,10 @@ impl<V: BlockVerifier> Peer<V> {
             .filter(|l| l.open && l.roles.contains(&down) && l.pruned & bit == 0)
             .count();
         let lagging = self
-            .arrived_at
+            .cache
             .get(seq)
-            .is_none_or(|&t| self.now.since(t) > self.prune_lag(seq, t));
+            .and_then(|c| c.arrived)
+            .is_none_or(|t| self.now.since(t) > self.prune_lag(seq, t));
         self.link_has(p, seq);
         let Some(st) = self.links.get_mut(&p) else {
             return;
@@ -1488,10 +1492,10 @@ impl<V: BlockVerifier> Peer<V> {
     /// or more for a block that was already old at its first copy.
     fn prune_lag(&self, seq: u64, first: Time) -> u64 {
         let floor = self.cfg.prune_lag_ms;
-        let Some(b) = self.cache.get(seq) else {
+        let Some(c) = self.cache.get(seq) else {
             return floor;
         };
-        let age = first.0.saturating_sub(b.header().ingest_time_ms);
+        let age = first.0.saturating_sub(c.block.header().ingest_time_ms);
         let scaled = age.saturating_mul(self.cfg.prune_lag_age_pct) / 100;
         floor.max(scaled.min(self.cfg.prune_lag_max_ms))
     }
@@ -1690,10 +1694,11 @@ impl<V: BlockVerifier> Peer<V> {
             };
             after = Some(e);
             self.queued.remove(&e);
-            let Some(b) = self.cache.get(seq) else {
+            let Some(c) = self.cache.get(seq) else {
                 continue;
             };
-            let frame = Frame::Block(b.block().clone());
+            let arrived = c.arrived;
+            let frame = Frame::Block(c.block.block().clone());
             total += frame.encoded_len();
             if class == 0 {
                 self.stats.pushed_club += 1;
@@ -1703,12 +1708,7 @@ impl<V: BlockVerifier> Peer<V> {
             // Last-hop pushes come after the club's, so they show an upload
             // falling behind first; only the relay queues them, while a
             // WANT's answer may rightly go long after the block came.
-            if class == 1
-                && self
-                    .arrived_at
-                    .get(seq)
-                    .is_some_and(|&t| self.now.since(t) > SLOW_PUSH_MS)
-            {
+            if class == 1 && arrived.is_some_and(|t| self.now.since(t) > SLOW_PUSH_MS) {
                 self.note_late();
             }
             self.push(to, frame);
@@ -1735,7 +1735,9 @@ impl<V: BlockVerifier> Peer<V> {
     /// deadline.
     fn sendable(&self, (_, seq, to): (u8, u64, PeerId)) -> bool {
         match (self.links.get(&to), self.cache.get(seq)) {
-            (Some(st), Some(b)) => st.open && !st.said_have(seq) && !self.past_push_deadline(b),
+            (Some(st), Some(c)) => {
+                st.open && !st.said_have(seq) && !self.past_push_deadline(&c.block)
+            }
             _ => false,
         }
     }
@@ -1994,8 +1996,8 @@ impl<V: BlockVerifier> Peer<V> {
             return;
         };
         loop {
-            if let Some(b) = self.cache.get(next) {
-                let b = b.clone();
+            if let Some(c) = self.cache.get(next) {
+                let b = c.block.clone();
                 self.event(PeerEvent::Play(b));
                 next += 1;
                 continue;
@@ -2008,7 +2010,9 @@ impl<V: BlockVerifier> Peer<V> {
             let resume = self
                 .cache
                 .range(next.saturating_add(1), u64::MAX)
-                .find(|(s, b)| *s > next && b.header().flags.contains(BlockFlags::FRAGMENT_START))
+                .find(|(s, c)| {
+                    *s > next && c.block.header().flags.contains(BlockFlags::FRAGMENT_START)
+                })
                 .map(|(s, _)| s);
             let Some(to) = resume else { break };
             self.stats.blocks_skipped += to - next;
