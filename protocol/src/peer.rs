@@ -573,8 +573,9 @@ impl HaveWindow {
     }
 }
 
-/// A cached block and, for a block of an own club, when it came (late pushes
-/// and the prune lag read it): one ring slot serves both.
+/// A cached block and, for a block of an own club, when it came (for
+/// [`PeerStats::pushes_late`] and [`PeerConfig::prune_lag_ms`]): one ring slot
+/// serves both.
 #[derive(Debug, Clone)]
 struct Cached {
     block: VerifiedBlock,
@@ -629,9 +630,6 @@ pub struct Peer<V> {
     /// The send queue: (class, seq, remote), class 0 in-club pushes and WANT
     /// answers, class 1 last-hop pushes.
     queued: BTreeSet<(u8, u64, PeerId)>,
-    /// When each cached block of our clubs arrived, for
-    /// [`PeerStats::pushes_late`] and [`PeerConfig::prune_lag_ms`]; pruned
-    /// with the cache.
     /// The earliest `next_ping` of the open links, once computed (`None`:
     /// a link opened, closed, went or pinged since). Every event reschedules,
     /// and a pass over the links to find it would touch them all.

@@ -211,18 +211,49 @@ impl Node {
     }
 }
 
-/// What any thread may read of any host; it changes only between windows.
+/// The network every thread may read: each host's latency and presence (they
+/// change only between windows) and the loss model.
 #[derive(Debug)]
 struct Reach {
     access_us: Vec<u64>,
     alive: Vec<bool>,
     left_us: Vec<u64>,
+    loss: f64,
+    /// Keys the loss draws of this run.
+    loss_key: u64,
 }
 
 impl Reach {
     /// Round trip between two hosts: the sum of their access latencies, µs.
     fn rtt(&self, a: PeerId, b: PeerId) -> u64 {
         self.access_us[a as usize] + self.access_us[b as usize]
+    }
+
+    /// The loss delay of a transfer whose draw is keyed `key` on the path
+    /// `a`–`b`, µs.
+    fn loss_delay(&self, key: u64, a: PeerId, b: PeerId) -> u64 {
+        hashed_loss_delay(self.loss, self.loss_key ^ mix(key), self.rtt(a, b))
+    }
+
+    /// Hands a frame of `len` bytes from `id` (whose upload is `host`) to
+    /// `to`; its loss is drawn from (sender, frame count). Returns `(finish,
+    /// arrival)`, µs, or `None` with no open connection.
+    fn send(
+        &self,
+        host: &mut Host,
+        stats: &mut SendStats,
+        now: u64,
+        id: PeerId,
+        to: PeerId,
+        len: usize,
+    ) -> Option<(u64, u64)> {
+        host.frames += 1;
+        let extra = self.loss_delay(id << 40 ^ host.frames, id, to);
+        let sent = host.send(now, to, self.rtt(id, to) / 2, extra, len, stats);
+        if sent.is_some() {
+            stats.retransmits += u64::from(extra > 0);
+        }
+        sent
     }
 
     /// How long a message of the server takes to reach `id` and be answered.
@@ -293,16 +324,7 @@ struct Shared<'a> {
     membership: &'a Membership,
     debug: bool,
     cache_blocks: usize,
-    loss_key: u64,
     parts: usize,
-}
-
-impl Shared<'_> {
-    /// The loss delay of frame `n` of `from` to `to`.
-    fn loss(&self, from: PeerId, n: u64, to: PeerId) -> u64 {
-        let key = self.loss_key ^ mix(from << 40 ^ n);
-        hashed_loss_delay(self.cfg.loss, key, self.reach.rtt(from, to))
-    }
 }
 
 /// One thread's share of the viewers' events, and what they produce.
@@ -556,13 +578,10 @@ impl Part {
             );
             let len = frame.encoded_len();
             let overhead = frame.overhead_len();
-            n.host.frames += 1;
-            let extra = sh.loss(id, n.host.frames, t.to);
-            let owd = sh.reach.rtt(id, t.to) / 2;
             if let Some((finish, arrival)) =
-                n.host.send(now, t.to, owd, extra, len, &mut self.sends)
+                sh.reach
+                    .send(&mut n.host, &mut self.sends, now, id, t.to, len)
             {
-                self.sends.retransmits += u64::from(extra > 0);
                 self.tally.payload_sent += (len - overhead) as u64;
                 self.tally.overhead_sent += overhead as u64;
                 if t.to != SEEDER_PEER_ID {
@@ -702,7 +721,6 @@ pub struct Sim {
     lookahead: u64,
     /// Every event before this time has run (debug checks).
     done_us: u64,
-    loss_key: u64,
     reqs: Vec<(u64, u64, Req)>,
     changed: Vec<(PeerId, usize)>,
     dirty: Vec<usize>,
@@ -718,7 +736,7 @@ impl Sim {
         };
         let debug = std::env::var_os("CLUBCAST_SIM_DEBUG").is_some();
         let recs = Collector::records(viewers, stream.len());
-        let mut nodes: Vec<Node> = recs
+        let nodes: Vec<Node> = recs
             .into_iter()
             .enumerate()
             .map(|(i, rec)| {
@@ -740,11 +758,14 @@ impl Sim {
                 }
             })
             .collect();
-        nodes[0].host.alive = true;
+        let mut alive = vec![false; nodes.len()];
+        alive[SEEDER_PEER_ID as usize] = true;
         let reach = Reach {
             access_us: nodes.iter().map(|n| n.host.access_us).collect(),
-            alive: nodes.iter().map(|n| n.host.alive).collect(),
+            alive,
             left_us: vec![u64::MAX; nodes.len()],
+            loss: cfg.loss,
+            loss_key: mix(cfg.seed ^ 0x1055),
         };
         // Between two viewers a frame takes at least the smaller access
         // latency, and every answer of the server a round trip to it. One
@@ -782,7 +803,6 @@ impl Sim {
             end_us,
             lookahead,
             done_us: 0,
-            loss_key: mix(cfg.seed ^ 0x1055),
             reqs: Vec::new(),
             changed: Vec::new(),
             dirty: Vec::new(),
@@ -917,7 +937,6 @@ impl Sim {
             membership: &self.membership,
             debug: self.debug,
             cache_blocks: self.cache_blocks,
-            loss_key: self.loss_key,
             parts: n,
         };
         let mut mine: Vec<Mine<'_>> = (0..n)
@@ -985,8 +1004,7 @@ impl Sim {
                 if produced && self.origin.fetch(id, len) {
                     let down_bps = self.cfg.bitrate_kbps * 1000 * DOWNLOAD_X;
                     let xfer = (len as u64 * 8 * 1_000_000).div_ceil(down_bps);
-                    let key = self.loss_key ^ mix(!(id << 40 ^ seq));
-                    let extra = hashed_loss_delay(self.cfg.loss, key, rtt);
+                    let extra = self.reach.loss_delay(!(id << 40 ^ seq), id, SEEDER_PEER_ID);
                     self.sends.retransmits += u64::from(extra > 0);
                     self.post(now + rtt + xfer + extra, Ev::OriginBlock { to: id, seq });
                 } else {
@@ -1109,14 +1127,10 @@ impl Sim {
             let frame = Frame::Block(block.clone());
             let len = frame.encoded_len();
             let seeder = &mut self.nodes[0].host;
-            seeder.frames += 1;
-            let key = self.loss_key ^ mix(seeder.frames);
-            let rtt = self.reach.rtt(SEEDER_PEER_ID, push.to);
-            let extra = hashed_loss_delay(self.cfg.loss, key, rtt);
             if let Some((finish, arrival)) =
-                seeder.send(now, push.to, rtt / 2, extra, len, &mut self.sends)
+                self.reach
+                    .send(seeder, &mut self.sends, now, SEEDER_PEER_ID, push.to, len)
             {
-                self.sends.retransmits += u64::from(extra > 0);
                 self.origin.seeded(len);
                 self.tally.payload_sent += block.payload.len() as u64;
                 self.tally.overhead_sent += frame.overhead_len() as u64;
@@ -1146,8 +1160,7 @@ impl Sim {
 
     fn join(&mut self, now: u64, id: PeerId) {
         self.reach.alive[id as usize] = true;
-        let host = &mut self.nodes[id as usize].host;
-        host.alive = true;
+        let host = &self.nodes[id as usize].host;
         // Peers state their upload capacity, as a browser would after measuring it.
         let pct = host.up_bps * 100 / (self.cfg.bitrate_kbps * 1000).max(1);
         let j = self

@@ -229,11 +229,6 @@ impl Host {
         self.remotes.iter().position(|&r| r == remote)
     }
 
-    /// The connection to `remote`.
-    pub fn conn(&self, remote: PeerId) -> Option<&Conn> {
-        self.index(remote).map(|i| &self.conns[i])
-    }
-
     /// The connection to `remote`, mutable.
     pub fn conn_mut(&mut self, remote: PeerId) -> Option<&mut Conn> {
         self.index(remote).map(|i| &mut self.conns[i])
@@ -409,11 +404,6 @@ impl Wire {
         let owd = self.owd(from, to);
         let extra = self.loss_delay(from, to);
         self.hosts[from as usize].send(now_us, to, owd, extra, len, &mut self.stats)
-    }
-
-    /// When the next frame of `id` leaves its serializer, µs.
-    pub fn next_finish(&self, id: PeerId) -> Option<u64> {
-        self.hosts[id as usize].next_finish()
     }
 
     /// Retires the frames of `id` that left the serializer by `now_us` and
