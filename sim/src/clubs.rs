@@ -41,7 +41,7 @@ use crate::metrics::{Collector, DelayHist, Record, Tally};
 use crate::net::{hashed_loss_delay, Host, Origin, Queue, SendStats};
 use crate::population::{Viewer, DOWNLOAD_X, SEEDER_UP_BPS, SERVER_ACCESS_US};
 use crate::stream::Stream;
-use crate::verify::{corrupt, mix, SimVerifier};
+use crate::verify::{corrupt, mix, same_block, SimVerifier};
 use crate::Run;
 
 /// Distinct reporters after which a peer is kicked from the swarm.
@@ -636,7 +636,7 @@ impl Part {
         match e {
             PeerEvent::Play(b) => {
                 n.rec.first_play_us.get_or_insert(now);
-                if b.block() != &sh.stream.blocks[b.seq() as usize] {
+                if !same_block(b.block(), &sh.stream.blocks[b.seq() as usize]) {
                     self.tally.corrupt_played += 1;
                 }
             }

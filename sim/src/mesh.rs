@@ -31,7 +31,7 @@ use crate::metrics::Collector;
 use crate::net::{Origin, Queue, Wire};
 use crate::population::{Viewer, DOWNLOAD_X};
 use crate::stream::{Stream, TARGET_LATENCY_MS};
-use crate::verify::{corrupt, SimVerifier};
+use crate::verify::{corrupt, same_block, SimVerifier};
 use crate::Run;
 
 /// Pull scheduling period, µs.
@@ -541,7 +541,7 @@ impl Sim {
         if seq >= n.start {
             self.metrics.played(at, now);
         }
-        if *b != self.stream.blocks[seq as usize] {
+        if !same_block(b, &self.stream.blocks[seq as usize]) {
             self.metrics.tally.corrupt_played += 1;
         }
         let rec = &mut self.metrics.recs[at as usize];
