@@ -180,13 +180,74 @@ pub struct Conn {
     dirty: bool,
 }
 
+/// A frame in a host's serializer.
+#[derive(Debug, Clone, Copy, Default)]
+struct Sending {
+    /// When it has left, µs.
+    finish: u64,
+    /// Its remote.
+    to: u32,
+    /// Its bytes.
+    len: u32,
+}
+
+/// Frames in a serializer oldest first: the first [`PENDING_INLINE`] inline, in
+/// the host's own cache lines, and the rest in a spill queue. Every event
+/// reads the oldest, and a host seldom has more in flight (at 1,000 peers,
+/// 99 % of sends found at most 4), so the common case costs no cache miss.
+#[derive(Debug, Default)]
+struct Pending {
+    ring: [Sending; PENDING_INLINE],
+    head: u8,
+    len: u8,
+    /// Frames behind a full ring (empty unless the ring is full).
+    spill: VecDeque<Sending>,
+}
+
+/// Frames a [`Host`] keeps inline in its serializer queue.
+const PENDING_INLINE: usize = 4;
+
+impl Pending {
+    fn push(&mut self, s: Sending) {
+        if usize::from(self.len) < PENDING_INLINE {
+            debug_assert!(self.spill.is_empty());
+            self.ring[(usize::from(self.head) + usize::from(self.len)) % PENDING_INLINE] = s;
+            self.len += 1;
+        } else {
+            self.spill.push_back(s);
+        }
+    }
+
+    fn front(&self) -> Option<&Sending> {
+        (self.len > 0).then(|| &self.ring[usize::from(self.head)])
+    }
+
+    /// Drops the oldest frame.
+    fn pop(&mut self) {
+        if self.len == 0 {
+            return;
+        }
+        self.head = ((usize::from(self.head) + 1) % PENDING_INLINE) as u8;
+        self.len -= 1;
+        if let Some(s) = self.spill.pop_front() {
+            self.ring[(usize::from(self.head) + usize::from(self.len)) % PENDING_INLINE] = s;
+            self.len += 1;
+        }
+    }
+
+    fn clear(&mut self) {
+        self.len = 0;
+        self.spill.clear();
+    }
+}
+
 /// A host's network attachment. The fields every send and every event's
 /// sync read come first, together (`repr(C)`).
 #[derive(Debug)]
 #[repr(C)]
 pub struct Host {
-    /// Frames in the serializer: (finish µs, remote, bytes).
-    pending: VecDeque<(u64, PeerId, u32)>,
+    /// Frames in the serializer.
+    pending: Pending,
     /// `conns[i].remote`, packed: a search reads a few cache lines, not every
     /// connection.
     remotes: Vec<PeerId>,
@@ -220,7 +281,7 @@ impl Host {
             conns: Vec::new(),
             remotes: Vec::new(),
             busy_until: 0,
-            pending: VecDeque::new(),
+            pending: Pending::default(),
             frames: 0,
         }
     }
@@ -281,7 +342,11 @@ impl Host {
         }
         self.busy_until = finish;
         self.sent_bytes += len as u64;
-        self.pending.push_back((finish, to, len as u32));
+        self.pending.push(Sending {
+            finish,
+            to: u32::try_from(to).expect("host ids fit in 32 bits"),
+            len: len as u32,
+        });
         let c = &mut self.conns[i];
         c.queued += len;
         // SCTP delivers a channel's messages in order: a retransmitted frame
@@ -293,7 +358,7 @@ impl Host {
 
     /// When its next frame leaves the serializer, µs.
     pub fn next_finish(&self) -> Option<u64> {
-        self.pending.front().map(|p| p.0)
+        self.pending.front().map(|p| p.finish)
     }
 
     /// Retires the frames that left the serializer by `now_us` and fills
@@ -306,12 +371,12 @@ impl Host {
         dirty: &mut Vec<usize>,
     ) {
         changed.clear();
-        while let Some(&(finish, to, len)) = self.pending.front() {
+        while let Some(&Sending { finish, to, len }) = self.pending.front() {
             if finish > now_us {
                 break;
             }
-            self.pending.pop_front();
-            if let Some(i) = self.index(to) {
+            self.pending.pop();
+            if let Some(i) = self.index(PeerId::from(to)) {
                 let c = &mut self.conns[i];
                 c.queued = c.queued.saturating_sub(len as usize);
                 if !c.dirty {
