@@ -18,6 +18,7 @@ mod seqmap;
 pub mod signal;
 pub mod source;
 mod time;
+mod vecmap;
 pub mod wire;
 
 pub use time::Time;

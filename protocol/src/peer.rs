@@ -40,7 +40,7 @@
 //! fragment start ([`PeerEvent::Skip`]). A link that sends a bad block or frame is
 //! dropped and reported ([`PeerEvent::BadPeer`]).
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{BTreeSet, VecDeque};
 use std::ops::Bound::{Excluded, Unbounded};
 
 use bytes::Bytes;
@@ -50,6 +50,7 @@ use crate::block::{BlockError, BlockFlags, BlockVerifier, VerifiedBlock};
 use crate::club::club_of;
 use crate::seqmap::SeqMap;
 use crate::signal::{Link, LinkOp, LinkRole, PeerId, SEEDER_PEER_ID};
+use crate::vecmap::VecMap;
 use crate::wire::{Frame, WireError, WIRE_VERSION};
 use crate::Time;
 
@@ -605,7 +606,7 @@ pub struct Peer<V> {
     cfg: PeerConfig,
     verifier: V,
     clubs: u64,
-    links: BTreeMap<PeerId, LinkState>,
+    links: VecMap<PeerId, LinkState>,
     cache: SeqMap<Cached>,
     missing: SeqMap<Missing>,
     /// (when, seq) of every missing block that needs a look at some time, so
@@ -661,7 +662,7 @@ impl<V: BlockVerifier> Peer<V> {
             cfg,
             verifier,
             clubs: 0,
-            links: BTreeMap::new(),
+            links: VecMap::new(),
             cache: SeqMap::new(),
             missing: SeqMap::new(),
             due: BTreeSet::new(),
@@ -785,7 +786,7 @@ impl<V: BlockVerifier> Peer<V> {
                     return;
                 }
                 self.ping_min = None;
-                let st = self.links.entry(link.peer).or_default();
+                let st = self.links.get_or_default(link.peer);
                 if !st.roles.contains(&link.role) {
                     st.roles.push(link.role);
                 }
