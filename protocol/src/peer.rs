@@ -40,7 +40,7 @@
 //! fragment start ([`PeerEvent::Skip`]). A link that sends a bad block or frame is
 //! dropped and reported ([`PeerEvent::BadPeer`]).
 
-use std::collections::{BTreeSet, VecDeque};
+use std::collections::VecDeque;
 use std::ops::Bound::{Excluded, Unbounded};
 
 use bytes::Bytes;
@@ -50,7 +50,7 @@ use crate::block::{BlockError, BlockFlags, BlockVerifier, VerifiedBlock};
 use crate::club::club_of;
 use crate::seqmap::SeqMap;
 use crate::signal::{Link, LinkOp, LinkRole, PeerId, SEEDER_PEER_ID};
-use crate::vecmap::VecMap;
+use crate::vecmap::{VecMap, VecSet};
 use crate::wire::{Frame, WireError, WIRE_VERSION};
 use crate::Time;
 
@@ -611,7 +611,7 @@ pub struct Peer<V> {
     missing: SeqMap<Missing>,
     /// (when, seq) of every missing block that needs a look at some time, so
     /// timers touch only the blocks that are due.
-    due: BTreeSet<(Time, u64)>,
+    due: VecSet<(Time, u64)>,
     /// Next time every due time is recomputed (deadline estimates drift).
     reindex_at: Time,
     highest: Option<u64>,
@@ -630,7 +630,7 @@ pub struct Peer<V> {
     transmits: VecDeque<Transmit>,
     /// The send queue: (class, seq, remote), class 0 in-club pushes and WANT
     /// answers, class 1 last-hop pushes.
-    queued: BTreeSet<(u8, u64, PeerId)>,
+    queued: VecSet<(u8, u64, PeerId)>,
     /// The earliest `next_ping` of the open links, once computed (`None`:
     /// a link opened, closed, went or pinged since). Every event reschedules,
     /// and a pass over the links to find it would touch them all.
@@ -665,7 +665,7 @@ impl<V: BlockVerifier> Peer<V> {
             links: VecMap::new(),
             cache: SeqMap::new(),
             missing: SeqMap::new(),
-            due: BTreeSet::new(),
+            due: VecSet::new(),
             reindex_at: Time(0),
             highest: None,
             anchor: None,
@@ -675,7 +675,7 @@ impl<V: BlockVerifier> Peer<V> {
             ms_per_block: 70.0,
             next_play: None,
             transmits: VecDeque::new(),
-            queued: BTreeSet::new(),
+            queued: VecSet::new(),
             ping_min: None,
             by_club: vec![Vec::new(); usize::from(cfg.clubs)],
             relay_haves: Vec::new(),
@@ -3014,7 +3014,7 @@ mod tests {
                 .iter()
                 .all(|(s, m)| m.due.is_none_or(|t| p.due.contains(&(t, s))))
             && p.due
-                .iter()
+                .range(..)
                 .all(|(t, s)| p.missing.get(*s).and_then(|m| m.due) == Some(*t))
     }
 

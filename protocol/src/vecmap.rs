@@ -1,4 +1,4 @@
-//! [`VecMap`]: a small ordered map in two sorted vectors.
+//! [`VecMap`] and [`VecSet`]: a small ordered map and set in sorted vectors.
 //!
 //! A peer has a few dozen links (at most `MAX_LINKS`) and looks one up on
 //! every frame it handles and every buffer level its driver reports. A
@@ -7,8 +7,12 @@
 //! cache lines, and the value found is one more. Links come and go rarely, so
 //! the shifting an insert or a removal costs does not matter. Iteration is in
 //! key order, as a `BTreeMap`'s.
+//!
+//! The same goes for a peer's send queue ([`VecSet`]): a few entries most of
+//! the time (at most `MAX_QUEUED_PUSHES`), read from the front on every pump.
 
 use std::iter::Zip;
+use std::ops::{Bound, RangeBounds};
 use std::slice;
 
 /// An ordered map from `K` to `V` in two sorted vectors.
@@ -132,9 +136,101 @@ impl<'a, K: Ord + Copy, V> IntoIterator for &'a VecMap<K, V> {
     }
 }
 
+/// An ordered set of `T` in one sorted vector.
+#[derive(Debug, Clone)]
+pub struct VecSet<T> {
+    items: Vec<T>,
+}
+
+impl<T> Default for VecSet<T> {
+    fn default() -> Self {
+        VecSet { items: Vec::new() }
+    }
+}
+
+impl<T: Ord + Copy> VecSet<T> {
+    /// An empty set.
+    #[must_use]
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Number of entries.
+    #[must_use]
+    pub fn len(&self) -> usize {
+        self.items.len()
+    }
+
+    /// Whether it is empty.
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.items.is_empty()
+    }
+
+    /// Whether it holds `x`.
+    #[must_use]
+    pub fn contains(&self, x: &T) -> bool {
+        self.items.binary_search(x).is_ok()
+    }
+
+    /// Adds `x`; false if it was there.
+    pub fn insert(&mut self, x: T) -> bool {
+        match self.items.binary_search(&x) {
+            Ok(_) => false,
+            Err(i) => {
+                self.items.insert(i, x);
+                true
+            }
+        }
+    }
+
+    /// Removes `x`; false if it was not there.
+    pub fn remove(&mut self, x: &T) -> bool {
+        match self.items.binary_search(x) {
+            Ok(i) => {
+                self.items.remove(i);
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
+    /// The least entry.
+    #[must_use]
+    pub fn first(&self) -> Option<&T> {
+        self.items.first()
+    }
+
+    /// Removes and returns the greatest entry.
+    pub fn pop_last(&mut self) -> Option<T> {
+        self.items.pop()
+    }
+
+    /// The entries within `r`, in order (none if it is empty or reversed).
+    pub fn range<R: RangeBounds<T>>(&self, r: R) -> slice::Iter<'_, T> {
+        let lo = match r.start_bound() {
+            Bound::Included(x) => self.items.partition_point(|e| e < x),
+            Bound::Excluded(x) => self.items.partition_point(|e| e <= x),
+            Bound::Unbounded => 0,
+        };
+        let hi = match r.end_bound() {
+            Bound::Included(x) => self.items.partition_point(|e| e <= x),
+            Bound::Excluded(x) => self.items.partition_point(|e| e < x),
+            Bound::Unbounded => self.items.len(),
+        };
+        self.items[lo..hi.max(lo)].iter()
+    }
+
+    /// Keeps the entries for which `f` holds.
+    pub fn retain(&mut self, f: impl FnMut(&T) -> bool) {
+        self.items.retain(f);
+    }
+}
+
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeMap;
+    use std::collections::{BTreeMap, BTreeSet};
+    use std::ops::Bound::{Excluded, Included, Unbounded};
 
     use proptest::prelude::*;
 
@@ -195,6 +291,74 @@ mod tests {
                 *v = v.wrapping_add(1);
             }
             prop_assert!((&m).into_iter().map(|(k, v)| (*k, *v)).eq(r.iter().map(|(k, v)| (*k, v.wrapping_add(1)))));
+        }
+    }
+
+    #[derive(Debug, Clone)]
+    enum SetOp {
+        Insert(u8, u8),
+        Remove(u8, u8),
+        PopLast,
+        Retain(u8),
+    }
+
+    fn set_op() -> impl Strategy<Value = SetOp> {
+        prop_oneof![
+            3 => (any::<u8>(), any::<u8>()).prop_map(|(a, b)| SetOp::Insert(a % 4, b)),
+            2 => (any::<u8>(), any::<u8>()).prop_map(|(a, b)| SetOp::Remove(a % 4, b)),
+            1 => Just(SetOp::PopLast),
+            1 => any::<u8>().prop_map(SetOp::Retain),
+        ]
+    }
+
+    fn bound(kind: u8, x: (u8, u8)) -> Bound<(u8, u8)> {
+        match kind % 3 {
+            0 => Included(x),
+            1 => Excluded(x),
+            _ => Unbounded,
+        }
+    }
+
+    proptest! {
+        /// Every operation and every range answers as a `BTreeSet`'s would.
+        #[test]
+        fn a_set_behaves_as_a_btreeset(
+            ops in prop::collection::vec(set_op(), 0..300),
+            ranges in prop::collection::vec((any::<u8>(), any::<(u8, u8)>(), any::<u8>(), any::<(u8, u8)>()), 1..20),
+        ) {
+            let mut m = VecSet::new();
+            let mut r = BTreeSet::new();
+            for o in ops {
+                match o {
+                    SetOp::Insert(a, b) => prop_assert_eq!(m.insert((a, b)), r.insert((a, b))),
+                    SetOp::Remove(a, b) => prop_assert_eq!(m.remove(&(a, b)), r.remove(&(a, b))),
+                    SetOp::PopLast => prop_assert_eq!(m.pop_last(), r.pop_last()),
+                    SetOp::Retain(k) => {
+                        m.retain(|e| e.1 % 7 != k % 7);
+                        r.retain(|e| e.1 % 7 != k % 7);
+                    }
+                }
+                prop_assert_eq!(m.len(), r.len());
+                prop_assert_eq!(m.is_empty(), r.is_empty());
+                prop_assert_eq!(m.first(), r.first());
+                prop_assert_eq!(m.contains(&(1, 1)), r.contains(&(1, 1)));
+            }
+            prop_assert!(m.range(..).eq(r.iter()));
+            for (ka, a, kb, b) in ranges {
+                let (lo, hi) = (bound(ka, a), bound(kb, b));
+                // A BTreeSet panics on a reversed or empty excluded range.
+                let valid = match (lo, hi) {
+                    (Included(x) | Excluded(x), Included(y) | Excluded(y)) => {
+                        x < y || (x == y && !(matches!(lo, Excluded(_)) && matches!(hi, Excluded(_))))
+                    }
+                    _ => true,
+                };
+                if valid {
+                    prop_assert!(m.range((lo, hi)).eq(r.range((lo, hi))));
+                } else {
+                    prop_assert_eq!(m.range((lo, hi)).count(), 0);
+                }
+            }
         }
     }
 }
