@@ -96,21 +96,29 @@ pub struct Record {
     pub hostile: bool,
     /// Whether it was kicked.
     pub kicked: bool,
-    /// Bit per seq: arrived before its deadline.
-    pub on_time: Vec<u64>,
-    /// Bit per seq: arrived at all.
-    pub arrived: Vec<u64>,
+    /// Two words per 64 seqs, side by side so that an arrival touches one
+    /// cache line: a bit per seq that arrived at all ([`ARRIVED`]) and one
+    /// per seq that arrived before its deadline ([`ON_TIME`]).
+    bits: Vec<u64>,
 }
 
-fn set(bits: &mut [u64], i: u64) -> bool {
-    let (w, b) = ((i / 64) as usize, i % 64);
-    let was = bits[w] >> b & 1 == 1;
-    bits[w] |= 1 << b;
-    !was
-}
+/// Word of [`Record::bits`] that says which seqs arrived.
+const ARRIVED: usize = 0;
+/// Word of [`Record::bits`] that says which seqs arrived on time.
+const ON_TIME: usize = 1;
 
-fn get(bits: &[u64], i: u64) -> bool {
-    bits[(i / 64) as usize] >> (i % 64) & 1 == 1
+impl Record {
+    /// Sets bit `seq` of the `which` words; returns whether it was clear.
+    fn set(&mut self, which: usize, seq: u64) -> bool {
+        let (w, b) = ((seq / 64) as usize * 2 + which, seq % 64);
+        let was = self.bits[w] >> b & 1 == 1;
+        self.bits[w] |= 1 << b;
+        !was
+    }
+
+    fn get(&self, which: usize, seq: u64) -> bool {
+        self.bits[(seq / 64) as usize * 2 + which] >> (seq % 64) & 1 == 1
+    }
 }
 
 /// Counts of block delays by millisecond, up to two minutes.
@@ -212,13 +220,13 @@ impl Tally {
         from_server: bool,
         bytes: usize,
     ) -> bool {
-        if !set(&mut r.arrived, seq) {
+        if !r.set(ARRIVED, seq) {
             self.dup_bytes += bytes as u64;
             return false;
         }
         let now_ms = now_us / 1000;
         if now_ms <= ingest_ms + TARGET_LATENCY_MS {
-            set(&mut r.on_time, seq);
+            r.set(ON_TIME, seq);
         }
         if !r.hostile {
             self.delay_hist.note(now_ms.saturating_sub(ingest_ms));
@@ -250,8 +258,7 @@ impl Collector {
         recs.extend(viewers.iter().map(|v| Record {
             join_us: v.join_us,
             hostile: v.hostile,
-            on_time: vec![0; words],
-            arrived: vec![0; words],
+            bits: vec![0; 2 * words],
             ..Record::default()
         }));
         recs
@@ -287,7 +294,7 @@ impl Collector {
                 break;
             }
             eligible += 1;
-            ok += u64::from(get(&r.on_time, seq as u64));
+            ok += u64::from(r.get(ON_TIME, seq as u64));
         }
         (eligible, ok)
     }
@@ -304,7 +311,7 @@ impl Collector {
             .ingest_us
             .iter()
             .enumerate()
-            .filter(|(s, t)| **t >= start && **t <= until && !get(&r.arrived, *s as u64))
+            .filter(|(s, t)| **t >= start && **t <= until && !r.get(ARRIVED, *s as u64))
             .map(|(s, _)| s as u64)
             .collect()
     }
