@@ -71,18 +71,6 @@ impl<K: Ord + Copy, V> VecMap<K, V> {
         self.find(k).is_ok()
     }
 
-    /// Sets the value of `k`, returning the old one.
-    pub fn insert(&mut self, k: K, v: V) -> Option<V> {
-        match self.find(&k) {
-            Ok(i) => Some(std::mem::replace(&mut self.vals[i], v)),
-            Err(i) => {
-                self.keys.insert(i, k);
-                self.vals.insert(i, v);
-                None
-            }
-        }
-    }
-
     /// The value of `k`, inserted as `V::default()` if there was none.
     pub fn get_or_default(&mut self, k: K) -> &mut V
     where
@@ -262,7 +250,11 @@ mod tests {
             let mut r = BTreeMap::new();
             for o in ops {
                 match o {
-                    Op::Insert(k, v) => prop_assert_eq!(m.insert(k, v), r.insert(k, v)),
+                    Op::Insert(k, v) => {
+                        let had = m.get(&k).copied();
+                        *m.get_or_default(k) = v;
+                        prop_assert_eq!(had, r.insert(k, v));
+                    }
                     Op::Default(k) => {
                         *m.get_or_default(k) += 1;
                         *r.entry(k).or_default() += 1;

@@ -599,6 +599,49 @@ impl Origin {
 mod tests {
     use super::*;
 
+    /// The inline serializer queue is a FIFO, through its spill queue too
+    /// (bursts longer than the ring), and `clear` empties both parts.
+    #[test]
+    fn pending_frames_leave_in_send_order_past_the_inline_ring() {
+        let mut rng = ChaCha8Rng::seed_from_u64(3);
+        let mut p = Pending::default();
+        let mut reference = VecDeque::new();
+        let mut max_len = 0;
+        for n in 0..20_000u64 {
+            match rng.gen_range(0..10) {
+                0..=4 => {
+                    let s = Sending {
+                        finish: n,
+                        to: rng.gen(),
+                        len: rng.gen(),
+                    };
+                    p.push(s);
+                    reference.push_back((s.finish, s.to, s.len));
+                }
+                5..=8 => {
+                    p.pop();
+                    reference.pop_front();
+                }
+                _ if n % 1_000 == 9 => {
+                    p.clear();
+                    reference.clear();
+                }
+                _ => {}
+            }
+            max_len = max_len.max(reference.len());
+            assert_eq!(
+                p.front().map(|s| (s.finish, s.to, s.len)),
+                reference.front().copied()
+            );
+        }
+        assert!(max_len > PENDING_INLINE, "the spill queue was used");
+        while let Some(&s) = p.front() {
+            assert_eq!(Some((s.finish, s.to, s.len)), reference.pop_front());
+            p.pop();
+        }
+        assert!(reference.is_empty());
+    }
+
     /// The calendar queue pops what one heap of every event would, near,
     /// wheel-wide and far pushes interleaved with pops, past times included.
     #[test]
