@@ -788,7 +788,7 @@ impl Sim {
             reach,
             membership: Membership::new(ccfg),
             source: Source::new(cfg.clubs, cfg.seeds_k),
-            origin: Origin::new(cfg.origin_budget_kbps, viewers.len() + 1),
+            origin: Origin::new(cfg.origin_budget_kbps, viewers.len() + 1, cfg.seconds),
             tally: Tally::default(),
             sends: SendStats::default(),
             block_bits: stream.block_bits(),

@@ -153,7 +153,7 @@ impl Sim {
             wire: Wire::new(viewers, cfg.loss, cfg.seed),
             alive: Vec::new(),
             alive_pos: vec![usize::MAX; viewers.len() + 1],
-            origin: Origin::new(cfg.origin_budget_kbps, viewers.len() + 1),
+            origin: Origin::new(cfg.origin_budget_kbps, viewers.len() + 1, cfg.seconds),
             metrics: Collector::new(viewers, stream.len()),
             words: stream.len().div_ceil(64).max(1),
             block_bits: stream.block_bits(),

@@ -516,9 +516,19 @@ pub fn hashed_loss_delay(loss: f64, key: u64, rtt_us: u64) -> u64 {
 }
 
 /// The origin: gap-fill grants out of an egress budget, and the egress meter.
+///
+/// The budget is a rate, and the origin holds it over the whole run: an
+/// interval's fills are planned on the seeder's egress of the interval before,
+/// so an interval may overspend, and the next one pays it back; and the run
+/// never spends more than the budget times its duration (fills still running
+/// after the stream's last block draw on what is left of it).
 #[derive(Debug)]
 pub struct Origin {
     budget_bits: u64,
+    /// Most bits the whole run may send.
+    total_bits: u64,
+    /// Intervals started so far.
+    intervals: u64,
     grants: Vec<u64>,
     pool: u64,
     seed_bits_interval: u64,
@@ -534,10 +544,13 @@ pub struct Origin {
 }
 
 impl Origin {
-    /// An origin with `budget_kbps` of egress for hosts `0..hosts`.
-    pub fn new(budget_kbps: u64, hosts: usize) -> Self {
+    /// An origin with `budget_kbps` of egress for hosts `0..hosts`, over a
+    /// run of `seconds`.
+    pub fn new(budget_kbps: u64, hosts: usize, seconds: u64) -> Self {
         Origin {
             budget_bits: budget_kbps * 1000,
+            total_bits: budget_kbps * 1000 * seconds,
+            intervals: 0,
             grants: vec![0; hosts],
             pool: 0,
             seed_bits_interval: 0,
@@ -556,11 +569,16 @@ impl Origin {
     }
 
     /// A new 1 s interval: what the seeder did not use of the budget in the
-    /// last one is split among `bids` (max-min fair in whole blocks of
-    /// `block_bits`, as the server does); the unallocated rest is a first-come
-    /// pool for fetches nobody bid for.
+    /// last one, less any overspend still to pay back, is split among `bids`
+    /// (max-min fair in whole blocks of `block_bits`, as the server does); the
+    /// unallocated rest is a first-come pool for fetches nobody bid for.
     pub fn new_interval(&mut self, bids: &[Bid], block_bits: u64) {
-        let avail = self.budget_bits.saturating_sub(self.seed_bits_interval);
+        self.intervals += 1;
+        let allowed = (self.budget_bits * self.intervals).min(self.total_bits);
+        let left = allowed.saturating_sub(self.egress_bytes() * 8);
+        let avail = left
+            .min(self.budget_bits)
+            .saturating_sub(self.seed_bits_interval);
         self.seed_bits_interval = 0;
         self.grants.iter_mut().for_each(|g| *g = 0);
         let grants = allocate_units(avail, bids, block_bits, &mut self.cursor);
@@ -598,6 +616,31 @@ impl Origin {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An interval that overspends (the seeder's share is planned on the
+    /// interval before) is paid back by the next, and the run never spends
+    /// more than its budget times its duration, however long fills go on.
+    #[test]
+    fn the_origin_pays_back_an_overspend_and_keeps_the_run_budget() {
+        // 100 kbit/s over 3 s: 100,000 bits an interval, 300,000 in all.
+        let mut o = Origin::new(100, 2, 3);
+        o.new_interval(&[], 8);
+        assert!(o.fetch(1, 12_500), "a whole interval's pool");
+        assert!(!o.fetch(1, 1), "and no more");
+        o.seeded(6_250);
+        // 150,000 bits sent against 100,000: the next interval has nothing.
+        o.new_interval(&[], 8);
+        assert!(!o.fetch(1, 1), "the overspend is paid back first");
+        // Nothing sent in the second: a full interval again, not more.
+        o.new_interval(&[], 8);
+        assert!(o.fetch(1, 12_500));
+        assert!(!o.fetch(1, 1));
+        // Past the run's 3 s, only what is left of 300,000 bits.
+        o.new_interval(&[], 8);
+        assert!(o.fetch(1, 6_250));
+        assert!(!o.fetch(1, 1), "the run's budget is spent");
+        assert_eq!(o.egress_bytes() * 8, 300_000);
+    }
 
     /// The inline serializer queue is a FIFO, through its spill queue too
     /// (bursts longer than the ring), and `clear` empties both parts.
