@@ -92,6 +92,8 @@ pub const MAX_WANTS_PER_SEC: u32 = 64;
 pub const MAX_AHEAD: u64 = 4096;
 /// Origin fetches tried per missing block before it is left to be skipped.
 pub const MAX_ORIGIN_TRIES: u8 = 2;
+/// Most swarm failures a peer remembers for its bid.
+pub const MAX_SWARM_FAILED: usize = 256;
 /// Wait before retrying a failed origin fetch (about one bid interval), ms.
 pub const ORIGIN_RETRY_MS: u64 = 1_000;
 /// Interval at which every missing block's due time is recomputed, ms.
@@ -646,6 +648,9 @@ pub struct Peer<V> {
     /// When the last [`YIELD_LATE_PUSHES`] pushes of ours that went out late
     /// did ([`PeerStats::pushes_late`]).
     late_at: VecDeque<Time>,
+    /// When the swarm failed the latest missing blocks (at most
+    /// [`MAX_SWARM_FAILED`]): what [`Peer::bid`] asks for.
+    swarm_failed: VecDeque<Time>,
     /// When `pump` last dropped the expired front of the queue.
     expired_at: Option<Time>,
     /// Time of the latest `handle_*` call that carried one.
@@ -682,6 +687,7 @@ impl<V: BlockVerifier> Peer<V> {
             relay_pushes: Vec::new(),
             buffered_total: 0,
             late_at: VecDeque::new(),
+            swarm_failed: VecDeque::new(),
             expired_at: None,
             now: Time(0),
             events: VecDeque::new(),
@@ -1061,17 +1067,25 @@ impl<V: BlockVerifier> Peer<V> {
         }
     }
 
-    /// Bits this peer wants from the origin in the next `interval_ms`: the
-    /// missing blocks whose gap-fill moment falls inside it.
+    /// Bits this peer wants from the origin in the next `interval_ms`: as
+    /// many blocks as the swarm failed to bring it in the last one.
     pub fn bid(&self, now: Time, interval_ms: u64) -> u64 {
-        let horizon = now + interval_ms;
-        let block_bits = self.avg_block_bits();
-        let due = self
-            .missing
-            .keys()
-            .filter(|s| self.origin_at(*s) <= horizon)
-            .count() as u64;
-        due * block_bits
+        let since = Time(now.0.saturating_sub(interval_ms));
+        let failed = self.swarm_failed.iter().filter(|t| **t > since).count() as u64;
+        failed * self.avg_block_bits()
+    }
+
+    /// A missing block that went to the origin came from there, or came
+    /// late or never: the swarm failed it (the startup backlog aside, which
+    /// goes to the origin by design).
+    fn note_swarm_failed(&mut self, now: Time, seq: u64, m: &Missing) {
+        if m.origin_tries == 0 || self.in_backlog(seq) {
+            return;
+        }
+        if self.swarm_failed.len() >= MAX_SWARM_FAILED {
+            self.swarm_failed.pop_front();
+        }
+        self.swarm_failed.push_back(now);
     }
 
     /// The stream's bitrate as the blocks seen so far show it (mean block size
@@ -1429,6 +1443,9 @@ impl<V: BlockVerifier> Peer<V> {
         });
         self.learn_rate(seq, ingest);
         if let Some(m) = self.forget(seq) {
+            if from == From::Origin || now > self.deadline(seq) {
+                self.note_swarm_failed(now, seq, &m);
+            }
             if let Some((p, _)) = m.asked {
                 if From::Peer(p) != from {
                     self.push(p, Frame::Cancel(seq));
@@ -2018,7 +2035,9 @@ impl<V: BlockVerifier> Peer<V> {
             self.event(PeerEvent::Skip { from: next, to });
             let gone: Vec<u64> = self.missing.keys_below(to).collect();
             for s in gone {
-                self.forget(s);
+                if let Some(m) = self.forget(s) {
+                    self.note_swarm_failed(now, s, &m);
+                }
             }
             next = to;
         }
@@ -2772,6 +2791,9 @@ mod tests {
             "pulled only within the lead"
         );
         p.handle_frame(pull_at + 1, 7, Frame::DontHave(2));
+        // Block 2's origin moment falls within the next interval, but the
+        // swarm failed nothing yet: no bid.
+        assert_eq!(p.bid(pull_at + 1, 1_000), 0);
         // Nobody has it: near the deadline the origin is asked.
         let mut gap_fill = false;
         let mut now = pull_at;
@@ -2796,6 +2818,12 @@ mod tests {
         let (_, e) = drain(&mut p);
         assert!(e.contains(&PeerEvent::Skip { from: 2, to: 4 }), "{e:?}");
         assert_eq!(p.next_play(), Some(5));
+        // The swarm failed block 2 (and 3, which also went to the origin):
+        // the next interval's bid asks for as many blocks, the one after
+        // for none.
+        let one = p.avg_block_bits();
+        assert_eq!(p.bid(late, 1_000), 2 * one);
+        assert_eq!(p.bid(late + 1_001, 1_000), 0);
     }
 
     #[test]
@@ -2983,9 +3011,10 @@ mod tests {
             })
             .collect();
         assert_eq!(asked, (0..=20).collect::<Vec<_>>(), "all of it, in order");
-        assert!(
-            p.bid(Time(welcome), 1_000) > 0,
-            "the bid counts the backlog"
+        assert_eq!(
+            p.bid(Time(welcome), 1_000),
+            0,
+            "the backlog is asked for at once, before any grant could come"
         );
         // Everything but block 0 arrives; a later fragment starts at 10.
         for seq in 1..=20 {
