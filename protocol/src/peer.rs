@@ -31,7 +31,14 @@
 //! orphan is pulled at the pull grace like an own club's block. One still missing
 //! [`PeerConfig::origin_margin_ms`] before its deadline produces
 //! [`PeerEvent::GapFill`], and the driver fetches it from the origin within its
-//! grant. A joiner's backlog (its start block up to the live edge of the
+//! grant. A block the origin refuses ([`Peer::handle_gap_fill_failed`]) is
+//! pulled at once from another holder than its source, at most
+//! [`MAX_RESCUES_PER_SEC`] a second; a relay whose pushes run late answers
+//! pulls over the last hop with DONT_HAVE, so that the rescue does not load it
+//! further. The bid ([`Peer::bid`]) asks for as many blocks as the swarm
+//! failed to bring in the last interval: most blocks still missing at their
+//! origin moment come from the swarm in the end, so counting them spread the
+//! grants over peers that did not need them. A joiner's backlog (its start block up to the live edge of the
 //! welcome) is asked of the origin at once: playback cannot start without it,
 //! its links are not up yet, and the server grants it at the join (HTTP first,
 //! then the swarm). Peers that upload nothing (no upload or subscriber role) answer every
@@ -92,6 +99,9 @@ pub const MAX_WANTS_PER_SEC: u32 = 64;
 pub const MAX_AHEAD: u64 = 4096;
 /// Origin fetches tried per missing block before it is left to be skipped.
 pub const MAX_ORIGIN_TRIES: u8 = 2;
+/// Most blocks the origin refused that a peer pulls from the swarm in one
+/// second.
+pub const MAX_RESCUES_PER_SEC: u32 = 8;
 /// Most swarm failures a peer remembers for its bid.
 pub const MAX_SWARM_FAILED: usize = 256;
 /// Wait before retrying a failed origin fetch (about one bid interval), ms.
@@ -651,6 +661,8 @@ pub struct Peer<V> {
     /// When the swarm failed the latest missing blocks (at most
     /// [`MAX_SWARM_FAILED`]): what [`Peer::bid`] asks for.
     swarm_failed: VecDeque<Time>,
+    /// (second, pulls in it) of blocks the origin refused.
+    rescues: (u64, u32),
     /// When `pump` last dropped the expired front of the queue.
     expired_at: Option<Time>,
     /// Time of the latest `handle_*` call that carried one.
@@ -688,6 +700,7 @@ impl<V: BlockVerifier> Peer<V> {
             buffered_total: 0,
             late_at: VecDeque::new(),
             swarm_failed: VecDeque::new(),
+            rescues: (0, 0),
             expired_at: None,
             now: Time(0),
             events: VecDeque::new(),
@@ -1024,13 +1037,35 @@ impl<V: BlockVerifier> Peer<V> {
     /// The origin fetch for `seq` failed (over the grant, evicted, network).
     /// The block stays missing and may be skipped at its deadline.
     pub fn handle_gap_fill_failed(&mut self, now: Time, seq: u64) {
-        if let Some(m) = self.missing.get_mut(seq) {
-            // Retry with the next grant, not at once.
-            m.origin = false;
-            m.retry_at = now + ORIGIN_RETRY_MS;
+        self.now = now;
+        let Some(m) = self.missing.get_mut(seq) else {
+            return;
+        };
+        // Retry with the next grant, not at once.
+        m.origin = false;
+        m.retry_at = now + ORIGIN_RETRY_MS;
+        let unasked = m.asked.is_none();
+        // Before the deadline the swarm is the last resort: pull it now from
+        // a holder other than the source that let it go missing.
+        let sec = now.as_millis() / 1000;
+        if self.rescues.0 != sec {
+            self.rescues = (sec, 0);
+        }
+        if unasked && now < self.deadline(seq) && self.rescues.1 < MAX_RESCUES_PER_SEC {
+            self.rescues.1 += 1;
+            let slow = self.source_link(seq);
+            if let Some(p) = self.holder(seq, slow) {
+                self.stats.wants_sent += 1;
+                self.push(p, Frame::Want(seq));
+                if let Some(m) = self.missing.get_mut(seq) {
+                    m.asked = Some((p, now));
+                    m.tries = m.tries.saturating_add(1);
+                }
+            }
         }
         self.reindex(seq);
         self.schedule(now);
+        self.pump();
     }
 
     /// Timers: pulls, gap fills, skips and pings.
@@ -1826,7 +1861,14 @@ impl<V: BlockVerifier> Peer<V> {
             st.lazy &= !(1 << c);
         }
         let over = st.want_window.1 > MAX_WANTS_PER_SEC;
-        if !over && self.uploads() && self.cache.contains_key(seq) {
+        // A relay whose pushes run late keeps its upload for its children
+        // and subscribers: a pull over the last hop would come late too, and
+        // the puller may ask someone else.
+        let in_club = st.roles.iter().any(
+            |r| matches!(*r, LinkRole::Download { club } | LinkRole::Upload { club } if club == c),
+        );
+        let busy = !in_club && self.running_late(now);
+        if !over && !busy && self.uploads() && self.cache.contains_key(seq) {
             self.enqueue(0, seq, from);
         } else {
             self.push(from, Frame::DontHave(seq));
@@ -2483,33 +2525,46 @@ mod tests {
         assert_eq!(order, want);
     }
 
-    #[test]
-    fn a_relay_running_late_stops_racing_for_a_child_another_parent_beat() {
+    /// The transport drains every link of `p` at `at`; one block goes out.
+    fn send(p: &mut Peer<StreamKey>, at: u64) -> Vec<(PeerId, &'static str)> {
+        p.now = Time(at);
+        p.handle_links_buffered(links().map(|l| (l.peer, 0)));
+        sent(&drain(p).0)
+    }
+
+    /// A [`one_frame_window_peer`] that got eight blocks of club 0 at once:
+    /// 15 in-club pushes and 12 last-hop ones wait behind the first push.
+    fn swamped_peer() -> Peer<StreamKey> {
         let mut p = one_frame_window_peer();
-        // The transport drains every link at `at`; one block goes out.
-        let send = |p: &mut Peer<StreamKey>, at: u64| {
-            p.now = Time(at);
-            p.handle_links_buffered(links().map(|l| (l.peer, 0)));
-            sent(&drain(p).0)
-        };
         send(&mut p, T0);
-        // Eight blocks of club 0 come at once: 15 in-club pushes and 12
-        // last-hop ones wait behind the first push.
         for (i, seq) in (4..=32).step_by(4).enumerate() {
             p.handle_frame(Time(T0 + 1 + i as u64), 2, Frame::Block(big_block(seq)));
         }
+        p
+    }
+
+    /// Drains the queue of `p` from T0 + 300 ms on, a frame a millisecond,
+    /// so its last-hop pushes go out late; returns the time after.
+    fn drain_late(p: &mut Peer<StreamKey>) -> u64 {
+        let mut at = T0 + 300;
+        while p.queued_pushes() > 0 {
+            send(p, at);
+            at += 1;
+        }
+        assert!(p.stats().pushes_late >= YIELD_LATE_PUSHES as u64);
+        at
+    }
+
+    #[test]
+    fn a_relay_running_late_stops_racing_for_a_child_another_parent_beat() {
+        let mut p = swamped_peer();
         assert_eq!(sent(&drain(&mut p).0), vec![(3, "block")]);
         // On time: child 4 announcing block 4 while its push waits costs the
         // push only.
         p.handle_frame(Time(T0 + 10), 4, Frame::Have(4));
         assert_eq!(p.stats().races_yielded, 0);
         // From 300 ms on, the queue drains; the last-hop pushes are late.
-        let mut at = T0 + 300;
-        while p.queued_pushes() > 0 {
-            send(&mut p, at);
-            at += 1;
-        }
-        assert!(p.stats().pushes_late >= YIELD_LATE_PUSHES as u64);
+        let at = drain_late(&mut p);
         // Now child 4 announcing block 36 before our push went makes us lazy
         // for it in club 0.
         p.handle_frame(Time(at), 2, Frame::Block(big_block(36)));
@@ -2549,6 +2604,63 @@ mod tests {
         assert_eq!(sent(&drain(&mut p).0), vec![(3, "block")]);
         p.handle_frame(Time(calm + 3), 4, Frame::Have(48));
         assert_eq!(p.stats().races_yielded, 1);
+    }
+
+    /// A block the origin refused is pulled at once from another holder of
+    /// its club (not the source that let it go missing), a few a second.
+    #[test]
+    fn a_block_the_origin_refused_is_pulled_from_another_holder_a_few_a_second() {
+        let mut p = peer_with_second_source();
+        p.handle_frame(Time(T0 + 1), 2, Frame::Block(block(0, true)));
+        // Block 100 shows that 1..=99 are missing; club 2's are 2, 6, 10, ...
+        p.handle_frame(Time(T0 + 2), 2, Frame::Block(block(100, true)));
+        drain(&mut p);
+        let refused: Vec<u64> = (2..100)
+            .step_by(4)
+            .take(MAX_RESCUES_PER_SEC as usize + 2)
+            .collect();
+        let now = Time(T0 + 50);
+        for &seq in &refused {
+            p.handle_gap_fill_failed(now, seq);
+        }
+        let (t, _) = drain(&mut p);
+        assert_eq!(
+            sent(&t),
+            vec![(8, "want"); MAX_RESCUES_PER_SEC as usize],
+            "pulled from 8, never from the source 7, and only so many a second"
+        );
+        // The next second, the next refusal is pulled too.
+        p.handle_gap_fill_failed(now + 1_000, 98);
+        assert_eq!(sent(&drain(&mut p).0), vec![(8, "want")]);
+        // Past its deadline a refused block is left to be skipped.
+        p.handle_gap_fill_failed(p.deadline(94) + 1, 94);
+        assert_eq!(sent(&drain(&mut p).0), vec![]);
+    }
+
+    /// A relay whose pushes run late answers pulls over the last hop with
+    /// DONT_HAVE, so the puller asks someone else, and still serves its club.
+    #[test]
+    fn a_relay_running_late_refuses_last_hop_pulls_but_serves_its_club() {
+        let mut p = swamped_peer();
+        drain(&mut p);
+        // On time, subscriber 5 gets what it asks for.
+        p.handle_frame(Time(T0 + 20), 5, Frame::Want(4));
+        assert!(!sent(&drain(&mut p).0).contains(&(5, "other")));
+        let at = drain_late(&mut p);
+        // Running late: the subscriber and the source of club 2 are refused,
+        p.handle_frame(Time(at), 5, Frame::Want(8));
+        p.handle_frame(Time(at), 7, Frame::Want(8));
+        let (t, _) = drain(&mut p);
+        assert!(
+            t.iter().all(|t| matches!(t.frame, Frame::DontHave(8))) && t.len() == 2,
+            "{:?}",
+            sent(&t)
+        );
+        assert_eq!(p.queued_pushes(), 0);
+        // and the in-club child is served.
+        p.handle_frame(Time(at + 1), 3, Frame::Want(8));
+        assert!(drain(&mut p).0.is_empty());
+        assert_eq!(p.queued_pushes(), 1);
     }
 
     #[test]
@@ -2724,8 +2836,9 @@ mod tests {
         assert!(got.abs_diff(want) <= 15, "deadline {got}, cut-based {want}");
     }
 
-    #[test]
-    fn a_last_hop_block_whose_source_went_is_pulled_from_another_member() {
+    /// [`peer`] with an open link to 8, the source of the other half of club
+    /// 2 (7 sends all of it).
+    fn peer_with_second_source() -> Peer<StreamKey> {
         let mut p = peer();
         let other = link(
             8,
@@ -2737,6 +2850,12 @@ mod tests {
         );
         p.handle_link(Time(T0), LinkOp::Add, other);
         p.handle_link_open(Time(T0), 8);
+        p
+    }
+
+    #[test]
+    fn a_last_hop_block_whose_source_went_is_pulled_from_another_member() {
+        let mut p = peer_with_second_source();
         p.handle_frame(Time(T0 + 100), 2, Frame::Block(block(0, true)));
         // Block 2 (club 2, share 0: source 7's) does not come; 4 does.
         p.handle_frame(Time(T0 + 400), 2, Frame::Block(block(4, true)));
