@@ -38,8 +38,9 @@
 //! further. The bid ([`Peer::bid`]) asks for as many blocks as the swarm
 //! failed to bring in the last interval: most blocks still missing at their
 //! origin moment come from the swarm in the end, so counting them spread the
-//! grants over peers that did not need them. A joiner's backlog (its start block up to the live edge of the
-//! welcome) is asked of the origin at once: playback cannot start without it,
+//! grants over peers that did not need them. A joiner's backlog (its start
+//! block up to the live edge of the welcome) is asked of the origin at once:
+//! playback cannot start without it,
 //! its links are not up yet, and the server grants it at the join (HTTP first,
 //! then the swarm). Peers that upload nothing (no upload or subscriber role) answer every
 //! WANT with DONT_HAVE. Blocks go to the player in seq order as
@@ -99,8 +100,8 @@ pub const MAX_WANTS_PER_SEC: u32 = 64;
 pub const MAX_AHEAD: u64 = 4096;
 /// Origin fetches tried per missing block before it is left to be skipped.
 pub const MAX_ORIGIN_TRIES: u8 = 2;
-/// Most blocks the origin refused that a peer pulls from the swarm in one
-/// second.
+/// Most blocks the origin refused that a peer tries to pull from the swarm in
+/// one second.
 pub const MAX_RESCUES_PER_SEC: u32 = 8;
 /// Most swarm failures a peer remembers for its bid.
 pub const MAX_SWARM_FAILED: usize = 256;
@@ -661,7 +662,8 @@ pub struct Peer<V> {
     /// When the swarm failed the latest missing blocks (at most
     /// [`MAX_SWARM_FAILED`]): what [`Peer::bid`] asks for.
     swarm_failed: VecDeque<Time>,
-    /// (second, pulls in it) of blocks the origin refused.
+    /// (second, rescues tried in it): pulls of blocks the origin refused
+    /// ([`MAX_RESCUES_PER_SEC`]).
     rescues: (u64, u32),
     /// When `pump` last dropped the expired front of the queue.
     expired_at: Option<Time>,
