@@ -12,7 +12,8 @@
 //! [`LAUNCH_SETTLE`]) each opens the watch page, `--stagger-ms` apart;
 //! the window of `--secs` starts when all show a first frame, and in it every
 //! browser is sampled once a second (stats, `<video>`, RSS). Writes
-//! `e2e.md` (definitions, goals, table) and `e2e.json` into `--out`.
+//! `e2e.md` (definitions, goals, table; the hand-written notes of the old file,
+//! from its first `## Notes` heading on, are kept) and `e2e.json` into `--out`.
 //! `--extra N` adds rows for N browsers (both modes), labelled as such; 0 adds none.
 //! Nothing is asserted: the figures are reported as measured.
 
@@ -812,6 +813,39 @@ fn write(out: &Path, meta: &Value, rows: &[Value]) {
         serde_json::to_string_pretty(&json).expect("json") + "\n",
     )
     .expect("write e2e.json");
-    std::fs::write(out.join("e2e.md"), markdown(meta, rows)).expect("write e2e.md");
+    let path = out.join("e2e.md");
+    let old = std::fs::read_to_string(&path).ok();
+    let md = with_notes(markdown(meta, rows), old.as_deref());
+    std::fs::write(&path, md).expect("write e2e.md");
     eprintln!("bench-e2e: wrote {}/e2e.md and e2e.json", out.display());
+}
+
+/// The generated `md`, followed by the hand-written notes of the file it
+/// replaces (`old`, from its first `## Notes` heading on), which outlive a
+/// rerun as `sim.md`'s do.
+fn with_notes(md: String, old: Option<&str>) -> String {
+    let Some(notes) = old.and_then(|o| o.find("\n## Notes").map(|i| &o[i + 1..])) else {
+        return md;
+    };
+    format!("{}\n\n{notes}", md.trim_end())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::with_notes;
+
+    #[test]
+    fn a_rerun_keeps_the_hand_written_notes() {
+        let old = "# E2E\n\n| old table |\n\n## Definitions\n\nx\n\n## Notes on a run\n\nWhy.\n";
+        let md = with_notes(
+            "# E2E\n\n| new table |\n\n## Definitions\n\nx\n".into(),
+            Some(old),
+        );
+        assert_eq!(
+            md,
+            "# E2E\n\n| new table |\n\n## Definitions\n\nx\n\n## Notes on a run\n\nWhy.\n"
+        );
+        assert_eq!(with_notes("new\n".into(), None), "new\n");
+        assert_eq!(with_notes("new\n".into(), Some("no notes\n")), "new\n");
+    }
 }
