@@ -1057,12 +1057,7 @@ impl<V: BlockVerifier> Peer<V> {
             self.rescues.1 += 1;
             let slow = self.source_link(seq);
             if let Some(p) = self.holder(seq, slow) {
-                self.stats.wants_sent += 1;
-                self.push(p, Frame::Want(seq));
-                if let Some(m) = self.missing.get_mut(seq) {
-                    m.asked = Some((p, now));
-                    m.tries = m.tries.saturating_add(1);
-                }
+                self.want(now, seq, p);
             }
         }
         self.reindex(seq);
@@ -2032,7 +2027,6 @@ impl<V: BlockVerifier> Peer<V> {
         }
         let not = m.asked.map(|(p, _)| p);
         if let Some(p) = self.holder(seq, not) {
-            self.stats.wants_sent += 1;
             let c = club_of(seq, self.cfg.clubs);
             if let Some(st) = self.links.get_mut(&p) {
                 if c < 64 && st.roles.contains(&LinkRole::Download { club: c }) {
@@ -2040,14 +2034,20 @@ impl<V: BlockVerifier> Peer<V> {
                     st.pruned &= !(1 << c);
                 }
             }
-            self.push(p, Frame::Want(seq));
-            if let Some(mm) = self.missing.get_mut(seq) {
-                mm.asked = Some((p, now));
-                mm.tries = mm.tries.saturating_add(1);
-            }
+            self.want(now, seq, p);
         } else if let Some(mm) = self.missing.get_mut(seq) {
             mm.asked = None;
             mm.noticed = now;
+        }
+    }
+
+    /// Pulls missing block `seq` from `p` with WANT.
+    fn want(&mut self, now: Time, seq: u64, p: PeerId) {
+        self.stats.wants_sent += 1;
+        self.push(p, Frame::Want(seq));
+        if let Some(m) = self.missing.get_mut(seq) {
+            m.asked = Some((p, now));
+            m.tries = m.tries.saturating_add(1);
         }
     }
 
