@@ -154,11 +154,31 @@ pub const PRUNE_LAG_MS: u64 = 150;
 /// continuity went from 0.99939 / 0.99986 / 0.99982 / 0.99962 / 0.99974 /
 /// 0.99990 / 0.99977 / 0.99987 to 0.99931 / 0.99986 / 0.99987 / 0.99974 /
 /// 0.99972 / 0.99991 / 0.99978 / 0.99989 at 30 %, 250 ms.
-pub const PRUNE_LAG_AGE_PCT: u64 = 30;
+///
+/// Measured again on 2026-12-05, with churn and hostile peers, after the
+/// origin bids and rescue pulls changed (b22f6e1): 40 %, 300 ms. p95 is of
+/// `--peers 10000 --seconds 40 --churn-per-min 0.1 --hostile 0.05 --seed 1`
+/// (ms); upload p99 of the same flags at 1,000 peers × 120 s, the row of the
+/// benchmark whose upload p99 is nearest its goal of 2:
+///
+/// | share, up to | p95, dup, origin | upload p99 | + nearest first and a PING at open: p95 | upload p99 |
+/// |---|---|---|---|---|
+/// | 30 %, 250 ms | 1,015, 0.101, 2.88 | 1.9977 | – | – |
+/// | **40 %, 300 ms** | 1,001, 0.112, 2.84 | 1.9927 | **993** (994 over 120 s) | **1.9978** |
+/// | 35 %, 400 ms | 1,006, 0.107, 2.85 | – | – | – |
+/// | 45 %, 350 ms | – | – | 1,000 over 120 s (nearest first alone) | 2.0036 |
+/// | 50 %, 400 ms | 997, 0.123, 2.81 | 1.9860 | 990 (nearest first alone) | 2.0015 |
+/// | 60 %, 600 ms | 999, 0.127, 2.82 | – | – | – |
+///
+/// Racing longer shortens the tail only so far, and its duplicates land on
+/// the strongest relays: past 40 %, 300 ms the 1,000-peer row's upload p99
+/// goes over 2. Continuity did not move (1,000 × 120 s, seeds 1 to 8: mean
+/// 0.99991 at 30 %, 250 ms and at 40 %, 300 ms with the other two changes).
+pub const PRUNE_LAG_AGE_PCT: u64 = 40;
 /// Default [`PeerConfig::prune_lag_max_ms`]: the most a block's age stretches
 /// the prune lag to, ms. Without a cap a block that came very late (pulled, or
 /// after a stall) would keep its parents racing long after.
-pub const PRUNE_LAG_MAX_MS: u64 = 250;
+pub const PRUNE_LAG_MAX_MS: u64 = 300;
 /// Default [`PeerConfig::yield_late_ms`], ms: a relay whose last
 /// [`YIELD_LATE_PUSHES`] late pushes ([`PeerStats::pushes_late`]) all fell
 /// within this window is short of upload. While it is, it stops racing for an
@@ -457,6 +477,23 @@ impl PeerStats {
     }
 }
 
+/// A queued push: (class, seq, rank, remote). Class 0 holds in-club pushes
+/// and WANT answers, class 1 last-hop pushes; within a class the oldest block
+/// goes first, and a block goes to its nearest remotes first (the rank is the
+/// least round trip measured, see [`LinkState::rank`]).
+///
+/// A relay sends a block to its remotes one after the other. Serving the
+/// nearest first hands it soonest to the children that relay it on, as a
+/// shortest-path tree would. Serving the farthest first instead, which evens
+/// out the arrivals at this hop, made the whole tree slower. `clubcast-sim
+/// --mode clubs --peers 10000 --seconds 40 --churn-per-min 0.1 --hostile 0.05
+/// --seed 1`, block delay p50 / p95 ms (prune lag 30 %, 250 ms): by peer id
+/// 791 / 1,015; farthest first 805 / 1,022; nearest first 779 / 1,009. A link
+/// is pinged as soon as it opens, so that its pushes are ranked from its first
+/// blocks: 776 / 998 without that and 770 / 993 with it (prune lag 40 %,
+/// 300 ms).
+type Queued = (u8, u64, u16, PeerId);
+
 /// The fields up to `haves` are read for every block relayed, every ping and
 /// every buffer report, so they are laid out together (`repr(C)`): a link
 /// costs a cache line or two, not one per field.
@@ -475,6 +512,12 @@ struct LinkState {
     haves: HaveWindow,
     remote_clubs: u64,
     rtt_ms: Option<u64>,
+    /// The least round trip measured: the path's own latency, without the
+    /// queues a PONG may have waited in.
+    min_rtt_ms: Option<u64>,
+    /// The rank of its pushes among those of the same block ([`Queued`]):
+    /// [`LinkState::min_rtt_ms`], 0 (first) while unknown.
+    rank: u16,
     ping_nonce: u64,
     ping_sent: Time,
     want_window: (u64, u32),
@@ -641,9 +684,9 @@ pub struct Peer<V> {
     anchor_real: bool,
     next_play: Option<u64>,
     transmits: VecDeque<Transmit>,
-    /// The send queue: (class, seq, remote), class 0 in-club pushes and WANT
-    /// answers, class 1 last-hop pushes.
-    queued: VecSet<(u8, u64, PeerId)>,
+    /// The send queue, class 0 in-club pushes and WANT answers, class 1
+    /// last-hop pushes.
+    queued: VecSet<Queued>,
     /// The earliest `next_ping` of the open links, once computed (`None`:
     /// a link opened, closed, went or pinged since). Every event reschedules,
     /// and a pass over the links to find it would touch them all.
@@ -822,7 +865,7 @@ impl<V: BlockVerifier> Peer<V> {
                         self.buffered_total -= st.buffered;
                         self.links.remove(&link.peer);
                         self.ping_min = None;
-                        self.unqueue(|&(_, _, to)| to == link.peer);
+                        self.unqueue(|&(_, _, _, to)| to == link.peer);
                     }
                     self.index_link(link.peer);
                     if had {
@@ -840,7 +883,8 @@ impl<V: BlockVerifier> Peer<V> {
             return;
         };
         st.open = true;
-        st.next_ping = now + PING_INTERVAL_MS / 2;
+        // Ping at once: the round trip ranks its pushes ([`Queued`]).
+        st.next_ping = now;
         self.ping_min = None;
         st.note_source(now);
         self.push(
@@ -881,7 +925,7 @@ impl<V: BlockVerifier> Peer<V> {
             st.buffered = 0;
             roles.clone_from(&st.roles);
         }
-        self.unqueue(|&(_, _, to)| to == peer);
+        self.unqueue(|&(_, _, _, to)| to == peer);
         self.orphan_shares_of(now, &roles);
     }
 
@@ -995,8 +1039,10 @@ impl<V: BlockVerifier> Peer<V> {
             },
             Frame::Want(seq) => self.answer_want(now, from, seq),
             Frame::Cancel(seq) => {
-                self.queued.remove(&(0, seq, from));
-                self.queued.remove(&(1, seq, from));
+                for class in 0..=1 {
+                    let e = self.queued_key(class, seq, from);
+                    self.queued.remove(&e);
+                }
             }
             Frame::DontHave(seq) => {
                 if let Some(m) = self.missing.get_mut(seq) {
@@ -1018,7 +1064,9 @@ impl<V: BlockVerifier> Peer<V> {
             Frame::Pong(n) => {
                 if let Some(st) = self.links.get_mut(&from) {
                     if st.ping_nonce == n {
-                        st.rtt_ms = Some(now.since(st.ping_sent));
+                        let rtt = now.since(st.ping_sent);
+                        st.rtt_ms = Some(rtt);
+                        self.note_rtt(from, rtt);
                     }
                 }
             }
@@ -1176,7 +1224,7 @@ impl<V: BlockVerifier> Peer<V> {
             self.buffered_total -= st.buffered;
             self.orphan_shares_of(self.now, &st.roles);
         }
-        self.unqueue(|&(_, _, to)| to == peer);
+        self.unqueue(|&(_, _, _, to)| to == peer);
         let mut asked = Vec::new();
         for (seq, m) in self.missing.iter_mut() {
             if m.asked.is_some_and(|(p, _)| p == peer) {
@@ -1233,7 +1281,7 @@ impl<V: BlockVerifier> Peer<V> {
     /// run late, stop racing for that child, as its PRUNE would make us; its
     /// WANT grafts us back ([`YIELD_LATE_MS`]).
     fn lost_race(&mut self, now: Time, from: PeerId, seq: u64) {
-        if !self.running_late(now) || !self.queued.contains(&(0, seq, from)) {
+        if !self.running_late(now) || !self.queued.contains(&self.queued_key(0, seq, from)) {
             return;
         }
         let c = club_of(seq, self.cfg.clubs);
@@ -1645,9 +1693,41 @@ impl<V: BlockVerifier> Peer<V> {
         self.relay_pushes = pushes;
     }
 
+    /// The queue entry of block `seq` for `to` in `class`.
+    fn queued_key(&self, class: u8, seq: u64, to: PeerId) -> Queued {
+        let rank = self.links.get(&to).map_or(0, |st| st.rank);
+        (class, seq, rank, to)
+    }
+
+    /// A round trip to link `p` was measured: a new least one re-ranks its
+    /// queued pushes (a pass over the bounded queue, at most once per PING).
+    fn note_rtt(&mut self, p: PeerId, rtt: u64) {
+        let Some(st) = self.links.get_mut(&p) else {
+            return;
+        };
+        let least = st.min_rtt_ms.map_or(rtt, |m| m.min(rtt));
+        st.min_rtt_ms = Some(least);
+        let rank = u16::try_from(least).unwrap_or(u16::MAX);
+        if rank == st.rank {
+            return;
+        }
+        st.rank = rank;
+        let moved: Vec<Queued> = self
+            .queued
+            .range(..)
+            .filter(|e| e.3 == p)
+            .copied()
+            .collect();
+        for e @ (class, seq, _, to) in moved {
+            self.queued.remove(&e);
+            self.queued.insert((class, seq, rank, to));
+        }
+    }
+
     /// Queues block `seq` for `to` in `class` (0 in-club, 1 last hop).
     fn enqueue(&mut self, class: u8, seq: u64, to: PeerId) {
-        self.queued.insert((class, seq, to));
+        let e = self.queued_key(class, seq, to);
+        self.queued.insert(e);
         if self.queued.len() > MAX_QUEUED_PUSHES {
             // The least urgent push goes unsent: the upload is behind.
             self.queued.pop_last();
@@ -1671,7 +1751,7 @@ impl<V: BlockVerifier> Peer<V> {
             }
             while let Some(&e) = self
                 .queued
-                .range((class, 0, 0)..=(class, u64::MAX, PeerId::MAX))
+                .range((class, 0, 0, 0)..=(class, u64::MAX, u16::MAX, PeerId::MAX))
                 .next()
             {
                 if self.sendable(e) {
@@ -1721,9 +1801,9 @@ impl<V: BlockVerifier> Peer<V> {
             };
             for &e in rest {
                 let has_room = if every_open_link {
-                    self.links.get(&e.2).is_some_and(|l| l.open)
+                    self.links.get(&e.3).is_some_and(|l| l.open)
                 } else {
-                    room.contains(&e.2)
+                    room.contains(&e.3)
                 };
                 if !has_room {
                     continue;
@@ -1737,7 +1817,7 @@ impl<V: BlockVerifier> Peer<V> {
             for e in stale.drain(..) {
                 self.drop_queued(e);
             }
-            let Some(e @ (class, seq, to)) = next else {
+            let Some(e @ (class, seq, _, to)) = next else {
                 break;
             };
             after = Some(e);
@@ -1765,10 +1845,10 @@ impl<V: BlockVerifier> Peer<V> {
 
     /// Drops unsendable entry `e` from the queue, counting it as expired if
     /// only its deadline stopped it.
-    fn drop_queued(&mut self, e: (u8, u64, PeerId)) {
+    fn drop_queued(&mut self, e: Queued) {
         self.queued.remove(&e);
         self.stats.pushes_dropped += 1;
-        let (_, seq, to) = e;
+        let (_, seq, _, to) = e;
         let wanted = self
             .links
             .get(&to)
@@ -1781,7 +1861,7 @@ impl<V: BlockVerifier> Peer<V> {
     /// Whether a queued push may still go: its link is open, the remote has
     /// not said it has the block, and the block is cached and not past its
     /// deadline.
-    fn sendable(&self, (_, seq, to): (u8, u64, PeerId)) -> bool {
+    fn sendable(&self, (_, seq, _, to): Queued) -> bool {
         match (self.links.get(&to), self.cache.get(seq)) {
             (Some(st), Some(c)) => {
                 st.open && !st.said_have(seq) && !self.past_push_deadline(&c.block)
@@ -1797,7 +1877,7 @@ impl<V: BlockVerifier> Peer<V> {
     }
 
     /// Drops the queued pushes `gone` matches.
-    fn unqueue(&mut self, gone: impl Fn(&(u8, u64, PeerId)) -> bool) {
+    fn unqueue(&mut self, gone: impl Fn(&Queued) -> bool) {
         let before = self.queued.len();
         self.queued.retain(|e| !gone(e));
         self.stats.pushes_dropped += (before - self.queued.len()) as u64;
@@ -1810,7 +1890,7 @@ impl<V: BlockVerifier> Peer<V> {
         for class in 0..=1u8 {
             let gone: Vec<_> = self
                 .queued
-                .range((class, seq, 0)..=(class, seq, PeerId::MAX))
+                .range((class, seq, 0, 0)..=(class, seq, u16::MAX, PeerId::MAX))
                 .copied()
                 .collect();
             for e in gone {
@@ -1825,8 +1905,9 @@ impl<V: BlockVerifier> Peer<V> {
     fn link_has(&mut self, p: PeerId, seq: u64) {
         if let Some(st) = self.links.get_mut(&p) {
             st.note_have(seq);
+            let rank = st.rank;
             for class in 0..=1 {
-                if self.queued.remove(&(class, seq, p)) {
+                if self.queued.remove(&(class, seq, rank, p)) {
                     self.stats.pushes_dropped += 1;
                 }
             }
@@ -2525,6 +2606,46 @@ mod tests {
         // Block 8's in-club pushes overtake block 4's last-hop pushes.
         let want = [(3, 4), (4, 4), (3, 8), (4, 8), (5, 4), (6, 4), (5, 8)];
         assert_eq!(order, want);
+    }
+
+    #[test]
+    fn a_block_goes_to_its_nearest_remotes_first() {
+        let mut p = one_frame_window_peer();
+        send(&mut p, T0);
+        // The links are pinged again (the first PINGs, at open, went
+        // unanswered); block 52 (club 0, share 1 of 2: 3 and 4 in club, 5 and
+        // 6 last hop) arrives before any PONG, so its first push goes by peer
+        // id.
+        let at = T0 + PING_INTERVAL_MS;
+        p.handle_timeout(Time(at));
+        let (t, _) = drain(&mut p);
+        let pings: Vec<(PeerId, u64)> = t
+            .iter()
+            .filter_map(|t| match t.frame {
+                Frame::Ping(n) => Some((t.to, n)),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(pings.len(), links().len(), "{pings:?}");
+        p.handle_frame(Time(at + 1), 2, Frame::Block(big_block(52)));
+        let first = |sent: Vec<(PeerId, &'static str)>| {
+            sent.into_iter().find(|s| s.1 == "block").map(|s| s.0)
+        };
+        assert_eq!(first(send(&mut p, at + 1)), Some(3));
+        // The PONGs re-rank the pushes still queued: the nearest first, in
+        // club before last hop.
+        for (to, n) in pings {
+            let rtt = match to {
+                4 => 90,
+                5 => 60,
+                6 => 30,
+                _ => 10,
+            };
+            p.handle_frame(Time(at + rtt), to, Frame::Pong(n));
+        }
+        let order: Vec<Option<PeerId>> =
+            (0..3).map(|i| first(send(&mut p, at + 100 + i))).collect();
+        assert_eq!(order, [Some(4), Some(6), Some(5)]);
     }
 
     /// The transport drains every link of `p` at `at`; one block goes out.
