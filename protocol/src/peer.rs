@@ -513,11 +513,9 @@ struct LinkState {
     remote_clubs: u64,
     rtt_ms: Option<u64>,
     /// The least round trip measured: the path's own latency, without the
-    /// queues a PONG may have waited in.
+    /// queues a PONG may have waited in. It ranks the link's pushes
+    /// ([`LinkState::rank`]).
     min_rtt_ms: Option<u64>,
-    /// The rank of its pushes among those of the same block ([`Queued`]):
-    /// [`LinkState::min_rtt_ms`], 0 (first) while unknown.
-    rank: u16,
     ping_nonce: u64,
     ping_sent: Time,
     want_window: (u64, u32),
@@ -538,6 +536,13 @@ impl LinkState {
         if self.open && source && self.source_since.is_none() {
             self.source_since = Some(now);
         }
+    }
+
+    /// The rank of its pushes among those of the same block ([`Queued`]):
+    /// its least round trip, 0 (first) while unknown.
+    fn rank(&self) -> u16 {
+        self.min_rtt_ms
+            .map_or(0, |r| u16::try_from(r).unwrap_or(u16::MAX))
     }
 
     fn said_have(&self, seq: u64) -> bool {
@@ -1695,7 +1700,7 @@ impl<V: BlockVerifier> Peer<V> {
 
     /// The queue entry of block `seq` for `to` in `class`.
     fn queued_key(&self, class: u8, seq: u64, to: PeerId) -> Queued {
-        let rank = self.links.get(&to).map_or(0, |st| st.rank);
+        let rank = self.links.get(&to).map_or(0, LinkState::rank);
         (class, seq, rank, to)
     }
 
@@ -1705,13 +1710,12 @@ impl<V: BlockVerifier> Peer<V> {
         let Some(st) = self.links.get_mut(&p) else {
             return;
         };
-        let least = st.min_rtt_ms.map_or(rtt, |m| m.min(rtt));
-        st.min_rtt_ms = Some(least);
-        let rank = u16::try_from(least).unwrap_or(u16::MAX);
-        if rank == st.rank {
+        let old = st.rank();
+        st.min_rtt_ms = Some(st.min_rtt_ms.map_or(rtt, |m| m.min(rtt)));
+        let rank = st.rank();
+        if rank == old {
             return;
         }
-        st.rank = rank;
         let moved: Vec<Queued> = self
             .queued
             .range(..)
@@ -1905,9 +1909,9 @@ impl<V: BlockVerifier> Peer<V> {
     fn link_has(&mut self, p: PeerId, seq: u64) {
         if let Some(st) = self.links.get_mut(&p) {
             st.note_have(seq);
-            let rank = st.rank;
             for class in 0..=1 {
-                if self.queued.remove(&(class, seq, rank, p)) {
+                let e = self.queued_key(class, seq, p);
+                if self.queued.remove(&e) {
                     self.stats.pushes_dropped += 1;
                 }
             }
