@@ -156,6 +156,8 @@ struct Joined {
     links_at: f64,
     /// `pushes_late` of the core at the last bid.
     late_sent: u64,
+    /// Bytes sent (payload and control) reported with the last bid.
+    up_sent: u64,
 }
 
 /// The driver state of one `WasmPlayer`.
@@ -598,6 +600,7 @@ impl Session {
                     granted_bits: 0,
                     corrupt: test_corrupt && self.opts.test_corrupt,
                     late_sent: 0,
+                    up_sent: 0,
                     links_at: local + LINK_HOLD_MAX_MS,
                 });
                 if !rejoin {
@@ -773,9 +776,12 @@ impl Session {
         let now = self.now();
         let Some(j) = &mut self.joined else { return };
         let due = j.peer.bid(now, j.bid_interval_ms as u64);
-        let late_total = j.peer.stats().pushes_late;
-        let late = late_total.saturating_sub(j.late_sent);
-        j.late_sent = late_total;
+        let stats = j.peer.stats();
+        let late = stats.pushes_late.saturating_sub(j.late_sent);
+        j.late_sent = stats.pushes_late;
+        let up_total = stats.bytes_uploaded + stats.control_bytes_sent;
+        let up = up_total.saturating_sub(j.up_sent);
+        j.up_sent = up_total;
         let bits = if self.opts.p2p && !self.origin.in_order() {
             due
         } else {
@@ -790,6 +796,7 @@ impl Session {
             v: SIGNAL_VERSION,
             bits,
             late,
+            up,
         });
     }
 

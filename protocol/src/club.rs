@@ -253,6 +253,69 @@ impl LateStreak {
     }
 }
 
+/// Bids in a row whose reported upload must pass the planned cap
+/// ([`ClubConfig::max_capacity_pct`]) before the server moves one last-hop
+/// share off the peer ([`UploadStreak`], [`Membership::shed_share`]).
+pub const OVER_PLAN_INTERVALS: u32 = 3;
+/// Room, % of the bitrate, that a member must have left under its planned
+/// capacity, by its last bid, to take a shed share: a few shares' worth, so
+/// a share does not land on a member that the next bids push over in turn.
+pub const SHED_ROOM_PCT: u32 = 15;
+
+/// A peer's upload as its bids report it, against what the membership plans
+/// on for one peer ([`ClubConfig::max_capacity_pct`] of the bitrate).
+///
+/// The plan counts every in-club upload link as a whole club stream and a
+/// last-hop share as its share, but what a relay sends depends on how often
+/// its children take a block from it rather than from their other parent.
+/// So a strong relay can be planned within the cap and still send more. Its
+/// bids carry what it sent, and [`OVER_PLAN_INTERVALS`] bids over the cap in
+/// a row move one of its last-hop shares to a member of that club with room
+/// ([`Membership::shed_share`]); the count then starts again.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct UploadStreak {
+    over: u32,
+    /// Upload of the last bid, % of the bitrate.
+    last_pct: u32,
+}
+
+impl UploadStreak {
+    /// A bid reported `up_bytes` sent over `interval_ms` on a stream of
+    /// `bitrate_kbps`, against a cap of `cap_pct` % of the bitrate. Returns
+    /// whether the peer should shed a last-hop share now.
+    pub fn note_bid(
+        &mut self,
+        up_bytes: u64,
+        interval_ms: u64,
+        bitrate_kbps: u32,
+        cap_pct: u32,
+    ) -> bool {
+        self.last_pct = if bitrate_kbps == 0 || interval_ms == 0 {
+            0
+        } else {
+            // bits / ms = kbit/s, in % of the bitrate.
+            let pct = u128::from(up_bytes) * 8 * 100
+                / (u128::from(bitrate_kbps) * u128::from(interval_ms));
+            u32::try_from(pct).unwrap_or(u32::MAX)
+        };
+        if self.last_pct <= cap_pct {
+            self.over = 0;
+            return false;
+        }
+        self.over = self.over.saturating_add(1);
+        if self.over < OVER_PLAN_INTERVALS {
+            return false;
+        }
+        self.over = 0;
+        true
+    }
+
+    /// Upload of the last bid, % of the bitrate (0 before any).
+    pub fn last_pct(&self) -> u32 {
+        self.last_pct
+    }
+}
+
 /// Whether a peer is overloaded and may shed a last-hop subscriber now
 /// ([`OVERLOAD_HOLD_MS`], [`OVERLOAD_SHED_MS`]). Times are ms on the caller's
 /// monotonic clock.
@@ -568,6 +631,68 @@ impl Membership {
         _rng: &mut dyn RngCore,
     ) -> Vec<LinkChange> {
         self.replace_where(peer, remote, |_| true)
+    }
+
+    /// Moves one last-hop share off `peer`, whose upload passed its plan
+    /// ([`UploadStreak`]): the first subscriber (by id) whose club has a
+    /// member with room gets the least loaded such member as its source
+    /// instead. A member has room if its last reported upload, `up_pct(m)`
+    /// (% of the bitrate), is at least [`SHED_ROOM_PCT`] under its planned
+    /// capacity. The in-club links stay. Never hands a share to the seeder or
+    /// a leaf; returns no change when no member has room.
+    pub fn shed_share(&mut self, peer: PeerId, up_pct: impl Fn(PeerId) -> u32) -> Vec<LinkChange> {
+        let Some(e) = self.peers.get(&peer) else {
+            return Vec::new();
+        };
+        let subs = e.remotes_with(|r| matches!(r, LinkRole::Subscriber { .. }));
+        for (sub, role) in subs {
+            let LinkRole::Subscriber { club, .. } = role else {
+                continue;
+            };
+            let current = self.sources_in(sub, club);
+            let full = |m: PeerId| {
+                let planned = self
+                    .peers
+                    .get(&m)
+                    .map_or(0, |e| e.capacity.min(self.cfg.max_capacity_pct));
+                up_pct(m).saturating_add(SHED_ROOM_PCT) > planned
+            };
+            let taker = self.clubs[club as usize].least_loaded_source(|m| {
+                m == sub || m == peer || current.contains(&m) || self.is_leaf(m) || full(m)
+            });
+            if let Some(t) = taker {
+                let mut out = Vec::new();
+                for role in self.peers[&sub]
+                    .links
+                    .get(&peer)
+                    .cloned()
+                    .unwrap_or_default()
+                {
+                    if let LinkRole::Source {
+                        club: c,
+                        share,
+                        share_count,
+                    } = role
+                    {
+                        if c == club {
+                            self.drop_role(sub, peer, role, &mut out);
+                            self.add_role(
+                                t,
+                                sub,
+                                LinkRole::Subscriber {
+                                    club,
+                                    share,
+                                    share_count,
+                                },
+                                &mut out,
+                            );
+                        }
+                    }
+                }
+                return out;
+            }
+        }
+        Vec::new()
     }
 
     /// Replaces only the last-hop source roles that `peer` holds towards
@@ -1261,6 +1386,75 @@ mod tests {
         let remote = m.links_of(p)[0].peer;
         m.replace(p, remote, &mut r);
         assert!(m.links_of(p).iter().all(|l| l.peer != remote));
+        check(&m);
+    }
+
+    #[test]
+    fn upload_over_the_cap_sheds_after_a_streak_and_counts_again() {
+        // 2,000 kbit/s over 1 s: 250,000 bytes is 100 %.
+        let bid = |s: &mut UploadStreak, pct: u64| s.note_bid(pct * 2_500, 1_000, 2_000, 190);
+        let mut s = UploadStreak::default();
+        for _ in 1..OVER_PLAN_INTERVALS {
+            assert!(!bid(&mut s, 191));
+        }
+        assert_eq!(s.last_pct(), 191);
+        assert!(!bid(&mut s, 190), "at the cap is not over it");
+        for _ in 1..OVER_PLAN_INTERVALS {
+            assert!(!bid(&mut s, 250));
+        }
+        assert!(bid(&mut s, 250));
+        assert!(!bid(&mut s, 250), "the count starts again after a shed");
+        assert!(!s.note_bid(u64::MAX, 0, 2_000, 190), "no interval: no rate");
+        assert!(
+            !s.note_bid(u64::MAX, 1_000, 0, 190),
+            "no bitrate yet: no rate"
+        );
+        assert_eq!(s.last_pct(), 0);
+    }
+
+    #[test]
+    fn a_shed_share_goes_to_a_member_with_room_and_keeps_the_link_sets_whole() {
+        let mut m = Membership::new(ClubConfig::default());
+        let mut r = rng();
+        for p in 1..=60 {
+            m.join_with_capacity(p, true, 190, &mut r);
+        }
+        let subscribers = |m: &Membership, p: PeerId| {
+            m.links_of(p)
+                .iter()
+                .filter(|l| matches!(l.role, LinkRole::Subscriber { .. }))
+                .count()
+        };
+        let busy = (1..=60).max_by_key(|&p| subscribers(&m, p)).expect("peers");
+        let before = subscribers(&m, busy);
+        assert!(before > 0);
+        assert!(
+            m.shed_share(busy, |_| 190).is_empty(),
+            "nobody has room: nothing moves"
+        );
+        // Everyone but peer 7 reports a full upload: the share goes to 7, if
+        // 7 is in the club, else nowhere.
+        let changes = m.shed_share(busy, |p| if p == 7 { 0 } else { 190 });
+        for ch in &changes {
+            assert!(
+                ch.link.peer == 7 || ch.to == 7 || ch.link.peer == busy || ch.to == busy,
+                "{ch:?}"
+            );
+            assert_ne!(ch.link.peer, SEEDER_PEER_ID);
+        }
+        // With room everywhere a share always moves, to one other member.
+        let changes = m.shed_share(busy, |_| 0);
+        assert!(!changes.is_empty());
+        let after = subscribers(&m, busy);
+        assert!(after < before, "{before} -> {after}");
+        let takers: std::collections::BTreeSet<PeerId> = changes
+            .iter()
+            .filter(|c| c.op == LinkOp::Add && matches!(c.link.role, LinkRole::Subscriber { .. }))
+            .map(|c| c.to)
+            .collect();
+        assert_eq!(takers.len(), 1, "{changes:?}");
+        assert!(!takers.contains(&busy));
+        // Every link set still keeps the rules (both sides, indexes, sources).
         check(&m);
     }
 

@@ -194,6 +194,11 @@ pub enum ClientMsg {
         /// overloaded, and acts on [`ClientMsg::SlowSource`] reports about it.
         #[serde(default, skip_serializing_if = "is_zero")]
         late: u64,
+        /// Bytes this peer handed its data channels since its last bid, every
+        /// frame counted. A peer whose bids stay over the planned upload cap
+        /// sheds a last-hop share ([`crate::club::UploadStreak`]).
+        #[serde(default, skip_serializing_if = "is_zero")]
+        up: u64,
     },
     /// A last-hop source leaves its share to the origin
     /// (`PeerEvent::SlowSource`). The server replaces it if it is overloaded
@@ -425,7 +430,8 @@ mod tests {
             ClientMsg::Bid {
                 v: 1,
                 bits: 8,
-                late: 0
+                late: 0,
+                up: 0
             }
         );
         assert_eq!(
@@ -436,9 +442,10 @@ mod tests {
             v: 1,
             bits: 8,
             late: 3,
+            up: 250_000,
         };
         let s = serde_json::to_string(&m).expect("serializes");
-        assert_eq!(s, r#"{"type":"bid","v":1,"bits":8,"late":3}"#);
+        assert_eq!(s, r#"{"type":"bid","v":1,"bits":8,"late":3,"up":250000}"#);
         assert_eq!(serde_json::from_str::<ClientMsg>(&s).expect("parses"), m);
         let m = ClientMsg::SlowSource { v: 1, peer: 9 };
         let s = serde_json::to_string(&m).expect("serializes");

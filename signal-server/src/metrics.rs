@@ -75,6 +75,7 @@ pub struct Metrics {
     dropped_peers: Labelled,
     reports: AtomicU64,
     sources_replaced: AtomicU64,
+    shares_shed: AtomicU64,
 }
 
 fn inc(a: &AtomicU64, n: u64) {
@@ -153,6 +154,16 @@ impl Metrics {
     /// A slow-source report replaced an overloaded last-hop source.
     pub fn source_replaced(&self) {
         inc(&self.sources_replaced, 1);
+    }
+
+    /// A peer whose bids stayed over the planned upload cap shed a last-hop share.
+    pub fn share_shed(&self) {
+        inc(&self.shares_shed, 1);
+    }
+
+    /// Last-hop shares shed so far.
+    pub fn shares_shed(&self) -> u64 {
+        self.shares_shed.load(Ordering::Relaxed)
     }
 
     /// Overloaded sources replaced so far.
@@ -282,6 +293,13 @@ impl Metrics {
             "counter",
             "Overloaded last-hop sources replaced after a slow-source report.",
             get(&self.sources_replaced),
+        )?;
+        scalar(
+            out,
+            "clubcast_shares_shed_total",
+            "counter",
+            "Last-hop shares moved off peers whose bids stayed over the planned upload cap.",
+            get(&self.shares_shed),
         )?;
         Ok(())
     }

@@ -483,6 +483,19 @@ impl Hub {
         lock(&session.swarm).note_overloaded(session.peer, Instant::now());
     }
 
+    /// `session`'s peer sent `up_bytes` since its previous bid; one that stays
+    /// over the planned cap sheds a last-hop share (see [`Swarm::note_upload`]).
+    pub(crate) fn note_upload(&self, session: &Session, up_bytes: u64) {
+        let interval_ms = u64::from(self.0.config.bid_interval_ms);
+        let (shed, fx) =
+            lock(&session.swarm).note_upload(session.peer, up_bytes, interval_ms, Instant::now());
+        if shed {
+            self.0.metrics.share_shed();
+            tracing::debug!(peer = session.peer, "last-hop share shed: upload over plan");
+        }
+        self.apply(fx);
+    }
+
     /// `session`'s peer says its last-hop source `source` is too slow; an
     /// overloaded one is replaced (see [`Swarm::slow_source`]).
     pub(crate) fn slow_source(&self, session: &Session, source: PeerId) {

@@ -7,9 +7,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use clubcast_protocol::block::BlockFlags;
-use clubcast_protocol::club::{OVERLOAD_INTERVALS, OVERLOAD_LATE};
+use clubcast_protocol::club::{OVERLOAD_INTERVALS, OVERLOAD_LATE, OVER_PLAN_INTERVALS};
 use clubcast_protocol::signal::{
-    ErrorCode, LinkOp, LinkRole, ServerMsg, SignalData, MAX_SIGNAL_MESSAGE, SEEDER_PEER_ID,
+    ErrorCode, LinkOp, LinkRole, PeerId, ServerMsg, SignalData, MAX_SIGNAL_MESSAGE, SEEDER_PEER_ID,
 };
 use clubcast_server::app::{app, AppState};
 use clubcast_server::config::Config;
@@ -518,16 +518,16 @@ async fn sync(ws: &mut Ws) {
     .await;
 }
 
-#[tokio::test]
-async fn only_an_overloaded_source_is_replaced_on_a_slow_source_report() {
-    let (addr, state) = serve(Config::default()).await;
+/// Joins `n` viewers, then one more; returns the `n` (id and socket), the
+/// last one's socket, and a viewer among the `n` that is its last-hop source
+/// (the last joiner's welcome is its current link set).
+async fn viewer_source(addr: SocketAddr, n: usize) -> (Vec<(PeerId, Ws)>, Ws, PeerId) {
     let mut peers = Vec::new();
-    for _ in 0..10 {
+    for _ in 0..n {
         let mut ws = connect(addr).await;
         let id = peer_id(&join(&mut ws).await);
         peers.push((id, ws));
     }
-    // The last joiner's welcome is its current link set.
     let mut fresh = connect(addr).await;
     let ServerMsg::Welcome { links, .. } = join(&mut fresh).await else {
         panic!("expected a welcome");
@@ -535,13 +535,25 @@ async fn only_an_overloaded_source_is_replaced_on_a_slow_source_report() {
     let source = links
         .iter()
         .find(|l| matches!(l.role, LinkRole::Source { .. }) && l.peer != SEEDER_PEER_ID)
-        .expect("a viewer among ten has another viewer as a last-hop source")
+        .unwrap_or_else(|| panic!("a viewer among {n} has another viewer as a last-hop source"))
         .peer;
-    let s_ws = &mut peers
+    (peers, fresh, source)
+}
+
+/// The socket of viewer `id`.
+fn source_ws(peers: &mut [(PeerId, Ws)], id: PeerId) -> &mut Ws {
+    &mut peers
         .iter_mut()
-        .find(|(id, _)| *id == source)
+        .find(|(p, _)| *p == id)
         .expect("the source is one of ours")
-        .1;
+        .1
+}
+
+#[tokio::test]
+async fn only_an_overloaded_source_is_replaced_on_a_slow_source_report() {
+    let (addr, state) = serve(Config::default()).await;
+    let (mut peers, mut fresh, source) = viewer_source(addr, 10).await;
+    let s_ws = source_ws(&mut peers, source);
     let replaced = || {
         state
             .metrics
@@ -576,6 +588,42 @@ async fn only_an_overloaded_source_is_replaced_on_a_slow_source_report() {
         .metrics
         .render()
         .contains("clubcast_signal_messages_total{type=\"slow_source\"} 3\n"));
+}
+
+/// A relay whose bids say it sends more than the planned cap, bid after bid,
+/// loses one last-hop subscriber share to a member with room (forty peers:
+/// every club has members besides a subscriber's two sources).
+#[tokio::test]
+async fn a_relay_whose_bids_stay_over_the_upload_cap_sheds_a_share() {
+    let (addr, state) = serve(Config::default()).await;
+    let (mut peers, _fresh, source) = viewer_source(addr, 40).await;
+    let s_ws = source_ws(&mut peers, source);
+    let shed = || {
+        state
+            .metrics
+            .render()
+            .contains("clubcast_shares_shed_total 1\n")
+    };
+    // The test stream carries about 21 kbit/s: 1 MB in a bid interval (1 s,
+    // however close the bids come) is far over the cap, and 0 bytes far
+    // under it. The first bid only starts the server's clock.
+    let bid = |up: u64| format!(r#"{{"type":"bid","v":1,"bits":0,"up":{up}}}"#);
+    send(s_ws, &bid(0)).await;
+    for _ in 1..OVER_PLAN_INTERVALS {
+        send(s_ws, &bid(1_000_000)).await;
+    }
+    send(s_ws, &bid(0)).await;
+    sync(s_ws).await;
+    assert!(!shed(), "a bid under the cap ends the streak");
+    for _ in 0..OVER_PLAN_INTERVALS {
+        send(s_ws, &bid(1_000_000)).await;
+    }
+    recv_until(s_ws, |m| {
+        matches!(m, ServerMsg::Link { op: LinkOp::Remove, link, .. }
+            if matches!(link.role, LinkRole::Subscriber { .. }))
+    })
+    .await;
+    assert!(shed(), "{}", state.metrics.render());
 }
 
 #[tokio::test]

@@ -27,7 +27,9 @@
 //! the server's round trip.
 
 use clubcast_protocol::bid::Bid;
-use clubcast_protocol::club::{club_of, ClubConfig, LateStreak, LinkChange, Membership, Overload};
+use clubcast_protocol::club::{
+    club_of, ClubConfig, LateStreak, LinkChange, Membership, Overload, UploadStreak,
+};
 use clubcast_protocol::peer::{From, Peer, PeerConfig, PeerEvent, Transmit};
 use clubcast_protocol::signal::{Link, LinkOp, PeerId, SEEDER_PEER_ID};
 use clubcast_protocol::source::{Source, SourceEvent};
@@ -184,6 +186,10 @@ struct Slot {
     reporters: Vec<PeerId>,
     /// Its `pushes_late` at the last bid.
     late_seen: u64,
+    /// Bytes it had sent at the last bid (payload and control).
+    up_seen: u64,
+    /// The server's count of its bids over the planned cap.
+    up_streak: UploadStreak,
     /// The server's view of its bids and overload (as `clubcast-server`).
     late_streak: LateStreak,
     overload: Overload,
@@ -1088,15 +1094,33 @@ impl Sim {
             })
             .collect();
         self.origin.new_interval(&bids, self.block_bits);
-        // Each peer reports its late pushes with its bid.
-        for n in &mut self.nodes {
+        // Each peer reports its late pushes and what it sent with its bid.
+        let cap = self.membership.config().max_capacity_pct;
+        let bitrate = u32::try_from(self.cfg.bitrate_kbps).unwrap_or(u32::MAX);
+        let mut shed = Vec::new();
+        for (id, n) in self.nodes.iter_mut().enumerate() {
             let s = &mut n.slot;
             let Some(p) = &s.peer else { continue };
-            let late = p.stats().pushes_late;
+            let st = p.stats();
+            let late = st.pushes_late;
             if s.late_streak.note_bid(late - s.late_seen) {
                 s.overload.mark(now / 1000);
             }
             s.late_seen = late;
+            let up = st.bytes_uploaded + st.control_bytes_sent;
+            if s.up_streak
+                .note_bid(up - s.up_seen, BID_INTERVAL_US / 1000, bitrate, cap)
+            {
+                shed.push(id as PeerId);
+            }
+            s.up_seen = up;
+        }
+        for id in shed {
+            let nodes = &self.nodes;
+            let changes = self
+                .membership
+                .shed_share(id, |m| nodes[m as usize].slot.up_streak.last_pct());
+            self.schedule_changes(now, changes);
         }
         self.post(now + BID_INTERVAL_US, Ev::Bid);
         if self.debug && now % DEBUG_EVERY_US < BID_INTERVAL_US {

@@ -389,12 +389,13 @@ impl Conn {
                 self.offences.good();
                 return Step::reply(to_json(&pong));
             }
-            ClientMsg::Bid { bits, late, .. } => {
+            ClientMsg::Bid { bits, late, up, .. } => {
                 hub.metrics().bid();
                 hub.grants().handle_bid(session.peer, bits);
                 if self.late_streak.note_bid(late) {
                     hub.note_overloaded(session);
                 }
+                hub.note_upload(session, up);
             }
             ClientMsg::SlowSource { peer, .. } => hub.slow_source(session, peer),
             ClientMsg::LinkFailed { peer, .. } => hub.link_failed(session, peer),

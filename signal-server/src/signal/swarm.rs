@@ -12,7 +12,8 @@ use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
 use clubcast_protocol::club::{
-    capacity_pct, ClubConfig, Joined, LinkChange, Membership, Overload, DEFAULT_CAPACITY_PCT,
+    capacity_pct, ClubConfig, Joined, LinkChange, Membership, Overload, UploadStreak,
+    DEFAULT_CAPACITY_PCT,
 };
 use clubcast_protocol::signal::{
     Link, PeerId, ServerMsg, SignalData, SEEDER_PEER_ID, SIGNAL_VERSION,
@@ -34,6 +35,10 @@ struct Member {
     reported_by: HashSet<PeerId>,
     /// Whether it may shed a last-hop subscriber ([`Swarm::note_overloaded`]).
     overload: Overload,
+    /// Its upload as its bids report it ([`Swarm::note_upload`]).
+    upload: UploadStreak,
+    /// When its previous bid came, ms on the swarm's clock.
+    last_bid_ms: Option<u64>,
 }
 
 /// Work for the hub once the swarm lock is released.
@@ -123,6 +128,8 @@ impl Swarm {
                 close,
                 reported_by: HashSet::new(),
                 overload: Overload::default(),
+                upload: UploadStreak::default(),
+                last_bid_ms: None,
             },
         );
         let mut fx = Effects::default();
@@ -190,6 +197,50 @@ impl Swarm {
         if let Some(m) = self.members.get_mut(&peer) {
             m.overload.mark(ms);
         }
+    }
+
+    /// `peer`'s bid says it sent `up_bytes` since its previous bid; peers bid
+    /// every `interval_ms`. A peer whose bids stay over the planned cap sheds
+    /// a last-hop share to a member with room ([`UploadStreak`],
+    /// [`Membership::shed_share`]). Returns whether it shed one.
+    ///
+    /// The rate is over the time since its previous bid, but never less than
+    /// the interval: bids that arrive bunched (a stalled socket) were sent an
+    /// interval apart, and a late one (a throttled background tab) covers
+    /// its whole gap.
+    pub(crate) fn note_upload(
+        &mut self,
+        peer: PeerId,
+        up_bytes: u64,
+        interval_ms: u64,
+        now: Instant,
+    ) -> (bool, Effects) {
+        let mut fx = Effects::default();
+        let ms = self.ms(now);
+        let cap = self.membership.config().max_capacity_pct;
+        let bitrate = self.stream.bitrate_kbps();
+        let Some(m) = self.members.get_mut(&peer) else {
+            return (false, fx);
+        };
+        // The first bid covers an unknown stretch: it only starts the clock.
+        let Some(prev) = m.last_bid_ms.replace(ms) else {
+            return (false, fx);
+        };
+        if !m.upload.note_bid(
+            up_bytes,
+            ms.saturating_sub(prev).max(interval_ms),
+            bitrate,
+            cap,
+        ) {
+            return (false, fx);
+        }
+        let members = &self.members;
+        let changes = self.membership.shed_share(peer, |p| {
+            members.get(&p).map_or(u32::MAX, |m| m.upload.last_pct())
+        });
+        let shed = !changes.is_empty();
+        self.deliver(changes, &mut fx);
+        (shed, fx)
     }
 
     /// `reporter` says its last-hop source `source` leaves its share to the
