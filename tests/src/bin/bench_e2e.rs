@@ -486,6 +486,8 @@ async fn run_mode(n: usize, p2p: bool, a: &Args) -> Value {
         "origin_egress_ratio": ratio(seeded + gap_fill, stream_bytes as f64),
         "origin_seeded_bytes": seeded,
         "origin_gap_fill_bytes": gap_fill,
+        "shares_shed": delta("clubcast_shares_shed_total"),
+        "sources_replaced": delta("clubcast_sources_replaced_total"),
         "stream_bytes": stream_bytes,
         "stream_blocks": e1.saturating_sub(e0),
         "stream_kbps": stream_bytes as f64 * 8.0 / secs / 1000.0,
@@ -631,11 +633,11 @@ fn markdown(meta: &Value, rows: &[Value]) -> String {
         ));
     }
     s.push_str("\nMore per mode (window unless said otherwise):\n\n");
-    s.push_str("| mode | stream kbit/s | blocks | seeder bytes | gap-fill bytes | page_startup_ms p50 / max | stalls since page load: count / ms | media errors | least media played, s | latency samples | samples per browser: min / mean | all started after the first page opened, s | machine busy % of a core: 10 s before / window | load avg before → after | compiler processes seen (max) |\n");
-    s.push_str("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
+    s.push_str("| mode | stream kbit/s | blocks | seeder bytes | gap-fill bytes | page_startup_ms p50 / max | stalls since page load: count / ms | media errors | least media played, s | latency samples | samples per browser: min / mean | all started after the first page opened, s | machine busy % of a core: 10 s before / window | load avg before → after | compiler processes seen (max) | last-hop shares shed / sources replaced |\n");
+    s.push_str("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
     for r in rows {
         s.push_str(&format!(
-            "| {} | {} | {} | {} | {} | {} / {} | {} / {} | {} | {} | {} | {} / {} | {} | {} / {} | {} → {} | {} |\n",
+            "| {} | {} | {} | {} | {} | {} / {} | {} / {} | {} | {} | {} | {} / {} | {} | {} / {} | {} → {} | {} | {} / {} |\n",
             r["mode"].as_str().unwrap_or(""),
             f(r, "stream_kbps", 0),
             r["stream_blocks"],
@@ -656,6 +658,8 @@ fn markdown(meta: &Value, rows: &[Value]) -> String {
             r["load_before"].as_str().unwrap_or(""),
             r["load_after"].as_str().unwrap_or(""),
             r["compiler_processes_max"],
+            f(r, "shares_shed", 0),
+            f(r, "sources_replaced", 0),
         ));
     }
     s.push_str(
@@ -719,6 +723,10 @@ from every browser) and the server's `/metrics`.
   /streams/demo/blocks/{seq}`, which is not metered). The ideal with P2P is about k = 2
   (seeds per block); without P2P it is the number of browsers. Init segments are not
   counted.
+- Last-hop shares shed and sources replaced: Δ`clubcast_shares_shed_total` (a relay whose
+  bids stayed over the planned upload cap gave a subscriber share to a member with room)
+  and Δ`clubcast_sources_replaced_total` (an overloaded source replaced on a slow-source
+  report), over the window.
 - `startup_ms`: the player's own figure, from the player's creation to the first frame;
   `page_startup_ms` is from the page's navigation start. p50 is the nearest-rank median
   (the lower of the middle two), as for every p50 here. `startup_trace` is the player's
