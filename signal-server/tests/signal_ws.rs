@@ -624,6 +624,13 @@ async fn a_relay_whose_bids_stay_over_the_upload_cap_sheds_a_share() {
     })
     .await;
     assert!(shed(), "{}", state.metrics.render());
+    // A flood of bids over the cap sheds no more until a streak's worth of
+    // bid intervals (3 s) has passed.
+    for _ in 0..2 * OVER_PLAN_INTERVALS {
+        send(s_ws, &bid(1_000_000)).await;
+    }
+    sync(s_ws).await;
+    assert!(shed(), "still one: {}", state.metrics.render());
 }
 
 #[tokio::test]

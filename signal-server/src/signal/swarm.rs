@@ -13,7 +13,7 @@ use std::time::Instant;
 
 use clubcast_protocol::club::{
     capacity_pct, ClubConfig, Joined, LinkChange, Membership, Overload, UploadStreak,
-    DEFAULT_CAPACITY_PCT,
+    DEFAULT_CAPACITY_PCT, OVER_PLAN_INTERVALS,
 };
 use clubcast_protocol::signal::{
     Link, PeerId, ServerMsg, SignalData, SEEDER_PEER_ID, SIGNAL_VERSION,
@@ -39,6 +39,8 @@ struct Member {
     upload: UploadStreak,
     /// When its previous bid came, ms on the swarm's clock.
     last_bid_ms: Option<u64>,
+    /// When it last shed a last-hop share, ms on the swarm's clock.
+    shed_ms: Option<u64>,
 }
 
 /// Work for the hub once the swarm lock is released.
@@ -130,6 +132,7 @@ impl Swarm {
                 overload: Overload::default(),
                 upload: UploadStreak::default(),
                 last_bid_ms: None,
+                shed_ms: None,
             },
         );
         let mut fx = Effects::default();
@@ -234,11 +237,23 @@ impl Swarm {
         ) {
             return (false, fx);
         }
+        // However fast its bids come, a peer sheds at most one share per
+        // streak's worth of bid intervals: a flood of bids cannot churn the
+        // link sets of other peers.
+        let spacing = u64::from(OVER_PLAN_INTERVALS) * interval_ms;
+        if m.shed_ms.is_some_and(|t| ms < t + spacing) {
+            return (false, fx);
+        }
         let members = &self.members;
         let changes = self.membership.shed_share(peer, |p| {
             members.get(&p).map_or(u32::MAX, |m| m.upload.last_pct())
         });
         let shed = !changes.is_empty();
+        if shed {
+            if let Some(m) = self.members.get_mut(&peer) {
+                m.shed_ms = Some(ms);
+            }
+        }
         self.deliver(changes, &mut fx);
         (shed, fx)
     }
