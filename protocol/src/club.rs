@@ -277,14 +277,21 @@ pub struct UploadStreak {
     over: u32,
     /// Upload of the last bid, % of the bitrate.
     last_pct: u32,
+    /// When it last shed a share, ms on the caller's clock.
+    shed_ms: Option<u64>,
 }
 
 impl UploadStreak {
-    /// A bid reported `up_bytes` sent over `interval_ms` on a stream of
-    /// `bitrate_kbps`, against a cap of `cap_pct` % of the bitrate. Returns
-    /// whether the peer should shed a last-hop share now.
+    /// A bid at `now_ms` reported `up_bytes` sent over `interval_ms` on a
+    /// stream of `bitrate_kbps`, against a cap of `cap_pct` % of the bitrate.
+    /// Returns whether the peer should shed a last-hop share now: the streak
+    /// is complete, and no share went within the last
+    /// [`OVER_PLAN_INTERVALS`] intervals, however fast the bids came (a flood
+    /// of bids must not churn other peers' link sets). Call
+    /// [`UploadStreak::shed`] if a share moved.
     pub fn note_bid(
         &mut self,
+        now_ms: u64,
         up_bytes: u64,
         interval_ms: u64,
         bitrate_kbps: u32,
@@ -307,7 +314,14 @@ impl UploadStreak {
             return false;
         }
         self.over = 0;
-        true
+        let spacing = u64::from(OVER_PLAN_INTERVALS) * interval_ms;
+        self.shed_ms
+            .is_none_or(|t| now_ms >= t.saturating_add(spacing))
+    }
+
+    /// A share moved off the peer at `now_ms`.
+    pub fn shed(&mut self, now_ms: u64) {
+        self.shed_ms = Some(now_ms);
     }
 
     /// Upload of the last bid, % of the bitrate (0 before any).
@@ -644,55 +658,25 @@ impl Membership {
         let Some(e) = self.peers.get(&peer) else {
             return Vec::new();
         };
-        let subs = e.remotes_with(|r| matches!(r, LinkRole::Subscriber { .. }));
-        for (sub, role) in subs {
-            let LinkRole::Subscriber { club, .. } = role else {
-                continue;
-            };
-            let current = self.sources_in(sub, club);
-            let full = |m: PeerId| {
-                let planned = self
-                    .peers
-                    .get(&m)
-                    .map_or(0, |e| e.capacity.min(self.cfg.max_capacity_pct));
-                up_pct(m).saturating_add(SHED_ROOM_PCT) > planned
-            };
-            let taker = self.clubs[club as usize].least_loaded_source(|m| {
-                m == sub || m == peer || current.contains(&m) || self.is_leaf(m) || full(m)
+        // A member's capacity is planned on up to the cap already.
+        let full = |m: PeerId| {
+            let planned = self.peers.get(&m).map_or(0, |e| e.capacity);
+            up_pct(m).saturating_add(SHED_ROOM_PCT) > planned
+        };
+        let taken = e
+            .remotes_with(|r| matches!(r, LinkRole::Subscriber { .. }))
+            .into_iter()
+            .find_map(|(sub, role)| {
+                let taker = self.pick_source(sub, role.club(), |m| self.is_leaf(m) || full(m));
+                taker.map(|t| (sub, role.mirror(), t))
             });
-            if let Some(t) = taker {
-                let mut out = Vec::new();
-                for role in self.peers[&sub]
-                    .links
-                    .get(&peer)
-                    .cloned()
-                    .unwrap_or_default()
-                {
-                    if let LinkRole::Source {
-                        club: c,
-                        share,
-                        share_count,
-                    } = role
-                    {
-                        if c == club {
-                            self.drop_role(sub, peer, role, &mut out);
-                            self.add_role(
-                                t,
-                                sub,
-                                LinkRole::Subscriber {
-                                    club,
-                                    share,
-                                    share_count,
-                                },
-                                &mut out,
-                            );
-                        }
-                    }
-                }
-                return out;
-            }
+        let mut out = Vec::new();
+        if let Some((sub, source, taker)) = taken {
+            // `sub` holds the mirror, a Source role towards `peer`.
+            self.drop_role(sub, peer, source, &mut out);
+            self.add_role(taker, sub, source.mirror(), &mut out);
         }
-        Vec::new()
+        out
     }
 
     /// Replaces only the last-hop source roles that `peer` holds towards
@@ -1041,12 +1025,10 @@ impl Membership {
         if !self.peers.contains_key(&peer) {
             return;
         }
-        let current = self.sources_in(peer, c);
         // Leaves serve only when nobody else can (the index files them last).
-        let pick = self.clubs[c as usize]
-            .least_loaded_source(|m| m == peer || avoid.contains(&m) || current.contains(&m));
+        let pick = self.pick_source(peer, c, |m| avoid.contains(&m));
         let src = pick.unwrap_or(SEEDER_PEER_ID);
-        if src == SEEDER_PEER_ID && current.contains(&SEEDER_PEER_ID) {
+        if src == SEEDER_PEER_ID && self.sources_in(peer, c).contains(&SEEDER_PEER_ID) {
             return;
         }
         self.add_role(
@@ -1059,6 +1041,20 @@ impl Membership {
             },
             out,
         );
+    }
+
+    /// The least loaded member of club `c` that could be another source of
+    /// `peer`: not `peer` itself, not one of its sources there, and not
+    /// `excluded`.
+    fn pick_source(
+        &self,
+        peer: PeerId,
+        c: u16,
+        excluded: impl Fn(PeerId) -> bool,
+    ) -> Option<PeerId> {
+        let current = self.sources_in(peer, c);
+        self.clubs[c as usize]
+            .least_loaded_source(|m| m == peer || current.contains(&m) || excluded(m))
     }
 
     /// Re-plans the sources of every non-member of `c` whose sources no longer
@@ -1391,22 +1387,51 @@ mod tests {
 
     #[test]
     fn upload_over_the_cap_sheds_after_a_streak_and_counts_again() {
-        // 2,000 kbit/s over 1 s: 250,000 bytes is 100 %.
-        let bid = |s: &mut UploadStreak, pct: u64| s.note_bid(pct * 2_500, 1_000, 2_000, 190);
+        // 2,000 kbit/s over 1 s: 250,000 bytes is 100 %. Bids come every 1 s
+        // unless said.
+        let mut now = 0;
+        fn bid_at(s: &mut UploadStreak, now: &mut u64, pct: u64) -> bool {
+            *now += 1_000;
+            s.note_bid(*now, pct * 2_500, 1_000, 2_000, 190)
+        }
         let mut s = UploadStreak::default();
         for _ in 1..OVER_PLAN_INTERVALS {
-            assert!(!bid(&mut s, 191));
+            assert!(!bid_at(&mut s, &mut now, 191));
         }
         assert_eq!(s.last_pct(), 191);
-        assert!(!bid(&mut s, 190), "at the cap is not over it");
+        assert!(!bid_at(&mut s, &mut now, 190), "at the cap is not over it");
         for _ in 1..OVER_PLAN_INTERVALS {
-            assert!(!bid(&mut s, 250));
+            assert!(!bid_at(&mut s, &mut now, 250));
         }
-        assert!(bid(&mut s, 250));
-        assert!(!bid(&mut s, 250), "the count starts again after a shed");
-        assert!(!s.note_bid(u64::MAX, 0, 2_000, 190), "no interval: no rate");
+        assert!(bid_at(&mut s, &mut now, 250));
+        s.shed(now);
+        for _ in 1..OVER_PLAN_INTERVALS {
+            assert!(
+                !bid_at(&mut s, &mut now, 250),
+                "the count starts again after a shed"
+            );
+        }
         assert!(
-            !s.note_bid(u64::MAX, 1_000, 0, 190),
+            bid_at(&mut s, &mut now, 250),
+            "a streak's worth of intervals later"
+        );
+        s.shed(now);
+        // A flood: bids at the same ms complete streaks but shed nothing
+        // until the spacing has passed.
+        for _ in 0..3 * OVER_PLAN_INTERVALS {
+            assert!(!s.note_bid(now, 1_000_000, 1_000, 2_000, 190));
+        }
+        let later = now + u64::from(OVER_PLAN_INTERVALS) * 1_000;
+        let streak: Vec<bool> = (0..OVER_PLAN_INTERVALS)
+            .map(|_| s.note_bid(later, 1_000_000, 1_000, 2_000, 190))
+            .collect();
+        assert!(streak.contains(&true), "{streak:?}");
+        assert!(
+            !s.note_bid(later, u64::MAX, 0, 2_000, 190),
+            "no interval: no rate"
+        );
+        assert!(
+            !s.note_bid(later, u64::MAX, 1_000, 0, 190),
             "no bitrate yet: no rate"
         );
         assert_eq!(s.last_pct(), 0);

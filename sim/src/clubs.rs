@@ -1108,9 +1108,13 @@ impl Sim {
             }
             s.late_seen = late;
             let up = st.bytes_uploaded + st.control_bytes_sent;
-            if s.up_streak
-                .note_bid(up - s.up_seen, BID_INTERVAL_US / 1000, bitrate, cap)
-            {
+            if s.up_streak.note_bid(
+                now / 1000,
+                up - s.up_seen,
+                BID_INTERVAL_US / 1000,
+                bitrate,
+                cap,
+            ) {
                 shed.push(id as PeerId);
             }
             s.up_seen = up;
@@ -1120,6 +1124,9 @@ impl Sim {
             let changes = self
                 .membership
                 .shed_share(id, |m| nodes[m as usize].slot.up_streak.last_pct());
+            if !changes.is_empty() {
+                self.nodes[id as usize].slot.up_streak.shed(now / 1000);
+            }
             self.schedule_changes(now, changes);
         }
         self.post(now + BID_INTERVAL_US, Ev::Bid);

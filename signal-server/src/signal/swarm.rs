@@ -13,7 +13,7 @@ use std::time::Instant;
 
 use clubcast_protocol::club::{
     capacity_pct, ClubConfig, Joined, LinkChange, Membership, Overload, UploadStreak,
-    DEFAULT_CAPACITY_PCT, OVER_PLAN_INTERVALS,
+    DEFAULT_CAPACITY_PCT,
 };
 use clubcast_protocol::signal::{
     Link, PeerId, ServerMsg, SignalData, SEEDER_PEER_ID, SIGNAL_VERSION,
@@ -39,8 +39,6 @@ struct Member {
     upload: UploadStreak,
     /// When its previous bid came, ms on the swarm's clock.
     last_bid_ms: Option<u64>,
-    /// When it last shed a last-hop share, ms on the swarm's clock.
-    shed_ms: Option<u64>,
 }
 
 /// Work for the hub once the swarm lock is released.
@@ -132,7 +130,6 @@ impl Swarm {
                 overload: Overload::default(),
                 upload: UploadStreak::default(),
                 last_bid_ms: None,
-                shed_ms: None,
             },
         );
         let mut fx = Effects::default();
@@ -229,19 +226,8 @@ impl Swarm {
         let Some(prev) = m.last_bid_ms.replace(ms) else {
             return (false, fx);
         };
-        if !m.upload.note_bid(
-            up_bytes,
-            ms.saturating_sub(prev).max(interval_ms),
-            bitrate,
-            cap,
-        ) {
-            return (false, fx);
-        }
-        // However fast its bids come, a peer sheds at most one share per
-        // streak's worth of bid intervals: a flood of bids cannot churn the
-        // link sets of other peers.
-        let spacing = u64::from(OVER_PLAN_INTERVALS) * interval_ms;
-        if m.shed_ms.is_some_and(|t| ms < t + spacing) {
+        let span = ms.saturating_sub(prev).max(interval_ms);
+        if !m.upload.note_bid(ms, up_bytes, span, bitrate, cap) {
             return (false, fx);
         }
         let members = &self.members;
@@ -251,7 +237,7 @@ impl Swarm {
         let shed = !changes.is_empty();
         if shed {
             if let Some(m) = self.members.get_mut(&peer) {
-                m.shed_ms = Some(ms);
+                m.upload.shed(ms);
             }
         }
         self.deliver(changes, &mut fx);
