@@ -60,6 +60,13 @@ impl<K: Ord + Copy, V> VecMap<K, V> {
         self.find(k).ok().map(|i| &self.vals[i])
     }
 
+    /// The value of `k`, or else the first value (see `Peer::warm_heap`).
+    #[must_use]
+    pub fn get_or_first(&self, k: Option<K>) -> Option<&V> {
+        let at = k.and_then(|k| self.find(&k).ok()).unwrap_or(0);
+        self.vals.get(at)
+    }
+
     /// The value of `k`, mutable.
     pub fn get_mut(&mut self, k: &K) -> Option<&mut V> {
         self.find(k).ok().map(|i| &mut self.vals[i])

@@ -82,6 +82,11 @@ pub struct Config {
     /// the config and states it in [`crate::metrics::Report::threads`].
     #[serde(skip)]
     pub threads: usize,
+    /// The `clubs` driver runs each window's events in time order rather
+    /// than viewer by viewer. Slower, with the same results (a test checks
+    /// it); not a CLI option.
+    #[serde(skip)]
+    pub time_order: bool,
 }
 
 impl Default for Config {
@@ -107,6 +112,7 @@ impl Default for Config {
             in_club_links: 2,
             mesh_neighbours: 8,
             threads: 0,
+            time_order: false,
         }
     }
 }

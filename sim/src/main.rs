@@ -116,6 +116,7 @@ impl Cli {
             in_club_links: self.in_club_links,
             mesh_neighbours: self.mesh_neighbours,
             threads: self.threads,
+            time_order: false,
         }
     }
 }

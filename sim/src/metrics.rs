@@ -108,6 +108,16 @@ const ARRIVED: usize = 0;
 const ON_TIME: usize = 1;
 
 impl Record {
+    /// Reads the length of its bits (see the clubs driver's `Node::warm`).
+    pub fn warm(&self) -> u64 {
+        self.bits.len() as u64
+    }
+
+    /// Reads the word of `seq`.
+    pub fn warm_heap(&self, seq: u64) -> u64 {
+        self.bits.get((seq / 64) as usize * 2).copied().unwrap_or(0)
+    }
+
     /// Sets bit `seq` of the `which` words; returns whether it was clear.
     fn set(&mut self, which: usize, seq: u64) -> bool {
         let (w, b) = ((seq / 64) as usize * 2 + which, seq % 64);

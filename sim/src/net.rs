@@ -153,14 +153,190 @@ impl<E> Queue<E> {
 
     /// Takes the next event.
     pub fn pop(&mut self) -> Option<(u64, E)> {
+        self.pop_tie().map(|(t, _, e)| (t, e))
+    }
+
+    /// Takes the next event, with its tie key.
+    pub fn pop_tie(&mut self) -> Option<(u64, u64, E)> {
         self.refill();
-        let Reverse((t, _, slot)) = self.near.pop()?;
+        let Reverse((t, tie, slot)) = self.near.pop()?;
         let e = self.slab[slot as usize]
             .take()
             .expect("a queued slot holds its event");
         self.free.push(slot);
         self.popped += 1;
-        Some((t, e))
+        Some((t, tie, e))
+    }
+}
+
+/// A calendar queue like [`Queue`] that keeps the events in its buckets
+/// rather than in a slab, for a driver that takes a window's events at once
+/// ([`Wheel::take_before`]) and orders them itself: the events are written
+/// and read in bucket order, and no slab slot is touched at random. It pops
+/// one at a time ([`Wheel::pop_tie`]) in the same order as [`Queue`] too.
+#[derive(Debug)]
+pub struct Wheel<E> {
+    /// Events before `near_end`; latest first when `sorted`.
+    near: Vec<(u64, u64, E)>,
+    sorted: bool,
+    /// End of the current bucket, µs.
+    near_end: u64,
+    /// As [`Queue`]'s wheel.
+    wheel: Vec<Vec<(u64, u64, E)>>,
+    head: usize,
+    in_wheel: usize,
+    /// Events at or after the wheel's end.
+    far: BinaryHeap<Reverse<Far<E>>>,
+    /// Events popped or taken so far.
+    pub popped: u64,
+}
+
+/// An event of [`Wheel`]'s far heap, ordered by (time, tie) alone.
+#[derive(Debug)]
+struct Far<E>(u64, u64, E);
+
+impl<E> PartialEq for Far<E> {
+    fn eq(&self, o: &Self) -> bool {
+        (self.0, self.1) == (o.0, o.1)
+    }
+}
+
+impl<E> Eq for Far<E> {}
+
+impl<E> PartialOrd for Far<E> {
+    fn partial_cmp(&self, o: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(o))
+    }
+}
+
+impl<E> Ord for Far<E> {
+    fn cmp(&self, o: &Self) -> std::cmp::Ordering {
+        (self.0, self.1).cmp(&(o.0, o.1))
+    }
+}
+
+impl<E> Default for Wheel<E> {
+    fn default() -> Self {
+        Wheel {
+            near: Vec::new(),
+            sorted: true,
+            near_end: 0,
+            wheel: (0..WHEEL_BUCKETS).map(|_| Vec::new()).collect(),
+            head: 0,
+            in_wheel: 0,
+            far: BinaryHeap::new(),
+            popped: 0,
+        }
+    }
+}
+
+impl<E> Wheel<E> {
+    /// Schedules `e` at `at_us`; equal times pop in the order of `tie`, which
+    /// the caller keeps unique.
+    pub fn push_tie(&mut self, at_us: u64, tie: u64, e: E) {
+        if at_us < self.near_end {
+            if self.sorted {
+                let pos = self
+                    .near
+                    .partition_point(|&(t, k, _)| (t, k) > (at_us, tie));
+                self.near.insert(pos, (at_us, tie, e));
+            } else {
+                self.near.push((at_us, tie, e));
+            }
+            return;
+        }
+        let ahead = ((at_us - self.near_end) / BUCKET_US) as usize;
+        if ahead < WHEEL_BUCKETS {
+            self.wheel[(self.head + ahead) % WHEEL_BUCKETS].push((at_us, tie, e));
+            self.in_wheel += 1;
+        } else {
+            self.far.push(Reverse(Far(at_us, tie, e)));
+        }
+    }
+
+    /// Makes `near` hold the earliest events, if there are any.
+    fn refill(&mut self) {
+        while self.near.is_empty() {
+            if self.in_wheel == 0 {
+                let Some(Reverse(Far(t, _, _))) = self.far.peek() else {
+                    return;
+                };
+                self.near_end = t - t % BUCKET_US;
+            } else {
+                // The bucket becomes `near`, and `near`'s empty vector the
+                // bucket, so both keep their memory.
+                std::mem::swap(&mut self.near, &mut self.wheel[self.head]);
+                self.sorted = false;
+                self.in_wheel -= self.near.len();
+                self.head = (self.head + 1) % WHEEL_BUCKETS;
+            }
+            self.near_end += BUCKET_US;
+            let wheel_end = self.near_end + WHEEL_BUCKETS as u64 * BUCKET_US;
+            while self.far.peek().is_some_and(|Reverse(f)| f.0 < wheel_end) {
+                let Reverse(Far(t, tie, e)) = self.far.pop().expect("peeked");
+                self.push_tie(t, tie, e);
+            }
+        }
+    }
+
+    /// Time of the next event.
+    pub fn peek_time(&mut self) -> Option<u64> {
+        self.refill();
+        if self.sorted {
+            self.near.last().map(|e| e.0)
+        } else {
+            self.near.iter().map(|e| e.0).min()
+        }
+    }
+
+    /// Takes the next event, with its tie key.
+    pub fn pop_tie(&mut self) -> Option<(u64, u64, E)> {
+        self.refill();
+        if !self.sorted {
+            self.near.sort_unstable_by_key(|e| Reverse((e.0, e.1)));
+            self.sorted = true;
+        }
+        let e = self.near.pop()?;
+        self.popped += 1;
+        Some(e)
+    }
+
+    /// Hands every event before `end_us` to `f`, bucket by bucket, in no
+    /// particular order within a bucket.
+    pub fn take_before(&mut self, end_us: u64, mut f: impl FnMut(u64, u64, E)) {
+        loop {
+            self.refill();
+            if self.near.is_empty() {
+                return;
+            }
+            if self.near_end <= end_us {
+                self.popped += self.near.len() as u64;
+                for (t, tie, e) in self.near.drain(..) {
+                    f(t, tie, e);
+                }
+                continue;
+            }
+            // The window ends within this bucket.
+            if self.sorted {
+                while self.near.last().is_some_and(|e| e.0 < end_us) {
+                    let (t, tie, e) = self.near.pop().expect("peeked");
+                    self.popped += 1;
+                    f(t, tie, e);
+                }
+                return;
+            }
+            let mut i = 0;
+            while i < self.near.len() {
+                if self.near[i].0 < end_us {
+                    let (t, tie, e) = self.near.swap_remove(i);
+                    self.popped += 1;
+                    f(t, tie, e);
+                } else {
+                    i += 1;
+                }
+            }
+            return;
+        }
     }
 }
 
@@ -284,6 +460,28 @@ impl Host {
             pending: Pending::default(),
             frames: 0,
         }
+    }
+
+    /// Reads a word of each line of its struct (see the clubs driver's
+    /// `Node::warm`).
+    pub fn warm(&self) -> u64 {
+        self.busy_until ^ self.remotes.len() as u64 ^ self.conns.len() as u64 ^ self.up_bps
+    }
+
+    /// The remote of the frame that leaves its serializer next.
+    pub fn sending_to(&self) -> Option<PeerId> {
+        self.pending.front().map(|s| PeerId::from(s.to))
+    }
+
+    /// Reads the connection lists at the connections to `remotes`.
+    pub fn warm_heap(&self, remotes: [Option<PeerId>; 2]) -> u64 {
+        remotes
+            .into_iter()
+            .map(|r| {
+                let i = r.and_then(|r| self.index(r)).unwrap_or(0);
+                self.conns.get(i).map_or(0, |c| c.queued as u64)
+            })
+            .fold(0, |a, b| a ^ b)
     }
 
     fn index(&self, remote: PeerId) -> Option<usize> {
@@ -685,6 +883,67 @@ mod tests {
         assert!(reference.is_empty());
     }
 
+    /// A time to schedule at when it is `now`: mostly within 3 ms, some in
+    /// the past, some exactly now and some up to 20 s ahead (past the wheel).
+    fn draw_time(rng: &mut ChaCha8Rng, now: u64) -> u64 {
+        match rng.gen_range(0..10) {
+            0 => now.saturating_sub(rng.gen_range(0..5_000)),
+            1 => now + rng.gen_range(0..20_000_000),
+            2 => now,
+            _ => now + rng.gen_range(0..3_000),
+        }
+    }
+
+    /// The wheel pops what one heap of every event would, and a take hands
+    /// over exactly the events before its end, whichever of pops and takes
+    /// ran before and wherever the events were filed (near, wheel-wide, far,
+    /// past times).
+    #[test]
+    fn the_wheel_pops_in_order_and_takes_exactly_the_events_before_the_end() {
+        let mut rng = ChaCha8Rng::seed_from_u64(9);
+        let mut w = Wheel::default();
+        let mut reference = BinaryHeap::new();
+        let mut now = 1_000_000_000u64;
+        let (mut n, mut taken) = (0u64, 0u64);
+        for round in 0..20_000 {
+            for _ in 0..rng.gen_range(0..4) {
+                let at = draw_time(&mut rng, now);
+                n += 1;
+                w.push_tie(at, n, n);
+                reference.push(Reverse((at, n)));
+            }
+            assert_eq!(w.peek_time(), reference.peek().map(|Reverse((t, _))| *t));
+            if round % 5 == 0 {
+                let end = now + rng.gen_range(0..4_000);
+                let mut got = Vec::new();
+                w.take_before(end, |t, tie, e| {
+                    assert_eq!(tie, e);
+                    got.push((t, tie));
+                });
+                got.sort_unstable();
+                let mut want = Vec::new();
+                while reference.peek().is_some_and(|Reverse((t, _))| *t < end) {
+                    want.push(reference.pop().expect("peeked").0);
+                }
+                assert_eq!(got, want, "a take before {end}");
+                taken += got.len() as u64;
+                now = now.max(end);
+            } else if round % 3 != 0 {
+                if let Some((t, tie, e)) = w.pop_tie() {
+                    assert_eq!(tie, e);
+                    assert_eq!(Some(Reverse((t, tie))), reference.pop());
+                    now = now.max(t);
+                }
+            }
+        }
+        assert!(taken > 1_000, "takes took events ({taken})");
+        while let Some((t, tie, _)) = w.pop_tie() {
+            assert_eq!(Some(Reverse((t, tie))), reference.pop());
+        }
+        assert!(reference.is_empty());
+        assert_eq!(w.popped, n);
+    }
+
     /// The calendar queue pops what one heap of every event would, near,
     /// wheel-wide and far pushes interleaved with pops, past times included.
     #[test]
@@ -698,12 +957,7 @@ mod tests {
         let mut expected = Vec::new();
         for round in 0..20_000 {
             for _ in 0..rng.gen_range(0..4) {
-                let at = match rng.gen_range(0..10) {
-                    0 => now.saturating_sub(rng.gen_range(0..5_000)),
-                    1 => now + rng.gen_range(0..20_000_000),
-                    2 => now,
-                    _ => now + rng.gen_range(0..3_000),
-                };
+                let at = draw_time(&mut rng, now);
                 n += 1;
                 q.push(at, n);
                 reference.push(Reverse((at, n)));

@@ -214,6 +214,37 @@ fn a_clubs_run_does_not_depend_on_its_thread_count() {
     assert_eq!(reports[0], reports[2], "one thread against three");
 }
 
+/// Within a window no viewer's event reaches another, so running each
+/// viewer's events together (the default) gives the report that running the
+/// window in time order gives, on one thread and on two.
+#[test]
+fn a_clubs_run_is_the_same_viewer_by_viewer_and_in_time_order() {
+    let cfg = Config {
+        peers: 200,
+        seconds: 10,
+        churn_per_min: 0.5,
+        hostile: 0.05,
+        seed: 12,
+        ..Config::default()
+    };
+    let report = |threads, time_order| {
+        let mut r = run(&Config {
+            threads,
+            time_order,
+            ..cfg.clone()
+        })
+        .report;
+        r.wall_seconds = 0.0;
+        r.max_rss_mib = 0.0;
+        r
+    };
+    for threads in [1, 2] {
+        let by_peer = report(threads, false);
+        assert!(by_peer.events > 100_000, "{by_peer:?}");
+        assert_eq!(by_peer, report(threads, true), "{threads} thread(s)");
+    }
+}
+
 #[test]
 fn churn_and_hostile_relays_keep_continuity() {
     // The bench's hard scenario at test size: 10 %/min churn and 5 % hostile
