@@ -187,9 +187,16 @@ pub struct Wheel<E> {
     in_wheel: usize,
     /// Events at or after the wheel's end.
     far: BinaryHeap<Reverse<Far<E>>>,
+    /// Emptied vectors, which keep their memory for the next buckets to fill:
+    /// a bucket that is not filling holds none (4,096 buckets of a few
+    /// thousand events each would hold over half a GiB).
+    spare: Vec<Vec<(u64, u64, E)>>,
     /// Events popped or taken so far.
     pub popped: u64,
 }
+
+/// Most emptied vectors a [`Wheel`] keeps.
+const SPARE_BUCKETS: usize = 16;
 
 /// An event of [`Wheel`]'s far heap, ordered by (time, tie) alone.
 #[derive(Debug)]
@@ -225,6 +232,7 @@ impl<E> Default for Wheel<E> {
             head: 0,
             in_wheel: 0,
             far: BinaryHeap::new(),
+            spare: Vec::new(),
             popped: 0,
         }
     }
@@ -247,7 +255,13 @@ impl<E> Wheel<E> {
         }
         let ahead = ((at_us - self.near_end) / BUCKET_US) as usize;
         if ahead < WHEEL_BUCKETS {
-            self.wheel[(self.head + ahead) % WHEEL_BUCKETS].push((at_us, tie, e));
+            let bucket = &mut self.wheel[(self.head + ahead) % WHEEL_BUCKETS];
+            if bucket.capacity() == 0 {
+                if let Some(v) = self.spare.pop() {
+                    *bucket = v;
+                }
+            }
+            bucket.push((at_us, tie, e));
             self.in_wheel += 1;
         } else {
             self.far.push(Reverse(Far(at_us, tie, e)));
@@ -263,9 +277,13 @@ impl<E> Wheel<E> {
                 };
                 self.near_end = t - t % BUCKET_US;
             } else {
-                // The bucket becomes `near`, and `near`'s empty vector the
-                // bucket, so both keep their memory.
-                std::mem::swap(&mut self.near, &mut self.wheel[self.head]);
+                // The bucket becomes `near`, and `near`'s empty vector a
+                // spare.
+                let bucket = std::mem::take(&mut self.wheel[self.head]);
+                let old = std::mem::replace(&mut self.near, bucket);
+                if self.spare.len() < SPARE_BUCKETS && old.capacity() > 0 {
+                    self.spare.push(old);
+                }
                 self.sorted = false;
                 self.in_wheel -= self.near.len();
                 self.head = (self.head + 1) % WHEEL_BUCKETS;
