@@ -108,6 +108,18 @@ enum Ev {
 }
 
 impl Ev {
+    /// The seq of the block or HAVE it delivers, and its sender.
+    fn seq_and_sender(&self) -> (Option<u64>, Option<PeerId>) {
+        let Ev::Deliver { from, frame, .. } = self else {
+            return (None, None);
+        };
+        let seq = match frame {
+            Wired::Block { seq, .. } | Wired::Have(seq) => Some(*seq),
+            Wired::Other(_) => None,
+        };
+        (seq, Some(*from))
+    }
+
     /// The viewer whose partition runs it; `None` for the server's own events.
     fn owner(&self) -> Option<PeerId> {
         match self {
@@ -563,19 +575,9 @@ impl Part {
             w ^= mine.node(o).warm();
         }
         for &o in owners {
-            let (seq, from) = match self.batch.evs[self.batch.head[o as usize] as usize]
+            let (seq, from) = self.batch.evs[self.batch.head[o as usize] as usize]
                 .as_ref()
-                .map(|e| &e.2)
-            {
-                Some(Ev::Deliver { from, frame, .. }) => (
-                    match frame {
-                        Wired::Block { seq, .. } | Wired::Have(seq) => Some(*seq),
-                        Wired::Other(_) => None,
-                    },
-                    Some(*from),
-                ),
-                _ => (None, None),
-            };
+                .map_or((None, None), |e| e.2.seq_and_sender());
             w ^= mine.node(o).warm_heap(seq, from);
         }
         std::hint::black_box(w);
@@ -1074,7 +1076,7 @@ impl Sim {
             self.done_us = end;
             self.between_windows();
         }
-        let events = self.q.popped + self.parts.iter().map(|p| p.q.popped).sum::<u64>();
+        let events = self.q.popped() + self.parts.iter().map(|p| p.q.popped).sum::<u64>();
         for p in &self.parts {
             self.tally.add(&p.tally);
             self.sends.add(&p.sends);

@@ -188,7 +188,7 @@ impl Sim {
             self.end_us,
             self.origin.egress_bytes(),
             &uploads,
-            self.q.popped,
+            self.q.popped(),
             (self.origin.fills_ok, self.origin.fills_denied),
         );
         Run {

@@ -1,8 +1,10 @@
 //! The event queue, the network model and the origin's budget.
 //!
-//! - [`Queue`]: a calendar queue of `(time, tie)` keys with the event payloads
-//!   in a slab, so it moves 24-byte keys; equal times pop in push order, or
-//!   in the order of the caller's tie keys ([`Queue::push_tie`]).
+//! - [`Wheel`]: a calendar queue of events ordered by `(time, tie)`, which a
+//!   driver can also empty a window at a time ([`Wheel::take_before`]).
+//! - [`Queue`]: a [`Wheel`] of `(time, tie)` keys with the event payloads in a
+//!   slab, so it moves 24-byte keys; equal times pop in push order, or in the
+//!   order of the caller's tie keys ([`Queue::push_tie`]).
 //! - [`Host`]: one FIFO upload serializer per host, per-connection queued
 //!   bytes (what the core sees as `bufferedAmount`) and in-order delivery.
 //! - [`Wire`]: the hosts with their latency and retransmissions (the `clubs`
@@ -29,51 +31,27 @@ pub const BUCKET_US: u64 = 1_000;
 /// bucket, later ones in the far heap.
 pub const WHEEL_BUCKETS: usize = 4_096;
 
-type Key = (u64, u64, u32);
-
 /// Discrete events ordered by time, then by the order they were pushed.
 ///
-/// A calendar queue: the events of the current millisecond are in a small
-/// heap, those of the next [`WHEEL_BUCKETS`] ms in one unsorted bucket per
-/// millisecond, and later ones in a far heap. At 10,000 peers a millisecond
-/// holds a few thousand events, so the heap that orders them stays in cache,
-/// where one heap of every pending event would not. The payloads sit in a
-/// slab, so the keys that move are 24 bytes.
+/// A [`Wheel`] of `(time, tie, slot)` keys with the payloads in a slab, so the
+/// keys that move when a bucket is sorted are 24 bytes. At 10,000 peers a
+/// millisecond holds a few thousand events, so the bucket being sorted stays
+/// in cache, where one heap of every pending event would not.
 #[derive(Debug)]
 pub struct Queue<E> {
-    /// Events before `near_end`.
-    near: BinaryHeap<Reverse<Key>>,
-    /// End of the current bucket, µs.
-    near_end: u64,
-    /// Bucket `i` holds events in `[near_end + (i - 1) * BUCKET_US, +BUCKET_US)`
-    /// for `i` counted from `head` round the ring, starting at 1.
-    wheel: Vec<Vec<Key>>,
-    /// The wheel slot of the bucket after the current one.
-    head: usize,
-    /// Events in the wheel.
-    in_wheel: usize,
-    /// Events at or after the wheel's end.
-    far: BinaryHeap<Reverse<Key>>,
+    keys: Wheel<u32>,
     slab: Vec<Option<E>>,
     free: Vec<u32>,
     pushed: u64,
-    /// Events popped so far.
-    pub popped: u64,
 }
 
 impl<E> Default for Queue<E> {
     fn default() -> Self {
         Queue {
-            near: BinaryHeap::new(),
-            near_end: 0,
-            wheel: (0..WHEEL_BUCKETS).map(|_| Vec::new()).collect(),
-            head: 0,
-            in_wheel: 0,
-            far: BinaryHeap::new(),
+            keys: Wheel::default(),
             slab: Vec::new(),
             free: Vec::new(),
             pushed: 0,
-            popped: 0,
         }
     }
 }
@@ -98,82 +76,38 @@ impl<E> Queue<E> {
                 (self.slab.len() - 1) as u32
             }
         };
-        self.file((at_us, tie, slot));
-    }
-
-    fn file(&mut self, k: Key) {
-        if k.0 < self.near_end {
-            self.near.push(Reverse(k));
-            return;
-        }
-        let ahead = ((k.0 - self.near_end) / BUCKET_US) as usize;
-        if ahead < WHEEL_BUCKETS {
-            self.wheel[(self.head + ahead) % WHEEL_BUCKETS].push(k);
-            self.in_wheel += 1;
-        } else {
-            self.far.push(Reverse(k));
-        }
-    }
-
-    /// Makes `near` hold the earliest events, if there are any.
-    fn refill(&mut self) {
-        while self.near.is_empty() {
-            if self.in_wheel == 0 {
-                // Jump to the far heap's first bucket.
-                let Some(&Reverse((t, _, _))) = self.far.peek() else {
-                    return;
-                };
-                self.near_end = t - t % BUCKET_US;
-            } else {
-                // `near` is empty: the bucket becomes it (in place; its
-                // memory goes with it, so idle buckets hold none).
-                let bucket = std::mem::take(&mut self.wheel[self.head]);
-                self.in_wheel -= bucket.len();
-                self.near = BinaryHeap::from(bucket.into_iter().map(Reverse).collect::<Vec<_>>());
-                self.head = (self.head + 1) % WHEEL_BUCKETS;
-            }
-            self.near_end += BUCKET_US;
-            // Far events that the wheel now reaches move into it.
-            let wheel_end = self.near_end + WHEEL_BUCKETS as u64 * BUCKET_US;
-            while let Some(&Reverse(k)) = self.far.peek() {
-                if k.0 >= wheel_end {
-                    break;
-                }
-                self.far.pop();
-                self.file(k);
-            }
-        }
+        self.keys.push_tie(at_us, tie, slot);
     }
 
     /// Time of the next event.
     pub fn peek_time(&mut self) -> Option<u64> {
-        self.refill();
-        self.near.peek().map(|Reverse((t, _, _))| *t)
+        self.keys.peek_time()
     }
 
     /// Takes the next event.
     pub fn pop(&mut self) -> Option<(u64, E)> {
-        self.pop_tie().map(|(t, _, e)| (t, e))
-    }
-
-    /// Takes the next event, with its tie key.
-    pub fn pop_tie(&mut self) -> Option<(u64, u64, E)> {
-        self.refill();
-        let Reverse((t, tie, slot)) = self.near.pop()?;
+        let (t, _, slot) = self.keys.pop_tie()?;
         let e = self.slab[slot as usize]
             .take()
             .expect("a queued slot holds its event");
         self.free.push(slot);
-        self.popped += 1;
-        Some((t, tie, e))
+        Some((t, e))
+    }
+
+    /// Events popped so far.
+    pub fn popped(&self) -> u64 {
+        self.keys.popped
     }
 }
 
-/// A calendar queue like [`Queue`] that keeps the events in its buckets
-/// rather than in a slab, for a driver that takes a window's events at once
-/// ([`Wheel::take_before`]) and orders them itself: the events are written
-/// and read in bucket order, and no slab slot is touched at random. It pops
-/// one at a time ([`Wheel::pop_tie`]) in the same order as [`Queue`] too.
+/// A calendar queue of events ordered by (time, tie): the events of the
+/// current millisecond bucket in a vector, sorted when the first is popped,
+/// those of the next [`WHEEL_BUCKETS`] ms in one unsorted bucket per
+/// millisecond, and later ones in a far heap. The events sit in the buckets
+/// themselves, so a driver that takes a window's events at once
+/// ([`Wheel::take_before`]) and orders them itself writes and reads them in
+/// bucket order, with no sorting. [`Queue`] is one of `(time, tie, slot)` keys
+/// over a slab.
 #[derive(Debug)]
 pub struct Wheel<E> {
     /// Events before `near_end`; latest first when `sorted`.
@@ -181,9 +115,12 @@ pub struct Wheel<E> {
     sorted: bool,
     /// End of the current bucket, µs.
     near_end: u64,
-    /// As [`Queue`]'s wheel.
+    /// Bucket `i` holds events in `[near_end + (i - 1) * BUCKET_US, +BUCKET_US)`
+    /// for `i` counted from `head` round the ring, starting at 1.
     wheel: Vec<Vec<(u64, u64, E)>>,
+    /// The wheel slot of the bucket after the current one.
     head: usize,
+    /// Events in the wheel.
     in_wheel: usize,
     /// Events at or after the wheel's end.
     far: BinaryHeap<Reverse<Far<E>>>,
@@ -297,23 +234,24 @@ impl<E> Wheel<E> {
         }
     }
 
-    /// Time of the next event.
-    pub fn peek_time(&mut self) -> Option<u64> {
-        self.refill();
-        if self.sorted {
-            self.near.last().map(|e| e.0)
-        } else {
-            self.near.iter().map(|e| e.0).min()
-        }
-    }
-
-    /// Takes the next event, with its tie key.
-    pub fn pop_tie(&mut self) -> Option<(u64, u64, E)> {
+    /// Makes `near` hold the earliest events, latest first.
+    fn refill_sorted(&mut self) {
         self.refill();
         if !self.sorted {
             self.near.sort_unstable_by_key(|e| Reverse((e.0, e.1)));
             self.sorted = true;
         }
+    }
+
+    /// Time of the next event.
+    pub fn peek_time(&mut self) -> Option<u64> {
+        self.refill_sorted();
+        self.near.last().map(|e| e.0)
+    }
+
+    /// Takes the next event, with its tie key.
+    pub fn pop_tie(&mut self) -> Option<(u64, u64, E)> {
+        self.refill_sorted();
         let e = self.near.pop()?;
         self.popped += 1;
         Some(e)
@@ -997,6 +935,6 @@ mod tests {
         }
         assert!(reference.is_empty());
         assert_eq!(popped, expected);
-        assert_eq!(q.popped, n);
+        assert_eq!(q.popped(), n);
     }
 }
