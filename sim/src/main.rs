@@ -269,6 +269,12 @@ fn main_inner() -> Result<(), SimError> {
     Ok(())
 }
 
+/// mimalloc rather than the system allocator: the run makes and frees many
+/// small objects (frames, queue nodes, per-link lists) on both threads; at
+/// 10,000 peers it ran about 8 % faster, with the same report.
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     match main_inner() {
         Ok(()) => ExitCode::SUCCESS,
