@@ -37,7 +37,7 @@ use clubcast_protocol::bid::Bid;
 use clubcast_protocol::club::{
     club_of, ClubConfig, LateStreak, LinkChange, Membership, Overload, UploadStreak,
 };
-use clubcast_protocol::peer::{From, Peer, PeerConfig, PeerEvent, Transmit};
+use clubcast_protocol::peer::{From, Peer, PeerConfig, PeerEvent};
 use clubcast_protocol::signal::{Link, LinkOp, PeerId, SEEDER_PEER_ID};
 use clubcast_protocol::source::{Source, SourceEvent};
 use clubcast_protocol::wire::Frame;
@@ -254,9 +254,15 @@ impl Node {
 
     /// The tie-break key of the next event `id` schedules.
     fn tie(&mut self, id: PeerId) -> u64 {
-        self.ties += 1;
-        id << 32 | u64::from(self.ties)
+        next_tie(&mut self.ties, id)
     }
+}
+
+/// The tie-break key of the next event viewer `id` schedules, of the `ties`
+/// it scheduled so far ([`Node::tie`]).
+fn next_tie(ties: &mut u32, id: PeerId) -> u64 {
+    *ties += 1;
+    id << 32 | u64::from(*ties)
 }
 
 /// The network every thread may read: each host's latency and presence (they
@@ -381,8 +387,18 @@ struct Part {
     me: usize,
     q: Wheel<Ev>,
 
-    /// Events for other partitions: (time, tie, event).
-    out: Vec<(u64, u64, Ev)>,
+    /// Events for other partitions, by partition: (time, tie, event).
+    out: Vec<Vec<(u64, u64, Ev)>>,
+    /// The earliest time in each of `out` (u64::MAX: none).
+    out_min: Vec<u64>,
+    /// Events from other partitions, by partition, not yet in `q`: each
+    /// partition files its own at the start of a window, side by side.
+    inbox: Vec<Vec<(u64, u64, Ev)>>,
+    /// The earliest time in `inbox` (u64::MAX: none).
+    inbox_min: u64,
+    /// The end of the window it runs (frames to other partitions arrive
+    /// after it).
+    window_end: u64,
     /// Requests to the server: (time, tie, request).
     reqs: Vec<(u64, u64, Req)>,
     tally: Tally,
@@ -390,7 +406,6 @@ struct Part {
     /// Its own copy, so that threads do not share the reference counts of
     /// the blocks their peers cache.
     verifier: SimVerifier,
-    tx: Vec<Transmit>,
     evs: Vec<PeerEvent>,
     changed: Vec<(PeerId, usize)>,
     dirty: Vec<usize>,
@@ -469,17 +484,20 @@ fn ms(us: u64) -> Time {
 }
 
 impl Part {
-    fn new(me: usize, verifier: SimVerifier, debug: bool) -> Self {
+    fn new(me: usize, parts: usize, verifier: SimVerifier, debug: bool) -> Self {
         Part {
             me,
             q: Wheel::default(),
 
-            out: Vec::new(),
+            out: (0..parts).map(|_| Vec::new()).collect(),
+            out_min: vec![u64::MAX; parts],
+            inbox: (0..parts).map(|_| Vec::new()).collect(),
+            inbox_min: u64::MAX,
+            window_end: 0,
             reqs: Vec::new(),
             tally: Tally::default(),
             sends: SendStats::default(),
             verifier,
-            tx: Vec::new(),
             evs: Vec::new(),
             changed: Vec::new(),
             dirty: Vec::new(),
@@ -493,8 +511,27 @@ impl Part {
         }
     }
 
+    /// When its next event is due (µs), counting those in its inbox.
+    fn next_time(&mut self) -> Option<u64> {
+        let inbox = (self.inbox_min < u64::MAX).then_some(self.inbox_min);
+        self.q.peek_time().into_iter().chain(inbox).min()
+    }
+
+    /// Files the events other partitions sent it in the last window, and
+    /// notes the end of the one it starts.
+    fn start_window(&mut self, end: u64) {
+        for v in &mut self.inbox {
+            for (at, tie, ev) in v.drain(..) {
+                self.q.push_tie(at, tie, ev);
+            }
+        }
+        self.inbox_min = u64::MAX;
+        self.window_end = end;
+    }
+
     /// Runs its events before `end`.
     fn run(&mut self, mine: &mut Mine<'_>, sh: &Shared<'_>, end: u64) {
+        self.start_window(end);
         while self.q.peek_time().is_some_and(|t| t < end) {
             let (now, _, ev) = self.q.pop_tie().expect("peeked");
             self.handle(mine, sh, now, ev);
@@ -513,6 +550,7 @@ impl Part {
     ///   overlap rather than each event stalling on its own in turn;
     /// - the events leave the [`Wheel`] bucket by bucket, with no heap.
     fn run_by_peer(&mut self, mine: &mut Mine<'_>, sh: &Shared<'_>, end: u64, nodes: usize) {
+        self.start_window(end);
         let mut b = std::mem::take(&mut self.batch);
         b.head.resize(nodes, NONE);
         b.tail.resize(nodes, NONE);
@@ -603,10 +641,13 @@ impl Part {
 
     /// Schedules `ev`, which viewer `owner` runs, in its partition.
     fn post(&mut self, sh: &Shared<'_>, at: u64, tie: u64, owner: PeerId, ev: Ev) {
-        if part_of(owner, sh.parts) == self.me {
+        let to = part_of(owner, sh.parts);
+        if to == self.me {
             self.sched(at, tie, ev);
         } else {
-            self.out.push((at, tie, ev));
+            debug_assert!(at >= self.window_end, "a frame faster than the lookahead");
+            self.out_min[to] = self.out_min[to].min(at);
+            self.out[to].push((at, tie, ev));
         }
     }
 
@@ -772,17 +813,10 @@ impl Part {
         let Some(p) = n.slot.peer.as_mut() else {
             return;
         };
-        while let Some(t) = p.poll_transmit() {
-            self.tx.push(t);
-        }
-        while let Some(e) = p.poll_event() {
-            self.evs.push(e);
-        }
-        let timeout = p.poll_timeout();
-        let waiting = p.queued_pushes() > 0;
         let hostile = n.slot.hostile;
-        let mut tx = std::mem::take(&mut self.tx);
-        for t in tx.drain(..) {
+        // Each frame goes to the wire as it is polled, not through a list:
+        // a block's frame is 144 bytes to move.
+        while let Some(t) = p.poll_transmit() {
             let frame = t.frame;
             debug_assert!(
                 !matches!(&frame, Frame::Block(b) if *b != sh.stream.blocks[b.header.seq as usize]),
@@ -797,7 +831,7 @@ impl Part {
                 self.tally.payload_sent += (len - overhead) as u64;
                 self.tally.overhead_sent += overhead as u64;
                 if t.to != SEEDER_PEER_ID {
-                    let tie = n.tie(id);
+                    let tie = next_tie(&mut n.ties, id);
                     let ev = Ev::Deliver {
                         from: id,
                         to: t.to,
@@ -808,7 +842,11 @@ impl Part {
                 }
             }
         }
-        self.tx = tx;
+        while let Some(e) = p.poll_event() {
+            self.evs.push(e);
+        }
+        let timeout = p.poll_timeout();
+        let waiting = p.queued_pushes() > 0;
         let mut evs = std::mem::take(&mut self.evs);
         for e in evs.drain(..) {
             self.event(n, sh, now, id, e);
@@ -996,7 +1034,7 @@ impl Sim {
             min_access
         };
         let parts = (0..threads)
-            .map(|me| Part::new(me, verifier.sharing(&stream.blocks), debug))
+            .map(|me| Part::new(me, threads, verifier.sharing(&stream.blocks), debug))
             .collect();
         let end_us = stream.end_us + 2_000_000;
         let mut sim = Sim {
@@ -1056,7 +1094,7 @@ impl Sim {
     pub fn run(mut self) -> Run {
         loop {
             let server = self.q.peek_time();
-            let viewers = self.parts.iter_mut().filter_map(|p| p.q.peek_time()).min();
+            let viewers = self.parts.iter_mut().filter_map(Part::next_time).min();
             let Some(next) = server.into_iter().chain(viewers).min() else {
                 break;
             };
@@ -1193,16 +1231,20 @@ impl Sim {
         });
     }
 
-    /// Hands frames over between partitions, then serves the window's
-    /// requests to the server in time order.
+    /// Hands frames over between partitions (each files them itself, in
+    /// the next window), then serves the window's requests to the server in
+    /// time order.
     fn between_windows(&mut self) {
         let n = self.parts.len();
         for i in 0..n {
-            let out = std::mem::take(&mut self.parts[i].out);
-            for (at, tie, ev) in out {
-                debug_assert!(at >= self.done_us, "a frame faster than the lookahead");
-                let owner = ev.owner().expect("a viewer's event");
-                self.parts[part_of(owner, n)].q.push_tie(at, tie, ev);
+            for j in (0..n).filter(|&j| j != i) {
+                // Swapped, not moved: each list keeps its capacity.
+                let mut v = std::mem::take(&mut self.parts[i].out[j]);
+                debug_assert!(self.parts[j].inbox[i].is_empty());
+                std::mem::swap(&mut v, &mut self.parts[j].inbox[i]);
+                self.parts[i].out[j] = v;
+                let at = std::mem::replace(&mut self.parts[i].out_min[j], u64::MAX);
+                self.parts[j].inbox_min = self.parts[j].inbox_min.min(at);
             }
         }
         let mut reqs = std::mem::take(&mut self.reqs);
