@@ -103,7 +103,7 @@ enum Ev {
         kicked: bool,
     },
     Bid,
-    /// A peer's serializer finished a frame while pushes wait in its queue.
+    /// A peer's serializer went idle while pushes wait in its queue.
     Drain(PeerId),
 }
 
@@ -666,9 +666,9 @@ impl Part {
                 if n.slot.peer.is_some() || !sh.reach.alive[id as usize] {
                     return;
                 }
-                // The wire reports every drained frame (`Drain`): no polling,
-                // and a block is handed to the wire only when the serializer
-                // is idle, so it can still be overtaken until then.
+                // The wire reports when the serializer goes idle (`Drain`):
+                // no polling, and a block is handed to the wire only when the
+                // serializer is idle, so it can still be overtaken until then.
                 let mut pc = PeerConfig::new(id, sh.cfg.clubs);
                 pc.pump_poll_ms = 0;
                 pc.send_window = 1;
@@ -764,6 +764,15 @@ impl Part {
                     return;
                 }
                 n.slot.drain_at = u64::MAX;
+                if let Some(idle) = n.host.idle_at().filter(|&t| t > now) {
+                    // Frames were queued since: no push can go before they
+                    // leave, and waking the peer sooner would only drop its
+                    // expired pushes sooner.
+                    n.slot.drain_at = idle;
+                    let tie = n.tie(id);
+                    self.sched(idle, tie, Ev::Drain(id));
+                    return;
+                }
                 let Some(p) = n.slot.peer.as_mut() else {
                     return;
                 };
@@ -853,8 +862,10 @@ impl Part {
         }
         self.evs = evs;
         if waiting {
-            // Queued pushes go out as the serializer frees the window.
-            if let Some(at) = n.host.next_finish() {
+            // The peer's send window is one byte (see `Ev::Welcome`): its
+            // queued pushes go out one by one, each when the serializer has
+            // sent everything before it, so that is when it next pumps.
+            if let Some(at) = n.host.idle_at() {
                 if at < n.slot.drain_at || n.slot.drain_at <= now {
                     n.slot.drain_at = at.max(now);
                     let tie = n.tie(id);

@@ -510,9 +510,10 @@ impl Host {
         Some((finish, arrival))
     }
 
-    /// When its next frame leaves the serializer, µs.
-    pub fn next_finish(&self) -> Option<u64> {
-        self.pending.front().map(|p| p.finish)
+    /// When its serializer has sent every frame queued so far, µs (`None`
+    /// when nothing is queued).
+    pub fn idle_at(&self) -> Option<u64> {
+        self.pending.front().map(|_| self.busy_until)
     }
 
     /// Retires the frames that left the serializer by `now_us` and fills
