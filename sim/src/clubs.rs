@@ -16,8 +16,12 @@
 //! - serves the window's requests to the server (gap fills, bad-peer and
 //!   slow-source reports) in time order: each answer takes at least a round
 //!   trip to the server, longer than a window;
-//! - runs the server's own events (blocks cut, joins, leaves, bids, the
-//!   seeder's connections); no window spans one.
+//! - runs the server's own events, in time order with those requests. A
+//!   block cut, a join or the seeder's connection opening reads no viewer's
+//!   state, and reaches a viewer no sooner than a seeder push (half a round
+//!   trip to the server), so a window may span one, and it runs after the
+//!   window, where the window stops that long after it; a leave or a bid
+//!   ends a window (a test checks that the results are the same).
 //!
 //! Equal times run in the order of (actor, the actor's count of events it
 //! scheduled), not in the order a queue was pushed, and loss is drawn from a
@@ -32,6 +36,8 @@
 //! With `--latency-min-ms 0` there is no lookahead between viewers: one
 //! thread runs them, in time order, in windows bounded by the server's round
 //! trip.
+
+use std::collections::VecDeque;
 
 use clubcast_protocol::bid::Bid;
 use clubcast_protocol::club::{
@@ -951,6 +957,15 @@ impl Part {
     }
 }
 
+/// Whether server event `ev` may run after a window that it falls in: it
+/// reads no viewer's state, and what it does reaches a viewer no sooner than
+/// a seeder push would (a block cut, a join, the seeder's connection
+/// opening). A leave ends the viewer's events and a bid reads every viewer,
+/// so each of those ends a window.
+fn runs_after_window(ev: &Ev) -> bool {
+    matches!(ev, Ev::Produce(_) | Ev::Join(_) | Ev::Open { .. })
+}
+
 /// The clubs simulation.
 pub struct Sim {
     cfg: Config,
@@ -983,8 +998,13 @@ pub struct Sim {
     /// The partitions run each window viewer by viewer
     /// ([`Part::run_by_peer`]), not in time order.
     by_peer: bool,
-    /// Every event before this time has run (debug checks).
+    /// Every viewer event before this time has run (debug checks).
     done_us: u64,
+    /// The least delay from the server's doing to a viewer's, µs: a seeder
+    /// push's one-way delay.
+    server_reach: u64,
+    /// Server events that run after the window they fall in.
+    held: VecDeque<(u64, u64, Ev)>,
     reqs: Vec<(u64, u64, Req)>,
     changed: Vec<(PeerId, usize)>,
     dirty: Vec<usize>,
@@ -1071,6 +1091,8 @@ impl Sim {
             lookahead,
             by_peer,
             done_us: 0,
+            server_reach: (SERVER_ACCESS_US + min_access) / 2,
+            held: VecDeque::new(),
             reqs: Vec::new(),
             changed: Vec::new(),
             dirty: Vec::new(),
@@ -1090,7 +1112,10 @@ impl Sim {
 
     /// Schedules `ev` (the server's doing) in the queue that runs it.
     fn post(&mut self, at: u64, ev: Ev) {
-        debug_assert!(at >= self.done_us, "an event in a window that ran");
+        debug_assert!(
+            ev.owner().is_none() || at >= self.done_us,
+            "an event in a window that ran"
+        );
         let tie = self.nodes[0].tie(SEEDER_PEER_ID);
         match ev.owner() {
             None => self.q.push_tie(at, tie, ev),
@@ -1118,12 +1143,27 @@ impl Sim {
                 self.handle(now, ev);
                 continue;
             }
-            let end = (next + self.lookahead)
-                .min(server.unwrap_or(u64::MAX))
-                .min(self.end_us + 1);
+            let mut end = (next + self.lookahead).min(self.end_us + 1);
+            // A server event that reads no viewer's state and reaches the
+            // viewers only after the window may fall in it: it runs after
+            // the window, in time order with the window's requests, as if the
+            // window had stopped at it. Any other ends the window.
+            let mut held = std::mem::take(&mut self.held);
+            while let Some((t, _, ev)) = self.q.peek() {
+                if t >= end {
+                    break;
+                }
+                if !runs_after_window(ev) || self.cfg.cut_at_server_events {
+                    end = t;
+                    break;
+                }
+                end = end.min(t + self.server_reach);
+                held.push_back(self.q.pop_tie().expect("peeked"));
+            }
             self.window(end);
             self.done_us = end;
-            self.between_windows();
+            self.between_windows(end, &mut held);
+            self.held = held;
         }
         let events = self.q.popped() + self.parts.iter().map(|p| p.q.popped).sum::<u64>();
         for p in &self.parts {
@@ -1243,9 +1283,10 @@ impl Sim {
     }
 
     /// Hands frames over between partitions (each files them itself, in
-    /// the next window), then serves the window's requests to the server in
-    /// time order.
-    fn between_windows(&mut self) {
+    /// the next window), then runs the window's requests to the server and
+    /// the server events `held` back from it, in time order (the server's
+    /// own first at equal times), with those they schedule before `end`.
+    fn between_windows(&mut self, end: u64, held: &mut VecDeque<(u64, u64, Ev)>) {
         let n = self.parts.len();
         for i in 0..n {
             for j in (0..n).filter(|&j| j != i) {
@@ -1263,9 +1304,34 @@ impl Sim {
             reqs.append(&mut p.reqs);
         }
         reqs.sort_unstable_by_key(|r| (r.0, r.1));
-        for (now, _, req) in reqs.drain(..) {
-            self.serve(now, req);
+        let mut pending = reqs.drain(..).peekable();
+        loop {
+            let posted = self
+                .q
+                .peek()
+                .filter(|e| e.0 < end)
+                .map(|(t, tie, _)| (t, tie));
+            let first = held.front().map(|e| (e.0, e.1));
+            let server = match (first, posted) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+            let req = pending.peek().map(|r| r.0);
+            if let Some((t, tie)) = server.filter(|s| req.is_none_or(|r| s.0 <= r)) {
+                let ev = if first == Some((t, tie)) {
+                    held.pop_front().expect("peeked").2
+                } else {
+                    self.q.pop().expect("peeked").1
+                };
+                debug_assert!(runs_after_window(&ev), "a server event that ends windows");
+                self.handle(t, ev);
+            } else if let Some((now, _, req)) = pending.next() {
+                self.serve(now, req);
+            } else {
+                break;
+            }
         }
+        drop(pending);
         self.reqs = reqs;
     }
 

@@ -87,6 +87,11 @@ pub struct Config {
     /// it); not a CLI option.
     #[serde(skip)]
     pub time_order: bool,
+    /// Clubs mode: every server event ends a window, even those that may
+    /// run after it ([`crate::clubs`]). Slower, with the same results (a
+    /// test checks it); not a CLI option.
+    #[serde(skip)]
+    pub cut_at_server_events: bool,
 }
 
 impl Default for Config {
@@ -113,6 +118,7 @@ impl Default for Config {
             mesh_neighbours: 8,
             threads: 0,
             time_order: false,
+            cut_at_server_events: false,
         }
     }
 }

@@ -117,6 +117,7 @@ impl Cli {
             mesh_neighbours: self.mesh_neighbours,
             threads: self.threads,
             time_order: false,
+            cut_at_server_events: false,
         }
     }
 }

@@ -84,14 +84,28 @@ impl<E> Queue<E> {
         self.keys.peek_time()
     }
 
+    /// The next event, with its time and tie key.
+    pub fn peek(&mut self) -> Option<(u64, u64, &E)> {
+        let (t, tie, &slot) = self.keys.peek()?;
+        let e = self.slab[slot as usize]
+            .as_ref()
+            .expect("a queued slot holds its event");
+        Some((t, tie, e))
+    }
+
     /// Takes the next event.
     pub fn pop(&mut self) -> Option<(u64, E)> {
-        let (t, _, slot) = self.keys.pop_tie()?;
+        self.pop_tie().map(|(t, _, e)| (t, e))
+    }
+
+    /// Takes the next event, with its tie key.
+    pub fn pop_tie(&mut self) -> Option<(u64, u64, E)> {
+        let (t, tie, slot) = self.keys.pop_tie()?;
         let e = self.slab[slot as usize]
             .take()
             .expect("a queued slot holds its event");
         self.free.push(slot);
-        Some((t, e))
+        Some((t, tie, e))
     }
 
     /// Events popped so far.
@@ -247,6 +261,12 @@ impl<E> Wheel<E> {
     pub fn peek_time(&mut self) -> Option<u64> {
         self.refill_sorted();
         self.near.last().map(|e| e.0)
+    }
+
+    /// The next event, with its time and tie key.
+    pub fn peek(&mut self) -> Option<(u64, u64, &E)> {
+        self.refill_sorted();
+        self.near.last().map(|(t, tie, e)| (*t, *tie, e))
     }
 
     /// Takes the next event, with its tie key.

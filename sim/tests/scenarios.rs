@@ -246,6 +246,38 @@ fn a_clubs_run_is_the_same_viewer_by_viewer_and_in_time_order() {
 }
 
 #[test]
+fn a_clubs_run_is_the_same_with_server_events_run_after_windows() {
+    // Block cuts and joins that fall in a window run after it; ending every
+    // window at each of them gives the same run. Every viewer is near the
+    // server, so that a seeder push would land in the window it was held
+    // from if the window were too long.
+    let cfg = Config {
+        peers: 200,
+        seconds: 10,
+        churn_per_min: 0.5,
+        hostile: 0.05,
+        seed: 13,
+        threads: 2,
+        latency_min_ms: 10,
+        latency_max_ms: 12,
+        ..Config::default()
+    };
+    let report = |cut_at_server_events| {
+        let mut r = run(&Config {
+            cut_at_server_events,
+            ..cfg.clone()
+        })
+        .report;
+        r.wall_seconds = 0.0;
+        r.max_rss_mib = 0.0;
+        r
+    };
+    let held = report(false);
+    assert!(held.events > 100_000, "{held:?}");
+    assert_eq!(held, report(true));
+}
+
+#[test]
 fn churn_and_hostile_relays_keep_continuity() {
     // The bench's hard scenario at test size: 10 %/min churn and 5 % hostile
     // relays on the default capacity model. Seed 1 gives 0.9997 (0.9985
