@@ -774,9 +774,7 @@ impl Part {
                     // Frames were queued since: no push can go before they
                     // leave, and waking the peer sooner would only drop its
                     // expired pushes sooner.
-                    n.slot.drain_at = idle;
-                    let tie = n.tie(id);
-                    self.sched(idle, tie, Ev::Drain(id));
+                    self.wake_at(n, id, idle);
                     return;
                 }
                 let Some(p) = n.slot.peer.as_mut() else {
@@ -873,9 +871,7 @@ impl Part {
             // sent everything before it, so that is when it next pumps.
             if let Some(at) = n.host.idle_at() {
                 if at < n.slot.drain_at || n.slot.drain_at <= now {
-                    n.slot.drain_at = at.max(now);
-                    let tie = n.tie(id);
-                    self.sched(n.slot.drain_at, tie, Ev::Drain(id));
+                    self.wake_at(n, id, at.max(now));
                 }
             }
         }
@@ -897,6 +893,14 @@ impl Part {
                 self.sched(at, tie, Ev::Timer(id));
             }
         }
+    }
+
+    /// Wakes viewer `id` (node `n`) with a `Drain` at `at`, in place of any
+    /// earlier wake.
+    fn wake_at(&mut self, n: &mut Node, id: PeerId, at: u64) {
+        n.slot.drain_at = at;
+        let tie = n.tie(id);
+        self.sched(at, tie, Ev::Drain(id));
     }
 
     fn event(&mut self, n: &mut Node, sh: &Shared<'_>, now: u64, id: PeerId, e: PeerEvent) {
@@ -1312,10 +1316,7 @@ impl Sim {
                 .filter(|e| e.0 < end)
                 .map(|(t, tie, _)| (t, tie));
             let first = held.front().map(|e| (e.0, e.1));
-            let server = match (first, posted) {
-                (Some(a), Some(b)) => Some(a.min(b)),
-                (a, b) => a.or(b),
-            };
+            let server = first.into_iter().chain(posted).min();
             let req = pending.peek().map(|r| r.0);
             if let Some((t, tie)) = server.filter(|s| req.is_none_or(|r| s.0 <= r)) {
                 let ev = if first == Some((t, tie)) {

@@ -259,8 +259,7 @@ impl<E> Wheel<E> {
 
     /// Time of the next event.
     pub fn peek_time(&mut self) -> Option<u64> {
-        self.refill_sorted();
-        self.near.last().map(|e| e.0)
+        self.peek().map(|e| e.0)
     }
 
     /// The next event, with its time and tie key.
