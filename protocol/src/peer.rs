@@ -1606,34 +1606,36 @@ impl<V: BlockVerifier> Peer<V> {
         let c = club_of(seq, self.cfg.clubs);
         let down = LinkRole::Download { club: c };
         let bit = if c < 64 { 1u64 << c } else { 0 };
-        // Keep at least one other eager peer parent (the seeder pushes only some
-        // of the club's blocks), or the club would go quiet.
-        let eager_others = self
-            .club_links(c)
-            .iter()
-            .filter(|&&q| q != p && q != SEEDER_PEER_ID)
-            .filter_map(|q| self.links.get(q))
-            .filter(|l| l.open && l.roles.contains(&down) && l.pruned & bit == 0)
-            .count();
+        self.link_has(p, seq);
+        // The cheap tests of `p` itself first: most duplicates come from a
+        // parent already pruned, or from the seeder or a last-hop source.
+        let Some(st) = self.links.get(&p) else {
+            return;
+        };
+        if p == SEEDER_PEER_ID || bit == 0 || !st.roles.contains(&down) || st.pruned & bit != 0 {
+            return;
+        }
         let lagging = self
             .cache
             .get(seq)
             .and_then(|c| c.arrived)
             .is_none_or(|t| self.now.since(t) > self.prune_lag(seq, t));
-        self.link_has(p, seq);
-        let Some(st) = self.links.get_mut(&p) else {
-            return;
-        };
-        if p != SEEDER_PEER_ID
-            && bit != 0
-            && lagging
-            && eager_others >= 1
-            && st.roles.contains(&down)
-            && st.pruned & bit == 0
+        // Keep at least one other eager peer parent (the seeder pushes only some
+        // of the club's blocks), or the club would go quiet.
+        if !lagging
+            || !self
+                .club_links(c)
+                .iter()
+                .filter(|&&q| q != p && q != SEEDER_PEER_ID)
+                .filter_map(|q| self.links.get(q))
+                .any(|l| l.open && l.roles.contains(&down) && l.pruned & bit == 0)
         {
-            st.pruned |= bit;
-            self.push(p, Frame::Prune(seq));
+            return;
         }
+        if let Some(st) = self.links.get_mut(&p) {
+            st.pruned |= bit;
+        }
+        self.push(p, Frame::Prune(seq));
     }
 
     /// How far behind the first copy of `seq`, which came at `first`, a
