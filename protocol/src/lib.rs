@@ -14,6 +14,7 @@ pub mod bid;
 pub mod block;
 pub mod club;
 pub mod peer;
+pub mod prefetch;
 mod seqmap;
 pub mod signal;
 pub mod source;

@@ -56,6 +56,7 @@ use smallvec::SmallVec;
 
 use crate::block::{BlockError, BlockFlags, BlockVerifier, VerifiedBlock};
 use crate::club::club_of;
+use crate::prefetch::{self, Depth};
 use crate::seqmap::SeqMap;
 use crate::signal::{Link, LinkOp, LinkRole, PeerId, SEEDER_PEER_ID};
 use crate::vecmap::{VecMap, VecSet};
@@ -764,52 +765,54 @@ impl<V: BlockVerifier> Peer<V> {
         &self.cfg
     }
 
-    /// Reads a word from each cache line of its own struct that handling an
-    /// event reads first, and returns something made of them.
-    ///
-    /// A simulator that runs thousands of peers calls this, then
-    /// [`Peer::warm_heap`], for a group of peers before it runs their events:
-    /// the memory loads of the group then overlap rather than each stalling
-    /// in turn (the state of 10,000 peers is far larger than any cache). A
-    /// peer in a browser has no use for it.
-    #[must_use]
-    pub fn warm(&self) -> usize {
-        self.links.len()
-            ^ self.cache.len()
-            ^ self.missing.len()
-            ^ self.due.len()
-            ^ self.queued.len()
-            ^ self.by_club.len()
-            ^ self.transmits.len()
-            ^ self.events.len()
-            ^ self.relay_haves.len()
-            ^ self.relay_pushes.len()
-            ^ self.late_at.len()
-            ^ self.buffered_total
-            ^ self.now.0 as usize
-    }
-
-    /// As [`Peer::warm`], for the heap memory behind its struct that an event
-    /// for block `seq` reads first: the links to `remotes`, the cache and
-    /// missing entries of `seq`, the club's link index and its push queue.
-    /// Call it after [`Peer::warm`] of the whole group.
-    #[must_use]
-    pub fn warm_heap(&self, seq: Option<u64>, remotes: [Option<PeerId>; 2]) -> usize {
-        let mut w = self.queued.first().map_or(0, |q| q.1 as usize);
-        for r in remotes {
-            w ^= self.links.get_or_first(r).map_or(0, |l| l.buffered);
+    /// Prefetches, at `depth`, the memory that handling an event for block
+    /// `seq` (if any) from one of `remotes` reads first: its struct's fields;
+    /// then its push queue, link keys, the cache and missing slots of `seq`
+    /// and its club's link index; then the links to `remotes` and the club's
+    /// first link. See [`crate::prefetch`].
+    pub fn prefetch(&self, depth: Depth, seq: Option<u64>, remotes: [Option<PeerId>; 2]) {
+        let club = seq.and_then(|s| self.by_club.get(usize::from(club_of(s, self.cfg.clubs))));
+        match depth {
+            Depth::Struct => {
+                prefetch::line(&self.links);
+                prefetch::line(&self.cache);
+                prefetch::line(&self.missing);
+                prefetch::line(&self.due);
+                prefetch::line(&self.queued);
+                prefetch::line(&self.by_club);
+                prefetch::line(&self.transmits);
+                prefetch::line(&self.events);
+                prefetch::line(&self.relay_haves);
+                prefetch::line(&self.relay_pushes);
+                prefetch::line(&self.late_at);
+                prefetch::line(&self.buffered_total);
+                prefetch::line(&self.now);
+            }
+            Depth::Heap => {
+                if let Some(q) = self.queued.first() {
+                    prefetch::line(q);
+                }
+                self.links.prefetch_keys();
+                if let Some(seq) = seq {
+                    self.cache.prefetch(seq);
+                    self.missing.prefetch(seq);
+                }
+                if let Some(v) = club {
+                    prefetch::line(v);
+                }
+            }
+            Depth::Behind => {
+                for r in remotes {
+                    if let Some(l) = self.links.get_or_first(r) {
+                        prefetch::line(l);
+                        prefetch::line(&l.haves);
+                    }
+                }
+                if let Some(p) = club.and_then(|v| v.first()) {
+                    prefetch::line(p);
+                }
+            }
         }
-        if let Some(seq) = seq {
-            w ^= usize::from(self.cache.get(seq).is_some());
-            w ^= usize::from(self.missing.get(seq).is_some());
-            let club = usize::from(club_of(seq, self.cfg.clubs));
-            w ^= self
-                .by_club
-                .get(club)
-                .and_then(|v| v.first())
-                .map_or(0, |&p| p as usize);
-        }
-        w
     }
 
     /// Counters so far.

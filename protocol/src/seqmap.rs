@@ -10,6 +10,8 @@
 use std::collections::{btree_map, vec_deque, BTreeMap, VecDeque};
 use std::iter::Enumerate;
 
+use crate::prefetch;
+
 /// Most slots the ring spans (present or not) before the map becomes a tree.
 pub const SPAN_LIMIT: u64 = 8192;
 
@@ -65,6 +67,20 @@ impl<V> SeqMap<V> {
                 slots.get(usize::try_from(i).ok()?)?.as_ref()
             }
             Inner::Tree(t) => t.get(&seq),
+        }
+    }
+
+    /// Prefetches the slot of `seq` (see [`crate::prefetch`]).
+    pub fn prefetch(&self, seq: u64) {
+        if let Inner::Ring { base, slots } = &self.inner {
+            let Some(i) = seq.checked_sub(*base).and_then(|i| usize::try_from(i).ok()) else {
+                return;
+            };
+            let (a, b) = slots.as_slices();
+            match i.checked_sub(a.len()) {
+                None => prefetch::at(a, i),
+                Some(j) => prefetch::at(b, j),
+            }
         }
     }
 
@@ -348,6 +364,10 @@ mod tests {
         assert_eq!(m.first_key(), t.keys().next().copied());
         assert_eq!(m.last_key(), t.keys().next_back().copied());
         assert_eq!(m.get(probe), t.get(&probe));
+        // A hint: any key, in either form of the map, must not panic.
+        for k in [probe, 0, m.first_key().unwrap_or(0), u64::MAX] {
+            m.prefetch(k);
+        }
         let lo = probe / 2;
         let hi = probe + 7;
         let r: Vec<_> = m.range(lo, hi).map(|(k, _)| k).collect();

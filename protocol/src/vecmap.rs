@@ -15,6 +15,8 @@ use std::iter::Zip;
 use std::ops::{Bound, RangeBounds};
 use std::slice;
 
+use crate::prefetch;
+
 /// An ordered map from `K` to `V` in two sorted vectors.
 #[derive(Debug, Clone)]
 pub struct VecMap<K, V> {
@@ -60,7 +62,14 @@ impl<K: Ord + Copy, V> VecMap<K, V> {
         self.find(k).ok().map(|i| &self.vals[i])
     }
 
-    /// The value of `k`, or else the first value (see `Peer::warm_heap`).
+    /// Prefetches its key list (see [`crate::prefetch`]): the first line and
+    /// the middle, where every binary search starts.
+    pub fn prefetch_keys(&self) {
+        prefetch::at(&self.keys, 0);
+        prefetch::at(&self.keys, self.keys.len() / 2);
+    }
+
+    /// The value of `k`, or else the first value (see `Peer::prefetch`).
     #[must_use]
     pub fn get_or_first(&self, k: Option<K>) -> Option<&V> {
         let at = k.and_then(|k| self.find(&k).ok()).unwrap_or(0);

@@ -44,6 +44,7 @@ use clubcast_protocol::club::{
     club_of, ClubConfig, LateStreak, LinkChange, Membership, Overload, UploadStreak,
 };
 use clubcast_protocol::peer::{From, Peer, PeerConfig, PeerEvent};
+use clubcast_protocol::prefetch::{self, Depth};
 use clubcast_protocol::signal::{Link, LinkOp, PeerId, SEEDER_PEER_ID};
 use clubcast_protocol::source::{Source, SourceEvent};
 use clubcast_protocol::wire::Frame;
@@ -234,28 +235,27 @@ struct Node {
     rec: Record,
 }
 
-/// Viewers whose state [`Part::run_by_peer`] reads together before it runs
-/// their events, so that the memory loads of the group overlap.
-const WARM_GROUP: usize = 8;
+/// How many viewers ahead [`Part::run_by_peer`] prefetches each depth of a
+/// viewer's state: its struct first, the heap behind it once that has
+/// arrived, and so on, while it runs the viewers before.
+const PREFETCH_AHEAD: [(usize, Depth); 3] =
+    [(8, Depth::Struct), (4, Depth::Heap), (2, Depth::Behind)];
 
 impl Node {
-    /// Reads a word from each line of its own struct that an event reads
-    /// first, and returns something made of them (to keep the reads).
-    fn warm(&self) -> u64 {
-        let peer = self.slot.peer.as_ref().map_or(0, |p| p.warm() as u64);
-        self.host.warm() ^ self.slot.timer_at ^ self.slot.drain_at ^ self.rec.warm() ^ peer
-    }
-
-    /// As [`Node::warm`], for the heap memory behind it that an event for
-    /// block `seq` from `from` reads first.
-    fn warm_heap(&self, seq: Option<u64>, from: Option<PeerId>) -> u64 {
+    /// Prefetches, at `depth`, what its next event, for block `seq` from
+    /// `from` (if it is a frame), reads first.
+    fn prefetch(&self, depth: Depth, seq: Option<u64>, from: Option<PeerId>) {
         let remotes = [from, self.host.sending_to()];
-        let peer = self
-            .slot
-            .peer
-            .as_ref()
-            .map_or(0, |p| p.warm_heap(seq, remotes) as u64);
-        self.host.warm_heap(remotes) ^ seq.map_or(0, |s| self.rec.warm_heap(s)) ^ peer
+        if depth == Depth::Struct {
+            prefetch::line(&self.ties);
+            prefetch::line(&self.slot.timer_at);
+            prefetch::line(&self.slot.drain_at);
+        }
+        self.host.prefetch(depth, remotes);
+        self.rec.prefetch(depth, seq);
+        if let Some(p) = &self.slot.peer {
+            p.prefetch(depth, seq, remotes);
+        }
     }
 
     /// The tie-break key of the next event `id` schedules.
@@ -572,9 +572,16 @@ impl Part {
         let owners = std::mem::take(&mut b.owners);
         b.end = end;
         self.batch = b;
+        for (ahead, depth) in PREFETCH_AHEAD {
+            for &p in owners.iter().take(ahead) {
+                self.prefetch(mine, p, depth);
+            }
+        }
         for (j, &o) in owners.iter().enumerate() {
-            if j % WARM_GROUP == 0 {
-                self.warm(mine, &owners[j..owners.len().min(j + WARM_GROUP)]);
+            for (ahead, depth) in PREFETCH_AHEAD {
+                if let Some(&p) = owners.get(j + ahead) {
+                    self.prefetch(mine, p, depth);
+                }
             }
             self.batch.cur = Some(o);
             let mut i = std::mem::replace(&mut self.batch.head[o as usize], NONE);
@@ -610,21 +617,13 @@ impl Part {
         b.owners.clear();
     }
 
-    /// Reads the state of `owners` that their first events read first, level
-    /// by level (each node's struct, then the heap memory behind it), so that
-    /// the loads of the group overlap.
-    fn warm(&self, mine: &mut Mine<'_>, owners: &[PeerId]) {
-        let mut w = 0;
-        for &o in owners {
-            w ^= mine.node(o).warm();
-        }
-        for &o in owners {
-            let (seq, from) = self.batch.evs[self.batch.head[o as usize] as usize]
-                .as_ref()
-                .map_or((None, None), |e| e.2.seq_and_sender());
-            w ^= mine.node(o).warm_heap(seq, from);
-        }
-        std::hint::black_box(w);
+    /// Prefetches, at `depth`, what viewer `o`'s first event of the window
+    /// reads first.
+    fn prefetch(&self, mine: &mut Mine<'_>, o: PeerId, depth: Depth) {
+        let (seq, from) = self.batch.evs[self.batch.head[o as usize] as usize]
+            .as_ref()
+            .map_or((None, None), |e| e.2.seq_and_sender());
+        mine.node(o).prefetch(depth, seq, from);
     }
 
     /// Schedules `ev` at `at` in this partition's queue, or, while viewer by

@@ -1,5 +1,6 @@
 //! What a run measured, under the metric names used everywhere in clubcast.
 
+use clubcast_protocol::prefetch::{self, Depth};
 use serde::{Deserialize, Serialize};
 
 use crate::config::Config;
@@ -108,14 +109,14 @@ const ARRIVED: usize = 0;
 const ON_TIME: usize = 1;
 
 impl Record {
-    /// Reads the length of its bits (see the clubs driver's `Node::warm`).
-    pub fn warm(&self) -> u64 {
-        self.bits.len() as u64
-    }
-
-    /// Reads the word of `seq`.
-    pub fn warm_heap(&self, seq: u64) -> u64 {
-        self.bits.get((seq / 64) as usize * 2).copied().unwrap_or(0)
+    /// Prefetches, at `depth`, what an arrival of block `seq` reads first:
+    /// its fields, then the word of `seq` (see `clubcast_protocol::prefetch`).
+    pub fn prefetch(&self, depth: Depth, seq: Option<u64>) {
+        match (depth, seq) {
+            (Depth::Struct, _) => prefetch::line(&self.bits),
+            (Depth::Heap, Some(seq)) => prefetch::at(&self.bits, (seq / 64) as usize * 2),
+            _ => {}
+        }
     }
 
     /// Sets bit `seq` of the `which` words; returns whether it was clear.

@@ -15,6 +15,7 @@ use std::cmp::Reverse;
 use std::collections::{BinaryHeap, VecDeque};
 
 use clubcast_protocol::bid::{allocate_units, Bid};
+use clubcast_protocol::prefetch::{self, Depth};
 use clubcast_protocol::signal::PeerId;
 use rand::Rng;
 use rand_chacha::rand_core::SeedableRng;
@@ -437,26 +438,29 @@ impl Host {
         }
     }
 
-    /// Reads a word of each line of its struct (see the clubs driver's
-    /// `Node::warm`).
-    pub fn warm(&self) -> u64 {
-        self.busy_until ^ self.remotes.len() as u64 ^ self.conns.len() as u64 ^ self.up_bps
+    /// Prefetches, at `depth`, what an event for a frame from one of
+    /// `remotes` reads first: its fields, then its remote list, then the
+    /// connections to `remotes` (see `clubcast_protocol::prefetch`).
+    pub fn prefetch(&self, depth: Depth, remotes: [Option<PeerId>; 2]) {
+        match depth {
+            Depth::Struct => {
+                prefetch::line(&self.busy_until);
+                prefetch::line(&self.remotes);
+                prefetch::line(&self.conns);
+                prefetch::line(&self.up_bps);
+            }
+            Depth::Heap => prefetch::at(&self.remotes, 0),
+            Depth::Behind => {
+                for i in remotes.into_iter().flatten().filter_map(|r| self.index(r)) {
+                    prefetch::at(&self.conns, i);
+                }
+            }
+        }
     }
 
     /// The remote of the frame that leaves its serializer next.
     pub fn sending_to(&self) -> Option<PeerId> {
         self.pending.front().map(|s| PeerId::from(s.to))
-    }
-
-    /// Reads the connection lists at the connections to `remotes`.
-    pub fn warm_heap(&self, remotes: [Option<PeerId>; 2]) -> u64 {
-        remotes
-            .into_iter()
-            .map(|r| {
-                let i = r.and_then(|r| self.index(r)).unwrap_or(0);
-                self.conns.get(i).map_or(0, |c| c.queued as u64)
-            })
-            .fold(0, |a, b| a ^ b)
     }
 
     fn index(&self, remote: PeerId) -> Option<usize> {
