@@ -55,7 +55,7 @@ test-wasm:
 
 # Swarm simulator: clubs against the server-only and mesh-pull baselines.
 sim *ARGS:
-    cargo run --release -p clubcast-sim -- --compare {{ARGS}}
+    cargo run --profile sim -p clubcast-sim -- --compare {{ARGS}}
 
 # All benchmarks; each writes markdown + JSON into bench/results/.
 bench: bench-sim bench-server bench-e2e
@@ -63,7 +63,7 @@ bench: bench-sim bench-server bench-e2e
 # Simulator scaling sweep (clubs vs baselines, same run); e.g. `just bench-sim --bench-peers 100,1000`.
 bench-sim *ARGS:
     mkdir -p {{results}}
-    cargo run --release -p clubcast-sim -- --compare --bench --out {{results}} {{ARGS}}
+    cargo run --profile sim -p clubcast-sim -- --compare --bench --out {{results}} {{ARGS}}
 
 # Server ingest/sign/seed/origin throughput.
 bench-server:
