@@ -771,7 +771,8 @@ impl<V: BlockVerifier> Peer<V> {
     /// and its club's link index; then the links to `remotes` and the club's
     /// first link. See [`crate::prefetch`].
     pub fn prefetch(&self, depth: Depth, seq: Option<u64>, remotes: [Option<PeerId>; 2]) {
-        let club = seq.and_then(|s| self.by_club.get(usize::from(club_of(s, self.cfg.clubs))));
+        // Only past `Struct` may the fields be read: they are what it loads.
+        let club = || seq.and_then(|s| self.by_club.get(usize::from(club_of(s, self.cfg.clubs))));
         match depth {
             Depth::Struct => {
                 prefetch::line(&self.links);
@@ -797,7 +798,7 @@ impl<V: BlockVerifier> Peer<V> {
                     self.cache.prefetch(seq);
                     self.missing.prefetch(seq);
                 }
-                if let Some(v) = club {
+                if let Some(v) = club() {
                     prefetch::line(v);
                 }
             }
@@ -808,7 +809,7 @@ impl<V: BlockVerifier> Peer<V> {
                         prefetch::line(&l.haves);
                     }
                 }
-                if let Some(p) = club.and_then(|v| v.first()) {
+                if let Some(p) = club().and_then(|v| v.first()) {
                     prefetch::line(p);
                 }
             }

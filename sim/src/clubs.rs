@@ -245,12 +245,15 @@ impl Node {
     /// Prefetches, at `depth`, what its next event, for block `seq` from
     /// `from` (if it is a frame), reads first.
     fn prefetch(&self, depth: Depth, seq: Option<u64>, from: Option<PeerId>) {
-        let remotes = [from, self.host.sending_to()];
-        if depth == Depth::Struct {
+        // Its fields are what `Struct` loads: only past it may they be read.
+        let remotes = if depth == Depth::Struct {
             prefetch::line(&self.ties);
             prefetch::line(&self.slot.timer_at);
             prefetch::line(&self.slot.drain_at);
-        }
+            [None; 2]
+        } else {
+            [from, self.host.sending_to()]
+        };
         self.host.prefetch(depth, remotes);
         self.rec.prefetch(depth, seq);
         if let Some(p) = &self.slot.peer {
