@@ -621,11 +621,15 @@ impl Part {
     }
 
     /// Prefetches, at `depth`, what viewer `o`'s first event of the window
-    /// reads first.
+    /// reads first. The struct depth needs no event.
     fn prefetch(&self, mine: &mut Mine<'_>, o: PeerId, depth: Depth) {
-        let (seq, from) = self.batch.evs[self.batch.head[o as usize] as usize]
-            .as_ref()
-            .map_or((None, None), |e| e.2.seq_and_sender());
+        let (seq, from) = if depth == Depth::Struct {
+            (None, None)
+        } else {
+            self.batch.evs[self.batch.head[o as usize] as usize]
+                .as_ref()
+                .map_or((None, None), |e| e.2.seq_and_sender())
+        };
         mine.node(o).prefetch(depth, seq, from);
     }
 
