@@ -241,6 +241,10 @@ struct Node {
 const PREFETCH_AHEAD: [(usize, Depth); 3] =
     [(8, Depth::Struct), (4, Depth::Heap), (2, Depth::Behind)];
 
+/// How many of a viewer's events [`Part::prefetch`] prefetches for: a
+/// viewer runs 2.2 events a window on average at 10,000 peers.
+const PREFETCH_EVENTS: usize = 3;
+
 impl Node {
     /// Prefetches, at `depth`, what its next event, for block `seq` from
     /// `from` (if it is a frame), reads first.
@@ -554,9 +558,10 @@ impl Part {
     /// it), and it is faster, as the state of 10,000 viewers is far larger
     /// than the caches:
     /// - a viewer's state is fetched once a window rather than once an event;
-    /// - the viewers run in id order, and their state is read a group at a
-    ///   time first ([`Part::warm`]), so the memory loads of the group
-    ///   overlap rather than each event stalling on its own in turn;
+    /// - the viewers run in id order, and while one runs, the state of those
+    ///   run next is prefetched ([`PREFETCH_AHEAD`], [`Part::prefetch`]), so
+    ///   their memory loads overlap its work rather than each event stalling
+    ///   on its own in turn;
     /// - the events leave the [`Wheel`] bucket by bucket, with no heap.
     fn run_by_peer(&mut self, mine: &mut Mine<'_>, sh: &Shared<'_>, end: u64, nodes: usize) {
         self.start_window(end);
@@ -620,17 +625,25 @@ impl Part {
         b.owners.clear();
     }
 
-    /// Prefetches, at `depth`, what viewer `o`'s first event of the window
-    /// reads first. The struct depth needs no event.
+    /// Prefetches, at `depth`, what viewer `o`'s first [`PREFETCH_EVENTS`]
+    /// events of the window read first (each its own block's slots and
+    /// sender's link). The struct depth needs no event.
     fn prefetch(&self, mine: &mut Mine<'_>, o: PeerId, depth: Depth) {
-        let (seq, from) = if depth == Depth::Struct {
-            (None, None)
-        } else {
-            self.batch.evs[self.batch.head[o as usize] as usize]
-                .as_ref()
-                .map_or((None, None), |e| e.2.seq_and_sender())
-        };
-        mine.node(o).prefetch(depth, seq, from);
+        let n = mine.node(o);
+        if depth == Depth::Struct {
+            n.prefetch(depth, None, None);
+            return;
+        }
+        let b = &self.batch;
+        let mut i = b.head[o as usize];
+        for _ in 0..PREFETCH_EVENTS {
+            let Some(Some((_, _, ev))) = b.evs.get(i as usize) else {
+                break;
+            };
+            let (seq, from) = ev.seq_and_sender();
+            n.prefetch(depth, seq, from);
+            i = b.next[i as usize];
+        }
     }
 
     /// Schedules `ev` at `at` in this partition's queue, or, while viewer by
