@@ -240,27 +240,40 @@ fn bench(cli: &Cli) -> Result<(), SimError> {
     Ok(())
 }
 
-/// mimalloc's option that keeps freed memory rather than handing it back to
-/// the kernel, and the value the clubs simulation runs with (see
-/// [`keep_freed_memory`]).
-const PURGE_DELAY: (&str, &str) = ("MIMALLOC_PURGE_DELAY", "-1");
+/// mimalloc's options that a clubs-only run sets, with their values (see
+/// [`tune_allocator`]): keep freed memory rather than hand it back to the
+/// kernel, and back the heap with huge pages.
+const ALLOC_ENV: [(&str, &str); 2] = [
+    ("MIMALLOC_PURGE_DELAY", "-1"),
+    ("MIMALLOC_ALLOW_LARGE_OS_PAGES", "1"),
+];
 
 /// Re-runs this process (`exec`, so the same pid, and its own peak memory)
-/// with [`PURGE_DELAY`] unless the environment already sets it: mimalloc reads
-/// its options from the environment when the process loads, and has no safe
-/// API to set them later. By default it hands pages that stayed free for a
-/// second back to the kernel, and the run faults them in again: at 10,000
-/// clubs viewers × 30 s with churn and hostile relays, 20,126 minor page
-/// faults and 2.7 s of system time against 730 and 1.1 s without purging,
-/// and 35.4-38.4 s of wall time against 32.9-35.0 s (three runs each,
-/// alternately), for about 28 MiB more peak memory; the same report.
+/// with the [`ALLOC_ENV`] options that the environment does not set: mimalloc
+/// reads its options from the environment when the process loads, and has
+/// no safe API to set them later. Measured at 10,000 clubs viewers × 30 s
+/// with churn and hostile relays, three runs each, alternately, with the same
+/// report:
+/// - by default mimalloc hands pages that stayed free for a second back to
+///   the kernel, and the run faults them in again: 20,126 minor page faults
+///   and 2.7 s of system time against 730 and 1.1 s with the purge delay
+///   off, and 35.4-38.4 s of wall time against 32.9-35.0 s, for about 28 MiB
+///   more peak memory;
+/// - huge pages on top: 37.4-38.6 s against 38.5-39.1 s.
+///
 /// Only a clubs-only run does so: mesh-pull's peak memory was not measured
-/// without purging. Returns only if the exec failed.
+/// with these options. Returns only if it does not exec.
 #[cfg(unix)]
-fn keep_freed_memory(cli: &Cli) {
+fn tune_allocator(cli: &Cli) {
     use std::os::unix::process::CommandExt;
-    let (key, value) = PURGE_DELAY;
-    if cli.bench || cli.compare || cli.mode != Mode::Clubs || std::env::var_os(key).is_some() {
+    if cli.bench || cli.compare || cli.mode != Mode::Clubs {
+        return;
+    }
+    let missing: Vec<_> = ALLOC_ENV
+        .into_iter()
+        .filter(|(k, _)| std::env::var_os(k).is_none())
+        .collect();
+    if missing.is_empty() {
         return;
     }
     let Ok(exe) = std::env::current_exe() else {
@@ -268,21 +281,24 @@ fn keep_freed_memory(cli: &Cli) {
     };
     let err = std::process::Command::new(exe)
         .args(std::env::args_os().skip(1))
-        .env(key, value)
+        .envs(missing)
         .exec();
-    eprintln!("clubcast-sim: running with mimalloc's default purge delay ({err}): slower, the same report");
+    eprintln!(
+        "clubcast-sim: running with mimalloc's default options ({err}): slower, the same report"
+    );
 }
 
 #[cfg(not(unix))]
-fn keep_freed_memory(_cli: &Cli) {}
+fn tune_allocator(_cli: &Cli) {}
 
 fn main_inner() -> Result<(), SimError> {
     let cli = Cli::parse();
-    keep_freed_memory(&cli);
+    tune_allocator(&cli);
     if std::env::var_os("CLUBCAST_SIM_DEBUG").is_some() {
-        let (key, _) = PURGE_DELAY;
-        let value = std::env::var(key).unwrap_or_else(|_| "unset".into());
-        eprintln!("allocator: {key}={value}");
+        for (key, _) in ALLOC_ENV {
+            let value = std::env::var(key).unwrap_or_else(|_| "unset".into());
+            eprintln!("allocator: {key}={value}");
+        }
     }
     if cli.bench {
         return bench(&cli);

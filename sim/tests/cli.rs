@@ -1,7 +1,7 @@
 //! The command line, run as a process: a clubs-only run re-runs itself with
-//! mimalloc's purge delay off (`keep_freed_memory` in `main.rs`), and still
-//! writes its report; other runs keep the allocator's defaults, as does a
-//! run whose environment sets the option.
+//! mimalloc's purge delay off and huge pages on (`tune_allocator` in
+//! `main.rs`), and still writes its report; other runs keep the allocator's
+//! defaults, and an option the environment sets stays as it is.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -24,6 +24,7 @@ fn sim(args: &[&str], purge: Option<&str>) -> (String, serde_json::Value) {
         Some(v) => cmd.env("MIMALLOC_PURGE_DELAY", v),
         None => cmd.env_remove("MIMALLOC_PURGE_DELAY"),
     };
+    cmd.env_remove("MIMALLOC_ALLOW_LARGE_OS_PAGES");
     let out = cmd.output().expect("clubcast-sim runs");
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(out.status.success(), "clubcast-sim failed: {stderr}");
@@ -40,10 +41,14 @@ fn events(report: &serde_json::Value) -> u64 {
 }
 
 #[test]
-fn a_clubs_run_keeps_freed_memory_and_still_reports() {
+fn a_clubs_run_tunes_the_allocator_and_still_reports() {
     let (stderr, report) = sim(&["--mode", "clubs"], None);
     assert!(
         stderr.contains("allocator: MIMALLOC_PURGE_DELAY=-1"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("allocator: MIMALLOC_ALLOW_LARGE_OS_PAGES=1"),
         "{stderr}"
     );
     assert!(events(&report) > 0);
@@ -56,6 +61,10 @@ fn the_environment_overrides_the_purge_delay() {
         stderr.contains("allocator: MIMALLOC_PURGE_DELAY=10"),
         "{stderr}"
     );
+    assert!(
+        stderr.contains("allocator: MIMALLOC_ALLOW_LARGE_OS_PAGES=1"),
+        "{stderr}"
+    );
 }
 
 #[test]
@@ -63,6 +72,10 @@ fn a_mesh_pull_run_keeps_the_allocator_defaults() {
     let (stderr, report) = sim(&["--mode", "mesh-pull"], None);
     assert!(
         stderr.contains("allocator: MIMALLOC_PURGE_DELAY=unset"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("allocator: MIMALLOC_ALLOW_LARGE_OS_PAGES=unset"),
         "{stderr}"
     );
     assert!(events(&report) > 0);
