@@ -212,9 +212,10 @@ fn bench(cli: &Cli) -> Result<(), SimError> {
          Command: `just bench-sim` (= `clubcast-sim --compare --bench --out bench/results`), \
          {} s of a {} kbit/s stream, {} KiB blocks, {} clubs, seed {}, loss {}, \
          upload mean {}× bitrate with {:.0} % free riders at {}×. Each row is a separate \
-         process (release build); wall time and max RSS are that process's own, and \
-         `threads` is how many threads it ran (clubs: one per core from 300 peers up; \
-         the figures do not depend on it). The machine \
+         process (`just bench-sim` builds the `sim` profile: release, fat LTO); wall time \
+         and max RSS are that process's own, and `threads` is how many threads it ran \
+         (clubs: one per core from 300 peers up; the figures do not depend on it). A \
+         clubs row runs with mimalloc's purge delay off and huge pages on. The machine \
          has 2 cores shared with other builds, so wall times are noisy.\n\n{table}\n\
          ![origin egress and p95 block delay vs peers](sim.svg)\n",
         cli.config(Mode::Clubs).seconds,
@@ -256,7 +257,7 @@ const ALLOC_ENV: [(&str, &str); 2] = [
 /// report:
 /// - by default mimalloc hands pages that stayed free for a second back to
 ///   the kernel, and the run faults them in again: 20,126 minor page faults
-///   and 2.7 s of system time against 730 and 1.1 s with the purge delay
+///   and 1.7 s of system time against 730 and 1.1 s with the purge delay
 ///   off, and 35.4-38.4 s of wall time against 32.9-35.0 s, for about 28 MiB
 ///   more peak memory;
 /// - huge pages on top: 37.4-38.6 s against 38.5-39.1 s.
