@@ -253,13 +253,13 @@ const ALLOC_ENV: [(&str, &str); 2] = [
 /// with the [`ALLOC_ENV`] options that the environment does not set: mimalloc
 /// reads its options from the environment when the process loads, and has
 /// no safe API to set them later. Measured at 10,000 clubs viewers × 30 s
-/// with churn and hostile relays, three runs each, alternately, with the same
-/// report:
+/// with churn and hostile relays, with the same report (wall times: three
+/// runs each, alternately):
 /// - by default mimalloc hands pages that stayed free for a second back to
 ///   the kernel, and the run faults them in again: 20,126 minor page faults
 ///   and 1.7 s of system time against 730 and 1.1 s with the purge delay
-///   off, and 35.4-38.4 s of wall time against 32.9-35.0 s, for about 28 MiB
-///   more peak memory;
+///   off (one run each), and 35.4-38.4 s of wall time against 32.9-35.0 s,
+///   for about 28 MiB more peak memory;
 /// - huge pages on top: 37.4-38.6 s against 38.5-39.1 s.
 ///
 /// Only a clubs-only run does so: mesh-pull's peak memory was not measured

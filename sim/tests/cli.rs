@@ -5,6 +5,10 @@
 
 use std::path::PathBuf;
 use std::process::Command;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+/// Numbers each run's report file: the tests run side by side in one process.
+static RUNS: AtomicUsize = AtomicUsize::new(0);
 
 /// Runs `clubcast-sim` with `args` and debug output, and the given purge
 /// delay in its environment (`None`: unset). Returns its stderr and the JSON
@@ -13,7 +17,7 @@ fn sim(args: &[&str], purge: Option<&str>) -> (String, serde_json::Value) {
     let json: PathBuf = std::env::temp_dir().join(format!(
         "clubcast-sim-cli-{}-{}.json",
         std::process::id(),
-        args.join("_").replace(['-', ' '], "")
+        RUNS.fetch_add(1, Ordering::Relaxed)
     ));
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_clubcast-sim"));
     cmd.args(args)
