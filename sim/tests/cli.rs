@@ -44,43 +44,32 @@ fn events(report: &serde_json::Value) -> u64 {
     report["events"].as_u64().expect("events is a count")
 }
 
+/// Checks the allocator options the run printed (`CLUBCAST_SIM_DEBUG`).
+fn assert_options(stderr: &str, purge_delay: &str, large_pages: &str) {
+    for line in [
+        format!("allocator: MIMALLOC_PURGE_DELAY={purge_delay}"),
+        format!("allocator: MIMALLOC_ALLOW_LARGE_OS_PAGES={large_pages}"),
+    ] {
+        assert!(stderr.lines().any(|l| l == line), "no {line:?} in {stderr}");
+    }
+}
+
 #[test]
 fn a_clubs_run_tunes_the_allocator_and_still_reports() {
     let (stderr, report) = sim(&["--mode", "clubs"], None);
-    assert!(
-        stderr.contains("allocator: MIMALLOC_PURGE_DELAY=-1"),
-        "{stderr}"
-    );
-    assert!(
-        stderr.contains("allocator: MIMALLOC_ALLOW_LARGE_OS_PAGES=1"),
-        "{stderr}"
-    );
+    assert_options(&stderr, "-1", "1");
     assert!(events(&report) > 0);
 }
 
 #[test]
 fn the_environment_overrides_the_purge_delay() {
     let (stderr, _) = sim(&["--mode", "clubs"], Some("10"));
-    assert!(
-        stderr.contains("allocator: MIMALLOC_PURGE_DELAY=10"),
-        "{stderr}"
-    );
-    assert!(
-        stderr.contains("allocator: MIMALLOC_ALLOW_LARGE_OS_PAGES=1"),
-        "{stderr}"
-    );
+    assert_options(&stderr, "10", "1");
 }
 
 #[test]
 fn a_mesh_pull_run_keeps_the_allocator_defaults() {
     let (stderr, report) = sim(&["--mode", "mesh-pull"], None);
-    assert!(
-        stderr.contains("allocator: MIMALLOC_PURGE_DELAY=unset"),
-        "{stderr}"
-    );
-    assert!(
-        stderr.contains("allocator: MIMALLOC_ALLOW_LARGE_OS_PAGES=unset"),
-        "{stderr}"
-    );
+    assert_options(&stderr, "unset", "unset");
     assert!(events(&report) > 0);
 }
