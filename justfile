@@ -5,6 +5,9 @@ set shell := ["bash", "-euo", "pipefail", "-c"]
 
 target_dir := env_var_or_default("CARGO_TARGET_DIR", "target")
 results := "bench/results"
+# The simulator (`just sim`, `just bench-sim`) is built for the CPU it runs on:
+# a sweep runs where it was built. The same figures, and faster (`sim.md`).
+sim_rustflags := trim(env_var_or_default("RUSTFLAGS", "") + " -C target-cpu=native")
 
 # List the recipes.
 default:
@@ -55,7 +58,7 @@ test-wasm:
 
 # Swarm simulator: clubs against the server-only and mesh-pull baselines.
 sim *ARGS:
-    cargo run --profile sim -p clubcast-sim -- --compare {{ARGS}}
+    RUSTFLAGS="{{sim_rustflags}}" cargo run --profile sim -p clubcast-sim -- --compare {{ARGS}}
 
 # All benchmarks; each writes markdown + JSON into bench/results/.
 bench: bench-sim bench-server bench-e2e
@@ -63,7 +66,7 @@ bench: bench-sim bench-server bench-e2e
 # Simulator scaling sweep (clubs vs baselines, same run); e.g. `just bench-sim --bench-peers 100,1000`.
 bench-sim *ARGS:
     mkdir -p {{results}}
-    cargo run --profile sim -p clubcast-sim -- --compare --bench --out {{results}} {{ARGS}}
+    RUSTFLAGS="{{sim_rustflags}}" cargo run --profile sim -p clubcast-sim -- --compare --bench --out {{results}} {{ARGS}}
 
 # Server ingest/sign/seed/origin throughput.
 bench-server:

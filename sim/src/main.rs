@@ -212,7 +212,7 @@ fn bench(cli: &Cli) -> Result<(), SimError> {
          Command: `just bench-sim` (= `clubcast-sim --compare --bench --out bench/results`), \
          {} s of a {} kbit/s stream, {} KiB blocks, {} clubs, seed {}, loss {}, \
          upload mean {}× bitrate with {:.0} % free riders at {}×. Each row is a separate \
-         process (`just bench-sim` builds the `sim` profile: release, fat LTO); wall time \
+         process (`just bench-sim` builds the `sim` profile: release, fat LTO, {BUILT_FOR}); wall time \
          and max RSS are that process's own, and `threads` is how many threads it ran \
          (clubs: one per core from 300 peers up; the figures do not depend on it). A \
          clubs row runs with mimalloc's purge delay off and huge pages on. The machine \
@@ -240,6 +240,17 @@ fn bench(cli: &Cli) -> Result<(), SimError> {
     println!("{table}");
     Ok(())
 }
+
+/// What CPU this binary was built for, as the bench header says it. `just
+/// sim` and `just bench-sim` build for the CPU they run on: baseline x86-64
+/// has no SSE4.2, and `-C target-cpu=native` on any recent one turns it on.
+const BUILT_FOR: &str = if cfg!(all(target_arch = "x86_64", target_feature = "sse4.2")) {
+    "for this machine's CPU (`-C target-cpu=native`)"
+} else if cfg!(target_arch = "x86_64") {
+    "for baseline x86-64"
+} else {
+    "for a CPU this header does not name (not x86-64)"
+};
 
 /// mimalloc's options that a clubs-only run sets, with their values (see
 /// [`tune_allocator`]): keep freed memory rather than hand it back to the
