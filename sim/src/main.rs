@@ -241,11 +241,11 @@ fn bench(cli: &Cli) -> Result<(), SimError> {
     Ok(())
 }
 
-/// What CPU this binary was built for, as the bench header says it. `just
-/// sim` and `just bench-sim` build for the CPU they run on: baseline x86-64
-/// has no SSE4.2, and `-C target-cpu=native` on any recent one turns it on.
+/// What CPU this binary was built for, as far as the bench header can tell.
+/// `just sim` and `just bench-sim` pass `-C target-cpu=native`, which turns
+/// SSE4.2 on for any x86-64 CPU since 2008; baseline x86-64 has none.
 const BUILT_FOR: &str = if cfg!(all(target_arch = "x86_64", target_feature = "sse4.2")) {
-    "for this machine's CPU (`-C target-cpu=native`)"
+    "for a CPU past baseline x86-64 (SSE4.2 on: `just bench-sim` passes `-C target-cpu=native`)"
 } else if cfg!(target_arch = "x86_64") {
     "for baseline x86-64"
 } else {
