@@ -246,9 +246,10 @@ const PREFETCH_AHEAD: [(usize, Depth); 3] =
 const PREFETCH_EVENTS: usize = 3;
 
 impl Node {
-    /// Prefetches, at `depth`, what its next event, for block `seq` from
-    /// `from` (if it is a frame), reads first.
-    fn prefetch(&self, depth: Depth, seq: Option<u64>, from: Option<PeerId>) {
+    /// Prefetches, at `depth`, what an event of its window, for block `seq`
+    /// from `from` (if it is a frame), reads first. The link it sends on is
+    /// the same for every event of the window: only the `first` looks it up.
+    fn prefetch(&self, depth: Depth, seq: Option<u64>, from: Option<PeerId>, first: bool) {
         // Its fields are what `Struct` loads: only past it may they be read.
         let remotes = if depth == Depth::Struct {
             prefetch::line(&self.ties);
@@ -256,7 +257,7 @@ impl Node {
             prefetch::line(&self.slot.drain_at);
             [None; 2]
         } else {
-            [from, self.host.sending_to()]
+            [from, self.host.sending_to().filter(|_| first)]
         };
         self.host.prefetch(depth, remotes);
         self.rec.prefetch(depth, seq);
@@ -631,17 +632,17 @@ impl Part {
     fn prefetch(&self, mine: &mut Mine<'_>, o: PeerId, depth: Depth) {
         let n = mine.node(o);
         if depth == Depth::Struct {
-            n.prefetch(depth, None, None);
+            n.prefetch(depth, None, None, true);
             return;
         }
         let b = &self.batch;
         let mut i = b.head[o as usize];
-        for _ in 0..PREFETCH_EVENTS {
+        for k in 0..PREFETCH_EVENTS {
             let Some(Some((_, _, ev))) = b.evs.get(i as usize) else {
                 break;
             };
             let (seq, from) = ev.seq_and_sender();
-            n.prefetch(depth, seq, from);
+            n.prefetch(depth, seq, from, k == 0);
             i = b.next[i as usize];
         }
     }
