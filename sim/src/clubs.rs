@@ -56,8 +56,8 @@ use crate::config::Config;
 use crate::metrics::{Collector, DelayHist, Record, Tally};
 use crate::net::{hashed_loss_delay, Host, Origin, Queue, SendStats, Wheel};
 use crate::population::{Viewer, DOWNLOAD_X, SEEDER_UP_BPS, SERVER_ACCESS_US};
-use crate::stream::Stream;
-use crate::verify::{corrupt, mix, same_block, SimVerifier};
+use crate::stream::{Stream, Wired};
+use crate::verify::{mix, same_block, SimVerifier};
 use crate::Run;
 
 /// Distinct reporters after which a peer is kicked from the swarm.
@@ -122,7 +122,7 @@ impl Ev {
         };
         let seq = match frame {
             Wired::Block { seq, .. } | Wired::Have(seq) => Some(*seq),
-            Wired::Other(_) => None,
+            Wired::Want(_) | Wired::DontHave(_) | Wired::Other(_) => None,
         };
         (seq, Some(*from))
     }
@@ -159,42 +159,6 @@ struct Welcome {
     start: u64,
     edge: u64,
     gen: u64,
-}
-
-/// A frame in flight, kept small: the queue holds millions of them.
-///
-/// A block travels as its seq. Every block a peer relays passed its
-/// verifier, so it is the stream's own, or that block corrupted if the peer
-/// is hostile; the receiver gets it rebuilt from the stream.
-#[derive(Debug)]
-enum Wired {
-    Block { seq: u64, corrupt: bool },
-    Have(u64),
-    Other(Box<Frame>),
-}
-
-impl Wired {
-    fn new(frame: Frame, hostile: bool) -> Self {
-        match frame {
-            Frame::Block(b) => Wired::Block {
-                seq: b.header.seq,
-                corrupt: hostile,
-            },
-            Frame::Have(seq) => Wired::Have(seq),
-            f => Wired::Other(Box::new(f)),
-        }
-    }
-
-    fn into_frame(self, stream: &Stream) -> Frame {
-        match self {
-            Wired::Block { seq, corrupt: c } => {
-                let b = &stream.blocks[seq as usize];
-                Frame::Block(if c { corrupt(b) } else { b.clone() })
-            }
-            Wired::Have(seq) => Frame::Have(seq),
-            Wired::Other(f) => *f,
-        }
-    }
 }
 
 /// A viewer's simulation state and the server's view of it. The fields up to

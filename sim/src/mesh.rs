@@ -30,8 +30,8 @@ use crate::config::Config;
 use crate::metrics::Collector;
 use crate::net::{Origin, Queue, Wire};
 use crate::population::{Viewer, DOWNLOAD_X};
-use crate::stream::{Stream, TARGET_LATENCY_MS};
-use crate::verify::{corrupt, same_block, SimVerifier};
+use crate::stream::{Stream, Wired, TARGET_LATENCY_MS};
+use crate::verify::{same_block, SimVerifier};
 use crate::Run;
 
 /// Pull scheduling period, µs.
@@ -66,7 +66,7 @@ enum Ev {
     Deliver {
         from: PeerId,
         to: PeerId,
-        frame: Frame,
+        frame: Wired,
         finish: u64,
     },
     Tick(PeerId),
@@ -227,7 +227,7 @@ impl Sim {
                         Ev::Deliver {
                             from: 0,
                             to,
-                            frame,
+                            frame: Wired::new(frame, false),
                             finish: now,
                         },
                     );
@@ -284,6 +284,7 @@ impl Sim {
                 if from != 0 && !self.nodes[to as usize].nbrs.iter().any(|n| n.id == from) {
                     return;
                 }
+                let frame = frame.into_frame(&self.stream);
                 self.frame(now, from, to, frame);
             }
             Ev::Tick(id) => {
@@ -422,11 +423,9 @@ impl Sim {
         self.wire.hosts[at as usize].remove_conn(remote);
     }
 
+    /// Sends `frame`; a hostile peer corrupts the blocks it sends (each is
+    /// the stream's own: a peer sends only blocks it verified).
     fn send(&mut self, now: u64, from: PeerId, to: PeerId, frame: Frame) {
-        let frame = match frame {
-            Frame::Block(b) if self.nodes[from as usize].hostile => Frame::Block(corrupt(&b)),
-            f => f,
-        };
         let len = frame.encoded_len();
         let overhead = frame.overhead_len();
         if let Some((finish, arrival)) = self.wire.send(now, from, to, len) {
@@ -437,7 +436,7 @@ impl Sim {
                 Ev::Deliver {
                     from,
                     to,
-                    frame,
+                    frame: Wired::new(frame, self.nodes[from as usize].hostile),
                     finish,
                 },
             );

@@ -1,9 +1,10 @@
 //! The live stream: 1 s fragments cut into blocks as their bytes arrive.
 
 use clubcast_protocol::block::{Block, BlockFlags, BLOCK_OVERHEAD};
+use clubcast_protocol::wire::Frame;
 
 use crate::config::Config;
-use crate::verify::SimVerifier;
+use crate::verify::{corrupt, SimVerifier};
 
 /// Where the simulated clock starts, µs (an arbitrary epoch well above 0 so
 /// that no deadline arithmetic saturates).
@@ -113,5 +114,51 @@ impl Stream {
             })
             .unwrap_or(0);
         (start, edge)
+    }
+}
+
+/// A frame in flight, kept small: the queues hold millions of them (a block
+/// frame is about 150 bytes, this is 16).
+///
+/// A block travels as its seq. Every block a peer relays passed its
+/// verifier, so it is the stream's own, or that block corrupted if the peer
+/// is hostile; the receiver gets it rebuilt from the stream.
+#[derive(Debug)]
+pub(crate) enum Wired {
+    Block { seq: u64, corrupt: bool },
+    Have(u64),
+    Want(u64),
+    DontHave(u64),
+    Other(Box<Frame>),
+}
+
+impl Wired {
+    /// `frame` in flight from a peer that corrupts the blocks it relays if
+    /// `hostile`.
+    pub(crate) fn new(frame: Frame, hostile: bool) -> Self {
+        match frame {
+            Frame::Block(b) => Wired::Block {
+                seq: b.header.seq,
+                corrupt: hostile,
+            },
+            Frame::Have(seq) => Wired::Have(seq),
+            Frame::Want(seq) => Wired::Want(seq),
+            Frame::DontHave(seq) => Wired::DontHave(seq),
+            f => Wired::Other(Box::new(f)),
+        }
+    }
+
+    /// The frame as it arrives.
+    pub(crate) fn into_frame(self, stream: &Stream) -> Frame {
+        match self {
+            Wired::Block { seq, corrupt: c } => {
+                let b = &stream.blocks[seq as usize];
+                Frame::Block(if c { corrupt(b) } else { b.clone() })
+            }
+            Wired::Have(seq) => Frame::Have(seq),
+            Wired::Want(seq) => Frame::Want(seq),
+            Wired::DontHave(seq) => Frame::DontHave(seq),
+            Wired::Other(f) => *f,
+        }
     }
 }
