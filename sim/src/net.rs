@@ -533,6 +533,12 @@ impl Host {
         Some((finish, arrival))
     }
 
+    /// Frames in its serializer, those that left it but were not yet
+    /// retired ([`Host::sync`]) included.
+    pub fn pending_frames(&self) -> usize {
+        usize::from(self.pending.len) + self.pending.spill.len()
+    }
+
     /// When its serializer has sent every frame queued so far, µs (`None`
     /// when nothing is queued).
     pub fn idle_at(&self) -> Option<u64> {
