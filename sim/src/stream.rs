@@ -162,3 +162,16 @@ impl Wired {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The queues hold millions of frames in flight: one must stay as small
+    /// as a block's seq and a tag.
+    #[test]
+    fn a_frame_in_flight_takes_16_bytes() {
+        assert_eq!(std::mem::size_of::<Wired>(), 16);
+        assert!(std::mem::size_of::<Frame>() > 100, "what it saves");
+    }
+}
