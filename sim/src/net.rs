@@ -597,9 +597,10 @@ pub struct Wire {
     rng: ChaCha8Rng,
     /// Counters of the frames sent.
     pub stats: SendStats,
-    /// What the latest [`Wire::sync`] returned.
+    /// Scratch of [`Host::sync`] for [`Wire::send`]: connections whose
+    /// queue changed, which no driver of a `Wire` reads.
     changed: Vec<(PeerId, usize)>,
-    /// Connections of the host being synced whose queue changed.
+    /// Scratch of [`Host::sync`]: connections of the host being synced.
     dirty: Vec<usize>,
 }
 
@@ -643,6 +644,11 @@ impl Wire {
     /// Queues `len` bytes from `from` to `to` behind everything `from` is
     /// already sending. Returns `(finish, arrival)` in µs, or `None` when there
     /// is no open connection.
+    ///
+    /// It first retires the frames that left `from`'s serializer by `now_us`:
+    /// no driver of a `Wire` reads buffer levels, and frames never retired
+    /// would pile up, 16 bytes for each frame of the run (13 GiB at 10,000
+    /// mesh-pull peers × 120 s).
     pub fn send(
         &mut self,
         now_us: u64,
@@ -650,16 +656,10 @@ impl Wire {
         to: PeerId,
         len: usize,
     ) -> Option<(u64, u64)> {
+        self.hosts[from as usize].sync(now_us, &mut self.changed, &mut self.dirty);
         let owd = self.owd(from, to);
         let extra = self.loss_delay(from, to);
         self.hosts[from as usize].send(now_us, to, owd, extra, len, &mut self.stats)
-    }
-
-    /// Retires the frames of `id` that left the serializer by `now_us` and
-    /// returns each connection whose queue changed, as (remote, queued bytes).
-    pub fn sync(&mut self, now_us: u64, id: PeerId) -> &[(PeerId, usize)] {
-        self.hosts[id as usize].sync(now_us, &mut self.changed, &mut self.dirty);
-        &self.changed
     }
 }
 
