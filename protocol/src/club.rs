@@ -274,6 +274,9 @@ pub const SHED_ROOM_PCT: u32 = 15;
 /// ([`Membership::shed_share`]); the count then starts again.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct UploadStreak {
+    /// When its previous bid came, ms on the caller's clock (`None`: no bid
+    /// yet).
+    last_bid_ms: Option<u64>,
     over: u32,
     /// Upload of the last bid, % of the bitrate.
     last_pct: u32,
@@ -282,13 +285,19 @@ pub struct UploadStreak {
 }
 
 impl UploadStreak {
-    /// A bid at `now_ms` reported `up_bytes` sent over `interval_ms` on a
-    /// stream of `bitrate_kbps`, against a cap of `cap_pct` % of the bitrate.
-    /// Returns whether the peer should shed a last-hop share now: the streak
-    /// is complete, and no share went within the last
-    /// [`OVER_PLAN_INTERVALS`] intervals, however fast the bids came (a flood
-    /// of bids must not churn other peers' link sets). Call
-    /// [`UploadStreak::shed`] if a share moved.
+    /// A bid at `now_ms` reported `up_bytes` sent since the peer's previous
+    /// bid, on a stream of `bitrate_kbps`, against a cap of `cap_pct` % of the
+    /// bitrate; peers bid every `interval_ms`. Returns whether the peer should
+    /// shed a last-hop share now: the streak is complete, and no share went
+    /// within the last [`OVER_PLAN_INTERVALS`] intervals, however fast the
+    /// bids came (a flood of bids must not churn other peers' link sets).
+    /// Call [`UploadStreak::shed`] if a share moved.
+    ///
+    /// The first bid covers an unknown stretch (the peer joined within an
+    /// interval): it only starts the clock. After it, the rate is over the
+    /// time since the previous bid, but never less than the interval: bids
+    /// that arrive bunched (a stalled socket) were sent an interval apart, and
+    /// a late one (a throttled background tab) covers its whole gap.
     pub fn note_bid(
         &mut self,
         now_ms: u64,
@@ -297,12 +306,16 @@ impl UploadStreak {
         bitrate_kbps: u32,
         cap_pct: u32,
     ) -> bool {
-        self.last_pct = if bitrate_kbps == 0 || interval_ms == 0 {
+        let Some(prev) = self.last_bid_ms.replace(now_ms) else {
+            return false;
+        };
+        let span = now_ms.saturating_sub(prev).max(interval_ms);
+        self.last_pct = if bitrate_kbps == 0 || span == 0 {
             0
         } else {
             // bits / ms = kbit/s, in % of the bitrate.
-            let pct = u128::from(up_bytes) * 8 * 100
-                / (u128::from(bitrate_kbps) * u128::from(interval_ms));
+            let pct =
+                u128::from(up_bytes) * 8 * 100 / (u128::from(bitrate_kbps) * u128::from(span));
             u32::try_from(pct).unwrap_or(u32::MAX)
         };
         if self.last_pct <= cap_pct {
@@ -1395,6 +1408,11 @@ mod tests {
             s.note_bid(*now, pct * 2_500, 1_000, 2_000, 190)
         }
         let mut s = UploadStreak::default();
+        assert!(
+            !bid_at(&mut s, &mut now, 10_000),
+            "the first bid starts the clock"
+        );
+        assert_eq!(s.last_pct(), 0);
         for _ in 1..OVER_PLAN_INTERVALS {
             assert!(!bid_at(&mut s, &mut now, 191));
         }
@@ -1423,7 +1441,7 @@ mod tests {
         }
         let later = now + u64::from(OVER_PLAN_INTERVALS) * 1_000;
         let streak: Vec<bool> = (0..OVER_PLAN_INTERVALS)
-            .map(|_| s.note_bid(later, 1_000_000, 1_000, 2_000, 190))
+            .map(|_| s.note_bid(later, 10_000_000, 1_000, 2_000, 190))
             .collect();
         assert!(streak.contains(&true), "{streak:?}");
         assert!(
@@ -1435,6 +1453,28 @@ mod tests {
             "no bitrate yet: no rate"
         );
         assert_eq!(s.last_pct(), 0);
+    }
+
+    #[test]
+    fn upload_is_a_rate_over_the_time_since_the_previous_bid() {
+        // 2,000 kbit/s: 250,000 bytes a second is 100 %.
+        let mut s = UploadStreak::default();
+        assert!(!s.note_bid(500, 250_000, 1_000, 2_000, 190));
+        assert_eq!(
+            s.last_pct(),
+            0,
+            "a joiner's first bid covers an unknown stretch"
+        );
+        s.note_bid(1_500, 250_000, 1_000, 2_000, 190);
+        assert_eq!(s.last_pct(), 100);
+        s.note_bid(3_500, 250_000, 1_000, 2_000, 190);
+        assert_eq!(s.last_pct(), 50, "a late bid covers its whole gap");
+        s.note_bid(3_600, 250_000, 1_000, 2_000, 190);
+        assert_eq!(
+            s.last_pct(),
+            100,
+            "bunched bids were sent an interval apart"
+        );
     }
 
     #[test]

@@ -37,8 +37,6 @@ struct Member {
     overload: Overload,
     /// Its upload as its bids report it ([`Swarm::note_upload`]).
     upload: UploadStreak,
-    /// When its previous bid came, ms on the swarm's clock.
-    last_bid_ms: Option<u64>,
 }
 
 /// Work for the hub once the swarm lock is released.
@@ -129,7 +127,6 @@ impl Swarm {
                 reported_by: HashSet::new(),
                 overload: Overload::default(),
                 upload: UploadStreak::default(),
-                last_bid_ms: None,
             },
         );
         let mut fx = Effects::default();
@@ -201,13 +198,9 @@ impl Swarm {
 
     /// `peer`'s bid says it sent `up_bytes` since its previous bid; peers bid
     /// every `interval_ms`. A peer whose bids stay over the planned cap sheds
-    /// a last-hop share to a member with room ([`UploadStreak`],
+    /// a last-hop share to a member with room ([`UploadStreak::note_bid`],
+    /// which also says over what time the rate is taken,
     /// [`Membership::shed_share`]). Returns whether it shed one.
-    ///
-    /// The rate is over the time since its previous bid, but never less than
-    /// the interval: bids that arrive bunched (a stalled socket) were sent an
-    /// interval apart, and a late one (a throttled background tab) covers
-    /// its whole gap.
     pub(crate) fn note_upload(
         &mut self,
         peer: PeerId,
@@ -222,12 +215,7 @@ impl Swarm {
         let Some(m) = self.members.get_mut(&peer) else {
             return (false, fx);
         };
-        // The first bid covers an unknown stretch: it only starts the clock.
-        let Some(prev) = m.last_bid_ms.replace(ms) else {
-            return (false, fx);
-        };
-        let span = ms.saturating_sub(prev).max(interval_ms);
-        if !m.upload.note_bid(ms, up_bytes, span, bitrate, cap) {
+        if !m.upload.note_bid(ms, up_bytes, interval_ms, bitrate, cap) {
             return (false, fx);
         }
         let members = &self.members;
