@@ -712,7 +712,7 @@ pub struct Peer<V> {
     by_club: Vec<Vec<PeerId>>,
     /// Scratch lists of [`Peer::relay`], kept so that a block costs no allocation.
     relay_haves: Vec<PeerId>,
-    relay_pushes: Vec<(u8, PeerId)>,
+    relay_pushes: Vec<Queued>,
     /// Sum of the links' `buffered`.
     buffered_total: usize,
     /// When the last [`YIELD_LATE_PUSHES`] pushes of ours that went out late
@@ -1741,7 +1741,7 @@ impl<V: BlockVerifier> Peer<V> {
                 }
             }
             match class {
-                Some(k) => pushes.push((k, p)),
+                Some(k) => pushes.push((k, seq, st.rank(), p)),
                 None if have => haves.push(p),
                 None => {}
             }
@@ -1755,8 +1755,8 @@ impl<V: BlockVerifier> Peer<V> {
             self.stats.pushes_dropped += pushes.len() as u64;
             pushes.clear();
         }
-        for (k, p) in pushes.drain(..) {
-            self.enqueue(k, seq, p);
+        for e in pushes.drain(..) {
+            self.enqueue(e);
         }
         self.relay_haves = haves;
         self.relay_pushes = pushes;
@@ -1792,9 +1792,10 @@ impl<V: BlockVerifier> Peer<V> {
         }
     }
 
-    /// Queues block `seq` for `to` in `class` (0 in-club, 1 last hop).
-    fn enqueue(&mut self, class: u8, seq: u64, to: PeerId) {
-        let e = self.queued_key(class, seq, to);
+    /// Queues a push, keyed as [`Peer::queued_key`] keys it (the callers
+    /// hold the link, so they rank it).
+    fn enqueue(&mut self, e: Queued) {
+        debug_assert_eq!(e, self.queued_key(e.0, e.1, e.3), "ranked as its link");
         self.queued.insert(e);
         if self.queued.len() > MAX_QUEUED_PUSHES {
             // The least urgent push goes unsent: the upload is behind.
@@ -1868,15 +1869,16 @@ impl<V: BlockVerifier> Peer<V> {
                 None => self.queued.range(..),
             };
             for &e in rest {
+                let st = self.links.get(&e.3);
                 let has_room = if every_open_link {
-                    self.links.get(&e.3).is_some_and(|l| l.open)
+                    st.is_some_and(|l| l.open)
                 } else {
                     room.contains(&e.3)
                 };
                 if !has_room {
                     continue;
                 }
-                if self.sendable(e) {
+                if self.sendable_on(e, st) {
                     next = Some(e);
                     break;
                 }
@@ -1929,8 +1931,13 @@ impl<V: BlockVerifier> Peer<V> {
     /// Whether a queued push may still go: its link is open, the remote has
     /// not said it has the block, and the block is cached and not past its
     /// deadline.
-    fn sendable(&self, (_, seq, _, to): Queued) -> bool {
-        match (self.links.get(&to), self.cache.get(seq)) {
+    fn sendable(&self, e: Queued) -> bool {
+        self.sendable_on(e, self.links.get(&e.3))
+    }
+
+    /// [`Peer::sendable`], given `e`'s link `st` (`None`: it went).
+    fn sendable_on(&self, (_, seq, _, _): Queued, st: Option<&LinkState>) -> bool {
+        match (st, self.cache.get(seq)) {
             (Some(st), Some(c)) => {
                 st.open && !st.said_have(seq) && !self.past_push_deadline(&c.block)
             }
@@ -2013,9 +2020,10 @@ impl<V: BlockVerifier> Peer<V> {
         let in_club = st.roles.iter().any(
             |r| matches!(*r, LinkRole::Download { club } | LinkRole::Upload { club } if club == c),
         );
+        let rank = st.rank();
         let busy = !in_club && self.running_late(now);
         if !over && !busy && self.uploads() && self.cache.contains_key(seq) {
-            self.enqueue(0, seq, from);
+            self.enqueue((0, seq, rank, from));
         } else {
             self.push(from, Frame::DontHave(seq));
         }
