@@ -11,6 +11,7 @@
 //! The same goes for a peer's send queue ([`VecSet`]): a few entries most of
 //! the time (at most `MAX_QUEUED_PUSHES`), read from the front on every pump.
 
+use std::cell::Cell;
 use std::iter::Zip;
 use std::ops::{Bound, RangeBounds};
 use std::slice;
@@ -22,6 +23,10 @@ use crate::prefetch;
 pub struct VecMap<K, V> {
     keys: Vec<K>,
     vals: Vec<V>,
+    /// Where the last key found sat: a peer looks the same link up several
+    /// times while it handles one frame, and a hit here skips the search.
+    /// Checked against the key, so a stale one only misses.
+    last: Cell<usize>,
 }
 
 impl<K, V> Default for VecMap<K, V> {
@@ -29,6 +34,7 @@ impl<K, V> Default for VecMap<K, V> {
         VecMap {
             keys: Vec::new(),
             vals: Vec::new(),
+            last: Cell::new(0),
         }
     }
 }
@@ -53,7 +59,15 @@ impl<K: Ord + Copy, V> VecMap<K, V> {
     }
 
     fn find(&self, k: &K) -> Result<usize, usize> {
-        self.keys.binary_search(k)
+        let last = self.last.get();
+        if self.keys.get(last) == Some(k) {
+            return Ok(last);
+        }
+        let found = self.keys.binary_search(k);
+        if let Ok(i) = found {
+            self.last.set(i);
+        }
+        found
     }
 
     /// The value of `k`.
