@@ -1409,25 +1409,22 @@ impl<V: BlockVerifier> Peer<V> {
                 self.forget(first);
             }
         }
-        self.missing.insert(
-            seq,
-            Missing {
-                noticed: now,
-                asked: None,
-                tries: 0,
-                origin: false,
-                origin_tries: 0,
-                retry_at: Time(0),
-                due: None,
-                orphan: false,
-            },
-        );
-        if !self.in_club(club_of(seq, self.cfg.clubs)) && !self.has_source(seq) {
-            if let Some(m) = self.missing.get_mut(seq) {
-                m.orphan = true;
-            }
+        let mut m = Missing {
+            noticed: now,
+            asked: None,
+            tries: 0,
+            origin: false,
+            origin_tries: 0,
+            retry_at: Time(0),
+            due: None,
+            orphan: !self.in_club(club_of(seq, self.cfg.clubs)) && !self.has_source(seq),
+        };
+        // Indexed as `reindex` would, before it goes in: one slot write.
+        m.due = self.due_of(seq, &m);
+        if let Some(t) = m.due {
+            self.due.insert((t, seq));
         }
-        self.reindex(seq);
+        self.missing.insert(seq, m);
     }
 
     /// Puts link `p` in the club lists its roles name, and in no other.
