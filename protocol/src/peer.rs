@@ -1409,22 +1409,21 @@ impl<V: BlockVerifier> Peer<V> {
                 self.forget(first);
             }
         }
-        let mut m = Missing {
-            noticed: now,
-            asked: None,
-            tries: 0,
-            origin: false,
-            origin_tries: 0,
-            retry_at: Time(0),
-            due: None,
-            orphan: !self.in_club(club_of(seq, self.cfg.clubs)) && !self.has_source(seq),
-        };
-        // Indexed as `reindex` would, before it goes in: one slot write.
-        m.due = self.due_of(seq, &m);
-        if let Some(t) = m.due {
-            self.due.insert((t, seq));
-        }
-        self.missing.insert(seq, m);
+        let orphan = !self.in_club(club_of(seq, self.cfg.clubs)) && !self.has_source(seq);
+        self.missing.insert(
+            seq,
+            Missing {
+                noticed: now,
+                asked: None,
+                tries: 0,
+                origin: false,
+                origin_tries: 0,
+                retry_at: Time(0),
+                due: None,
+                orphan,
+            },
+        );
+        self.reindex(seq);
     }
 
     /// Puts link `p` in the club lists its roles name, and in no other.
