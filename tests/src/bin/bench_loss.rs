@@ -1,0 +1,681 @@
+//! The seeder's data channel to a real browser under packet loss.
+//!
+//! ```text
+//! cargo run -p clubcast-tests --bin bench_loss -- [--loss 0,2,5] [--secs 60]
+//!     [--seed 1] [--out bench/results] [--command "just bench-loss"]
+//! ```
+//!
+//! Per loss rate (in %), with a fresh server and a fresh headless Chromium:
+//! the browser loads `/watch/demo` through a proxy that forwards HTTP as it
+//! is and rewrites the signaling, so that the WebRTC link between the browser
+//! and the server's seeder (peer 0) crosses a UDP relay that drops each
+//! datagram with that probability, both ways. The seeder's candidates reach
+//! the browser with the relay's address in their place, and the browser's
+//! candidates do not reach the seeder, which learns the relay's address from
+//! the browser's connectivity checks (a peer-reflexive candidate). Only the
+//! seeder's link crosses the relay: the one browser has no other peer.
+//!
+//! The window of `--secs` starts at the first frame; the browser's `stats()`
+//! are read once a second. Writes `loss.md` and `loss.json` into `--out`.
+//! Nothing is asserted: the figures are reported as measured.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr, UdpSocket as StdUdpSocket};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use clubcast_tests::{num, quantile, Browser, Server, ServerOptions};
+use futures_util::{SinkExt, StreamExt};
+use rand::{Rng, SeedableRng};
+use serde_json::{json, Value};
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio_tungstenite::tungstenite::Message;
+
+/// The seeder's peer id in signaling (`clubcast_protocol::SEEDER_PEER_ID`).
+const SEEDER: u64 = 0;
+/// Wall time allowed for the first frame.
+const START_TIMEOUT: Duration = Duration::from_secs(60);
+
+struct Args {
+    loss: Vec<f64>,
+    secs: u64,
+    seed: u64,
+    out: PathBuf,
+    command: String,
+}
+
+fn args() -> Args {
+    let mut a = Args {
+        loss: vec![0.0, 2.0, 5.0],
+        secs: 60,
+        seed: 1,
+        out: PathBuf::from("bench/results"),
+        command: "cargo run -p clubcast-tests --bin bench_loss".into(),
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(k) = it.next() {
+        let mut v = || it.next().unwrap_or_else(|| panic!("{k} needs a value"));
+        match k.as_str() {
+            "--loss" => {
+                a.loss = v()
+                    .split(',')
+                    .map(|s| s.trim().parse().expect("--loss P,P,... (percent)"))
+                    .collect();
+                assert!(
+                    a.loss.iter().all(|p| (0.0..100.0).contains(p)),
+                    "--loss: each rate in [0, 100)"
+                );
+            }
+            "--secs" => a.secs = v().parse().expect("--secs S"),
+            "--seed" => a.seed = v().parse().expect("--seed N"),
+            "--out" => a.out = PathBuf::from(v()),
+            "--command" => a.command = v(),
+            other => panic!("unknown argument {other}"),
+        }
+    }
+    a
+}
+
+/// Datagrams through the relays, by direction and fate.
+#[derive(Default)]
+struct Counts {
+    to_seeder: AtomicU64,
+    to_seeder_dropped: AtomicU64,
+    to_browser: AtomicU64,
+    to_browser_dropped: AtomicU64,
+}
+
+/// The lossy path: one UDP relay per seeder candidate.
+struct Lossy {
+    loss: f64,
+    /// The address the relays listen on (the host's, not loopback: Chromium
+    /// gathers and pairs host candidates on its interfaces).
+    ip: IpAddr,
+    relays: Mutex<HashMap<SocketAddr, SocketAddr>>,
+    counts: Arc<Counts>,
+    rng: Arc<Mutex<rand::rngs::StdRng>>,
+    candidates_rewritten: AtomicU64,
+    candidates_withheld: AtomicU64,
+}
+
+impl Lossy {
+    fn drop_one(&self) -> bool {
+        self.loss > 0.0
+            && self
+                .rng
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .gen_bool(self.loss)
+    }
+
+    /// The relay's address for seeder candidate `seeder` (started on first use).
+    async fn relay_for(self: &Arc<Self>, seeder: SocketAddr) -> std::io::Result<SocketAddr> {
+        if let Some(a) = self
+            .relays
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&seeder)
+        {
+            return Ok(*a);
+        }
+        let down = Arc::new(UdpSocket::bind((self.ip, 0)).await?);
+        let addr = down.local_addr()?;
+        self.relays
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(seeder, addr);
+        let me = self.clone();
+        tokio::spawn(async move {
+            let _ = me.relay(down, seeder).await;
+        });
+        Ok(addr)
+    }
+
+    /// Forwards what browsers send to `down` to the seeder at `seeder`, each
+    /// browser address from its own upstream socket, and the answers back.
+    async fn relay(
+        self: Arc<Self>,
+        down: Arc<UdpSocket>,
+        seeder: SocketAddr,
+    ) -> std::io::Result<()> {
+        let mut ups: HashMap<SocketAddr, Arc<UdpSocket>> = HashMap::new();
+        let mut buf = vec![0u8; 65_536];
+        loop {
+            let (n, from) = down.recv_from(&mut buf).await?;
+            let up = match ups.get(&from) {
+                Some(u) => u.clone(),
+                None => {
+                    let u = Arc::new(UdpSocket::bind((self.ip, 0)).await?);
+                    u.connect(seeder).await?;
+                    let (back, down, me) = (u.clone(), down.clone(), self.clone());
+                    tokio::spawn(async move {
+                        let mut b = vec![0u8; 65_536];
+                        while let Ok(n) = back.recv(&mut b).await {
+                            me.counts.to_browser.fetch_add(1, Ordering::Relaxed);
+                            if me.drop_one() {
+                                me.counts.to_browser_dropped.fetch_add(1, Ordering::Relaxed);
+                                continue;
+                            }
+                            let _ = down.send_to(&b[..n], from).await;
+                        }
+                    });
+                    ups.insert(from, u.clone());
+                    u
+                }
+            };
+            self.counts.to_seeder.fetch_add(1, Ordering::Relaxed);
+            if self.drop_one() {
+                self.counts
+                    .to_seeder_dropped
+                    .fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+            let _ = up.send(&buf[..n]).await;
+        }
+    }
+
+    /// Candidate line `c` (with or without `a=`) of the seeder with the relay's
+    /// address in place of its own, or `None` for a candidate the relay cannot
+    /// stand in for (not UDP, or not an IP address), which is withheld.
+    async fn rewrite(self: &Arc<Self>, c: &str) -> Option<String> {
+        let mut f: Vec<String> = c.split(' ').map(str::to_owned).collect();
+        if f.len() < 8 || !f[2].eq_ignore_ascii_case("udp") {
+            self.candidates_withheld.fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
+        let (Ok(ip), Ok(port)) = (f[4].parse::<IpAddr>(), f[5].parse::<u16>()) else {
+            self.candidates_withheld.fetch_add(1, Ordering::Relaxed);
+            return None;
+        };
+        let relay = self.relay_for(SocketAddr::new(ip, port)).await.ok()?;
+        f[4] = relay.ip().to_string();
+        f[5] = relay.port().to_string();
+        self.candidates_rewritten.fetch_add(1, Ordering::Relaxed);
+        Some(f.join(" "))
+    }
+
+    /// SDP `sdp` of the seeder with its candidate lines rewritten.
+    async fn rewrite_sdp(self: &Arc<Self>, sdp: &str) -> String {
+        let mut out = Vec::new();
+        for line in sdp.split("\r\n") {
+            if line.starts_with("a=candidate:") {
+                if let Some(l) = self.rewrite(line).await {
+                    out.push(l);
+                }
+            } else {
+                out.push(line.to_owned());
+            }
+        }
+        out.join("\r\n")
+    }
+
+    /// A server-to-browser message, rewritten if it carries the seeder's ICE.
+    async fn server_msg(self: &Arc<Self>, text: &str) -> Option<String> {
+        let Some(mut v) = seeder_signal(text, "from") else {
+            return Some(text.to_owned());
+        };
+        let data = &mut v["data"];
+        match data["kind"].as_str() {
+            Some("candidate") => {
+                let c = data["candidate"].as_str().unwrap_or("").to_owned();
+                if c.is_empty() {
+                    return Some(text.to_owned());
+                }
+                data["candidate"] = json!(self.rewrite(&c).await?);
+            }
+            Some("offer" | "answer") => {
+                let sdp = data["sdp"].as_str().unwrap_or("").to_owned();
+                data["sdp"] = json!(self.rewrite_sdp(&sdp).await);
+            }
+            _ => {}
+        }
+        Some(v.to_string())
+    }
+
+    /// A browser-to-server message, with the browser's own candidates for the
+    /// seeder withheld.
+    fn browser_msg(&self, text: &str) -> Option<String> {
+        let Some(mut v) = seeder_signal(text, "to") else {
+            return Some(text.to_owned());
+        };
+        let data = &mut v["data"];
+        match data["kind"].as_str() {
+            Some("candidate") => {
+                self.candidates_withheld.fetch_add(1, Ordering::Relaxed);
+                None
+            }
+            Some("offer" | "answer") => {
+                let sdp = data["sdp"].as_str().unwrap_or("");
+                let kept: Vec<&str> = sdp
+                    .split("\r\n")
+                    .filter(|l| !l.starts_with("a=candidate:"))
+                    .collect();
+                data["sdp"] = json!(kept.join("\r\n"));
+                Some(v.to_string())
+            }
+            _ => Some(text.to_owned()),
+        }
+    }
+}
+
+/// Signaling message `text`, parsed, if it is a signal whose `party` (`from`
+/// or `to`) is the seeder.
+fn seeder_signal(text: &str, party: &str) -> Option<Value> {
+    let v: Value = serde_json::from_str(text).ok()?;
+    (v["type"] == "signal" && v[party] == SEEDER).then_some(v)
+}
+
+/// The proxy in front of the server: `GET /ws` is relayed message by
+/// message through [`Lossy`]; every other connection is copied as it is.
+async fn proxy(listener: TcpListener, upstream: SocketAddr, lossy: Arc<Lossy>) {
+    while let Ok((down, _)) = listener.accept().await {
+        let lossy = lossy.clone();
+        tokio::spawn(async move {
+            let mut head = [0u8; 8];
+            let n = match down.peek(&mut head).await {
+                Ok(n) => n,
+                Err(_) => return,
+            };
+            if head[..n].starts_with(b"GET /ws") {
+                if let Err(e) = signaling(down, upstream, lossy).await {
+                    eprintln!("bench-loss: signaling relay: {e}");
+                }
+            } else if let Ok(mut up) = TcpStream::connect(upstream).await {
+                let mut down = down;
+                let _ = tokio::io::copy_bidirectional(&mut down, &mut up).await;
+            }
+        });
+    }
+}
+
+async fn signaling(
+    down: TcpStream,
+    upstream: SocketAddr,
+    lossy: Arc<Lossy>,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    let down = tokio_tungstenite::accept_async(down).await?;
+    let (up, _) = tokio_tungstenite::connect_async(format!("ws://{upstream}/ws")).await?;
+    let (mut down_tx, mut down_rx) = down.split();
+    let (mut up_tx, mut up_rx) = up.split();
+    let l = lossy.clone();
+    let to_server = async move {
+        while let Some(Ok(m)) = down_rx.next().await {
+            let m = match m {
+                Message::Text(t) => match l.browser_msg(t.as_str()) {
+                    Some(t) => Message::text(t),
+                    None => continue,
+                },
+                other => other,
+            };
+            if up_tx.send(m).await.is_err() {
+                break;
+            }
+        }
+    };
+    let to_browser = async move {
+        while let Some(Ok(m)) = up_rx.next().await {
+            let m = match m {
+                Message::Text(t) => match lossy.server_msg(t.as_str()).await {
+                    Some(t) => Message::text(t),
+                    None => continue,
+                },
+                other => other,
+            };
+            if down_tx.send(m).await.is_err() {
+                break;
+            }
+        }
+    };
+    tokio::select! {
+        _ = to_server => {}
+        _ = to_browser => {}
+    }
+    Ok(())
+}
+
+/// This host's address on its default route (what Chromium's host candidates use).
+fn host_ip() -> IpAddr {
+    let s = StdUdpSocket::bind("0.0.0.0:0").expect("a UDP socket");
+    // No datagram is sent: connect only picks the route's source address.
+    s.connect("192.0.2.1:9").expect("a default route");
+    s.local_addr().expect("its address").ip()
+}
+
+/// One loss rate's run: the row of the table.
+async fn run(a: &Args, loss_pct: f64) -> Result<Value, Box<dyn std::error::Error + Send + Sync>> {
+    let server = Server::start_demo(ServerOptions::default()).await?;
+    let lossy = Arc::new(Lossy {
+        loss: loss_pct / 100.0,
+        ip: host_ip(),
+        relays: Mutex::new(HashMap::new()),
+        counts: Arc::new(Counts::default()),
+        rng: Arc::new(Mutex::new(rand::rngs::StdRng::seed_from_u64(a.seed))),
+        candidates_rewritten: AtomicU64::new(0),
+        candidates_withheld: AtomicU64::new(0),
+    });
+    let listener = TcpListener::bind(("127.0.0.1", 0)).await?;
+    let port = listener.local_addr()?.port();
+    let proxy_task = tokio::spawn(proxy(listener, server.addr(), lossy.clone()));
+    let browser = Browser::watch(&format!("http://127.0.0.1:{port}/watch/demo")).await?;
+
+    let opened = Instant::now();
+    let first = loop {
+        let s = browser.stats().await?;
+        if s.get("startup_ms").is_some_and(|v| v.is_number()) {
+            break s;
+        }
+        if opened.elapsed() > START_TIMEOUT {
+            return Err(
+                format!("no first frame within {START_TIMEOUT:?} at {loss_pct} % loss").into(),
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let m0 = server.metrics().await?;
+    let t0 = Instant::now();
+    // `CLUBCAST_BENCH_TRACE=1`: every second's stats, and the server's log at the end.
+    let trace = std::env::var_os("CLUBCAST_BENCH_TRACE").is_some();
+    let mut latency = Vec::new();
+    let mut peers_seen = 0.0f64;
+    let mut last = first.clone();
+    while t0.elapsed() < Duration::from_secs(a.secs) {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        last = browser.stats().await?;
+        if trace {
+            let f = |k: &str| num(&last, k);
+            eprintln!(
+                "bench-loss: t {:.0} s: links {} from peers {} from origin {} stalls {} buffer {} ms latency {} ms slow sources {} rejoins {}",
+                t0.elapsed().as_secs_f64(),
+                f("links"),
+                f("bytes_from_peers"),
+                f("bytes_from_origin"),
+                f("stalls"),
+                f("buffer_ms"),
+                f("latency_ms"),
+                f("slow_sources"),
+                f("rejoins"),
+            );
+        }
+        if let Some(l) = last.get("latency_ms").and_then(Value::as_f64) {
+            latency.push(l);
+        }
+        peers_seen = peers_seen.max(num(&last, "peers"));
+    }
+    let m1 = server.metrics().await?;
+    if trace {
+        eprintln!("bench-loss: server log:\n{}", server.log_tail(400));
+    }
+    let d = |k: &str| num(&last, k) - num(&first, k);
+    let from_peers = d("bytes_from_peers");
+    let from_origin = d("bytes_from_origin");
+    let metric = |k: &str| m1.get(k).copied().unwrap_or(0.0) - m0.get(k).copied().unwrap_or(0.0);
+    let c = &lossy.counts;
+    let row = json!({
+        "loss_pct": loss_pct,
+        "window_s": t0.elapsed().as_secs_f64(),
+        "startup_ms": num(&first, "startup_ms"),
+        "bytes_from_peers": from_peers,
+        "bytes_from_origin": from_origin,
+        "peer_share": if from_peers + from_origin > 0.0 { from_peers / (from_peers + from_origin) } else { 0.0 },
+        "seeded_bytes": metric("clubcast_bytes_seeded_total"),
+        "stalls": d("stalls"),
+        "stall_ms": d("stall_ms"),
+        "latency_ms_p50": quantile(&latency, 0.5),
+        "latency_ms_p95": quantile(&latency, 0.95),
+        "peers_max": peers_seen,
+        "datagrams_to_seeder": c.to_seeder.load(Ordering::Relaxed),
+        "datagrams_to_seeder_dropped": c.to_seeder_dropped.load(Ordering::Relaxed),
+        "datagrams_to_browser": c.to_browser.load(Ordering::Relaxed),
+        "datagrams_to_browser_dropped": c.to_browser_dropped.load(Ordering::Relaxed),
+        "candidates_rewritten": lossy.candidates_rewritten.load(Ordering::Relaxed),
+        "candidates_withheld": lossy.candidates_withheld.load(Ordering::Relaxed),
+    });
+    browser.close().await;
+    proxy_task.abort();
+    drop(server);
+    Ok(row)
+}
+
+fn fmt(v: &Value, k: &str, digits: usize) -> String {
+    v.get(k)
+        .and_then(Value::as_f64)
+        .map_or("–".into(), |x| format!("{x:.digits$}"))
+}
+
+fn git(args: &[&str]) -> String {
+    std::process::Command::new("git")
+        .args(args)
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default()
+}
+
+#[tokio::main]
+async fn main() {
+    let a = args();
+    let date = std::process::Command::new("date")
+        .args(["-u", "+%Y-%m-%dT%H:%M:%SZ"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default();
+    let mut rows = Vec::new();
+    for &l in &a.loss {
+        eprintln!("bench-loss: {l} % loss, {} s window", a.secs);
+        match run(&a, l).await {
+            Ok(r) => {
+                eprintln!("bench-loss: {r}");
+                rows.push(r);
+            }
+            Err(e) => {
+                eprintln!("bench-loss: {l} % loss failed: {e}");
+                rows.push(json!({"loss_pct": l, "error": e.to_string()}));
+            }
+        }
+    }
+    let commit = git(&["rev-parse", "--short", "HEAD"]);
+    let dirty = !git(&["status", "--porcelain", "--untracked-files=no"]).is_empty();
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|m| m.trim().to_owned())
+        })
+        .unwrap_or_default();
+    let mut md = format!(
+        "# The seeder's link to a browser under packet loss\n\n\
+         - date: {date}\n- commit: {commit}{}\n- machine: nproc {}, {cpu}\n- command: `{}`\n\
+         - setup: one release server with the demo stream (about 0.8 Mbit/s) and one headless \
+         Chromium on `/watch/demo`, P2P on, through a proxy that sends the WebRTC link between \
+         the browser and the seeder over a UDP relay dropping each datagram with the given \
+         probability, both ways (loss draws seeded with {}); a fresh server and browser per row\n\
+         - window: {} s from the first frame; `stats()` read once a second\n\n",
+        if dirty {
+            " (working tree has uncommitted changes)"
+        } else {
+            ""
+        },
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        a.command,
+        a.seed,
+        a.secs,
+    );
+    md.push_str(
+        "| loss % | bytes from the seeder's link, share | bytes from the origin | stalls: count / ms | \
+         latency_ms p50 / p95 | startup_ms | datagrams to the browser: through / dropped | \
+         to the seeder: through / dropped |\n|---|---|---|---|---|---|---|---|\n",
+    );
+    for r in &rows {
+        if let Some(e) = r.get("error") {
+            md.push_str(&format!(
+                "| {} | failed: {} | | | | | | |\n",
+                r["loss_pct"], e
+            ));
+            continue;
+        }
+        let n = |k: &str| r[k].as_u64().unwrap_or(0);
+        md.push_str(&format!(
+            "| {} | {} | {} | {} / {} | {} / {} | {} | {} / {} | {} / {} |\n",
+            r["loss_pct"],
+            fmt(r, "peer_share", 3),
+            fmt(r, "bytes_from_origin", 0),
+            fmt(r, "stalls", 0),
+            fmt(r, "stall_ms", 0),
+            fmt(r, "latency_ms_p50", 0),
+            fmt(r, "latency_ms_p95", 0),
+            fmt(r, "startup_ms", 0),
+            n("datagrams_to_browser") - n("datagrams_to_browser_dropped"),
+            n("datagrams_to_browser_dropped"),
+            n("datagrams_to_seeder") - n("datagrams_to_seeder_dropped"),
+            n("datagrams_to_seeder_dropped"),
+        ));
+    }
+    std::fs::create_dir_all(&a.out).expect("the output directory");
+    let notes = std::fs::read_to_string(a.out.join("loss.md"))
+        .ok()
+        .and_then(|old| old.find("\n## Notes").map(|i| old[i..].to_owned()))
+        .unwrap_or_default();
+    md.push_str(&notes);
+    std::fs::write(a.out.join("loss.md"), md).expect("write loss.md");
+    std::fs::write(
+        a.out.join("loss.json"),
+        serde_json::to_string_pretty(&json!({"date": date, "commit": commit, "rows": rows}))
+            .expect("json"),
+    )
+    .expect("write loss.json");
+    eprintln!(
+        "bench-loss: wrote {}/loss.md and loss.json",
+        a.out.display()
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lossy() -> Arc<Lossy> {
+        Arc::new(Lossy {
+            loss: 0.5,
+            ip: IpAddr::from([127, 0, 0, 1]),
+            relays: Mutex::new(HashMap::new()),
+            counts: Arc::new(Counts::default()),
+            rng: Arc::new(Mutex::new(rand::rngs::StdRng::seed_from_u64(1))),
+            candidates_rewritten: AtomicU64::new(0),
+            candidates_withheld: AtomicU64::new(0),
+        })
+    }
+
+    #[tokio::test]
+    async fn the_seeders_udp_candidates_point_at_one_relay_each_and_the_rest_are_withheld() {
+        let l = lossy();
+        let c = "candidate:1 1 udp 2130706431 192.0.2.7 50000 typ host";
+        let a = l.rewrite(c).await.expect("a UDP host candidate");
+        let f: Vec<&str> = a.split(' ').collect();
+        let relay: SocketAddr = format!("{}:{}", f[4], f[5]).parse().expect("an address");
+        assert_eq!(relay.ip(), IpAddr::from([127, 0, 0, 1]));
+        assert_ne!(relay.port(), 50000);
+        assert_eq!(&f[..4], &c.split(' ').collect::<Vec<_>>()[..4]);
+        // The same candidate again (in the SDP, say) gets the same relay.
+        assert_eq!(
+            l.rewrite(&format!("a={c}"))
+                .await
+                .map(|s| s.replace("a=", "")),
+            Some(a)
+        );
+        assert_eq!(l.relays.lock().unwrap().len(), 1);
+        // TCP, and a name rather than an address, cannot be stood in for.
+        assert!(l
+            .rewrite("candidate:2 1 tcp 1518280447 192.0.2.7 9 typ host tcptype active")
+            .await
+            .is_none());
+        assert!(l
+            .rewrite("candidate:3 1 udp 2130706431 x.local 50001 typ host")
+            .await
+            .is_none());
+        assert_eq!(l.candidates_withheld.load(Ordering::Relaxed), 2);
+
+        let msg = json!({"type": "signal", "v": 1, "from": SEEDER,
+            "data": {"kind": "offer", "sdp": format!("v=0\r\na={c}\r\na=mid:0\r\n")}});
+        let out: Value =
+            serde_json::from_str(&l.server_msg(&msg.to_string()).await.expect("kept")).unwrap();
+        let sdp = out["data"]["sdp"].as_str().unwrap();
+        assert!(
+            sdp.contains(&format!("{} {}", relay.ip(), relay.port())),
+            "{sdp}"
+        );
+        assert!(!sdp.contains("192.0.2.7"), "{sdp}");
+        // Another peer's signals pass as they are.
+        let other = json!({"type": "signal", "v": 1, "from": 5,
+            "data": {"kind": "candidate", "candidate": c}});
+        assert_eq!(
+            l.server_msg(&other.to_string()).await,
+            Some(other.to_string())
+        );
+    }
+
+    #[test]
+    fn the_browsers_candidates_for_the_seeder_are_withheld_and_others_pass() {
+        let l = lossy();
+        let cand = |to: u64| {
+            json!({"type": "signal", "v": 1, "to": to,
+                "data": {"kind": "candidate", "candidate": "candidate:1 1 udp 1 abc.local 5 typ host"}})
+            .to_string()
+        };
+        assert_eq!(l.browser_msg(&cand(SEEDER)), None);
+        assert_eq!(l.browser_msg(&cand(3)), Some(cand(3)));
+        let answer = json!({"type": "signal", "v": 1, "to": SEEDER,
+            "data": {"kind": "answer", "sdp": "v=0\r\na=candidate:1 1 udp 1 abc.local 5 typ host\r\na=mid:0"}});
+        let out: Value =
+            serde_json::from_str(&l.browser_msg(&answer.to_string()).expect("kept")).unwrap();
+        assert_eq!(out["data"]["sdp"], "v=0\r\na=mid:0");
+        let bid = json!({"type": "bid", "v": 1}).to_string();
+        assert_eq!(l.browser_msg(&bid), Some(bid));
+    }
+
+    #[tokio::test]
+    async fn the_relay_forwards_both_ways_and_drops_about_its_share() {
+        let l = lossy(); // 50 % each way
+        let seeder = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let relay = l.relay_for(seeder.local_addr().unwrap()).await.unwrap();
+        let browser = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        // Paced, so that no socket buffer overflows on the way.
+        for i in 0..400u16 {
+            browser.send_to(&i.to_be_bytes(), relay).await.unwrap();
+            if i % 20 == 19 {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        }
+        let mut got = 0;
+        let mut buf = [0u8; 16];
+        let mut back_to = None;
+        while let Ok(Ok((_, from))) =
+            tokio::time::timeout(Duration::from_millis(300), seeder.recv_from(&mut buf)).await
+        {
+            got += 1;
+            back_to = Some(from);
+        }
+        assert!((120..280).contains(&got), "{got} of 400 through at 50 %");
+        let c = &l.counts;
+        assert_eq!(c.to_seeder.load(Ordering::Relaxed), 400);
+        assert_eq!(c.to_seeder_dropped.load(Ordering::Relaxed), 400 - got);
+        // The answers go back through the browser's own upstream socket.
+        let up = back_to.expect("something came through");
+        for i in 0..400u16 {
+            seeder.send_to(&i.to_be_bytes(), up).await.unwrap();
+            if i % 20 == 19 {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        }
+        let mut back = 0;
+        while let Ok(Ok(_)) =
+            tokio::time::timeout(Duration::from_millis(300), browser.recv_from(&mut buf)).await
+        {
+            back += 1;
+        }
+        assert!((120..280).contains(&back), "{back} of 400 back at 50 %");
+        assert_eq!(c.to_browser_dropped.load(Ordering::Relaxed), 400 - back);
+    }
+}
