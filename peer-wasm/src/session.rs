@@ -61,6 +61,20 @@ pub const TICK_MS: u64 = 100;
 pub const LINK_HOLD_MAX_MS: f64 = 2_000.0;
 /// Heartbeats sent but not yet answered that are remembered for the clock.
 const MAX_HEARTBEATS_IN_FLIGHT: usize = 8;
+/// A playing session with open links that has had no new block for this long,
+/// ms, while less than [`STARVE_BUFFER_MS`] of media is buffered, asks the
+/// server for the live edge at once rather than at the next heartbeat. Its
+/// links are the only other way it hears of new blocks, and a data channel
+/// that lost a packet holds everything behind it until SCTP retransmits it
+/// (a second or more), so without the live edge the core would not know
+/// which blocks to fetch from the origin before their deadlines
+/// (`just bench-loss`, `bench/results/loss.md`).
+pub const STARVE_SILENCE_MS: f64 = 500.0;
+/// See [`STARVE_SILENCE_MS`]. Normal play swings between about 1.2 and 2.3 s
+/// buffered with 1-s fragments, so this is a sign of blocks missing.
+pub const STARVE_BUFFER_MS: f64 = 1_000.0;
+/// Least time between two live-edge probes of a starving session, ms.
+pub const STARVE_PROBE_EVERY_MS: f64 = 250.0;
 /// First wait before reopening a dropped signaling socket, ms; each wait is
 /// jittered by ±25 %.
 pub const RECONNECT_MS: u64 = 500;
@@ -158,6 +172,13 @@ struct Joined {
     late_sent: u64,
     /// Bytes sent (payload and control) reported with the last bid.
     up_sent: u64,
+    /// Block bytes received (peers and origin) at the last tick, and the
+    /// local ms they last grew ([`STARVE_SILENCE_MS`]).
+    bytes_in: u64,
+    block_at: f64,
+    /// No live-edge probe before this local ms; probes sent so far.
+    next_probe: f64,
+    edge_probes: u64,
 }
 
 /// The driver state of one `WasmPlayer`.
@@ -602,6 +623,10 @@ impl Session {
                     late_sent: 0,
                     up_sent: 0,
                     links_at: local + LINK_HOLD_MAX_MS,
+                    bytes_in: 0,
+                    block_at: local,
+                    next_probe: local,
+                    edge_probes: 0,
                 });
                 if !rejoin {
                     self.play.fetch_init(init_url);
@@ -815,6 +840,13 @@ impl Session {
                 self.send(&ClientMsg::Heartbeat { v: SIGNAL_VERSION });
             }
         }
+        if self.starving(local) {
+            if self.heartbeats.len() >= MAX_HEARTBEATS_IN_FLIGHT {
+                self.heartbeats.pop_front();
+            }
+            self.heartbeats.push_back(local);
+            self.send(&ClientMsg::Heartbeat { v: SIGNAL_VERSION });
+        }
         if let Some(j) = &mut self.joined {
             if local >= j.next_bid {
                 j.next_bid = local + j.bid_interval_ms;
@@ -848,6 +880,32 @@ impl Session {
         for event in self.play.tick(perf, server_now, self.created_ms) {
             self.emit(event);
         }
+    }
+
+    /// Whether to ask the server for the live edge now ([`STARVE_SILENCE_MS`]);
+    /// counts the probe if so.
+    fn starving(&mut self, local: f64) -> bool {
+        let Some(j) = &mut self.joined else {
+            return false;
+        };
+        let s = j.peer.stats();
+        let got = s.bytes_from_peers + s.bytes_from_origin;
+        if got != j.bytes_in {
+            j.bytes_in = got;
+            j.block_at = local;
+        }
+        let probe = self.socket.is_some()
+            && self.play.first_frame_at().is_some()
+            && self.links.open_count() > 0
+            && !self.origin.in_order()
+            && local - j.block_at >= STARVE_SILENCE_MS
+            && self.play.buffer_ms() < STARVE_BUFFER_MS
+            && local >= j.next_probe;
+        if probe {
+            j.next_probe = local + STARVE_PROBE_EVERY_MS;
+            j.edge_probes += 1;
+        }
+        probe
     }
 
     /// Without any open link the core hears of no new blocks (only links
@@ -919,6 +977,7 @@ impl Session {
             "signaling": self.socket.is_some(),
             "rejoins": self.rejoins,
             "live_edge": self.joined.as_ref().map(|j| j.live_edge),
+            "edge_probes": self.joined.as_ref().map_or(0, |j| j.edge_probes),
             "next_play": self.joined.as_ref().and_then(|j| j.peer.next_play()),
             "p2p": self.opts.p2p,
             "origin_fallback": self.opts.p2p && self.origin.in_order(),
