@@ -33,6 +33,17 @@ use serde_json::{json, Value};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio_tungstenite::tungstenite::Message;
 
+/// With `CLUBCAST_BENCH_TRACE`: records the player's playback events.
+const TRACE_HOOK_JS: &str = "window.__trace = []; \
+    for (const t of ['gap', 'jump', 'skip', 'stall', 'resume', 'origin_fallback', 'link_failed', 'error']) \
+    window.player.on(t, (e) => window.__trace.push([Math.round(performance.now()), t, e])); return true;";
+/// With `CLUBCAST_BENCH_TRACE`: the video element's state and the events since the last call.
+const TRACE_POLL_JS: &str = "const v = document.querySelector('video'); const b = []; \
+    for (let i = 0; i < v.buffered.length; i++) b.push([v.buffered.start(i), v.buffered.end(i)]); \
+    const ev = window.__trace; window.__trace = []; \
+    return {t: v.currentTime, paused: v.paused, ready: v.readyState, rate: v.playbackRate, \
+    seeking: v.seeking, buffered: b, events: ev};";
+
 /// The seeder's peer id in signaling (`clubcast_protocol::SEEDER_PEER_ID`).
 const SEEDER: u64 = 0;
 /// Wall time allowed for the first frame.
@@ -380,23 +391,45 @@ async fn run(a: &Args, loss_pct: f64) -> Result<Value, Box<dyn std::error::Error
     let mut latency = Vec::new();
     let mut peers_seen = 0.0f64;
     let mut last = first.clone();
+    if trace {
+        browser.eval(TRACE_HOOK_JS).await?;
+    }
     while t0.elapsed() < Duration::from_secs(a.secs) {
         tokio::time::sleep(Duration::from_secs(1)).await;
         last = browser.stats().await?;
         if trace {
-            let f = |k: &str| num(&last, k);
+            let keys = [
+                "links",
+                "peers",
+                "bytes_from_peers",
+                "bytes_from_origin",
+                "stalls",
+                "buffer_ms",
+                "latency_ms",
+                "current_time",
+                "playback_rate",
+                "next_play",
+                "live_edge",
+                "gap_fills",
+                "origin_fetches",
+                "origin_failures",
+                "wants_sent",
+                "blocks_skipped",
+                "edge_probes",
+                "origin_fallback",
+                "slow_sources",
+                "rejoins",
+            ];
+            let shown: Vec<String> = keys
+                .iter()
+                .map(|k| format!("{k} {}", last.get(*k).unwrap_or(&Value::Null)))
+                .collect();
             eprintln!(
-                "bench-loss: t {:.0} s: links {} from peers {} from origin {} stalls {} buffer {} ms latency {} ms slow sources {} rejoins {}",
+                "bench-loss: t {:.0} s: {}",
                 t0.elapsed().as_secs_f64(),
-                f("links"),
-                f("bytes_from_peers"),
-                f("bytes_from_origin"),
-                f("stalls"),
-                f("buffer_ms"),
-                f("latency_ms"),
-                f("slow_sources"),
-                f("rejoins"),
+                shown.join(" ")
             );
+            eprintln!("bench-loss:   {}", browser.eval(TRACE_POLL_JS).await?);
         }
         if let Some(l) = last.get("latency_ms").and_then(Value::as_f64) {
             latency.push(l);
