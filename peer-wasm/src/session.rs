@@ -655,7 +655,13 @@ impl Session {
                     .joined
                     .as_ref()
                     .is_some_and(|j| j.peer.link_peers().contains(&from));
-                self.links.handle_signal(from, data, listed);
+                let local = self.local_ms();
+                if self.links.handle_signal(from, data, listed, local) {
+                    let now = self.now();
+                    if let Some(j) = &mut self.joined {
+                        j.peer.handle_link_closed(now, from);
+                    }
+                }
             }
             ServerMsg::Pong {
                 server_time_ms,

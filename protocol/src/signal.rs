@@ -116,6 +116,15 @@ pub enum LinkOp {
 }
 
 /// SDP and ICE payloads relayed between two peers, opaque to the server.
+///
+/// `conn` names one connection attempt: the offerer picks a number that it
+/// has not used towards that peer before, and the answer and every candidate
+/// of both sides carry it. A peer drops a signal whose `conn` is not that of
+/// its current connection to the sender: after a link fails, both ends may
+/// report it and the server may replace the link twice, so the answer to a
+/// given-up offer can arrive after a new offer has gone out, and applied to
+/// the new connection it broke it (`just bench-loss`). A signal without
+/// `conn` (an older client) is taken as it comes.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum SignalData {
@@ -123,14 +132,23 @@ pub enum SignalData {
     Offer {
         /// The SDP text.
         sdp: String,
+        /// The connection attempt (see [`SignalData`]).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        conn: Option<u64>,
     },
     /// An SDP answer.
     Answer {
         /// The SDP text.
         sdp: String,
+        /// The connection attempt of the offer it answers.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        conn: Option<u64>,
     },
     /// A trickled ICE candidate, as in RTCIceCandidateInit.
     Candidate {
+        /// The connection attempt it belongs to.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        conn: Option<u64>,
         /// The candidate line (empty for end of candidates).
         candidate: String,
         /// The media stream id.
@@ -483,6 +501,37 @@ mod tests {
         assert_eq!(
             serde_json::to_string(&e).expect("serializes"),
             r#"{"type":"error","v":1,"code":"bad_message","message":"x"}"#
+        );
+    }
+
+    #[test]
+    fn signal_conn_is_optional_and_round_trips() {
+        let old: SignalData =
+            serde_json::from_str(r#"{"kind":"answer","sdp":"v=0"}"#).expect("parses");
+        assert_eq!(
+            old,
+            SignalData::Answer {
+                sdp: "v=0".into(),
+                conn: None
+            }
+        );
+        assert_eq!(
+            serde_json::to_string(&old).expect("serializes"),
+            r#"{"kind":"answer","sdp":"v=0"}"#
+        );
+        let new = SignalData::Offer {
+            sdp: "v=0".into(),
+            conn: Some(7),
+        };
+        let text = serde_json::to_string(&new).expect("serializes");
+        assert_eq!(text, r#"{"kind":"offer","sdp":"v=0","conn":7}"#);
+        assert_eq!(
+            serde_json::from_str::<SignalData>(&text).expect("parses"),
+            new
+        );
+        assert!(
+            serde_json::from_str::<SignalData>(r#"{"kind":"offer","sdp":"v=0","conn":-1}"#)
+                .is_err()
         );
     }
 

@@ -517,6 +517,7 @@ async fn peer(i: usize, ctx: Arc<Ctx>) {
                             v: 1,
                             to,
                             data: SignalData::Candidate {
+                                conn: None,
                                 candidate: CANDIDATE.into(),
                                 sdp_mid: Some("0".into()),
                                 sdp_mline_index: Some(0),

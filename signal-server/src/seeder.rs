@@ -274,13 +274,15 @@ impl<T: Transport> Seeder<T> {
                 self.apply_link(&stream.id, op, link);
             }
             SeederEvent::Signal { stream, from, data } => match data {
-                SignalData::Offer { sdp } => self.on_offer(&stream, from, sdp),
+                SignalData::Offer { sdp, conn } => self.on_offer(&stream, from, sdp, conn),
                 SignalData::Candidate {
+                    conn,
                     candidate,
                     sdp_mid,
                     sdp_mline_index,
                 } => self.on_remote_candidate(
                     from,
+                    conn,
                     IceCandidate {
                         candidate,
                         sdp_mid,
@@ -383,7 +385,7 @@ impl<T: Transport> Seeder<T> {
             .is_some_and(|s| s.roles.contains_key(&peer))
     }
 
-    fn on_offer(&mut self, stream: &Arc<Stream>, peer: PeerId, sdp: String) {
+    fn on_offer(&mut self, stream: &Arc<Stream>, peer: PeerId, sdp: String, conn: Option<u64>) {
         if !self.has_roles(&stream.id, peer) {
             // The hub only relays offers from linked peers: we missed its link events.
             self.resync(stream);
@@ -417,6 +419,7 @@ impl<T: Transport> Seeder<T> {
             Conn {
                 stream: stream.clone(),
                 gen: self.next_gen,
+                remote_conn: conn,
                 state: State::Queued {
                     offer,
                     since: Instant::now(),
@@ -445,10 +448,17 @@ impl<T: Transport> Seeder<T> {
         }
     }
 
-    fn on_remote_candidate(&mut self, peer: PeerId, candidate: IceCandidate) {
+    fn on_remote_candidate(&mut self, peer: PeerId, attempt: Option<u64>, candidate: IceCandidate) {
         let Some(conn) = self.conns.get_mut(&peer) else {
             return;
         };
+        if attempt.is_some() && conn.remote_conn.is_some() && attempt != conn.remote_conn {
+            debug!(
+                peer,
+                "seeder: candidate of an earlier connection attempt; dropped"
+            );
+            return;
+        }
         match &conn.state {
             State::Up { link, .. } => {
                 let link = link.clone();
@@ -529,6 +539,7 @@ impl<T: Transport> Seeder<T> {
         let stream = conn.stream.clone();
         let answer = SignalData::Answer {
             sdp: handshake.local.sdp,
+            conn: conn.remote_conn,
         };
         if let Err(error) = self.handle.signal(&stream.id, peer, answer) {
             debug!(peer, %error, "seeder: answer not delivered; dropping the connection");
@@ -575,6 +586,7 @@ impl<T: Transport> Seeder<T> {
         match event {
             LinkEvent::LocalCandidate(candidate) => {
                 let data = SignalData::Candidate {
+                    conn: conn.remote_conn,
                     candidate: candidate.candidate,
                     sdp_mid: candidate.sdp_mid,
                     sdp_mline_index: candidate.sdp_m_line_index,

@@ -21,12 +21,17 @@ struct Peer {
 }
 
 fn join(server: &Server, loss: Option<f64>, stall: bool) -> Peer {
+    join_with(server, loss, stall, false)
+}
+
+fn join_with(server: &Server, loss: Option<f64>, stall: bool, stale_offer_first: bool) -> Peer {
     let (tx, updates) = mpsc::channel(4096);
     let opts = PeerOptions {
         ws_url: server.ws_url(),
         stream: server.stream.name.clone(),
         loss,
         stall_after_first_block: stall,
+        stale_offer_first,
     };
     let task = tokio::spawn(run_peer(opts, tx, server.shutdown.child_token()));
     Peer { updates, task }
@@ -95,6 +100,30 @@ async fn a_native_peer_receives_verified_blocks_in_order_from_the_seeder() {
 
     server.shutdown.cancel();
     let _ = timeout(PATIENCE, peer.task).await;
+    let _ = publisher.await;
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_gives_up_its_first_offer_connects_on_the_second() {
+    // The native peer ends with an error if a seeder signal does not name its
+    // attempt (`conn`), and drops those that name the given-up one.
+    let server = start_server(Config::default(), SeederConfig::default(), "stale").await;
+    let publisher = publish(server.stream.clone(), 20, 8 * 1024, server.shutdown.clone());
+    let mut peer = join_with(&server, None, false, true);
+
+    let (seqs, opens, hello) = blocks(&mut peer, 40, PATIENCE).await;
+    assert_eq!(opens, 1, "one channel, on the second offer");
+    assert!(hello);
+    assert!(seqs.windows(2).all(|w| w[1] > w[0]));
+    assert!(!peer.task.is_finished(), "the peer is still running");
+
+    server.shutdown.cancel();
+    let result = timeout(PATIENCE, peer.task).await;
+    assert!(
+        matches!(result, Ok(Ok(Ok(())))),
+        "the peer ended cleanly: {result:?}"
+    );
     let _ = publisher.await;
     server.stop().await;
 }

@@ -205,7 +205,8 @@ async fn signal_from_a_arrives_at_b_with_from() {
             v: 1,
             from: b_id,
             data: SignalData::Offer {
-                sdp: "v=0 b".into()
+                sdp: "v=0 b".into(),
+                conn: None,
             }
         }
     );
@@ -278,7 +279,7 @@ async fn the_seeder_handle_gets_links_and_signals_and_answers() {
     assert!(seeder.links("demo").iter().any(|l| l.peer == a_id));
     send(
         &mut a,
-        r#"{"type":"signal","v":1,"to":0,"data":{"kind":"offer","sdp":"browser offer"}}"#,
+        r#"{"type":"signal","v":1,"to":0,"data":{"kind":"offer","sdp":"browser offer","conn":3}}"#,
     )
     .await;
     let ev = loop {
@@ -291,7 +292,7 @@ async fn the_seeder_handle_gets_links_and_signals_and_answers() {
         }
     };
     assert!(
-        matches!(&ev, SeederEvent::Signal { from, data: SignalData::Offer { sdp }, .. } if *from == a_id && sdp == "browser offer")
+        matches!(&ev, SeederEvent::Signal { from, data: SignalData::Offer { sdp, conn: Some(3) }, .. } if *from == a_id && sdp == "browser offer")
     );
     seeder
         .signal(
@@ -299,6 +300,7 @@ async fn the_seeder_handle_gets_links_and_signals_and_answers() {
             a_id,
             SignalData::Answer {
                 sdp: "seeder answer".into(),
+                conn: Some(3),
             },
         )
         .expect("a is linked with the seeder");
@@ -307,7 +309,7 @@ async fn the_seeder_handle_gets_links_and_signals_and_answers() {
         got,
         ServerMsg::Signal {
             from: 0,
-            data: SignalData::Answer { .. },
+            data: SignalData::Answer { conn: Some(3), .. },
             ..
         }
     ));

@@ -51,6 +51,11 @@ pub const LINKS_PER_TICK: usize = 3;
 struct Slot {
     link: RtcLink,
     gen: u64,
+    /// The connection attempt its signals carry: its own `gen` as the
+    /// offerer, the offer's as the answerer (`None` until the offer, or from
+    /// a remote that sends none); see [`SignalData`].
+    conn: Option<u64>,
+    offerer: bool,
     created: f64,
     open: bool,
 }
@@ -159,6 +164,17 @@ impl Links {
             return;
         }
         self.retry_at.remove(&peer);
+        if !self.make(peer, offer, now) {
+            return;
+        }
+        for data in self.pending.remove(&peer).unwrap_or_default() {
+            self.apply_signal(peer, data, now);
+        }
+    }
+
+    /// Makes a new link to `peer` in its slot (replacing any); false if the
+    /// browser refused, and then a retry is due.
+    fn make(&mut self, peer: PeerId, offer: bool, now: f64) -> bool {
         let gen = self.next_gen;
         self.next_gen += 1;
         let weak = self.weak.clone();
@@ -173,58 +189,106 @@ impl Links {
             Err(e) => {
                 web_sys::console::warn_1(&format!("clubcast: link to {peer}: {e}").into());
                 self.retry_at.insert(peer, now + RETRY_MS);
-                return;
+                return false;
             }
         };
-        self.slots.insert(
+        let old = self.slots.insert(
             peer,
             Slot {
                 link,
                 gen,
+                conn: offer.then_some(gen),
+                offerer: offer,
                 created: now,
                 open: false,
             },
         );
-        for data in self.pending.remove(&peer).unwrap_or_default() {
-            self.apply_signal(peer, data);
+        if let Some(old) = old {
+            old.link.close();
+            self.closing.push(old.link);
         }
+        true
     }
 
     /// SDP or ICE from `from`; `listed` says whether the core knows the peer.
-    pub(super) fn handle_signal(&mut self, from: PeerId, data: SignalData, listed: bool) {
+    /// Returns true when a new offer replaced an open link (the core should
+    /// hear that the old one closed).
+    pub(super) fn handle_signal(
+        &mut self,
+        from: PeerId,
+        data: SignalData,
+        listed: bool,
+        now: f64,
+    ) -> bool {
         if self.slots.contains_key(&from) {
-            self.apply_signal(from, data);
-            return;
+            return self.apply_signal(from, data, now);
         }
         if !listed && !self.pending.contains_key(&from) && self.pending.len() >= MAX_PENDING_PEERS {
-            return;
+            return false;
         }
         let held = self.pending.entry(from).or_default();
         if held.len() < MAX_PENDING_SIGNALS {
             held.push(data);
         }
+        false
     }
 
-    fn apply_signal(&mut self, peer: PeerId, data: SignalData) {
-        let Some(slot) = self.slots.get(&peer) else {
-            return;
+    /// Applies a signal to the link to `peer`; true when a new offer replaced
+    /// an open link.
+    fn apply_signal(&mut self, peer: PeerId, data: SignalData, now: f64) -> bool {
+        let Some(slot) = self.slots.get_mut(&peer) else {
+            return false;
         };
+        let mut replaced_open = false;
+        if let SignalData::Offer { conn: Some(c), .. } = data {
+            if !slot.offerer && slot.conn.is_some_and(|k| k != c) {
+                // The remote started over: the new offer wins, on a new link.
+                replaced_open = slot.open;
+                if !self.make(peer, false, now) {
+                    if let Some(old) = self.slots.remove(&peer) {
+                        old.link.close();
+                        self.closing.push(old.link);
+                    }
+                    return replaced_open;
+                }
+            }
+        }
+        let Some(slot) = self.slots.get_mut(&peer) else {
+            return replaced_open;
+        };
+        let attempt = match &data {
+            SignalData::Offer { conn, .. }
+            | SignalData::Answer { conn, .. }
+            | SignalData::Candidate { conn, .. } => *conn,
+        };
+        if matches!(data, SignalData::Offer { .. }) && !slot.offerer && slot.conn.is_none() {
+            slot.conn = attempt;
+        }
+        if attempt.is_some() && slot.conn.is_some() && attempt != slot.conn {
+            // Meant for a connection attempt given up since.
+            return replaced_open;
+        }
         match data {
-            SignalData::Offer { sdp } => slot.link.handle_remote_description(SessionDescription {
-                kind: SdpKind::Offer,
-                sdp,
-            }),
-            SignalData::Answer { sdp } => slot.link.handle_remote_description(SessionDescription {
-                kind: SdpKind::Answer,
-                sdp,
-            }),
+            SignalData::Offer { sdp, .. } => {
+                slot.link.handle_remote_description(SessionDescription {
+                    kind: SdpKind::Offer,
+                    sdp,
+                })
+            }
+            SignalData::Answer { sdp, .. } => {
+                slot.link.handle_remote_description(SessionDescription {
+                    kind: SdpKind::Answer,
+                    sdp,
+                })
+            }
             SignalData::Candidate {
                 candidate,
                 sdp_mid,
                 sdp_mline_index,
+                ..
             } => {
                 if candidate.is_empty() {
-                    return;
+                    return replaced_open;
                 }
                 let r = slot.link.handle_remote_candidate(IceCandidate {
                     candidate,
@@ -238,6 +302,7 @@ impl Links {
                 }
             }
         }
+        replaced_open
     }
 
     /// Interprets a link event; a failure removes the link.
@@ -253,10 +318,17 @@ impl Links {
         };
         match event {
             LinkEvent::LocalDescription(d) => Outcome::Send(match d.kind {
-                SdpKind::Offer => SignalData::Offer { sdp: d.sdp },
-                SdpKind::Answer => SignalData::Answer { sdp: d.sdp },
+                SdpKind::Offer => SignalData::Offer {
+                    sdp: d.sdp,
+                    conn: slot.conn,
+                },
+                SdpKind::Answer => SignalData::Answer {
+                    sdp: d.sdp,
+                    conn: slot.conn,
+                },
             }),
             LinkEvent::LocalCandidate(c) => Outcome::Send(SignalData::Candidate {
+                conn: slot.conn,
                 candidate: c.candidate,
                 sdp_mid: c.sdp_mid,
                 sdp_mline_index: c.sdp_m_line_index,

@@ -49,6 +49,10 @@ pub(crate) struct Conn<L> {
     pub(crate) stream: Arc<Stream>,
     /// Tells this connection's events from those of the one it replaced.
     pub(crate) gen: u64,
+    /// The peer's number for this connection attempt, from its offer: the
+    /// answer and our candidates carry it, and its candidates for another
+    /// attempt are dropped ([`clubcast_protocol::signal::SignalData`]).
+    pub(crate) remote_conn: Option<u64>,
     /// Where it is.
     pub(crate) state: State<L>,
     /// Remote candidates held until the link exists.

@@ -154,6 +154,10 @@ pub struct PeerOptions {
     pub loss: Option<f64>,
     /// Stop reading the link after the first block (a stalled receiver).
     pub stall_after_first_block: bool,
+    /// Send an offer and give it up at once for a second one, as a browser
+    /// does when a link is replaced twice: the seeder's signals of the first
+    /// attempt must be told apart (`conn`) and dropped.
+    pub stale_offer_first: bool,
 }
 
 /// What a native peer reports.
@@ -278,7 +282,12 @@ struct SeederConn {
     link: WebrtcRsLink,
     events: LinkEvents,
     proxied: bool,
+    /// This connection attempt's number, carried by every signal of it.
+    id: u64,
 }
+
+/// Connection attempt numbers of the native peers (unique in the process).
+static ATTEMPTS: AtomicU64 = AtomicU64::new(1);
 
 /// Runs a native peer until `stop` or until the server closes the socket.
 pub async fn run_peer(
@@ -339,6 +348,10 @@ pub async fn run_peer(
         tokio::time::interval(Duration::from_millis(u64::from(heartbeat_ms.max(100))));
     let mut proxy_seed = peer_id;
     if !roles.is_empty() {
+        if opts.stale_offer_first {
+            // Dropping the link closes it; its attempt number stays in flight.
+            drop(offer(&transport, &mut sink, opts.loss.is_some()).await?);
+        }
         conn = Some(offer(&transport, &mut sink, opts.loss.is_some()).await?);
     }
     loop {
@@ -358,8 +371,19 @@ pub async fn run_peer(
                 match msg {
                     ServerMsg::Signal { from: SEEDER_PEER_ID, data, .. } => {
                         let Some(c) = conn.as_mut() else { continue };
+                        let attempt = match &data {
+                            SignalData::Offer { conn, .. }
+                            | SignalData::Answer { conn, .. }
+                            | SignalData::Candidate { conn, .. } => *conn,
+                        };
+                        if attempt.is_none() {
+                            return Err(format!("the seeder's {data:?} does not name our attempt"));
+                        }
                         match data {
-                            SignalData::Answer { sdp } => {
+                            // Signals of an attempt we have given up.
+                            SignalData::Answer { conn: Some(id), .. }
+                            | SignalData::Candidate { conn: Some(id), .. } if id != c.id => {}
+                            SignalData::Answer { sdp, .. } => {
                                 let sdp = if opts.loss.is_some() { without_candidates(&sdp) } else { sdp };
                                 let answer = SessionDescription { kind: SdpKind::Answer, sdp };
                                 if c.link.apply_answer(answer).await.is_err() {
@@ -369,7 +393,7 @@ pub async fn run_peer(
                                     send(&mut sink, &ClientMsg::LinkFailed { v: 1, peer: SEEDER_PEER_ID }).await;
                                 }
                             }
-                            SignalData::Candidate { candidate, sdp_mid, sdp_mline_index } => {
+                            SignalData::Candidate { candidate, sdp_mid, sdp_mline_index, .. } => {
                                 let mut candidate = IceCandidate {
                                     candidate,
                                     sdp_mid,
@@ -427,6 +451,7 @@ pub async fn run_peer(
                             v: 1,
                             to: SEEDER_PEER_ID,
                             data: SignalData::Candidate {
+                                conn: conn.as_ref().map(|c| c.id),
                                 candidate: c.candidate,
                                 sdp_mid: c.sdp_mid,
                                 sdp_mline_index: c.sdp_m_line_index,
@@ -496,6 +521,7 @@ async fn offer(
         .connect()
         .await
         .map_err(|e| format!("connect: {e}"))?;
+    let id = ATTEMPTS.fetch_add(1, Ordering::Relaxed);
     send(
         sink,
         &ClientMsg::Signal {
@@ -507,6 +533,7 @@ async fn offer(
                 } else {
                     handshake.local.sdp
                 },
+                conn: Some(id),
             },
         },
     )
@@ -515,5 +542,6 @@ async fn offer(
         link: handshake.link,
         events: handshake.events,
         proxied: false,
+        id,
     })
 }
