@@ -473,7 +473,7 @@ impl Hub {
 
     /// `session`'s link to `remote` failed.
     pub(crate) fn link_failed(&self, session: &Session, remote: PeerId) {
-        let fx = lock(&session.swarm).link_failed(session.peer, remote);
+        let fx = lock(&session.swarm).link_failed(session.peer, remote, Instant::now());
         self.apply(fx);
     }
 
@@ -516,7 +516,7 @@ impl Hub {
         self.0.metrics.report();
         let (kicked, fx, name, len) = {
             let mut s = lock(&session.swarm);
-            let (kicked, fx) = s.report(session.peer, accused);
+            let (kicked, fx) = s.report(session.peer, accused, Instant::now());
             (kicked, fx, s.stream.name.clone(), s.len())
         };
         tracing::warn!(
@@ -544,7 +544,7 @@ impl Hub {
         let swarm = self
             .swarm_of(stream)
             .ok_or_else(|| SignalError::UnknownStream(stream.to_owned()))?;
-        let fx = lock(&swarm).link_failed(SEEDER_PEER_ID, peer);
+        let fx = lock(&swarm).link_failed(SEEDER_PEER_ID, peer, Instant::now());
         self.apply(fx);
         Ok(())
     }

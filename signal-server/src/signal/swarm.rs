@@ -25,6 +25,16 @@ use super::outbox::Sender;
 use super::{DropReason, SeederEvent, SignalError, REPORTS_TO_KICK};
 use crate::stream::Stream;
 
+/// Two reports of one failed link, one from each end, this close together
+/// (ms) replace it once: the second is the echo of the first. A seeder that
+/// closes a slow seed reports it, and the browser that saw the channel close
+/// reports it too; replaced twice, the link the first replacement had the
+/// browser start was torn down at once for another (`just bench-loss`).
+pub(crate) const LINK_FAILED_ECHO_MS: u64 = 2_000;
+/// Link failures remembered for [`LINK_FAILED_ECHO_MS`]; at the bound the
+/// expired ones go, and if none has expired, all.
+const MAX_RECENT_FAILURES: usize = 4096;
+
 /// Why the server closed a peer's socket, shared between the swarm (which sets
 /// it) and the connection task (which sends it as the close reason).
 pub(crate) type CloseCell = Arc<OnceLock<DropReason>>;
@@ -59,6 +69,9 @@ pub(crate) struct Swarm {
     max_peers: usize,
     /// Zero of the ms clock the overload state runs on.
     epoch: Instant,
+    /// Recent link failures by the pair (lower id first): who reported, when
+    /// ([`LINK_FAILED_ECHO_MS`]).
+    recent_failures: HashMap<(PeerId, PeerId), (PeerId, u64)>,
 }
 
 impl Swarm {
@@ -71,6 +84,7 @@ impl Swarm {
             rng: ChaCha8Rng::from_seed(rand::random()),
             max_peers,
             epoch: Instant::now(),
+            recent_failures: HashMap::new(),
         }
     }
 
@@ -179,9 +193,27 @@ impl Swarm {
             && self.membership.linked(a, b)
     }
 
-    /// `peer`'s link to `remote` failed: replace every role between them.
-    pub(crate) fn link_failed(&mut self, peer: PeerId, remote: PeerId) -> Effects {
+    /// `peer`'s link to `remote` failed: replace every role between them,
+    /// unless `remote` reported the same failure just before
+    /// ([`LINK_FAILED_ECHO_MS`]).
+    pub(crate) fn link_failed(&mut self, peer: PeerId, remote: PeerId, now: Instant) -> Effects {
         let mut fx = Effects::default();
+        let ms = self.ms(now);
+        let pair = (peer.min(remote), peer.max(remote));
+        if let Some(&(by, at)) = self.recent_failures.get(&pair) {
+            if by != peer && ms.saturating_sub(at) < LINK_FAILED_ECHO_MS {
+                self.recent_failures.remove(&pair);
+                return fx;
+            }
+        }
+        if self.recent_failures.len() >= MAX_RECENT_FAILURES {
+            self.recent_failures
+                .retain(|_, &mut (_, at)| ms.saturating_sub(at) < LINK_FAILED_ECHO_MS);
+            if self.recent_failures.len() >= MAX_RECENT_FAILURES {
+                self.recent_failures.clear();
+            }
+        }
+        self.recent_failures.insert(pair, (peer, ms));
         let changes = self.membership.replace(peer, remote, &mut self.rng);
         self.deliver(changes, &mut fx);
         fx
@@ -267,9 +299,14 @@ impl Swarm {
     /// failure; a report counts towards a kick only if the two were linked, so
     /// peers cannot accuse strangers, and [`REPORTS_TO_KICK`] distinct reporters
     /// drop the accused.
-    pub(crate) fn report(&mut self, reporter: PeerId, accused: PeerId) -> (bool, Effects) {
+    pub(crate) fn report(
+        &mut self,
+        reporter: PeerId,
+        accused: PeerId,
+        now: Instant,
+    ) -> (bool, Effects) {
         let counts = self.linked(reporter, accused);
-        let mut fx = self.link_failed(reporter, accused);
+        let mut fx = self.link_failed(reporter, accused, now);
         if !counts || accused == SEEDER_PEER_ID {
             return (false, fx);
         }
@@ -422,6 +459,34 @@ mod tests {
     }
 
     #[test]
+    fn a_failure_reported_from_both_ends_is_replaced_once() {
+        use std::time::Duration;
+        let mut s = swarm(10);
+        let (_rx, _) = add(&mut s, 1, 64);
+        assert!(
+            s.linked(1, SEEDER_PEER_ID),
+            "a lone peer is linked with the seeder"
+        );
+        let t0 = Instant::now();
+        let first = s.link_failed(SEEDER_PEER_ID, 1, t0);
+        assert!(
+            !first.seeder.is_empty(),
+            "the seeder's report replaces the link"
+        );
+        let echo = s.link_failed(1, SEEDER_PEER_ID, t0 + Duration::from_millis(30));
+        assert!(
+            echo.seeder.is_empty(),
+            "the peer's report of the same failure is an echo"
+        );
+        // A later failure of the new link counts, from either end.
+        let later = t0 + Duration::from_millis(LINK_FAILED_ECHO_MS + 1);
+        assert!(!s.link_failed(1, SEEDER_PEER_ID, later).seeder.is_empty());
+        // And one end reporting twice is two failures.
+        let again = later + Duration::from_millis(10);
+        assert!(!s.link_failed(1, SEEDER_PEER_ID, again).seeder.is_empty());
+    }
+
+    #[test]
     fn stream_full_at_the_bound() {
         let mut s = swarm(2);
         let _a = add(&mut s, 1, 8);
@@ -438,19 +503,19 @@ mod tests {
         let stranger = (1..=60)
             .find(|&p| p != accused && !s.linked(p, accused))
             .expect("someone is not linked to peer 5");
-        assert!(!s.report(stranger, accused).0);
+        assert!(!s.report(stranger, accused, Instant::now()).0);
         let linked_to_accused = |s: &Swarm, not: PeerId| {
             (1..=60)
                 .find(|&p| p != accused && p != not && s.linked(p, accused))
                 .expect("peer 5 keeps links to other peers")
         };
         let first = linked_to_accused(&s, 0);
-        assert!(!s.report(first, accused).0);
+        assert!(!s.report(first, accused, Instant::now()).0);
         assert!(s.contains(accused));
         // The same reporter again does not count twice.
-        assert!(!s.report(first, accused).0);
+        assert!(!s.report(first, accused, Instant::now()).0);
         let second = linked_to_accused(&s, first);
-        let (kicked, fx) = s.report(second, accused);
+        let (kicked, fx) = s.report(second, accused, Instant::now());
         assert!(kicked);
         assert!(fx.dropped.contains(&(accused, DropReason::Reported)));
         assert!(!s.contains(accused));
