@@ -292,6 +292,17 @@ pub fn gap_exit(ranges: &[(f64, f64)], t: f64) -> Option<f64> {
     ranges.iter().find(|&&(s, _)| s > t).map(|&(s, _)| s + 0.01)
 }
 
+/// Where to seek a playhead stuck at `t` inside buffered media: `step`
+/// seconds on, if the range holding `t` reaches that far with a tenth of a
+/// second to spare; `None` in a gap or near a range's end (waiting for data
+/// is not being stuck, and [`gap_exit`] handles gaps).
+pub fn nudge(ranges: &[(f64, f64)], t: f64, step: f64) -> Option<f64> {
+    ranges
+        .iter()
+        .find(|&&(s, e)| s <= t && t + step + 0.1 < e)
+        .map(|_| t + step)
+}
+
 /// Media buffered ahead of `t`, seconds (0 when `t` is not in a range).
 pub fn ahead_of(ranges: &[(f64, f64)], t: f64) -> f64 {
     ranges
@@ -407,5 +418,18 @@ mod tests {
         assert_eq!(gap_exit(&[(3.0, 4.0)], 0.0), Some(3.01));
         assert_eq!(ahead_of(&r, 6.0), 3.0);
         assert_eq!(ahead_of(&r, 4.5), 0.0);
+    }
+
+    #[test]
+    fn nudge_only_inside_buffered_media() {
+        // The bench-loss case: stuck at 30.008 with 31.04 buffered.
+        let r = [(18.04, 31.04), (32.04, 41.06)];
+        assert_eq!(nudge(&r, 30.008, 0.1), Some(30.108));
+        // Near a range's end the player is waiting for data, not stuck.
+        assert_eq!(nudge(&r, 30.9, 0.1), None);
+        // In a gap, or before the first range, gap_exit seeks instead.
+        assert_eq!(nudge(&r, 31.5, 0.1), None);
+        assert_eq!(nudge(&r, 10.0, 0.1), None);
+        assert_eq!(nudge(&[], 1.0, 0.1), None);
     }
 }

@@ -978,6 +978,7 @@ impl Session {
             "rtt_ms": self.clock.rtt_ms(),
             "playback_rate": play.rate(),
             "jumps": play.jumps(),
+            "nudges": play.nudges(),
             "current_time": play.current_time(),
             "peer_id": self.joined.as_ref().map(|j| j.peer_id),
             "signaling": self.socket.is_some(),

@@ -35,7 +35,7 @@ use tokio_tungstenite::tungstenite::Message;
 
 /// With `CLUBCAST_BENCH_TRACE`: records the player's playback events.
 const TRACE_HOOK_JS: &str = "window.__trace = []; \
-    for (const t of ['gap', 'jump', 'skip', 'stall', 'resume', 'origin_fallback', 'link_failed', 'error']) \
+    for (const t of ['gap', 'jump', 'nudge', 'skip', 'stall', 'resume', 'origin_fallback', 'link_failed', 'error']) \
     window.player.on(t, (e) => window.__trace.push([Math.round(performance.now()), t, e])); return true;";
 /// With `CLUBCAST_BENCH_TRACE`: the video element's state and the events since the last call.
 const TRACE_POLL_JS: &str = "const v = document.querySelector('video'); const b = []; \
@@ -46,6 +46,9 @@ const TRACE_POLL_JS: &str = "const v = document.querySelector('video'); const b 
 
 /// The seeder's peer id in signaling (`clubcast_protocol::SEEDER_PEER_ID`).
 const SEEDER: u64 = 0;
+/// Stall time in a window past which a run without a trace prints the
+/// player's events and state, ms.
+const LONG_STALL_MS: f64 = 10_000.0;
 /// Wall time allowed for the first frame.
 const START_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -391,9 +394,9 @@ async fn run(a: &Args, loss_pct: f64) -> Result<Value, Box<dyn std::error::Error
     let mut latency = Vec::new();
     let mut peers_seen = 0.0f64;
     let mut last = first.clone();
-    if trace {
-        browser.eval(TRACE_HOOK_JS).await?;
-    }
+    // The events are kept in every run (event listeners cost nothing
+    // measurable), so that a long stall can be looked at after the fact.
+    browser.eval(TRACE_HOOK_JS).await?;
     while t0.elapsed() < Duration::from_secs(a.secs) {
         tokio::time::sleep(Duration::from_secs(1)).await;
         last = browser.stats().await?;
@@ -440,6 +443,14 @@ async fn run(a: &Args, loss_pct: f64) -> Result<Value, Box<dyn std::error::Error
     if trace {
         eprintln!("bench-loss: server log:\n{}", server.log_tail(400));
     }
+    let stalled_ms = num(&last, "stall_ms") - num(&first, "stall_ms");
+    if !trace && stalled_ms > LONG_STALL_MS {
+        // Without a trace: what the player did, and where it stands.
+        eprintln!(
+            "bench-loss: {stalled_ms} ms stalled; stats {last}\nbench-loss: video and events {}",
+            browser.eval(TRACE_POLL_JS).await?
+        );
+    }
     let d = |k: &str| num(&last, k) - num(&first, k);
     let from_peers = d("bytes_from_peers");
     let from_origin = d("bytes_from_origin");
@@ -455,6 +466,8 @@ async fn run(a: &Args, loss_pct: f64) -> Result<Value, Box<dyn std::error::Error
         "seeded_bytes": metric("clubcast_bytes_seeded_total"),
         "stalls": d("stalls"),
         "stall_ms": d("stall_ms"),
+        "nudges": d("nudges"),
+        "skips": d("blocks_skipped"),
         "latency_ms_p50": quantile(&latency, 0.5),
         "latency_ms_p95": quantile(&latency, 0.95),
         "peers_max": peers_seen,
