@@ -551,25 +551,28 @@ async fn main() {
     );
     md.push_str(
         "| loss % | bytes from the seeder's link, share | bytes from the origin | stalls: count / ms | \
-         latency_ms p50 / p95 | startup_ms | datagrams to the browser: through / dropped | \
-         to the seeder: through / dropped |\n|---|---|---|---|---|---|---|---|\n",
+         blocks skipped | nudges | latency_ms p50 / p95 | startup_ms | \
+         datagrams to the browser: through / dropped | to the seeder: through / dropped |\n\
+         |---|---|---|---|---|---|---|---|---|---|\n",
     );
     for r in &rows {
         if let Some(e) = r.get("error") {
             md.push_str(&format!(
-                "| {} | failed: {} | | | | | | |\n",
+                "| {} | failed: {} | | | | | | | | |\n",
                 r["loss_pct"], e
             ));
             continue;
         }
         let n = |k: &str| r[k].as_u64().unwrap_or(0);
         md.push_str(&format!(
-            "| {} | {} | {} | {} / {} | {} / {} | {} | {} / {} | {} / {} |\n",
+            "| {} | {} | {} | {} / {} | {} | {} | {} / {} | {} | {} / {} | {} / {} |\n",
             r["loss_pct"],
             fmt(r, "peer_share", 3),
             fmt(r, "bytes_from_origin", 0),
             fmt(r, "stalls", 0),
             fmt(r, "stall_ms", 0),
+            fmt(r, "skips", 0),
+            fmt(r, "nudges", 0),
             fmt(r, "latency_ms_p50", 0),
             fmt(r, "latency_ms_p95", 0),
             fmt(r, "startup_ms", 0),
