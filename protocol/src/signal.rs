@@ -164,6 +164,27 @@ pub enum SignalData {
     },
 }
 
+impl SignalData {
+    /// The connection attempt the signal names, if any.
+    pub fn conn(&self) -> Option<u64> {
+        match self {
+            SignalData::Offer { conn, .. }
+            | SignalData::Answer { conn, .. }
+            | SignalData::Candidate { conn, .. } => *conn,
+        }
+    }
+}
+
+/// Whether a signal naming attempt `signal` belongs to the connection whose
+/// attempt is `current`: yes unless both are known and differ (a side that
+/// sends no `conn` is taken as it comes).
+pub fn same_attempt(signal: Option<u64>, current: Option<u64>) -> bool {
+    match (signal, current) {
+        (Some(a), Some(b)) => a == b,
+        _ => true,
+    }
+}
+
 /// Messages from a client (browser peer, test peer) to the server.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
@@ -533,6 +554,21 @@ mod tests {
             serde_json::from_str::<SignalData>(r#"{"kind":"offer","sdp":"v=0","conn":-1}"#)
                 .is_err()
         );
+    }
+
+    #[test]
+    fn only_a_different_known_attempt_is_stale() {
+        assert!(same_attempt(Some(2), Some(2)));
+        assert!(!same_attempt(Some(1), Some(2)));
+        assert!(same_attempt(None, Some(2)));
+        assert!(same_attempt(Some(1), None));
+        let c = SignalData::Candidate {
+            conn: Some(4),
+            candidate: String::new(),
+            sdp_mid: None,
+            sdp_mline_index: None,
+        };
+        assert_eq!(c.conn(), Some(4));
     }
 
     #[test]

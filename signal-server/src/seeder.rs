@@ -50,7 +50,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use clubcast_protocol::signal::{Link as RoleLink, LinkOp, LinkRole, PeerId, SignalData};
+use clubcast_protocol::signal::{
+    same_attempt, Link as RoleLink, LinkOp, LinkRole, PeerId, SignalData,
+};
 use clubcast_protocol::source::{Source, SourceEvent, SEED_MAX_BUFFERED};
 use clubcast_protocol::wire::Frame;
 use futures_util::stream::{self, BoxStream, SelectAll, StreamExt};
@@ -452,7 +454,7 @@ impl<T: Transport> Seeder<T> {
         let Some(conn) = self.conns.get_mut(&peer) else {
             return;
         };
-        if attempt.is_some() && conn.remote_conn.is_some() && attempt != conn.remote_conn {
+        if !same_attempt(attempt, conn.remote_conn) {
             debug!(
                 peer,
                 "seeder: candidate of an earlier connection attempt; dropped"

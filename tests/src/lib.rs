@@ -502,6 +502,55 @@ impl Drop for Browser {
     }
 }
 
+/// Stdout of `cmd args` run in the workspace, trimmed; empty if it failed.
+pub fn sh(cmd: &str, args: &[&str]) -> String {
+    Command::new(cmd)
+        .args(args)
+        .current_dir(workspace_dir())
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default()
+}
+
+/// What a benchmark file says of its run: the UTC time, the commit (marked
+/// if the working tree has uncommitted changes) and the CPU model.
+pub fn run_stamp() -> (String, String, String) {
+    let date = sh("date", &["-u", "+%Y-%m-%dT%H:%M:%SZ"]);
+    let c = sh("git", &["rev-parse", "--short", "HEAD"]);
+    let commit = if sh("git", &["status", "--porcelain", "--untracked-files=no"]).is_empty() {
+        c
+    } else {
+        format!("{c} (working tree has uncommitted changes)")
+    };
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, v)| v.trim().to_owned())
+        })
+        .unwrap_or_default();
+    (date, commit, cpu)
+}
+
+/// `v[k]` with `digits` decimals, or "–" when absent or not a number.
+pub fn fixed(v: &Value, k: &str, digits: usize) -> String {
+    v.get(k)
+        .and_then(Value::as_f64)
+        .map_or("–".into(), |x| format!("{x:.digits$}"))
+}
+
+/// The generated `md`, followed by the hand-written notes of the file it
+/// replaces (`old`, from its first `## Notes` heading on), which outlive a
+/// rerun as `sim.md`'s do.
+pub fn with_notes(md: String, old: Option<&str>) -> String {
+    let Some(notes) = old.and_then(|o| o.find("\n## Notes").map(|i| &o[i + 1..])) else {
+        return md;
+    };
+    format!("{}\n\n{notes}", md.trim_end())
+}
+
 /// Median of `xs` (None when empty).
 pub fn median(xs: &[f64]) -> Option<f64> {
     let mut v: Vec<f64> = xs.iter().copied().filter(|x| x.is_finite()).collect();
@@ -733,5 +782,33 @@ pub fn sample_all(
             out.push(t.await.expect("a sampler task does not panic"));
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_rerun_keeps_the_hand_written_notes() {
+        let old = "# E2E\n\n| old table |\n\n## Definitions\n\nx\n\n## Notes on a run\n\nWhy.\n";
+        let md = with_notes(
+            "# E2E\n\n| new table |\n\n## Definitions\n\nx\n".into(),
+            Some(old),
+        );
+        assert_eq!(
+            md,
+            "# E2E\n\n| new table |\n\n## Definitions\n\nx\n\n## Notes on a run\n\nWhy.\n"
+        );
+        assert_eq!(with_notes("new\n".into(), None), "new\n");
+        assert_eq!(with_notes("new\n".into(), Some("no notes\n")), "new\n");
+    }
+
+    #[test]
+    fn fixed_formats_numbers_and_marks_the_rest() {
+        let v = json!({"a": 1.234, "b": "x"});
+        assert_eq!(fixed(&v, "a", 1), "1.2");
+        assert_eq!(fixed(&v, "b", 1), "–");
+        assert_eq!(fixed(&v, "c", 0), "–");
     }
 }

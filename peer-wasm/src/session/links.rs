@@ -25,7 +25,7 @@ use std::rc::Weak;
 
 use clubcast_protocol::block::{Block, StreamKey};
 use clubcast_protocol::peer::{Peer, Transmit};
-use clubcast_protocol::signal::{PeerId, SignalData};
+use clubcast_protocol::signal::{same_attempt, PeerId, SignalData};
 use clubcast_protocol::wire::Frame;
 
 use crate::player::{deliver, Shared};
@@ -256,15 +256,10 @@ impl Links {
         let Some(slot) = self.slots.get_mut(&peer) else {
             return replaced_open;
         };
-        let attempt = match &data {
-            SignalData::Offer { conn, .. }
-            | SignalData::Answer { conn, .. }
-            | SignalData::Candidate { conn, .. } => *conn,
-        };
         if matches!(data, SignalData::Offer { .. }) && !slot.offerer && slot.conn.is_none() {
-            slot.conn = attempt;
+            slot.conn = data.conn();
         }
-        if attempt.is_some() && slot.conn.is_some() && attempt != slot.conn {
+        if !same_attempt(data.conn(), slot.conn) {
             // Meant for a connection attempt given up since.
             return replaced_open;
         }

@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use clubcast_protocol::block::{BlockFlags, BlockVerifier, StreamKey};
 use clubcast_protocol::signal::{
-    ClientMsg, LinkOp, LinkRole, ServerMsg, SignalData, SEEDER_PEER_ID,
+    same_attempt, ClientMsg, LinkOp, LinkRole, ServerMsg, SignalData, SEEDER_PEER_ID,
 };
 use clubcast_protocol::wire::{Frame, WIRE_VERSION};
 use clubcast_server::app::{app, AppState};
@@ -371,18 +371,12 @@ pub async fn run_peer(
                 match msg {
                     ServerMsg::Signal { from: SEEDER_PEER_ID, data, .. } => {
                         let Some(c) = conn.as_mut() else { continue };
-                        let attempt = match &data {
-                            SignalData::Offer { conn, .. }
-                            | SignalData::Answer { conn, .. }
-                            | SignalData::Candidate { conn, .. } => *conn,
-                        };
-                        if attempt.is_none() {
+                        if data.conn().is_none() {
                             return Err(format!("the seeder's {data:?} does not name our attempt"));
                         }
                         match data {
                             // Signals of an attempt we have given up.
-                            SignalData::Answer { conn: Some(id), .. }
-                            | SignalData::Candidate { conn: Some(id), .. } if id != c.id => {}
+                            _ if !same_attempt(data.conn(), Some(c.id)) => {}
                             SignalData::Answer { sdp, .. } => {
                                 let sdp = if opts.loss.is_some() { without_candidates(&sdp) } else { sdp };
                                 let answer = SessionDescription { kind: SdpKind::Answer, sdp };

@@ -20,10 +20,12 @@
 #![recursion_limit = "256"]
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
-use clubcast_tests::{http_get, num, quantile, Browser, Server, ServerOptions, CHROMIUM_FLAGS};
+use clubcast_tests::{
+    fixed, http_get, num, quantile, run_stamp, sh, with_notes, Browser, Server, ServerOptions,
+    CHROMIUM_FLAGS,
+};
 use fantoccini::Client;
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -80,15 +82,6 @@ fn args() -> Args {
         }
     }
     a
-}
-
-fn sh(cmd: &str, args: &[&str]) -> String {
-    Command::new(cmd)
-        .args(args)
-        .current_dir(clubcast_tests::workspace_dir())
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
-        .unwrap_or_default()
 }
 
 /// Busy and total ticks of the whole machine, from the `cpu` line of /proc/stat.
@@ -531,26 +524,20 @@ async fn run_mode(n: usize, p2p: bool, a: &Args) -> Value {
     row
 }
 
-fn f(v: &Value, k: &str, digits: usize) -> String {
-    v.get(k)
-        .and_then(Value::as_f64)
-        .map_or("–".into(), |x| format!("{x:.digits$}"))
-}
-
 fn summary(r: &Value) -> String {
     format!(
         "p2p_ratio {} origin_egress_ratio {} startup p50/max {}/{} ms latency p50/p95 {}/{} ms \
          stalls {} ({} ms) cpu mean {} % rss mean {} MiB",
-        f(r, "p2p_ratio", 3),
-        f(r, "origin_egress_ratio", 2),
-        f(r, "startup_ms_p50", 0),
-        f(r, "startup_ms_max", 0),
-        f(r, "latency_ms_p50", 0),
-        f(r, "latency_ms_p95", 0),
-        f(r, "stalls", 0),
-        f(r, "stall_ms", 0),
-        f(r, "cpu_pct_mean", 0),
-        f(r, "rss_mib_mean", 0),
+        fixed(r, "p2p_ratio", 3),
+        fixed(r, "origin_egress_ratio", 2),
+        fixed(r, "startup_ms_p50", 0),
+        fixed(r, "startup_ms_max", 0),
+        fixed(r, "latency_ms_p50", 0),
+        fixed(r, "latency_ms_p95", 0),
+        fixed(r, "stalls", 0),
+        fixed(r, "stall_ms", 0),
+        fixed(r, "cpu_pct_mean", 0),
+        fixed(r, "rss_mib_mean", 0),
     )
 }
 
@@ -588,21 +575,21 @@ fn markdown(meta: &Value, rows: &[Value]) -> String {
             } else {
                 format!(" ({} of {} started)", r["started"], r["browsers"])
             },
-            f(r, "p2p_ratio", 3),
-            f(r, "p2p_ratio_without_seeder", 3),
-            f(r, "origin_egress_ratio", 2),
-            f(r, "startup_ms_p50", 0),
-            f(r, "startup_ms_max", 0),
-            f(r, "latency_ms_p50", 0),
-            f(r, "latency_ms_p95", 0),
-            f(r, "stalls", 0),
-            f(r, "stall_ms", 0),
-            f(r, "cpu_pct_mean", 0),
-            f(r, "cpu_pct_max", 0),
-            f(r, "rss_mib_mean", 0),
-            f(r, "rss_mib_max", 0),
-            f(r, "server_cpu_pct", 1),
-            f(r, "others_cpu_pct_window", 0),
+            fixed(r, "p2p_ratio", 3),
+            fixed(r, "p2p_ratio_without_seeder", 3),
+            fixed(r, "origin_egress_ratio", 2),
+            fixed(r, "startup_ms_p50", 0),
+            fixed(r, "startup_ms_max", 0),
+            fixed(r, "latency_ms_p50", 0),
+            fixed(r, "latency_ms_p95", 0),
+            fixed(r, "stalls", 0),
+            fixed(r, "stall_ms", 0),
+            fixed(r, "cpu_pct_mean", 0),
+            fixed(r, "cpu_pct_max", 0),
+            fixed(r, "rss_mib_mean", 0),
+            fixed(r, "rss_mib_max", 0),
+            fixed(r, "server_cpu_pct", 1),
+            fixed(r, "others_cpu_pct_window", 0),
         ));
     }
     s.push_str("\nGoals met (P2P-on rows):\n\n");
@@ -639,27 +626,27 @@ fn markdown(meta: &Value, rows: &[Value]) -> String {
         s.push_str(&format!(
             "| {} | {} | {} | {} | {} | {} / {} | {} / {} | {} | {} | {} | {} / {} | {} | {} / {} | {} → {} | {} | {} / {} |\n",
             r["mode"].as_str().unwrap_or(""),
-            f(r, "stream_kbps", 0),
+            fixed(r, "stream_kbps", 0),
             r["stream_blocks"],
-            f(r, "origin_seeded_bytes", 0),
-            f(r, "origin_gap_fill_bytes", 0),
-            f(r, "page_startup_ms_p50", 0),
-            f(r, "page_startup_ms_max", 0),
-            f(r, "stalls_since_load", 0),
-            f(r, "stall_ms_since_load", 0),
+            fixed(r, "origin_seeded_bytes", 0),
+            fixed(r, "origin_gap_fill_bytes", 0),
+            fixed(r, "page_startup_ms_p50", 0),
+            fixed(r, "page_startup_ms_max", 0),
+            fixed(r, "stalls_since_load", 0),
+            fixed(r, "stall_ms_since_load", 0),
             r["media_errors"],
-            f(r, "advance_s_min", 1),
+            fixed(r, "advance_s_min", 1),
             r["latency_samples"],
-            f(r, "samples_per_browser_min", 0),
-            f(r, "samples_per_browser_mean", 0),
-            f(r, "all_started_s", 1),
-            f(r, "machine_busy_pct_before", 0),
-            f(r, "machine_busy_pct_window", 0),
+            fixed(r, "samples_per_browser_min", 0),
+            fixed(r, "samples_per_browser_mean", 0),
+            fixed(r, "all_started_s", 1),
+            fixed(r, "machine_busy_pct_before", 0),
+            fixed(r, "machine_busy_pct_window", 0),
             r["load_before"].as_str().unwrap_or(""),
             r["load_after"].as_str().unwrap_or(""),
             r["compiler_processes_max"],
-            f(r, "shares_shed", 0),
-            f(r, "sources_replaced", 0),
+            fixed(r, "shares_shed", 0),
+            fixed(r, "sources_replaced", 0),
         ));
     }
     s.push_str(
@@ -678,10 +665,10 @@ fn markdown(meta: &Value, rows: &[Value]) -> String {
             "| {} | {} | {} |",
             r["mode"].as_str().unwrap_or(""),
             w["browser"],
-            f(w, "startup_ms", 0)
+            fixed(w, "startup_ms", 0)
         ));
         for k in TRACE_MARKS {
-            s.push_str(&format!(" {} |", f(&w["trace"], k, 0)));
+            s.push_str(&format!(" {} |", fixed(&w["trace"], k, 0)));
         }
         s.push('\n');
     }
@@ -767,29 +754,12 @@ async fn main() {
         modes.push((x, true));
         modes.push((x, false));
     }
-    let commit = {
-        let c = sh("git", &["rev-parse", "--short", "HEAD"]);
-        let dirty = !sh("git", &["status", "--porcelain", "--untracked-files=no"]).is_empty();
-        if dirty {
-            format!("{c} (working tree has uncommitted changes)")
-        } else {
-            c
-        }
-    };
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split_once(':'))
-                .map(|(_, v)| v.trim().to_owned())
-        })
-        .unwrap_or_default();
+    let (date, commit, cpu) = run_stamp();
     let server = clubcast_tests::server_binary(false)
         .map(|p| p.display().to_string())
         .unwrap_or_default();
     let meta = json!({
-        "date": sh("date", &["-u", "+%Y-%m-%dT%H:%M:%SZ"]),
+        "date": date,
         "commit": commit,
         "nproc": sh("nproc", &[]),
         "cpu": cpu,
@@ -826,34 +796,4 @@ fn write(out: &Path, meta: &Value, rows: &[Value]) {
     let md = with_notes(markdown(meta, rows), old.as_deref());
     std::fs::write(&path, md).expect("write e2e.md");
     eprintln!("bench-e2e: wrote {}/e2e.md and e2e.json", out.display());
-}
-
-/// The generated `md`, followed by the hand-written notes of the file it
-/// replaces (`old`, from its first `## Notes` heading on), which outlive a
-/// rerun as `sim.md`'s do.
-fn with_notes(md: String, old: Option<&str>) -> String {
-    let Some(notes) = old.and_then(|o| o.find("\n## Notes").map(|i| &o[i + 1..])) else {
-        return md;
-    };
-    format!("{}\n\n{notes}", md.trim_end())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::with_notes;
-
-    #[test]
-    fn a_rerun_keeps_the_hand_written_notes() {
-        let old = "# E2E\n\n| old table |\n\n## Definitions\n\nx\n\n## Notes on a run\n\nWhy.\n";
-        let md = with_notes(
-            "# E2E\n\n| new table |\n\n## Definitions\n\nx\n".into(),
-            Some(old),
-        );
-        assert_eq!(
-            md,
-            "# E2E\n\n| new table |\n\n## Definitions\n\nx\n\n## Notes on a run\n\nWhy.\n"
-        );
-        assert_eq!(with_notes("new\n".into(), None), "new\n");
-        assert_eq!(with_notes("new\n".into(), Some("no notes\n")), "new\n");
-    }
 }

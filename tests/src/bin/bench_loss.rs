@@ -26,7 +26,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use clubcast_tests::{num, quantile, Browser, Server, ServerOptions};
+use clubcast_tests::{fixed, num, quantile, run_stamp, with_notes, Browser, Server, ServerOptions};
 use futures_util::{SinkExt, StreamExt};
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
@@ -484,28 +484,9 @@ async fn run(a: &Args, loss_pct: f64) -> Result<Value, Box<dyn std::error::Error
     Ok(row)
 }
 
-fn fmt(v: &Value, k: &str, digits: usize) -> String {
-    v.get(k)
-        .and_then(Value::as_f64)
-        .map_or("–".into(), |x| format!("{x:.digits$}"))
-}
-
-fn git(args: &[&str]) -> String {
-    std::process::Command::new("git")
-        .args(args)
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
-        .unwrap_or_default()
-}
-
 #[tokio::main]
 async fn main() {
     let a = args();
-    let date = std::process::Command::new("date")
-        .args(["-u", "+%Y-%m-%dT%H:%M:%SZ"])
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
-        .unwrap_or_default();
     let mut rows = Vec::new();
     for &l in &a.loss {
         eprintln!("bench-loss: {l} % loss, {} s window", a.secs);
@@ -520,30 +501,15 @@ async fn main() {
             }
         }
     }
-    let commit = git(&["rev-parse", "--short", "HEAD"]);
-    let dirty = !git(&["status", "--porcelain", "--untracked-files=no"]).is_empty();
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split(':').nth(1))
-                .map(|m| m.trim().to_owned())
-        })
-        .unwrap_or_default();
+    let (date, commit, cpu) = run_stamp();
     let mut md = format!(
         "# The seeder's link to a browser under packet loss\n\n\
-         - date: {date}\n- commit: {commit}{}\n- machine: nproc {}, {cpu}\n- command: `{}`\n\
+         - date: {date}\n- commit: {commit}\n- machine: nproc {}, {cpu}\n- command: `{}`\n\
          - setup: one release server with the demo stream (about 0.8 Mbit/s) and one headless \
          Chromium on `/watch/demo`, P2P on, through a proxy that sends the WebRTC link between \
          the browser and the seeder over a UDP relay dropping each datagram with the given \
          probability, both ways (loss draws seeded with {}); a fresh server and browser per row\n\
          - window: {} s from the first frame; `stats()` read once a second\n\n",
-        if dirty {
-            " (working tree has uncommitted changes)"
-        } else {
-            ""
-        },
         std::thread::available_parallelism().map_or(0, |n| n.get()),
         a.command,
         a.seed,
@@ -567,15 +533,15 @@ async fn main() {
         md.push_str(&format!(
             "| {} | {} | {} | {} / {} | {} | {} | {} / {} | {} | {} / {} | {} / {} |\n",
             r["loss_pct"],
-            fmt(r, "peer_share", 3),
-            fmt(r, "bytes_from_origin", 0),
-            fmt(r, "stalls", 0),
-            fmt(r, "stall_ms", 0),
-            fmt(r, "skips", 0),
-            fmt(r, "nudges", 0),
-            fmt(r, "latency_ms_p50", 0),
-            fmt(r, "latency_ms_p95", 0),
-            fmt(r, "startup_ms", 0),
+            fixed(r, "peer_share", 3),
+            fixed(r, "bytes_from_origin", 0),
+            fixed(r, "stalls", 0),
+            fixed(r, "stall_ms", 0),
+            fixed(r, "skips", 0),
+            fixed(r, "nudges", 0),
+            fixed(r, "latency_ms_p50", 0),
+            fixed(r, "latency_ms_p95", 0),
+            fixed(r, "startup_ms", 0),
             n("datagrams_to_browser") - n("datagrams_to_browser_dropped"),
             n("datagrams_to_browser_dropped"),
             n("datagrams_to_seeder") - n("datagrams_to_seeder_dropped"),
@@ -583,12 +549,8 @@ async fn main() {
         ));
     }
     std::fs::create_dir_all(&a.out).expect("the output directory");
-    let notes = std::fs::read_to_string(a.out.join("loss.md"))
-        .ok()
-        .and_then(|old| old.find("\n## Notes").map(|i| old[i..].to_owned()))
-        .unwrap_or_default();
-    md.push_str(&notes);
-    std::fs::write(a.out.join("loss.md"), md).expect("write loss.md");
+    let old = std::fs::read_to_string(a.out.join("loss.md")).ok();
+    std::fs::write(a.out.join("loss.md"), with_notes(md, old.as_deref())).expect("write loss.md");
     std::fs::write(
         a.out.join("loss.json"),
         serde_json::to_string_pretty(&json!({"date": date, "commit": commit, "rows": rows}))
