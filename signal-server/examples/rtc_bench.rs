@@ -1,4 +1,5 @@
-//! Measures the `rtc` wrapper native to native on this machine: connection setup time and the
+//! Measures the `rtc` wrapper native to native on this machine, on each stack in turn (the
+//! `webrtc` crate, then `str0m`, both ends on the same stack): connection setup time and the
 //! throughput of one channel. Run with
 //! `cargo run --release -p clubcast-server --example rtc_bench`.
 //!
@@ -11,16 +12,16 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use clubcast_server::rtc::{
-    Gathering, Handshake, Link, LinkEvent, LinkEvents, RtcConfig, SendError, Transport, WebrtcRs,
-    WebrtcRsLink,
+    Gathering, Handshake, Link, LinkEvent, LinkEvents, RtcConfig, SendError, Str0m, Transport,
+    WebrtcRs,
 };
 
 const SETUPS: usize = 10;
 const TOTAL_BYTES: usize = 64 * 1024 * 1024;
 
-async fn open_pair(
-    stack: &WebrtcRs,
-) -> Result<(WebrtcRsLink, LinkEvents, WebrtcRsLink, LinkEvents), String> {
+async fn open_pair<T: Transport>(
+    stack: &T,
+) -> Result<(T::Link, LinkEvents, T::Link, LinkEvents), String> {
     let Handshake {
         link: a,
         local: offer,
@@ -54,7 +55,7 @@ async fn open_pair(
     Ok((a, a_events, b, b_events))
 }
 
-async fn throughput(stack: &WebrtcRs, message: usize) -> Result<f64, String> {
+async fn throughput<T: Transport>(stack: &T, message: usize) -> Result<f64, String> {
     let (a, mut a_events, b, mut b_events) = open_pair(stack).await?;
     let count = TOTAL_BYTES / message;
     let payload = Bytes::from(vec![0x5a; message]);
@@ -95,14 +96,22 @@ async fn throughput(stack: &WebrtcRs, message: usize) -> Result<f64, String> {
 
 #[tokio::main]
 async fn main() -> Result<(), String> {
-    let stack = WebrtcRs::new(RtcConfig {
+    let config = RtcConfig {
         gathering: Gathering::Trickle,
         ..RtcConfig::default()
-    });
+    };
+    println!("webrtc 0.21.1:");
+    measure(&WebrtcRs::new(config.clone())).await?;
+    println!("str0m 0.25.0:");
+    measure(&Str0m::new(config)).await
+}
+
+/// Setup times and throughput of one stack, both ends on it.
+async fn measure<T: Transport>(stack: &T) -> Result<(), String> {
     let mut setups = Vec::new();
     for _ in 0..SETUPS {
         let start = Instant::now();
-        let (a, _ae, b, _be) = open_pair(&stack).await?;
+        let (a, _ae, b, _be) = open_pair(stack).await?;
         setups.push(start.elapsed());
         a.close().await;
         b.close().await;
@@ -115,7 +124,7 @@ async fn main() -> Result<(), String> {
         setups[SETUPS - 1]
     );
     for message in [16 * 1024, 64 * 1024] {
-        let mbps = throughput(&stack, message).await?;
+        let mbps = throughput(stack, message).await?;
         println!(
             "one channel, {} KiB messages, {} MiB: {mbps:.1} MB/s ({:.0} Mbit/s)",
             message / 1024,

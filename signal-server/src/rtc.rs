@@ -1,9 +1,10 @@
 //! WebRTC transport: one peer connection carrying one data channel, behind our own trait.
 //!
 //! The server speaks WebRTC to browsers (as the answerer) and to native test peers (as either
-//! side). The stack behind it — today the `webrtc` crate, pinned at 0.21.1, perhaps `str0m`
-//! later — is hidden behind [`Transport`] and [`Link`], so swapping it touches
-//! `rtc/<stack>.rs` alone.
+//! side). Two stacks implement [`Transport`] and [`Link`]: [`WebrtcRs`] (the `webrtc` crate,
+//! pinned at 0.21.1) and [`Str0m`] (`str0m` 0.25, sans-IO, on our own sockets; host
+//! candidates only). The seeder takes either (`--seeder-rtc`), and every loopback test runs
+//! on both; a third would touch `rtc/<stack>.rs` alone.
 //!
 //! # Flow
 //!
@@ -53,8 +54,11 @@
 //! and the 1 MiB SCTP window): bounded, but that is the per-link receive-side worst case.
 
 mod budget;
+mod handle;
+pub mod str0m_rs;
 pub mod webrtc_rs;
 
+pub use str0m_rs::{Str0m, Str0mLink};
 pub use webrtc_rs::{WebrtcRs, WebrtcRsLink};
 
 use std::future::Future;

@@ -7,7 +7,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use clubcast_server::rtc::{
     CloseReason, Gathering, Handshake, IceCandidate, Link, LinkEvent, LinkEvents, RtcConfig,
-    RtcError, SdpKind, SendError, SessionDescription, Transport, WebrtcRs, WebrtcRsLink,
+    RtcError, SdpKind, SendError, SessionDescription, Str0m, Transport, WebrtcRs,
     MAX_BUFFERED_BYTES, MAX_MESSAGE,
 };
 use tokio::time::timeout;
@@ -16,8 +16,25 @@ use tokio::time::timeout;
 const PATIENCE: Duration = Duration::from_secs(60);
 const BLOCK: usize = 16 * 1024;
 
-fn transport(gathering: Gathering) -> WebrtcRs {
-    WebrtcRs::new(RtcConfig {
+/// A WebRTC stack under test: every test runs once per stack (see the end of the file).
+trait Stack: Transport {
+    fn make(config: RtcConfig) -> Self;
+}
+
+impl Stack for WebrtcRs {
+    fn make(config: RtcConfig) -> Self {
+        WebrtcRs::new(config)
+    }
+}
+
+impl Stack for Str0m {
+    fn make(config: RtcConfig) -> Self {
+        Str0m::new(config)
+    }
+}
+
+fn transport<T: Stack>(gathering: Gathering) -> T {
+    T::make(RtcConfig {
         gathering,
         ..RtcConfig::default()
     })
@@ -39,16 +56,16 @@ fn relay<T: serde::Serialize + serde::de::DeserializeOwned>(value: &T) -> T {
     serde_json::from_str(&text).expect("and parse back")
 }
 
-struct Pair {
-    offerer: WebrtcRsLink,
+struct Pair<L> {
+    offerer: L,
     offerer_events: LinkEvents,
-    answerer: WebrtcRsLink,
+    answerer: L,
     answerer_events: LinkEvents,
 }
 
 /// Offer, answer and trickle until both channels are open.
-async fn open_pair(gathering: Gathering) -> Pair {
-    let stack = transport(gathering);
+async fn open_pair<T: Stack>(gathering: Gathering) -> Pair<T::Link> {
+    let stack = transport::<T>(gathering);
     let Handshake {
         link: offerer,
         local: offer,
@@ -110,14 +127,13 @@ async fn next_event(events: &mut LinkEvents) -> Option<LinkEvent> {
 /// 16 MiB, past what the buffers between two peers hold.
 const BURST: u32 = 1000;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_burst_past_the_buffer_bound_arrives_intact_and_in_order() {
+async fn a_burst_past_the_buffer_bound_arrives_intact_and_in_order<T: Stack>() {
     let Pair {
         offerer,
         mut offerer_events,
         answerer,
         mut answerer_events,
-    } = open_pair(Gathering::Trickle).await;
+    } = open_pair::<T>(Gathering::Trickle).await;
 
     // The receiver starts reading only once the sender was refused (or, if
     // it never is, after the burst): how fast an idle receiver drains must
@@ -181,14 +197,13 @@ async fn a_burst_past_the_buffer_bound_arrives_intact_and_in_order() {
     offerer.close().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn try_send_refuses_instead_of_growing_when_the_peer_stops_reading() {
+async fn try_send_refuses_instead_of_growing_when_the_peer_stops_reading<T: Stack>() {
     let Pair {
         offerer,
         mut offerer_events,
         answerer,
         mut answerer_events,
-    } = open_pair(Gathering::Trickle).await;
+    } = open_pair::<T>(Gathering::Trickle).await;
 
     // The answerer's owner reads nothing. Keep offering blocks, waiting for Writable after
     // each refusal; once every buffer between us is full, Writable stops coming.
@@ -234,14 +249,13 @@ async fn try_send_refuses_instead_of_growing_when_the_peer_stops_reading() {
     drop(answerer);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn dropping_one_side_closes_the_other() {
+async fn dropping_one_side_closes_the_other<T: Stack>() {
     let Pair {
         offerer,
         offerer_events: _offerer_events,
         answerer: _answerer,
         mut answerer_events,
-    } = open_pair(Gathering::Trickle).await;
+    } = open_pair::<T>(Gathering::Trickle).await;
     drop(offerer);
     match timeout(PATIENCE, next_event(&mut answerer_events)).await {
         Ok(Some(LinkEvent::Closed(reason))) => {
@@ -257,15 +271,14 @@ async fn dropping_one_side_closes_the_other() {
     assert_eq!(_answerer.try_send(block(0)), Err(SendError::Closed));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn complete_gathering_connects_without_trickle() {
+async fn complete_gathering_connects_without_trickle<T: Stack>() {
     // open_pair asserts no candidate is trickled on this path.
     let Pair {
         offerer,
         answerer,
         mut answerer_events,
         ..
-    } = open_pair(Gathering::Complete).await;
+    } = open_pair::<T>(Gathering::Complete).await;
     offerer.try_send(block(7)).expect("send");
     match timeout(PATIENCE, next_event(&mut answerer_events)).await {
         Ok(Some(LinkEvent::Message(message))) => assert!(message == block(7)),
@@ -275,9 +288,8 @@ async fn complete_gathering_connects_without_trickle() {
     offerer.close().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn bad_input_gets_typed_errors() {
-    let stack = transport(Gathering::Trickle);
+async fn bad_input_gets_typed_errors<T: Stack>() {
+    let stack = transport::<T>(Gathering::Trickle);
     let not_an_offer = SessionDescription {
         kind: SdpKind::Answer,
         sdp: "v=0".into(),
@@ -313,11 +325,10 @@ async fn bad_input_gets_typed_errors() {
     link.close().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn closing_links_leaves_no_tasks_behind() {
+async fn closing_links_leaves_no_tasks_behind<T: Stack>() {
     let metrics = tokio::runtime::Handle::current().metrics();
     let baseline = metrics.num_alive_tasks();
-    let pair = open_pair(Gathering::Trickle).await;
+    let pair = open_pair::<T>(Gathering::Trickle).await;
     assert!(metrics.num_alive_tasks() > baseline);
     pair.offerer.close().await;
     drop(pair.answerer);
@@ -332,3 +343,34 @@ async fn closing_links_leaves_no_tasks_behind() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// Runs each named test once on each stack, as `webrtc_rs::<name>` and `str0m::<name>`.
+macro_rules! on_every_stack {
+    ($($name:ident),* $(,)?) => {
+        mod webrtc_rs {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name::<super::WebrtcRs>().await;
+                }
+            )*
+        }
+        mod str0m {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name::<super::Str0m>().await;
+                }
+            )*
+        }
+    };
+}
+
+on_every_stack!(
+    a_burst_past_the_buffer_bound_arrives_intact_and_in_order,
+    try_send_refuses_instead_of_growing_when_the_peer_stops_reading,
+    dropping_one_side_closes_the_other,
+    complete_gathering_connects_without_trickle,
+    bad_input_gets_typed_errors,
+    closing_links_leaves_no_tasks_behind
+);

@@ -10,7 +10,7 @@
 //! timers, so the handler never awaits: it `try_send`s into a small queue (candidates, new
 //! channels) or overwrites a `watch` (states, which must never be lost).
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,8 +18,6 @@ use bytes::{Bytes, BytesMut};
 use rtc_core::ice::mdns::MulticastDnsMode;
 use rtc_core::peer_connection::configuration::setting_engine::SctpMaxMessageSize;
 use tokio::sync::{mpsc, watch};
-use tokio::task::JoinHandle;
-use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 use webrtc::data_channel::{DataChannel, DataChannelEvent, RTCDataChannelInit};
 use webrtc::peer_connection::{
@@ -28,11 +26,10 @@ use webrtc::peer_connection::{
     RTCPeerConnectionState, RTCSessionDescription, SettingEngineBuilder,
 };
 
-use super::budget::SendBudget;
+use super::handle::{self, LinkHandle, TaskSide};
 use super::{
-    CloseReason, Gathering, Handshake, IceCandidate, Link, LinkEvent, LinkEvents, RtcConfig,
-    RtcError, SdpKind, SendError, SessionDescription, Transport, CHANNEL_LABEL, LOW_BUFFERED_BYTES,
-    MAX_EVENT_QUEUE, MAX_MESSAGE, MAX_REMOTE_CANDIDATES,
+    CloseReason, Gathering, Handshake, IceCandidate, Link, LinkEvent, RtcConfig, RtcError, SdpKind,
+    SendError, SessionDescription, Transport, CHANNEL_LABEL, LOW_BUFFERED_BYTES, MAX_MESSAGE,
 };
 
 /// Callback items (candidates, remote channels) queued between the crate's driver and the link
@@ -153,33 +150,26 @@ impl WebrtcRs {
         local: SessionDescription,
     ) -> Handshake<WebrtcRsLink> {
         let offerer = channel.is_some();
-        let shared = Arc::new(Shared::default());
-        let (outbound_tx, outbound) = mpsc::unbounded_channel();
-        let (events_tx, events_rx) = mpsc::channel(MAX_EVENT_QUEUE);
-        let cancel = CancellationToken::new();
-        let task = LinkTask {
-            pc: Arc::clone(&pc),
-            signals,
-            channel,
-            shared: Arc::clone(&shared),
-            outbound,
-            events: events_tx,
-            cancel: cancel.clone(),
-            open_timeout: self.config.open_timeout,
-        };
-        let task = tokio::spawn(task.run());
+        let open_timeout = self.config.open_timeout;
+        let task_pc = Arc::clone(&pc);
+        let (handle, events) = handle::link(move |side| {
+            LinkTask {
+                pc: task_pc,
+                signals,
+                channel,
+                side,
+                open_timeout,
+            }
+            .run()
+        });
         Handshake {
             link: WebrtcRsLink {
                 pc,
-                shared,
-                outbound: outbound_tx,
-                cancel,
-                task: Some(task),
+                handle,
                 offerer,
-                remote_candidates: AtomicUsize::new(0),
             },
             local,
-            events: LinkEvents::new(events_rx),
+            events,
         }
     }
 }
@@ -253,12 +243,8 @@ impl Transport for WebrtcRs {
 /// A link made by [`WebrtcRs`].
 pub struct WebrtcRsLink {
     pc: Arc<dyn PeerConnection>,
-    shared: Arc<Shared>,
-    outbound: mpsc::UnboundedSender<Bytes>,
-    cancel: CancellationToken,
-    task: Option<JoinHandle<()>>,
+    handle: LinkHandle,
     offerer: bool,
-    remote_candidates: AtomicUsize,
 }
 
 impl Link for WebrtcRsLink {
@@ -272,7 +258,7 @@ impl Link for WebrtcRsLink {
                 got: answer.kind,
             });
         }
-        self.check_alive()?;
+        self.handle.check_alive()?;
         let remote = RTCSessionDescription::answer(answer.sdp).map_err(bad_description)?;
         self.pc
             .set_remote_description(remote)
@@ -284,10 +270,8 @@ impl Link for WebrtcRsLink {
         if candidate.candidate.is_empty() {
             return Ok(());
         }
-        if self.remote_candidates.fetch_add(1, Ordering::AcqRel) >= MAX_REMOTE_CANDIDATES {
-            return Err(RtcError::TooManyCandidates);
-        }
-        self.check_alive()?;
+        self.handle.count_remote_candidate()?;
+        self.handle.check_alive()?;
         let init = RTCIceCandidateInit {
             candidate: candidate.candidate,
             sdp_mid: candidate.sdp_mid,
@@ -302,39 +286,19 @@ impl Link for WebrtcRsLink {
     }
 
     fn try_send(&self, message: Bytes) -> Result<(), SendError> {
-        if self.shared.closed.load(Ordering::Acquire) {
-            return Err(SendError::Closed);
-        }
-        let len = message.len();
-        if len > MAX_MESSAGE {
-            return Err(SendError::TooLarge { len });
-        }
-        if !self.shared.open.load(Ordering::Acquire) {
-            return Err(SendError::NotOpen);
-        }
-        self.shared.budget.try_admit(len)?;
-        if self.outbound.send(message).is_err() {
-            self.shared.budget.discard(len);
-            return Err(SendError::Closed);
-        }
-        Ok(())
+        self.handle.try_send(message)
     }
 
     fn buffered_amount(&self) -> usize {
-        self.shared.budget.buffered()
+        self.handle.buffered_amount()
     }
 
     fn is_open(&self) -> bool {
-        self.shared.open.load(Ordering::Acquire) && !self.shared.closed.load(Ordering::Acquire)
+        self.handle.is_open()
     }
 
-    async fn close(mut self) {
-        self.cancel.cancel();
-        if let Some(task) = self.task.take() {
-            if let Err(error) = task.await {
-                warn!(%error, "rtc link task ended abnormally");
-            }
-        }
+    async fn close(self) {
+        self.handle.close().await;
     }
 }
 
@@ -342,35 +306,9 @@ impl std::fmt::Debug for WebrtcRsLink {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("WebrtcRsLink")
             .field("offerer", &self.offerer)
-            .field("shared", &self.shared)
+            .field("handle", &self.handle)
             .finish_non_exhaustive()
     }
-}
-
-impl WebrtcRsLink {
-    /// Refuses control calls once the link task has closed the connection.
-    fn check_alive(&self) -> Result<(), RtcError> {
-        if self.shared.closed.load(Ordering::Acquire) {
-            Err(RtcError::Closed)
-        } else {
-            Ok(())
-        }
-    }
-}
-
-impl Drop for WebrtcRsLink {
-    fn drop(&mut self) {
-        // The task notices, closes the peer connection and ends; nothing else holds it.
-        self.cancel.cancel();
-    }
-}
-
-/// State the link and its task both see.
-#[derive(Debug, Default)]
-struct Shared {
-    budget: SendBudget,
-    open: AtomicBool,
-    closed: AtomicBool,
 }
 
 /// The receiving ends of what the handler reports.
@@ -446,10 +384,7 @@ struct LinkTask {
     pc: Arc<dyn PeerConnection>,
     signals: Signals,
     channel: Option<Arc<dyn DataChannel>>,
-    shared: Arc<Shared>,
-    outbound: mpsc::UnboundedReceiver<Bytes>,
-    events: mpsc::Sender<LinkEvent>,
-    cancel: CancellationToken,
+    side: TaskSide,
     open_timeout: Duration,
 }
 
@@ -460,16 +395,7 @@ impl LinkTask {
             configure(channel.as_ref()).await;
         }
         let reason = self.drive().await;
-        self.shared.closed.store(true, Ordering::Release);
-        self.shared.open.store(false, Ordering::Release);
-        self.outbound.close();
-        while let Ok(message) = self.outbound.try_recv() {
-            self.shared.budget.discard(message.len());
-        }
-        if let Some(reason) = reason {
-            debug!(?reason, "rtc: link closed");
-            self.emit(LinkEvent::Closed(reason)).await;
-        }
+        self.side.finish(reason, 0).await;
         if let Some(channel) = self.channel.take() {
             // Best effort: tells the peer now rather than when consent expires.
             let _ = channel.close().await;
@@ -491,11 +417,12 @@ impl LinkTask {
                     None => std::future::pending().await,
                 }
             };
-            let open = self.shared.open.load(Ordering::Acquire);
-            let draining = self.shared.budget.in_flight() > 0 || self.shared.budget.has_refused();
+            let open = self.side.shared.open.load(Ordering::Acquire);
+            let draining =
+                self.side.shared.budget.in_flight() > 0 || self.side.shared.budget.has_refused();
             tokio::select! {
                 biased;
-                () = self.cancel.cancelled() => return None,
+                () = self.side.cancel.cancelled() => return None,
                 changed = self.signals.state.changed() => {
                     if changed.is_err() {
                         return Some(CloseReason::Failed);
@@ -509,21 +436,21 @@ impl LinkTask {
                 }
                 Some(control) = self.signals.control.recv() => match control {
                     Control::Candidate(candidate) => {
-                        self.emit(LinkEvent::LocalCandidate(candidate)).await;
+                        self.side.emit(LinkEvent::LocalCandidate(candidate)).await;
                     }
                     Control::Channel(channel) => self.adopt(channel).await,
                 },
                 event = channel_event => match event {
                     Some(DataChannelEvent::OnOpen) => {
-                        self.shared.open.store(true, Ordering::Release);
-                        self.emit(LinkEvent::Open).await;
+                        self.side.shared.open.store(true, Ordering::Release);
+                        self.side.emit(LinkEvent::Open).await;
                     }
                     Some(DataChannelEvent::OnMessage(message)) => {
                         if message.data.len() > MAX_MESSAGE {
                             warn!(len = message.data.len(), "rtc: oversized message, closing");
                             return Some(CloseReason::Protocol);
                         }
-                        self.emit(LinkEvent::Message(message.data.freeze())).await;
+                        self.side.emit(LinkEvent::Message(message.data.freeze())).await;
                     }
                     Some(DataChannelEvent::OnBufferedAmountLow) => self.refresh().await,
                     Some(DataChannelEvent::OnClose | DataChannelEvent::OnClosing) | None => {
@@ -531,10 +458,10 @@ impl LinkTask {
                     }
                     Some(other) => debug!(?other, "rtc: data channel event"),
                 },
-                Some(message) = self.outbound.recv(), if open => {
+                Some(message) = self.side.outbound.recv(), if open => {
                     let len = message.len();
                     let Some(channel) = &self.channel else {
-                        self.shared.budget.discard(len);
+                        self.side.shared.budget.discard(len);
                         continue;
                     };
                     let data = message
@@ -542,10 +469,10 @@ impl LinkTask {
                         .unwrap_or_else(|shared| BytesMut::from(&shared[..]));
                     if let Err(error) = channel.send(data).await {
                         debug!(%error, "rtc: send failed");
-                        self.shared.budget.discard(len);
+                        self.side.shared.budget.discard(len);
                         return Some(CloseReason::Failed);
                     }
-                    self.shared.budget.handed_over(len);
+                    self.side.shared.budget.handed_over(len);
                     self.refresh().await;
                 }
                 _ = refresh.tick(), if draining => self.refresh().await,
@@ -577,21 +504,10 @@ impl LinkTask {
             return;
         };
         if let Ok(bytes) = channel.outstanding_bytes().await {
-            self.shared.budget.set_in_flight(bytes);
+            self.side.shared.budget.set_in_flight(bytes);
         }
-        if self.shared.budget.take_writable() {
-            self.emit(LinkEvent::Writable).await;
-        }
-    }
-
-    /// Hands an event to the consumer, waiting while its queue is full — which is what stops
-    /// us reading SCTP and so pushes back on the peer. Gives up if the link is cancelled; an
-    /// event nobody will read (the receiver was dropped) is discarded.
-    async fn emit(&self, event: LinkEvent) {
-        tokio::select! {
-            biased;
-            () = self.cancel.cancelled() => {}
-            _ = self.events.send(event) => {}
+        if self.side.shared.budget.take_writable() {
+            self.side.emit(LinkEvent::Writable).await;
         }
     }
 }
