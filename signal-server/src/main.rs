@@ -59,10 +59,10 @@ async fn run(mut config: Config) -> Result<(), Box<dyn std::error::Error>> {
             shutdown.clone(),
         ));
     }
-    background.push(clubcast_server::seeder::spawn(
+    background.push(clubcast_server::seeder::spawn_configured(
         &state.hub,
         streams.clone(),
-        clubcast_server::rtc::WebrtcRs::new(clubcast_server::seeder::rtc_config(&config)),
+        &config,
         clubcast_server::seeder::SeederConfig::default(),
         shutdown.clone(),
     ));

@@ -61,10 +61,11 @@ use tokio::task::{JoinHandle, JoinSet};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use crate::config::SeederRtc;
 use crate::metrics::Metrics;
 use crate::rtc::{
     Handshake, IceCandidate, IceServer, Link, LinkEvent, LinkEvents, RtcConfig, RtcError, SdpKind,
-    SendError, SessionDescription, Transport,
+    SendError, SessionDescription, Str0m, Transport, WebrtcRs,
 };
 use crate::signal::{Hub, SeederEvent, SeederHandle, SignalError};
 use crate::store::StoredBlock;
@@ -153,6 +154,22 @@ pub fn rtc_config(config: &crate::config::Config) -> RtcConfig {
     RtcConfig {
         ice_servers,
         ..RtcConfig::default()
+    }
+}
+
+/// Starts the seeder on the WebRTC stack that `config` names (`--seeder-rtc`), with
+/// [`rtc_config`]; see [`spawn`].
+pub fn spawn_configured(
+    hub: &Hub,
+    streams: Arc<Streams>,
+    config: &crate::config::Config,
+    cfg: SeederConfig,
+    shutdown: CancellationToken,
+) -> JoinHandle<()> {
+    let rtc = rtc_config(config);
+    match config.seeder_rtc {
+        SeederRtc::WebrtcRs => spawn(hub, streams, WebrtcRs::new(rtc), cfg, shutdown),
+        SeederRtc::Str0m => spawn(hub, streams, Str0m::new(rtc), cfg, shutdown),
     }
 }
 

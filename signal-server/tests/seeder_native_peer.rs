@@ -6,7 +6,7 @@ mod seeder_common;
 
 use std::time::Duration;
 
-use clubcast_server::config::Config;
+use clubcast_server::config::{Config, SeederRtc};
 use clubcast_server::seeder::SeederConfig;
 use seeder_common::{publish, run_peer, start_server, PeerOptions, PeerUpdate, Server};
 use tokio::sync::mpsc;
@@ -73,7 +73,21 @@ async fn blocks(peer: &mut Peer, n: usize, patience: Duration) -> (Vec<u64>, usi
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_native_peer_receives_verified_blocks_in_order_from_the_seeder() {
-    let server = start_server(Config::default(), SeederConfig::default(), "seedtest").await;
+    receives_verified_blocks_in_order(SeederRtc::WebrtcRs).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_native_peer_receives_verified_blocks_in_order_from_a_str0m_seeder() {
+    receives_verified_blocks_in_order(SeederRtc::Str0m).await;
+}
+
+/// A lone native peer (on the `webrtc` stack) gets every block from a seeder on `stack`.
+async fn receives_verified_blocks_in_order(stack: SeederRtc) {
+    let config = Config {
+        seeder_rtc: stack,
+        ..Config::default()
+    };
+    let server = start_server(config, SeederConfig::default(), "seedtest").await;
     let publisher = publish(server.stream.clone(), 20, 8 * 1024, server.shutdown.clone());
     let mut peer = join(&server, None, false);
 
@@ -195,7 +209,21 @@ async fn a_stalled_seed_is_reported_slow_and_handed_back() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn blocks_keep_arriving_verified_and_in_order_through_a_lossy_path() {
-    let server = start_server(Config::default(), SeederConfig::default(), "seedloss").await;
+    through_a_lossy_path(SeederRtc::WebrtcRs).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blocks_from_a_str0m_seeder_keep_arriving_through_a_lossy_path() {
+    through_a_lossy_path(SeederRtc::Str0m).await;
+}
+
+/// 60 blocks reach a native peer through a path that drops 2 % of packets each way.
+async fn through_a_lossy_path(stack: SeederRtc) {
+    let config = Config {
+        seeder_rtc: stack,
+        ..Config::default()
+    };
+    let server = start_server(config, SeederConfig::default(), "seedloss").await;
     let publisher = publish(
         server.stream.clone(),
         20,

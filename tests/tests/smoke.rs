@@ -1,8 +1,10 @@
 //! Smoke test: one server with the demo stream, one headless Chromium on the
 //! watch page. The video must play (the playhead advances by at least
 //! [`PLAY_SECS`] of media), without a media error, and the player's stats must
-//! be filled in. It prints `startup_ms` and `latency_ms` for the record; it
-//! asserts no wall-clock bounds (those belong to `just bench`).
+//! be filled in, and the lone viewer must get blocks over its link to the
+//! seeder, on either WebRTC stack of the seeder. It prints `startup_ms` and
+//! `latency_ms` for the record; it asserts no wall-clock bounds (those belong
+//! to `just bench`).
 //!
 //! Needs `web/pkg` (`just build-web`), chromedriver and Chromium.
 
@@ -26,7 +28,8 @@ fn num(v: &Value, k: &str) -> Option<f64> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_viewer_plays_the_demo_stream() {
     let server = demo_server().await;
-    play(&server, "", "smoke").await;
+    let stats = play(&server, "", "smoke").await;
+    assert_seeded(&server, &stats).await;
 }
 
 /// A P2P-off viewer fetches every block from the origin in order, in runs
@@ -62,6 +65,35 @@ async fn a_p2p_off_viewer_follows_the_live_edge_in_runs_without_polling() {
     );
 }
 
+/// The seeder on the other WebRTC stack, the `webrtc` crate (`--seeder-rtc webrtc-rs`;
+/// `str0m` is the default, which the test above plays through).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_viewer_gets_blocks_from_a_seeder_on_webrtc_rs() {
+    let server = Server::start_demo(ServerOptions {
+        args: vec!["--seeder-rtc".into(), "webrtc-rs".into()],
+        ..ServerOptions::default()
+    })
+    .await
+    .expect("server starts with the webrtc-rs seeder");
+    let stats = play(&server, "", "smoke webrtc-rs").await;
+    assert_seeded(&server, &stats).await;
+}
+
+/// The lone viewer's blocks came over its data channel to the seeder, not only from the
+/// origin.
+async fn assert_seeded(server: &Server, stats: &Value) {
+    let metrics = server.metrics().await.expect("metrics");
+    let seeded = metrics
+        .get("clubcast_bytes_seeded_total")
+        .copied()
+        .unwrap_or(0.0);
+    assert!(
+        num(stats, "bytes_from_peers").unwrap_or(0.0) > 0.0 && seeded > 0.0,
+        "no bytes over the seeder's link (seeded {seeded}): {stats}\nserver log:\n{}",
+        server.log_tail(30)
+    );
+}
+
 async fn demo_server() -> Server {
     Server::start_demo(ServerOptions::default())
         .await
@@ -69,8 +101,8 @@ async fn demo_server() -> Server {
 }
 
 /// Opens `/watch/demo{query}` in one browser and plays [`PLAY_SECS`] of media,
-/// checking the player's stats on the way.
-async fn play(server: &Server, query: &str, label: &str) {
+/// checking the player's stats on the way; returns the last stats read.
+async fn play(server: &Server, query: &str, label: &str) -> Value {
     let browser = Browser::watch(&format!("{}/watch/demo{query}", server.url()))
         .await
         .expect("browser opens the watch page");
@@ -127,4 +159,5 @@ async fn play(server: &Server, query: &str, label: &str) {
         stats["peers"],
     );
     browser.close().await;
+    stats
 }

@@ -65,7 +65,7 @@ impl Server {
     }
 }
 
-/// Starts the app with a seeder over `WebrtcRs` and a stream named `name`.
+/// Starts the app with a seeder on the stack `config.seeder_rtc` names and a stream named `name`.
 pub async fn start_server(config: Config, seeder_cfg: SeederConfig, name: &str) -> Server {
     let streams = Arc::new(Streams::new(
         None,
@@ -76,15 +76,9 @@ pub async fn start_server(config: Config, seeder_cfg: SeederConfig, name: &str) 
     ));
     let stream = streams.get_or_create(name).expect("valid stream name");
     let shutdown = CancellationToken::new();
-    let rtc = seeder::rtc_config(&config);
-    let state = AppState::new(config, streams.clone(), shutdown.clone());
-    let seeder = seeder::spawn(
-        &state.hub,
-        streams,
-        WebrtcRs::new(rtc),
-        seeder_cfg,
-        shutdown.clone(),
-    );
+    let state = AppState::new(config.clone(), streams.clone(), shutdown.clone());
+    let seeder =
+        seeder::spawn_configured(&state.hub, streams, &config, seeder_cfg, shutdown.clone());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind loopback");
