@@ -2,10 +2,13 @@
 //!
 //! ```text
 //! cargo run -p clubcast-tests --bin bench_loss -- [--loss 0,2,5] [--secs 60]
-//!     [--seed 1] [--out bench/results] [--command "just bench-loss"]
+//!     [--seed 1] [--stacks webrtc-rs,str0m] [--out bench/results]
+//!     [--command "just bench-loss"]
 //! ```
 //!
-//! Per loss rate (in %), with a fresh server and a fresh headless Chromium:
+//! Per loss rate (in %) and per WebRTC stack of the seeder (`--seeder-rtc`; the
+//! stacks take turns at each rate, so both see the same hour of a noisy
+//! machine), with a fresh server and a fresh headless Chromium:
 //! the browser loads `/watch/demo` through a proxy that forwards HTTP as it
 //! is and rewrites the signaling, so that the WebRTC link between the browser
 //! and the server's seeder (peer 0) crosses a UDP relay that drops each
@@ -54,6 +57,7 @@ const START_TIMEOUT: Duration = Duration::from_secs(60);
 
 struct Args {
     loss: Vec<f64>,
+    stacks: Vec<String>,
     secs: u64,
     seed: u64,
     out: PathBuf,
@@ -63,6 +67,7 @@ struct Args {
 fn args() -> Args {
     let mut a = Args {
         loss: vec![0.0, 2.0, 5.0],
+        stacks: vec!["webrtc-rs".into(), "str0m".into()],
         secs: 60,
         seed: 1,
         out: PathBuf::from("bench/results"),
@@ -80,6 +85,13 @@ fn args() -> Args {
                 assert!(
                     a.loss.iter().all(|p| (0.0..100.0).contains(p)),
                     "--loss: each rate in [0, 100)"
+                );
+            }
+            "--stacks" => {
+                a.stacks = v().split(',').map(|s| s.trim().to_owned()).collect();
+                assert!(
+                    a.stacks.iter().all(|s| s == "webrtc-rs" || s == "str0m"),
+                    "--stacks: webrtc-rs and/or str0m"
                 );
             }
             "--secs" => a.secs = v().parse().expect("--secs S"),
@@ -358,8 +370,16 @@ fn host_ip() -> IpAddr {
 }
 
 /// One loss rate's run: the row of the table.
-async fn run(a: &Args, loss_pct: f64) -> Result<Value, Box<dyn std::error::Error + Send + Sync>> {
-    let server = Server::start_demo(ServerOptions::default()).await?;
+async fn run(
+    a: &Args,
+    loss_pct: f64,
+    stack: &str,
+) -> Result<Value, Box<dyn std::error::Error + Send + Sync>> {
+    let server = Server::start_demo(ServerOptions {
+        args: vec!["--seeder-rtc".into(), stack.into()],
+        ..ServerOptions::default()
+    })
+    .await?;
     let lossy = Arc::new(Lossy {
         loss: loss_pct / 100.0,
         ip: host_ip(),
@@ -458,6 +478,7 @@ async fn run(a: &Args, loss_pct: f64) -> Result<Value, Box<dyn std::error::Error
     let c = &lossy.counts;
     let row = json!({
         "loss_pct": loss_pct,
+        "stack": stack,
         "window_s": t0.elapsed().as_secs_f64(),
         "startup_ms": num(&first, "startup_ms"),
         "bytes_from_peers": from_peers,
@@ -489,15 +510,20 @@ async fn main() {
     let a = args();
     let mut rows = Vec::new();
     for &l in &a.loss {
-        eprintln!("bench-loss: {l} % loss, {} s window", a.secs);
-        match run(&a, l).await {
-            Ok(r) => {
-                eprintln!("bench-loss: {r}");
-                rows.push(r);
-            }
-            Err(e) => {
-                eprintln!("bench-loss: {l} % loss failed: {e}");
-                rows.push(json!({"loss_pct": l, "error": e.to_string()}));
+        for stack in &a.stacks {
+            eprintln!(
+                "bench-loss: {l} % loss, seeder on {stack}, {} s window",
+                a.secs
+            );
+            match run(&a, l, stack).await {
+                Ok(r) => {
+                    eprintln!("bench-loss: {r}");
+                    rows.push(r);
+                }
+                Err(e) => {
+                    eprintln!("bench-loss: {l} % loss on {stack} failed: {e}");
+                    rows.push(json!({"loss_pct": l, "stack": stack, "error": e.to_string()}));
+                }
             }
         }
     }
@@ -508,7 +534,8 @@ async fn main() {
          - setup: one release server with the demo stream (about 0.8 Mbit/s) and one headless \
          Chromium on `/watch/demo`, P2P on, through a proxy that sends the WebRTC link between \
          the browser and the seeder over a UDP relay dropping each datagram with the given \
-         probability, both ways (loss draws seeded with {}); a fresh server and browser per row\n\
+         probability, both ways (loss draws seeded with {}); a fresh server and browser per row; \
+         the seeder's WebRTC stack per row (`--seeder-rtc`), the stacks taking turns\n\
          - window: {} s from the first frame; `stats()` read once a second\n\n",
         std::thread::available_parallelism().map_or(0, |n| n.get()),
         a.command,
@@ -516,23 +543,26 @@ async fn main() {
         a.secs,
     );
     md.push_str(
-        "| loss % | bytes from the seeder's link, share | bytes from the origin | stalls: count / ms | \
+        "| loss % | seeder stack | bytes from the seeder's link, share | bytes from the origin | stalls: count / ms | \
          blocks skipped | nudges | latency_ms p50 / p95 | startup_ms | \
          datagrams to the browser: through / dropped | to the seeder: through / dropped |\n\
-         |---|---|---|---|---|---|---|---|---|---|\n",
+         |---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     for r in &rows {
         if let Some(e) = r.get("error") {
             md.push_str(&format!(
-                "| {} | failed: {} | | | | | | | | |\n",
-                r["loss_pct"], e
+                "| {} | {} | failed: {} | | | | | | | | |\n",
+                r["loss_pct"],
+                r["stack"].as_str().unwrap_or(""),
+                e
             ));
             continue;
         }
         let n = |k: &str| r[k].as_u64().unwrap_or(0);
         md.push_str(&format!(
-            "| {} | {} | {} | {} / {} | {} | {} | {} / {} | {} | {} / {} | {} / {} |\n",
+            "| {} | {} | {} | {} | {} / {} | {} | {} | {} / {} | {} | {} / {} | {} / {} |\n",
             r["loss_pct"],
+            r["stack"].as_str().unwrap_or(""),
             fixed(r, "peer_share", 3),
             fixed(r, "bytes_from_origin", 0),
             fixed(r, "stalls", 0),
