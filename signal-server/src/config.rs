@@ -38,10 +38,12 @@ pub enum ConfigError {
 
 /// The WebRTC stack behind the seeder's links (`--seeder-rtc`).
 ///
-/// `str0m` is the default: against one headless Chromium behind a relay dropping 5 or 10 %
-/// of datagrams (`just bench-loss`, three seeds each), more of the stream came over its link
-/// (0.77 and 0.24 of the bytes, against 0.63 and 0.15) with less stall time (3.4 and 4.4 s
-/// in three minutes, against 5.3 and 5.5 s).
+/// `str0m` is the default: against one headless Chromium behind a relay dropping 10 % of
+/// datagrams (`just bench-loss`, six runs of 60 s), twice as much of the stream came over its
+/// link (0.25 of the bytes against 0.12) with less stall (7.8 s in the six minutes against
+/// 11.1 s); at 5 % the two were close (0.72 against 0.65 of the bytes, 8.6 against 8.1 s of
+/// stall), and at 0–2 % both carry nearly all of it. It also connects in milliseconds where
+/// the `webrtc` crate takes 0.6 s (`examples/rtc_bench.rs`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
 pub enum SeederRtc {
     /// `str0m` (0.25), sans-IO on our own sockets: host candidates only.

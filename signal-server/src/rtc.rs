@@ -34,16 +34,20 @@
 //! # Measured
 //!
 //! Observations on a 2-core VM with one host interface (both endpoints in one process for the
-//! native figures), release build, webrtc 0.21.1; no test asserts them.
+//! native figures, both on the same stack), release build; no test asserts them.
 //!
-//! | what | figure | how |
-//! |---|---|---|
-//! | setup native↔native, `connect()` to both `Open`, trickle | median 606 ms (min 604, max 808, 10 runs) | `examples/rtc_bench.rs` |
-//! | one channel, 16 KiB messages, 64 MiB, paced on `Full`/`Writable` | 29.6 MB/s (237 Mbit/s) | `examples/rtc_bench.rs` |
-//! | one channel, 64 KiB messages | 37.1 MB/s (297 Mbit/s) | `examples/rtc_bench.rs` |
-//! | headless Chromium 156 as offerer, complete gathering, mDNS-only host candidates | connects 3 of 3; channel open 373–564 ms after page start; 50 × 16 KiB echoed intact | `examples/rtc_echo.rs` |
+//! | what | `webrtc` 0.21.1 | `str0m` 0.25.0 | how |
+//! |---|---|---|---|
+//! | setup native↔native, `connect()` to both `Open`, trickle (median of 10, in each of 5 runs, 2026-12-06) | 606–608 ms | 2.6–2.8 ms | `examples/rtc_bench.rs` |
+//! | one channel, 16 KiB messages, 64 MiB, paced on `Full`/`Writable` (5 runs) | 6.6–63.5 MB/s | 10.0–40.8 MB/s | `examples/rtc_bench.rs` |
+//! | one channel, 64 KiB messages (5 runs) | 27.2–45.5 MB/s | 17.9–51.0 MB/s | `examples/rtc_bench.rs` |
+//! | headless Chromium 156 as offerer, complete gathering, mDNS-only host candidates | connects 3 of 3; channel open 373–564 ms after page start; 50 × 16 KiB echoed intact | | `examples/rtc_echo.rs` |
+//! | the seeder's link to headless Chromium through a relay dropping 10 % of datagrams both ways, share of the stream over it (6 runs of 60 s) | 0.12 | 0.25 | `just bench-loss` |
 //!
-//! The setup time is nearly constant, so it is timers, not work: a 50 ms ICE check interval
+//! Throughput swings several-fold from run to run with both ends and the machine's other
+//! work on two cores; either stack carries many times a stream's 0.1–1 MB/s.
+//!
+//! The `webrtc` crate's setup time is nearly constant, so it is timers, not work: a 50 ms ICE check interval
 //! (default 200 ms) cut it to ~455 ms; the rest was not traced. Throughput depends on how
 //! quickly the link re-reads the crate's outstanding bytes: the crate's buffered-amount-low
 //! event tracks the SCTP stream rather than those bytes, so the link also polls every few
