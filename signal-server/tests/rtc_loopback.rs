@@ -2,6 +2,7 @@
 //! that carries the same JSON a browser would send. Real sockets on the machine's non-loopback
 //! interface; timeouts are generous and no test asserts speed.
 
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -61,6 +62,20 @@ struct Pair<L> {
     offerer_events: LinkEvents,
     answerer: L,
     answerer_events: LinkEvents,
+    /// The answerer's UDP addresses, from its description and its trickled candidates.
+    answerer_addrs: Vec<SocketAddr>,
+}
+
+/// The UDP address of an ICE candidate line, if it names an IP.
+fn candidate_addr(line: &str) -> Option<SocketAddr> {
+    let fields: Vec<&str> = line.split_whitespace().collect();
+    if fields.len() < 6 || !fields[2].eq_ignore_ascii_case("udp") {
+        return None;
+    }
+    Some(SocketAddr::new(
+        fields[4].parse().ok()?,
+        fields[5].parse().ok()?,
+    ))
 }
 
 /// Offer, answer and trickle until both channels are open.
@@ -78,6 +93,11 @@ async fn open_pair<T: Stack>(gathering: Gathering) -> Pair<T::Link> {
         events: mut answerer_events,
     } = stack.accept(relay(&offer)).await.expect("answer");
     assert_eq!(answer.kind, SdpKind::Answer);
+    let mut answerer_addrs: Vec<SocketAddr> = answer
+        .sdp
+        .lines()
+        .filter_map(|l| candidate_addr(l.strip_prefix("a=")?))
+        .collect();
     offerer
         .apply_answer(relay(&answer))
         .await
@@ -94,6 +114,9 @@ async fn open_pair<T: Stack>(gathering: Gathering) -> Pair<T::Link> {
         match event {
             (from_offerer, LinkEvent::LocalCandidate(candidate)) => {
                 assert_eq!(gathering, Gathering::Trickle, "complete gathering trickled");
+                if !from_offerer {
+                    answerer_addrs.extend(candidate_addr(&candidate.candidate));
+                }
                 let to = if from_offerer { &answerer } else { &offerer };
                 to.add_remote_candidate(relay(&candidate))
                     .await
@@ -110,6 +133,7 @@ async fn open_pair<T: Stack>(gathering: Gathering) -> Pair<T::Link> {
         offerer_events,
         answerer,
         answerer_events,
+        answerer_addrs,
     }
 }
 
@@ -133,6 +157,7 @@ async fn a_burst_past_the_buffer_bound_arrives_intact_and_in_order<T: Stack>() {
         mut offerer_events,
         answerer,
         mut answerer_events,
+        ..
     } = open_pair::<T>(Gathering::Trickle).await;
 
     // The receiver starts reading only once the sender was refused (or, if
@@ -203,6 +228,7 @@ async fn try_send_refuses_instead_of_growing_when_the_peer_stops_reading<T: Stac
         mut offerer_events,
         answerer,
         mut answerer_events,
+        ..
     } = open_pair::<T>(Gathering::Trickle).await;
 
     // The answerer's owner reads nothing. Keep offering blocks, waiting for Writable after
@@ -255,6 +281,7 @@ async fn dropping_one_side_closes_the_other<T: Stack>() {
         offerer_events: _offerer_events,
         answerer: _answerer,
         mut answerer_events,
+        ..
     } = open_pair::<T>(Gathering::Trickle).await;
     drop(offerer);
     match timeout(PATIENCE, next_event(&mut answerer_events)).await {
@@ -269,6 +296,48 @@ async fn dropping_one_side_closes_the_other<T: Stack>() {
         "Closed is the last event"
     );
     assert_eq!(_answerer.try_send(block(0)), Err(SendError::Closed));
+}
+
+async fn datagrams_from_a_stranger_leave_an_open_link_working<T: Stack>() {
+    let Pair {
+        offerer,
+        offerer_events: _offerer_events,
+        answerer: _answerer,
+        mut answerer_events,
+        answerer_addrs,
+    } = open_pair::<T>(Gathering::Trickle).await;
+    assert!(!answerer_addrs.is_empty(), "the answerer named its address");
+    // Whoever learns a link's port can send it anything: noise, and datagrams shaped like
+    // STUN (first byte 0 or 1, the magic cookie) and DTLS (content types 20–23, version
+    // 1.2) that no handshake produced.
+    let stranger = tokio::net::UdpSocket::bind("0.0.0.0:0")
+        .await
+        .expect("bind");
+    let mut stun = vec![0x00, 0x01, 0x00, 0x00, 0x21, 0x12, 0xa4, 0x42];
+    stun.extend_from_slice(&[7; 12]);
+    let mut shaped = vec![stun];
+    for content_type in 20..=23u8 {
+        let mut dtls = vec![content_type, 0xfe, 0xfd, 0, 1, 0, 0, 0, 0, 0, 9, 0, 40];
+        dtls.extend_from_slice(&[content_type; 40]);
+        shaped.push(dtls);
+    }
+    for addr in &answerer_addrs {
+        for round in 0..50u8 {
+            for datagram in &shaped {
+                let _ = stranger.send_to(datagram, addr).await;
+            }
+            let noise: Vec<u8> = (0..200u32)
+                .map(|i| (i as u8).wrapping_mul(round | 1))
+                .collect();
+            let _ = stranger.send_to(&noise, addr).await;
+        }
+    }
+    offerer.try_send(block(3)).expect("the link is still open");
+    match timeout(PATIENCE, next_event(&mut answerer_events)).await {
+        Ok(Some(LinkEvent::Message(message))) => assert!(message == block(3)),
+        other => panic!("expected the message after the stranger's datagrams, got {other:?}"),
+    }
+    offerer.close().await;
 }
 
 async fn complete_gathering_connects_without_trickle<T: Stack>() {
@@ -367,6 +436,7 @@ macro_rules! on_every_stack {
 }
 
 on_every_stack!(
+    datagrams_from_a_stranger_leave_an_open_link_working,
     a_burst_past_the_buffer_bound_arrives_intact_and_in_order,
     try_send_refuses_instead_of_growing_when_the_peer_stops_reading,
     dropping_one_side_closes_the_other,
