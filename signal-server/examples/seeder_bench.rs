@@ -5,6 +5,9 @@
 //! cargo run --release -p clubcast-server --example seeder_bench -- loss --loss 0.02
 //! ```
 //!
+//! `--stack str0m|webrtc-rs` picks the seeder's WebRTC stack (default: the server's,
+//! `str0m`); the native peers always run on the `webrtc` crate.
+//!
 //! `fanout` runs the real app and seeder in this process, publishes a stream at `--kbps`, and
 //! first measures this process's CPU and RSS with no peers (the baseline), then again with
 //! `--peers` native peers, which run in a *separate process* (this binary, `peers`
@@ -21,7 +24,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
-use clubcast_server::config::Config;
+use clubcast_server::config::{Config, SeederRtc};
 use clubcast_server::seeder::SeederConfig;
 use seeder_common::{publish, run_peer, start_server, PeerOptions, PeerUpdate};
 use tokio::io::AsyncBufReadExt;
@@ -33,6 +36,9 @@ struct Args {
     /// Tokio worker threads (default: one per core).
     #[arg(long, global = true)]
     workers: Option<usize>,
+    /// The seeder's WebRTC stack.
+    #[arg(long, global = true, value_enum, default_value_t = SeederRtc::default())]
+    stack: SeederRtc,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -107,7 +113,9 @@ fn main() {
             k,
             seconds,
             warmup,
-        } => rt.block_on(fanout(peers, kbps, bytes, clubs, k, seconds, warmup)),
+        } => rt.block_on(fanout(
+            args.stack, peers, kbps, bytes, clubs, k, seconds, warmup,
+        )),
         Cmd::Peers {
             url,
             stream,
@@ -119,7 +127,7 @@ fn main() {
             rate,
             bytes,
             seconds,
-        } => rt.block_on(lossy(loss, rate, bytes, seconds)),
+        } => rt.block_on(lossy(args.stack, loss, rate, bytes, seconds)),
     }
 }
 
@@ -166,10 +174,21 @@ async fn phase(server: &seeder_common::Server, seconds: u64) -> (f64, f64, f64) 
     (100.0 * (cpu1 - cpu0) / secs, rss as f64 / 1024.0, mbps)
 }
 
-async fn fanout(n: usize, kbps: u64, bytes: usize, clubs: u16, k: u8, seconds: u64, warmup: u64) {
+#[allow(clippy::too_many_arguments)]
+async fn fanout(
+    stack: SeederRtc,
+    n: usize,
+    kbps: u64,
+    bytes: usize,
+    clubs: u16,
+    k: u8,
+    seconds: u64,
+    warmup: u64,
+) {
     let config = Config {
         clubs,
         seeds_per_block: k,
+        seeder_rtc: stack,
         ..Config::default()
     };
     let server = start_server(config, SeederConfig::default(), "bench").await;
@@ -298,8 +317,12 @@ async fn peers(url: String, stream: String, count: usize, seconds: u64) {
     );
 }
 
-async fn lossy(loss: f64, rate: u32, bytes: usize, seconds: u64) {
-    let server = start_server(Config::default(), SeederConfig::default(), "lossy").await;
+async fn lossy(stack: SeederRtc, loss: f64, rate: u32, bytes: usize, seconds: u64) {
+    let config = Config {
+        seeder_rtc: stack,
+        ..Config::default()
+    };
+    let server = start_server(config, SeederConfig::default(), "lossy").await;
     let publisher = publish(server.stream.clone(), rate, bytes, server.shutdown.clone());
     let (tx, mut rx) = mpsc::channel(65536);
     let opts = PeerOptions {
