@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 use clap::{Parser, Subcommand};
 use clubcast_server::config::{Config, SeederRtc};
 use clubcast_server::seeder::SeederConfig;
-use seeder_common::{publish, run_peer, start_server, PeerOptions, PeerUpdate};
+use seeder_common::{publish, run_peer, start_on, start_server, PeerOptions, PeerUpdate};
 use tokio::io::AsyncBufReadExt;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -318,11 +318,7 @@ async fn peers(url: String, stream: String, count: usize, seconds: u64) {
 }
 
 async fn lossy(stack: SeederRtc, loss: f64, rate: u32, bytes: usize, seconds: u64) {
-    let config = Config {
-        seeder_rtc: stack,
-        ..Config::default()
-    };
-    let server = start_server(config, SeederConfig::default(), "lossy").await;
+    let server = start_on(stack, "lossy").await;
     let publisher = publish(server.stream.clone(), rate, bytes, server.shutdown.clone());
     let (tx, mut rx) = mpsc::channel(65536);
     let opts = PeerOptions {

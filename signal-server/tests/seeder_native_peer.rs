@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use clubcast_server::config::{Config, SeederRtc};
 use clubcast_server::seeder::SeederConfig;
-use seeder_common::{publish, run_peer, start_server, PeerOptions, PeerUpdate, Server};
+use seeder_common::{publish, run_peer, start_on, start_server, PeerOptions, PeerUpdate, Server};
 use tokio::sync::mpsc;
 use tokio::time::{timeout, Instant};
 
@@ -83,11 +83,7 @@ async fn a_native_peer_receives_verified_blocks_in_order_from_a_str0m_seeder() {
 
 /// A lone native peer (on the `webrtc` stack) gets every block from a seeder on `stack`.
 async fn receives_verified_blocks_in_order(stack: SeederRtc) {
-    let config = Config {
-        seeder_rtc: stack,
-        ..Config::default()
-    };
-    let server = start_server(config, SeederConfig::default(), "seedtest").await;
+    let server = start_on(stack, "seedtest").await;
     let publisher = publish(server.stream.clone(), 20, 8 * 1024, server.shutdown.clone());
     let mut peer = join(&server, None, false);
 
@@ -219,11 +215,7 @@ async fn blocks_from_a_str0m_seeder_keep_arriving_through_a_lossy_path() {
 
 /// 60 blocks reach a native peer through a path that drops 2 % of packets each way.
 async fn through_a_lossy_path(stack: SeederRtc) {
-    let config = Config {
-        seeder_rtc: stack,
-        ..Config::default()
-    };
-    let server = start_server(config, SeederConfig::default(), "seedloss").await;
+    let server = start_on(stack, "seedloss").await;
     let publisher = publish(
         server.stream.clone(),
         20,

@@ -87,7 +87,7 @@ impl Str0m {
 
     /// A fresh `Rtc` with one socket and host candidate per bound address, and the
     /// candidates to trickle.
-    async fn build(&self) -> Result<(Rtc, Vec<UdpSocket>, Vec<IceCandidate>), RtcError> {
+    async fn build(&self) -> Result<(Rtc, Vec<Bound>, Vec<IceCandidate>), RtcError> {
         let mut rtc = Rtc::builder()
             .set_crypto_provider(Arc::clone(&self.crypto))
             .set_sctp_max_message_size(MAX_MESSAGE as u32)
@@ -108,7 +108,7 @@ impl Str0m {
                 });
             }
             rtc.add_local_candidate(candidate);
-            sockets.push(socket);
+            sockets.push(Bound { socket, local });
         }
         if sockets.is_empty() {
             return Err(RtcError::Stack("no usable local address to bind".into()));
@@ -119,7 +119,7 @@ impl Str0m {
     /// Starts the link task and hands out the link.
     fn spawn(
         &self,
-        (rtc, sockets, trickle): (Rtc, Vec<UdpSocket>, Vec<IceCandidate>),
+        (rtc, sockets, trickle): (Rtc, Vec<Bound>, Vec<IceCandidate>),
         pending: Option<SdpPendingOffer>,
         local: SessionDescription,
     ) -> Handshake<Str0mLink> {
@@ -323,6 +323,13 @@ fn is_mdns(line: &str) -> bool {
         .is_some_and(|address| address.ends_with(".local"))
 }
 
+/// One bound socket and its address, read once: a candidate's address is what the stack
+/// names as a datagram's destination or source.
+struct Bound {
+    socket: UdpSocket,
+    local: SocketAddr,
+}
+
 /// What woke the link task.
 enum Wake {
     Cancelled,
@@ -336,7 +343,7 @@ enum Wake {
 /// Everything the link task owns.
 struct LinkTask {
     rtc: Rtc,
-    sockets: Vec<UdpSocket>,
+    sockets: Vec<Bound>,
     /// Our offer, until the answer comes.
     pending: Option<SdpPendingOffer>,
     /// Our one data channel, once open.
@@ -390,9 +397,9 @@ impl LinkTask {
                 let sockets = &self.sockets;
                 let buf = &mut buf;
                 let datagram = std::future::poll_fn(|cx| {
-                    for (i, socket) in sockets.iter().enumerate() {
+                    for (i, bound) in sockets.iter().enumerate() {
                         let mut read = ReadBuf::new(buf);
-                        if let Poll::Ready(result) = socket.poll_recv_from(cx, &mut read) {
+                        if let Poll::Ready(result) = bound.socket.poll_recv_from(cx, &mut read) {
                             let len = read.filled().len();
                             return Poll::Ready((i, result.map(|from| (from, len))));
                         }
@@ -420,13 +427,7 @@ impl LinkTask {
                     return Some(CloseReason::Failed);
                 }
                 Wake::Datagram(i, Ok((source, len))) => {
-                    let destination = match self.sockets[i].local_addr() {
-                        Ok(addr) => addr,
-                        Err(error) => {
-                            debug!(%error, "rtc: socket lost its address");
-                            return Some(CloseReason::Failed);
-                        }
-                    };
+                    let destination = self.sockets[i].local;
                     // Anything that is not STUN, DTLS, RTP or RTCP is not ours: drop it.
                     let Ok(receive) = Receive::new(Protocol::Udp, source, destination, &buf[..len])
                     else {
@@ -487,13 +488,8 @@ impl LinkTask {
             return;
         };
         match channel.write(true, &message) {
-            Ok(true) => {
-                self.side.shared.budget.handed_over(len);
-                self.side
-                    .shared
-                    .budget
-                    .set_in_flight(channel.buffered_amount());
-            }
+            // The drain that follows re-reads the channel's buffered bytes.
+            Ok(true) => self.side.shared.budget.handed_over(len),
             Ok(false) => self.held = Some(message),
             Err(error) => {
                 debug!(%error, "rtc: send failed");
@@ -522,11 +518,12 @@ impl LinkTask {
                     return Ok(at);
                 }
                 Output::Transmit(transmit) => {
-                    let socket = self
+                    let socket = &self
                         .sockets
                         .iter()
-                        .find(|s| s.local_addr().is_ok_and(|a| a == transmit.source))
-                        .unwrap_or(&self.sockets[0]);
+                        .find(|b| b.local == transmit.source)
+                        .unwrap_or(&self.sockets[0])
+                        .socket;
                     // UDP: a full socket buffer loses the datagram, as the network could.
                     if let Err(error) = socket.try_send_to(&transmit.contents, transmit.destination)
                     {

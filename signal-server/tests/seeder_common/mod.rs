@@ -25,7 +25,7 @@ use clubcast_protocol::signal::{
 };
 use clubcast_protocol::wire::{Frame, WIRE_VERSION};
 use clubcast_server::app::{app, AppState};
-use clubcast_server::config::Config;
+use clubcast_server::config::{Config, SeederRtc};
 use clubcast_server::rtc::{
     IceCandidate, Link, LinkEvent, LinkEvents, RtcConfig, SdpKind, SessionDescription, Transport,
     WebrtcRs, WebrtcRsLink,
@@ -63,6 +63,15 @@ impl Server {
         self.shutdown.cancel();
         let _ = tokio::time::timeout(Duration::from_secs(10), self.seeder).await;
     }
+}
+
+/// [`start_server`] with the default options but the seeder on `stack`.
+pub async fn start_on(stack: SeederRtc, name: &str) -> Server {
+    let config = Config {
+        seeder_rtc: stack,
+        ..Config::default()
+    };
+    start_server(config, SeederConfig::default(), name).await
 }
 
 /// Starts the app with a seeder on the stack `config.seeder_rtc` names and a stream named `name`.
