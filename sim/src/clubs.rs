@@ -1434,12 +1434,13 @@ impl Sim {
             }
             s.late_seen = late;
             let up = st.bytes_uploaded + st.control_bytes_sent;
+            let limit = self.membership.plan_limit_pct(id as PeerId).unwrap_or(cap);
             if s.up_streak.note_bid(
                 now / 1000,
                 up - s.up_seen,
                 BID_INTERVAL_US / 1000,
                 bitrate,
-                cap,
+                limit,
             ) {
                 shed.push(id as PeerId);
             }

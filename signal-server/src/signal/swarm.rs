@@ -229,7 +229,8 @@ impl Swarm {
     }
 
     /// `peer`'s bid says it sent `up_bytes` since its previous bid; peers bid
-    /// every `interval_ms`. A peer whose bids stay over the planned cap sheds
+    /// every `interval_ms`. A peer whose bids stay over its plan
+    /// ([`Membership::plan_limit_pct`]) sheds
     /// a last-hop share to a member with room ([`UploadStreak::note_bid`],
     /// which also says over what time the rate is taken,
     /// [`Membership::shed_share`]). Returns whether it shed one.
@@ -242,7 +243,10 @@ impl Swarm {
     ) -> (bool, Effects) {
         let mut fx = Effects::default();
         let ms = self.ms(now);
-        let cap = self.membership.config().max_capacity_pct;
+        let cap = self
+            .membership
+            .plan_limit_pct(peer)
+            .unwrap_or(self.membership.config().max_capacity_pct);
         let bitrate = self.stream.bitrate_kbps();
         let Some(m) = self.members.get_mut(&peer) else {
             return (false, fx);
