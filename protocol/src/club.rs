@@ -293,7 +293,7 @@ pub const SHED_ROOM_PCT: u32 = 15;
 /// last-hop share as its share, but what a relay sends depends on how often
 /// its children take a block from it rather than from their other parent.
 /// So a strong relay can be planned within the cap and still send more. Its
-/// bids carry what it sent, and [`OVER_PLAN_INTERVALS`] bids over the cap in
+/// bids carry what it sent, and [`OVER_PLAN_INTERVALS`] bids over its plan in
 /// a row move one of its last-hop shares to a member of that club with room
 /// ([`Membership::shed_share`]); the count then starts again.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

@@ -484,7 +484,7 @@ impl Hub {
     }
 
     /// `session`'s peer sent `up_bytes` since its previous bid; one that stays
-    /// over the planned cap sheds a last-hop share (see [`Swarm::note_upload`]).
+    /// over its plan sheds a last-hop share (see [`Swarm::note_upload`]).
     pub(crate) fn note_upload(&self, session: &Session, up_bytes: u64) {
         let interval_ms = u64::from(self.0.config.bid_interval_ms);
         let (shed, fx) =

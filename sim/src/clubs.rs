@@ -178,7 +178,7 @@ struct Slot {
     late_seen: u64,
     /// Bytes it had sent at the last bid (payload and control).
     up_seen: u64,
-    /// The server's count of its bids over the planned cap.
+    /// The server's count of its bids over its plan.
     up_streak: UploadStreak,
     /// The server's view of its bids and overload (as `clubcast-server`).
     late_streak: LateStreak,

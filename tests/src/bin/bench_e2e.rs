@@ -711,7 +711,7 @@ from every browser) and the server's `/metrics`.
   (seeds per block); without P2P it is the number of browsers. Init segments are not
   counted.
 - Last-hop shares shed and sources replaced: Δ`clubcast_shares_shed_total` (a relay whose
-  bids stayed over the planned upload cap gave a subscriber share to a member with room)
+  bids stayed over its planned upload gave a subscriber share to a member with room)
   and Δ`clubcast_sources_replaced_total` (an overloaded source replaced on a slow-source
   report), over the window.
 - `startup_ms`: the player's own figure, from the player's creation to the first frame;
