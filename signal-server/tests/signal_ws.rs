@@ -635,6 +635,46 @@ async fn a_relay_whose_bids_stay_over_the_upload_cap_sheds_a_share() {
     assert!(shed(), "still one: {}", state.metrics.render());
 }
 
+/// A relay planned below the cap (a viewer that stated nothing is planned at
+/// 150 % of the bitrate) cannot send more than it has: bids at 170 %, under
+/// the 190 % cap but past 95 % of its plan, shed a share; bids at 120 % do not.
+/// (The margins allow for the bitrate estimate moving as the store fills.)
+#[tokio::test]
+async fn a_relay_planned_below_the_cap_sheds_a_share_once_nearly_full() {
+    let (addr, state) = serve(Config::default()).await;
+    let (mut peers, _fresh, source) = viewer_source(addr, 40).await;
+    let s_ws = source_ws(&mut peers, source);
+    let bitrate = u64::from(state.streams.get("demo").expect("exists").bitrate_kbps());
+    assert!(bitrate > 10 && bitrate < 100, "{bitrate} kbit/s");
+    let shed = || {
+        state
+            .metrics
+            .render()
+            .contains("clubcast_shares_shed_total 1\n")
+    };
+    // Bids come closer than the interval (1 s), so each counts as one
+    // interval: `pct` % of the bitrate is bitrate * 10 * pct / 8 bytes.
+    let bid = |pct: u64| {
+        let up = bitrate * 10 * pct / 8;
+        format!(r#"{{"type":"bid","v":1,"bits":0,"up":{up}}}"#)
+    };
+    send(s_ws, &bid(0)).await;
+    for _ in 0..2 * OVER_PLAN_INTERVALS {
+        send(s_ws, &bid(120)).await;
+    }
+    sync(s_ws).await;
+    assert!(!shed(), "under its plan: {}", state.metrics.render());
+    for _ in 0..OVER_PLAN_INTERVALS {
+        send(s_ws, &bid(170)).await;
+    }
+    recv_until(s_ws, |m| {
+        matches!(m, ServerMsg::Link { op: LinkOp::Remove, link, .. }
+            if matches!(link.role, LinkRole::Subscriber { .. }))
+    })
+    .await;
+    assert!(shed(), "{}", state.metrics.render());
+}
+
 #[tokio::test]
 async fn a_passive_viewer_gets_no_clubs_or_links() {
     let (addr, state) = serve(Config::default()).await;
