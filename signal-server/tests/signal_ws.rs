@@ -600,39 +600,28 @@ async fn a_relay_whose_bids_stay_over_the_upload_cap_sheds_a_share() {
     let (addr, state) = serve(Config::default()).await;
     let (mut peers, _fresh, source) = viewer_source(addr, 40).await;
     let s_ws = source_ws(&mut peers, source);
-    let shed = || {
-        state
-            .metrics
-            .render()
-            .contains("clubcast_shares_shed_total 1\n")
-    };
     // The test stream carries about 21 kbit/s: 1 MB in a bid interval (1 s,
     // however close the bids come) is far over the cap, and 0 bytes far
     // under it. The first bid only starts the server's clock.
-    let bid = |up: u64| format!(r#"{{"type":"bid","v":1,"bits":0,"up":{up}}}"#);
-    send(s_ws, &bid(0)).await;
+    send(s_ws, &up_bid(0)).await;
     for _ in 1..OVER_PLAN_INTERVALS {
-        send(s_ws, &bid(1_000_000)).await;
+        send(s_ws, &up_bid(1_000_000)).await;
     }
-    send(s_ws, &bid(0)).await;
+    send(s_ws, &up_bid(0)).await;
     sync(s_ws).await;
-    assert!(!shed(), "a bid under the cap ends the streak");
+    assert!(!shed_one(&state), "a bid under its plan ends the streak");
     for _ in 0..OVER_PLAN_INTERVALS {
-        send(s_ws, &bid(1_000_000)).await;
+        send(s_ws, &up_bid(1_000_000)).await;
     }
-    recv_until(s_ws, |m| {
-        matches!(m, ServerMsg::Link { op: LinkOp::Remove, link, .. }
-            if matches!(link.role, LinkRole::Subscriber { .. }))
-    })
-    .await;
-    assert!(shed(), "{}", state.metrics.render());
+    subscriber_removed(s_ws).await;
+    assert!(shed_one(&state), "{}", state.metrics.render());
     // A flood of bids over the cap sheds no more until a streak's worth of
     // bid intervals (3 s) has passed.
     for _ in 0..2 * OVER_PLAN_INTERVALS {
-        send(s_ws, &bid(1_000_000)).await;
+        send(s_ws, &up_bid(1_000_000)).await;
     }
     sync(s_ws).await;
-    assert!(shed(), "still one: {}", state.metrics.render());
+    assert!(shed_one(&state), "still one: {}", state.metrics.render());
 }
 
 /// A relay planned below the cap (a viewer that stated nothing is planned at
@@ -646,33 +635,46 @@ async fn a_relay_planned_below_the_cap_sheds_a_share_once_nearly_full() {
     let s_ws = source_ws(&mut peers, source);
     let bitrate = u64::from(state.streams.get("demo").expect("exists").bitrate_kbps());
     assert!(bitrate > 10 && bitrate < 100, "{bitrate} kbit/s");
-    let shed = || {
-        state
-            .metrics
-            .render()
-            .contains("clubcast_shares_shed_total 1\n")
-    };
     // Bids come closer than the interval (1 s), so each counts as one
     // interval: `pct` % of the bitrate is bitrate * 10 * pct / 8 bytes.
-    let bid = |pct: u64| {
-        let up = bitrate * 10 * pct / 8;
-        format!(r#"{{"type":"bid","v":1,"bits":0,"up":{up}}}"#)
-    };
+    let bid = |pct: u64| up_bid(bitrate * 10 * pct / 8);
     send(s_ws, &bid(0)).await;
     for _ in 0..2 * OVER_PLAN_INTERVALS {
         send(s_ws, &bid(120)).await;
     }
     sync(s_ws).await;
-    assert!(!shed(), "under its plan: {}", state.metrics.render());
+    assert!(
+        !shed_one(&state),
+        "under its plan: {}",
+        state.metrics.render()
+    );
     for _ in 0..OVER_PLAN_INTERVALS {
         send(s_ws, &bid(170)).await;
     }
-    recv_until(s_ws, |m| {
+    subscriber_removed(s_ws).await;
+    assert!(shed_one(&state), "{}", state.metrics.render());
+}
+
+/// A bid that reports `up` bytes sent since the previous one.
+fn up_bid(up: u64) -> String {
+    format!(r#"{{"type":"bid","v":1,"bits":0,"up":{up}}}"#)
+}
+
+/// Whether the server has shed exactly one last-hop share.
+fn shed_one(state: &AppState) -> bool {
+    state
+        .metrics
+        .render()
+        .contains("clubcast_shares_shed_total 1\n")
+}
+
+/// Waits until `ws` is told to drop a subscriber share.
+async fn subscriber_removed(ws: &mut Ws) {
+    recv_until(ws, |m| {
         matches!(m, ServerMsg::Link { op: LinkOp::Remove, link, .. }
             if matches!(link.role, LinkRole::Subscriber { .. }))
     })
     .await;
-    assert!(shed(), "{}", state.metrics.render());
 }
 
 #[tokio::test]
