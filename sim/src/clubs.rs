@@ -42,6 +42,7 @@ use std::collections::VecDeque;
 use clubcast_protocol::bid::Bid;
 use clubcast_protocol::club::{
     club_of, ClubConfig, LateStreak, LinkChange, Membership, Overload, UploadStreak,
+    LEAF_CAPACITY_PCT, SATURATED_PCT,
 };
 use clubcast_protocol::peer::{From, Peer, PeerConfig, PeerEvent};
 use clubcast_protocol::prefetch::{self, Depth};
@@ -1460,14 +1461,30 @@ impl Sim {
         if self.debug && now % DEBUG_EVERY_US < BID_INTERVAL_US {
             let retransmits = self.sends.retransmits
                 + self.parts.iter().map(|p| p.sends.retransmits).sum::<u64>();
+            // Relays (upload at least the bitrate) whose last bid used
+            // SATURATED_PCT of their upload or more: a relay stuck there
+            // sheds shares (`Membership::plan_limit_pct`).
+            let bitrate_bps = self.cfg.bitrate_kbps * 1000;
+            let (mut relays, mut full) = (0, 0);
+            for n in self.nodes.iter().filter(|n| n.slot.peer.is_some()) {
+                let own_pct = n.host.up_bps * 100 / bitrate_bps.max(1);
+                if own_pct >= u64::from(LEAF_CAPACITY_PCT) {
+                    relays += 1;
+                    let used = u64::from(n.slot.up_streak.last_pct());
+                    full += usize::from(used * 100 >= u64::from(SATURATED_PCT) * own_pct);
+                }
+            }
             eprintln!(
-                "t {:>4} s: skipped own/other {:?}, fills ok {} denied {}, slow-source reports / replaced {:?}, retransmits {}",
+                "t {:>4} s: skipped own/other {:?}, fills ok {} denied {}, slow-source reports / replaced {:?}, retransmits {}, relays at >= {} % of their upload {} of {}",
                 now / 1_000_000,
                 self.skipped_split(),
                 self.origin.fills_ok,
                 self.origin.fills_denied,
                 self.slow_reports,
                 retransmits,
+                SATURATED_PCT,
+                full,
+                relays,
             );
         }
     }
