@@ -914,7 +914,9 @@ impl Membership {
         Some(if planned >= cap {
             cap
         } else {
-            planned * SATURATED_PCT / 100
+            // At most `planned`, so it fits; u64 so a configured cap near
+            // u32::MAX cannot overflow the product.
+            (u64::from(planned) * u64::from(SATURATED_PCT) / 100) as u32
         })
     }
 
@@ -1509,6 +1511,15 @@ mod tests {
         assert_eq!(m.plan_limit_pct(3), Some(DEFAULT_MAX_CAPACITY_PCT));
         assert_eq!(m.plan_limit_pct(SEEDER_PEER_ID), None);
         assert_eq!(m.plan_limit_pct(9), None, "not a member");
+        let mut huge = Membership::new(ClubConfig {
+            max_capacity_pct: u32::MAX,
+            ..ClubConfig::default()
+        });
+        huge.join_with_capacity(1, true, u32::MAX - 1, &mut r);
+        assert_eq!(
+            huge.plan_limit_pct(1),
+            Some(((u64::from(u32::MAX) - 1) * u64::from(SATURATED_PCT) / 100) as u32)
+        );
         // 2,000 kbit/s over 1 s: 2,500 bytes is 1 %. Each sends 118 %, all
         // of peer 1's capacity but for its control bytes.
         let limit = |p| m.plan_limit_pct(p).expect("a member");
