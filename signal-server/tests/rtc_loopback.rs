@@ -279,7 +279,7 @@ async fn dropping_one_side_closes_the_other<T: Stack>() {
     let Pair {
         offerer,
         offerer_events: _offerer_events,
-        answerer: _answerer,
+        answerer,
         mut answerer_events,
         ..
     } = open_pair::<T>(Gathering::Trickle).await;
@@ -295,7 +295,7 @@ async fn dropping_one_side_closes_the_other<T: Stack>() {
         Some(None),
         "Closed is the last event"
     );
-    assert_eq!(_answerer.try_send(block(0)), Err(SendError::Closed));
+    assert_eq!(answerer.try_send(block(0)), Err(SendError::Closed));
 }
 
 async fn datagrams_from_a_stranger_leave_an_open_link_working<T: Stack>() {

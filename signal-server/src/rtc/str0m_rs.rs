@@ -374,8 +374,8 @@ impl LinkTask {
     async fn drive(&mut self) -> Option<CloseReason> {
         let open_deadline = tokio::time::Instant::now() + self.open_timeout;
         let mut buf = vec![0u8; MAX_DATAGRAM];
-        // Whether a message the channel had no room for may be tried again: after any input,
-        // which may have been the acknowledgement that made room.
+        // Whether a message the channel had no room for may be tried again: after input
+        // from the network or a timer, which may have made room (not after our own write).
         let mut retry = false;
         loop {
             let next = match self.drain() {
@@ -420,6 +420,8 @@ impl LinkTask {
                     () = tokio::time::sleep_until(open_deadline), if !open => Wake::OpenDeadline,
                 }
             };
+            // Only a datagram or a timer can carry the acknowledgement that makes room.
+            retry = matches!(wake, Wake::Datagram(..) | Wake::Timeout);
             match wake {
                 Wake::Cancelled => return None,
                 Wake::OpenDeadline => {
@@ -476,7 +478,6 @@ impl LinkTask {
                     }
                 }
             }
-            retry = true;
         }
     }
 
