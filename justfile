@@ -28,15 +28,20 @@ build-web: setup
 demo: setup build-web
     cargo run --release -p clubcast-server -- --listen 127.0.0.1:8080 --static-dir web
 
-# Format the workspace.
+# Format the workspace and the fuzz targets.
 fmt:
     cargo fmt --all
+    cargo fmt --manifest-path fuzz/Cargo.toml --all
 
-# Format check and clippy -D warnings, native and wasm32.
+# Format check and clippy -D warnings: native, wasm32, and the fuzz targets.
 lint:
     cargo fmt --all -- --check
     cargo clippy --workspace --all-targets -- -D warnings
     cargo clippy -p clubcast-peer --target wasm32-unknown-unknown --all-targets -- -D warnings
+    # The fuzz targets live outside the workspace (cargo-fuzz needs nightly);
+    # on stable this proves they still compile and that fuzz/Cargo.lock is current.
+    cargo fmt --manifest-path fuzz/Cargo.toml --all -- --check
+    cargo clippy --manifest-path fuzz/Cargo.toml --locked -- -D warnings
 
 # Everything CI runs: lint, native tests, then the peer's tests in headless Chromium.
 test: setup build-web lint

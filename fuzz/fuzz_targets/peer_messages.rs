@@ -11,7 +11,11 @@ use libfuzzer_sys::fuzz_target;
 fuzz_target!(|data: &[u8]| {
     let key = StreamSigner::from_seed(&[3; 32]).key();
     let mut peer = Peer::new(PeerConfig::new(1, 8), key);
-    let link = Link { peer: 2, role: LinkRole::Upload { club: 0 }, offer: true };
+    let link = Link {
+        peer: 2,
+        role: LinkRole::Upload { club: 0 },
+        offer: true,
+    };
     peer.handle_welcome(Time(1_000), &[0, 1], &[link], 0, 0);
     peer.handle_link(Time(1_000), LinkOp::Add, link);
     peer.handle_link_open(Time(1_000), 2);
