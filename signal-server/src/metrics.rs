@@ -76,6 +76,7 @@ pub struct Metrics {
     reports: AtomicU64,
     sources_replaced: AtomicU64,
     shares_shed: AtomicU64,
+    capacities_learned: AtomicU64,
 }
 
 fn inc(a: &AtomicU64, n: u64) {
@@ -159,6 +160,12 @@ impl Metrics {
     /// A peer whose bids stayed over the planned upload cap shed a last-hop share.
     pub fn share_shed(&self) {
         inc(&self.shares_shed, 1);
+    }
+
+    /// A peer that stated no upload fell behind, and is now planned on the
+    /// upload its bid measured.
+    pub fn capacity_learned(&self) {
+        inc(&self.capacities_learned, 1);
     }
 
     /// Last-hop shares shed so far.
@@ -300,6 +307,13 @@ impl Metrics {
             "counter",
             "Last-hop shares moved off peers whose bids stayed over the planned upload cap.",
             get(&self.shares_shed),
+        )?;
+        scalar(
+            out,
+            "clubcast_capacities_learned_total",
+            "counter",
+            "Peers that stated no upload, fell behind, and were planned on their measured upload.",
+            get(&self.capacities_learned),
         )?;
         Ok(())
     }

@@ -483,15 +483,26 @@ impl Hub {
         lock(&session.swarm).note_overloaded(session.peer, Instant::now());
     }
 
-    /// `session`'s peer sent `up_bytes` since its previous bid; one that stays
-    /// over its plan sheds a last-hop share (see [`Swarm::note_upload`]).
-    pub(crate) fn note_upload(&self, session: &Session, up_bytes: u64) {
+    /// `session`'s peer sent `up_bytes` since its previous bid and sent `late`
+    /// pushes late; one that stays over its plan sheds a last-hop share, and
+    /// one that stated no upload and falls behind is planned on what it sent
+    /// (see [`Swarm::note_upload`]).
+    pub(crate) fn note_upload(&self, session: &Session, up_bytes: u64, late: u64) {
         let interval_ms = u64::from(self.0.config.bid_interval_ms);
-        let (shed, fx) =
-            lock(&session.swarm).note_upload(session.peer, up_bytes, interval_ms, Instant::now());
-        if shed {
+        let (done, fx) = lock(&session.swarm).note_upload(
+            session.peer,
+            up_bytes,
+            late,
+            interval_ms,
+            Instant::now(),
+        );
+        if done.shed {
             self.0.metrics.share_shed();
             tracing::debug!(peer = session.peer, "last-hop share shed: upload over plan");
+        }
+        if done.learned {
+            self.0.metrics.capacity_learned();
+            tracing::debug!(peer = session.peer, "capacity learned from a late bid");
         }
         self.apply(fx);
     }

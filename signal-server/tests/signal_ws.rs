@@ -520,14 +520,20 @@ async fn sync(ws: &mut Ws) {
     .await;
 }
 
-/// Joins `n` viewers, then one more; returns the `n` (id and socket), the
-/// last one's socket, and a viewer among the `n` that is its last-hop source
-/// (the last joiner's welcome is its current link set).
-async fn viewer_source(addr: SocketAddr, n: usize) -> (Vec<(PeerId, Ws)>, Ws, PeerId) {
+/// Joins `n` viewers, with `extra` JSON fields in their joins, then one more;
+/// returns the `n` (id and socket), the last one's socket, and a viewer among
+/// the `n` that is its last-hop source (the last joiner's welcome is its
+/// current link set).
+async fn viewer_source(addr: SocketAddr, n: usize, extra: &str) -> (Vec<(PeerId, Ws)>, Ws, PeerId) {
     let mut peers = Vec::new();
     for _ in 0..n {
         let mut ws = connect(addr).await;
-        let id = peer_id(&join(&mut ws).await);
+        send(
+            &mut ws,
+            &format!(r#"{{"type":"join","v":1,"stream":"demo"{extra}}}"#),
+        )
+        .await;
+        let id = peer_id(&recv(&mut ws).await);
         peers.push((id, ws));
     }
     let mut fresh = connect(addr).await;
@@ -554,7 +560,8 @@ fn source_ws(peers: &mut [(PeerId, Ws)], id: PeerId) -> &mut Ws {
 #[tokio::test]
 async fn only_an_overloaded_source_is_replaced_on_a_slow_source_report() {
     let (addr, state) = serve(Config::default()).await;
-    let (mut peers, mut fresh, source) = viewer_source(addr, 10).await;
+    // Viewers that state their upload: their late bids leave the plan as it is.
+    let (mut peers, mut fresh, source) = viewer_source(addr, 10, STATED).await;
     let s_ws = source_ws(&mut peers, source);
     let replaced = || {
         state
@@ -598,7 +605,7 @@ async fn only_an_overloaded_source_is_replaced_on_a_slow_source_report() {
 #[tokio::test]
 async fn a_relay_whose_bids_stay_over_the_upload_cap_sheds_a_share() {
     let (addr, state) = serve(Config::default()).await;
-    let (mut peers, _fresh, source) = viewer_source(addr, 40).await;
+    let (mut peers, _fresh, source) = viewer_source(addr, 40, STATED).await;
     let s_ws = source_ws(&mut peers, source);
     // The test stream carries about 21 kbit/s: 1 MB in a bid interval (1 s,
     // however close the bids come) is far over the cap, and 0 bytes far
@@ -624,17 +631,18 @@ async fn a_relay_whose_bids_stay_over_the_upload_cap_sheds_a_share() {
     assert!(shed_one(&state), "still one: {}", state.metrics.render());
 }
 
-/// A relay planned below the cap (a viewer that stated nothing is planned at
-/// 150 % of the bitrate) cannot send more than it has: bids at 170 %, under
-/// the 190 % cap but past 95 % of its plan, shed a share; bids at 120 % do not.
-/// (The margins allow for the bitrate estimate moving as the store fills.)
+/// A relay planned below the cap (viewers stating 150 % of the bitrate)
+/// cannot send more than it has: bids at 170 %, under the 190 % cap but past
+/// 95 % of its plan, shed a share; bids at 120 % do not. (The margins allow
+/// for the bitrate estimate moving as the store fills.)
 #[tokio::test]
 async fn a_relay_planned_below_the_cap_sheds_a_share_once_nearly_full() {
     let (addr, state) = serve(Config::default()).await;
-    let (mut peers, _fresh, source) = viewer_source(addr, 40).await;
-    let s_ws = source_ws(&mut peers, source);
     let bitrate = u64::from(state.streams.get("demo").expect("exists").bitrate_kbps());
     assert!(bitrate > 10 && bitrate < 100, "{bitrate} kbit/s");
+    let stated = format!(r#","upload_kbps":{}"#, bitrate * 3 / 2);
+    let (mut peers, _fresh, source) = viewer_source(addr, 40, &stated).await;
+    let s_ws = source_ws(&mut peers, source);
     // Bids come closer than the interval (1 s), so each counts as one
     // interval: `pct` % of the bitrate is bitrate * 10 * pct / 8 bytes.
     let bid = |pct: u64| up_bid(bitrate * 10 * pct / 8);
@@ -654,6 +662,50 @@ async fn a_relay_planned_below_the_cap_sheds_a_share_once_nearly_full() {
     subscriber_removed(s_ws).await;
     assert!(shed_one(&state), "{}", state.metrics.render());
 }
+
+/// A viewer that stated no upload is planned like the strongest until a bid
+/// says it falls behind ([`OVERLOAD_LATE`] late pushes); then it is planned on
+/// the upload that bid measured. Here that is nothing, so it becomes a leaf
+/// and its last-hop subscribers move. A viewer that stated its upload keeps
+/// its plan on the same bids.
+#[tokio::test]
+async fn a_viewer_that_stated_no_upload_and_falls_behind_is_planned_on_what_it_sent() {
+    for (extra, learns) in [("", true), (STATED, false)] {
+        let (addr, state) = serve(Config::default()).await;
+        let (mut peers, _fresh, source) = viewer_source(addr, 10, extra).await;
+        let s_ws = source_ws(&mut peers, source);
+        let learned = |n: u64| {
+            state
+                .metrics
+                .render()
+                .contains(&format!("clubcast_capacities_learned_total {n}\n"))
+        };
+        let behind = format!(r#"{{"type":"bid","v":1,"bits":0,"late":{OVERLOAD_LATE}}}"#);
+        // The first bid only starts the server's clock: nothing is measured.
+        send(s_ws, &behind).await;
+        sync(s_ws).await;
+        assert!(learned(0), "{}", state.metrics.render());
+        // Not behind: the measured upload (none) changes nothing either.
+        send(s_ws, &up_bid(0)).await;
+        sync(s_ws).await;
+        assert!(learned(0), "{}", state.metrics.render());
+        send(s_ws, &behind).await;
+        if learns {
+            subscriber_removed(s_ws).await;
+            assert!(learned(1), "{}", state.metrics.render());
+            // Planned on nothing already: later late bids learn nothing new.
+            send(s_ws, &behind).await;
+            sync(s_ws).await;
+            assert!(learned(1), "{}", state.metrics.render());
+        } else {
+            sync(s_ws).await;
+            assert!(learned(0), "{}", state.metrics.render());
+        }
+    }
+}
+
+/// Join fields of a viewer that states more upload than the planned cap.
+const STATED: &str = r#","upload_kbps":1000000"#;
 
 /// A bid that reports `up` bytes sent since the previous one.
 fn up_bid(up: u64) -> String {

@@ -395,7 +395,7 @@ impl Conn {
                 if self.late_streak.note_bid(late) {
                     hub.note_overloaded(session);
                 }
-                hub.note_upload(session, up);
+                hub.note_upload(session, up, late);
             }
             ClientMsg::SlowSource { peer, .. } => hub.slow_source(session, peer),
             ClientMsg::LinkFailed { peer, .. } => hub.link_failed(session, peer),

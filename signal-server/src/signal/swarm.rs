@@ -13,7 +13,7 @@ use std::time::Instant;
 
 use clubcast_protocol::club::{
     capacity_pct, ClubConfig, Joined, LinkChange, Membership, Overload, UploadStreak,
-    DEFAULT_CAPACITY_PCT,
+    DEFAULT_CAPACITY_PCT, OVERLOAD_LATE,
 };
 use clubcast_protocol::signal::{
     Link, PeerId, ServerMsg, SignalData, SEEDER_PEER_ID, SIGNAL_VERSION,
@@ -47,6 +47,18 @@ struct Member {
     overload: Overload,
     /// Its upload as its bids report it ([`Swarm::note_upload`]).
     upload: UploadStreak,
+    /// Whether it stated its upload at join; if not, the plan is a guess
+    /// that its bids correct ([`Membership::learn_capacity`]).
+    stated: bool,
+}
+
+/// What a bid's upload report changed ([`Swarm::note_upload`]).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Upload {
+    /// A last-hop share moved off the peer.
+    pub(crate) shed: bool,
+    /// The peer, which stated no upload, is now planned on what it sent.
+    pub(crate) learned: bool,
 }
 
 /// Work for the hub once the swarm lock is released.
@@ -141,6 +153,7 @@ impl Swarm {
                 reported_by: HashSet::new(),
                 overload: Overload::default(),
                 upload: UploadStreak::default(),
+                stated: upload_kbps.is_some(),
             },
         );
         let mut fx = Effects::default();
@@ -228,20 +241,25 @@ impl Swarm {
         }
     }
 
-    /// `peer`'s bid says it sent `up_bytes` since its previous bid; peers bid
-    /// every `interval_ms`. A peer whose bids stay over its plan
-    /// ([`Membership::plan_limit_pct`]) sheds
+    /// `peer`'s bid says it sent `up_bytes` since its previous bid and could
+    /// not send `late` pushes in time; peers bid every `interval_ms`. A peer
+    /// whose bids stay over its plan ([`Membership::plan_limit_pct`]) sheds
     /// a last-hop share to a member with room ([`UploadStreak::note_bid`],
     /// which also says over what time the rate is taken,
-    /// [`Membership::shed_share`]). Returns whether it shed one.
+    /// [`Membership::shed_share`]). A peer that stated no upload and falls
+    /// behind ([`OVERLOAD_LATE`] late pushes in the bid) is planned on the
+    /// upload the bid measured ([`Membership::learn_capacity`]). Returns
+    /// whether it shed a share and whether its capacity was learned.
     pub(crate) fn note_upload(
         &mut self,
         peer: PeerId,
         up_bytes: u64,
+        late: u64,
         interval_ms: u64,
         now: Instant,
-    ) -> (bool, Effects) {
+    ) -> (Upload, Effects) {
         let mut fx = Effects::default();
+        let mut done = Upload::default();
         let ms = self.ms(now);
         let cap = self
             .membership
@@ -249,23 +267,34 @@ impl Swarm {
             .unwrap_or(self.membership.config().max_capacity_pct);
         let bitrate = self.stream.bitrate_kbps();
         let Some(m) = self.members.get_mut(&peer) else {
-            return (false, fx);
+            return (done, fx);
         };
-        if !m.upload.note_bid(ms, up_bytes, interval_ms, bitrate, cap) {
-            return (false, fx);
-        }
+        let over = m.upload.note_bid(ms, up_bytes, interval_ms, bitrate, cap);
+        let measured = m
+            .upload
+            .measured_pct()
+            .filter(|_| !m.stated && late >= OVERLOAD_LATE);
         let members = &self.members;
-        let changes = self.membership.shed_share(peer, |p| {
-            members.get(&p).map_or(u32::MAX, |m| m.upload.last_pct())
-        });
-        let shed = !changes.is_empty();
-        if shed {
+        let up_pct = |p: PeerId| members.get(&p).map_or(u32::MAX, |m| m.upload.last_pct());
+        let mut changes = Vec::new();
+        if let Some(learned) =
+            measured.and_then(|pct| self.membership.learn_capacity(peer, pct, up_pct))
+        {
+            changes = learned;
+            done.learned = true;
+        }
+        if over {
+            let shed = self.membership.shed_share(peer, up_pct);
+            done.shed = !shed.is_empty();
+            changes.extend(shed);
+        }
+        if done.shed {
             if let Some(m) = self.members.get_mut(&peer) {
                 m.upload.shed(ms);
             }
         }
         self.deliver(changes, &mut fx);
-        (shed, fx)
+        (done, fx)
     }
 
     /// `reporter` says its last-hop source `source` leaves its share to the
