@@ -42,7 +42,7 @@ use std::collections::VecDeque;
 use clubcast_protocol::bid::Bid;
 use clubcast_protocol::club::{
     club_of, ClubConfig, LateStreak, LinkChange, Membership, Overload, UploadStreak,
-    LEAF_CAPACITY_PCT, SATURATED_PCT,
+    DEFAULT_CAPACITY_PCT, LEAF_CAPACITY_PCT, OVERLOAD_LATE, SATURATED_PCT,
 };
 use clubcast_protocol::peer::{From, Peer, PeerConfig, PeerEvent};
 use clubcast_protocol::prefetch::{self, Depth};
@@ -456,6 +456,14 @@ impl Batch {
             }
         }
     }
+}
+
+/// Whether viewer `id` states its upload when it joins: a draw of its own,
+/// hashed from the run's seed, so the run's other draws stay as they are
+/// (`fraction` 1: every viewer states it).
+fn states_upload(fraction: f64, seed: u64, id: PeerId) -> bool {
+    let unit = (mix(seed ^ mix(id ^ 0x5354_4154_4544)) >> 11) as f64 / (1u64 << 53) as f64;
+    unit < fraction
 }
 
 fn ms(us: u64) -> Time {
@@ -1425,12 +1433,15 @@ impl Sim {
         let cap = self.membership.config().max_capacity_pct;
         let bitrate = u32::try_from(self.cfg.bitrate_kbps).unwrap_or(u32::MAX);
         let mut shed = Vec::new();
+        let mut learned = Vec::new();
         for (id, n) in self.nodes.iter_mut().enumerate() {
             let s = &mut n.slot;
             let Some(p) = &s.peer else { continue };
             let st = p.stats();
             let late = st.pushes_late;
-            if s.late_streak.note_bid(late - s.late_seen) {
+            let late_now = late - s.late_seen;
+            let behind = s.late_streak.note_bid(late_now);
+            if behind {
                 s.overload.mark(now / 1000);
             }
             s.late_seen = late;
@@ -1446,6 +1457,23 @@ impl Sim {
                 shed.push(id as PeerId);
             }
             s.up_seen = up;
+            // A viewer that stated no upload is planned on a guess; one that
+            // falls behind is planned on what it sends.
+            if late_now >= OVERLOAD_LATE
+                && !states_upload(self.cfg.stated_upload, self.cfg.seed, id as PeerId)
+            {
+                if let Some(pct) = s.up_streak.measured_pct() {
+                    learned.push((id as PeerId, pct));
+                }
+            }
+        }
+        for (id, pct) in learned {
+            let nodes = &self.nodes;
+            let changes = self
+                .membership
+                .learn_capacity(id, pct, |m| nodes[m as usize].slot.up_streak.last_pct())
+                .unwrap_or_default();
+            self.schedule_changes(now, changes);
         }
         for id in shed {
             let nodes = &self.nodes;
@@ -1536,8 +1564,13 @@ impl Sim {
     fn join(&mut self, now: u64, id: PeerId) {
         self.reach.alive[id as usize] = true;
         let host = &self.nodes[id as usize].host;
-        // Peers state their upload capacity, as a browser would after measuring it.
-        let pct = host.up_bps * 100 / (self.cfg.bitrate_kbps * 1000).max(1);
+        // A viewer states its upload capacity (as a page that knows it sets
+        // `upload_kbps`), or states none and is planned at the server's default.
+        let pct = if states_upload(self.cfg.stated_upload, self.cfg.seed, id) {
+            host.up_bps * 100 / (self.cfg.bitrate_kbps * 1000).max(1)
+        } else {
+            u64::from(DEFAULT_CAPACITY_PCT)
+        };
         let j = self
             .membership
             .join_with_capacity(id, true, pct as u32, &mut self.rng);

@@ -71,6 +71,11 @@ pub struct Config {
     pub latency_min_ms: u64,
     /// Largest one-way access latency, ms.
     pub latency_max_ms: u64,
+    /// Fraction of viewers that state their upload capacity when they join.
+    /// The others are planned at `DEFAULT_CAPACITY_PCT` of the bitrate, as the
+    /// server plans a browser whose page sets no `upload_kbps` (the player does
+    /// not measure its upload), so the membership learns the rest from bids.
+    pub stated_upload: f64,
     /// Seeds each block is pushed to by the server (k).
     pub seeds_k: u8,
     /// In-club download and upload links per member.
@@ -113,6 +118,7 @@ impl Default for Config {
             free_rider_x: 0.2,
             latency_min_ms: 10,
             latency_max_ms: 100,
+            stated_upload: 1.0,
             seeds_k: 2,
             in_club_links: 2,
             mesh_neighbours: 8,
@@ -152,6 +158,9 @@ impl Config {
             if !(0.0..1.0).contains(&v) {
                 return bad(&format!("{name} must be in [0, 1)"));
             }
+        }
+        if !(0.0..=1.0).contains(&self.stated_upload) {
+            return bad("--stated-upload must be in [0, 1]");
         }
         if !(0.0..=10.0).contains(&self.churn_per_min) {
             return bad("--churn-per-min must be in [0, 10]");

@@ -62,6 +62,11 @@ struct Cli {
     /// Largest one-way access latency, ms.
     #[arg(long, default_value_t = 100)]
     latency_max_ms: u64,
+    /// Fraction of viewers that state their upload when they join; the
+    /// others are planned at the server's default for a browser that states
+    /// none (150 % of the bitrate).
+    #[arg(long, default_value_t = 1.0)]
+    stated_upload: f64,
     /// Seeds the server pushes each block to (k).
     #[arg(long, default_value_t = 2)]
     seeds_k: u8,
@@ -112,6 +117,7 @@ impl Cli {
             free_rider_x: self.free_rider_x,
             latency_min_ms: self.latency_min_ms,
             latency_max_ms: self.latency_max_ms,
+            stated_upload: self.stated_upload,
             seeds_k: self.seeds_k,
             in_club_links: self.in_club_links,
             mesh_neighbours: self.mesh_neighbours,
@@ -141,6 +147,7 @@ fn child_args(cfg: &Config, json: &std::path::Path) -> Vec<String> {
         ("--free-rider-x", cfg.free_rider_x.to_string()),
         ("--latency-min-ms", cfg.latency_min_ms.to_string()),
         ("--latency-max-ms", cfg.latency_max_ms.to_string()),
+        ("--stated-upload", cfg.stated_upload.to_string()),
         ("--seeds-k", cfg.seeds_k.to_string()),
         ("--in-club-links", cfg.in_club_links.to_string()),
         ("--mesh-neighbours", cfg.mesh_neighbours.to_string()),
