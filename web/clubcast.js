@@ -35,7 +35,9 @@
 //     target_latency_ms: 1500,      // live latency the player steers toward
 //     ice_servers: [{urls: ["stun:…"], username?, credential?}],
 //     upload_kbps?: 3000,           // upload offered for relaying; under the
-//                                   // stream's bitrate the viewer only receives
+//                                   // stream's bitrate the viewer only receives;
+//                                   // unset: planned at the cap until its bids
+//                                   // show it falls behind
 //     p2p?: true }                  // false: everything from the origin
 // Unknown fields must be ignored, so options can grow on either side.
 // ---------------------------------------------------------------------------
