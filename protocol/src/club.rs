@@ -182,7 +182,8 @@ pub const MAX_HANDOVERS: usize = 4;
 /// stating its upload, `clubcast-sim --mode clubs --peers 1000 --seconds 60
 /// --churn-per-min 0.1 --hostile 0.05 --stated-upload 0`, seeds 1–3, gave
 /// continuity 0.9818 / 0.9854 / 0.9826 planned at 150 % and 0.9949 / 0.9914 /
-/// 0.9944 at 190 %, both learning; 0.8248 on seed 1 at 150 % without learning.
+/// 0.9944 at 190 %, both learning (code of 0e057d3); 0.8248 on seed 1 at 150 %
+/// without learning.
 pub const DEFAULT_CAPACITY_PCT: u32 = DEFAULT_MAX_CAPACITY_PCT;
 /// A viewer's stated upload as a capacity for
 /// [`Membership::join_with_capacity`], % of the stream's bitrate.
@@ -709,8 +710,8 @@ impl Membership {
     }
 
     /// Lowers `peer`'s planned capacity to `measured_pct` (% of the bitrate):
-    /// what its bids show it sending while it falls behind
-    /// ([`LateStreak`]), when that is below its plan. The driver calls it for
+    /// what a bid showed it sending while it fell behind ([`OVERLOAD_LATE`]
+    /// late pushes or more in that bid), when that is below its plan. The driver calls it for
     /// a peer that stated no upload, whose plan ([`DEFAULT_CAPACITY_PCT`]) was
     /// a guess: a free rider planned as a relay would hold children and
     /// subscribers it cannot serve.
@@ -747,11 +748,12 @@ impl Membership {
             return Some(out);
         }
         if !self.is_leaf(peer) {
-            // Shares move to members with room until the plan fits.
-            let per_pct = STREAM_UNITS * usize::from(self.cfg.clubs) / 100;
+            // Shares move to members with room until the plan fits: a club
+            // stream is 1/C of the bitrate, STREAM_UNITS units.
+            let fits = STREAM_UNITS as u64 * u64::from(self.cfg.clubs) * u64::from(measured_pct);
             for _ in 0..MAX_LEARN_SHEDS {
                 let units = self.peers.get(&peer).map_or(0, |e| e.units);
-                if units <= measured_pct as usize * per_pct.max(1) {
+                if units as u64 * 100 <= fits {
                     break;
                 }
                 let moved = self.shed_share(peer, &up_pct);
