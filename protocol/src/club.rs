@@ -390,6 +390,14 @@ impl UploadStreak {
     pub fn measured_pct(&self) -> Option<u32> {
         self.measured.then_some(self.last_pct)
     }
+
+    /// What to plan a peer that stated no upload on
+    /// ([`Membership::learn_capacity`]), given the `late` pushes its last bid
+    /// reported: the upload that bid measured, if it fell behind
+    /// ([`OVERLOAD_LATE`] or more), else `None`.
+    pub fn behind_pct(&self, late: u64) -> Option<u32> {
+        self.measured_pct().filter(|_| late >= OVERLOAD_LATE)
+    }
 }
 
 /// Whether a peer is overloaded and may shed a last-hop subscriber now
@@ -1652,6 +1660,8 @@ mod tests {
         s.note_bid(1_500, 250_000, 1_000, 2_000, 190);
         assert_eq!(s.last_pct(), 100);
         assert_eq!(s.measured_pct(), Some(100));
+        assert_eq!(s.behind_pct(OVERLOAD_LATE - 1), None, "not behind");
+        assert_eq!(s.behind_pct(OVERLOAD_LATE), Some(100));
         s.note_bid(3_500, 250_000, 1_000, 2_000, 190);
         assert_eq!(s.last_pct(), 50, "a late bid covers its whole gap");
         s.note_bid(3_600, 250_000, 1_000, 2_000, 190);

@@ -42,7 +42,7 @@ use std::collections::VecDeque;
 use clubcast_protocol::bid::Bid;
 use clubcast_protocol::club::{
     club_of, ClubConfig, LateStreak, LinkChange, Membership, Overload, UploadStreak,
-    DEFAULT_CAPACITY_PCT, LEAF_CAPACITY_PCT, OVERLOAD_LATE, SATURATED_PCT,
+    DEFAULT_CAPACITY_PCT, LEAF_CAPACITY_PCT, SATURATED_PCT,
 };
 use clubcast_protocol::peer::{From, Peer, PeerConfig, PeerEvent};
 use clubcast_protocol::prefetch::{self, Depth};
@@ -1459,10 +1459,8 @@ impl Sim {
             s.up_seen = up;
             // A viewer that stated no upload is planned on a guess; one that
             // falls behind is planned on what it sends.
-            if late_now >= OVERLOAD_LATE
-                && !states_upload(self.cfg.stated_upload, self.cfg.seed, id as PeerId)
-            {
-                if let Some(pct) = s.up_streak.measured_pct() {
+            if let Some(pct) = s.up_streak.behind_pct(late_now) {
+                if !states_upload(self.cfg.stated_upload, self.cfg.seed, id as PeerId) {
                     learned.push((id as PeerId, pct));
                 }
             }

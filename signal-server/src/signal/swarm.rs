@@ -13,7 +13,7 @@ use std::time::Instant;
 
 use clubcast_protocol::club::{
     capacity_pct, ClubConfig, Joined, LinkChange, Membership, Overload, UploadStreak,
-    DEFAULT_CAPACITY_PCT, OVERLOAD_LATE,
+    DEFAULT_CAPACITY_PCT,
 };
 use clubcast_protocol::signal::{
     Link, PeerId, ServerMsg, SignalData, SEEDER_PEER_ID, SIGNAL_VERSION,
@@ -247,7 +247,7 @@ impl Swarm {
     /// a last-hop share to a member with room ([`UploadStreak::note_bid`],
     /// which also says over what time the rate is taken,
     /// [`Membership::shed_share`]). A peer that stated no upload and falls
-    /// behind ([`OVERLOAD_LATE`] late pushes in the bid) is planned on the
+    /// behind ([`UploadStreak::behind_pct`]) is planned on the
     /// upload the bid measured ([`Membership::learn_capacity`]). Returns
     /// whether it shed a share and whether its capacity was learned.
     pub(crate) fn note_upload(
@@ -270,10 +270,7 @@ impl Swarm {
             return (done, fx);
         };
         let over = m.upload.note_bid(ms, up_bytes, interval_ms, bitrate, cap);
-        let measured = m
-            .upload
-            .measured_pct()
-            .filter(|_| !m.stated && late >= OVERLOAD_LATE);
+        let measured = m.upload.behind_pct(late).filter(|_| !m.stated);
         let members = &self.members;
         let up_pct = |p: PeerId| members.get(&p).map_or(u32::MAX, |m| m.upload.last_pct());
         let mut changes = Vec::new();
