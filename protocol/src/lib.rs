@@ -15,6 +15,7 @@ pub mod block;
 pub mod club;
 pub mod peer;
 pub mod prefetch;
+pub mod probe;
 mod seqmap;
 pub mod signal;
 pub mod source;
