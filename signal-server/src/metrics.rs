@@ -77,6 +77,7 @@ pub struct Metrics {
     sources_replaced: AtomicU64,
     shares_shed: AtomicU64,
     capacities_learned: AtomicU64,
+    upload_probes: Labelled,
 }
 
 fn inc(a: &AtomicU64, n: u64) {
@@ -166,6 +167,19 @@ impl Metrics {
     /// upload its bid measured.
     pub fn capacity_learned(&self) {
         inc(&self.capacities_learned, 1);
+    }
+
+    /// A joiner's upload probe gave `result`: `planned` (planned on the
+    /// measured upload, below the cap), `at_cap` (it read at or above the cap,
+    /// or too fast to time), `nothing` (too little came to time) or `unused`
+    /// (the peer stated its upload, or relays nothing).
+    pub fn upload_probe(&self, result: &str) {
+        self.upload_probes.add(result, 1);
+    }
+
+    /// Upload probes counted with `result` so far.
+    pub fn upload_probes(&self, result: &str) -> u64 {
+        self.upload_probes.get(result)
     }
 
     /// Last-hop shares shed so far.
@@ -314,6 +328,14 @@ impl Metrics {
             "counter",
             "Peers that stated no upload, fell behind, and were planned on their measured upload.",
             get(&self.capacities_learned),
+        )?;
+        labelled(
+            out,
+            "clubcast_upload_probes_total",
+            "counter",
+            "Joiners' upload probes, by result (planned, at_cap, nothing, unused).",
+            "result",
+            &self.upload_probes,
         )?;
         Ok(())
     }

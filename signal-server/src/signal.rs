@@ -47,7 +47,8 @@ use std::time::{Duration, Instant};
 use axum::extract::ws::WebSocketUpgrade;
 use axum::extract::State;
 use axum::response::Response;
-use clubcast_protocol::club::Joined;
+use clubcast_protocol::club::{capacity_pct, Joined};
+use clubcast_protocol::probe::Measured;
 use clubcast_protocol::signal::{
     IceServer, Link, PeerId, ServerMsg, SignalData, StreamInfo, MAX_SIGNAL_MESSAGE, SEEDER_PEER_ID,
     SIGNAL_VERSION,
@@ -61,7 +62,7 @@ use crate::config::Config;
 use crate::grants::Grants;
 use crate::metrics::Metrics;
 use crate::stream::Streams;
-use swarm::{CloseCell, Effects, Swarm};
+use swarm::{CloseCell, Effects, JoinUpload, Swarm};
 
 /// Largest WebSocket message the transport reads at all; between
 /// [`MAX_SIGNAL_MESSAGE`] and this the client gets `too_large` and stays up.
@@ -180,6 +181,40 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 /// Unix time, ms.
+/// What a joiner's upload probe gives its plan: the measured upload to plan
+/// on, if it is below the cap (a reading at or above it, or too fast to
+/// time, leaves the plan at the cap), and the probe's result for
+/// `clubcast_upload_probes_total` (`planned`, `at_cap`, `nothing`: too little
+/// came to time, `unused`: the peer stated its upload or relays nothing, or
+/// the stream's bitrate is not known yet). `None` without a probe.
+fn probe_outcome(
+    probe: Option<Measured>,
+    wanted: bool,
+    stream: &crate::stream::Stream,
+    cfg: &Config,
+) -> (Option<u32>, Option<&'static str>) {
+    let Some(measured) = probe else {
+        return (None, None);
+    };
+    let bitrate = stream.bitrate_kbps();
+    let result = match measured {
+        _ if !wanted => "unused",
+        Measured::Nothing => "nothing",
+        Measured::Fast => "at_cap",
+        // A rate is no share of a bitrate not known yet.
+        Measured::Kbps(_) if bitrate == 0 => "unused",
+        Measured::Kbps(kbps) => {
+            let pct = capacity_pct(Some(kbps), bitrate);
+            if pct >= cfg.club_config().max_capacity_pct {
+                "at_cap"
+            } else {
+                return (Some(kbps), Some("planned"));
+            }
+        }
+    };
+    (None, Some(result))
+}
+
 /// Units (blocks) of a joiner's startup grant: its backlog (start block to
 /// live edge), plus two bid intervals of the stream, the time until the grant
 /// of its own first bid is spendable. A stream too new to know its bitrate
@@ -298,12 +333,14 @@ impl Hub {
     }
 
     /// Adds a peer to a stream's swarm, planned on the upload it stated if
-    /// any, and queues its welcome.
+    /// any, else on what its upload probe measured (`probe`), and queues its
+    /// welcome.
     pub(crate) fn join(
         &self,
         stream_ref: &str,
         p2p: bool,
         upload_kbps: Option<u32>,
+        probe: Option<Measured>,
         test_corrupt: bool,
     ) -> Result<Session, SignalError> {
         // Honoured only by a `test-hooks` build started with
@@ -324,14 +361,23 @@ impl Hub {
                 )))
             })
             .clone();
+        let (probed_kbps, probe_result) =
+            probe_outcome(probe, p2p && upload_kbps.is_none(), &stream, &self.0.config);
+        if let Some(result) = probe_result {
+            self.0.metrics.upload_probe(result);
+        }
         let peer = self.0.next_peer.fetch_add(1, Ordering::Relaxed);
         let token = self.0.grants.register(peer);
         let (tx, rx) = outbox::outbox(OUTBOUND_QUEUE);
         let close = CloseCell::default();
         let joined = {
             let mut s = lock(&swarm);
-            let r = s.join(peer, p2p, upload_kbps, tx, close.clone(), |j| {
-                self.welcome(peer, &stream, j, token, test_corrupt)
+            let upload = JoinUpload {
+                stated_kbps: upload_kbps,
+                probed_kbps,
+            };
+            let r = s.join(peer, p2p, upload, tx, close.clone(), |j| {
+                self.welcome(peer, &stream, j, token, probed_kbps, test_corrupt)
             });
             r.map(|fx| (fx, s.len()))
         };
@@ -362,6 +408,7 @@ impl Hub {
         stream: &crate::stream::Stream,
         joined: &Joined,
         grant_token: String,
+        upload_probe_kbps: Option<u32>,
         test_corrupt: bool,
     ) -> String {
         let cfg = &self.0.config;
@@ -402,6 +449,7 @@ impl Hub {
             ice_servers: self.0.ice_servers.clone(),
             grant_token,
             bid_interval_ms: cfg.bid_interval_ms,
+            upload_probe_kbps,
             test_corrupt,
         };
         serde_json::to_string(&msg).expect("ServerMsg is plain structs and strings")

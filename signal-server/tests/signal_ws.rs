@@ -8,6 +8,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use clubcast_protocol::block::BlockFlags;
 use clubcast_protocol::club::{OVERLOAD_INTERVALS, OVERLOAD_LATE, OVER_PLAN_INTERVALS};
+use clubcast_protocol::probe::{MAX_PROBE_BYTES, PROBE_CHUNK_BYTES};
 use clubcast_protocol::signal::{
     ErrorCode, LinkOp, LinkRole, PeerId, ServerMsg, SignalData, MAX_SIGNAL_MESSAGE, SEEDER_PEER_ID,
 };
@@ -745,19 +746,27 @@ async fn a_passive_viewer_gets_no_clubs_or_links() {
     assert_eq!(state.hub.peers("demo"), 1);
 }
 
+/// `n` viewers joined to the demo stream.
+async fn joined(addr: SocketAddr, n: usize) -> Vec<Ws> {
+    let mut all = Vec::new();
+    for _ in 0..n {
+        let mut ws = connect(addr).await;
+        join(&mut ws).await;
+        all.push(ws);
+    }
+    all
+}
+
+/// Whether a role has its holder send blocks (a leaf holds none).
+fn sends(r: &LinkRole) -> bool {
+    matches!(r, LinkRole::Upload { .. } | LinkRole::Subscriber { .. })
+}
+
 /// Joins the demo stream with `extra` JSON fields; returns the socket and the
 /// roles of the welcome's links.
 async fn join_roles(addr: SocketAddr, extra: &str) -> (Ws, Vec<LinkRole>) {
-    let mut ws = connect(addr).await;
-    send(
-        &mut ws,
-        &format!(r#"{{"type":"join","v":1,"stream":"demo"{extra}}}"#),
-    )
-    .await;
-    match recv(&mut ws).await {
-        ServerMsg::Welcome { links, .. } => (ws, links.into_iter().map(|l| l.role).collect()),
-        other => panic!("expected welcome, got {other:?}"),
-    }
+    let (ws, _, roles) = probe_then_join(addr, 0, 0, Duration::ZERO, extra).await;
+    (ws, roles)
 }
 
 /// The test stream carries about 21 kbit/s: 10 kbit/s of stated upload is under
@@ -767,13 +776,7 @@ async fn a_viewer_stating_little_upload_only_receives() {
     let (addr, state) = serve(Config::default()).await;
     let bitrate = state.streams.get("demo").expect("exists").bitrate_kbps();
     assert!(bitrate > 10 && bitrate < 100, "{bitrate} kbit/s");
-    let mut others = Vec::new();
-    for _ in 0..16 {
-        let mut ws = connect(addr).await;
-        join(&mut ws).await;
-        others.push(ws);
-    }
-    let sends = |r: &LinkRole| matches!(r, LinkRole::Upload { .. } | LinkRole::Subscriber { .. });
+    let _others = joined(addr, 16).await;
     let (_leaf, leaf_roles) = join_roles(addr, r#","upload_kbps":10"#).await;
     assert!(!leaf_roles.is_empty());
     assert!(!leaf_roles.iter().any(sends), "{leaf_roles:?}");
@@ -789,6 +792,101 @@ async fn a_viewer_stating_little_upload_only_receives() {
     .await;
     assert_eq!(error_code(&mut bad).await, ErrorCode::BadMessage);
     assert_eq!(state.hub.peers("demo"), 18);
+}
+
+/// Sends an upload probe of `frames` binary frames of `len` bytes, `every`
+/// apart, then joins with `extra` JSON fields; returns the socket, the
+/// welcome's measured upload and the roles of its links.
+async fn probe_then_join(
+    addr: SocketAddr,
+    frames: usize,
+    len: usize,
+    every: Duration,
+    extra: &str,
+) -> (Ws, Option<u32>, Vec<LinkRole>) {
+    let mut ws = connect(addr).await;
+    for i in 0..frames {
+        if i > 0 {
+            tokio::time::sleep(every).await;
+        }
+        ws.send(Message::binary(vec![0u8; len]))
+            .await
+            .expect("send");
+    }
+    send(
+        &mut ws,
+        &format!(r#"{{"type":"join","v":1,"stream":"demo"{extra}}}"#),
+    )
+    .await;
+    match recv(&mut ws).await {
+        ServerMsg::Welcome {
+            links,
+            upload_probe_kbps,
+            ..
+        } => (
+            ws,
+            upload_probe_kbps,
+            links.into_iter().map(|l| l.role).collect(),
+        ),
+        other => panic!("expected welcome, got {other:?}"),
+    }
+}
+
+/// The test stream carries about 21 kbit/s. A probe of 100 bytes every 100
+/// ms measures about 8 kbit/s: that viewer is planned as a leaf. One sent at
+/// once is above any plan: planned at the cap, it relays.
+#[tokio::test]
+async fn an_upload_probe_before_the_join_plans_the_viewer_on_what_it_measured() {
+    let (addr, state) = serve(Config::default()).await;
+    let _others = joined(addr, 16).await;
+    let (_slow, kbps, roles) = probe_then_join(addr, 8, 100, Duration::from_millis(100), "").await;
+    let kbps = kbps.expect("the slow probe was timed");
+    assert!((4..=12).contains(&kbps), "measured {kbps} kbit/s");
+    assert!(!roles.is_empty() && !roles.iter().any(sends), "{roles:?}");
+    assert_eq!(state.metrics.upload_probes("planned"), 1);
+    let (_fast, kbps, roles) = probe_then_join(addr, 64, 4096, Duration::ZERO, "").await;
+    assert_eq!(kbps, None, "loopback is faster than any plan");
+    assert!(roles.iter().any(sends), "{roles:?}");
+    assert_eq!(state.metrics.upload_probes("at_cap"), 1);
+    // A stated upload wins over the probe.
+    let (_stated, kbps, roles) = probe_then_join(
+        addr,
+        8,
+        100,
+        Duration::from_millis(100),
+        r#","upload_kbps":100"#,
+    )
+    .await;
+    assert_eq!(kbps, None);
+    assert!(roles.iter().any(sends), "{roles:?}");
+    assert_eq!(state.metrics.upload_probes("unused"), 1);
+    // Too few bytes to time say nothing, and plan at the cap.
+    let (_tiny, kbps, _) = probe_then_join(addr, 1, 100, Duration::ZERO, "").await;
+    assert_eq!(kbps, None);
+    assert_eq!(state.metrics.upload_probes("nothing"), 1);
+    assert_eq!(state.hub.peers("demo"), 20);
+}
+
+#[tokio::test]
+async fn a_probe_past_its_bytes_or_after_the_join_is_refused() {
+    let (addr, state) = serve(Config::default()).await;
+    let mut ws = connect(addr).await;
+    let chunk = PROBE_CHUNK_BYTES as usize;
+    for _ in 0..(MAX_PROBE_BYTES as usize / chunk + 1) {
+        ws.send(Message::binary(vec![0u8; chunk]))
+            .await
+            .expect("send");
+    }
+    ws.send(Message::binary(vec![0u8; chunk]))
+        .await
+        .expect("send");
+    assert_eq!(error_code(&mut ws).await, ErrorCode::TooLarge);
+    // The connection stays up and may still join; after the join a binary
+    // frame is a bad message.
+    assert!(matches!(join(&mut ws).await, ServerMsg::Welcome { .. }));
+    ws.send(Message::binary(vec![0u8; 10])).await.expect("send");
+    assert_eq!(error_code(&mut ws).await, ErrorCode::BadMessage);
+    assert_eq!(state.metrics.rejects("too_large"), 1);
 }
 
 #[tokio::test]

@@ -5,6 +5,12 @@
 //! messages (welcome aside, which goes through the queue to keep its order) are
 //! written directly; everything from other peers comes through the queue.
 //!
+//! Before its join a client may send binary frames: its upload probe
+//! (`clubcast_protocol::probe`), timed here as they arrive, at most
+//! [`MAX_PROBE_BYTES`] and exempt from the message rate (they are bounded by
+//! bytes). The join is planned on the rate they measured. After the join a
+//! binary frame is a bad message.
+//!
 //! Handling an input never awaits: it returns a [`Step`] (a reply to write,
 //! then maybe a close), and the loop has one write of its own. The task's
 //! future is resident for every connection, and each await nested in a handler
@@ -22,6 +28,7 @@ use futures_util::SinkExt;
 use serde::Deserialize;
 
 use clubcast_protocol::club::LateStreak;
+use clubcast_protocol::probe::{ProbeMeter, MAX_PROBE_BYTES, PROBE_CHUNK_BYTES};
 
 use super::limits::{Offences, TokenBucket};
 use super::{
@@ -152,6 +159,9 @@ struct Conn {
     last_seen: Instant,
     /// Its bids' late pushes, kept here so a bid takes no swarm lock.
     late_streak: LateStreak,
+    /// Its upload probe, timed until the join (boxed: most connections are
+    /// past it, and the future of every connection holds this struct).
+    probe: Option<Box<ProbeMeter>>,
 }
 
 /// Runs one connection to its end.
@@ -171,6 +181,7 @@ pub(crate) fn run(hub: Hub, socket: WebSocket) -> impl Future<Output = ()> + Sen
         opened: now,
         last_seen: now,
         late_streak: LateStreak::default(),
+        probe: None,
     };
     async move {
         let hub = c.hub.clone();
@@ -306,6 +317,7 @@ impl Conn {
         self.last_seen = now;
         let text = match frame {
             Message::Text(t) => t,
+            Message::Binary(b) if self.session.is_none() => return self.probe_frame(now, b.len()),
             Message::Binary(_) => {
                 self.hub.metrics().signal_message("invalid");
                 return self.error(
@@ -336,6 +348,25 @@ impl Conn {
         self.handle_msg(msg)
     }
 
+    /// A frame of the upload probe, `len` bytes, arrived at `now`.
+    fn probe_frame(&mut self, now: Instant, len: usize) -> Step {
+        let meter = self.probe.get_or_insert_with(Box::default);
+        // The last frame may straddle the limit.
+        let most = u64::from(MAX_PROBE_BYTES + PROBE_CHUNK_BYTES);
+        if meter.bytes() + len as u64 > most {
+            self.hub.metrics().signal_message("invalid");
+            return self.error(
+                ErrorCode::TooLarge,
+                format!("an upload probe sends at most {MAX_PROBE_BYTES} bytes before the join"),
+                true,
+            );
+        }
+        self.hub.metrics().signal_message("probe");
+        let ms = now.saturating_duration_since(self.opened).as_millis() as u64;
+        meter.feed(ms, len);
+        Step::default()
+    }
+
     fn handle_msg(&mut self, msg: ClientMsg) -> Step {
         let hub = self.hub.clone();
         let Some(session) = self.session.as_ref() else {
@@ -353,7 +384,8 @@ impl Conn {
                     true,
                 );
             };
-            return match hub.join(&stream, p2p, upload_kbps, test_corrupt) {
+            let probe = self.probe.take().map(|m| m.measure());
+            return match hub.join(&stream, p2p, upload_kbps, probe, test_corrupt) {
                 Ok(s) => {
                     self.offences.good();
                     self.session = Some(s);

@@ -61,6 +61,16 @@ pub(crate) struct Upload {
     pub(crate) learned: bool,
 }
 
+/// What a joiner said about its upload.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct JoinUpload {
+    /// Stated by its page (`upload_kbps`): planned on as stated.
+    pub(crate) stated_kbps: Option<u32>,
+    /// Measured by its upload probe, below the cap: its bids may lower
+    /// the plan further ([`Membership::learn_capacity`]).
+    pub(crate) probed_kbps: Option<u32>,
+}
+
 /// Work for the hub once the swarm lock is released.
 #[derive(Debug, Default)]
 pub(crate) struct Effects {
@@ -120,15 +130,16 @@ impl Swarm {
         self.membership.links_of(SEEDER_PEER_ID)
     }
 
-    /// Adds `peer`, planned on the upload it stated (`upload_kbps`, see
-    /// [`capacity_pct`]). `welcome` builds the joiner's first message from its
+    /// Adds `peer`, planned on the upload it stated, or else on what its
+    /// upload probe measured (see [`JoinUpload`] and [`capacity_pct`]).
+    /// `welcome` builds the joiner's first message from its
     /// clubs and links; it is queued before anyone else hears of the joiner, so
     /// it is always the first message the joiner receives.
     pub(crate) fn join(
         &mut self,
         peer: PeerId,
         p2p: bool,
-        upload_kbps: Option<u32>,
+        upload: JoinUpload,
         tx: Sender,
         close: CloseCell,
         welcome: impl FnOnce(&Joined) -> String,
@@ -136,8 +147,8 @@ impl Swarm {
         if self.members.len() >= self.max_peers {
             return Err(SignalError::StreamFull(self.max_peers));
         }
-        let capacity = match upload_kbps {
-            Some(_) => capacity_pct(upload_kbps, self.stream.bitrate_kbps()),
+        let capacity = match upload.stated_kbps.or(upload.probed_kbps) {
+            Some(kbps) => capacity_pct(Some(kbps), self.stream.bitrate_kbps()),
             None => DEFAULT_CAPACITY_PCT,
         };
         let joined = self
@@ -153,7 +164,7 @@ impl Swarm {
                 reported_by: HashSet::new(),
                 overload: Overload::default(),
                 upload: UploadStreak::default(),
-                stated: upload_kbps.is_some(),
+                stated: upload.stated_kbps.is_some(),
             },
         );
         let mut fx = Effects::default();
@@ -456,9 +467,14 @@ mod tests {
     fn add(s: &mut Swarm, peer: PeerId, cap: usize) -> (Receiver, Effects) {
         let (tx, rx) = outbox(cap);
         let fx = s
-            .join(peer, true, None, tx, CloseCell::default(), |_| {
-                "welcome".into()
-            })
+            .join(
+                peer,
+                true,
+                JoinUpload::default(),
+                tx,
+                CloseCell::default(),
+                |_| "welcome".into(),
+            )
             .expect("room");
         (rx, fx)
     }
@@ -522,7 +538,14 @@ mod tests {
         let _a = add(&mut s, 1, 8);
         let _b = add(&mut s, 2, 8);
         let (tx, _rx) = outbox(8);
-        let r = s.join(3, true, None, tx, CloseCell::default(), |_| String::new());
+        let r = s.join(
+            3,
+            true,
+            JoinUpload::default(),
+            tx,
+            CloseCell::default(),
+            |_| String::new(),
+        );
         assert!(matches!(r, Err(SignalError::StreamFull(2))));
     }
 
