@@ -36,8 +36,10 @@
 //     ice_servers: [{urls: ["stun:…"], username?, credential?}],
 //     upload_kbps?: 3000,           // upload offered for relaying; under the
 //                                   // stream's bitrate the viewer only receives;
-//                                   // unset: planned at the cap until its bids
-//                                   // show it falls behind
+//                                   // unset: the player measures it (upload
+//                                   // probe, up to 500 ms before the join)
+//     upload_probe?: true,          // false: no probe; unset upload is then
+//                                   // planned at the cap until bids correct it
 //     p2p?: true }                  // false: everything from the origin
 // Unknown fields must be ignored, so options can grow on either side.
 // ---------------------------------------------------------------------------

@@ -23,6 +23,7 @@
 mod links;
 mod origin;
 mod playback;
+mod probe;
 mod startup;
 
 use std::collections::VecDeque;
@@ -120,9 +121,14 @@ pub struct Options {
     pub p2p: bool,
     /// Upload the viewer offers, kbit/s; the server plans its relaying on it
     /// (under the stream's bitrate: a leaf that only receives). None: the
-    /// server assumes 1.5× the bitrate.
+    /// player measures it with the upload probe before it joins, or, with
+    /// `upload_probe: false`, the server plans it at the cap until its bids
+    /// show it falls behind.
     #[serde(default)]
     pub upload_kbps: Option<u32>,
+    /// False: join at once, without the upload probe.
+    #[serde(default = "yes")]
+    pub upload_probe: bool,
     /// Test only: relay corrupted blocks, if the server allows it.
     #[serde(default)]
     pub test_corrupt: bool,
@@ -151,6 +157,8 @@ pub(crate) enum Input {
     Wake,
     Tick,
     Reconnect,
+    /// Queue more of the upload probe.
+    ProbePump,
 }
 
 /// What the welcome set up.
@@ -211,6 +219,11 @@ pub(crate) struct Session {
     rejoins: u64,
     /// Counters of the cores that rejoins replaced.
     carried: PeerStats,
+    /// The upload probe running on the socket before its join.
+    probe: Option<probe::UploadProbe>,
+    probe_timer: Timer,
+    /// What the last probe did.
+    probed: probe::ProbeRecord,
 }
 
 impl Session {
@@ -261,6 +274,9 @@ impl Session {
             attempts: 0,
             rejoins: 0,
             carried: PeerStats::default(),
+            probe: None,
+            probe_timer: Timer::new(),
+            probed: probe::ProbeRecord::default(),
             opts,
         };
         session.arm_tick();
@@ -316,7 +332,42 @@ impl Session {
             }
             Input::Tick => self.tick(),
             Input::Reconnect => self.reconnect(),
+            Input::ProbePump => self.pump_probe(),
         }
+    }
+
+    /// Queues more of the upload probe; when it is over, joins.
+    fn pump_probe(&mut self) {
+        let (Some(p), Some(socket)) = (self.probe.as_mut(), self.socket.as_ref()) else {
+            self.probe = None;
+            return;
+        };
+        let perf = perf_now();
+        if !p.pump(socket, perf) {
+            let w = self.weak.clone();
+            let armed = self
+                .probe_timer
+                .set(Duration::from_millis(probe::PROBE_PUMP_MS), move || {
+                    deliver(&w, Input::ProbePump)
+                });
+            if armed.is_ok() {
+                return;
+            }
+        }
+        self.probed = p.record(perf, self.probed.count + 1);
+        self.probe = None;
+        self.send_join();
+    }
+
+    fn send_join(&mut self) {
+        self.join_sent = Some(self.local_ms());
+        self.send(&ClientMsg::Join {
+            v: SIGNAL_VERSION,
+            stream: self.opts.stream.clone(),
+            upload_kbps: self.opts.upload_kbps,
+            p2p: self.opts.p2p,
+            test_corrupt: self.opts.test_corrupt,
+        });
     }
 
     /// Opens a new signaling socket; its `Open` sends the join.
@@ -492,14 +543,14 @@ impl Session {
         match e {
             WsEvent::Open => {
                 self.play.mark(Mark::SocketOpen, perf_now());
-                self.join_sent = Some(self.local_ms());
-                self.send(&ClientMsg::Join {
-                    v: SIGNAL_VERSION,
-                    stream: self.opts.stream.clone(),
-                    upload_kbps: self.opts.upload_kbps,
-                    p2p: self.opts.p2p,
-                    test_corrupt: self.opts.test_corrupt,
-                });
+                // A relaying viewer that does not know its upload has the
+                // server measure it first.
+                if self.opts.upload_kbps.is_none() && self.opts.p2p && self.opts.upload_probe {
+                    self.probe = Some(probe::UploadProbe::new(perf_now()));
+                    self.pump_probe();
+                } else {
+                    self.send_join();
+                }
             }
             WsEvent::Message(text) => match serde_json::from_str::<ServerMsg>(&text) {
                 Ok(msg) => self.on_server(msg),
@@ -510,7 +561,11 @@ impl Session {
             WsEvent::Rejected(e) => {
                 web_sys::console::warn_1(&format!("clubcast: signaling: {e}").into());
             }
-            WsEvent::Closed { code, reason, .. } => self.signal_closed(code, reason),
+            WsEvent::Closed { code, reason, .. } => {
+                self.probe = None;
+                self.probe_timer.cancel();
+                self.signal_closed(code, reason);
+            }
         }
     }
 
@@ -530,9 +585,11 @@ impl Session {
                 ice_servers,
                 grant_token,
                 bid_interval_ms,
+                upload_probe_kbps,
                 test_corrupt,
                 ..
             } => {
+                self.probed.kbps = upload_probe_kbps;
                 self.play.mark(Mark::Welcome, perf_now());
                 let received = self.local_ms();
                 let sent = self.join_sent.unwrap_or(received);
@@ -985,6 +1042,7 @@ impl Session {
             "rejoins": self.rejoins,
             "live_edge": self.joined.as_ref().map(|j| j.live_edge),
             "edge_probes": self.joined.as_ref().map_or(0, |j| j.edge_probes),
+            "upload_probe": self.probed.stats(),
             "next_play": self.joined.as_ref().and_then(|j| j.peer.next_play()),
             "p2p": self.opts.p2p,
             "origin_fallback": self.opts.p2p && self.origin.in_order(),
@@ -999,6 +1057,7 @@ impl Drop for Session {
     fn drop(&mut self) {
         self.core_timer.cancel();
         self.tick_timer.cancel();
+        self.probe_timer.cancel();
         self.reconnect_timer.cancel();
         self.origin.abort_all();
         self.links.close_all();

@@ -5,7 +5,8 @@
 //! code. Outgoing messages are refused, not buffered without end, once the
 //! browser holds [`MAX_BUFFERED_BYTES`] unsent. Incoming messages above
 //! [`MAX_MESSAGE_BYTES`] and binary frames are reported as errors and dropped,
-//! mirroring the server's own limits. Closures are owned by the socket; dropping
+//! mirroring the server's own limits. Binary frames go out only as the upload
+//! probe before the join ([`SignalSocket::send_bytes`]). Closures are owned by the socket; dropping
 //! it detaches them and closes the connection.
 
 use std::cell::RefCell;
@@ -158,6 +159,27 @@ impl SignalSocket {
             op: "WebSocket.send",
             source: JsError::from(e),
         })
+    }
+
+    /// Sends one binary frame (the upload probe, before the join).
+    pub fn send_bytes(&self, bytes: &[u8]) -> Result<(), WsError> {
+        if self.socket.ready_state() != WebSocket::OPEN {
+            return Err(WsError::NotOpen);
+        }
+        if self.socket.buffered_amount() >= MAX_BUFFERED_BYTES {
+            return Err(WsError::Full);
+        }
+        self.socket
+            .send_with_u8_array(bytes)
+            .map_err(|e| WsError::Js {
+                op: "WebSocket.send",
+                source: JsError::from(e),
+            })
+    }
+
+    /// Bytes the browser holds unsent.
+    pub fn buffered_amount(&self) -> u32 {
+        self.socket.buffered_amount()
     }
 
     /// Serializes `message` to JSON and sends it.

@@ -30,6 +30,43 @@ async fn one_viewer_plays_the_demo_stream() {
     let server = demo_server().await;
     let stats = play(&server, "", "smoke").await;
     assert_seeded(&server, &stats).await;
+    assert_probed(&server, &stats).await;
+}
+
+/// The page stated no upload, so the player ran the upload probe before its
+/// join. Over loopback the server reads more than any plan (`at_cap`), or,
+/// if the demo stream's bitrate was not known yet at the join, cannot use
+/// the reading (`unused`): either way the viewer is planned at the cap.
+async fn assert_probed(server: &Server, stats: &Value) {
+    let probe = &stats["upload_probe"];
+    assert!(
+        probe["count"].as_u64() == Some(1) && probe["bytes"].as_u64().unwrap_or(0) > 0,
+        "the upload probe did not run: {probe}; stats {stats}"
+    );
+    assert!(
+        probe["upload_kbps"].is_null(),
+        "read below the cap: {probe}"
+    );
+    let m = server.metrics().await.expect("metrics");
+    let count = |result: &str| {
+        m.get(&format!(
+            "clubcast_upload_probes_total{{result=\"{result}\"}}"
+        ))
+        .copied()
+        .unwrap_or(0.0)
+    };
+    assert_eq!(
+        count("at_cap") + count("unused"),
+        1.0,
+        "one probe, planned at the cap: {m:?}"
+    );
+    assert!(
+        m.get("clubcast_signal_messages_total{type=\"probe\"}")
+            .copied()
+            .unwrap_or(0.0)
+            > 0.0,
+        "probe frames counted: {m:?}"
+    );
 }
 
 /// A P2P-off viewer fetches every block from the origin in order, in runs
