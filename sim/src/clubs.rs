@@ -46,6 +46,7 @@ use clubcast_protocol::club::{
 };
 use clubcast_protocol::peer::{From, Peer, PeerConfig, PeerEvent};
 use clubcast_protocol::prefetch::{self, Depth};
+use clubcast_protocol::probe::probe_span;
 use clubcast_protocol::signal::{Link, LinkOp, PeerId, SEEDER_PEER_ID};
 use clubcast_protocol::source::{Source, SourceEvent};
 use clubcast_protocol::wire::Frame;
@@ -464,6 +465,26 @@ impl Batch {
 fn states_upload(fraction: f64, seed: u64, id: PeerId) -> bool {
     let unit = (mix(seed ^ mix(id ^ 0x5354_4154_4544)) >> 11) as f64 / (1u64 << 53) as f64;
     unit < fraction
+}
+
+/// Where a viewer's upload probe is ([`Config::upload_probe`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Probe {
+    /// None ran (it states its upload, or probes are off).
+    None,
+    /// Running, reading the upload as this % of the bitrate: the viewer
+    /// joins when it ends.
+    Running(u32),
+    /// It ran, and read this.
+    Read(u32),
+    /// The viewer left while its probe ran.
+    Gone,
+}
+
+/// A probe's reading error for viewer `id`, uniform in [-1, 1].
+fn probe_draw(seed: u64, id: PeerId) -> f64 {
+    let unit = (mix(seed ^ mix(id ^ 0x5052_4f42_4521)) >> 11) as f64 / (1u64 << 53) as f64;
+    unit * 2.0 - 1.0
 }
 
 fn ms(us: u64) -> Time {
@@ -1002,6 +1023,8 @@ pub struct Sim {
     server_reach: u64,
     /// Server events that run after the window they fall in.
     held: VecDeque<(u64, u64, Ev)>,
+    /// Upload probes by viewer id ([`Config::upload_probe`]).
+    probes: Vec<Probe>,
     reqs: Vec<(u64, u64, Req)>,
     changed: Vec<(PeerId, usize)>,
     dirty: Vec<usize>,
@@ -1090,6 +1113,7 @@ impl Sim {
             done_us: 0,
             server_reach: (SERVER_ACCESS_US + min_access) / 2,
             held: VecDeque::new(),
+            probes: vec![Probe::None; viewers.len() + 1],
             reqs: Vec::new(),
             changed: Vec::new(),
             dirty: Vec::new(),
@@ -1560,14 +1584,39 @@ impl Sim {
     }
 
     fn join(&mut self, now: u64, id: PeerId) {
+        let bitrate_bps = (self.cfg.bitrate_kbps * 1000).max(1);
+        let stated = states_upload(self.cfg.stated_upload, self.cfg.seed, id);
+        let host = &self.nodes[id as usize].host;
+        let up = host.up_bps.max(1);
+        match self.probes[id as usize] {
+            Probe::None if !stated && self.cfg.upload_probe => {
+                // The player sends the probe on its signaling socket, then
+                // its join right behind it; the server times the probe.
+                let (bytes, ms) = probe_span(up);
+                let read = up as f64 * (1.0 + self.cfg.probe_error * probe_draw(self.cfg.seed, id));
+                let pct = (read * 100.0 / bitrate_bps as f64) as u32;
+                self.probes[id as usize] = Probe::Running(pct);
+                self.nodes[id as usize].host.occupy(now, ms * 1000, bytes);
+                let joined = now + ms * 1000 + self.reach.rtt(id, SEEDER_PEER_ID) / 2;
+                self.post(joined, Ev::Join(id));
+                return;
+            }
+            Probe::Running(pct) => self.probes[id as usize] = Probe::Read(pct),
+            Probe::Gone => return,
+            Probe::None | Probe::Read(_) => {}
+        }
         self.reach.alive[id as usize] = true;
         let host = &self.nodes[id as usize].host;
         // A viewer states its upload capacity (as a page that knows it sets
-        // `upload_kbps`), or states none and is planned at the server's default.
-        let pct = if states_upload(self.cfg.stated_upload, self.cfg.seed, id) {
-            host.up_bps * 100 / (self.cfg.bitrate_kbps * 1000).max(1)
+        // `upload_kbps`), states what its probe read, or states none and is
+        // planned at the server's default.
+        let pct = if stated {
+            host.up_bps * 100 / bitrate_bps
         } else {
-            u64::from(DEFAULT_CAPACITY_PCT)
+            match self.probes[id as usize] {
+                Probe::Read(pct) => u64::from(pct),
+                _ => u64::from(DEFAULT_CAPACITY_PCT),
+            }
         };
         let j = self
             .membership
@@ -1589,6 +1638,10 @@ impl Sim {
 
     fn leave(&mut self, now: u64, id: PeerId, kicked: bool) {
         if !self.reach.alive[id as usize] {
+            // Left during its upload probe: it never joins.
+            if let Probe::Running(_) = self.probes[id as usize] {
+                self.probes[id as usize] = Probe::Gone;
+            }
             return;
         }
         self.fold(id, now);

@@ -73,9 +73,17 @@ pub struct Config {
     pub latency_max_ms: u64,
     /// Fraction of viewers that state their upload capacity when they join.
     /// The others are planned at `DEFAULT_CAPACITY_PCT` of the bitrate, as the
-    /// server plans a browser whose page sets no `upload_kbps` (the player does
-    /// not measure its upload), so the membership learns the rest from bids.
+    /// server plans a browser whose page sets no `upload_kbps`, until their
+    /// upload probe or their bids say otherwise.
     pub stated_upload: f64,
+    /// Viewers that state no upload run the player's upload probe
+    /// (`clubcast_protocol::probe`): before they join, their upload carries
+    /// the probe to the server for up to `PROBE_MAX_MS`, and the server plans
+    /// them on the rate it read (their bids may still lower it).
+    pub upload_probe: bool,
+    /// Error of a probe's reading: each viewer's reads its upload times
+    /// 1 + u, u uniform in [-e, e] (drawn per viewer from the seed).
+    pub probe_error: f64,
     /// Seeds each block is pushed to by the server (k).
     pub seeds_k: u8,
     /// In-club download and upload links per member.
@@ -119,6 +127,8 @@ impl Default for Config {
             latency_min_ms: 10,
             latency_max_ms: 100,
             stated_upload: 1.0,
+            upload_probe: true,
+            probe_error: 0.2,
             seeds_k: 2,
             in_club_links: 2,
             mesh_neighbours: 8,
@@ -161,6 +171,9 @@ impl Config {
         }
         if !(0.0..=1.0).contains(&self.stated_upload) {
             return bad("--stated-upload must be in [0, 1]");
+        }
+        if !(0.0..1.0).contains(&self.probe_error) {
+            return bad("--probe-error must be in [0, 1)");
         }
         if !(0.0..=10.0).contains(&self.churn_per_min) {
             return bad("--churn-per-min must be in [0, 10]");

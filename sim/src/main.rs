@@ -64,9 +64,17 @@ struct Cli {
     latency_max_ms: u64,
     /// Fraction of viewers that state their upload when they join; the
     /// others are planned at the server's default for a browser that states
-    /// none (150 % of the bitrate).
+    /// none (190 % of the bitrate) until their upload probe reports.
     #[arg(long, default_value_t = 1.0)]
     stated_upload: f64,
+    /// Viewers that state no upload run no upload probe: they are planned
+    /// at the default until their bids show them falling behind.
+    #[arg(long)]
+    no_upload_probe: bool,
+    /// Error of an upload probe's reading: it reads the upload times 1 + u,
+    /// u uniform in [-e, e] per viewer.
+    #[arg(long, default_value_t = 0.2)]
+    probe_error: f64,
     /// Seeds the server pushes each block to (k).
     #[arg(long, default_value_t = 2)]
     seeds_k: u8,
@@ -118,6 +126,8 @@ impl Cli {
             latency_min_ms: self.latency_min_ms,
             latency_max_ms: self.latency_max_ms,
             stated_upload: self.stated_upload,
+            upload_probe: !self.no_upload_probe,
+            probe_error: self.probe_error,
             seeds_k: self.seeds_k,
             in_club_links: self.in_club_links,
             mesh_neighbours: self.mesh_neighbours,
@@ -148,6 +158,7 @@ fn child_args(cfg: &Config, json: &std::path::Path) -> Vec<String> {
         ("--latency-min-ms", cfg.latency_min_ms.to_string()),
         ("--latency-max-ms", cfg.latency_max_ms.to_string()),
         ("--stated-upload", cfg.stated_upload.to_string()),
+        ("--probe-error", cfg.probe_error.to_string()),
         ("--seeds-k", cfg.seeds_k.to_string()),
         ("--in-club-links", cfg.in_club_links.to_string()),
         ("--mesh-neighbours", cfg.mesh_neighbours.to_string()),
@@ -156,6 +167,9 @@ fn child_args(cfg: &Config, json: &std::path::Path) -> Vec<String> {
     .into_iter()
     .flat_map(|(k, v)| [k.to_string(), v])
     .collect();
+    if !cfg.upload_probe {
+        a.push("--no-upload-probe".into());
+    }
     a.push("--json".into());
     a.push(json.display().to_string());
     a

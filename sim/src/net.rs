@@ -533,6 +533,14 @@ impl Host {
         Some((finish, arrival))
     }
 
+    /// Keeps its upload busy for `tx_us` from `from_us` on (or from when it
+    /// is next free) with `len` bytes bound outside the swarm (the upload
+    /// probe): frames queued meanwhile wait behind them.
+    pub fn occupy(&mut self, from_us: u64, tx_us: u64, len: u64) {
+        self.busy_until = self.busy_until.max(from_us) + tx_us;
+        self.sent_bytes += len;
+    }
+
     /// Frames in its serializer, those that left it but were not yet
     /// retired ([`Host::sync`]) included.
     pub fn pending_frames(&self) -> usize {
