@@ -215,14 +215,15 @@ fn bench(cli: &Cli) -> Result<(), SimError> {
             scenarios.push((format!("churn 10%/min + 5% hostile N={n}"), c));
         }
         // The same with no viewer stating its upload, as browsers whose page
-        // sets no `upload_kbps` (the baselines do not plan on upload).
+        // sets no `upload_kbps`: each runs the upload probe before it joins
+        // (the baselines do not plan on upload).
         let mut c = cli.config(Mode::Clubs);
         c.peers = n;
         c.churn_per_min = 0.1;
         c.hostile = 0.05;
         c.stated_upload = 0.0;
         scenarios.push((
-            format!("churn 10%/min + 5% hostile, no upload stated N={n}"),
+            format!("churn 10%/min + 5% hostile, no upload stated (probed) N={n}"),
             c,
         ));
     }
