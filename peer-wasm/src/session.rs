@@ -355,17 +355,19 @@ impl Session {
             }
         }
         self.probed = p.record(perf, self.probed.count + 1);
+        let limited = p.limited();
         self.probe = None;
-        self.send_join();
+        self.send_join(limited);
     }
 
-    fn send_join(&mut self) {
+    fn send_join(&mut self, probe_limited: bool) {
         self.join_sent = Some(self.local_ms());
         self.send(&ClientMsg::Join {
             v: SIGNAL_VERSION,
             stream: self.opts.stream.clone(),
             upload_kbps: self.opts.upload_kbps,
             p2p: self.opts.p2p,
+            probe_limited,
             test_corrupt: self.opts.test_corrupt,
         });
     }
@@ -549,7 +551,7 @@ impl Session {
                     self.probe = Some(probe::UploadProbe::new(perf_now()));
                     self.pump_probe();
                 } else {
-                    self.send_join();
+                    self.send_join(false);
                 }
             }
             WsEvent::Message(text) => match serde_json::from_str::<ServerMsg>(&text) {

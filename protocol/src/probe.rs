@@ -10,11 +10,17 @@
 //! the signaling socket, before its join, it sends binary frames of
 //! [`PROBE_CHUNK_BYTES`] while the browser holds less than
 //! [`PROBE_BUFFER_BYTES`] unsent, until [`PROBE_MAX_MS`] have passed or
-//! [`MAX_PROBE_BYTES`] went out, and then sends the join. The server times
-//! the frames' arrival ([`ProbeMeter`]) and plans the viewer on the measured
-//! rate as if it had stated it, except that its bids may still lower it.
-//! A fast uplink is done in a few tens of ms; a slow one costs the join at
-//! most [`PROBE_MAX_MS`] plus what is still buffered.
+//! [`MAX_PROBE_BYTES`] went out; once what it queued has left, it sends the
+//! join. The server times the frames' arrival ([`ProbeMeter`]) and plans the
+//! viewer on the measured rate as if it had stated it, except that its bids
+//! may still lower it. A fast uplink is done in a few tens of ms; a slow one
+//! costs the join at most [`PROBE_MAX_MS`] plus the time its last
+//! [`PROBE_BUFFER_BYTES`] take ([`probe_span`]).
+//!
+//! If the socket ever ran dry while the probe ran (the player could not
+//! queue frames as fast as they left: a fast uplink, or timers throttled in a
+//! background tab), the rate measures the player, not the uplink; the join
+//! then says so (`probe_limited`) and the server plans it at the cap.
 //!
 //! The meter skips the first part of the transfer, while TCP's slow start
 //! still ramps up, and takes the rate over the rest.
@@ -27,8 +33,9 @@ pub const MAX_PROBE_BYTES: u32 = 256 * 1024;
 /// buffer stays small.
 pub const PROBE_CHUNK_BYTES: u32 = 4 * 1024;
 /// The player queues another probe frame while the browser holds less than
-/// this unsent: the join waits behind at most this much.
-pub const PROBE_BUFFER_BYTES: u32 = 32 * 1024;
+/// this unsent, topping it up every few ms: enough to keep an uplink of tens
+/// of Mbit/s busy, and little for a slow one to drain before the join.
+pub const PROBE_BUFFER_BYTES: u32 = 16 * 1024;
 /// Share of the transfer's time, from its first frame, that the meter skips
 /// while the sender's congestion window grows, %.
 pub const PROBE_WARMUP_PCT: u64 = 25;
@@ -38,17 +45,20 @@ pub const MIN_MEASURED_MS: u64 = 20;
 /// Fewest bytes a probe that came at once must have for that to mean fast.
 pub const MIN_FAST_BYTES: u64 = 64 * 1024;
 
-/// Bytes a probe sends over `ms` ms at `up_bps` bit/s (what the simulator
-/// models): until [`PROBE_MAX_MS`] or [`MAX_PROBE_BYTES`], whichever comes
-/// first; returns (bytes, ms taken).
+/// What a probe costs an uplink of `up_bps` bit/s (what the simulator
+/// models): it sends [`MAX_PROBE_BYTES`], or, if that takes longer than
+/// [`PROBE_MAX_MS`], what leaves by then plus the [`PROBE_BUFFER_BYTES`]
+/// still queued, which drain before the join; returns (bytes, ms until the
+/// last has left).
 pub fn probe_span(up_bps: u64) -> (u64, u64) {
     let up = up_bps.max(1);
-    let full_ms = u64::from(MAX_PROBE_BYTES) * 8 * 1000 / up;
-    if full_ms <= PROBE_MAX_MS {
-        (u64::from(MAX_PROBE_BYTES), full_ms)
-    } else {
-        (up * PROBE_MAX_MS / 8000, PROBE_MAX_MS)
+    let ms_for = |bytes: u64| bytes.saturating_mul(8000) / up;
+    let full = u64::from(MAX_PROBE_BYTES);
+    if ms_for(full) <= PROBE_MAX_MS {
+        return (full, ms_for(full));
     }
+    let bytes = (up.saturating_mul(PROBE_MAX_MS) / 8000 + u64::from(PROBE_BUFFER_BYTES)).min(full);
+    (bytes, ms_for(bytes))
 }
 
 /// What a probe measured.
@@ -58,6 +68,9 @@ pub enum Measured {
     Kbps(u32),
     /// It came too fast to time: more than any cap (loopback, a LAN).
     Fast,
+    /// Timed, but the sender ran dry: the rate is a lower bound (the client
+    /// said so with its join; the meter never returns this).
+    Limited,
     /// Too little arrived to say anything.
     Nothing,
 }
@@ -171,12 +184,14 @@ mod tests {
     }
 
     #[test]
-    fn a_probe_ends_at_its_deadline_or_its_bytes() {
-        // 400 kbit/s: 500 ms, 25,000 bytes.
-        assert_eq!(probe_span(400_000), (25_000, 500));
+    fn a_probe_ends_at_its_deadline_and_drains_or_at_its_bytes() {
+        // 400 kbit/s: 25,000 bytes by 500 ms, then 16 KiB drain (328 ms).
+        assert_eq!(probe_span(400_000), (41_384, 827));
         // 100 Mbit/s: all 256 KiB in 20 ms.
         assert_eq!(probe_span(100_000_000), (262_144, 20));
-        assert_eq!(probe_span(0).1, PROBE_MAX_MS);
+        // 4 Mbit/s: 250,000 + 16,384 bytes would pass the 256 KiB.
+        assert_eq!(probe_span(4_000_000), (262_144, 524));
+        assert!(probe_span(0).1 > PROBE_MAX_MS);
     }
 
     #[test]

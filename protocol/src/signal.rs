@@ -1,6 +1,8 @@
 //! Signaling messages: the JSON spoken over the server's `GET /ws`.
 //!
-//! Flow: the client sends [`ClientMsg::Join`]; the server answers
+//! Flow: a client that does not state its upload first sends its upload
+//! probe as binary frames ([`crate::probe`]); then it sends
+//! [`ClientMsg::Join`]; the server answers
 //! [`ServerMsg::Welcome`] with the clubs and links it assigned. After that the
 //! socket carries SDP and ICE relay ([`ClientMsg::Signal`] → [`ServerMsg::Signal`]),
 //! link changes ([`ServerMsg::Link`]) when a peer leaves or fails, heartbeats,
@@ -195,12 +197,19 @@ pub enum ClientMsg {
         v: u32,
         /// Stream id (URL form of its key) or its name.
         stream: String,
-        /// Upload capacity the client offers, kbit/s, if it knows it.
+        /// Upload capacity the client offers, kbit/s, if it knows it. Without
+        /// it the server plans on the upload probe sent before the join, if
+        /// any ([`crate::probe`]), else at the cap.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         upload_kbps: Option<u32>,
         /// Whether the client relays to peers (false: origin only, for baselines).
         #[serde(default = "default_true")]
         p2p: bool,
+        /// The upload probe sent before this join ran dry at the sender (the
+        /// client could not queue frames as fast as they left), so its rate is
+        /// a lower bound, not the upload: the server plans at the cap.
+        #[serde(default, skip_serializing_if = "is_false")]
+        probe_limited: bool,
         /// Test only: ask to relay corrupted blocks. Honoured only by a server
         /// built with the `test-hooks` feature and started with
         /// `--allow-test-corruption`; any other server ignores it.
@@ -461,6 +470,7 @@ mod tests {
                 stream: "demo".into(),
                 upload_kbps: None,
                 p2p: true,
+                probe_limited: false,
                 test_corrupt: false,
             }
         );

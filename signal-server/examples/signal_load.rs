@@ -396,6 +396,7 @@ async fn peer(i: usize, ctx: Arc<Ctx>) {
         stream: ctx.args.stream.clone(),
         upload_kbps: None,
         p2p: true,
+        probe_limited: false,
         test_corrupt: false,
     };
     let join = serde_json::to_string(&join).expect("ClientMsg serializes");

@@ -171,7 +171,8 @@ impl Metrics {
 
     /// A joiner's upload probe gave `result`: `planned` (planned on the
     /// measured upload, below the cap), `at_cap` (it read at or above the cap,
-    /// or too fast to time), `nothing` (too little came to time) or `unused`
+    /// or too fast to time), `limited` (the sender ran dry: a lower bound,
+    /// planned at the cap), `nothing` (too little came to time) or `unused`
     /// (the peer stated its upload, or relays nothing).
     pub fn upload_probe(&self, result: &str) {
         self.upload_probes.add(result, 1);
@@ -333,7 +334,7 @@ impl Metrics {
             out,
             "clubcast_upload_probes_total",
             "counter",
-            "Joiners' upload probes, by result (planned, at_cap, nothing, unused).",
+            "Joiners' upload probes, by result (planned, at_cap, limited, nothing, unused).",
             "result",
             &self.upload_probes,
         )?;

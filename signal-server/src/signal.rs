@@ -2,6 +2,9 @@
 //! bids and grants, reports.
 //!
 //! # Flow
+//! 0. A client that states no upload first sends its upload probe as binary
+//!    frames (`clubcast_protocol::probe`); the server times them and plans the
+//!    join on the rate (`upload_probe_kbps` in the welcome).
 //! 1. The client's first message is `join`; the server answers `welcome` with
 //!    the stream, the clubs and links [`Membership`](clubcast_protocol::club::Membership)
 //!    assigned, where to start playing, and a per-peer `grant_token`.
@@ -14,7 +17,7 @@
 //! | what | bound | at the bound |
 //! |---|---|---|
 //! | message size | [`MAX_SIGNAL_MESSAGE`] | `too_large` (offence); over [`MAX_TRANSPORT_MESSAGE`] the socket closes |
-//! | binary frames | none accepted | `bad_message` (offence) |
+//! | binary frames | before the join, the upload probe, up to `MAX_PROBE_BYTES` (exempt from the message rate); none after it | `too_large` / `bad_message` (offence) |
 //! | message rate | [`RATE_PER_SEC`]/s, burst [`RATE_BURST`] | `rate_limited` (offence), message dropped |
 //! | offences | [`MAX_OFFENCES`] per connection or [`MAX_OFFENCES_IN_A_ROW`] in a row | close 1008 |
 //! | outbound queue | [`OUTBOUND_QUEUE`] messages | peer dropped (`clubcast_dropped_peers_total{reason="slow"}`) |
@@ -26,7 +29,8 @@
 //! | reports | [`REPORTS_TO_KICK`] distinct linked reporters | the accused is dropped (`reported`) |
 //!
 //! Offences are protocol violations a correct client never commits: malformed
-//! JSON, unknown types, bad versions, oversized or binary messages, messages
+//! JSON, unknown types, bad versions, oversized messages, binary messages
+//! after the join or past the probe's bytes, messages
 //! before join or a second join, and rate excess. `unknown_peer` is not an
 //! offence: a signal can race a link removal. A refused join (`unknown_stream`,
 //! `stream_full`) is answered and the socket closed.
@@ -184,9 +188,10 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// What a joiner's upload probe gives its plan: the measured upload to plan
 /// on, if it is below the cap (a reading at or above it, or too fast to
 /// time, leaves the plan at the cap), and the probe's result for
-/// `clubcast_upload_probes_total` (`planned`, `at_cap`, `nothing`: too little
-/// came to time, `unused`: the peer stated its upload or relays nothing, or
-/// the stream's bitrate is not known yet). `None` without a probe.
+/// `clubcast_upload_probes_total` (`planned`, `at_cap`, `limited`: the
+/// sender ran dry, so the rate is a lower bound, `nothing`: too little came
+/// to time, `unused`: the peer stated its upload or relays nothing, or the
+/// stream's bitrate is not known yet). `None` without a probe.
 fn probe_outcome(
     probe: Option<Measured>,
     wanted: bool,
@@ -201,6 +206,7 @@ fn probe_outcome(
         _ if !wanted => "unused",
         Measured::Nothing => "nothing",
         Measured::Fast => "at_cap",
+        Measured::Limited => "limited",
         // A rate is no share of a bitrate not known yet.
         Measured::Kbps(_) if bitrate == 0 => "unused",
         Measured::Kbps(kbps) => {

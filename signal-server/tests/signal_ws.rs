@@ -860,11 +860,23 @@ async fn an_upload_probe_before_the_join_plans_the_viewer_on_what_it_measured() 
     assert_eq!(kbps, None);
     assert!(roles.iter().any(sends), "{roles:?}");
     assert_eq!(state.metrics.upload_probes("unused"), 1);
+    // A probe whose sender ran dry measured the sender: planned at the cap.
+    let (_limited, kbps, roles) = probe_then_join(
+        addr,
+        8,
+        100,
+        Duration::from_millis(100),
+        r#","probe_limited":true"#,
+    )
+    .await;
+    assert_eq!(kbps, None);
+    assert!(roles.iter().any(sends), "{roles:?}");
+    assert_eq!(state.metrics.upload_probes("limited"), 1);
     // Too few bytes to time say nothing, and plan at the cap.
     let (_tiny, kbps, _) = probe_then_join(addr, 1, 100, Duration::ZERO, "").await;
     assert_eq!(kbps, None);
     assert_eq!(state.metrics.upload_probes("nothing"), 1);
-    assert_eq!(state.hub.peers("demo"), 20);
+    assert_eq!(state.hub.peers("demo"), 21);
 }
 
 #[tokio::test]

@@ -2,10 +2,14 @@
 //! whose page states no `upload_kbps` sends binary frames of
 //! [`PROBE_CHUNK_BYTES`] on the signaling socket while the browser holds less
 //! than [`PROBE_BUFFER_BYTES`] unsent, until [`PROBE_MAX_MS`] have passed or
-//! [`MAX_PROBE_BYTES`] went out; then it joins. The server times the frames
-//! and plans the viewer on the rate (the welcome's `upload_probe_kbps`).
-//! The frames are paced by [`PROBE_PUMP_MS`] timer calls, so a fast uplink
-//! is done within a few tens of ms.
+//! [`MAX_PROBE_BYTES`] went out; once what it queued has left, it joins (the
+//! join then carries a clean round trip for the clock). The server times the
+//! frames and plans the viewer on the rate (the welcome's
+//! `upload_probe_kbps`). Frames are queued every [`PROBE_PUMP_MS`]; if the
+//! socket ever ran dry in between, the frames left as fast as the player
+//! queued them and the rate is the player's, so the join says
+//! `probe_limited`. A drain that takes longer than [`PROBE_DRAIN_MAX_MS`]
+//! is not waited for.
 
 use clubcast_protocol::probe::{
     MAX_PROBE_BYTES, PROBE_BUFFER_BYTES, PROBE_CHUNK_BYTES, PROBE_MAX_MS,
@@ -16,12 +20,18 @@ use crate::ws::SignalSocket;
 
 /// Interval between two rounds of queuing probe frames, ms.
 pub const PROBE_PUMP_MS: u64 = 4;
+/// Longest the join waits for the probe's last frames to leave, ms.
+pub const PROBE_DRAIN_MAX_MS: f64 = 2_000.0;
 
 /// The probe of one signaling connection.
 pub(super) struct UploadProbe {
     started: f64,
     sent: u32,
     chunk: Vec<u8>,
+    /// When it stopped queuing frames (its time or bytes were up).
+    stopped: Option<f64>,
+    /// The socket was found empty after frames were queued.
+    starved: bool,
 }
 
 /// What the last probe did, for the stats.
@@ -36,6 +46,8 @@ pub(super) struct ProbeRecord {
     pub(super) kbps: Option<u32>,
     /// Probes run (one per signaling connection that joined with one).
     pub(super) count: u32,
+    /// Whether it ran dry (the rate was the player's, not the uplink's).
+    pub(super) limited: bool,
 }
 
 impl ProbeRecord {
@@ -48,6 +60,7 @@ impl ProbeRecord {
             "ms": self.ms.round(),
             "upload_kbps": self.kbps,
             "count": self.count,
+            "limited": self.limited,
         })
     }
 }
@@ -59,15 +72,26 @@ impl UploadProbe {
             started: perf,
             sent: 0,
             chunk: vec![0; PROBE_CHUNK_BYTES as usize],
+            stopped: None,
+            starved: false,
         }
     }
 
-    /// Queues frames while the socket holds little; returns whether the
-    /// probe is over (its time or its bytes are up, or the socket refused).
+    /// Queues frames while the socket holds little, then waits for them to
+    /// leave; returns whether the join may go (the probe's frames have left,
+    /// the drain took too long, or the socket refused).
     pub(super) fn pump(&mut self, socket: &SignalSocket, perf: f64) -> bool {
+        let buffered = socket.buffered_amount();
+        if let Some(at) = self.stopped {
+            return buffered == 0 || perf - at > PROBE_DRAIN_MAX_MS;
+        }
+        if self.sent > 0 && buffered == 0 {
+            self.starved = true;
+        }
         loop {
             if perf - self.started >= PROBE_MAX_MS as f64 || self.sent >= MAX_PROBE_BYTES {
-                return true;
+                self.stopped = Some(perf);
+                return socket.buffered_amount() == 0;
             }
             if socket.buffered_amount() >= PROBE_BUFFER_BYTES {
                 return false;
@@ -79,6 +103,11 @@ impl UploadProbe {
         }
     }
 
+    /// Whether the socket ran dry while it queued frames.
+    pub(super) fn limited(&self) -> bool {
+        self.starved
+    }
+
     /// What it did, ending at `perf`.
     pub(super) fn record(&self, perf: f64, count: u32) -> ProbeRecord {
         ProbeRecord {
@@ -86,6 +115,7 @@ impl UploadProbe {
             ms: perf - self.started,
             kbps: None,
             count,
+            limited: self.starved,
         }
     }
 }

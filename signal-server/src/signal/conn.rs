@@ -28,7 +28,7 @@ use futures_util::SinkExt;
 use serde::Deserialize;
 
 use clubcast_protocol::club::LateStreak;
-use clubcast_protocol::probe::{ProbeMeter, MAX_PROBE_BYTES, PROBE_CHUNK_BYTES};
+use clubcast_protocol::probe::{Measured, ProbeMeter, MAX_PROBE_BYTES, PROBE_CHUNK_BYTES};
 
 use super::limits::{Offences, TokenBucket};
 use super::{
@@ -374,6 +374,7 @@ impl Conn {
                 stream,
                 p2p,
                 upload_kbps,
+                probe_limited,
                 test_corrupt,
                 ..
             } = msg
@@ -384,7 +385,11 @@ impl Conn {
                     true,
                 );
             };
-            let probe = self.probe.take().map(|m| m.measure());
+            // A probe that ran dry at the sender measured the sender.
+            let probe = self.probe.take().map(|m| match m.measure() {
+                Measured::Kbps(_) if probe_limited => Measured::Limited,
+                other => other,
+            });
             return match hub.join(&stream, p2p, upload_kbps, probe, test_corrupt) {
                 Ok(s) => {
                     self.offences.good();

@@ -309,6 +309,7 @@ pub async fn run_peer(
             stream: opts.stream.clone(),
             upload_kbps: None,
             p2p: true,
+            probe_limited: false,
             test_corrupt: false,
         },
     )
