@@ -176,7 +176,9 @@ pub const MAX_HANDOVERS: usize = 4;
 /// default cap ([`DEFAULT_MAX_CAPACITY_PCT`]), so a viewer is planned like the
 /// strongest until its bids show it falls behind, and then on the upload they
 /// measured ([`Membership::learn_capacity`]). A browser does not know its
-/// upload, and most pages will not say.
+/// upload and most pages will not say, so the player measures it before it
+/// joins ([`crate::probe`]); this is for a viewer whose probe could not be
+/// timed or did not run.
 ///
 /// Planned lower, the strong viewers' upload went unused: with no viewer
 /// stating its upload, `clubcast-sim --mode clubs --peers 1000 --seconds 60
