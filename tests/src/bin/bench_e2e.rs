@@ -483,6 +483,10 @@ async fn run_mode(n: usize, p2p: bool, a: &Args) -> Value {
         "sources_replaced": delta("clubcast_sources_replaced_total"),
         // Since the mode's fresh server started: most are learnt at startup.
         "capacities_learned": m1.get("clubcast_capacities_learned_total").copied().unwrap_or(0.0),
+        // Every browser's probe, by how the server used it (all at the cap on loopback).
+        "probes_planned": m1.get("clubcast_upload_probes_total{result=\"planned\"}").copied().unwrap_or(0.0),
+        "probes_at_cap": m1.get("clubcast_upload_probes_total{result=\"at_cap\"}").copied().unwrap_or(0.0)
+            + m1.get("clubcast_upload_probes_total{result=\"unused\"}").copied().unwrap_or(0.0),
         "stream_bytes": stream_bytes,
         "stream_blocks": e1.saturating_sub(e0),
         "stream_kbps": stream_bytes as f64 * 8.0 / secs / 1000.0,
@@ -622,11 +626,11 @@ fn markdown(meta: &Value, rows: &[Value]) -> String {
         ));
     }
     s.push_str("\nMore per mode (window unless said otherwise):\n\n");
-    s.push_str("| mode | stream kbit/s | blocks | seeder bytes | gap-fill bytes | page_startup_ms p50 / max | stalls since page load: count / ms | media errors | least media played, s | latency samples | samples per browser: min / mean | all started after the first page opened, s | machine busy % of a core: 10 s before / window | load avg before → after | compiler processes seen (max) | last-hop shares shed / sources replaced | capacities learnt since the server started |\n");
-    s.push_str("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
+    s.push_str("| mode | stream kbit/s | blocks | seeder bytes | gap-fill bytes | page_startup_ms p50 / max | stalls since page load: count / ms | media errors | least media played, s | latency samples | samples per browser: min / mean | all started after the first page opened, s | machine busy % of a core: 10 s before / window | load avg before → after | compiler processes seen (max) | last-hop shares shed / sources replaced | capacities learnt since the server started | upload probes planned on / at the cap |\n");
+    s.push_str("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
     for r in rows {
         s.push_str(&format!(
-            "| {} | {} | {} | {} | {} | {} / {} | {} / {} | {} | {} | {} | {} / {} | {} | {} / {} | {} → {} | {} | {} / {} | {} |\n",
+            "| {} | {} | {} | {} | {} | {} / {} | {} / {} | {} | {} | {} | {} / {} | {} | {} / {} | {} → {} | {} | {} / {} | {} | {} / {} |\n",
             r["mode"].as_str().unwrap_or(""),
             fixed(r, "stream_kbps", 0),
             r["stream_blocks"],
@@ -650,6 +654,8 @@ fn markdown(meta: &Value, rows: &[Value]) -> String {
             fixed(r, "shares_shed", 0),
             fixed(r, "sources_replaced", 0),
             fixed(r, "capacities_learned", 0),
+            fixed(r, "probes_planned", 0),
+            fixed(r, "probes_at_cap", 0),
         ));
     }
     s.push_str(
@@ -718,7 +724,10 @@ from every browser) and the server's `/metrics`.
   and Δ`clubcast_sources_replaced_total` (an overloaded source replaced on a slow-source
   report), over the window. Capacities learnt: `clubcast_capacities_learned_total` since
   the mode's server started (a browser states no upload, so a bid reporting 20 or more
-  late pushes plans it on the upload that bid measured).
+  late pushes plans it on the upload that bid measured). Upload probes: each browser's
+  probe before its join, by `clubcast_upload_probes_total{result}` since the mode's
+  server started: planned on the measured upload, or at the cap (read at or above it,
+  or the stream's bitrate not known yet); over loopback every probe reads above the cap.
 - `startup_ms`: the player's own figure, from the player's creation to the first frame;
   `page_startup_ms` is from the page's navigation start. p50 is the nearest-rank median
   (the lower of the middle two), as for every p50 here. `startup_trace` is the player's
