@@ -4,8 +4,9 @@
 //   <clubcast-player server="https://host" stream="<id>" stats muted></clubcast-player>
 //
 // Attributes: stream (required), server (defaults to the origin this script
-// came from), upload-kbps (upload offered for relaying, kbit/s), stats (show
-// the overlay), muted, controls (default on).
+// came from), upload-kbps (upload offered for relaying, kbit/s; without it the
+// player measures its upload before it joins), upload-probe="off" (do not),
+// stats (show the overlay), muted, controls (default on).
 // Property `.player` is the clubcast player (stats(), on(), destroy()).
 // Changing `stream`, `server` or `upload-kbps` restarts playback; removal
 // destroys it.
@@ -66,6 +67,8 @@ class ClubcastPlayer extends HTMLElement {
     const opts = { server, stream };
     const upload = this.getAttribute("upload-kbps");
     if (upload !== null) opts.upload_kbps = upload;
+    // upload-probe="off": no upload probe before the join.
+    if (this.getAttribute("upload-probe") === "off") opts.upload_probe = false;
     this.player = play(this.video, opts);
     for (const type of ["ready", "playing", "stall", "resume", "error"]) {
       this.player.on(type, (detail) =>
