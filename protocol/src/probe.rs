@@ -17,10 +17,11 @@
 //! costs the join at most [`PROBE_MAX_MS`] plus the time its last
 //! [`PROBE_BUFFER_BYTES`] take ([`probe_span`]).
 //!
-//! If the socket ever ran dry while the probe ran (the player could not
-//! queue frames as fast as they left: a fast uplink, or timers throttled in a
-//! background tab), the rate measures the player, not the uplink; the join
-//! then says so (`probe_limited`) and the server plans it at the cap.
+//! If the socket runs dry while the probe runs (the player could not queue
+//! frames as fast as they left: a fast uplink, or timers throttled in a
+//! background tab), the rate would measure the player, not the uplink; the
+//! probe stops there, the join says so (`probe_limited`), and the server
+//! plans the viewer at the cap.
 //!
 //! The meter skips the first part of the transfer, while TCP's slow start
 //! still ramps up, and takes the rate over the rest.

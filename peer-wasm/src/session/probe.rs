@@ -6,10 +6,11 @@
 //! join then carries a clean round trip for the clock). The server times the
 //! frames and plans the viewer on the rate (the welcome's
 //! `upload_probe_kbps`). Frames are queued every [`PROBE_PUMP_MS`]; if the
-//! socket ever ran dry in between, the frames left as fast as the player
-//! queued them and the rate is the player's, so the join says
-//! `probe_limited`. A drain that takes longer than [`PROBE_DRAIN_MAX_MS`]
-//! is not waited for.
+//! socket runs dry in between, the frames leave as fast as the player queues
+//! them and the rate would be the player's: the probe stops there and the
+//! join says `probe_limited` (an uplink that fast is past any plan, so a
+//! fast uplink costs the join one or two rounds). A drain that takes longer
+//! than [`PROBE_DRAIN_MAX_MS`] is not waited for.
 
 use clubcast_protocol::probe::{
     MAX_PROBE_BYTES, PROBE_BUFFER_BYTES, PROBE_CHUNK_BYTES, PROBE_MAX_MS,
@@ -86,7 +87,11 @@ impl UploadProbe {
             return buffered == 0 || perf - at > PROBE_DRAIN_MAX_MS;
         }
         if self.sent > 0 && buffered == 0 {
+            // It ran dry: the uplink outpaces the player, so the rate would
+            // be the player's. Nothing more to learn; join now.
             self.starved = true;
+            self.stopped = Some(perf);
+            return true;
         }
         loop {
             if perf - self.started >= PROBE_MAX_MS as f64 || self.sent >= MAX_PROBE_BYTES {

@@ -386,9 +386,12 @@ impl Conn {
                 );
             };
             // A probe that ran dry at the sender measured the sender.
-            let probe = self.probe.take().map(|m| match m.measure() {
-                Measured::Kbps(_) if probe_limited => Measured::Limited,
-                other => other,
+            let probe = self.probe.take().map(|m| {
+                if probe_limited {
+                    Measured::Limited
+                } else {
+                    m.measure()
+                }
             });
             return match hub.join(&stream, p2p, upload_kbps, probe, test_corrupt) {
                 Ok(s) => {
