@@ -461,6 +461,15 @@ async fn run_mode(n: usize, p2p: bool, a: &Args) -> Value {
         .iter()
         .filter(|b| b["startup_ms"].is_number())
         .max_by(|a, b| num(a, "startup_ms").total_cmp(&num(b, "startup_ms")));
+    // Every browser's probe planned at the cap: read at or above it, ran dry at
+    // the player, too little to time, or the bitrate not known yet.
+    let probes_at_cap: f64 = ["at_cap", "limited", "nothing", "unused"]
+        .iter()
+        .map(|r| {
+            let key = format!("clubcast_upload_probes_total{{result=\"{r}\"}}");
+            m1.get(&key).copied().unwrap_or(0.0)
+        })
+        .sum();
     let row = json!({
         "slowest_start": slowest.map(|b| json!({
             "browser": b["browser"],
@@ -485,8 +494,7 @@ async fn run_mode(n: usize, p2p: bool, a: &Args) -> Value {
         "capacities_learned": m1.get("clubcast_capacities_learned_total").copied().unwrap_or(0.0),
         // Every browser's probe, by how the server used it (all at the cap on loopback).
         "probes_planned": m1.get("clubcast_upload_probes_total{result=\"planned\"}").copied().unwrap_or(0.0),
-        "probes_at_cap": m1.get("clubcast_upload_probes_total{result=\"at_cap\"}").copied().unwrap_or(0.0)
-            + m1.get("clubcast_upload_probes_total{result=\"unused\"}").copied().unwrap_or(0.0),
+        "probes_at_cap": probes_at_cap,
         "stream_bytes": stream_bytes,
         "stream_blocks": e1.saturating_sub(e0),
         "stream_kbps": stream_bytes as f64 * 8.0 / secs / 1000.0,
@@ -727,7 +735,8 @@ from every browser) and the server's `/metrics`.
   late pushes plans it on the upload that bid measured). Upload probes: each browser's
   probe before its join, by `clubcast_upload_probes_total{result}` since the mode's
   server started: planned on the measured upload, or at the cap (read at or above it,
-  or the stream's bitrate not known yet); over loopback every probe reads above the cap.
+  ran dry at the player, too little to time, or the stream's bitrate not known yet);
+  over loopback every probe runs dry at once.
 - `startup_ms`: the player's own figure, from the player's creation to the first frame;
   `page_startup_ms` is from the page's navigation start. p50 is the nearest-rank median
   (the lower of the middle two), as for every p50 here. `startup_trace` is the player's
