@@ -69,8 +69,9 @@ pub enum Measured {
     Kbps(u32),
     /// It came too fast to time: more than any cap (loopback, a LAN).
     Fast,
-    /// Timed, but the sender ran dry: the rate is a lower bound (the client
-    /// said so with its join; the meter never returns this).
+    /// The sender ran dry, so whatever was timed measured the sender, not
+    /// its uplink (the client says so with its join; the meter never
+    /// returns this).
     Limited,
     /// Too little arrived to say anything.
     Nothing,
@@ -118,11 +119,6 @@ impl ProbeMeter {
     /// Bytes fed so far.
     pub fn bytes(&self) -> u64 {
         self.bytes
-    }
-
-    /// Ms since the first chunk, at `now_ms` (0 before any).
-    pub fn elapsed_ms(&self, now_ms: u64) -> u64 {
-        self.first_ms.map_or(0, |f| now_ms.saturating_sub(f))
     }
 
     /// The rate over the chunks after the first [`PROBE_WARMUP_PCT`] of the
