@@ -355,9 +355,8 @@ impl Session {
             }
         }
         self.probed = p.record(perf, self.probed.count + 1);
-        let limited = p.limited();
         self.probe = None;
-        self.send_join(limited);
+        self.send_join(self.probed.limited);
     }
 
     fn send_join(&mut self, probe_limited: bool) {

@@ -184,7 +184,6 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Unix time, ms.
 /// What a joiner's upload probe gives its plan: the measured upload to plan
 /// on, if it is below the cap (a reading at or above it, or too fast to
 /// time, leaves the plan at the cap), and the probe's result for
@@ -233,6 +232,7 @@ fn startup_units(backlog: u64, bitrate_kbps: u32, interval_ms: u32, unit_bits: u
     backlog.saturating_add(per_interval.saturating_mul(2))
 }
 
+/// Unix time, ms.
 pub(crate) fn unix_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

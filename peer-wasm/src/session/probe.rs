@@ -108,11 +108,6 @@ impl UploadProbe {
         }
     }
 
-    /// Whether the socket ran dry while it queued frames.
-    pub(super) fn limited(&self) -> bool {
-        self.starved
-    }
-
     /// What it did, ending at `perf`.
     pub(super) fn record(&self, perf: f64, count: u32) -> ProbeRecord {
         ProbeRecord {
