@@ -143,38 +143,32 @@ impl SignalSocket {
 
     /// Sends one text message.
     pub fn send_text(&self, text: &str) -> Result<(), WsError> {
-        if self.socket.ready_state() != WebSocket::OPEN {
-            return Err(WsError::NotOpen);
-        }
         if text.len() > MAX_MESSAGE_BYTES {
             return Err(WsError::TooLarge {
                 len: text.len(),
                 max: MAX_MESSAGE_BYTES,
             });
         }
-        if self.socket.buffered_amount() >= MAX_BUFFERED_BYTES {
-            return Err(WsError::Full);
-        }
-        self.socket.send_with_str(text).map_err(|e| WsError::Js {
-            op: "WebSocket.send",
-            source: JsError::from(e),
-        })
+        self.writable()?;
+        sent(self.socket.send_with_str(text))
     }
 
     /// Sends one binary frame (the upload probe, before the join).
     pub fn send_bytes(&self, bytes: &[u8]) -> Result<(), WsError> {
+        self.writable()?;
+        sent(self.socket.send_with_u8_array(bytes))
+    }
+
+    /// Whether a message may go now: the socket is open and holds less than
+    /// [`MAX_BUFFERED_BYTES`] unsent.
+    fn writable(&self) -> Result<(), WsError> {
         if self.socket.ready_state() != WebSocket::OPEN {
             return Err(WsError::NotOpen);
         }
         if self.socket.buffered_amount() >= MAX_BUFFERED_BYTES {
             return Err(WsError::Full);
         }
-        self.socket
-            .send_with_u8_array(bytes)
-            .map_err(|e| WsError::Js {
-                op: "WebSocket.send",
-                source: JsError::from(e),
-            })
+        Ok(())
     }
 
     /// Bytes the browser holds unsent.
@@ -230,6 +224,14 @@ pub fn signal_url(server: &str) -> String {
         base.to_owned()
     };
     format!("{base}/ws")
+}
+
+/// The result of a `WebSocket.send`.
+fn sent(r: Result<(), JsValue>) -> Result<(), WsError> {
+    r.map_err(|e| WsError::Js {
+        op: "WebSocket.send",
+        source: JsError::from(e),
+    })
 }
 
 #[cfg(test)]

@@ -399,8 +399,8 @@ pub enum ServerMsg {
         bid_interval_ms: u32,
         /// The upload the server measured from the client's probe and plans
         /// it on, kbit/s ([`crate::probe`]); `None` if there was no probe,
-        /// it could not be timed, or the client stated its upload. A client
-        /// that rejoins may state it.
+        /// it could not be timed, or the client stated its upload. The
+        /// player shows it in its stats (a rejoin probes again).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         upload_probe_kbps: Option<u32>,
         /// Test only: the server allowed this peer to relay corrupted blocks
