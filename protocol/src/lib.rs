@@ -14,6 +14,8 @@ pub mod bid;
 pub mod block;
 pub mod club;
 pub mod peer;
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod peer_ops;
 pub mod prefetch;
 pub mod probe;
 mod seqmap;
