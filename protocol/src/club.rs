@@ -1403,10 +1403,12 @@ mod tests {
         check_rules_with(m, mixed, false);
     }
 
-    /// [`check_rules`]; with `stand_in`, the seeder may serve a last-hop share
-    /// whatever the club holds (it stands in when every member that could is
-    /// a leaf or full, which random small swarms reach).
-    fn check_rules_with(m: &Membership, mixed: bool, stand_in: bool) {
+    /// [`check_rules`]; with `fallbacks`, for the shapes random small swarms
+    /// reach: a member needs only as many in-club parents as its club has
+    /// other relays (a club of leaves has none to give), and the seeder may
+    /// serve a last-hop share whatever the club holds (it stands in when
+    /// every member that could is a leaf or full).
+    fn check_rules_with(m: &Membership, mixed: bool, fallbacks: bool) {
         let cfg = m.cfg;
         let sizes = m.club_sizes();
         m.assert_indexed();
@@ -1430,14 +1432,14 @@ mod tests {
                     let want = (cfg.in_club_links as usize).min(size - 1);
                     let ins = m.in_club_in_degree(p, c);
                     let outs = m.degree(p, LinkRole::Upload { club: c });
-                    // Only relays upload: a club of leaves has none to give.
                     let relays = m.clubs[c as usize]
                         .as_slice()
                         .iter()
                         .filter(|r| **r != p && !m.is_leaf(**r))
                         .count();
+                    let need = if fallbacks { want.min(relays) } else { want };
                     assert!(
-                        ins >= want.min(relays),
+                        ins >= need,
                         "peer {p} club {c}: {ins} download links, want {want} ({relays} relays)"
                     );
                     if e.leaf() {
@@ -1471,7 +1473,7 @@ mod tests {
                         .collect();
                     shares.sort_unstable();
                     assert_eq!(shares, (0..want as u8).collect::<Vec<_>>());
-                    if size > 0 && !stand_in {
+                    if size > 0 && !fallbacks {
                         assert!(srcs.iter().all(|(s, _)| *s != SEEDER_PEER_ID));
                     }
                 }
