@@ -67,9 +67,10 @@ pub struct Config {
     pub free_rider_frac: f64,
     /// Upload capacity of a free rider as a multiple of the bitrate.
     pub free_rider_x: f64,
-    /// Smallest one-way access latency, ms.
+    /// Smallest access latency, ms (a path's round trip is the sum of its two
+    /// ends', its one-way delay half that).
     pub latency_min_ms: u64,
-    /// Largest one-way access latency, ms.
+    /// Largest access latency, ms.
     pub latency_max_ms: u64,
     /// Fraction of viewers that state their upload capacity when they join.
     /// The others are planned at `DEFAULT_CAPACITY_PCT` of the bitrate, as the

@@ -36,10 +36,10 @@
 //! - **Download** is unlimited for peer traffic (the sender's upload is the
 //!   bottleneck: viewers have ≥ 10× the bitrate down); an origin fetch takes
 //!   its size at 10 × bitrate.
-//! - **Latency**: each viewer has a one-way access latency uniform in
-//!   `--latency-min-ms`..`--latency-max-ms` (10–100 ms); a path's one-way delay
-//!   is the sum of both ends', so RTTs run 20–200 ms; the server (seeder,
-//!   origin, signaling) has 5 ms.
+//! - **Latency**: each viewer has an access latency uniform in
+//!   `--latency-min-ms`..`--latency-max-ms` (10–100 ms); a path's round trip
+//!   is the sum of both ends' (so RTTs run 20–200 ms) and its one-way delay
+//!   half that; the server (seeder, origin, signaling) has 5 ms.
 //! - **Loss**: data channels are reliable and ordered (SCTP), so loss is
 //!   delay: with probability `--loss` (0.01) a frame takes an extra
 //!   max(200 ms, RTT), and frames behind it on the same channel wait for it.

@@ -56,10 +56,11 @@ struct Cli {
     /// Upload capacity of a free rider, × bitrate.
     #[arg(long, default_value_t = 0.2)]
     free_rider_x: f64,
-    /// Smallest one-way access latency, ms.
+    /// Smallest access latency, ms (a path's round trip is the sum of its two
+    /// ends', its one-way delay half that).
     #[arg(long, default_value_t = 10)]
     latency_min_ms: u64,
-    /// Largest one-way access latency, ms.
+    /// Largest access latency, ms.
     #[arg(long, default_value_t = 100)]
     latency_max_ms: u64,
     /// Fraction of viewers that state their upload when they join; the

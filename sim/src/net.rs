@@ -413,7 +413,7 @@ pub struct Host {
     /// Frames it offered to send: with its id, the key of each frame's loss draw
     /// ([`hashed_loss_delay`]).
     pub frames: u64,
-    /// One-way access latency, µs.
+    /// Access latency, µs: its share of a round trip ([`Wire::rtt`]).
     pub access_us: u64,
     /// Whether it is in the swarm.
     pub alive: bool,
@@ -422,7 +422,7 @@ pub struct Host {
 }
 
 impl Host {
-    /// A host uploading at `up_bps` with one-way access latency `access_us`.
+    /// A host uploading at `up_bps` with access latency `access_us`.
     pub fn new(up_bps: u64, access_us: u64) -> Self {
         Host {
             up_bps,

@@ -12,7 +12,8 @@ use crate::stream::{EPOCH_US, LOBBY_US};
 
 /// Upload capacity of the server-side seeder, bit/s (a datacenter link).
 pub const SEEDER_UP_BPS: u64 = 10_000_000_000;
-/// One-way access latency of the server (seeder, origin, signaling), µs.
+/// Access latency of the server (seeder, origin, signaling), µs: its share
+/// of a round trip ([`Viewer::access_us`]).
 pub const SERVER_ACCESS_US: u64 = 5_000;
 /// Download capacity of a viewer as a multiple of the bitrate (used for the
 /// transfer time of origin fetches; peer-to-peer transfers are limited by the
@@ -24,7 +25,8 @@ pub const DOWNLOAD_X: u64 = 10;
 pub struct Viewer {
     /// Upload capacity, bit/s.
     pub up_bps: u64,
-    /// One-way access latency, µs.
+    /// Access latency, µs: a path's round trip is the sum of its two ends',
+    /// its one-way delay half that.
     pub access_us: u64,
     /// When it arrives, µs.
     pub join_us: u64,
