@@ -33,11 +33,13 @@ fmt:
     cargo fmt --all
     cargo fmt --manifest-path fuzz/Cargo.toml --all
 
-# Format check and clippy -D warnings: native, wasm32, and the fuzz targets.
+# Format check and clippy -D warnings: native, wasm32, and the fuzz targets;
+# the API docs build without a broken link.
 lint:
     cargo fmt --all -- --check
     cargo clippy --workspace --all-targets -- -D warnings
     cargo clippy -p clubcast-peer --target wasm32-unknown-unknown --all-targets -- -D warnings
+    RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps
     # The fuzz targets live outside the workspace (cargo-fuzz needs nightly);
     # on stable this proves they still compile and that fuzz/Cargo.lock is current.
     cargo fmt --manifest-path fuzz/Cargo.toml --all -- --check

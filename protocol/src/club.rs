@@ -27,14 +27,14 @@
 //!   the seeder ([`SEEDER_PEER_ID`]), which pushes each block to `k` of them. A
 //!   leaf is a seed only while the club has no other relay to take. A seat
 //!   that frees goes to the relay with the most capacity, and a seed counts as
-//!   [`SEED_UNITS`] busier, so it gets fewer children and subscribers: its
+//!   `SEED_UNITS` busier, so it gets fewer children and subscribers: its
 //!   children all take the seeder's copy from it.
 //!
 //! Who offers: the side with the larger peer id makes the WebRTC offer, so the
 //! joiner offers to older peers and browsers always offer to the seeder.
 //!
 //! Cost: every club keeps its members ordered by each load a pick compares, and
-//! the set of members short of links ([`members`]), so a join or leave touches
+//! the set of members short of links (`members`), so a join or leave touches
 //! only the peers it links or unlinks, in O(log n) each, never the whole club.
 
 mod members;

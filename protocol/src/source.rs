@@ -1,6 +1,6 @@
 //! The source's state machine, run by the server's seeder.
 //!
-//! The seeder is a peer with id [`SEEDER_PEER_ID`]. Its links come from
+//! The seeder is a peer with id [`SEEDER_PEER_ID`](crate::signal::SEEDER_PEER_ID). Its links come from
 //! [`crate::club::Membership`]: `Upload { club }` to the club's seeds, and
 //! `Subscriber` to non-members of a club that has no members yet. For each new
 //! block it pushes to `k` seeds of the block's club, rotating through them so the

@@ -29,7 +29,7 @@
 //! number of threads (a test checks it).
 //!
 //! For the same reason a partition runs a window viewer by viewer, each
-//! viewer's events in their own time order ([`Part::run_by_peer`]): that
+//! viewer's events in their own time order (`Part::run_by_peer`): that
 //! reads each viewer's state once a window rather than once an event, and
 //! gives the results that time order gives (a test checks it too).
 //!
