@@ -196,7 +196,7 @@ impl Run {
         let p = &mut self.peer;
         match op {
             15 | 16 => {
-                let op = if input.u8() % 2 == 0 {
+                let link_op = if input.u8() % 2 == 0 {
                     LinkOp::Add
                 } else {
                     LinkOp::Remove
@@ -206,7 +206,7 @@ impl Run {
                     role: input.role(),
                     offer: false,
                 };
-                p.handle_link(now, op, link);
+                p.handle_link(now, link_op, link);
             }
             17 => p.handle_link_open(now, from),
             18 => p.handle_link_closed(now, from),

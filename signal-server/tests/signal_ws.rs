@@ -851,6 +851,7 @@ async fn an_upload_probe_before_the_join_plans_the_viewer_on_what_it_measured() 
     // The same slow probe, with a stated upload (which wins over the probe),
     // or from a sender that ran dry (so it measured the sender): planned at
     // the cap (100 kbit/s is far above the stream), and so it relays.
+    // Each socket stays open to the test's end, like the other viewers'.
     let mut kept = Vec::new();
     for (extra, result) in [
         (r#","upload_kbps":100"#, "unused"),
