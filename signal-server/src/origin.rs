@@ -2,7 +2,7 @@
 //!
 //! | route | answer |
 //! |---|---|
-//! | `GET /streams` | JSON list of `{id, name, live_edge, clubs, bitrate_kbps}` |
+//! | `GET /streams` | JSON list of `{id, name, live_edge, clubs, bitrate_kbps, peers}` |
 //! | `GET /streams/{id}` | one such object (`id` may be the name); 404 if unknown |
 //! | `GET /streams/{id}/init` | the init segment (`video/mp4`); 404 until published |
 //! | `GET`/`HEAD /streams/{id}/blocks/{seq}` | the encoded block |
