@@ -9,7 +9,8 @@ use crate::stream::{Stream, TARGET_LATENCY_MS};
 /// Largest delay the histogram resolves, ms; later arrivals land in the last
 /// bucket.
 const MAX_DELAY_MS: usize = 120_000;
-/// Viewers present shorter than this are left out of the upload statistics.
+/// Viewers present shorter than this are left out of the upload statistics
+/// (10 s: [`UploadPcts`] says so).
 const MIN_UPLOAD_WINDOW_US: u64 = 10_000_000;
 
 /// Three percentiles.
@@ -23,13 +24,18 @@ pub struct Pcts {
     pub p99: f64,
 }
 
-/// Two percentiles of per-peer upload.
+/// Two percentiles of per-peer upload, over the viewers present for at least
+/// 10 s of the run.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
 pub struct UploadPcts {
     /// Median.
     pub p50: f64,
     /// 99th percentile.
     pub p99: f64,
+    /// Viewers measured. With none (a run shorter than 10 s), `p50` and `p99`
+    /// are 0 and mean nothing; the table prints them as n/a.
+    #[serde(default)]
+    pub viewers: usize,
 }
 
 /// The result of one run.
@@ -388,6 +394,7 @@ impl Collector {
             upload_x_bitrate: UploadPcts {
                 p50: upct(0.50),
                 p99: upct(0.99),
+                viewers: ups.len(),
             },
             events,
             wall_seconds: 0.0,

@@ -6,7 +6,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 use crate::error::SimError;
-use crate::metrics::Report;
+use crate::metrics::{Report, UploadPcts};
 
 /// Picks the plotted value out of a report.
 type Metric = fn(&Report) -> f64;
@@ -31,7 +31,7 @@ pub fn table(rows: &[Row]) -> String {
         let m = &r.report;
         let _ = writeln!(
             s,
-            "| {} | {} | {:.3} | {:.2} | {:.0}/{:.0}/{:.0} | {:.4} | {:.3} | {:.4} | {} | {:.2}/{:.2} | {}/{} | {} | {:.1} | {} | {:.0} |",
+            "| {} | {} | {:.3} | {:.2} | {:.0}/{:.0}/{:.0} | {:.4} | {:.3} | {:.4} | {} | {} | {}/{} | {} | {:.1} | {} | {:.0} |",
             r.label,
             m.mode,
             m.p2p_ratio,
@@ -43,8 +43,7 @@ pub fn table(rows: &[Row]) -> String {
             m.dup_ratio,
             m.control_overhead,
             m.corrupt_blocks_played,
-            m.upload_x_bitrate.p50,
-            m.upload_x_bitrate.p99,
+            upload(&m.upload_x_bitrate),
             m.hostile_kicked,
             m.hostile_viewers,
             m.events,
@@ -54,6 +53,16 @@ pub fn table(rows: &[Row]) -> String {
         );
     }
     s
+}
+
+/// Upload p50/p99 for the table: n/a when no viewer was present long enough
+/// to be measured.
+fn upload(u: &UploadPcts) -> String {
+    if u.viewers == 0 {
+        "n/a".to_owned()
+    } else {
+        format!("{:.2}/{:.2}", u.p50, u.p99)
+    }
 }
 
 /// An SVG with two log-log panels: origin_egress_ratio and block_delay p95

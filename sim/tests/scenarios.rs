@@ -149,6 +149,35 @@ fn baselines_bracket_the_clubs() {
     assert!(mesh.p2p_ratio > 0.5, "the mesh relays: {}", mesh.p2p_ratio);
     assert!(mesh.origin_egress_ratio < 10.0);
     assert!(mesh.upload_x_bitrate.p50 > 0.3);
+    assert_eq!(mesh.upload_x_bitrate.viewers, 200, "every viewer measured");
+}
+
+#[test]
+fn a_run_too_short_to_measure_upload_says_so() {
+    let short = run(&Config {
+        peers: 20,
+        seconds: 5,
+        ..provisioned(Mode::Clubs)
+    })
+    .report;
+    assert_eq!(short.upload_x_bitrate.viewers, 0);
+    let row = |report| clubcast_sim::report::Row {
+        label: "N=20".into(),
+        report,
+    };
+    let table = clubcast_sim::report::table(&[row(short)]);
+    assert!(table.contains("| n/a |"), "{table}");
+    let long = run(&Config {
+        peers: 20,
+        seconds: 12,
+        ..provisioned(Mode::Clubs)
+    })
+    .report;
+    assert_eq!(long.upload_x_bitrate.viewers, 20);
+    let (p50, p99) = (long.upload_x_bitrate.p50, long.upload_x_bitrate.p99);
+    let table = clubcast_sim::report::table(&[row(long)]);
+    assert!(table.contains(&format!("| {p50:.2}/{p99:.2} |")), "{table}");
+    assert!(!table.contains("n/a"), "{table}");
 }
 
 fn assert_deterministic(modes: &[Mode]) {
