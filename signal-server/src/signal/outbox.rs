@@ -133,6 +133,14 @@ impl Receiver {
     }
 }
 
+#[cfg(test)]
+impl Receiver {
+    /// The next queued message, if any, without waiting.
+    pub(crate) fn try_recv(&mut self) -> Option<String> {
+        self.0.lock().queue.pop_front()
+    }
+}
+
 impl Drop for Receiver {
     fn drop(&mut self) {
         self.0.close();

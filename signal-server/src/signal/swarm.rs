@@ -634,4 +634,208 @@ mod tests {
             "strangers change nothing"
         );
     }
+
+    mod views {
+        //! What each peer is told equals what the server believes.
+        use super::*;
+        use bytes::Bytes;
+        use clubcast_protocol::block::BlockFlags;
+        use clubcast_protocol::signal::LinkOp;
+        use proptest::prelude::*;
+        use std::time::Duration;
+
+        /// A peer id no one has: a stranger.
+        const STRANGER: PeerId = 9_999;
+
+        #[derive(Debug, Clone)]
+        enum Op {
+            /// A viewer joins: relays or not, its stated upload, its probed
+            /// upload (kbit/s), and its queue's bound (small ones overflow).
+            Join(bool, Option<u32>, Option<u32>, usize),
+            Leave(usize),
+            LinkFailed(usize, usize),
+            Overloaded(usize),
+            /// Bids a second apart: how many, upload in % of the bitrate,
+            /// late pushes.
+            Bid(usize, u8, u64, u64),
+            SlowSource(usize, usize),
+            Report(usize, usize),
+            Wait(u64),
+        }
+
+        fn kbps() -> impl Strategy<Value = Option<u32>> {
+            prop_oneof![
+                2 => Just(None),
+                1 => prop::sample::select(vec![0u32, 500, 1_500, 2_500, 4_000]).prop_map(Some),
+            ]
+        }
+
+        fn op() -> impl Strategy<Value = Op> {
+            let who = any::<usize>;
+            prop_oneof![
+                4 => (prop::bool::weighted(0.9), kbps(), kbps(),
+                      prop_oneof![9 => Just(4_096usize), 1 => 1usize..4])
+                    .prop_map(|(p2p, stated, probed, cap)| Op::Join(p2p, stated, probed, cap)),
+                1 => who().prop_map(Op::Leave),
+                2 => (who(), who()).prop_map(|(a, b)| Op::LinkFailed(a, b)),
+                1 => who().prop_map(Op::Overloaded),
+                3 => (who(), 1u8..5, prop::sample::select(vec![0u64, 50, 100, 180, 250]),
+                      prop::sample::select(vec![0u64, 5, 25]))
+                    .prop_map(|(p, n, pct, late)| Op::Bid(p, n, pct, late)),
+                2 => (who(), who()).prop_map(|(a, b)| Op::SlowSource(a, b)),
+                1 => (who(), who()).prop_map(|(a, b)| Op::Report(a, b)),
+                2 => (0u64..3_000).prop_map(Op::Wait),
+            ]
+        }
+
+        /// A swarm on a stream of 2,000 kbit/s, so that bids measure upload.
+        fn streaming() -> Swarm {
+            let s = swarm(usize::MAX);
+            // 5 blocks of 4,000 bytes over 80 ms: 160,000 bits in 80 ms.
+            for i in 0..5u64 {
+                s.stream
+                    .publish(
+                        BlockFlags::default(),
+                        i,
+                        i * 20,
+                        Bytes::from(vec![0u8; 4_000]),
+                    )
+                    .expect("publish");
+            }
+            assert_eq!(s.stream.bitrate_kbps(), 2_000);
+            s
+        }
+
+        fn apply(view: &mut Vec<Link>, op: LinkOp, link: Link, who: PeerId) {
+            match op {
+                LinkOp::Add => {
+                    assert!(!view.contains(&link), "{who} told twice of {link:?}");
+                    view.push(link);
+                }
+                LinkOp::Remove => {
+                    let at = view.iter().position(|l| *l == link);
+                    let at = at.unwrap_or_else(|| panic!("{who} told to remove {link:?}"));
+                    view.swap_remove(at);
+                }
+            }
+        }
+
+        fn sorted(mut v: Vec<Link>) -> Vec<Link> {
+            v.sort_by_key(|l| (l.peer, format!("{:?}", l.role), l.offer));
+            v
+        }
+
+        /// Runs `ops` on a swarm and, after each, checks that every peer's
+        /// links as its messages built them (its welcome, then link changes)
+        /// are the membership's links of it, and the seeder's likewise.
+        fn check(ops: Vec<Op>) {
+            let mut s = streaming();
+            let mut ids: Vec<PeerId> = Vec::new();
+            let mut live: HashMap<PeerId, (Receiver, Vec<Link>)> = HashMap::new();
+            let mut seeder: Vec<Link> = Vec::new();
+            let t0 = Instant::now();
+            let mut now = t0;
+            let pick = |ids: &[PeerId], i: usize| match i % (ids.len() + 2) {
+                0 => SEEDER_PEER_ID,
+                1 => STRANGER,
+                k => ids[k - 2],
+            };
+            for op in ops {
+                let mut fx = Effects::default();
+                match op {
+                    Op::Join(p2p, stated_kbps, probed_kbps, cap) => {
+                        let peer = ids.len() as PeerId + 1;
+                        let (tx, rx) = outbox(cap);
+                        let upload = JoinUpload {
+                            stated_kbps,
+                            probed_kbps,
+                        };
+                        let welcome =
+                            |j: &Joined| serde_json::to_string(&j.links).expect("links serialize");
+                        fx = s
+                            .join(peer, p2p, upload, tx, CloseCell::default(), welcome)
+                            .expect("room");
+                        ids.push(peer);
+                        live.insert(peer, (rx, Vec::new()));
+                    }
+                    Op::Leave(i) => {
+                        let p = pick(&ids, i);
+                        fx = s.leave(p);
+                        live.remove(&p);
+                    }
+                    Op::LinkFailed(a, b) => fx = s.link_failed(pick(&ids, a), pick(&ids, b), now),
+                    Op::Overloaded(a) => s.note_overloaded(pick(&ids, a), now),
+                    Op::Bid(a, n, pct, late) => {
+                        // pct % of 2,000 kbit/s over one second, in bytes.
+                        let up = pct * 2_000 * 1_000 / 100 / 8;
+                        for _ in 0..n {
+                            now += Duration::from_secs(1);
+                            let more = s.note_upload(pick(&ids, a), up, late, 1_000, now).1;
+                            fx.dropped.extend(more.dropped);
+                            fx.seeder.extend(more.seeder);
+                        }
+                    }
+                    Op::SlowSource(a, b) => fx = s.slow_source(pick(&ids, a), pick(&ids, b), now).1,
+                    Op::Report(a, b) => fx = s.report(pick(&ids, a), pick(&ids, b), now).1,
+                    Op::Wait(ms) => now += Duration::from_millis(ms),
+                }
+                for (p, _) in &fx.dropped {
+                    live.remove(p);
+                }
+                for e in fx.seeder {
+                    if let SeederEvent::Link { op, link, .. } = e {
+                        apply(&mut seeder, op, link, SEEDER_PEER_ID);
+                    }
+                }
+                for (p, (rx, view)) in &mut live {
+                    while let Some(text) = rx.try_recv() {
+                        if let Ok(links) = serde_json::from_str::<Vec<Link>>(&text) {
+                            assert!(view.is_empty(), "the welcome comes first");
+                            *view = links;
+                            continue;
+                        }
+                        match serde_json::from_str::<ServerMsg>(&text) {
+                            Ok(ServerMsg::Link { op, link, .. }) => apply(view, op, link, *p),
+                            other => panic!("{p} got {other:?}"),
+                        }
+                    }
+                }
+                let mut members: Vec<PeerId> = live.keys().copied().collect();
+                members.sort_unstable();
+                let mut expected: Vec<PeerId> = s.members.keys().copied().collect();
+                expected.sort_unstable();
+                assert_eq!(
+                    members, expected,
+                    "the peers the test holds are the swarm's"
+                );
+                for (p, (_, view)) in &live {
+                    assert_eq!(
+                        sorted(view.clone()),
+                        sorted(s.membership().links_of(*p)),
+                        "peer {p}"
+                    );
+                    for l in view {
+                        assert!(
+                            l.peer == SEEDER_PEER_ID || live.contains_key(&l.peer),
+                            "{p} linked to {} that left",
+                            l.peer
+                        );
+                    }
+                }
+                assert_eq!(
+                    sorted(seeder.clone()),
+                    sorted(s.seeder_links()),
+                    "the seeder"
+                );
+            }
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(64))]
+            #[test]
+            fn every_peer_is_told_exactly_its_links(ops in prop::collection::vec(op(), 1..150)) {
+                check(ops);
+            }
+        }
+    }
 }
