@@ -31,14 +31,9 @@
 //! [`MAX_INIT`], and a buffered fragment (styp + moof + mdat) at most
 //! [`MAX_FRAGMENT`]. Each is checked from the box header, before the box is
 //! buffered. Nothing here panics on input; [`split`] is the pure entry point for
-//! property tests and a `cargo fuzz` target:
-//!
-//! ```text
-//! fuzz_target!(|data: &[u8]| {
-//!     let cut = data.first().map_or(1, |b| usize::from(*b) + 1);
-//!     let _ = clubcast_server::ingest::fmp4::split(data.chunks(cut));
-//! });
-//! ```
+//! the property tests below and the `fmp4_split` cargo-fuzz target
+//! (`fuzz/fuzz_targets/fmp4_split.rs`), which builds this file on its own: it
+//! must keep depending on nothing but `bytes` and `thiserror`.
 
 use bytes::{Buf, Bytes, BytesMut};
 
