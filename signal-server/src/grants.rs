@@ -444,4 +444,128 @@ mod tests {
             STARTUP_MAX_BITS / 3_000 * 3_000
         );
     }
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Register(PeerId),
+        Unregister(PeerId),
+        Bid(PeerId, u64),
+        Startup(PeerId, u64),
+        /// A fetch with the peer's token (`Some`) or none, of so many bits.
+        Debit(Option<PeerId>, u64),
+        /// Fetches with the peer's token, or none, until every size is refused.
+        Drain(Option<PeerId>),
+        Interval,
+    }
+
+    fn op() -> impl proptest::strategy::Strategy<Value = Op> {
+        use proptest::prelude::*;
+        let peer = 1u64..6;
+        prop_oneof![
+            2 => peer.clone().prop_map(Op::Register),
+            1 => peer.clone().prop_map(Op::Unregister),
+            3 => (peer.clone(), 0u64..60_000).prop_map(|(p, b)| Op::Bid(p, b)),
+            1 => (peer.clone(), 0u64..20).prop_map(|(p, u)| Op::Startup(p, u)),
+            6 => (proptest::option::weighted(0.8, peer), 1u64..8_000)
+                .prop_map(|(p, b)| Op::Debit(p, b)),
+            2 => proptest::option::weighted(0.8, 1u64..6).prop_map(Op::Drain),
+            2 => Just(Op::Interval),
+        ]
+    }
+
+    proptest::proptest! {
+        /// Whatever peers join, leave, bid and fetch, the origin serves at most
+        /// its budget over time: a startup grant's unspent bits move to the
+        /// next interval, never more. Anonymous fetches stay within their
+        /// bucket, and a refused fetch takes nothing.
+        #[test]
+        fn the_origin_never_serves_more_than_its_budget(
+            budget in 0u64..100_000,
+            anonymous_percent in 0u8..=100,
+            unit in proptest::prop_oneof![proptest::strategy::Just(0u64), 1u64..5_000],
+            ops in proptest::collection::vec(op(), 1..200),
+        ) {
+            let t0 = Instant::now();
+            let g = Grants::new(budget, anonymous_percent, Duration::from_secs(1), t0)
+                .with_unit_bits(unit);
+            proptest::prop_assert_eq!(g.bid_budget() + g.anonymous_budget(), budget);
+            let mut tokens: HashMap<PeerId, String> = HashMap::new();
+            let (mut intervals, mut served, mut anonymous) = (0u64, 0u64, 0u64);
+            // Served this interval, and what it may serve: the budget plus the
+            // unspent startup bits of the interval before.
+            let (mut served_now, mut may_serve) = (0u64, budget);
+            let mut startup: HashMap<PeerId, u64> = HashMap::new();
+            for op in ops {
+                let now = t0 + Duration::from_secs(intervals);
+                match op {
+                    Op::Register(p) => {
+                        tokens.insert(p, g.register(p));
+                    }
+                    Op::Unregister(p) => {
+                        g.unregister(p);
+                        startup.remove(&p);
+                        proptest::prop_assert_eq!(g.balance(p), 0);
+                    }
+                    Op::Bid(p, bits) => g.handle_bid(p, bits),
+                    Op::Startup(p, units) => {
+                        let bits = g.grant_startup(p, units);
+                        *startup.entry(p).or_default() += bits;
+                        proptest::prop_assert!(bits <= STARTUP_MAX_BITS);
+                        if unit > 0 {
+                            proptest::prop_assert_eq!(bits % unit, 0);
+                        }
+                    }
+                    Op::Debit(who, bits) => {
+                        let token = who.map(|p| tokens.get(&p).cloned().unwrap_or_default());
+                        let before = who.map(|p| g.balance(p));
+                        match g.debit(token.as_deref(), bits, now) {
+                            Ok(()) => {
+                                served += bits;
+                                served_now += bits;
+                                if who.is_none() {
+                                    anonymous += bits;
+                                }
+                            }
+                            Err(e) => {
+                                proptest::prop_assert_eq!(who.map(|p| g.balance(p)), before,
+                                    "a refused fetch took bits: {:?}", e);
+                                proptest::prop_assert!(e.retry_after()
+                                    .is_none_or(|d| d >= Duration::from_secs(1)));
+                            }
+                        }
+                    }
+                    Op::Drain(who) => {
+                        let token = who.map(|p| tokens.get(&p).cloned().unwrap_or_default());
+                        let mut bits = budget.max(1);
+                        while bits > 0 {
+                            while g.debit(token.as_deref(), bits, now).is_ok() {
+                                served += bits;
+                                served_now += bits;
+                                if who.is_none() {
+                                    anonymous += bits;
+                                }
+                            }
+                            bits /= 2;
+                        }
+                    }
+                    Op::Interval => {
+                        let carry: u64 = std::mem::take(&mut startup)
+                            .into_iter()
+                            .map(|(p, bits)| bits.min(g.balance(p)))
+                            .sum();
+                        let grants = g.handle_interval(now + Duration::from_secs(1));
+                        (served_now, may_serve) = (0, budget + carry);
+                        proptest::prop_assert!(
+                            grants.iter().map(|g| g.bits).sum::<u64>() <= g.bid_budget());
+                        intervals += 1;
+                    }
+                }
+                proptest::prop_assert!(served_now <= may_serve,
+                    "served {} of {} this interval", served_now, may_serve);
+                proptest::prop_assert!(served <= (intervals + 1) * budget,
+                    "served {} in {} intervals of {}", served, intervals + 1, budget);
+                proptest::prop_assert!(anonymous <= (intervals + 1) * g.anonymous_budget());
+            }
+        }
+    }
 }
