@@ -2,8 +2,9 @@
 //!
 //! Routes: `/ws` (signaling), `/streams…` (origin), `/healthz`, `/metrics`,
 //! `/watch/{id}` and `/embed/{id}` (player pages), `/pkg/…` (the built wasm)
-//! and every other path from the static directory. Ingest merges its own
-//! router in `main`.
+//! and every other path from the static directory. The origin's routes, `/pkg`
+//! and the static files answer CORS requests from any origin, so that other
+//! sites can embed the player. Ingest merges its own router in `main`.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -91,6 +92,17 @@ pub fn app(state: AppState) -> Router {
             header::HeaderName::from_static("prefer"),
         ])
         .expose_headers([header::ETAG, header::RETRY_AFTER]);
+    // Other sites load the player's scripts and wasm from here: a module
+    // script and the wasm fetch from another origin are CORS requests, refused
+    // without this (`<script type="module" src=".../clubcast-player.js">`
+    // on an embedding page). Public files, read-only: any origin may read them.
+    let assets = CorsLayer::new()
+        .allow_origin(Any)
+        .allow_methods([Method::GET, Method::HEAD]);
+    let files = Router::new()
+        .nest_service("/pkg", ServeDir::new(dir.join("pkg")))
+        .fallback_service(ServeDir::new(dir.clone()))
+        .layer(assets);
     let ingest = crate::ingest::router(crate::ingest::IngestState {
         streams: state.streams.clone(),
         publish_token: state
@@ -109,8 +121,7 @@ pub fn app(state: AppState) -> Router {
         .route("/metrics", get(metrics))
         .route_service("/watch/{id}", ServeFile::new(dir.join("watch.html")))
         .route_service("/embed/{id}", ServeFile::new(dir.join("embed.html")))
-        .nest_service("/pkg", ServeDir::new(dir.join("pkg")))
-        .fallback_service(ServeDir::new(dir))
+        .merge(files)
         .with_state(state)
         // Ingest carries its own state, so it joins the stateless router.
         .merge(ingest)

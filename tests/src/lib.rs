@@ -52,8 +52,11 @@ pub const CHROMIUM_FLAGS: &[&str] = &[
     // viewer's GPU does that work; decoding and the peer still run in full.
     "--window-size=320,240",
 ];
-/// Reads the page's first `<video>` (see [`Browser::video`]).
-const VIDEO_JS: &str = "const v = document.querySelector('video');
+/// Reads the page's first `<video>`, or the one in its `<clubcast-player>`
+/// (see [`Browser::video`]).
+const VIDEO_JS: &str = "const el = document.querySelector('clubcast-player');
+    const v = document.querySelector('video')
+        || (el && el.shadowRoot && el.shadowRoot.querySelector('video'));
     return v ? {current_time: v.currentTime, paused: v.paused, ready_state: v.readyState,
                 error: v.error ? {code: v.error.code, message: v.error.message} : null}
              : null;";
@@ -473,7 +476,8 @@ impl Browser {
             .await
     }
 
-    /// The page's first `<video>`: `{current_time, paused, error, ready_state}`.
+    /// The page's first `<video>`, or its `<clubcast-player>`'s:
+    /// `{current_time, paused, error, ready_state}`.
     pub async fn video(&self) -> Result<Value, HarnessError> {
         self.eval(VIDEO_JS).await
     }

@@ -103,6 +103,66 @@ async fn a_p2p_off_viewer_follows_the_live_edge_in_runs_without_polling() {
     );
 }
 
+/// Another site embeds the player as the README shows: the
+/// `<clubcast-player>` element, its script loaded from the clubcast server.
+/// The page's origin differs from the server's (another port), so the module
+/// scripts and the wasm are CORS requests, refused until the server answered
+/// them for its static files.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_player_embedded_on_another_site_plays() {
+    let server = demo_server().await;
+    let page = format!(
+        r#"<!doctype html>
+<html><body>
+<script type="module" src="{0}/clubcast-player.js"
+        onerror="window.load_error = 'clubcast-player.js did not load'"></script>
+<clubcast-player server="{0}" stream="demo" muted></clubcast-player>
+<script type="module">
+  await customElements.whenDefined("clubcast-player");
+  window.player = document.querySelector("clubcast-player").player;
+</script>
+</body></html>"#,
+        server.url()
+    );
+    let site = serve_page(page).await;
+    assert_ne!(site.port(), server.addr().port(), "another origin");
+    let stats = play_at(&server, &format!("http://{site}/"), "smoke embedded").await;
+    assert_seeded(&server, &stats).await;
+}
+
+/// Serves `page` for every request on a loopback port of its own: the
+/// embedding site. It runs until the test's runtime ends.
+async fn serve_page(page: String) -> std::net::SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind the site");
+    let addr = listener.local_addr().expect("site address");
+    tokio::spawn(async move {
+        while let Ok((mut conn, _)) = listener.accept().await {
+            let page = page.clone();
+            tokio::spawn(async move {
+                // The request head; the page is the answer to any of them.
+                let mut head = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 16 * 1024 {
+                    match conn.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let answer = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: text/html; charset=utf-8\r\n\
+                     content-length: {}\r\nconnection: close\r\n\r\n{page}",
+                    page.len()
+                );
+                let _ = conn.write_all(answer.as_bytes()).await;
+            });
+        }
+    });
+    addr
+}
+
 /// The seeder on the other WebRTC stack, the `webrtc` crate (`--seeder-rtc webrtc-rs`;
 /// `str0m` is the default, which the test above plays through).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -141,9 +201,24 @@ async fn demo_server() -> Server {
 /// Opens `/watch/demo{query}` in one browser and plays [`PLAY_SECS`] of media,
 /// checking the player's stats on the way; returns the last stats read.
 async fn play(server: &Server, query: &str, label: &str) -> Value {
-    let browser = Browser::watch(&format!("{}/watch/demo{query}", server.url()))
+    play_at(
+        server,
+        &format!("{}/watch/demo{query}", server.url()),
+        label,
+    )
+    .await
+}
+
+/// Opens `url`, a page that plays the demo stream of `server` and sets
+/// `window.player`, as [`play`] does.
+async fn play_at(server: &Server, url: &str, label: &str) -> Value {
+    let browser = Browser::watch(url).await.expect("browser opens the page");
+    // A page whose player script failed to load says so (`window.load_error`).
+    let failed = browser
+        .eval("return window.player ? null : (window.load_error || null);")
         .await
-        .expect("browser opens the watch page");
+        .expect("page readable");
+    assert!(failed.is_null(), "{label}: {failed}");
 
     // First frame.
     let startup_ms = first_frames(std::slice::from_ref(&browser), START_TIMEOUT)
