@@ -31,6 +31,7 @@
 //
 // optsJson is JSON.stringify of:
 //   { server: "http://host:port",   // HTTP base; signaling is <server>/ws
+//                                   // (play() defaults it to where this script came from)
 //     stream: "<stream id>",        // base32/hex of the stream's ed25519 key
 //     target_latency_ms: 1500,      // live latency the player steers toward
 //     ice_servers: [{urls: ["stun:…"], username?, credential?}],
@@ -60,6 +61,7 @@ export const STAT_FIELDS = [
 ];
 
 const HISTORY = 120; // seconds of rate samples kept for charts
+const SCRIPT_ORIGIN = new URL(import.meta.url).origin;
 
 function zeroStats() {
   const s = {};
@@ -72,7 +74,8 @@ class Player {
   constructor(video, opts) {
     this.video = video;
     this.opts = {
-      server: location.origin,
+      // The server this script came from, which on another site is not the page's.
+      server: SCRIPT_ORIGIN,
       target_latency_ms: 1500,
       ice_servers: [],
       ...opts,
