@@ -154,28 +154,26 @@ fn baselines_bracket_the_clubs() {
 
 #[test]
 fn a_run_too_short_to_measure_upload_says_so() {
-    let short = run(&Config {
-        peers: 20,
-        seconds: 5,
-        ..provisioned(Mode::Clubs)
-    })
-    .report;
-    assert_eq!(short.upload_x_bitrate.viewers, 0);
-    let row = |report| clubcast_sim::report::Row {
-        label: "N=20".into(),
-        report,
+    // 20 viewers for `seconds`: the report and its table row.
+    let twenty = |seconds| {
+        let report = run(&Config {
+            peers: 20,
+            seconds,
+            ..provisioned(Mode::Clubs)
+        })
+        .report;
+        let row = clubcast_sim::report::Row {
+            label: "N=20".into(),
+            report: report.clone(),
+        };
+        (report, clubcast_sim::report::table(&[row]))
     };
-    let table = clubcast_sim::report::table(&[row(short)]);
+    let (short, table) = twenty(5);
+    assert_eq!(short.upload_x_bitrate.viewers, 0);
     assert!(table.contains("| n/a |"), "{table}");
-    let long = run(&Config {
-        peers: 20,
-        seconds: 12,
-        ..provisioned(Mode::Clubs)
-    })
-    .report;
+    let (long, table) = twenty(12);
     assert_eq!(long.upload_x_bitrate.viewers, 20);
     let (p50, p99) = (long.upload_x_bitrate.p50, long.upload_x_bitrate.p99);
-    let table = clubcast_sim::report::table(&[row(long)]);
     assert!(table.contains(&format!("| {p50:.2}/{p99:.2} |")), "{table}");
     assert!(!table.contains("n/a"), "{table}");
 }
