@@ -13,7 +13,6 @@
 import { play } from "./clubcast.js";
 import { attachOverlay } from "./overlay.js";
 
-const SCRIPT_ORIGIN = new URL(import.meta.url).origin;
 const STYLE = new URL("./style.css", import.meta.url).href;
 
 class ClubcastPlayer extends HTMLElement {
@@ -63,8 +62,10 @@ class ClubcastPlayer extends HTMLElement {
     this._stop();
     const stream = this.getAttribute("stream");
     if (!stream) return;
-    const server = this.getAttribute("server") || SCRIPT_ORIGIN;
-    const opts = { server, stream };
+    // Without a server attribute, play() uses the server this script came from.
+    const opts = { stream };
+    const server = this.getAttribute("server");
+    if (server) opts.server = server;
     const upload = this.getAttribute("upload-kbps");
     if (upload !== null) opts.upload_kbps = upload;
     // upload-probe="off": no upload probe before the join.

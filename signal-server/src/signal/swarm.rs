@@ -706,23 +706,14 @@ mod tests {
             s
         }
 
-        fn apply(view: &mut Vec<Link>, op: LinkOp, link: Link, who: PeerId) {
-            match op {
-                LinkOp::Add => {
-                    assert!(!view.contains(&link), "{who} told twice of {link:?}");
-                    view.push(link);
-                }
-                LinkOp::Remove => {
-                    let at = view.iter().position(|l| *l == link);
-                    let at = at.unwrap_or_else(|| panic!("{who} told to remove {link:?}"));
-                    view.swap_remove(at);
-                }
-            }
-        }
+        /// A peer's links as it was told of them.
+        type View = HashSet<Link>;
 
-        fn sorted(mut v: Vec<Link>) -> Vec<Link> {
-            v.sort_by_key(|l| (l.peer, format!("{:?}", l.role), l.offer));
-            v
+        fn apply(view: &mut View, op: LinkOp, link: Link, who: PeerId) {
+            match op {
+                LinkOp::Add => assert!(view.insert(link), "{who} told twice of {link:?}"),
+                LinkOp::Remove => assert!(view.remove(&link), "{who} told to remove {link:?}"),
+            }
         }
 
         /// Runs `ops` on a swarm and, after each, checks that every peer's
@@ -731,8 +722,8 @@ mod tests {
         fn check(ops: Vec<Op>) {
             let mut s = streaming();
             let mut ids: Vec<PeerId> = Vec::new();
-            let mut live: HashMap<PeerId, (Receiver, Vec<Link>)> = HashMap::new();
-            let mut seeder: Vec<Link> = Vec::new();
+            let mut live: HashMap<PeerId, (Receiver, View)> = HashMap::new();
+            let mut seeder = View::new();
             let t0 = Instant::now();
             let mut now = t0;
             let pick = |ids: &[PeerId], i: usize| match i % (ids.len() + 2) {
@@ -756,7 +747,7 @@ mod tests {
                             .join(peer, p2p, upload, tx, CloseCell::default(), welcome)
                             .expect("room");
                         ids.push(peer);
-                        live.insert(peer, (rx, Vec::new()));
+                        live.insert(peer, (rx, View::new()));
                     }
                     Op::Leave(i) => {
                         let p = pick(&ids, i);
@@ -791,7 +782,7 @@ mod tests {
                     while let Some(text) = rx.try_recv() {
                         if let Ok(links) = serde_json::from_str::<Vec<Link>>(&text) {
                             assert!(view.is_empty(), "the welcome comes first");
-                            *view = links;
+                            *view = links.into_iter().collect();
                             continue;
                         }
                         match serde_json::from_str::<ServerMsg>(&text) {
@@ -800,20 +791,15 @@ mod tests {
                         }
                     }
                 }
-                let mut members: Vec<PeerId> = live.keys().copied().collect();
-                members.sort_unstable();
-                let mut expected: Vec<PeerId> = s.members.keys().copied().collect();
-                expected.sort_unstable();
+                let members: HashSet<PeerId> = live.keys().copied().collect();
+                let expected: HashSet<PeerId> = s.members.keys().copied().collect();
                 assert_eq!(
                     members, expected,
                     "the peers the test holds are the swarm's"
                 );
                 for (p, (_, view)) in &live {
-                    assert_eq!(
-                        sorted(view.clone()),
-                        sorted(s.membership().links_of(*p)),
-                        "peer {p}"
-                    );
+                    let told: View = s.membership().links_of(*p).into_iter().collect();
+                    assert_eq!(*view, told, "peer {p}");
                     for l in view {
                         assert!(
                             l.peer == SEEDER_PEER_ID || live.contains_key(&l.peer),
@@ -822,11 +808,8 @@ mod tests {
                         );
                     }
                 }
-                assert_eq!(
-                    sorted(seeder.clone()),
-                    sorted(s.seeder_links()),
-                    "the seeder"
-                );
+                let told: View = s.seeder_links().into_iter().collect();
+                assert_eq!(seeder, told, "the seeder");
             }
         }
 
