@@ -32,6 +32,12 @@
 //! server fault, 500 `internal`. Blocks published before an error stay stored,
 //! other streams are not touched, and the name is free for the next publisher as
 //! soon as the request ends.
+//!
+//! A publisher may come back to a stream (an encoder restarted, a dropped
+//! connection): the stream goes on. Its block numbers count on, and its decode
+//! times are moved to continue from where the last publish ended
+//! ([`continuation`]), so the viewers' players play on after a pause as long
+//! as the publisher was away.
 
 pub mod chunker;
 pub mod fmp4;
@@ -50,7 +56,7 @@ use serde_json::json;
 
 use crate::metrics::Metrics;
 use crate::stream::{StreamError, Streams};
-use fmp4::{Fmp4Error, Fmp4Parser, Item};
+use fmp4::{Fmp4Error, Fmp4Parser, Fragment, Item};
 
 /// A publisher that sends nothing for this long is dropped and its name freed.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -206,6 +212,9 @@ async fn run(
     let mut parser = Fmp4Parser::new();
     let mut body = body.into_data_stream();
     let (mut fragments, mut blocks) = (0u64, 0u64);
+    // How far this publish's decode times move to continue the stream's
+    // timeline, set at its first fragment.
+    let mut shift = None;
     loop {
         let next = tokio::time::timeout(IDLE_TIMEOUT, body.next()).await;
         let Some(chunk) = next.map_err(|_| IngestError::Idle)? else {
@@ -215,7 +224,16 @@ async fn run(
         for item in parser.push(&chunk)? {
             match item {
                 Item::Init(init) => guard.stream().set_init(init),
-                Item::Fragment(frag) => {
+                Item::Fragment(mut frag) => {
+                    let by = *shift.get_or_insert_with(|| {
+                        let by = continuation(guard.stream().timeline_end(), &frag);
+                        if by != 0 {
+                            let ms = i128::from(by) * 1000 / i128::from(frag.timescale.max(1));
+                            tracing::info!(stream = %name, shift_ms = %ms, "publisher continues the stream's timeline");
+                        }
+                        by
+                    });
+                    frag.shift(by, parser.tracks())?;
                     let b = chunker::publish_fragment(guard.stream(), &frag, st.block_bytes)
                         .map_err(IngestError::Publish)?;
                     fragments += 1;
@@ -227,6 +245,26 @@ async fn run(
     parser.finish()?;
     tracing::info!(stream = %name, fragments, blocks, "publisher finished");
     Ok((fragments, blocks))
+}
+
+/// How many ticks of `first`'s timescale a publish whose first fragment is
+/// `first` moves to start where the stream's timeline ends (`end`: ticks and
+/// their timescale; `None` for a new stream, which keeps its own times).
+///
+/// A publisher that comes back (an encoder restarted, a network blip) starts
+/// its decode times again, usually at zero, while the viewers' players have
+/// media buffered up to the end of the last publish: MSE would put the new
+/// fragments back in the past, over what was played, and the players would
+/// wait at the old end until the new times caught up. Continued, the stream
+/// goes on where it stopped; the players wait out only the wall-clock gap.
+/// The shift is the same time for every track (see [`Fragment::shift`]).
+fn continuation(end: Option<(u64, u32)>, first: &Fragment) -> i64 {
+    let Some((end, scale)) = end else {
+        return 0;
+    };
+    let end = u128::from(end) * u128::from(first.timescale) / u128::from(scale.max(1));
+    let by = i128::try_from(end).unwrap_or(i128::MAX) - i128::from(first.media_time);
+    i64::try_from(by).unwrap_or(if by < 0 { i64::MIN } else { i64::MAX })
 }
 
 #[cfg(test)]
@@ -269,6 +307,28 @@ mod tests {
             .chunks(FIXTURE.len().div_ceil(4))
             .map(|c| Ok(Bytes::from_static(c)))
             .collect()
+    }
+
+    #[test]
+    fn a_returning_publisher_starts_where_the_timeline_ended() {
+        let items = fmp4::split([FIXTURE]).expect("valid");
+        let Some(Item::Fragment(first)) = items.into_iter().nth(1) else {
+            panic!("a fragment after the init")
+        };
+        let t = i64::try_from(first.media_time).expect("small");
+        let scale = first.timescale;
+        assert_eq!(
+            continuation(None, &first),
+            0,
+            "a new stream keeps its times"
+        );
+        // An end in the fragment's own timescale, ahead of it and behind it.
+        assert_eq!(continuation(Some((90_000, scale)), &first), 90_000 - t);
+        assert_eq!(continuation(Some((0, scale)), &first), -t);
+        // An end in another timescale (a publisher with another encoder):
+        // 10 s at 90 kHz is 10 s in the fragment's ticks.
+        let ten = 10 * i64::from(scale);
+        assert_eq!(continuation(Some((900_000, 90_000)), &first), ten - t);
     }
 
     #[tokio::test(start_paused = true)]

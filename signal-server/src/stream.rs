@@ -69,6 +69,8 @@ struct State {
     init: Option<Bytes>,
     store: BlockStore,
     next_seq: u64,
+    /// Where the last published fragment ended: decode time, timescale.
+    timeline_end: Option<(u64, u32)>,
 }
 
 /// One live stream.
@@ -124,6 +126,7 @@ impl Stream {
                 init: None,
                 store: BlockStore::new(cfg.store_seconds.saturating_mul(1000), cfg.max_bytes),
                 next_seq: 0,
+                timeline_end: None,
             }),
             tx,
             publishing: AtomicBool::new(false),
@@ -178,6 +181,18 @@ impl Stream {
         // No receivers is fine: nobody is seeding yet.
         let _ = self.tx.send(stored.clone());
         Ok(stored)
+    }
+
+    /// Where the stream's media timeline ends: the decode time at which the
+    /// last published fragment ends, in ticks of its timescale, with that
+    /// timescale. A publisher that comes back continues from here.
+    pub fn timeline_end(&self) -> Option<(u64, u32)> {
+        self.read().timeline_end
+    }
+
+    /// Records that the timeline now ends at `end` ticks of `timescale`.
+    pub fn set_timeline_end(&self, end: u64, timescale: u32) {
+        self.write().timeline_end = Some((end, timescale));
     }
 
     /// New blocks as they are published.

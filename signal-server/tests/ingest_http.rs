@@ -1,6 +1,7 @@
 //! Ingest over a real loopback socket: a committed ffmpeg-made clip becomes
-//! signed blocks that verify in order, and bad bodies get clear 4xx answers
-//! without touching the streams already stored.
+//! signed blocks that verify in order, a publisher that comes back continues
+//! the stream's timeline, and bad bodies get clear 4xx answers without
+//! touching the streams already stored.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -9,6 +10,7 @@ use std::time::Duration;
 use clubcast_protocol::block::{Block, BlockFlags, BlockVerifier};
 use clubcast_server::app::{app, AppState};
 use clubcast_server::config::Config;
+use clubcast_server::ingest::fmp4::{self, Fragment, Item};
 use clubcast_server::store::Lookup;
 use clubcast_server::stream::{StoreConfig, Streams};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -105,6 +107,78 @@ async fn a_clip_becomes_verified_blocks_in_order() {
         s.key.verify(back).expect("verifies under the stream key");
     }
     assert_eq!(starts, 16, "one fragment start per 1-s fragment");
+}
+
+/// The stream's blocks `from..=to`, reassembled into fragments under `init`.
+fn fragments_of(
+    s: &clubcast_server::stream::Stream,
+    init: &[u8],
+    from: u64,
+    to: u64,
+) -> Vec<Fragment> {
+    let mut bytes = init.to_vec();
+    for seq in from..=to {
+        let Lookup::Found(b) = s.block(seq) else {
+            panic!("block {seq} missing")
+        };
+        bytes.extend_from_slice(b.block.payload());
+    }
+    let items = fmp4::split([&bytes[..]]).expect("the stored blocks are fragmented MP4");
+    items
+        .into_iter()
+        .filter_map(|i| match i {
+            Item::Fragment(f) => Some(f),
+            Item::Init(_) => None,
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn a_publisher_that_comes_back_continues_the_timeline() {
+    const SMALL: &[u8] = include_bytes!("fixtures/small.mp4");
+    let (addr, state) = serve().await;
+    // The clip twice, then another encoder's clip (its own init, B-frames,
+    // 0.5-s fragments and an audio tail), all as the stream `cam`.
+    let mut publishes = Vec::new();
+    for body in [CLIP, CLIP, SMALL] {
+        let (status, text) = put(addr, "cam", Some(TOKEN), body).await;
+        assert_eq!(status, 200, "{text}");
+        let s = state.streams.get("cam").expect("created");
+        let from = publishes.last().map_or(0, |&(_, to, _)| to + 1);
+        publishes.push((from, s.live_edge().expect("blocks"), body));
+    }
+    let s = state.streams.get("cam").expect("created");
+    let mut video_end: Option<u64> = None;
+    for (i, &(from, to, body)) in publishes.iter().enumerate() {
+        let init = &body[..body.windows(4).position(|w| w == b"moof").expect("moof") - 4];
+        let frags = fragments_of(&s, init, from, to);
+        let first = frags.first().expect("fragments");
+        if let Some(end) = video_end {
+            // The same timescale (15360) in both clips.
+            assert_eq!(
+                first.media_time, end,
+                "publish {i} starts where the last one ended"
+            );
+        } else {
+            assert_eq!(first.media_time, 0, "the first publish keeps its own times");
+        }
+        for w in frags.windows(2) {
+            assert!(
+                w[1].media_time > w[0].media_time,
+                "publish {i}: times go forward"
+            );
+        }
+        // The blocks carry the times the fragments' bytes say.
+        let Lookup::Found(b) = s.block(from) else {
+            panic!("block {from} missing")
+        };
+        assert_eq!(b.block.header().media_time, first.media_time);
+        let last_video = frags
+            .iter()
+            .rev()
+            .find_map(|f| f.duration.map(|d| f.media_time + d));
+        video_end = last_video;
+    }
 }
 
 #[tokio::test]

@@ -4,7 +4,8 @@
 //! `ceil(len / block_bytes)` blocks, the first flagged `FRAGMENT_START` (and
 //! `KEYFRAME` when the fragment starts with a sync sample). Every block of a
 //! fragment carries the fragment's media time, so a player can map blocks to
-//! presentation time.
+//! presentation time. Each fragment also moves the stream's timeline end
+//! ([`Stream::timeline_end`]) to where its reference track's samples end.
 
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -56,6 +57,13 @@ pub fn publish_fragment(
         };
         out.push(stream.publish(flags, frag.media_time, now, frag.bytes.slice(off..end))?);
         off = end;
+    }
+    // Where the reference track's samples end. A fragment without them (an
+    // audio tail after the video ended) leaves the end there: a publisher that
+    // comes back overlaps the tail's audio, which MSE splices, rather than
+    // leave a gap in the video, at which playback would stop.
+    if let Some(d) = frag.duration {
+        stream.set_timeline_end(frag.media_time.saturating_add(d), frag.timescale);
     }
     Ok(out)
 }

@@ -409,6 +409,63 @@ impl Fmp4Parser {
     }
 }
 
+impl Fragment {
+    /// Moves the fragment `shift` ticks of [`Fragment::timescale`] along the
+    /// timeline, in place: `media_time` by `shift`, and every track's `tfdt`
+    /// by the same time in the track's own timescale (from `tracks`, the init
+    /// segment's), rounded to the nearest tick, so the tracks stay in step.
+    /// Ingest uses it to continue a stream's timeline when a publisher comes
+    /// back. Nothing changes if a decode time would fall below zero or
+    /// outgrow a 32-bit `tfdt`.
+    pub fn shift(&mut self, shift: i64, tracks: &[Track]) -> Result<(), Fmp4Error> {
+        if shift == 0 {
+            return Ok(());
+        }
+        const RANGE: Fmp4Error = Fmp4Error::Malformed(
+            "a decode time leaves the tfdt's range when the timeline is continued",
+        );
+        let moved = |v: u64, by: i128| u64::try_from(i128::from(v) + by).map_err(|_| RANGE);
+        let media_time = moved(self.media_time, i128::from(shift))?;
+        let mut times = self.tracks.clone();
+        for t in &mut times {
+            let scale = tracks
+                .iter()
+                .find(|k| k.id == t.track_id)
+                .map_or(self.timescale, |k| k.timescale);
+            let by = div_round(
+                i128::from(shift) * i128::from(scale),
+                i128::from(self.timescale.max(1)),
+            );
+            t.base = moved(t.base, by)?;
+            if !t.wide && u32::try_from(t.base).is_err() {
+                return Err(RANGE);
+            }
+        }
+        let mut bytes = BytesMut::from(&self.bytes[..]);
+        for t in &times {
+            let wide = t.base.to_be_bytes();
+            let field = if t.wide { &wide[..] } else { &wide[4..] };
+            bytes
+                .get_mut(t.tfdt_offset..t.tfdt_offset + field.len())
+                .ok_or(Fmp4Error::Malformed("tfdt offset outside the fragment"))?
+                .copy_from_slice(field);
+        }
+        self.bytes = bytes.freeze();
+        self.media_time = media_time;
+        self.tracks = times;
+        Ok(())
+    }
+}
+
+/// `n / d` rounded to the nearest integer, halves away from zero (`d > 0`).
+fn div_round(n: i128, d: i128) -> i128 {
+    if n >= 0 {
+        (n + d / 2) / d
+    } else {
+        -((-n + d / 2) / d)
+    }
+}
+
 fn too_large(kind: &str, size: u64, limit: u64) -> Fmp4Error {
     Fmp4Error::TooLarge {
         kind: kind.to_owned(),
@@ -788,6 +845,74 @@ mod tests {
         // ffmpeg ends with audio the video no longer covers: not a start point,
         // but its time is on the video timeline.
         assert!(tail.iter().all(|f| !f.keyframe && f.timescale == 15360));
+    }
+
+    #[test]
+    fn a_shift_moves_every_track_by_the_same_time_and_back() {
+        let mut p = Fmp4Parser::new();
+        let items = p.push(SMALL).expect("valid");
+        let tracks = p.tracks().to_vec();
+        let f = fragments(&items)[1].clone();
+        let scale = |id: u32| {
+            let t = tracks.iter().find(|t| t.id == id).expect("known track");
+            i64::from(t.timescale)
+        };
+        assert_eq!(f.tracks.len(), 2, "video and audio");
+        // 2.5 s: a whole number of ticks in both timescales (15360, 44100).
+        let by = 5 * i64::from(f.timescale) / 2;
+        let mut g = f.clone();
+        g.shift(by, &tracks).expect("in range");
+        assert_eq!(g.media_time, f.media_time + by as u64);
+        for (a, b) in f.tracks.iter().zip(&g.tracks) {
+            assert_eq!((b.base - a.base) as i64, 5 * scale(a.track_id) / 2);
+        }
+        // The bytes say what the fields say: parsed again, the same fragment.
+        let again = split([&SMALL[..init_len(SMALL)], &g.bytes[..]]).expect("valid");
+        assert_eq!(fragments(&again), [&g]);
+        // Nothing but the tfdts changed, and shifting back restores them.
+        assert_eq!(g.bytes.len(), f.bytes.len());
+        g.shift(-by, &tracks).expect("in range");
+        assert_eq!(g, f);
+        // A time off the end of the timescale's tick grid rounds per track.
+        let mut h = f.clone();
+        h.shift(1, &tracks).expect("in range");
+        let audio = h
+            .tracks
+            .iter()
+            .zip(&f.tracks)
+            .find(|(t, _)| scale(t.track_id) == 44100);
+        let (moved, was) = audio.expect("an audio track");
+        assert_eq!(
+            moved.base - was.base,
+            3,
+            "1/15360 s is 2.87 ticks at 44.1 kHz"
+        );
+
+        // Out of range: an error, and the fragment as it was.
+        let mut g = f.clone();
+        let before = -(f.media_time as i64) - 1;
+        assert!(matches!(
+            g.shift(before, &tracks),
+            Err(Fmp4Error::Malformed(_))
+        ));
+        assert_eq!(g, f);
+        // A 32-bit tfdt (here the low half of the 64-bit field, whose high half
+        // is zero) takes a shift that fits and refuses one that does not.
+        let mut narrow = f.clone();
+        for t in &mut narrow.tracks {
+            t.tfdt_offset += 4;
+            t.wide = false;
+        }
+        let mut n = narrow.clone();
+        n.shift(by, &tracks).expect("fits in 32 bits");
+        let wide_again = split([&SMALL[..init_len(SMALL)], &n.bytes[..]]).expect("valid");
+        assert_eq!(
+            fragments(&wide_again)[0].media_time,
+            f.media_time + by as u64
+        );
+        let mut n = narrow.clone();
+        assert!(n.shift(i64::from(u32::MAX), &tracks).is_err());
+        assert_eq!(n, narrow);
     }
 
     #[test]
