@@ -112,6 +112,9 @@ struct Sink {
 enum Segment {
     /// Bytes to append.
     Media(Vec<u8>),
+    /// An init segment to append, after `SourceBuffer.changeType` if its MIME
+    /// type differs from the buffer's.
+    Init { bytes: Vec<u8>, mime: String },
     /// `SourceBuffer.abort()`: drop the parser's partial state before what follows.
     Reset,
 }
@@ -188,6 +191,26 @@ impl MseSink {
             }
             sink.queued_bytes += bytes.len();
             sink.queue.push_back(Segment::Media(bytes));
+        }
+        pump(&Rc::downgrade(&self.shared), &self.handler);
+        Ok(())
+    }
+
+    /// Queues another init segment (a publisher came back with other
+    /// settings), for the media appended after it. If its `mime` differs from
+    /// the buffer's, `SourceBuffer.changeType` switches the codecs first.
+    pub fn append_init(&self, bytes: Vec<u8>, mime: &str) -> Result<(), MseError> {
+        {
+            let mut sink = self.shared.borrow_mut();
+            if sink.closed {
+                return Err(MseError::Closed);
+            }
+            if sink.queue.len() >= MAX_QUEUED_SEGMENTS {
+                return Err(MseError::Full);
+            }
+            sink.queued_bytes += bytes.len();
+            let mime = mime.to_owned();
+            sink.queue.push_back(Segment::Init { bytes, mime });
         }
         pump(&Rc::downgrade(&self.shared), &self.handler);
         Ok(())
@@ -353,6 +376,19 @@ fn next_step(sink: &mut Sink) -> Step {
             return Step::Failed(MseError::js("SourceBuffer.abort")(e));
         }
     }
+    if let Some(Segment::Init { mime, .. }) = sink.queue.front() {
+        if *mime != sink.mime {
+            let mime = mime.clone();
+            if let Err(e) = buffer.change_type(&mime) {
+                return Step::Failed(MseError::js("SourceBuffer.changeType")(e));
+            }
+            sink.mime = mime;
+        }
+        // From here on it is bytes like any other, parsed in order.
+        if let Some(Segment::Init { bytes, .. }) = sink.queue.pop_front() {
+            sink.queue.push_front(Segment::Media(bytes));
+        }
+    }
     coalesce_front(&mut sink.queue, MAX_APPEND_BYTES);
     let Some(Segment::Media(front)) = sink.queue.front_mut() else {
         if sink.closed {
@@ -435,7 +471,7 @@ mod tests {
         q.iter()
             .map(|s| match s {
                 Segment::Media(b) => Some(b.clone()),
-                Segment::Reset => None,
+                Segment::Reset | Segment::Init { .. } => None,
             })
             .collect()
     }
@@ -471,6 +507,19 @@ mod tests {
         let mut q: VecDeque<Segment> = [Segment::Reset, Segment::Media(vec![1])].into();
         coalesce_front(&mut q, 5);
         assert_eq!(shape(&q), [None, Some(vec![1])], "a reset in front stays");
+        let init = || Segment::Init {
+            bytes: vec![2],
+            mime: "video/mp4".into(),
+        };
+        let mut q: VecDeque<Segment> =
+            [Segment::Media(vec![1]), init(), Segment::Media(vec![3])].into();
+        coalesce_front(&mut q, 5);
+        assert_eq!(
+            q.len(),
+            3,
+            "an init is a wall: what is before it goes first"
+        );
+        assert!(matches!(q[1], Segment::Init { .. }));
         let mut q: VecDeque<Segment> = [Segment::Media(vec![0; 9]), Segment::Media(vec![1])].into();
         coalesce_front(&mut q, 5);
         assert_eq!(q.len(), 2, "a segment over the cap goes alone");

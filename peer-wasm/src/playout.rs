@@ -176,14 +176,10 @@ impl Timeline {
         }
     }
 
-    /// Sets the timescale (once the init segment is parsed); anchors noted
-    /// before keep their raw media time and are rescaled.
+    /// Sets the timescale of the fragments noted from now on (the init
+    /// segment's, at the start and at each new init); anchors noted before
+    /// keep their place.
     pub fn set_timescale(&mut self, timescale: u32) {
-        let old = f64::from(self.timescale);
-        let new = f64::from(timescale.max(1));
-        for a in &mut self.anchors {
-            a.0 = a.0 * old / new;
-        }
         self.timescale = timescale.max(1);
     }
 
@@ -382,8 +378,12 @@ mod tests {
         assert_eq!(tl.capture_at(4.5), Some(10_500.0));
         assert_eq!(tl.ingest_at(4.25), Some(12_250.0));
         assert_eq!(tl.time_of(12_250.0), Some(4.25));
+        // Another init with another timescale: the anchors noted stay put,
+        // the next ones are read in the new timescale.
         tl.set_timescale(2000);
-        assert_eq!(tl.ingest_at(2.0), Some(12_000.0));
+        assert_eq!(tl.ingest_at(4.25), Some(12_250.0));
+        tl.note_fragment(12_000, 14_000);
+        assert_eq!(tl.ingest_at(6.5), Some(14_500.0));
     }
 
     #[test]

@@ -148,7 +148,7 @@ pub(crate) enum Input {
     },
     Mse(MseEvent),
     Video(VideoEvent),
-    Init(Result<Fetched, FetchError>),
+    Init(u64, Result<Fetched, FetchError>),
     /// An origin fetch from `seq`: one block or a run.
     Origin {
         seq: u64,
@@ -319,7 +319,7 @@ impl Session {
             Input::Link { peer, gen, event } => self.on_link(peer, gen, event),
             Input::Mse(e) => self.on_mse(e),
             Input::Video(e) => self.on_video(e),
-            Input::Init(r) => self.on_init(r),
+            Input::Init(seq, r) => self.on_init(seq, r),
             Input::Origin { seq, result } => self.on_origin(seq, result),
             Input::Wake => {
                 self.core_deadline = None;
@@ -687,7 +687,7 @@ impl Session {
                     edge_probes: 0,
                 });
                 if !rejoin {
-                    self.play.fetch_init(init_url);
+                    self.play.fetch_init(init_url, start);
                     self.links.hold();
                 }
                 for l in &links {
@@ -834,8 +834,8 @@ impl Session {
         }
     }
 
-    fn on_init(&mut self, r: Result<Fetched, FetchError>) {
-        if let Err((code, message)) = self.play.handle_init(r) {
+    fn on_init(&mut self, seq: u64, r: Result<Fetched, FetchError>) {
+        if let Err((code, message)) = self.play.handle_init(seq, r) {
             self.error(code, message);
         }
     }

@@ -90,7 +90,12 @@ impl BlockFlags {
     pub const FRAGMENT_START: BlockFlags = BlockFlags(0b01);
     /// The fragment this block starts begins with a keyframe.
     pub const KEYFRAME: BlockFlags = BlockFlags(0b10);
-    const KNOWN: u8 = 0b11;
+    /// The fragment this block starts needs another init segment than the
+    /// blocks before it (a publisher came back with other settings): a player
+    /// fetches the init in force at this block's seq and appends it first.
+    /// Set only on a fragment start.
+    pub const NEW_INIT: BlockFlags = BlockFlags(0b100);
+    const KNOWN: u8 = 0b111;
 
     /// No flags set.
     pub const fn empty() -> Self {
@@ -570,6 +575,17 @@ mod tests {
         ));
     }
 
+    #[test]
+    fn unknown_flag_bits_are_refused() {
+        let all = BlockFlags::FRAGMENT_START
+            .union(BlockFlags::KEYFRAME)
+            .union(BlockFlags::NEW_INIT);
+        assert_eq!(BlockFlags::from_bits(all.bits()), Ok(all));
+        for bits in [0b1000u8, 0x80, 0xFF] {
+            assert!(matches!(BlockFlags::from_bits(bits), Err(BlockError::Flags(b)) if b == bits));
+        }
+    }
+
     proptest! {
         #[test]
         fn decode_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
@@ -582,7 +598,7 @@ mod tests {
         }
 
         #[test]
-        fn sign_decode_verify(seq: u64, t: u64, m: u64, flags in 0u8..4,
+        fn sign_decode_verify(seq: u64, t: u64, m: u64, flags in 0u8..8,
                               payload in proptest::collection::vec(any::<u8>(), 0..2000)) {
             let s = signer(9);
             let flags = BlockFlags::from_bits(flags).expect("known bits");

@@ -4,7 +4,8 @@
 //! |---|---|
 //! | `GET /streams` | JSON list of `{id, name, live_edge, clubs, bitrate_kbps, peers}` |
 //! | `GET /streams/{id}` | one such object (`id` may be the name); 404 if unknown |
-//! | `GET /streams/{id}/init` | the init segment (`video/mp4`); 404 until published |
+//! | `GET /streams/{id}/init` | the newest init segment (`video/mp4`); 404 until published |
+//! | `GET /streams/{id}/init?seq={seq}` | the init segment block `seq` needs (a publisher that comes back may bring another; its first block is flagged `NEW_INIT`) |
 //! | `GET`/`HEAD /streams/{id}/blocks/{seq}` | the encoded block |
 //! | `GET /streams/{id}/blocks?from={seq}&max={n}` | a run: the encoded blocks from `seq` on, back to back |
 //!
@@ -211,12 +212,22 @@ async fn one(State(state): State<AppState>, Path(id): Path<String>) -> Response 
     }
 }
 
-async fn init(State(state): State<AppState>, Path(id): Path<String>) -> Response {
-    let r = state
-        .streams
-        .get(&id)
-        .ok_or(OriginError::UnknownStream(id))
-        .and_then(|s| s.init_segment().ok_or(OriginError::NoInit));
+async fn init(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    RawQuery(query): RawQuery,
+) -> Response {
+    let r = init_query(query.as_deref()).and_then(|seq| {
+        let s = state
+            .streams
+            .get(&id)
+            .ok_or(OriginError::UnknownStream(id))?;
+        let init = match seq {
+            Some(seq) => s.init_segment_at(seq),
+            None => s.init_segment(),
+        };
+        init.ok_or(OriginError::NoInit)
+    });
     match r {
         Ok(bytes) => ok(
             &state.metrics,
@@ -300,6 +311,18 @@ fn run_query(query: Option<&str>) -> Result<(u64, u64), OriginError> {
         }
     }
     Ok((from.ok_or(OriginError::BadRun)?, max))
+}
+
+/// `seq` of an init request's query string, if given. Unknown keys are
+/// ignored.
+fn init_query(query: Option<&str>) -> Result<Option<u64>, OriginError> {
+    let mut seq = None;
+    for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
+        if let Some(v) = pair.strip_prefix("seq=") {
+            seq = Some(v.parse().map_err(|_| OriginError::BadSeq)?);
+        }
+    }
+    Ok(seq)
 }
 
 /// Answers `serve`; when that is "not produced yet" and the client sent

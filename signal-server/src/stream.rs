@@ -6,7 +6,7 @@
 //! stream keeps its id across restarts. Ingest calls [`Stream::set_init`] and
 //! [`Stream::publish`]; the origin, signaling and seeder read.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
@@ -21,6 +21,10 @@ use crate::store::{BlockStore, Lookup, StoreError, StoredBlock};
 pub const MAX_STREAMS: usize = 256;
 /// Longest stream name.
 pub const MAX_NAME_LEN: usize = 64;
+/// Most init segments a stream keeps for the blocks it stores: a publisher
+/// that came back with other settings more often than this within the store's
+/// window leaves its oldest blocks with the oldest kept init.
+pub const MAX_INITS: usize = 16;
 /// Capacity of the new-block broadcast; a receiver that lags further skips ahead.
 pub const BLOCK_BROADCAST_CAPACITY: usize = 1024;
 
@@ -66,7 +70,12 @@ pub struct StoreConfig {
 }
 
 struct State {
-    init: Option<Bytes>,
+    /// The init segments blocks refer to, oldest first: each with the seq of
+    /// the first block it is in force for. At most [`MAX_INITS`].
+    inits: VecDeque<(u64, Bytes)>,
+    /// An init segment that differs from the newest, sent by a publisher
+    /// that came back: in force from its next fragment start on.
+    next_init: Option<Bytes>,
     store: BlockStore,
     next_seq: u64,
     /// Where the last published fragment ended: decode time, timescale.
@@ -123,7 +132,8 @@ impl Stream {
             key,
             signer,
             state: RwLock::new(State {
-                init: None,
+                inits: VecDeque::new(),
+                next_init: None,
                 store: BlockStore::new(cfg.store_seconds.saturating_mul(1000), cfg.max_bytes),
                 next_seq: 0,
                 timeline_end: None,
@@ -152,13 +162,42 @@ impl Stream {
     }
 
     /// Sets the init segment (ftyp + moov) that every fragment after it needs.
+    ///
+    /// The stream's first init is in force from its first block. A later one
+    /// (a publisher that came back) that differs from the one in force takes
+    /// effect at the next fragment start, whose block [`Stream::publish`] flags
+    /// [`BlockFlags::NEW_INIT`]; one equal to it changes nothing.
     pub fn set_init(&self, init: Bytes) {
-        self.write().init = Some(init);
+        let mut st = self.write();
+        match st.inits.back() {
+            None => {
+                let seq = st.next_seq;
+                st.inits.push_back((seq, init));
+            }
+            Some((_, newest)) if *newest == init => st.next_init = None,
+            Some(_) => st.next_init = Some(init),
+        }
     }
 
-    /// The init segment, once a publisher has sent one.
+    /// The newest init segment, once a publisher has sent one.
     pub fn init_segment(&self) -> Option<Bytes> {
-        self.read().init.clone()
+        let st = self.read();
+        st.next_init
+            .clone()
+            .or_else(|| st.inits.back().map(|(_, b)| b.clone()))
+    }
+
+    /// The init segment block `seq` needs: the last one in force at or before
+    /// it (the oldest kept, for a seq before it). A player fetches it for its
+    /// first block and again at each block flagged [`BlockFlags::NEW_INIT`].
+    pub fn init_segment_at(&self, seq: u64) -> Option<Bytes> {
+        let st = self.read();
+        st.inits
+            .iter()
+            .rev()
+            .find(|(from, _)| *from <= seq)
+            .or(st.inits.front())
+            .map(|(_, b)| b.clone())
     }
 
     /// Signs `payload` as the next block, stores it and announces it.
@@ -171,12 +210,28 @@ impl Stream {
     ) -> Result<Arc<StoredBlock>, StreamError> {
         let mut st = self.write();
         let seq = st.next_seq;
+        let new_init = flags.contains(BlockFlags::FRAGMENT_START) && st.next_init.is_some();
+        let flags = if new_init {
+            flags.union(BlockFlags::NEW_INIT)
+        } else {
+            flags
+        };
         let block = self
             .signer
             .sign(seq, flags, ingest_time_ms, media_time, payload)?;
         let stored = Arc::new(StoredBlock::new(block));
         st.store.push(stored.clone())?;
         st.next_seq += 1;
+        if new_init {
+            if let Some(init) = st.next_init.take() {
+                st.inits.push_back((seq, init));
+            }
+        }
+        // Keep the init in force at the oldest stored block and every later one.
+        let oldest = st.store.oldest().unwrap_or(seq);
+        while st.inits.len() > MAX_INITS || st.inits.get(1).is_some_and(|(s, _)| *s <= oldest) {
+            st.inits.pop_front();
+        }
         drop(st);
         // No receivers is fine: nobody is seeding yet.
         let _ = self.tx.send(stored.clone());
@@ -373,6 +428,63 @@ mod tests {
             .clone();
         assert_eq!(id1, id2);
         std::fs::remove_dir_all(dir).expect("cleanup");
+    }
+
+    #[test]
+    fn another_init_takes_effect_at_a_fragment_start_and_is_kept_while_needed() {
+        let streams = Streams::new(None, cfg());
+        let s = streams.get_or_create("cam").expect("ok");
+        let (a, b) = (Bytes::from_static(b"init a"), Bytes::from_static(b"init b"));
+        let start = BlockFlags::FRAGMENT_START;
+        let publish = |flags, at_ms| {
+            let b = s.publish(flags, 0, at_ms, Bytes::from_static(b"x"));
+            b.expect("publish").block.header().flags
+        };
+        assert_eq!(s.init_segment_at(0), None, "nothing published");
+        s.set_init(a.clone());
+        assert_eq!(publish(start, 0), start, "the first init needs no flag");
+        publish(BlockFlags::empty(), 0);
+        // The publisher comes back with the same init: nothing changes.
+        s.set_init(a.clone());
+        assert_eq!(publish(start, 0), start);
+        // ... and with another: in force from its next fragment start on.
+        s.set_init(b.clone());
+        assert_eq!(s.init_segment(), Some(b.clone()), "the newest, for /init");
+        assert_eq!(
+            publish(start, 0),
+            start.union(BlockFlags::NEW_INIT),
+            "seq 3 starts the new init"
+        );
+        assert_eq!(publish(BlockFlags::empty(), 0), BlockFlags::empty());
+        assert_eq!(publish(start, 0), start, "flagged once");
+        for (seq, init) in [(0, &a), (2, &a), (3, &b), (5, &b), (99, &b)] {
+            assert_eq!(s.init_segment_at(seq).as_ref(), Some(init), "seq {seq}");
+        }
+        // Once the blocks of the old init are evicted (older than the store's
+        // 120 s), it goes.
+        publish(start, 200_000);
+        assert_eq!(s.init_segment_at(0), Some(b.clone()), "only b is left");
+        // A publisher that keeps coming back with other inits: the newest
+        // MAX_INITS are kept.
+        let inits: Vec<Bytes> = (0..2 * MAX_INITS)
+            .map(|i| Bytes::from(format!("init {i}")))
+            .collect();
+        let mut firsts = Vec::new();
+        for init in &inits {
+            s.set_init(init.clone());
+            firsts.push(s.live_edge().expect("blocks") + 1);
+            assert!(publish(start, 200_000).contains(BlockFlags::NEW_INIT));
+        }
+        assert_eq!(s.read().inits.len(), MAX_INITS);
+        let last = inits.len() - 1;
+        assert_eq!(s.init_segment_at(firsts[last]), Some(inits[last].clone()));
+        let kept = inits.len() - MAX_INITS;
+        assert_eq!(s.init_segment_at(firsts[kept]), Some(inits[kept].clone()));
+        assert_eq!(
+            s.init_segment_at(0),
+            Some(inits[kept].clone()),
+            "the oldest kept"
+        );
     }
 
     #[test]

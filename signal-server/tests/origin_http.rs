@@ -361,6 +361,24 @@ async fn streams_are_listed_and_init_is_404_until_published() {
     assert_eq!(r.status, 200);
     assert_eq!(r.body, b"ftypmoov");
     assert_eq!(r.header("content-type"), Some("video/mp4"));
+    // A publisher comes back with another init: in force from block 2 (the
+    // next fragment start) on; `?seq=` answers the one a block needs.
+    let s = state.streams.get("demo").expect("exists");
+    s.set_init(Bytes::from_static(b"ftypmoov2"));
+    publish(&state, 2);
+    for (query, body) in [
+        ("", &b"ftypmoov2"[..]),
+        ("?seq=0", b"ftypmoov"),
+        ("?seq=1", b"ftypmoov"),
+        ("?seq=2", b"ftypmoov2"),
+        ("?seq=3&x=y", b"ftypmoov2"),
+    ] {
+        let r = http(addr, "GET", &format!("/streams/demo/init{query}"), &[]).await;
+        assert_eq!((r.status, &r.body[..]), (200, body), "init{query}");
+    }
+    let r = http(addr, "GET", "/streams/demo/init?seq=two", &[]).await;
+    assert_eq!(r.status, 400);
+    assert_eq!(r.json()["code"], "bad_seq");
 
     assert_eq!(http(addr, "GET", "/healthz", &[]).await.body, b"ok");
     let m = http(addr, "GET", "/metrics", &[]).await;

@@ -164,6 +164,94 @@ async fn serve_page(page: String) -> std::net::SocketAddr {
     addr
 }
 
+/// A publisher that comes back (an encoder restarted) with other settings:
+/// ffmpeg publishes `cam` at 640x360, 30 fps (H.264 high, AAC at 48 kHz) for
+/// [`FIRST_PUBLISH_SECS`], then again at 320x180, 25 fps (baseline, AAC at
+/// 44.1 kHz): another init segment, other codecs and timescales, and decode
+/// times that start at zero again. The viewer must play on into the second
+/// publish at its new size, without a media error. Before the server
+/// continued the timeline, the player sat at the first publish's end; before
+/// it handled the new init (`NEW_INIT`), the decoder failed on the new
+/// frames (`PIPELINE_ERROR_DECODE`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publisher_that_comes_back_with_other_settings_plays_on() {
+    const FIRST_PUBLISH_SECS: f64 = 8.0;
+    let server = Server::start(ServerOptions {
+        args: ["--no-demo", "--publish-token", "tok"]
+            .map(String::from)
+            .to_vec(),
+        ..ServerOptions::default()
+    })
+    .await
+    .expect("server starts");
+    let ingest = format!("{}/ingest/cam", server.url());
+    let publisher = std::thread::spawn(move || {
+        let first = FIRST_PUBLISH_SECS.to_string();
+        for (size, rate, hz, profile, secs) in [
+            ("640x360", "30", "48000", "high", first.as_str()),
+            ("320x180", "25", "44100", "baseline", "14"),
+        ] {
+            let video = format!("testsrc2=size={size}:rate={rate}");
+            let audio = format!("sine=frequency=440:sample_rate={hz}");
+            let status = std::process::Command::new("ffmpeg")
+                .args(["-hide_banner", "-loglevel", "error", "-re"])
+                .args(["-f", "lavfi", "-i", &video, "-f", "lavfi", "-i", &audio])
+                .args(["-t", secs, "-c:v", "libx264", "-preset", "veryfast"])
+                .args(["-profile:v", profile, "-pix_fmt", "yuv420p", "-g", rate])
+                .args(["-c:a", "aac", "-f", "mp4", "-movflags"])
+                .args(["frag_keyframe+empty_moov+default_base_moof"])
+                .args(["-frag_duration", "1000000", "-method", "PUT"])
+                .args(["-headers", "Authorization: Bearer tok", &ingest])
+                .status()
+                .expect("ffmpeg runs (`just setup` installs it)");
+            assert!(status.success(), "ffmpeg publishing {size}: {status}");
+        }
+    });
+    server
+        .wait_for_stream("cam", Duration::from_secs(30))
+        .await
+        .expect("ffmpeg publishes");
+    let browser = Browser::watch(&format!("{}/watch/cam", server.url()))
+        .await
+        .expect("browser opens the page");
+    first_frames(std::slice::from_ref(&browser), START_TIMEOUT)
+        .await
+        .unwrap_or_else(|e| panic!("no first frame: {e}\nserver log:\n{}", server.log_tail(30)));
+    let (mut widths, mut last) = (Vec::new(), 0.0f64);
+    let deadline = Instant::now() + Duration::from_secs(45);
+    loop {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let v = browser.video().await.expect("video readable");
+        let s = browser.stats().await.expect("stats readable");
+        assert!(v["error"].is_null(), "video error: {v}; stats {s}");
+        let width = browser
+            .eval("return document.querySelector('video').videoWidth;")
+            .await
+            .expect("videoWidth readable");
+        if widths.last() != Some(&width) {
+            widths.push(width);
+        }
+        last = last.max(v["current_time"].as_f64().expect("currentTime"));
+        // Well into the second publish: it starts where the first ended.
+        if last > FIRST_PUBLISH_SECS + 4.0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "stuck at {last:.1} s of media (widths {widths:?}); video {v}; stats {s}\nserver log:\n{}",
+            server.log_tail(20)
+        );
+    }
+    println!("smoke republish: played to {last:.1} s, video widths {widths:?}");
+    assert_eq!(
+        widths,
+        [640, 320],
+        "the size changed once, with the publisher"
+    );
+    browser.close().await;
+    publisher.join().expect("the publisher ran");
+}
+
 /// The seeder on the other WebRTC stack, the `webrtc` crate (`--seeder-rtc webrtc-rs`;
 /// `str0m` is the default, which the test above plays through).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,11 +1,20 @@
 //! Playback: MSE appends in block order, startup, latency steering, stalls.
 //!
-//! The init segment is fetched once the welcome names it; its `mdhd` gives
-//! the timescale of `media_time` and its sample entries the MIME codecs, so the
-//! `MediaSource` is attached only then. Blocks played before that wait in a
-//! bounded queue ([`MAX_PENDING_BYTES`]). A skip queues a parser reset
-//! (`SourceBuffer.abort()`) behind what is already queued; the core resumes
-//! at a fragment start. The sink trims the buffer behind the playhead.
+//! The init segment is fetched once the welcome names it, for the block the
+//! player starts at; its `mdhd` gives the timescale of `media_time` and its
+//! sample entries the MIME codecs, so the `MediaSource` is attached only then.
+//! Blocks played before that wait in a bounded queue ([`MAX_PENDING_BYTES`]).
+//! A skip queues a parser reset (`SourceBuffer.abort()`) behind what is
+//! already queued; the core resumes at a fragment start. The sink trims the
+//! buffer behind the playhead.
+//!
+//! Another init: a publisher that comes back may bring other settings, and
+//! the first block after it is flagged [`BlockFlags::NEW_INIT`]. At such a
+//! fragment start, and at the first one after a skip (which may have passed
+//! over the flagged block), the player fetches the init in force at that
+//! block (`init?seq=`), holds the blocks behind it in the same bounded
+//! queue, and appends the init ahead of them (`changeType` if the codecs
+//! differ); the same init again is harmless to MSE.
 //!
 //! Every tick: start (seek to the target latency inside the buffered backlog
 //! and `play()`, once that frame is [`MIN_START_LATENCY_SHARE`] of the target
@@ -59,8 +68,9 @@ pub const START_WAIT_MS: f64 = 500.0;
 /// Timescale assumed when the init segment cannot be parsed (MPEG-TS clock).
 const FALLBACK_TIMESCALE: u32 = 90_000;
 
+/// What waits for an init segment.
 enum Pending {
-    Media(Vec<u8>),
+    Block(VerifiedBlock),
     Reset,
 }
 
@@ -70,6 +80,14 @@ pub(super) struct Playback {
     target_ms: f64,
     mse: Option<MseSink>,
     init_bytes: u64,
+    /// The init route (`…/init`), once the welcome named it.
+    init_url: String,
+    /// The block the init appended last was fetched for.
+    init_seq: Option<u64>,
+    /// An init fetch is running: blocks wait in `pending`.
+    init_wait: bool,
+    /// A skip happened: fetch the init again at the next fragment start.
+    init_check: bool,
     pending: VecDeque<Pending>,
     pending_bytes: usize,
     reset_due: bool,
@@ -104,6 +122,10 @@ impl Playback {
             target_ms: 1500.0,
             mse: None,
             init_bytes: 0,
+            init_url: String::new(),
+            init_seq: None,
+            init_wait: false,
+            init_check: false,
             pending: VecDeque::new(),
             pending_bytes: 0,
             reset_due: false,
@@ -189,21 +211,42 @@ impl Playback {
         self.current_time
     }
 
-    pub(super) fn fetch_init(&mut self, url: String) {
+    /// Fetches the init segment at `url` (the welcome's) for block `seq`,
+    /// where playback starts.
+    pub(super) fn fetch_init(&mut self, url: String, seq: u64) {
+        self.init_url = url;
+        self.init_wait = true;
+        self.request_init(seq);
+    }
+
+    fn request_init(&self, seq: u64) {
         let weak = self.weak.clone();
+        let url = format!("{}?seq={seq}", self.init_url);
         wasm_bindgen_futures::spawn_local(async move {
             let result = fetch_bytes(&url, &[], None).await;
-            deliver(&weak, Input::Init(result));
+            deliver(&weak, Input::Init(seq, result));
         });
     }
 
+    /// The init segment for block `seq` arrived: the first attaches the
+    /// `MediaSource`, a later one is appended; then the blocks held for it
+    /// play.
     pub(super) fn handle_init(
         &mut self,
+        seq: u64,
         result: Result<Fetched, FetchError>,
     ) -> Result<(), (&'static str, String)> {
+        self.init_wait = false;
+        if self.mse.is_some() {
+            let r = self.append_init(result);
+            self.init_seq = Some(seq);
+            self.release();
+            return r;
+        }
         let bytes = result
             .map_err(|e| ("init_fetch", format!("init segment: {e}")))?
             .bytes;
+        self.init_seq = Some(seq);
         self.trace.mark(Mark::Init, super::perf_now());
         self.init_bytes = bytes.len() as u64;
         let (info, parsed) = match playout::parse_init(&bytes) {
@@ -227,14 +270,38 @@ impl Playback {
         .map_err(|e| ("mse", e.to_string()))?;
         sink.append(bytes).map_err(|e| ("mse", e.to_string()))?;
         self.mse = Some(sink);
+        self.release();
+        parsed
+    }
+
+    /// Appends a later init segment (see the module docs).
+    fn append_init(
+        &mut self,
+        result: Result<Fetched, FetchError>,
+    ) -> Result<(), (&'static str, String)> {
+        let bytes = result
+            .map_err(|e| ("init_fetch", format!("init segment: {e}")))?
+            .bytes;
+        self.init_bytes += bytes.len() as u64;
+        let info =
+            playout::parse_init(&bytes).map_err(|e| ("bad_init", format!("init segment: {e}")))?;
+        self.timeline.set_timescale(info.timescale);
+        let Some(mse) = &self.mse else {
+            return Ok(());
+        };
+        mse.append_init(bytes, &info.mime)
+            .map_err(|e| ("mse", e.to_string()))
+    }
+
+    /// Plays the blocks held while an init was fetched.
+    fn release(&mut self) {
         self.pending_bytes = 0;
         for p in std::mem::take(&mut self.pending) {
             match p {
-                Pending::Media(b) => self.push_media(b),
+                Pending::Block(b) => self.play(b),
                 Pending::Reset => self.reset(),
             }
         }
-        parsed
     }
 
     /// The next block in order, from the core.
@@ -246,38 +313,61 @@ impl Playback {
         }
         self.need_fragment_start = false;
         self.trace.mark(Mark::FirstBlock, super::perf_now());
+        let new_init = h.flags.contains(BlockFlags::NEW_INIT) && self.init_seq != Some(h.seq);
+        if fragment_start && self.mse.is_some() && !self.init_wait && (new_init || self.init_check)
+        {
+            self.init_check = false;
+            self.init_wait = true;
+            self.request_init(h.seq);
+        }
+        if self.init_wait {
+            self.hold(Pending::Block(block));
+            return;
+        }
         if fragment_start {
             self.timeline.note_fragment(h.media_time, h.ingest_time_ms);
         }
         self.push_media(block.payload().to_vec());
     }
 
+    /// Holds `p` until the init segment arrives, within [`MAX_PENDING_BYTES`]:
+    /// past it, what is held is dropped and playback resumes at a fragment
+    /// start.
+    fn hold(&mut self, p: Pending) {
+        let len = match &p {
+            Pending::Block(b) => b.payload().len(),
+            Pending::Reset => 0,
+        };
+        if self.pending_bytes + len > MAX_PENDING_BYTES {
+            self.pending.clear();
+            self.pending_bytes = 0;
+            self.need_fragment_start = true;
+            return;
+        }
+        self.pending_bytes += len;
+        self.pending.push_back(p);
+    }
+
     /// The core skipped missing blocks; what follows starts a fragment.
     pub(super) fn skip(&mut self) {
         self.reset();
+        // Before the first init is appended, the start's fetch covers it.
+        self.init_check = self.mse.is_some();
     }
 
     fn reset(&mut self) {
         match &self.mse {
-            Some(mse) => {
+            Some(mse) if !self.init_wait => {
                 if mse.reset_parser().is_err() {
                     self.reset_due = true;
                 }
             }
-            None => self.pending.push_back(Pending::Reset),
+            _ => self.hold(Pending::Reset),
         }
     }
 
     fn push_media(&mut self, bytes: Vec<u8>) {
         let Some(mse) = &self.mse else {
-            if self.pending_bytes + bytes.len() > MAX_PENDING_BYTES {
-                self.pending.clear();
-                self.pending_bytes = 0;
-                self.need_fragment_start = true;
-                return;
-            }
-            self.pending_bytes += bytes.len();
-            self.pending.push_back(Pending::Media(bytes));
             return;
         };
         if self.reset_due {
