@@ -36,7 +36,7 @@
 //! A publisher may come back to a stream (an encoder restarted, a dropped
 //! connection): the stream goes on. Its block numbers count on, and its decode
 //! times are moved to continue from where the last publish ended
-//! ([`continuation`]), so the viewers' players play on after a pause as long
+//! (see `continuation`), so the viewers' players play on after a pause as long
 //! as the publisher was away.
 
 pub mod chunker;
