@@ -42,11 +42,17 @@ pub enum InitError {
     /// A track's timescale is zero.
     #[error("track timescale is zero")]
     ZeroTimescale,
+    /// An audio or video track's codec is not one the player can name for
+    /// MSE (H.264 `avc1`/`avc3`, VP9 `vp09`, AV1 `av01`, AAC `mp4a`, Opus).
+    #[error("the stream's codec {0:?} is not one this player knows")]
+    UnknownCodec(String),
 }
 
 struct Track {
     timescale: u32,
     handler: [u8; 4],
+    /// The sample entry's type.
+    entry: [u8; 4],
     codec: Option<String>,
 }
 
@@ -68,6 +74,12 @@ pub fn parse_init(bytes: &[u8]) -> Result<InitInfo, InitError> {
         .ok_or(InitError::NoTrack)?;
     if main.timescale == 0 {
         return Err(InitError::ZeroTimescale);
+    }
+    let media = |t: &&Track| matches!(&t.handler, b"vide" | b"soun");
+    if let Some(t) = tracks.iter().filter(media).find(|t| t.codec.is_none()) {
+        return Err(InitError::UnknownCodec(
+            String::from_utf8_lossy(&t.entry).into_owned(),
+        ));
     }
     let has_video = tracks.iter().any(|t| &t.handler == b"vide");
     let codecs: Vec<&str> = tracks.iter().filter_map(|t| t.codec.as_deref()).collect();
@@ -95,11 +107,12 @@ fn track(trak: &[u8]) -> Option<Track> {
     let handler: [u8; 4] = hdlr.get(8..12)?.try_into().ok()?;
     let stsd = child(child(child(mdia, b"minf")?, b"stbl")?, b"stsd")?;
     // version/flags and entry count, then the sample entries
-    let codec = boxes(stsd.get(8..)?).next().and_then(|(t, e)| codec(t, e));
+    let (entry, body) = boxes(stsd.get(8..)?).next()?;
     Some(Track {
         timescale,
         handler,
-        codec,
+        entry,
+        codec: codec(entry, body),
     })
 }
 
@@ -116,6 +129,30 @@ fn codec(kind: [u8; 4], entry: &[u8]) -> Option<String> {
                 p[0],
                 p[1],
                 p[2]
+            ))
+        }
+        b"vp09" => {
+            // vpcC (a full box): profile, level, then the bit depth in the
+            // high nibble.
+            let vpcc = boxes(entry.get(78..)?).find(|(t, _)| t == b"vpcC")?.1;
+            let p = vpcc.get(4..7)?;
+            Some(format!("vp09.{:02}.{:02}.{:02}", p[0], p[1], p[2] >> 4))
+        }
+        b"av01" => {
+            // av1C: marker and version, then seq_profile (3 bits) and
+            // seq_level_idx_0 (5), then seq_tier_0, high_bitdepth, twelve_bit.
+            let av1c = boxes(entry.get(78..)?).find(|(t, _)| t == b"av1C")?.1;
+            let p = av1c.get(1..3)?;
+            let tier = if p[1] & 0x80 != 0 { 'H' } else { 'M' };
+            let depth = match (p[1] & 0x40 != 0, p[1] & 0x20 != 0) {
+                (true, true) => 12,
+                (true, false) => 10,
+                _ => 8,
+            };
+            Some(format!(
+                "av01.{}.{:02}{tier}.{depth:02}",
+                p[0] >> 5,
+                p[0] & 0x1f
             ))
         }
         // AudioSampleEntry; AAC-LC is what every encoder we target emits.
@@ -350,6 +387,43 @@ mod tests {
         let info = parse_init(&sample_init()).expect("parses");
         assert_eq!(info.timescale, 90_000);
         assert_eq!(info.mime, "video/mp4; codecs=\"mp4a.40.2, avc1.64001f\"");
+    }
+
+    #[test]
+    fn vp9_av1_and_opus_are_named_and_an_unknown_codec_is_an_error() {
+        let init = |video: Vec<u8>| {
+            let video = trak(b"vide", 15_360, video);
+            let audio = trak(b"soun", 48_000, bx(b"Opus", &[0u8; 28]));
+            bx(b"moov", &[video, audio].concat())
+        };
+        let entry = |kind: &[u8; 4], config: Vec<u8>| {
+            let mut e = vec![0u8; 78];
+            e.extend(config);
+            bx(kind, &e)
+        };
+        // As ffmpeg 5.1 writes it for 320x180 (profile 0, level 1.1, 8 bits).
+        let vpcc = bx(b"vpcC", &[1, 0, 0, 0, 0x00, 0x0b, 0x82, 2, 2, 2, 0, 0]);
+        let info = parse_init(&init(entry(b"vp09", vpcc))).expect("parses");
+        assert_eq!(info.mime, "video/mp4; codecs=\"vp09.00.11.08, opus\"");
+        assert_eq!(info.timescale, 15_360);
+        // Main profile, level 4.0 (seq_level_idx 8), main tier, 8 bits; and
+        // high tier, 10 bits.
+        let av1c = |b: u8| bx(b"av1C", &[0x81, 0x08, b, 0]);
+        let info = parse_init(&init(entry(b"av01", av1c(0x0c)))).expect("parses");
+        assert_eq!(info.mime, "video/mp4; codecs=\"av01.0.08M.08, opus\"");
+        let info = parse_init(&init(entry(b"av01", av1c(0xcc)))).expect("parses");
+        assert_eq!(info.mime, "video/mp4; codecs=\"av01.0.08H.10, opus\"");
+        // HEVC is not named (headless Chromium has no decoder to check it
+        // against); and an av1C without its fields (ffmpeg 5.1 writes one with
+        // `empty_moov`) cannot be named either.
+        assert_eq!(
+            parse_init(&init(entry(b"hvc1", bx(b"hvcC", &[1; 23])))),
+            Err(InitError::UnknownCodec("hvc1".into()))
+        );
+        assert_eq!(
+            parse_init(&init(entry(b"av01", bx(b"av1C", &[])))),
+            Err(InitError::UnknownCodec("av01".into()))
+        );
     }
 
     #[test]
