@@ -232,7 +232,7 @@ async fn run(
     let clip = Clip::parse(CLIP)?;
     let stream = streams.get_or_create(name)?;
     let guard = stream.claim()?;
-    guard.stream().set_init(clip.init.clone());
+    guard.set_init(clip.init.clone())?;
     tracing::info!(stream = %name, id = %stream.id, lap = ?clip.duration(), "demo source started");
     let start = tokio::time::Instant::now();
     for lap in 0u64.. {
@@ -243,7 +243,7 @@ async fn run(
                 () = tokio::time::sleep_until(due) => {}
             }
             if let Some(frag) = clip.fragment(lap, i) {
-                publish_fragment(guard.stream(), &frag, block_bytes)?;
+                publish_fragment(&guard, &frag, block_bytes)?;
             }
         }
     }
@@ -321,11 +321,12 @@ mod tests {
             },
         );
         let s = streams.get_or_create("demo").expect("name");
+        let guard = s.claim().expect("free");
         let mut blocks = Vec::new();
         for lap in 0..3 {
             for i in 0..clip.fragments.len() {
                 let f = clip.fragment(lap, i).expect("in range");
-                blocks.extend(publish_fragment(&s, &f, 16 * 1024).expect("publish"));
+                blocks.extend(publish_fragment(&guard, &f, 16 * 1024).expect("publish"));
             }
         }
         assert!(clip.fragment(0, clip.fragments.len()).is_none());

@@ -24,7 +24,8 @@
 //!
 //! Errors answer with a JSON body `{"error":{"code":"...","message":"..."}}` and
 //! a stable code ([`IngestError::code`]): 401 `unauthorized` for a missing or
-//! wrong token, 409 `stream_busy` when another publisher holds the name, 415
+//! wrong token, 409 `stream_busy` when another publisher holds the name (409
+//! `replaced` ends a publisher that another took over, below), 415
 //! `not_mp4` when the body is not MP4, 413 `too_large` for an oversized box,
 //! init segment or fragment, 400 `truncated`, `no_init` or `malformed_mp4` for a
 //! bad stream, 400 `bad_name`, and 408 `idle_timeout` when the publisher sends
@@ -38,6 +39,13 @@
 //! times are moved to continue from where the last publish ended
 //! (see `continuation`), so the viewers' players play on after a pause as long
 //! as the publisher was away.
+//!
+//! A publisher whose connection broke without closing holds the stream only
+//! while it is not stale: silent for at most
+//! [`STALE_PUBLISHER`](crate::stream::STALE_PUBLISHER) (3 s), or twice its
+//! longest silence so far. After that the same encoder, coming back on a new
+//! connection, takes the stream over instead of getting 409 until the old
+//! request's [`IDLE_TIMEOUT`].
 
 pub mod chunker;
 pub mod fmp4;
@@ -92,6 +100,9 @@ pub enum IngestError {
     /// Another publisher holds this stream.
     #[error("stream {0:?} is already being published")]
     Busy(String),
+    /// This publisher was silent and another one took the stream over.
+    #[error("another publisher took the stream over while this one was silent")]
+    Replaced,
     /// The stream name is invalid or the server is full.
     #[error(transparent)]
     Stream(StreamError),
@@ -115,6 +126,7 @@ impl IngestError {
         match self {
             IngestError::Unauthorized => "unauthorized",
             IngestError::Busy(_) => "stream_busy",
+            IngestError::Replaced => "replaced",
             IngestError::Stream(StreamError::BadName) => "bad_name",
             IngestError::Stream(_) => "stream_unavailable",
             IngestError::Media(Fmp4Error::NotMp4(_)) => "not_mp4",
@@ -131,7 +143,7 @@ impl IngestError {
     fn status(&self) -> StatusCode {
         match self {
             IngestError::Unauthorized => StatusCode::UNAUTHORIZED,
-            IngestError::Busy(_) => StatusCode::CONFLICT,
+            IngestError::Busy(_) | IngestError::Replaced => StatusCode::CONFLICT,
             IngestError::Stream(StreamError::BadName) => StatusCode::BAD_REQUEST,
             IngestError::Stream(_) => StatusCode::SERVICE_UNAVAILABLE,
             IngestError::Media(Fmp4Error::NotMp4(_)) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
@@ -216,14 +228,18 @@ async fn run(
     // timeline, set at its first fragment.
     let mut shift = None;
     loop {
-        let next = tokio::time::timeout(IDLE_TIMEOUT, body.next()).await;
+        let next = tokio::select! {
+            next = tokio::time::timeout(IDLE_TIMEOUT, body.next()) => next,
+            () = guard.replaced().cancelled() => return Err(IngestError::Replaced),
+        };
         let Some(chunk) = next.map_err(|_| IngestError::Idle)? else {
             break;
         };
         let chunk = chunk.map_err(|e| IngestError::Body(e.to_string()))?;
+        guard.alive();
         for item in parser.push(&chunk)? {
             match item {
-                Item::Init(init) => guard.stream().set_init(init),
+                Item::Init(init) => guard.set_init(init).map_err(publishing)?,
                 Item::Fragment(mut frag) => {
                     let by = *shift.get_or_insert_with(|| {
                         let by = continuation(guard.stream().timeline_end(), &frag);
@@ -234,8 +250,8 @@ async fn run(
                         by
                     });
                     frag.shift(by, parser.tracks())?;
-                    let b = chunker::publish_fragment(guard.stream(), &frag, st.block_bytes)
-                        .map_err(IngestError::Publish)?;
+                    let b = chunker::publish_fragment(&guard, &frag, st.block_bytes)
+                        .map_err(publishing)?;
                     fragments += 1;
                     blocks += b.len() as u64;
                 }
@@ -245,6 +261,15 @@ async fn run(
     parser.finish()?;
     tracing::info!(stream = %name, fragments, blocks, "publisher finished");
     Ok((fragments, blocks))
+}
+
+/// The ingest error for a failure to publish: the stream taken over, or a
+/// server fault.
+fn publishing(e: StreamError) -> IngestError {
+    match e {
+        StreamError::Replaced => IngestError::Replaced,
+        e => IngestError::Publish(e),
+    }
 }
 
 /// How many ticks of `first`'s timescale a publish whose first fragment is

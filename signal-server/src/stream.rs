@@ -8,12 +8,13 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use clubcast_protocol::block::{BlockError, BlockFlags, StreamKey, StreamSigner};
 use tokio::sync::broadcast;
+use tokio_util::sync::CancellationToken;
 
 use crate::store::{BlockStore, Lookup, StoreError, StoredBlock};
 
@@ -21,6 +22,9 @@ use crate::store::{BlockStore, Lookup, StoreError, StoredBlock};
 pub const MAX_STREAMS: usize = 256;
 /// Longest stream name.
 pub const MAX_NAME_LEN: usize = 64;
+/// Silence after which a publisher may be taken over by a new one (see
+/// [`PublishGuard`]).
+pub const STALE_PUBLISHER: Duration = Duration::from_secs(3);
 /// Most init segments a stream keeps for the blocks it stores: a publisher
 /// that came back with other settings more often than this within the store's
 /// window leaves its oldest blocks with the oldest kept init.
@@ -52,6 +56,9 @@ pub enum StreamError {
     /// Another publisher holds the stream.
     #[error("stream is already being published")]
     Busy,
+    /// This publisher's claim went to another one (it was silent too long).
+    #[error("another publisher took the stream over")]
+    Replaced,
     /// The block could not be signed.
     #[error(transparent)]
     Block(#[from] BlockError),
@@ -80,6 +87,39 @@ struct State {
     next_seq: u64,
     /// Where the last published fragment ended: decode time, timescale.
     timeline_end: Option<(u64, u32)>,
+    /// The publisher holding the stream, if any.
+    claim: Option<Claim>,
+    /// Id of the next claim.
+    next_claim: u64,
+}
+
+/// A publisher's hold on a stream.
+struct Claim {
+    id: u64,
+    /// When it last sent data.
+    last: Instant,
+    /// Its longest silence so far.
+    longest_gap: Duration,
+    /// Cancelled when another publisher takes the stream over.
+    replaced: CancellationToken,
+}
+
+impl Claim {
+    /// Whether the publisher has been silent long enough to be taken over:
+    /// [`STALE_PUBLISHER`], or twice its longest silence so far if that is
+    /// longer (an encoder that sends long fragments is not stale between
+    /// them).
+    fn stale(&self, now: Instant) -> bool {
+        now.saturating_duration_since(self.last) > STALE_PUBLISHER.max(2 * self.longest_gap)
+    }
+
+    /// The publisher sent data at `now`.
+    fn note(&mut self, now: Instant) {
+        self.longest_gap = self
+            .longest_gap
+            .max(now.saturating_duration_since(self.last));
+        self.last = now;
+    }
 }
 
 /// One live stream.
@@ -93,7 +133,6 @@ pub struct Stream {
     signer: StreamSigner,
     state: RwLock<State>,
     tx: broadcast::Sender<Arc<StoredBlock>>,
-    publishing: AtomicBool,
 }
 
 impl std::fmt::Debug for Stream {
@@ -106,19 +145,80 @@ impl std::fmt::Debug for Stream {
 }
 
 /// Held by the one publisher of a stream; dropping it frees the stream.
+///
+/// A publisher silent for longer than [`STALE_PUBLISHER`] (or twice its
+/// longest silence) may be taken over by a new claim: a publisher whose
+/// connection died without closing (a network path that broke) would
+/// otherwise hold its stream until ingest's idle timeout, and refuse the same
+/// encoder coming back on a new connection. The old guard's
+/// [`PublishGuard::replaced`] is then cancelled, and what it publishes after
+/// is refused ([`StreamError::Replaced`]).
 #[derive(Debug)]
-pub struct PublishGuard(Arc<Stream>);
+pub struct PublishGuard {
+    stream: Arc<Stream>,
+    id: u64,
+    replaced: CancellationToken,
+}
 
 impl PublishGuard {
     /// The stream being published.
     pub fn stream(&self) -> &Arc<Stream> {
-        &self.0
+        &self.stream
+    }
+
+    /// Cancelled when another publisher takes the stream over.
+    pub fn replaced(&self) -> &CancellationToken {
+        &self.replaced
+    }
+
+    /// Notes that the publisher sent data now.
+    pub fn alive(&self) {
+        self.alive_at(Instant::now());
+    }
+
+    fn alive_at(&self, now: Instant) {
+        let mut st = self.stream.write();
+        if let Some(c) = st.claim.as_mut().filter(|c| c.id == self.id) {
+            c.note(now);
+        }
+    }
+
+    /// [`Stream::set_init`], unless the stream was taken over.
+    pub fn set_init(&self, init: Bytes) -> Result<(), StreamError> {
+        let mut st = self.stream.write();
+        if st.claim.as_ref().is_none_or(|c| c.id != self.id) {
+            return Err(StreamError::Replaced);
+        }
+        Stream::set_init_locked(&mut st, init);
+        Ok(())
+    }
+
+    /// [`Stream::publish`], unless the stream was taken over: then nothing is
+    /// published.
+    pub fn publish(
+        &self,
+        flags: BlockFlags,
+        media_time: u64,
+        ingest_time_ms: u64,
+        payload: Bytes,
+    ) -> Result<Arc<StoredBlock>, StreamError> {
+        let now = Instant::now();
+        self.stream.publish_as(
+            Some((self.id, now)),
+            flags,
+            media_time,
+            ingest_time_ms,
+            payload,
+        )
     }
 }
 
 impl Drop for PublishGuard {
     fn drop(&mut self) {
-        self.0.publishing.store(false, Ordering::Release);
+        let mut st = self.stream.write();
+        if st.claim.as_ref().is_some_and(|c| c.id == self.id) {
+            st.claim = None;
+        }
     }
 }
 
@@ -137,9 +237,10 @@ impl Stream {
                 store: BlockStore::new(cfg.store_seconds.saturating_mul(1000), cfg.max_bytes),
                 next_seq: 0,
                 timeline_end: None,
+                claim: None,
+                next_claim: 0,
             }),
             tx,
-            publishing: AtomicBool::new(false),
         }
     }
 
@@ -153,12 +254,36 @@ impl Stream {
         self.state.write().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Claims the stream for one publisher; `Busy` if another holds it.
+    /// Claims the stream for one publisher; `Busy` if another holds it and
+    /// is not stale (see [`PublishGuard`]).
     pub fn claim(self: &Arc<Self>) -> Result<PublishGuard, StreamError> {
-        self.publishing
-            .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
-            .map_err(|_| StreamError::Busy)?;
-        Ok(PublishGuard(self.clone()))
+        self.claim_at(Instant::now())
+    }
+
+    fn claim_at(self: &Arc<Self>, now: Instant) -> Result<PublishGuard, StreamError> {
+        let mut st = self.write();
+        if let Some(old) = &st.claim {
+            if !old.stale(now) {
+                return Err(StreamError::Busy);
+            }
+            let silent = now.saturating_duration_since(old.last);
+            tracing::info!(stream = %self.name, ?silent, "a silent publisher is taken over");
+            old.replaced.cancel();
+        }
+        let id = st.next_claim;
+        st.next_claim += 1;
+        let replaced = CancellationToken::new();
+        st.claim = Some(Claim {
+            id,
+            last: now,
+            longest_gap: Duration::ZERO,
+            replaced: replaced.clone(),
+        });
+        Ok(PublishGuard {
+            stream: self.clone(),
+            id,
+            replaced,
+        })
     }
 
     /// Sets the init segment (ftyp + moov) that every fragment after it needs.
@@ -168,7 +293,10 @@ impl Stream {
     /// effect at the next fragment start, whose block [`Stream::publish`] flags
     /// [`BlockFlags::NEW_INIT`]; one equal to it changes nothing.
     pub fn set_init(&self, init: Bytes) {
-        let mut st = self.write();
+        Stream::set_init_locked(&mut self.write(), init);
+    }
+
+    fn set_init_locked(st: &mut State, init: Bytes) {
         match st.inits.back() {
             None => {
                 let seq = st.next_seq;
@@ -208,7 +336,26 @@ impl Stream {
         ingest_time_ms: u64,
         payload: Bytes,
     ) -> Result<Arc<StoredBlock>, StreamError> {
+        self.publish_as(None, flags, media_time, ingest_time_ms, payload)
+    }
+
+    /// [`Stream::publish`] for the claim `by` (its id, and the time it sent
+    /// the data), if given: refused if that claim no longer holds the stream.
+    fn publish_as(
+        &self,
+        by: Option<(u64, Instant)>,
+        flags: BlockFlags,
+        media_time: u64,
+        ingest_time_ms: u64,
+        payload: Bytes,
+    ) -> Result<Arc<StoredBlock>, StreamError> {
         let mut st = self.write();
+        if let Some((id, now)) = by {
+            let Some(c) = st.claim.as_mut().filter(|c| c.id == id) else {
+                return Err(StreamError::Replaced);
+            };
+            c.note(now);
+        }
         let seq = st.next_seq;
         let new_init = flags.contains(BlockFlags::FRAGMENT_START) && st.next_init.is_some();
         let flags = if new_init {
@@ -484,6 +631,47 @@ mod tests {
             s.init_segment_at(0),
             Some(inits[kept].clone()),
             "the oldest kept"
+        );
+    }
+
+    #[test]
+    fn a_silent_publisher_is_taken_over_and_publishes_nothing_after() {
+        let streams = Streams::new(None, cfg());
+        let s = streams.get_or_create("cam").expect("ok");
+        let t = Instant::now();
+        let secs = |n: f64| t + Duration::from_secs_f64(n);
+        let first = s.claim_at(t).expect("free");
+        first.alive_at(secs(1.0));
+        assert!(
+            matches!(s.claim_at(secs(3.9)), Err(StreamError::Busy)),
+            "silent 2.9 s"
+        );
+        let second = s.claim_at(secs(4.1)).expect("silent 3.1 s: taken over");
+        assert!(first.replaced().is_cancelled());
+        assert!(!second.replaced().is_cancelled());
+        let x = || Bytes::from_static(b"x");
+        assert!(matches!(
+            first.publish(BlockFlags::FRAGMENT_START, 0, 0, x()),
+            Err(StreamError::Replaced)
+        ));
+        assert!(matches!(first.set_init(x()), Err(StreamError::Replaced)));
+        assert_eq!(s.live_edge(), None, "the old publisher published nothing");
+        // Its guard going away leaves the new claim alone.
+        drop(first);
+        assert!(matches!(s.claim_at(secs(4.2)), Err(StreamError::Busy)));
+        second
+            .publish(BlockFlags::FRAGMENT_START, 0, 0, x())
+            .expect("the new one publishes");
+        drop(second);
+        // A publisher that sends 5-s fragments is not stale between them.
+        let t = Instant::now();
+        let slow = s.claim_at(t).expect("free again");
+        slow.alive_at(t + Duration::from_secs(5));
+        let after = |n: u64| t + Duration::from_secs(5) + Duration::from_millis(n);
+        assert!(matches!(s.claim_at(after(9_900)), Err(StreamError::Busy)));
+        assert!(
+            s.claim_at(after(10_100)).is_ok(),
+            "silent twice its longest gap"
         );
     }
 

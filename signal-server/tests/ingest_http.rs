@@ -12,7 +12,7 @@ use clubcast_server::app::{app, AppState};
 use clubcast_server::config::Config;
 use clubcast_server::ingest::fmp4::{self, Fragment, Item};
 use clubcast_server::store::Lookup;
-use clubcast_server::stream::{StoreConfig, Streams};
+use clubcast_server::stream::{StoreConfig, Streams, STALE_PUBLISHER};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
@@ -107,6 +107,41 @@ async fn a_clip_becomes_verified_blocks_in_order() {
         s.key.verify(back).expect("verifies under the stream key");
     }
     assert_eq!(starts, 16, "one fragment start per 1-s fragment");
+}
+
+/// A publisher whose connection went silent without closing (a network path
+/// that broke) holds its stream only until [`STALE_PUBLISHER`]: the same
+/// encoder coming back on a new connection takes it over, instead of getting
+/// 409 until the idle timeout (30 s); the old request ends at once with 409
+/// `replaced` (the stream's unit tests check that a replaced publisher
+/// publishes nothing more).
+#[tokio::test]
+async fn a_publisher_that_comes_back_takes_over_its_silent_connection() {
+    let (addr, state) = serve().await;
+    let mut stale = open_put(addr, "cam", Some(TOKEN)).await;
+    send_chunk(&mut stale, &CLIP[..200_000]).await;
+    let s = loop {
+        match state.streams.get("cam") {
+            Some(s) if s.live_edge().is_some() => break s,
+            _ => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    };
+    assert_eq!(
+        put(addr, "cam", Some(TOKEN), CLIP).await.0,
+        409,
+        "still fresh"
+    );
+    tokio::time::sleep(STALE_PUBLISHER + Duration::from_millis(300)).await;
+    let before = s.live_edge().expect("blocks");
+    let (status, body) = put(addr, "cam", Some(TOKEN), CLIP).await;
+    assert_eq!(status, 200, "{body}");
+    let edge = s.live_edge().expect("blocks");
+    assert!(edge > before, "the new publisher published");
+    // The old request was ended when the new one took over.
+    let (status, body) = finish(stale).await;
+    assert_eq!(status, 409, "{body}");
+    assert!(body.contains("replaced"), "{body}");
+    assert_eq!(s.live_edge(), Some(edge));
 }
 
 /// The stream's blocks `from..=to`, reassembled into fragments under `init`.

@@ -5,7 +5,7 @@
 //! `KEYFRAME` when the fragment starts with a sync sample). Every block of a
 //! fragment carries the fragment's media time, so a player can map blocks to
 //! presentation time. Each fragment also moves the stream's timeline end
-//! ([`Stream::timeline_end`]) to where its reference track's samples end.
+//! ([`crate::stream::Stream::timeline_end`]) to where its reference track's samples end.
 
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -14,7 +14,7 @@ use clubcast_protocol::block::{BlockFlags, MAX_PAYLOAD};
 
 use super::fmp4::Fragment;
 use crate::store::StoredBlock;
-use crate::stream::{Stream, StreamError};
+use crate::stream::{PublishGuard, StreamError};
 
 /// Server wall clock, Unix ms.
 pub fn now_ms() -> u64 {
@@ -35,7 +35,7 @@ pub fn clamp_block_bytes(block_bytes: usize) -> usize {
 
 /// Publishes `frag` as blocks of at most `block_bytes`; returns them.
 pub fn publish_fragment(
-    stream: &Stream,
+    guard: &PublishGuard,
     frag: &Fragment,
     block_bytes: usize,
 ) -> Result<Vec<Arc<StoredBlock>>, StreamError> {
@@ -55,7 +55,7 @@ pub fn publish_fragment(
         } else {
             BlockFlags::empty()
         };
-        out.push(stream.publish(flags, frag.media_time, now, frag.bytes.slice(off..end))?);
+        out.push(guard.publish(flags, frag.media_time, now, frag.bytes.slice(off..end))?);
         off = end;
     }
     // Where the reference track's samples end. A fragment without them (an
@@ -63,7 +63,9 @@ pub fn publish_fragment(
     // comes back overlaps the tail's audio, which MSE splices, rather than
     // leave a gap in the video, at which playback would stop.
     if let Some(d) = frag.duration {
-        stream.set_timeline_end(frag.media_time.saturating_add(d), frag.timescale);
+        guard
+            .stream()
+            .set_timeline_end(frag.media_time.saturating_add(d), frag.timescale);
     }
     Ok(out)
 }
@@ -84,6 +86,7 @@ mod tests {
             },
         );
         let s = streams.get_or_create("t").expect("valid name");
+        let guard = s.claim().expect("free");
         for (i, len) in [5000usize, 4096, 1].into_iter().enumerate() {
             let frag = Fragment {
                 bytes: Bytes::from(vec![i as u8; len]),
@@ -94,7 +97,7 @@ mod tests {
                 tracks: Vec::new(),
                 sequence_offset: None,
             };
-            let blocks = publish_fragment(&s, &frag, 2048).expect("publish");
+            let blocks = publish_fragment(&guard, &frag, 2048).expect("publish");
             assert_eq!(blocks.len(), len.div_ceil(2048));
             let first = blocks[0].block.header().flags;
             assert!(first.contains(BlockFlags::FRAGMENT_START));
@@ -126,6 +129,7 @@ mod tests {
             },
         );
         let s = streams.get_or_create("big").expect("valid name");
+        let guard = s.claim().expect("free");
         let frag = Fragment {
             bytes: Bytes::from(vec![7; 3 * MAX_PAYLOAD + 1]),
             media_time: 0,
@@ -135,7 +139,7 @@ mod tests {
             tracks: Vec::new(),
             sequence_offset: None,
         };
-        let blocks = publish_fragment(&s, &frag, 1 << 20).expect("publish");
+        let blocks = publish_fragment(&guard, &frag, 1 << 20).expect("publish");
         assert_eq!(blocks.len(), 4);
         assert!(blocks
             .iter()
