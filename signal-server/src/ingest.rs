@@ -32,7 +32,8 @@
 //! nothing for [`IDLE_TIMEOUT`]; a block that cannot be signed or stored is a
 //! server fault, 500 `internal`. Blocks published before an error stay stored,
 //! other streams are not touched, and the name is free for the next publisher as
-//! soon as the request ends.
+//! soon as the request ends. A stream is created (and its key stored) only at a
+//! publish's init segment: a body that fails before it leaves nothing behind.
 //!
 //! A publisher may come back to a stream (an encoder restarted, a dropped
 //! connection): the stream goes on. Its block numbers count on, and its decode
@@ -63,7 +64,7 @@ use futures_util::StreamExt;
 use serde_json::json;
 
 use crate::metrics::Metrics;
-use crate::stream::{StreamError, Streams};
+use crate::stream::{valid_name, PublishGuard, StreamError, Streams};
 use fmp4::{Fmp4Error, Fmp4Parser, Fragment, Item};
 
 /// A publisher that sends nothing for this long is dropped and its name freed.
@@ -213,14 +214,12 @@ async fn run(
     if !token_ok(headers, &st.publish_token) {
         return Err(IngestError::Unauthorized);
     }
-    let stream = st
-        .streams
-        .get_or_create(name)
-        .map_err(IngestError::Stream)?;
-    let guard = stream
-        .claim()
-        .map_err(|_| IngestError::Busy(name.to_owned()))?;
-    tracing::info!(stream = %name, id = %stream.id, "publisher connected");
+    if !valid_name(name) {
+        return Err(IngestError::Stream(StreamError::BadName));
+    }
+    // Claimed at the init segment: a body that is not fragmented MP4 creates
+    // no stream (and no key file), and takes no silent publisher's place.
+    let mut guard: Option<PublishGuard> = None;
     let mut parser = Fmp4Parser::new();
     let mut body = body.into_data_stream();
     let (mut fragments, mut blocks) = (0u64, 0u64);
@@ -228,16 +227,28 @@ async fn run(
     // timeline, set at its first fragment.
     let mut shift = None;
     loop {
+        let replaced = async {
+            match &guard {
+                Some(g) => g.replaced().cancelled().await,
+                None => std::future::pending().await,
+            }
+        };
         let next = tokio::select! {
             next = tokio::time::timeout(IDLE_TIMEOUT, body.next()) => next,
-            () = guard.replaced().cancelled() => return Err(IngestError::Replaced),
+            () = replaced => return Err(IngestError::Replaced),
         };
         let Some(chunk) = next.map_err(|_| IngestError::Idle)? else {
             break;
         };
         let chunk = chunk.map_err(|e| IngestError::Body(e.to_string()))?;
-        guard.alive();
+        if let Some(g) = &guard {
+            g.alive();
+        }
         for item in parser.push(&chunk)? {
+            if guard.is_none() {
+                guard = Some(claim(st, name)?);
+            }
+            let guard = guard.as_ref().expect("claimed above");
             match item {
                 Item::Init(init) => guard.set_init(init).map_err(publishing)?,
                 Item::Fragment(mut frag) => {
@@ -250,7 +261,7 @@ async fn run(
                         by
                     });
                     frag.shift(by, parser.tracks())?;
-                    let b = chunker::publish_fragment(&guard, &frag, st.block_bytes)
+                    let b = chunker::publish_fragment(guard, &frag, st.block_bytes)
                         .map_err(publishing)?;
                     fragments += 1;
                     blocks += b.len() as u64;
@@ -261,6 +272,19 @@ async fn run(
     parser.finish()?;
     tracing::info!(stream = %name, fragments, blocks, "publisher finished");
     Ok((fragments, blocks))
+}
+
+/// Creates stream `name` if new and claims it for this publisher.
+fn claim(st: &IngestState, name: &str) -> Result<PublishGuard, IngestError> {
+    let stream = st
+        .streams
+        .get_or_create(name)
+        .map_err(IngestError::Stream)?;
+    let guard = stream
+        .claim()
+        .map_err(|_| IngestError::Busy(name.to_owned()))?;
+    tracing::info!(stream = %name, id = %stream.id, "publisher connected");
+    Ok(guard)
 }
 
 /// The ingest error for a failure to publish: the stream taken over, or a

@@ -237,6 +237,10 @@ async fn bad_bodies_get_4xx_and_leave_other_streams_alone() {
     let mut huge = vec![0xFF, 0xFF, 0xFF, 0xF0];
     huge.extend_from_slice(b"ftyp");
     assert_eq!(put(addr, "huge", Some(TOKEN), &huge).await.0, 413);
+    // A body that failed before its init segment created no stream.
+    for name in ["x", "junk", "huge"] {
+        assert!(state.streams.get(name).is_none(), "{name} was created");
+    }
     let (status, body) = put(addr, "Bad%20Name", Some(TOKEN), CLIP).await;
     assert_eq!(status, 400, "{body}");
     assert!(body.contains("bad_name"), "{body}");
