@@ -119,11 +119,15 @@ pub fn free_port() -> Result<u16, HarnessError> {
 async fn wait_for_port(port: u16, what: &str, child: &mut Child) -> Result<(), HarnessError> {
     let deadline = Instant::now() + STARTUP_TIMEOUT;
     loop {
-        if tokio::net::TcpStream::connect((Ipv4Addr::LOCALHOST, port))
-            .await
-            .is_ok()
-        {
-            return Ok(());
+        if let Ok(s) = tokio::net::TcpStream::connect((Ipv4Addr::LOCALHOST, port)).await {
+            // Polling a port that nobody listens on yet, in the ephemeral
+            // range, can connect the socket to itself (TCP simultaneous
+            // open, when the kernel picks the same port as the source): that
+            // is not the process. The likeliest cause of one failure here:
+            // chromedriver's port answered, then refused the session.
+            if s.local_addr().ok() != s.peer_addr().ok() {
+                return Ok(());
+            }
         }
         if let Ok(Some(status)) = child.try_wait() {
             return Err(HarnessError::Timeout(format!("{what} exited: {status}")));
