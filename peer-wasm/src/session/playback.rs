@@ -14,7 +14,10 @@
 //! over the flagged block), the player fetches the init in force at that
 //! block (`init?seq=`), holds the blocks behind it in the same bounded
 //! queue, and appends the init ahead of them (`changeType` if the codecs
-//! differ); the same init again is harmless to MSE.
+//! differ); the same init again is harmless to MSE. An init that does not
+//! come within [`INIT_WAIT_MS`] is asked for again if the block is flagged
+//! (it cannot play without it), or else given up on: the held blocks play on
+//! under the init before.
 //!
 //! Every tick: start (seek to the target latency inside the buffered backlog
 //! and `play()`, once that frame is [`MIN_START_LATENCY_SHARE`] of the target
@@ -65,6 +68,9 @@ pub const MIN_START_LATENCY_SHARE: f64 = 2.0 / 3.0;
 /// Longest wait, once media is buffered, for the backlog to reach the target
 /// latency position before playback starts wherever it can, ms.
 pub const START_WAIT_MS: f64 = 500.0;
+/// Longest wait for a later init segment (a publisher came back) before the
+/// blocks held for it play on under the init before, ms.
+pub const INIT_WAIT_MS: f64 = 2_000.0;
 /// Timescale assumed when the init segment cannot be parsed (MPEG-TS clock).
 const FALLBACK_TIMESCALE: u32 = 90_000;
 
@@ -84,8 +90,9 @@ pub(super) struct Playback {
     init_url: String,
     /// The block the init appended last was fetched for.
     init_seq: Option<u64>,
-    /// An init fetch is running: blocks wait in `pending`.
-    init_wait: bool,
+    /// An init fetch is running, for this block, since this time (ms), and
+    /// whether the block is flagged `NEW_INIT`: blocks wait in `pending`.
+    init_asked: Option<(u64, f64, bool)>,
     /// A skip happened: fetch the init again at the next fragment start.
     init_check: bool,
     pending: VecDeque<Pending>,
@@ -124,7 +131,7 @@ impl Playback {
             init_bytes: 0,
             init_url: String::new(),
             init_seq: None,
-            init_wait: false,
+            init_asked: None,
             init_check: false,
             pending: VecDeque::new(),
             pending_bytes: 0,
@@ -215,11 +222,11 @@ impl Playback {
     /// where playback starts.
     pub(super) fn fetch_init(&mut self, url: String, seq: u64) {
         self.init_url = url;
-        self.init_wait = true;
-        self.request_init(seq);
+        self.request_init(seq, true);
     }
 
-    fn request_init(&self, seq: u64) {
+    fn request_init(&mut self, seq: u64, new: bool) {
+        self.init_asked = Some((seq, super::perf_now(), new));
         let weak = self.weak.clone();
         let url = format!("{}?seq={seq}", self.init_url);
         wasm_bindgen_futures::spawn_local(async move {
@@ -236,7 +243,12 @@ impl Playback {
         seq: u64,
         result: Result<Fetched, FetchError>,
     ) -> Result<(), (&'static str, String)> {
-        self.init_wait = false;
+        if self.init_asked.map(|(s, ..)| s) != Some(seq) {
+            // Given up on (see `tick`): the media after it went on under the
+            // init before, and this one has no place left to go.
+            return Ok(());
+        }
+        self.init_asked = None;
         if self.mse.is_some() {
             let r = self.append_init(result);
             self.init_seq = Some(seq);
@@ -314,13 +326,12 @@ impl Playback {
         self.need_fragment_start = false;
         self.trace.mark(Mark::FirstBlock, super::perf_now());
         let new_init = h.flags.contains(BlockFlags::NEW_INIT) && self.init_seq != Some(h.seq);
-        if fragment_start && self.mse.is_some() && !self.init_wait && (new_init || self.init_check)
-        {
+        let waiting = self.init_asked.is_some();
+        if fragment_start && self.mse.is_some() && !waiting && (new_init || self.init_check) {
             self.init_check = false;
-            self.init_wait = true;
-            self.request_init(h.seq);
+            self.request_init(h.seq, new_init);
         }
-        if self.init_wait {
+        if self.init_asked.is_some() {
             self.hold(Pending::Block(block));
             return;
         }
@@ -357,7 +368,7 @@ impl Playback {
 
     fn reset(&mut self) {
         match &self.mse {
-            Some(mse) if !self.init_wait => {
+            Some(mse) if self.init_asked.is_none() => {
                 if mse.reset_parser().is_err() {
                     self.reset_due = true;
                 }
@@ -447,6 +458,27 @@ impl Playback {
     /// server's clock (Unix ms). Returns events for JavaScript.
     pub(super) fn tick(&mut self, now: f64, server_now: f64, created: f64) -> Vec<Value> {
         let mut out = Vec::new();
+        if let Some((seq, at, new)) = self.init_asked.filter(|_| self.mse.is_some()) {
+            if now - at > INIT_WAIT_MS {
+                web_sys::console::warn_1(
+                    &format!("clubcast: no init segment for block {seq} in {INIT_WAIT_MS} ms")
+                        .into(),
+                );
+                if new {
+                    // The block needs another init: without it the decoder
+                    // fails. Ask again, the blocks still held (within
+                    // MAX_PENDING_BYTES).
+                    self.request_init(seq, true);
+                } else {
+                    // Only a check after a skip: play on under the init
+                    // appended, taken as this block's so that playing it
+                    // from the queue does not ask again.
+                    self.init_asked = None;
+                    self.init_seq = Some(seq);
+                    self.release();
+                }
+            }
+        }
         let ranges = self.ranges();
         let t = self.video.current_time();
         self.current_time = t;
