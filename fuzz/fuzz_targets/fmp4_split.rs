@@ -1,6 +1,8 @@
 //! The publisher's fragmented-MP4 splitter (the server's ingest) never panics,
 //! gives the same items however the bytes are cut into chunks, and points
-//! every offset it reports inside its fragment.
+//! every offset it reports inside its fragment; and moving a fragment along
+//! the timeline (`Fragment::shift`, for a publisher that comes back) either
+//! leaves it as it was or is undone by the opposite shift.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
 
@@ -20,8 +22,21 @@ fuzz_target!(|data: &[u8]| {
     let whole = fmp4::split([stream]);
     let chunked = fmp4::split(stream.chunks(usize::from(cut) + 1));
     assert_eq!(whole, chunked, "the chunking changed the result");
+    // The tracks, for the shift: as far as the stream parses.
+    let mut parser = fmp4::Fmp4Parser::new();
+    let _ = parser.push(stream);
+    let tracks = parser.tracks().to_vec();
+    let by = (i64::from(cut) - 128) * 40_009;
     for item in whole.into_iter().flatten() {
         if let fmp4::Item::Fragment(f) = item {
+            let mut g = f.clone();
+            match g.shift(by, &tracks) {
+                Ok(()) => {
+                    g.shift(-by, &tracks).expect("the way back is in range");
+                    assert_eq!(g, f, "a shift and its opposite changed the fragment");
+                }
+                Err(_) => assert_eq!(g, f, "a refused shift changed the fragment"),
+            }
             for t in &f.tracks {
                 let width = if t.wide { 8 } else { 4 };
                 assert!(
