@@ -2,7 +2,7 @@
 //!
 //! | route | answer |
 //! |---|---|
-//! | `GET /streams` | JSON list of `{id, name, live_edge, clubs, bitrate_kbps, peers}` |
+//! | `GET /streams` | JSON list of `{id, name, live_edge, clubs, bitrate_kbps, peers, publishing}` |
 //! | `GET /streams/{id}` | one such object (`id` may be the name); 404 if unknown |
 //! | `GET /streams/{id}/init` | the newest init segment (`video/mp4`); 404 until published |
 //! | `GET /streams/{id}/init?seq={seq}` | the init segment block `seq` needs (a publisher that comes back may bring another; its first block is flagged `NEW_INIT`) |
@@ -166,6 +166,9 @@ pub struct StreamSummary {
     pub bitrate_kbps: u32,
     /// Peers in the swarm.
     pub peers: usize,
+    /// Whether a publisher is connected now: `false` for a stream whose
+    /// publisher went away (viewers keep waiting; it may come back).
+    pub publishing: bool,
 }
 
 fn summary(state: &AppState, s: &Stream) -> StreamSummary {
@@ -176,6 +179,7 @@ fn summary(state: &AppState, s: &Stream) -> StreamSummary {
         clubs: state.config.club_config().clubs,
         bitrate_kbps: s.bitrate_kbps(),
         peers: state.hub.peers(&s.id),
+        publishing: s.publishing(),
     }
 }
 

@@ -286,6 +286,11 @@ impl Stream {
         })
     }
 
+    /// Whether a publisher holds the stream now.
+    pub fn publishing(&self) -> bool {
+        self.read().claim.is_some()
+    }
+
     /// Sets the init segment (ftyp + moov) that every fragment after it needs.
     ///
     /// The stream's first init is in force from its first block. A later one

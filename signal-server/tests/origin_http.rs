@@ -345,6 +345,14 @@ async fn streams_are_listed_and_init_is_404_until_published() {
         .json();
     assert_eq!(one["live_edge"], 1);
     assert_eq!(one["id"], id.as_str());
+    // Blocks but no publisher connected (this test publishes directly).
+    assert_eq!(one["publishing"], false);
+    let guard = state.streams.get("demo").expect("exists").claim();
+    let one = http(addr, "GET", "/streams/demo", &[]).await.json();
+    assert_eq!(one["publishing"], true, "a publisher holds it");
+    drop(guard);
+    let list = http(addr, "GET", "/streams", &[]).await.json();
+    assert_eq!(list[0]["publishing"], false, "the publisher went away");
     let r = http(addr, "GET", "/streams/nope", &[]).await;
     assert_eq!(r.status, 404);
     assert_eq!(r.json()["code"], "unknown_stream");
