@@ -93,6 +93,13 @@ struct State {
     next_claim: u64,
 }
 
+impl State {
+    /// The claim `id`, if it still holds the stream.
+    fn claim_of(&mut self, id: u64) -> Option<&mut Claim> {
+        self.claim.as_mut().filter(|c| c.id == id)
+    }
+}
+
 /// A publisher's hold on a stream.
 struct Claim {
     id: u64,
@@ -178,7 +185,7 @@ impl PublishGuard {
 
     fn alive_at(&self, now: Instant) {
         let mut st = self.stream.write();
-        if let Some(c) = st.claim.as_mut().filter(|c| c.id == self.id) {
+        if let Some(c) = st.claim_of(self.id) {
             c.note(now);
         }
     }
@@ -186,7 +193,7 @@ impl PublishGuard {
     /// [`Stream::set_init`], unless the stream was taken over.
     pub fn set_init(&self, init: Bytes) -> Result<(), StreamError> {
         let mut st = self.stream.write();
-        if st.claim.as_ref().is_none_or(|c| c.id != self.id) {
+        if st.claim_of(self.id).is_none() {
             return Err(StreamError::Replaced);
         }
         Stream::set_init_locked(&mut st, init);
@@ -216,7 +223,7 @@ impl PublishGuard {
 impl Drop for PublishGuard {
     fn drop(&mut self) {
         let mut st = self.stream.write();
-        if st.claim.as_ref().is_some_and(|c| c.id == self.id) {
+        if st.claim_of(self.id).is_some() {
             st.claim = None;
         }
     }
@@ -356,7 +363,7 @@ impl Stream {
     ) -> Result<Arc<StoredBlock>, StreamError> {
         let mut st = self.write();
         if let Some((id, now)) = by {
-            let Some(c) = st.claim.as_mut().filter(|c| c.id == id) else {
+            let Some(c) = st.claim_of(id) else {
                 return Err(StreamError::Replaced);
             };
             c.note(now);
