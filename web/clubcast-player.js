@@ -71,7 +71,7 @@ class ClubcastPlayer extends HTMLElement {
     // upload-probe="off": no upload probe before the join.
     if (this.getAttribute("upload-probe") === "off") opts.upload_probe = false;
     this.player = play(this.video, opts);
-    for (const type of ["ready", "playing", "stall", "resume", "error"]) {
+    for (const type of ["ready", "playing", "stall", "resume", "publisher", "error"]) {
       this.player.on(type, (detail) =>
         this.dispatchEvent(new CustomEvent(type, { detail, bubbles: true, composed: true })),
       );

@@ -9,7 +9,12 @@
 // `play` returns at once; the wasm peer loads in the background. Events:
 //   "ready"   the peer is running                       ({})
 //   "playing" first frame shown                         ({startup_ms})
-//   "stall" / "resume"  rebuffering started / ended
+//   "stall" / "resume"  playback stopped / went on     ({current_time, reason} /
+//                       {stall_ms, reason}); reason "buffer" is a rebuffer,
+//                       "publisher" a wait at the live edge while no publisher
+//                       is connected (not counted in stalls / stall_ms)
+//   "publisher" a publisher connected or left         ({connected}); sent when it
+//                       changes, and at the start if none is connected
 //   "stats"   a stats sample, once per second           (same object as stats())
 //   "error"   something failed                          ({message, code?})
 //   "reconnecting"  signaling dropped; playing on, retry ({code, reason, attempt, in_ms})
@@ -57,6 +62,8 @@ export const STAT_FIELDS = [
   "buffer_ms", // media buffered ahead of the playhead
   "stalls", // rebuffering events
   "stall_ms", // total rebuffering time
+  "publisher_wait_ms", // total time stalled at the live edge while no publisher was connected
+  "publisher_connected", // whether a publisher is sending the stream, as the server last said
   "startup_ms", // player creation to first frame (null until then); see also startup_trace
 ];
 
@@ -67,6 +74,7 @@ function zeroStats() {
   const s = {};
   for (const k of STAT_FIELDS) s[k] = 0;
   s.startup_ms = null;
+  s.publisher_connected = true;
   return s;
 }
 

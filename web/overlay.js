@@ -61,7 +61,11 @@ export function attachOverlay(container, player) {
     player.on("joined", (e) => {
       if (e.rejoin) status.textContent = "";
     }),
-    player.on("stall", () => (status.textContent = "buffering…")),
+    // No publisher: the stream goes on where it stopped once one is back.
+    player.on("publisher", (e) => (status.textContent = e.connected ? "" : "publisher away")),
+    player.on("stall", (e) => {
+      status.textContent = e.reason === "publisher" ? "waiting for the publisher…" : "buffering…";
+    }),
     player.on("resume", () => (status.textContent = "")),
     player.on("playing", () => (status.textContent = "")),
   ];

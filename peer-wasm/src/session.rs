@@ -63,8 +63,10 @@ pub const LINK_HOLD_MAX_MS: f64 = 2_000.0;
 /// Heartbeats sent but not yet answered that are remembered for the clock.
 const MAX_HEARTBEATS_IN_FLIGHT: usize = 8;
 /// A playing session with open links that has had no new block for this long,
-/// ms, while less than [`STARVE_BUFFER_MS`] of media is buffered, asks the
-/// server for the live edge at once rather than at the next heartbeat. Its
+/// ms, while less than [`STARVE_BUFFER_MS`] of media is buffered and a
+/// publisher is connected (without one no block comes, and a probe every
+/// [`STARVE_PROBE_EVERY_MS`] from every viewer would only load the server),
+/// asks the server for the live edge at once rather than at the next heartbeat. Its
 /// links are the only other way it hears of new blocks, and a data channel
 /// that lost a packet holds everything behind it until SCTP retransmits it
 /// (a second or more), so without the live edge the core would not know
@@ -587,10 +589,12 @@ impl Session {
                 grant_token,
                 bid_interval_ms,
                 upload_probe_kbps,
+                publisher_connected,
                 test_corrupt,
                 ..
             } => {
                 self.probed.kbps = upload_probe_kbps;
+                self.set_publisher(publisher_connected);
                 self.play.mark(Mark::Welcome, perf_now());
                 let received = self.local_ms();
                 let sent = self.join_sent.unwrap_or(received);
@@ -738,6 +742,7 @@ impl Session {
                     self.origin.note_edge(j.live_edge);
                 }
             }
+            ServerMsg::Publisher { connected, .. } => self.set_publisher(connected),
             ServerMsg::Grant { bits, .. } => {
                 if let Some(j) = &mut self.joined {
                     j.granted_bits = bits;
@@ -754,6 +759,12 @@ impl Session {
                     self.error(code, message);
                 }
             }
+        }
+    }
+
+    fn set_publisher(&mut self, connected: bool) {
+        if let Some(event) = self.play.set_publisher(connected) {
+            self.emit(event);
         }
     }
 
@@ -958,7 +969,9 @@ impl Session {
             j.bytes_in = got;
             j.block_at = local;
         }
+        // Without a publisher the edge stands still: nothing to ask for.
         let probe = self.socket.is_some()
+            && self.play.publisher_connected()
             && self.play.first_frame_at().is_some()
             && self.links.open_count() > 0
             && !self.origin.in_order()
@@ -1016,6 +1029,8 @@ impl Session {
             "buffer_ms": play.buffer_ms(),
             "stalls": play.stalls(),
             "stall_ms": play.stall_ms(perf_now()),
+            "publisher_connected": play.publisher_connected(),
+            "publisher_wait_ms": play.publisher_wait_ms(perf_now()),
             "startup_ms": play.startup_ms(self.created_ms),
             "page_startup_ms": play.first_frame_at(),
             "startup_trace": play.startup_trace(self.created_ms),

@@ -284,6 +284,10 @@ fn is_false(b: &bool) -> bool {
     !*b
 }
 
+fn is_true(b: &bool) -> bool {
+    *b
+}
+
 fn is_zero(n: &u64) -> bool {
     *n == 0
 }
@@ -403,6 +407,11 @@ pub enum ServerMsg {
         /// player shows it in its stats (a rejoin probes again).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         upload_probe_kbps: Option<u32>,
+        /// Whether a publisher is sending the stream now; left out when it
+        /// is (and read as true when absent). Changes come as
+        /// [`ServerMsg::Publisher`].
+        #[serde(default = "default_true", skip_serializing_if = "is_true")]
+        publisher_connected: bool,
         /// Test only: the server allowed this peer to relay corrupted blocks
         /// (see [`ClientMsg::Join`]). Always false in production.
         #[serde(default, skip_serializing_if = "is_false")]
@@ -425,6 +434,17 @@ pub enum ServerMsg {
         from: PeerId,
         /// The payload.
         data: SignalData,
+    },
+    /// A publisher connected to the stream, or the one sending it left
+    /// (ended its upload, or lost its connection and was timed out). Sent to
+    /// every peer of the stream when that changes; the welcome says how it
+    /// stood at the join. While no publisher is connected the live edge
+    /// stands still: a player at the edge is waiting, not rebuffering.
+    Publisher {
+        /// Protocol version.
+        v: u32,
+        /// Whether a publisher is connected now.
+        connected: bool,
     },
     /// Answer to a heartbeat.
     Pong {
@@ -506,6 +526,56 @@ mod tests {
         let s = serde_json::to_string(&m).expect("serializes");
         assert_eq!(s, r#"{"type":"slow_source","v":1,"peer":9}"#);
         assert_eq!(serde_json::from_str::<ClientMsg>(&s).expect("parses"), m);
+    }
+
+    #[test]
+    fn publisher_is_flat_json_and_a_welcome_without_it_means_connected() {
+        let m = ServerMsg::Publisher {
+            v: 1,
+            connected: false,
+        };
+        let s = serde_json::to_string(&m).expect("serializes");
+        assert_eq!(s, r#"{"type":"publisher","v":1,"connected":false}"#);
+        assert_eq!(serde_json::from_str::<ServerMsg>(&s).expect("parses"), m);
+
+        let welcome = |publisher_connected| ServerMsg::Welcome {
+            v: 1,
+            peer_id: 7,
+            stream: StreamInfo {
+                id: "k".into(),
+                name: "cam".into(),
+                init_url: "/streams/k/init".into(),
+                blocks_url: "/streams/k/blocks/".into(),
+                clubs: 8,
+                bitrate_kbps: 2000,
+            },
+            clubs: vec![1, 5],
+            links: Vec::new(),
+            live_edge: 9,
+            start_seq: 3,
+            server_time_ms: 1,
+            target_latency_ms: 1500,
+            heartbeat_ms: 5000,
+            ice_servers: Vec::new(),
+            grant_token: "t".into(),
+            bid_interval_ms: 1000,
+            upload_probe_kbps: None,
+            publisher_connected,
+            test_corrupt: false,
+        };
+        // Connected is the usual case, and what an older server meant.
+        let s = serde_json::to_string(&welcome(true)).expect("serializes");
+        assert!(!s.contains("publisher_connected"), "{s}");
+        assert_eq!(
+            serde_json::from_str::<ServerMsg>(&s).expect("parses"),
+            welcome(true)
+        );
+        let s = serde_json::to_string(&welcome(false)).expect("serializes");
+        assert!(s.contains(r#""publisher_connected":false"#), "{s}");
+        assert_eq!(
+            serde_json::from_str::<ServerMsg>(&s).expect("parses"),
+            welcome(false)
+        );
     }
 
     #[test]

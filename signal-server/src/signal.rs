@@ -360,11 +360,13 @@ impl Hub {
         let swarm = lock(&self.0.swarms)
             .entry(stream.id.clone())
             .or_insert_with(|| {
-                Arc::new(Mutex::new(Swarm::new(
+                let swarm = Arc::new(Mutex::new(Swarm::new(
                     stream.clone(),
                     self.0.config.club_config(),
                     self.0.config.max_peers_per_stream,
-                )))
+                )));
+                self.spawn_publisher_watch(&stream, &swarm);
+                swarm
             })
             .clone();
         let (probed_kbps, probe_result) =
@@ -406,6 +408,40 @@ impl Hub {
             rx,
             close,
         })
+    }
+
+    /// Tells every peer of `swarm` when a publisher connects to its stream
+    /// or leaves ([`ServerMsg::Publisher`]), until shutdown. A joiner's
+    /// welcome says how it stood at the join, read under the swarm lock this
+    /// task sends under; a change between that read and this task's send
+    /// reaches the joiner after its welcome, through its queue.
+    fn spawn_publisher_watch(&self, stream: &crate::stream::Stream, swarm: &Arc<Mutex<Swarm>>) {
+        let mut rx = stream.watch_publishing();
+        rx.mark_unchanged();
+        let swarm = Arc::downgrade(swarm);
+        let hub = self.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = hub.0.shutdown.cancelled() => break,
+                    r = rx.changed() => if r.is_err() { break },
+                }
+                let Some(swarm) = swarm.upgrade() else { break };
+                let mut fx = Effects::default();
+                let (connected, peers) = {
+                    let mut s = lock(&swarm);
+                    let connected = *rx.borrow_and_update();
+                    let msg = ServerMsg::Publisher {
+                        v: SIGNAL_VERSION,
+                        connected,
+                    };
+                    s.broadcast(&msg, &mut fx);
+                    (connected, s.len())
+                };
+                tracing::debug!(connected, peers, "publisher change sent to the swarm");
+                hub.apply(fx);
+            }
+        });
     }
 
     fn welcome(
@@ -456,6 +492,7 @@ impl Hub {
             grant_token,
             bid_interval_ms: cfg.bid_interval_ms,
             upload_probe_kbps,
+            publisher_connected: stream.publishing(),
             test_corrupt,
         };
         serde_json::to_string(&msg).expect("ServerMsg is plain structs and strings")

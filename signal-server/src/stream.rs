@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use clubcast_protocol::block::{BlockError, BlockFlags, StreamKey, StreamSigner};
-use tokio::sync::broadcast;
+use tokio::sync::{broadcast, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::store::{BlockStore, Lookup, StoreError, StoredBlock};
@@ -140,6 +140,9 @@ pub struct Stream {
     signer: StreamSigner,
     state: RwLock<State>,
     tx: broadcast::Sender<Arc<StoredBlock>>,
+    /// Whether a publisher holds the stream; set under the state lock as
+    /// claims come and go.
+    publishing: watch::Sender<bool>,
 }
 
 impl std::fmt::Debug for Stream {
@@ -225,6 +228,8 @@ impl Drop for PublishGuard {
         let mut st = self.stream.write();
         if st.claim_of(self.id).is_some() {
             st.claim = None;
+            self.stream.publishing.send_replace(false);
+            tracing::info!(stream = %self.stream.name, "publisher gone");
         }
     }
 }
@@ -248,6 +253,7 @@ impl Stream {
                 next_claim: 0,
             }),
             tx,
+            publishing: watch::channel(false).0,
         }
     }
 
@@ -286,6 +292,8 @@ impl Stream {
             longest_gap: Duration::ZERO,
             replaced: replaced.clone(),
         });
+        self.publishing
+            .send_if_modified(|p| !std::mem::replace(p, true));
         Ok(PublishGuard {
             stream: self.clone(),
             id,
@@ -295,7 +303,13 @@ impl Stream {
 
     /// Whether a publisher holds the stream now.
     pub fn publishing(&self) -> bool {
-        self.read().claim.is_some()
+        *self.publishing.borrow()
+    }
+
+    /// Follows [`Stream::publishing`]: the receiver sees each change (a
+    /// takeover is none: a publisher holds the stream throughout).
+    pub fn watch_publishing(&self) -> watch::Receiver<bool> {
+        self.publishing.subscribe()
     }
 
     /// Sets the init segment (ftyp + moov) that every fragment after it needs.
@@ -652,7 +666,11 @@ mod tests {
         let s = streams.get_or_create("cam").expect("ok");
         let t = Instant::now();
         let secs = |n: f64| t + Duration::from_secs_f64(n);
+        let mut watch = s.watch_publishing();
+        assert!(!s.publishing() && !watch.has_changed().expect("open"));
         let first = s.claim_at(t).expect("free");
+        assert!(s.publishing() && watch.has_changed().expect("open"));
+        watch.mark_unchanged();
         first.alive_at(secs(1.0));
         assert!(
             matches!(s.claim_at(secs(3.9)), Err(StreamError::Busy)),
@@ -671,10 +689,15 @@ mod tests {
         // Its guard going away leaves the new claim alone.
         drop(first);
         assert!(matches!(s.claim_at(secs(4.2)), Err(StreamError::Busy)));
+        assert!(
+            s.publishing() && !watch.has_changed().expect("open"),
+            "a takeover is no change to viewers"
+        );
         second
             .publish(BlockFlags::FRAGMENT_START, 0, 0, x())
             .expect("the new one publishes");
         drop(second);
+        assert!(!s.publishing() && watch.has_changed().expect("open"));
         // A publisher that sends 5-s fragments is not stale between them.
         let t = Instant::now();
         let slow = s.claim_at(t).expect("free again");

@@ -172,6 +172,39 @@ async fn join_gets_a_welcome_with_stream_clubs_links_and_start() {
     ));
 }
 
+/// Every peer of a stream hears when a publisher connects and when it
+/// leaves; a joiner's welcome says how it stands.
+#[tokio::test]
+async fn peers_hear_when_the_publisher_comes_and_goes() {
+    let (addr, state) = serve(Config::default()).await;
+    let stream = state.streams.get("demo").expect("exists");
+    let connected = |want: bool| move |m: &ServerMsg| matches!(m, ServerMsg::Publisher { connected, .. } if *connected == want);
+    let mut a = connect(addr).await;
+    assert!(matches!(
+        join(&mut a).await,
+        ServerMsg::Welcome {
+            publisher_connected: false,
+            ..
+        }
+    ));
+    let guard = stream.claim().expect("no publisher yet");
+    recv_until(&mut a, connected(true)).await;
+    let mut b = connect(addr).await;
+    assert!(matches!(
+        join(&mut b).await,
+        ServerMsg::Welcome {
+            publisher_connected: true,
+            ..
+        }
+    ));
+    drop(guard);
+    recv_until(&mut a, connected(false)).await;
+    recv_until(&mut b, connected(false)).await;
+    // The connections are still up.
+    send(&mut a, r#"{"type":"heartbeat","v":1}"#).await;
+    recv_until(&mut a, |m| matches!(m, ServerMsg::Pong { .. })).await;
+}
+
 #[tokio::test]
 async fn signal_from_a_arrives_at_b_with_from() {
     let (addr, _state) = serve(Config::default()).await;

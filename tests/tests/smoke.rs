@@ -174,8 +174,14 @@ async fn serve_page(page: String) -> std::net::SocketAddr {
 /// first publish's end; before it handled a new init (`NEW_INIT`), the decoder
 /// failed on the new frames (`PIPELINE_ERROR_DECODE`); before it named VP9 for
 /// MSE, a VP9 stream never played.
+///
+/// The first publisher stays away for [`AWAY`] before the second comes: the
+/// viewer is told (`publisher` events), its overlay says it waits for the
+/// publisher, and the wait counts in `publisher_wait_ms`, not as a rebuffer.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_publisher_that_comes_back_with_other_settings_plays_on() {
+    /// Longer than the viewer's ~2.6 s of media ahead, so that it waits.
+    const AWAY: Duration = Duration::from_secs(5);
     const H264: [&str; 8] = [
         "-c:v", "libx264", "-preset", "veryfast", "-pix_fmt", "yuv420p", "-c:a", "aac",
     ];
@@ -219,7 +225,10 @@ async fn a_publisher_that_comes_back_with_other_settings_plays_on() {
     .expect("server starts");
     let ingest = format!("{}/ingest/cam", server.url());
     let publisher = std::thread::spawn(move || {
-        for (size, rate, hz, codecs, secs) in publishes {
+        for (i, (size, rate, hz, codecs, secs)) in publishes.into_iter().enumerate() {
+            if i == 1 {
+                std::thread::sleep(AWAY);
+            }
             let video = format!("testsrc2=size={size}:rate={rate}");
             let audio = format!("sine=frequency=440:sample_rate={hz}");
             let status = std::process::Command::new("ffmpeg")
@@ -246,8 +255,17 @@ async fn a_publisher_that_comes_back_with_other_settings_plays_on() {
     first_frames(std::slice::from_ref(&browser), START_TIMEOUT)
         .await
         .unwrap_or_else(|e| panic!("no first frame: {e}\nserver log:\n{}", server.log_tail(30)));
+    // Records the page's `publisher` events.
+    browser
+        .eval(
+            "window.publisherEvents = []; \
+             window.player.on('publisher', (e) => window.publisherEvents.push(e.connected));",
+        )
+        .await
+        .expect("subscribes");
     let (mut widths, mut last) = (Vec::new(), 0.0f64);
-    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut statuses: Vec<String> = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(75);
     while last <= goal {
         tokio::time::sleep(Duration::from_millis(500)).await;
         let v = browser.video().await.expect("video readable");
@@ -260,6 +278,14 @@ async fn a_publisher_that_comes_back_with_other_settings_plays_on() {
         if widths.last() != Some(&width) {
             widths.push(width);
         }
+        let status = browser
+            .eval("return document.querySelector('.cc-status').textContent;")
+            .await
+            .expect("overlay readable");
+        let status = status.as_str().unwrap_or_default().to_owned();
+        if statuses.last() != Some(&status) {
+            statuses.push(status);
+        }
         last = last.max(v["current_time"].as_f64().expect("currentTime"));
         assert!(
             Instant::now() < deadline,
@@ -267,11 +293,33 @@ async fn a_publisher_that_comes_back_with_other_settings_plays_on() {
             server.log_tail(20)
         );
     }
-    println!("smoke republish: played to {last:.1} s, video widths {widths:?}");
+    let events = browser
+        .eval("return window.publisherEvents;")
+        .await
+        .expect("events readable");
+    let s = browser.stats().await.expect("stats readable");
+    println!(
+        "smoke republish: played to {last:.1} s, video widths {widths:?}, overlay {statuses:?}, \
+         publisher events {events}, publisher_wait_ms {}, stalls {} ({} ms)",
+        s["publisher_wait_ms"], s["stalls"], s["stall_ms"]
+    );
     assert_eq!(
         widths,
         [640, 320, 480],
         "the size changed with each publish"
+    );
+    let events: Vec<bool> = serde_json::from_value(events).expect("a list of booleans");
+    assert!(
+        events.windows(2).any(|w| w == [false, true]),
+        "the viewer heard the publisher leave and come back: {events:?}"
+    );
+    assert!(
+        statuses.iter().any(|t| t == "waiting for the publisher…"),
+        "the overlay said why playback stopped: {statuses:?}"
+    );
+    assert!(
+        s["publisher_wait_ms"].as_f64().expect("publisher_wait_ms") > 0.0,
+        "the wait counted as such: {s}"
     );
     browser.close().await;
     publisher.join().expect("the publisher ran");

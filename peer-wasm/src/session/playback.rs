@@ -19,6 +19,14 @@
 //! (it cannot play without it), or else given up on: the held blocks play on
 //! under the init before.
 //!
+//! The publisher: while none is connected (the server says so, see
+//! `ServerMsg::Publisher`) the live edge stands still, and a player that
+//! reaches it waits for the publisher. Such a stall, one that begins while
+//! no publisher is connected, is no rebuffer: its events say
+//! `"reason": "publisher"`, and it counts in `publisher_wait_ms`, not in
+//! `stalls` and `stall_ms`. It lasts until playback moves again, so the wait
+//! for the returning publisher's first fragment counts in it too.
+//!
 //! Every tick: start (seek to the target latency inside the buffered backlog
 //! and `play()`, once that frame is [`MIN_START_LATENCY_SHARE`] of the target
 //! latency old), detect the
@@ -110,6 +118,11 @@ pub(super) struct Playback {
     stall_since: Option<f64>,
     stalls: u32,
     stall_total: f64,
+    /// Whether a publisher is sending the stream, as the server last said.
+    publisher_connected: bool,
+    /// The stall running began while no publisher was connected.
+    stall_waits_publisher: bool,
+    publisher_wait_total: f64,
     latency: Option<f64>,
     glass: Option<f64>,
     buffer_ms: f64,
@@ -147,6 +160,9 @@ impl Playback {
             stall_since: None,
             stalls: 0,
             stall_total: 0.0,
+            publisher_connected: true,
+            stall_waits_publisher: false,
+            publisher_wait_total: 0.0,
             latency: None,
             glass: None,
             buffer_ms: 0.0,
@@ -191,7 +207,26 @@ impl Playback {
         self.stalls
     }
     pub(super) fn stall_ms(&self, now: f64) -> f64 {
-        (self.stall_total + self.stall_since.map_or(0.0, |s| now - s)).round()
+        let running = self.stall_since.filter(|_| !self.stall_waits_publisher);
+        (self.stall_total + running.map_or(0.0, |s| now - s)).round()
+    }
+    /// Time spent stalled waiting for a publisher, ms (see the module doc).
+    pub(super) fn publisher_wait_ms(&self, now: f64) -> f64 {
+        let running = self.stall_since.filter(|_| self.stall_waits_publisher);
+        (self.publisher_wait_total + running.map_or(0.0, |s| now - s)).round()
+    }
+    pub(super) fn publisher_connected(&self) -> bool {
+        self.publisher_connected
+    }
+
+    /// The server says whether a publisher is connected; the `publisher`
+    /// event if that changed. A stall already running keeps its kind.
+    pub(super) fn set_publisher(&mut self, connected: bool) -> Option<Value> {
+        if connected == self.publisher_connected {
+            return None;
+        }
+        self.publisher_connected = connected;
+        Some(json!({"type": "publisher", "connected": connected}))
     }
     pub(super) fn startup_ms(&self, created: f64) -> Option<f64> {
         self.first_frame.map(|f| (f - created).round())
@@ -444,14 +479,34 @@ impl Playback {
             return None;
         }
         self.stall_since = Some(now);
-        self.stalls += 1;
-        Some(json!({"type": "stall", "current_time": self.video.current_time()}))
+        self.stall_waits_publisher = !self.publisher_connected;
+        if !self.stall_waits_publisher {
+            self.stalls += 1;
+        }
+        Some(json!({
+            "type": "stall", "current_time": self.video.current_time(),
+            "reason": self.stall_reason(),
+        }))
     }
 
     fn end_stall(&mut self, now: f64) -> Option<Value> {
         let since = self.stall_since.take()?;
-        self.stall_total += now - since;
-        Some(json!({"type": "resume", "stall_ms": (now - since).round()}))
+        if self.stall_waits_publisher {
+            self.publisher_wait_total += now - since;
+        } else {
+            self.stall_total += now - since;
+        }
+        Some(json!({
+            "type": "resume", "stall_ms": (now - since).round(), "reason": self.stall_reason(),
+        }))
+    }
+
+    fn stall_reason(&self) -> &'static str {
+        if self.stall_waits_publisher {
+            "publisher"
+        } else {
+            "buffer"
+        }
     }
 
     /// Periodic control; `now` is `performance.now()`, `server_now` the

@@ -82,6 +82,13 @@ pub(crate) struct Effects {
     pub(crate) size: Option<(String, usize)>,
 }
 
+/// `msg` as JSON text, or `None` (logged) if it cannot be.
+fn encode(msg: &ServerMsg) -> Option<String> {
+    serde_json::to_string(msg)
+        .map_err(|e| tracing::error!(%e, "server message failed to serialize"))
+        .ok()
+}
+
 /// One stream's peers.
 pub(crate) struct Swarm {
     pub(crate) stream: Arc<Stream>,
@@ -369,16 +376,22 @@ impl Swarm {
         let Some(m) = self.members.get(&peer) else {
             return;
         };
-        let text = match serde_json::to_string(msg) {
-            Ok(t) => t,
-            Err(e) => {
-                tracing::error!(%e, "server message failed to serialize");
-                return;
-            }
-        };
+        let Some(text) = encode(msg) else { return };
         if m.tx.try_send(text).is_err() {
             self.drop_peers(vec![(peer, DropReason::Slow)], fx);
         }
+    }
+
+    /// Queues `msg` for every peer; a full queue drops the peer.
+    pub(crate) fn broadcast(&mut self, msg: &ServerMsg, fx: &mut Effects) {
+        let Some(text) = encode(msg) else { return };
+        let full = self
+            .members
+            .iter()
+            .filter(|(_, m)| m.tx.try_send(text.clone()).is_err())
+            .map(|(&peer, _)| (peer, DropReason::Slow))
+            .collect();
+        self.drop_peers(full, fx);
     }
 
     fn deliver(&mut self, changes: Vec<LinkChange>, fx: &mut Effects) {
