@@ -479,6 +479,10 @@ impl Playback {
             return None;
         }
         self.stall_since = Some(now);
+        // From here on: `waiting` comes after the playhead moved since the
+        // last tick, and that move must not end the stall at the next one
+        // (every rebuffer counted twice: stall, resume ~50 ms later, stall).
+        self.last_time = self.video.current_time();
         self.stall_waits_publisher = !self.publisher_connected;
         if !self.stall_waits_publisher {
             self.stalls += 1;
