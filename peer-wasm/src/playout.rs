@@ -344,9 +344,159 @@ pub fn ahead_of(ranges: &[(f64, f64)], t: f64) -> f64 {
         .map_or(0.0, |&(_, e)| e - t)
 }
 
+/// Why playback stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StallReason {
+    /// A rebuffer: media did not come in time.
+    Buffer,
+    /// A wait at the live edge while no publisher is connected.
+    Publisher,
+}
+
+impl StallReason {
+    /// The name in the player's `stall` and `resume` events.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StallReason::Buffer => "buffer",
+            StallReason::Publisher => "publisher",
+        }
+    }
+}
+
+/// The player's stall accounting: rebuffers (`stalls`, `stall_ms`) apart
+/// from waits for a publisher (`publisher_wait_ms`). A stall that begins
+/// while no publisher is connected is a wait; a rebuffer that is running
+/// when the publisher leaves is a wait from then on; a stall keeps its kind
+/// when the publisher comes back, until it ends. Times are ms.
+#[derive(Debug, Clone)]
+pub struct Stalls {
+    running: Option<(f64, StallReason)>,
+    count: u32,
+    buffer_ms: f64,
+    publisher_ms: f64,
+    publisher_connected: bool,
+}
+
+impl Default for Stalls {
+    fn default() -> Self {
+        Stalls {
+            running: None,
+            count: 0,
+            buffer_ms: 0.0,
+            publisher_ms: 0.0,
+            publisher_connected: true,
+        }
+    }
+}
+
+impl Stalls {
+    /// Playback stopped at `now`: the reason, unless a stall was running.
+    pub fn begin(&mut self, now: f64) -> Option<StallReason> {
+        if self.running.is_some() {
+            return None;
+        }
+        let reason = if self.publisher_connected {
+            self.count += 1;
+            StallReason::Buffer
+        } else {
+            StallReason::Publisher
+        };
+        self.running = Some((now, reason));
+        Some(reason)
+    }
+
+    /// Playback moved again at `now`: how long the stall ran (since it began,
+    /// or became a wait) and its reason, if one was running.
+    pub fn end(&mut self, now: f64) -> Option<(f64, StallReason)> {
+        let (since, reason) = self.running.take()?;
+        self.add(reason, now - since);
+        Some((now - since, reason))
+    }
+
+    /// The server says whether a publisher is connected at `now`; whether
+    /// that changed.
+    pub fn set_publisher(&mut self, connected: bool, now: f64) -> bool {
+        if connected == self.publisher_connected {
+            return false;
+        }
+        self.publisher_connected = connected;
+        if let Some((since, StallReason::Buffer)) = self.running.filter(|_| !connected) {
+            self.add(StallReason::Buffer, now - since);
+            self.running = Some((now, StallReason::Publisher));
+        }
+        true
+    }
+
+    fn add(&mut self, reason: StallReason, ms: f64) {
+        match reason {
+            StallReason::Buffer => self.buffer_ms += ms,
+            StallReason::Publisher => self.publisher_ms += ms,
+        }
+    }
+
+    /// Whether a stall is running.
+    pub fn stalled(&self) -> bool {
+        self.running.is_some()
+    }
+    /// Whether a publisher is connected, as the server last said.
+    pub fn publisher_connected(&self) -> bool {
+        self.publisher_connected
+    }
+    /// Rebuffers so far.
+    pub fn count(&self) -> u32 {
+        self.count
+    }
+    /// Time spent in rebuffers up to `now`.
+    pub fn stall_ms(&self, now: f64) -> f64 {
+        self.buffer_ms + self.running_for(StallReason::Buffer, now)
+    }
+    /// Time spent waiting for a publisher up to `now`.
+    pub fn publisher_wait_ms(&self, now: f64) -> f64 {
+        self.publisher_ms + self.running_for(StallReason::Publisher, now)
+    }
+
+    fn running_for(&self, reason: StallReason, now: f64) -> f64 {
+        match self.running {
+            Some((since, r)) if r == reason => now - since,
+            _ => 0.0,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_stall_while_no_publisher_is_connected_is_a_wait_not_a_rebuffer() {
+        let mut s = Stalls::default();
+        assert!(s.publisher_connected());
+        // A rebuffer, counted once however often it is begun.
+        assert_eq!(s.begin(1_000.0), Some(StallReason::Buffer));
+        assert_eq!(s.begin(1_100.0), None);
+        assert_eq!(s.end(1_400.0), Some((400.0, StallReason::Buffer)));
+        assert_eq!(s.end(1_500.0), None);
+        assert_eq!((s.count(), s.stall_ms(2_000.0)), (1, 400.0));
+        // The publisher leaves; the player reaches the edge and waits.
+        assert!(s.set_publisher(false, 2_000.0));
+        assert!(!s.set_publisher(false, 2_100.0), "no change");
+        assert_eq!(s.begin(3_000.0), Some(StallReason::Publisher));
+        assert_eq!(s.publisher_wait_ms(4_000.0), 1_000.0);
+        // It comes back: the wait lasts until playback moves.
+        assert!(s.set_publisher(true, 5_000.0));
+        assert!(s.stalled());
+        assert_eq!(s.end(6_000.0), Some((3_000.0, StallReason::Publisher)));
+        assert_eq!((s.count(), s.stall_ms(7_000.0)), (1, 400.0));
+        assert_eq!(s.publisher_wait_ms(7_000.0), 3_000.0);
+        // A rebuffer running when the publisher leaves is a wait from then on.
+        assert_eq!(s.begin(8_000.0), Some(StallReason::Buffer));
+        assert!(s.set_publisher(false, 8_500.0));
+        assert_eq!(s.stall_ms(9_000.0), 900.0);
+        assert_eq!(s.publisher_wait_ms(9_000.0), 3_500.0);
+        assert_eq!(s.end(9_500.0), Some((1_000.0, StallReason::Publisher)));
+        assert_eq!((s.count(), s.stall_ms(10_000.0)), (2, 900.0));
+        assert_eq!(s.publisher_wait_ms(10_000.0), 4_000.0);
+    }
 
     fn bx(kind: &[u8; 4], body: &[u8]) -> Vec<u8> {
         let mut v = ((body.len() + 8) as u32).to_be_bytes().to_vec();

@@ -763,7 +763,7 @@ impl Session {
     }
 
     fn set_publisher(&mut self, connected: bool) {
-        if let Some(event) = self.play.set_publisher(connected) {
+        if let Some(event) = self.play.set_publisher(connected, perf_now()) {
             self.emit(event);
         }
     }

@@ -25,7 +25,8 @@
 //! no publisher is connected, is no rebuffer: its events say
 //! `"reason": "publisher"`, and it counts in `publisher_wait_ms`, not in
 //! `stalls` and `stall_ms`. It lasts until playback moves again, so the wait
-//! for the returning publisher's first fragment counts in it too.
+//! for the returning publisher's first fragment counts in it too. A rebuffer
+//! that is running when the publisher leaves counts as a wait from then on.
 //!
 //! Every tick: start (seek to the target latency inside the buffered backlog
 //! and `play()`, once that frame is [`MIN_START_LATENCY_SHARE`] of the target
@@ -45,7 +46,7 @@ use web_sys::HtmlMediaElement;
 use crate::fetch::{fetch_bytes, FetchError, Fetched};
 use crate::mse::{MseError, MseEvent, MseSink, MIME_H264_AAC};
 use crate::player::{deliver, Shared};
-use crate::playout::{self, Steer, Timeline, MIN_BUFFER_TO_SPEED_UP_MS};
+use crate::playout::{self, Stalls, Steer, Timeline, MIN_BUFFER_TO_SPEED_UP_MS};
 
 use super::startup::{Mark, StartupTrace};
 use super::{ignore_promise, Input};
@@ -115,14 +116,7 @@ pub(super) struct Playback {
     last_play_call: f64,
     last_time: f64,
     last_advance: f64,
-    stall_since: Option<f64>,
-    stalls: u32,
-    stall_total: f64,
-    /// Whether a publisher is sending the stream, as the server last said.
-    publisher_connected: bool,
-    /// The stall running began while no publisher was connected.
-    stall_waits_publisher: bool,
-    publisher_wait_total: f64,
+    stalls: Stalls,
     latency: Option<f64>,
     glass: Option<f64>,
     buffer_ms: f64,
@@ -157,12 +151,7 @@ impl Playback {
             last_play_call: 0.0,
             last_time: 0.0,
             last_advance: 0.0,
-            stall_since: None,
-            stalls: 0,
-            stall_total: 0.0,
-            publisher_connected: true,
-            stall_waits_publisher: false,
-            publisher_wait_total: 0.0,
+            stalls: Stalls::default(),
             latency: None,
             glass: None,
             buffer_ms: 0.0,
@@ -204,29 +193,25 @@ impl Playback {
         self.buffer_ms.round()
     }
     pub(super) fn stalls(&self) -> u32 {
-        self.stalls
+        self.stalls.count()
     }
     pub(super) fn stall_ms(&self, now: f64) -> f64 {
-        let running = self.stall_since.filter(|_| !self.stall_waits_publisher);
-        (self.stall_total + running.map_or(0.0, |s| now - s)).round()
+        self.stalls.stall_ms(now).round()
     }
     /// Time spent stalled waiting for a publisher, ms (see the module doc).
     pub(super) fn publisher_wait_ms(&self, now: f64) -> f64 {
-        let running = self.stall_since.filter(|_| self.stall_waits_publisher);
-        (self.publisher_wait_total + running.map_or(0.0, |s| now - s)).round()
+        self.stalls.publisher_wait_ms(now).round()
     }
     pub(super) fn publisher_connected(&self) -> bool {
-        self.publisher_connected
+        self.stalls.publisher_connected()
     }
 
     /// The server says whether a publisher is connected; the `publisher`
-    /// event if that changed. A stall already running keeps its kind.
-    pub(super) fn set_publisher(&mut self, connected: bool) -> Option<Value> {
-        if connected == self.publisher_connected {
-            return None;
-        }
-        self.publisher_connected = connected;
-        Some(json!({"type": "publisher", "connected": connected}))
+    /// event if that changed (see [`Stalls::set_publisher`]).
+    pub(super) fn set_publisher(&mut self, connected: bool, now: f64) -> Option<Value> {
+        self.stalls
+            .set_publisher(connected, now)
+            .then(|| json!({"type": "publisher", "connected": connected}))
     }
     pub(super) fn startup_ms(&self, created: f64) -> Option<f64> {
         self.first_frame.map(|f| (f - created).round())
@@ -475,42 +460,22 @@ impl Playback {
     }
 
     fn begin_stall(&mut self, now: f64) -> Option<Value> {
-        if self.first_frame.is_none() || self.stall_since.is_some() {
+        if self.first_frame.is_none() || self.stalls.stalled() {
             return None;
         }
-        self.stall_since = Some(now);
         // From here on: `waiting` comes after the playhead moved since the
         // last tick, and that move must not end the stall at the next one
         // (every rebuffer counted twice: stall, resume ~50 ms later, stall).
         self.last_time = self.video.current_time();
-        self.stall_waits_publisher = !self.publisher_connected;
-        if !self.stall_waits_publisher {
-            self.stalls += 1;
-        }
+        let reason = self.stalls.begin(now)?;
         Some(json!({
-            "type": "stall", "current_time": self.video.current_time(),
-            "reason": self.stall_reason(),
+            "type": "stall", "current_time": self.last_time, "reason": reason.as_str(),
         }))
     }
 
     fn end_stall(&mut self, now: f64) -> Option<Value> {
-        let since = self.stall_since.take()?;
-        if self.stall_waits_publisher {
-            self.publisher_wait_total += now - since;
-        } else {
-            self.stall_total += now - since;
-        }
-        Some(json!({
-            "type": "resume", "stall_ms": (now - since).round(), "reason": self.stall_reason(),
-        }))
-    }
-
-    fn stall_reason(&self) -> &'static str {
-        if self.stall_waits_publisher {
-            "publisher"
-        } else {
-            "buffer"
-        }
+        let (ms, reason) = self.stalls.end(now)?;
+        Some(json!({"type": "resume", "stall_ms": ms.round(), "reason": reason.as_str()}))
     }
 
     /// Periodic control; `now` is `performance.now()`, `server_now` the
@@ -618,7 +583,7 @@ impl Playback {
         self.latency = self.timeline.ingest_at(t).map(|ing| server_now - ing);
         self.glass = self.timeline.capture_at(t).map(|c| server_now - c);
         self.buffer_ms = playout::ahead_of(&ranges, t) * 1000.0;
-        if self.first_frame.is_some() && self.stall_since.is_none() && !paused {
+        if self.first_frame.is_some() && !self.stalls.stalled() && !paused {
             if let Some(latency) = self.latency {
                 match playout::steer(latency, self.target_ms, self.buffer_ms) {
                     Steer::Rate(r) => self.set_rate(r),
