@@ -435,8 +435,9 @@ pub enum ServerMsg {
         /// The payload.
         data: SignalData,
     },
-    /// A publisher connected to the stream, or the one sending it left
-    /// (ended its upload, or lost its connection and was timed out). Sent to
+    /// A publisher connected to the stream or sent again, or the one sending
+    /// it left (ended its upload) or went silent long enough to be taken
+    /// over (its connection may have died without a word). Sent to
     /// every peer of the stream when that changes; the welcome says how it
     /// stood at the join. While no publisher is connected the live edge
     /// stands still: a player at the edge is waiting, not rebuffering.

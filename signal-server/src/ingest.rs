@@ -226,6 +226,7 @@ async fn run(
     // How far this publish's decode times move to continue the stream's
     // timeline, set at its first fragment.
     let mut shift = None;
+    let mut idle_at = tokio::time::Instant::now() + IDLE_TIMEOUT;
     loop {
         let replaced = async {
             match &guard {
@@ -233,14 +234,33 @@ async fn run(
                 None => std::future::pending().await,
             }
         };
+        // Once silent long enough to be taken over, the publisher shows as
+        // away to viewers until it sends again.
+        let quiet = guard
+            .as_ref()
+            .filter(|g| g.stream().publishing())
+            .and_then(PublishGuard::stale_in);
+        let quiet = async {
+            match quiet {
+                Some(d) => tokio::time::sleep(d + Duration::from_millis(1)).await,
+                None => std::future::pending().await,
+            }
+        };
         let next = tokio::select! {
-            next = tokio::time::timeout(IDLE_TIMEOUT, body.next()) => next,
+            next = tokio::time::timeout_at(idle_at, body.next()) => next,
             () = replaced => return Err(IngestError::Replaced),
+            () = quiet => {
+                if let Some(g) = &guard {
+                    g.note_quiet();
+                }
+                continue;
+            }
         };
         let Some(chunk) = next.map_err(|_| IngestError::Idle)? else {
             break;
         };
         let chunk = chunk.map_err(|e| IngestError::Body(e.to_string()))?;
+        idle_at = tokio::time::Instant::now() + IDLE_TIMEOUT;
         if let Some(g) = &guard {
             g.alive();
         }

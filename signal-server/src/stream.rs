@@ -117,7 +117,12 @@ impl Claim {
     /// longer (an encoder that sends long fragments is not stale between
     /// them).
     fn stale(&self, now: Instant) -> bool {
-        now.saturating_duration_since(self.last) > STALE_PUBLISHER.max(2 * self.longest_gap)
+        now > self.stale_at()
+    }
+
+    /// When it turns stale if it sends nothing more.
+    fn stale_at(&self) -> Instant {
+        self.last + STALE_PUBLISHER.max(2 * self.longest_gap)
     }
 
     /// The publisher sent data at `now`.
@@ -140,8 +145,8 @@ pub struct Stream {
     signer: StreamSigner,
     state: RwLock<State>,
     tx: broadcast::Sender<Arc<StoredBlock>>,
-    /// Whether a publisher holds the stream; set under the state lock as
-    /// claims come and go.
+    /// Whether a publisher holds the stream and is not stale; set under the
+    /// state lock as claims come, send, go quiet and go.
     publishing: watch::Sender<bool>,
 }
 
@@ -187,9 +192,34 @@ impl PublishGuard {
     }
 
     fn alive_at(&self, now: Instant) {
+        // A publisher taken over learns it at its next publish.
+        let _ = self
+            .stream
+            .note_alive(&mut self.stream.write(), self.id, now);
+    }
+
+    /// How long from now until this publisher turns stale if it sends
+    /// nothing more; `None` once it was taken over.
+    pub fn stale_in(&self) -> Option<Duration> {
+        let st = self.stream.read();
+        let c = st.claim.as_ref().filter(|c| c.id == self.id)?;
+        Some(c.stale_at().saturating_duration_since(Instant::now()))
+    }
+
+    /// Viewers are told the publisher is away ([`Stream::publishing`] goes
+    /// false) if it is stale now: silent past [`STALE_PUBLISHER`] (or twice
+    /// its longest silence), its connection may have died without a word,
+    /// and a new publisher may take it over. Its next data says it is back.
+    pub fn note_quiet(&self) {
+        self.note_quiet_at(Instant::now());
+    }
+
+    fn note_quiet_at(&self, now: Instant) {
         let mut st = self.stream.write();
-        if let Some(c) = st.claim_of(self.id) {
-            c.note(now);
+        if st.claim_of(self.id).is_some_and(|c| c.stale(now)) {
+            self.stream
+                .publishing
+                .send_if_modified(|p| std::mem::replace(p, false));
         }
     }
 
@@ -228,8 +258,10 @@ impl Drop for PublishGuard {
         let mut st = self.stream.write();
         if st.claim_of(self.id).is_some() {
             st.claim = None;
-            self.stream.publishing.send_replace(false);
-            tracing::info!(stream = %self.stream.name, "publisher gone");
+            self.stream
+                .publishing
+                .send_if_modified(|p| std::mem::replace(p, false));
+            tracing::debug!(stream = %self.stream.name, "publisher gone");
         }
     }
 }
@@ -301,7 +333,18 @@ impl Stream {
         })
     }
 
-    /// Whether a publisher holds the stream now.
+    /// The claim `id` sent data at `now`: it is fresh, and publishing if it
+    /// had gone quiet; `Replaced` if it no longer holds the stream.
+    fn note_alive(&self, st: &mut State, id: u64, now: Instant) -> Result<(), StreamError> {
+        let c = st.claim_of(id).ok_or(StreamError::Replaced)?;
+        c.note(now);
+        self.publishing
+            .send_if_modified(|p| !std::mem::replace(p, true));
+        Ok(())
+    }
+
+    /// Whether a publisher holds the stream and is not stale (see
+    /// [`PublishGuard::note_quiet`]).
     pub fn publishing(&self) -> bool {
         *self.publishing.borrow()
     }
@@ -377,10 +420,7 @@ impl Stream {
     ) -> Result<Arc<StoredBlock>, StreamError> {
         let mut st = self.write();
         if let Some((id, now)) = by {
-            let Some(c) = st.claim_of(id) else {
-                return Err(StreamError::Replaced);
-            };
-            c.note(now);
+            self.note_alive(&mut st, id, now)?;
         }
         let seq = st.next_seq;
         let new_init = flags.contains(BlockFlags::FRAGMENT_START) && st.next_init.is_some();
@@ -708,6 +748,35 @@ mod tests {
             s.claim_at(after(10_100)).is_ok(),
             "silent twice its longest gap"
         );
+    }
+
+    #[test]
+    fn a_stale_publisher_shows_as_away_until_it_sends_again() {
+        let streams = Streams::new(None, cfg());
+        let s = streams.get_or_create("cam").expect("ok");
+        let t = Instant::now();
+        let secs = |n: f64| t + Duration::from_secs_f64(n);
+        let guard = s.claim_at(t).expect("free");
+        let mut watch = s.watch_publishing();
+        guard.alive_at(secs(1.0));
+        guard.note_quiet_at(secs(3.9));
+        assert!(s.publishing(), "silent 2.9 s");
+        guard.note_quiet_at(secs(4.1));
+        assert!(!s.publishing(), "silent 3.1 s: away");
+        assert!(watch.has_changed().expect("open"));
+        watch.mark_unchanged();
+        guard.note_quiet_at(secs(5.0));
+        assert!(!watch.has_changed().expect("open"), "told once");
+        guard.alive_at(secs(6.0));
+        assert!(s.publishing(), "back");
+        assert!(watch.has_changed().expect("open"));
+        // Its longest silence (5 s) now sets when it goes stale.
+        guard.note_quiet_at(secs(15.9));
+        assert!(s.publishing());
+        guard.note_quiet_at(secs(16.1));
+        assert!(!s.publishing());
+        drop(guard);
+        assert!(!s.publishing());
     }
 
     #[test]

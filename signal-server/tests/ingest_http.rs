@@ -110,7 +110,8 @@ async fn a_clip_becomes_verified_blocks_in_order() {
 }
 
 /// A publisher whose connection went silent without closing (a network path
-/// that broke) holds its stream only until [`STALE_PUBLISHER`]: the same
+/// that broke) shows as away to viewers once it is stale, and holds its stream
+/// only until [`STALE_PUBLISHER`]: the same
 /// encoder coming back on a new connection takes it over, instead of getting
 /// 409 until the idle timeout (30 s); the old request ends at once with 409
 /// `replaced` (the stream's unit tests check that a replaced publisher
@@ -131,7 +132,10 @@ async fn a_publisher_that_comes_back_takes_over_its_silent_connection() {
         409,
         "still fresh"
     );
+    assert!(s.publishing());
     tokio::time::sleep(STALE_PUBLISHER + Duration::from_millis(300)).await;
+    // (The stream's unit tests check that it shows as back when it sends.)
+    assert!(!s.publishing(), "a stale publisher shows as away");
     let before = s.live_edge().expect("blocks");
     let (status, body) = put(addr, "cam", Some(TOKEN), CLIP).await;
     assert_eq!(status, 200, "{body}");
