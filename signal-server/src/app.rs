@@ -128,7 +128,11 @@ pub fn app(state: AppState) -> Router {
 }
 
 async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
-    state.metrics.set_streams(state.streams.list().len());
+    let streams = state.streams.list();
+    state.metrics.set_streams(streams.len());
+    state
+        .metrics
+        .set_publishing(streams.iter().map(|s| (s.name.clone(), s.publishing())));
     (
         [(
             header::CONTENT_TYPE,

@@ -49,6 +49,11 @@ impl Labelled {
         }
     }
 
+    /// Replaces every entry, zeros kept.
+    fn replace(&self, entries: impl IntoIterator<Item = (String, u64)>) {
+        *self.map() = entries.into_iter().collect();
+    }
+
     fn get(&self, label: &str) -> u64 {
         self.map().get(label).copied().unwrap_or(0)
     }
@@ -62,6 +67,7 @@ impl Labelled {
 #[derive(Debug, Default)]
 pub struct Metrics {
     streams: AtomicU64,
+    publishing: Labelled,
     peers: Labelled,
     joins: AtomicU64,
     signal_messages: Labelled,
@@ -93,6 +99,13 @@ impl Metrics {
     /// Sets the number of streams (gauge).
     pub fn set_streams(&self, n: usize) {
         self.streams.store(n as u64, Ordering::Relaxed);
+    }
+
+    /// Sets, for every stream, whether a publisher is sending it (gauge,
+    /// 1 or 0; a stream not given is dropped).
+    pub fn set_publishing(&self, streams: impl IntoIterator<Item = (String, bool)>) {
+        self.publishing
+            .replace(streams.into_iter().map(|(s, p)| (s, u64::from(p))));
     }
 
     /// Sets the number of peers in `stream`'s swarm (gauge).
@@ -219,6 +232,14 @@ impl Metrics {
             "gauge",
             "Streams this server holds.",
             get(&self.streams),
+        )?;
+        labelled(
+            out,
+            "clubcast_stream_publishing",
+            "gauge",
+            "Whether a publisher is sending each stream (1) or not (0): 0 once it left or went silent long enough to be taken over.",
+            "stream",
+            &self.publishing,
         )?;
         labelled(
             out,
@@ -408,5 +429,23 @@ mod tests {
         assert!(t.contains("code=\"we\\\"ird\""));
         m.set_peers("demo", 0);
         assert!(!m.render().contains("stream=\"demo\""));
+        // Publishing keeps its zeros: a stream without a publisher is 0, not absent.
+        m.set_publishing([("cam".to_owned(), false), ("demo".to_owned(), true)]);
+        let t = m.render();
+        assert!(
+            t.contains("clubcast_stream_publishing{stream=\"cam\"} 0\n"),
+            "{t}"
+        );
+        assert!(
+            t.contains("clubcast_stream_publishing{stream=\"demo\"} 1\n"),
+            "{t}"
+        );
+        m.set_publishing([("demo".to_owned(), false)]);
+        let t = m.render();
+        assert!(!t.contains("stream=\"cam\""), "{t}");
+        assert!(
+            t.contains("clubcast_stream_publishing{stream=\"demo\"} 0\n"),
+            "{t}"
+        );
     }
 }

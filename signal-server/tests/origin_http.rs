@@ -350,7 +350,13 @@ async fn streams_are_listed_and_init_is_404_until_published() {
     let guard = state.streams.get("demo").expect("exists").claim();
     let one = http(addr, "GET", "/streams/demo", &[]).await.json();
     assert_eq!(one["publishing"], true, "a publisher holds it");
+    let metrics = |addr| async move {
+        String::from_utf8(http(addr, "GET", "/metrics", &[]).await.body).expect("utf8")
+    };
+    let gauge = "clubcast_stream_publishing{stream=\"demo\"}";
+    assert!(metrics(addr).await.contains(&format!("{gauge} 1\n")));
     drop(guard);
+    assert!(metrics(addr).await.contains(&format!("{gauge} 0\n")));
     let list = http(addr, "GET", "/streams", &[]).await.json();
     assert_eq!(list[0]["publishing"], false, "the publisher went away");
     let r = http(addr, "GET", "/streams/nope", &[]).await;
