@@ -236,10 +236,7 @@ async fn run(
         };
         // Once silent long enough to be taken over, the publisher shows as
         // away to viewers until it sends again.
-        let quiet = guard
-            .as_ref()
-            .filter(|g| g.stream().publishing())
-            .and_then(PublishGuard::stale_in);
+        let quiet = guard.as_ref().and_then(PublishGuard::quiet_in);
         let quiet = async {
             match quiet {
                 Some(d) => tokio::time::sleep(d + Duration::from_millis(1)).await,

@@ -166,8 +166,9 @@ pub struct StreamSummary {
     pub bitrate_kbps: u32,
     /// Peers in the swarm.
     pub peers: usize,
-    /// Whether a publisher is connected now: `false` for a stream whose
-    /// publisher went away (viewers keep waiting; it may come back).
+    /// Whether a publisher is connected and sending: `false` for a stream
+    /// whose publisher went away or stayed silent long enough to be taken
+    /// over (viewers keep waiting; it may come back).
     pub publishing: bool,
 }
 

@@ -98,6 +98,11 @@ impl State {
     fn claim_of(&mut self, id: u64) -> Option<&mut Claim> {
         self.claim.as_mut().filter(|c| c.id == id)
     }
+
+    /// [`State::claim_of`], to read.
+    fn claim_ref(&self, id: u64) -> Option<&Claim> {
+        self.claim.as_ref().filter(|c| c.id == id)
+    }
 }
 
 /// A publisher's hold on a stream.
@@ -198,11 +203,12 @@ impl PublishGuard {
             .note_alive(&mut self.stream.write(), self.id, now);
     }
 
-    /// How long from now until this publisher turns stale if it sends
-    /// nothing more; `None` once it was taken over.
-    pub fn stale_in(&self) -> Option<Duration> {
+    /// How long from now until [`PublishGuard::note_quiet`] would find this
+    /// publisher stale if it sends nothing more; `None` if it already shows
+    /// as away or was taken over.
+    pub fn quiet_in(&self) -> Option<Duration> {
         let st = self.stream.read();
-        let c = st.claim.as_ref().filter(|c| c.id == self.id)?;
+        let c = st.claim_ref(self.id).filter(|_| self.stream.publishing())?;
         Some(c.stale_at().saturating_duration_since(Instant::now()))
     }
 
@@ -700,12 +706,18 @@ mod tests {
         );
     }
 
-    #[test]
-    fn a_silent_publisher_is_taken_over_and_publishes_nothing_after() {
+    /// A fresh stream `cam`, and a clock: `secs(n)` is `n` s after now.
+    fn cam_and_clock() -> (Arc<Stream>, impl Fn(f64) -> Instant) {
         let streams = Streams::new(None, cfg());
         let s = streams.get_or_create("cam").expect("ok");
         let t = Instant::now();
-        let secs = |n: f64| t + Duration::from_secs_f64(n);
+        (s, move |n: f64| t + Duration::from_secs_f64(n))
+    }
+
+    #[test]
+    fn a_silent_publisher_is_taken_over_and_publishes_nothing_after() {
+        let (s, secs) = cam_and_clock();
+        let t = secs(0.0);
         let mut watch = s.watch_publishing();
         assert!(!s.publishing() && !watch.has_changed().expect("open"));
         let first = s.claim_at(t).expect("free");
@@ -752,17 +764,16 @@ mod tests {
 
     #[test]
     fn a_stale_publisher_shows_as_away_until_it_sends_again() {
-        let streams = Streams::new(None, cfg());
-        let s = streams.get_or_create("cam").expect("ok");
-        let t = Instant::now();
-        let secs = |n: f64| t + Duration::from_secs_f64(n);
-        let guard = s.claim_at(t).expect("free");
+        let (s, secs) = cam_and_clock();
+        let guard = s.claim_at(secs(0.0)).expect("free");
         let mut watch = s.watch_publishing();
+        assert!(guard.quiet_in().is_some());
         guard.alive_at(secs(1.0));
         guard.note_quiet_at(secs(3.9));
         assert!(s.publishing(), "silent 2.9 s");
         guard.note_quiet_at(secs(4.1));
         assert!(!s.publishing(), "silent 3.1 s: away");
+        assert_eq!(guard.quiet_in(), None, "already away");
         assert!(watch.has_changed().expect("open"));
         watch.mark_unchanged();
         guard.note_quiet_at(secs(5.0));
