@@ -388,6 +388,12 @@ pub enum ServerMsg {
         /// Block to start playback at: a fragment start at least the target
         /// latency behind the edge.
         start_seq: u64,
+        /// Oldest block the origin still serves or will serve: the blocks
+        /// before it are gone (evicted, or held by a server process that
+        /// restarted). A rejoin whose next block is before it starts over
+        /// at `start_seq`. Absent from older servers.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        first_seq: Option<u64>,
         /// Server wall clock (Unix ms) when the welcome was sent.
         server_time_ms: u64,
         /// Target live latency the player should hold, ms.
@@ -554,6 +560,7 @@ mod tests {
             links: Vec::new(),
             live_edge: 9,
             start_seq: 3,
+            first_seq: Some(0),
             server_time_ms: 1,
             target_latency_ms: 1500,
             heartbeat_ms: 5000,

@@ -32,6 +32,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::ingest::chunker::publish_fragment;
+use crate::ingest::continuation;
 use crate::ingest::fmp4::{self, Fmp4Error, Fragment, Item, Track};
 use crate::stream::Streams;
 
@@ -235,6 +236,10 @@ async fn run(
     guard.set_init(clip.init.clone())?;
     tracing::info!(stream = %name, id = %stream.id, lap = ?clip.duration(), "demo source started");
     let start = tokio::time::Instant::now();
+    // A stream resumed after a restart goes on where its timeline ended, as
+    // an encoder that came back would (see `ingest::continuation`).
+    let tracks: Vec<Track> = clip.tracks.iter().map(|l| l.track).collect();
+    let mut shift = None;
     for lap in 0u64.. {
         for i in 0..clip.fragments.len() {
             let due = start + clip.due(lap, i);
@@ -242,7 +247,9 @@ async fn run(
                 () = shutdown.cancelled() => return Ok(()),
                 () = tokio::time::sleep_until(due) => {}
             }
-            if let Some(frag) = clip.fragment(lap, i) {
+            if let Some(mut frag) = clip.fragment(lap, i) {
+                let by = *shift.get_or_insert_with(|| continuation(stream.timeline_end(), &frag));
+                frag.shift(by, &tracks)?;
                 publish_fragment(&guard, &frag, block_bytes)?;
             }
         }

@@ -324,7 +324,7 @@ fn publishing(e: StreamError) -> IngestError {
 /// wait at the old end until the new times caught up. Continued, the stream
 /// goes on where it stopped; the players wait out only the wall-clock gap.
 /// The shift is the same time for every track (see [`Fragment::shift`]).
-fn continuation(end: Option<(u64, u32)>, first: &Fragment) -> i64 {
+pub(crate) fn continuation(end: Option<(u64, u32)>, first: &Fragment) -> i64 {
     let Some((end, scale)) = end else {
         return 0;
     };

@@ -14,6 +14,7 @@ pub mod grants;
 pub mod ingest;
 pub mod metrics;
 pub mod origin;
+pub mod resume;
 pub mod rtc;
 pub mod seeder;
 pub mod signal;

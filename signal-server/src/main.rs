@@ -47,6 +47,10 @@ async fn run(mut config: Config) -> Result<(), Box<dyn std::error::Error>> {
             max_bytes: MAX_STORE_BYTES,
         },
     ));
+    let resumed = streams.open_saved();
+    if resumed > 0 {
+        tracing::info!(streams = resumed, "streams resumed from the data dir");
+    }
     let shutdown = CancellationToken::new();
     let state = AppState::new(config.clone(), streams.clone(), shutdown.clone());
     let mut background = vec![state.hub.spawn_bid_ticker()];

@@ -454,10 +454,14 @@ impl Hub {
         test_corrupt: bool,
     ) -> String {
         let cfg = &self.0.config;
-        let live_edge = stream.live_edge().unwrap_or(0);
+        // Nothing stored yet: the edge is the last number given out (a
+        // stream resumed after a restart goes on from its saved number), and
+        // playback starts at the next block.
+        let next_seq = stream.next_seq();
+        let live_edge = stream.live_edge().unwrap_or(next_seq.saturating_sub(1));
         let start_seq = stream
             .start_seq(cfg.target_latency_ms.into())
-            .unwrap_or(live_edge);
+            .unwrap_or(next_seq);
         // HTTP first: the joiner may fetch its start block to the live edge
         // from the origin at once, before its links are up, and what its
         // links miss until the grant of its own first bid comes.
@@ -485,6 +489,7 @@ impl Hub {
             links: joined.links.clone(),
             live_edge,
             start_seq,
+            first_seq: Some(stream.first_available()),
             server_time_ms: unix_ms(),
             target_latency_ms: cfg.target_latency_ms,
             heartbeat_ms: cfg.heartbeat_ms,

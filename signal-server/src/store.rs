@@ -55,6 +55,9 @@ pub struct BlockStore {
     bytes: usize,
     max_age_ms: u64,
     max_bytes: usize,
+    /// The seq the next block must have; blocks before it that are not
+    /// stored are evicted (or were never stored: a server restart).
+    next: u64,
 }
 
 /// Errors of [`BlockStore::push`].
@@ -79,20 +82,33 @@ impl BlockStore {
             bytes: 0,
             max_age_ms,
             max_bytes: max_bytes.min(MAX_STORE_BYTES),
+            next: 0,
         }
+    }
+
+    /// The store, empty, of a stream whose next block is `seq`: every block
+    /// before it reads as evicted.
+    pub fn starting_at(mut self, seq: u64) -> Self {
+        self.next = seq;
+        self
     }
 
     /// Appends the next block and evicts what is over the bounds. The newest
     /// block is never evicted.
     pub fn push(&mut self, block: Arc<StoredBlock>) -> Result<(), StoreError> {
-        if let Some(last) = self.blocks.back() {
-            if block.seq() != last.seq() + 1 {
-                return Err(StoreError::OutOfOrder {
-                    expected: last.seq() + 1,
-                    got: block.seq(),
-                });
-            }
+        // An empty store takes any seq from `next` on.
+        let fits = if self.blocks.is_empty() {
+            block.seq() >= self.next
+        } else {
+            block.seq() == self.next
+        };
+        if !fits {
+            return Err(StoreError::OutOfOrder {
+                expected: self.next,
+                got: block.seq(),
+            });
         }
+        self.next = block.seq() + 1;
         let newest_time = block.block.header().ingest_time_ms;
         self.bytes += block.encoded.len();
         self.blocks.push_back(block);
@@ -111,16 +127,26 @@ impl BlockStore {
 
     /// Looks a block up by seq.
     pub fn get(&self, seq: u64) -> Lookup {
-        let (Some(first), Some(last)) = (self.blocks.front(), self.blocks.back()) else {
+        if seq >= self.next {
             return Lookup::NotYet;
-        };
-        if seq > last.seq() {
-            Lookup::NotYet
-        } else if seq < first.seq() {
-            Lookup::Evicted
-        } else {
-            Lookup::Found(self.blocks[(seq - first.seq()) as usize].clone())
         }
+        match self.blocks.front() {
+            Some(first) if seq >= first.seq() => {
+                Lookup::Found(self.blocks[(seq - first.seq()) as usize].clone())
+            }
+            _ => Lookup::Evicted,
+        }
+    }
+
+    /// The seq the next block gets.
+    pub fn next_seq(&self) -> u64 {
+        self.next
+    }
+
+    /// The oldest seq still to be had: the oldest stored block, or the next
+    /// one when none is.
+    pub fn first_available(&self) -> u64 {
+        self.blocks.front().map_or(self.next, |b| b.seq())
     }
 
     /// Seq of the newest block.
@@ -218,6 +244,30 @@ mod tests {
         assert!(matches!(store.get(5), Lookup::Evicted));
         assert_eq!(store.oldest(), Some(19));
         assert_eq!(store.start_seq(500), Some(20));
+        assert_eq!(store.first_available(), 19);
+    }
+
+    #[test]
+    fn a_store_started_past_zero_reads_what_came_before_as_evicted() {
+        let s = StreamSigner::from_seed(&[3; 32]);
+        let mut store = BlockStore::new(1000, usize::MAX).starting_at(500);
+        assert!(matches!(store.get(0), Lookup::Evicted));
+        assert!(matches!(store.get(499), Lookup::Evicted));
+        assert!(matches!(store.get(500), Lookup::NotYet));
+        assert_eq!(store.first_available(), 500);
+        assert_eq!(store.live_edge(), None);
+        let err = store.push(block(&s, 499, 0, true)).unwrap_err();
+        assert_eq!(
+            err,
+            StoreError::OutOfOrder {
+                expected: 500,
+                got: 499
+            }
+        );
+        store.push(block(&s, 500, 0, true)).expect("the next block");
+        assert!(matches!(store.get(500), Lookup::Found(_)));
+        assert!(matches!(store.get(501), Lookup::NotYet));
+        assert_eq!(store.next_seq(), 501);
     }
 
     #[test]

@@ -16,6 +16,7 @@ use clubcast_protocol::block::{BlockError, BlockFlags, StreamKey, StreamSigner};
 use tokio::sync::{broadcast, watch};
 use tokio_util::sync::CancellationToken;
 
+use crate::resume::{Resume, ResumeFile};
 use crate::store::{BlockStore, Lookup, StoreError, StoredBlock};
 
 /// Most streams one server holds.
@@ -87,6 +88,10 @@ struct State {
     next_seq: u64,
     /// Where the last published fragment ended: decode time, timescale.
     timeline_end: Option<(u64, u32)>,
+    /// Resumed from the data dir after a restart, and no fragment published
+    /// since: the next fragment start is flagged `NEW_INIT`, since the
+    /// players' init may not be the one the publisher comes back with.
+    resumed: bool,
     /// The publisher holding the stream, if any.
     claim: Option<Claim>,
     /// Id of the next claim.
@@ -153,6 +158,8 @@ pub struct Stream {
     /// Whether a publisher holds the stream and is not stale; set under the
     /// state lock as claims come, send, go quiet and go.
     publishing: watch::Sender<bool>,
+    /// Where its state is saved across restarts (`None`: not saved).
+    file: Option<ResumeFile>,
 }
 
 impl std::fmt::Debug for Stream {
@@ -235,7 +242,11 @@ impl PublishGuard {
         if st.claim_of(self.id).is_none() {
             return Err(StreamError::Replaced);
         }
-        Stream::set_init_locked(&mut st, init);
+        let changed = Stream::set_init_locked(&mut st, init.clone());
+        drop(st);
+        if changed {
+            self.stream.save_init(&init);
+        }
         Ok(())
     }
 
@@ -273,25 +284,39 @@ impl Drop for PublishGuard {
 }
 
 impl Stream {
-    fn new(name: String, signer: StreamSigner, cfg: StoreConfig) -> Self {
+    fn new(name: String, signer: StreamSigner, cfg: StoreConfig, file: Option<ResumeFile>) -> Self {
         let key = signer.key();
         let (tx, _) = broadcast::channel(BLOCK_BROADCAST_CAPACITY);
+        let saved = file.as_ref().and_then(ResumeFile::load);
+        let resumed = saved.is_some();
+        let Resume {
+            next_seq,
+            timeline_end,
+            init,
+        } = saved.unwrap_or_default();
+        if resumed {
+            tracing::info!(stream = %name, next_seq, "stream resumed from the data dir");
+        }
+        let store = BlockStore::new(cfg.store_seconds.saturating_mul(1000), cfg.max_bytes)
+            .starting_at(next_seq);
         Stream {
             id: key.to_id(),
             name,
             key,
             signer,
             state: RwLock::new(State {
-                inits: VecDeque::new(),
+                inits: init.map(|i| (next_seq, i)).into_iter().collect(),
                 next_init: None,
-                store: BlockStore::new(cfg.store_seconds.saturating_mul(1000), cfg.max_bytes),
-                next_seq: 0,
-                timeline_end: None,
+                store,
+                next_seq,
+                timeline_end,
+                resumed,
                 claim: None,
                 next_claim: 0,
             }),
             tx,
             publishing: watch::channel(false).0,
+            file,
         }
     }
 
@@ -368,17 +393,32 @@ impl Stream {
     /// effect at the next fragment start, whose block [`Stream::publish`] flags
     /// [`BlockFlags::NEW_INIT`]; one equal to it changes nothing.
     pub fn set_init(&self, init: Bytes) {
-        Stream::set_init_locked(&mut self.write(), init);
+        let changed = Stream::set_init_locked(&mut self.write(), init.clone());
+        if changed {
+            self.save_init(&init);
+        }
     }
 
-    fn set_init_locked(st: &mut State, init: Bytes) {
+    fn save_init(&self, init: &[u8]) {
+        if let Some(f) = &self.file {
+            f.save_init(init);
+        }
+    }
+
+    /// Whether `init` is now the newest init segment and was not.
+    fn set_init_locked(st: &mut State, init: Bytes) -> bool {
+        let changed = st.next_init.as_ref() != Some(&init);
         match st.inits.back() {
             None => {
                 let seq = st.next_seq;
                 st.inits.push_back((seq, init));
+                true
             }
-            Some((_, newest)) if *newest == init => st.next_init = None,
-            Some(_) => st.next_init = Some(init),
+            Some((_, newest)) if *newest == init => std::mem::take(&mut st.next_init).is_some(),
+            Some(_) => {
+                st.next_init = Some(init);
+                changed
+            }
         }
     }
 
@@ -429,7 +469,9 @@ impl Stream {
             self.note_alive(&mut st, id, now)?;
         }
         let seq = st.next_seq;
-        let new_init = flags.contains(BlockFlags::FRAGMENT_START) && st.next_init.is_some();
+        let start = flags.contains(BlockFlags::FRAGMENT_START);
+        let new_init = start && (st.next_init.is_some() || st.resumed);
+        st.resumed &= !start;
         let flags = if new_init {
             flags.union(BlockFlags::NEW_INIT)
         } else {
@@ -467,6 +509,32 @@ impl Stream {
     /// Records that the timeline now ends at `end` ticks of `timescale`.
     pub fn set_timeline_end(&self, end: u64, timescale: u32) {
         self.write().timeline_end = Some((end, timescale));
+    }
+
+    /// Saves, before a fragment of `blocks` blocks is published, that the
+    /// stream's numbering goes on after them and its timeline at `end` (or
+    /// where it ends now): a restart then neither reuses a number nor
+    /// starts the timeline over (see [`crate::resume`]). Nothing for a
+    /// stream without a data dir.
+    pub fn save_progress(&self, blocks: u64, end: Option<(u64, u32)>) {
+        let Some(f) = &self.file else { return };
+        let (next, end) = {
+            let st = self.read();
+            (st.next_seq.saturating_add(blocks), end.or(st.timeline_end))
+        };
+        f.save(next, end);
+    }
+
+    /// The seq the next block gets.
+    pub fn next_seq(&self) -> u64 {
+        self.read().next_seq
+    }
+
+    /// The oldest seq the origin can still serve or will serve: the oldest
+    /// stored block, or the next one when none is (a stream resumed after a
+    /// restart, before its publisher is back).
+    pub fn first_available(&self) -> u64 {
+        self.read().store.first_available()
     }
 
     /// New blocks as they are published.
@@ -550,9 +618,30 @@ impl Streams {
             return Err(StreamError::TooMany);
         }
         let signer = self.load_or_make_key(name)?;
-        let stream = Arc::new(Stream::new(name.to_owned(), signer, self.cfg));
+        let file = self.data_dir.as_deref().map(|d| ResumeFile::new(d, name));
+        let stream = Arc::new(Stream::new(name.to_owned(), signer, self.cfg, file));
         map.insert(name.to_owned(), stream.clone());
         Ok(stream)
+    }
+
+    /// Opens every stream whose state the data dir holds (see
+    /// [`crate::resume`]), so that viewers reconnecting after a restart
+    /// find their stream, with its publisher away, before the publisher is
+    /// back. Returns how many were opened; one that cannot be (a corrupt
+    /// key, past [`MAX_STREAMS`]) is logged and skipped.
+    pub fn open_saved(&self) -> usize {
+        let Some(dir) = &self.data_dir else { return 0 };
+        let mut opened = 0;
+        for name in crate::resume::saved_names(dir) {
+            if !key_path(dir, &name).exists() {
+                continue;
+            }
+            match self.get_or_create(&name) {
+                Ok(_) => opened += 1,
+                Err(e) => tracing::warn!(stream = %name, "saved stream not opened: {e}"),
+            }
+        }
+        opened
     }
 
     /// A stream by id (any case, base32 or hex) or by name.
@@ -646,6 +735,71 @@ mod tests {
             .id
             .clone();
         assert_eq!(id1, id2);
+        std::fs::remove_dir_all(dir).expect("cleanup");
+    }
+
+    /// A restart (a new registry on the same data dir) goes on where the
+    /// stream stood: the next number, the timeline end and the newest init.
+    #[test]
+    fn a_stream_resumes_after_a_restart() {
+        use crate::ingest::chunker::publish_fragment;
+        use crate::ingest::fmp4::Fragment;
+        let dir = std::env::temp_dir().join(format!("clubcast-resume-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let frag = |i: u64| Fragment {
+            bytes: Bytes::from(vec![i as u8; 3000]),
+            media_time: i * 1000,
+            timescale: 1000,
+            duration: Some(1000),
+            keyframe: true,
+            tracks: Vec::new(),
+            sequence_offset: None,
+        };
+        let start = BlockFlags::FRAGMENT_START.union(BlockFlags::KEYFRAME);
+        let (init_a, init_b) = (Bytes::from_static(b"init a"), Bytes::from_static(b"init b"));
+        let first = Streams::new(Some(dir.clone()), cfg());
+        assert_eq!(first.open_saved(), 0, "nothing saved yet");
+        let s = first.get_or_create("cam").expect("ok");
+        let guard = s.claim().expect("free");
+        guard.set_init(init_a.clone()).expect("claimed");
+        for i in 0..3 {
+            publish_fragment(&guard, &frag(i), 1024).expect("publish");
+        }
+        // Another init, sent and not yet in force when the process dies.
+        guard.set_init(init_b.clone()).expect("claimed");
+        let (id, next) = (s.id.clone(), s.next_seq());
+        assert_eq!(next, 9);
+        drop((guard, s, first));
+
+        let second = Streams::new(Some(dir.clone()), cfg());
+        assert_eq!(second.open_saved(), 1);
+        let s = second.get(&id).expect("opened before any publisher");
+        assert!(!s.publishing());
+        assert_eq!(s.next_seq(), next, "numbering goes on");
+        assert_eq!(s.first_available(), next);
+        assert!(matches!(s.block(next - 1), Lookup::Evicted));
+        assert!(matches!(s.block(next), Lookup::NotYet));
+        assert_eq!(s.timeline_end(), Some((3000, 1000)), "the timeline goes on");
+        assert_eq!(s.init_segment(), Some(init_b.clone()), "the newest init");
+        let guard = s.claim().expect("free");
+        guard.set_init(init_b.clone()).expect("claimed");
+        let flags = |b: Vec<Arc<StoredBlock>>| -> Vec<BlockFlags> {
+            b.iter().map(|b| b.block.header().flags).collect()
+        };
+        // The players' init may not be this one: the first fragment says so.
+        let blocks = publish_fragment(&guard, &frag(3), 1024).expect("publish");
+        assert_eq!(blocks[0].seq(), next);
+        assert_eq!(
+            flags(blocks),
+            [
+                start.union(BlockFlags::NEW_INIT),
+                BlockFlags::empty(),
+                BlockFlags::empty()
+            ]
+        );
+        let blocks = publish_fragment(&guard, &frag(4), 1024).expect("publish");
+        assert_eq!(flags(blocks)[0], start, "only the first");
+        assert_eq!(s.init_segment_at(next), Some(init_b));
         std::fs::remove_dir_all(dir).expect("cleanup");
     }
 

@@ -29,14 +29,19 @@ type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
 const WAIT: Duration = Duration::from_secs(5);
 
+const STORE: StoreConfig = StoreConfig {
+    store_seconds: 120,
+    max_bytes: 64 << 20,
+};
+
+/// A server whose stream `demo` has blocks 0-19 (a fragment start every 5).
 async fn serve(cfg: Config) -> (SocketAddr, AppState) {
-    let streams = Arc::new(Streams::new(
-        None,
-        StoreConfig {
-            store_seconds: 120,
-            max_bytes: 64 << 20,
-        },
-    ));
+    let streams = Arc::new(Streams::new(None, STORE));
+    publish_demo(&streams);
+    serve_streams(cfg, streams).await
+}
+
+fn publish_demo(streams: &Streams) {
     let demo = streams.get_or_create("demo").expect("valid name");
     for i in 0..20u64 {
         let flags = if i % 5 == 0 {
@@ -47,6 +52,9 @@ async fn serve(cfg: Config) -> (SocketAddr, AppState) {
         demo.publish(flags, i, 1_000 + i * 200, Bytes::from(vec![7; 500]))
             .expect("publish");
     }
+}
+
+async fn serve_streams(cfg: Config, streams: Arc<Streams>) -> (SocketAddr, AppState) {
     let state = AppState::new(cfg, streams, CancellationToken::new());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
@@ -139,6 +147,7 @@ async fn join_gets_a_welcome_with_stream_clubs_links_and_start() {
         links,
         live_edge,
         start_seq,
+        first_seq,
         target_latency_ms,
         heartbeat_ms,
         grant_token,
@@ -159,6 +168,7 @@ async fn join_gets_a_welcome_with_stream_clubs_links_and_start() {
     assert!(links.iter().any(|l| l.peer == SEEDER_PEER_ID));
     assert_eq!(live_edge, 19);
     assert_eq!(Some(start_seq), stream.start_seq(1500));
+    assert_eq!(first_seq, Some(0), "all stored");
     assert_eq!(target_latency_ms, 1500);
     assert_eq!(heartbeat_ms, 5000);
     assert_eq!(bid_interval_ms, 1000);
@@ -170,6 +180,42 @@ async fn join_gets_a_welcome_with_stream_clubs_links_and_start() {
         recv(&mut ws).await,
         ServerMsg::Pong { live_edge: 19, .. }
     ));
+}
+
+/// After a restart (a new registry on the same data dir), a stream whose
+/// state was saved is there before its publisher: a joiner is welcomed at
+/// the saved number, with everything before it gone and the publisher away.
+#[tokio::test]
+async fn a_resumed_stream_welcomes_at_its_saved_number() {
+    let dir = std::env::temp_dir().join(format!("clubcast-ws-resume-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let before = Streams::new(Some(dir.clone()), STORE);
+    publish_demo(&before);
+    let demo = before.get("demo").expect("published");
+    // As ingest saves it before a fragment: 5 more blocks reserved.
+    demo.save_progress(5, Some((20, 1000)));
+    let id = demo.id.clone();
+    drop((demo, before));
+
+    let streams = Arc::new(Streams::new(Some(dir.clone()), STORE));
+    assert_eq!(streams.open_saved(), 1);
+    let (addr, _state) = serve_streams(Config::default(), streams).await;
+    let mut ws = connect(addr).await;
+    let ServerMsg::Welcome {
+        stream,
+        live_edge,
+        start_seq,
+        first_seq,
+        publisher_connected,
+        ..
+    } = join(&mut ws).await
+    else {
+        panic!("expected welcome");
+    };
+    assert_eq!(stream.id, id, "the same key");
+    assert_eq!((live_edge, start_seq, first_seq), (24, 25, Some(25)));
+    assert!(!publisher_connected);
+    std::fs::remove_dir_all(dir).expect("cleanup");
 }
 
 /// Every peer of a stream hears when a publisher connects and when it

@@ -6,6 +6,8 @@
 //! fragment carries the fragment's media time, so a player can map blocks to
 //! presentation time. Each fragment also moves the stream's timeline end
 //! ([`crate::stream::Stream::timeline_end`]) to where its reference track's samples end.
+//! Before its blocks are published, the stream's progress is saved to the data
+//! dir ([`crate::resume`]).
 
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -41,7 +43,17 @@ pub fn publish_fragment(
 ) -> Result<Vec<Arc<StoredBlock>>, StreamError> {
     let size = clamp_block_bytes(block_bytes);
     let now = now_ms();
-    let mut out = Vec::with_capacity(frag.bytes.len().div_ceil(size));
+    let count = frag.bytes.len().div_ceil(size);
+    // Where the reference track's samples end. A fragment without them (an
+    // audio tail after the video ended) leaves the end there: a publisher that
+    // comes back overlaps the tail's audio, which MSE splices, rather than
+    // leave a gap in the video, at which playback would stop.
+    let end = frag
+        .duration
+        .map(|d| (frag.media_time.saturating_add(d), frag.timescale));
+    // Saved first, so that a restart never numbers a block twice.
+    guard.stream().save_progress(count as u64, end);
+    let mut out = Vec::with_capacity(count);
     let mut off = 0;
     while off < frag.bytes.len() {
         let end = (off + size).min(frag.bytes.len());
@@ -58,14 +70,8 @@ pub fn publish_fragment(
         out.push(guard.publish(flags, frag.media_time, now, frag.bytes.slice(off..end))?);
         off = end;
     }
-    // Where the reference track's samples end. A fragment without them (an
-    // audio tail after the video ended) leaves the end there: a publisher that
-    // comes back overlaps the tail's audio, which MSE splices, rather than
-    // leave a gap in the video, at which playback would stop.
-    if let Some(d) = frag.duration {
-        guard
-            .stream()
-            .set_timeline_end(frag.media_time.saturating_add(d), frag.timescale);
+    if let Some((end, timescale)) = end {
+        guard.stream().set_timeline_end(end, timescale);
     }
     Ok(out)
 }
