@@ -16,9 +16,14 @@
 //   "publisher" a publisher connected or left         ({connected}); sent when it
 //                       changes, and at the start if none is connected
 //   "stats"   a stats sample, once per second           (same object as stats())
-//   "error"   something failed                          ({message, code?})
+//   "error"   something failed                          ({message, code?}); codes
+//                       include "signal_failed", "bad_stream", "media" and
+//                       "stream_restarted" (its numbering began again: reload)
 //   "reconnecting"  signaling dropped; playing on, retry ({code, reason, attempt, in_ms})
 //   "joined"  the server admitted the peer              ({peer_id, clubs, rejoin, ...})
+//   "skip"    blocks passed over                        ({from, to}: seqs): missing
+//                       past their deadline, or gone at a rejoin (a restarted
+//                       server, or away longer than the server keeps blocks)
 //   any other event the wasm peer emits, by its `type`
 //
 // ---------------------------------------------------------------------------

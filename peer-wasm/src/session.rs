@@ -582,6 +582,7 @@ impl Session {
                 links,
                 live_edge,
                 start_seq,
+                first_seq,
                 server_time_ms,
                 target_latency_ms,
                 heartbeat_ms,
@@ -611,28 +612,28 @@ impl Session {
                         return self.fail("bad_stream", "welcome names another stream".into());
                     }
                 }
-                // A rejoin goes on from the block playback needs next.
                 let mut start = start_seq;
+                let mut skipped_from = None;
                 if let Some(old) = &self.joined {
                     if old.stream.id != stream.id {
                         return self.fail("bad_stream", "rejoin names another stream".into());
                     }
                     if let Some(next) = old.peer.next_play() {
-                        if next > live_edge.saturating_add(RESTART_MARGIN_BLOCKS) {
-                            return self.fail(
-                                "stream_restarted",
-                                format!(
-                                    "the stream restarted (its live edge is {live_edge}, \
-                                     playback was at {next}); reload the player"
-                                ),
-                            );
+                        match rejoin_start(next, live_edge, start_seq, first_seq) {
+                            Ok(s) => {
+                                start = s;
+                                skipped_from = (s != next).then_some(next);
+                            }
+                            Err(msg) => return self.fail("stream_restarted", msg),
                         }
-                        start = next;
                     }
                 }
                 let rejoin = match self.joined.take() {
                     Some(old) => {
                         self.carried.add(&old.peer.stats());
+                        if let Some(from) = skipped_from {
+                            self.carried.blocks_skipped += start.saturating_sub(from);
+                        }
                         self.links.reset();
                         self.rejoins += 1;
                         true
@@ -661,6 +662,10 @@ impl Session {
                             })
                             .collect(),
                     );
+                }
+                if let Some(from) = skipped_from {
+                    self.play.skip();
+                    self.emit(json!({"type": "skip", "from": from, "to": start}));
                 }
                 let local = self.local_ms();
                 self.emit(json!({
@@ -1080,6 +1085,32 @@ impl Drop for Session {
     }
 }
 
+/// Where a rejoin whose playback needs block `next` starts, given the
+/// welcome's `live_edge`, `start_seq` and `first_seq`: at `next`, so nothing
+/// is skipped, unless that block is gone (before `first_seq`: a restarted
+/// server, or away longer than the origin keeps blocks); then where a new
+/// viewer would, `start_seq`. An error (the message) for a stream whose
+/// numbering began again: its live edge more than
+/// [`RESTART_MARGIN_BLOCKS`] behind `next`.
+pub(crate) fn rejoin_start(
+    next: u64,
+    live_edge: u64,
+    start_seq: u64,
+    first_seq: Option<u64>,
+) -> Result<u64, String> {
+    if next > live_edge.saturating_add(RESTART_MARGIN_BLOCKS) {
+        return Err(format!(
+            "the stream restarted (its live edge is {live_edge}, playback was at {next}); \
+             reload the player"
+        ));
+    }
+    if first_seq.is_some_and(|first| next < first) {
+        Ok(start_seq)
+    } else {
+        Ok(next)
+    }
+}
+
 /// Wait before reconnection attempt `attempts` (0 first), ms: [`RECONNECT_MS`]
 /// doubling up to [`MAX_RECONNECT_MS`], scaled by 0.75 to 1.25 with `unit` (a
 /// random draw in [0, 1)), so that viewers dropped together (a server restart)
@@ -1126,6 +1157,28 @@ mod tests {
         assert_eq!(reconnect_delay_ms(0, -3.0), RECONNECT_MS * 3 / 4);
         assert_eq!(reconnect_delay_ms(0, 7.0), RECONNECT_MS * 5 / 4);
         assert_eq!(reconnect_delay_ms(0, f64::NAN), RECONNECT_MS);
+    }
+
+    #[test]
+    fn a_rejoin_goes_on_unless_its_next_block_is_gone() {
+        // The usual rejoin: the block needed next is still to be had.
+        assert_eq!(rejoin_start(400, 410, 380, Some(100)), Ok(400));
+        // An older server says nothing of what it keeps.
+        assert_eq!(rejoin_start(400, 410, 380, None), Ok(400));
+        // A restarted server that resumed the stream at 443, nothing stored yet.
+        assert_eq!(rejoin_start(443, 442, 443, Some(443)), Ok(443));
+        // ... and the blocks 420-442 held only by the old process: skipped.
+        assert_eq!(rejoin_start(420, 442, 443, Some(443)), Ok(443));
+        // Away longer than the origin keeps blocks.
+        assert_eq!(rejoin_start(50, 5000, 4950, Some(2000)), Ok(4950));
+        // A stream numbered from 0 again (its data dir lost).
+        let err = rejoin_start(412, 0, 0, Some(0)).unwrap_err();
+        assert!(err.contains("restarted"), "{err}");
+        assert_eq!(
+            rejoin_start(256, 0, 0, Some(0)),
+            Ok(256),
+            "within the margin"
+        );
     }
 
     #[test]
