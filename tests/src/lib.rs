@@ -272,11 +272,46 @@ pub struct ServerOptions {
     pub test_hooks: bool,
 }
 
+/// Starts `bin` with `args`, logging to `log` (appended), and waits for it
+/// to listen on `port`.
+async fn spawn_server(
+    bin: &Path,
+    args: &[std::ffi::OsString],
+    log: &Path,
+    port: u16,
+) -> Result<Child, HarnessError> {
+    let out = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .map_err(io("server log"))?;
+    let err = out.try_clone().map_err(io("server log"))?;
+    let mut child = Command::new(bin)
+        .args(args)
+        .env(
+            "RUST_LOG",
+            std::env::var("RUST_LOG").unwrap_or("info".into()),
+        )
+        .stdout(out)
+        .stderr(err)
+        .spawn()
+        .map_err(io(format!("spawn {}", bin.display())))?;
+    if let Err(e) = wait_for_port(port, "clubcast-server", &mut child).await {
+        let _ = child.kill();
+        let _ = child.wait();
+        return Err(e);
+    }
+    Ok(child)
+}
+
 /// A running `clubcast-server` with the demo stream.
 pub struct Server {
     child: Child,
     addr: SocketAddr,
     log: PathBuf,
+    /// The executable and its arguments, for [`Server::restart`].
+    bin: PathBuf,
+    args: Vec<std::ffi::OsString>,
     _dir: tempfile::TempDir,
 }
 
@@ -296,35 +331,34 @@ impl Server {
         let port = free_port()?;
         let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
         let log = dir.path().join("server.log");
-        let out = std::fs::File::create(&log).map_err(io("server log"))?;
-        let err = out.try_clone().map_err(io("server log"))?;
-        let mut child = Command::new(&bin)
-            .arg("--listen")
-            .arg(addr.to_string())
-            .arg("--static-dir")
-            .arg(&web)
-            .arg("--data-dir")
-            .arg(dir.path().join("data"))
-            .args(&opts.args)
-            .env(
-                "RUST_LOG",
-                std::env::var("RUST_LOG").unwrap_or("info".into()),
-            )
-            .stdout(out)
-            .stderr(err)
-            .spawn()
-            .map_err(io(format!("spawn {}", bin.display())))?;
-        if let Err(e) = wait_for_port(port, "clubcast-server", &mut child).await {
-            let _ = child.kill();
-            let _ = child.wait();
-            return Err(e);
-        }
+        let mut args: Vec<std::ffi::OsString> = vec![
+            "--listen".into(),
+            addr.to_string().into(),
+            "--static-dir".into(),
+            web.into(),
+            "--data-dir".into(),
+            dir.path().join("data").into(),
+        ];
+        args.extend(opts.args.iter().map(Into::into));
+        let child = spawn_server(&bin, &args, &log, port).await?;
         Ok(Server {
             child,
             addr,
             log,
+            bin,
+            args,
             _dir: dir,
         })
+    }
+
+    /// Kills the server (SIGKILL: nothing is saved on the way out, as in a
+    /// crash) and starts it again with the same arguments, port and data
+    /// dir. The log goes on in the same file.
+    pub async fn restart(&mut self) -> Result<(), HarnessError> {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.child = spawn_server(&self.bin, &self.args, &self.log, self.addr.port()).await?;
+        Ok(())
     }
 
     /// [`Server::start`], then waits (up to a minute) for the demo stream.

@@ -249,12 +249,7 @@ async fn a_publisher_that_comes_back_with_other_settings_plays_on() {
         .wait_for_stream("cam", Duration::from_secs(30))
         .await
         .expect("ffmpeg publishes");
-    let browser = Browser::watch(&format!("{}/watch/cam", server.url()))
-        .await
-        .expect("browser opens the page");
-    first_frames(std::slice::from_ref(&browser), START_TIMEOUT)
-        .await
-        .unwrap_or_else(|e| panic!("no first frame: {e}\nserver log:\n{}", server.log_tail(30)));
+    let browser = watching(&server, "cam").await;
     // Records the page's `publisher` events.
     browser
         .eval(
@@ -325,6 +320,82 @@ async fn a_publisher_that_comes_back_with_other_settings_plays_on() {
     publisher.join().expect("the publisher ran");
 }
 
+/// A server that dies (SIGKILL) and comes back on the same data dir does not
+/// end a viewer's session. The stream's numbering and timeline were saved, so
+/// the viewer reconnects, skips the blocks that only the dead process held,
+/// and plays on from the resumed demo. Before the numbering was saved, the
+/// viewer, well past block 256 of a stream that began again at 0, ended with
+/// `stream_restarted`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_viewer_plays_on_across_a_server_restart() {
+    /// Media played before the restart: past block 256 at the demo's rate.
+    const BEFORE: f64 = 15.0;
+    /// Media to play after it.
+    const AFTER: f64 = 8.0;
+    let mut server = demo_server().await;
+    let browser = watching(&server, "demo").await;
+    browser
+        .eval(
+            "window.restartEvents = []; \
+             for (const t of ['error', 'joined', 'skip', 'reconnecting']) \
+               window.player.on(t, (e) => window.restartEvents.push(e));",
+        )
+        .await
+        .expect("subscribes");
+    let played_to = |target: f64, within: Duration| {
+        let browser = &browser;
+        async move {
+            let deadline = Instant::now() + within;
+            loop {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                let v = browser.video().await.expect("video readable");
+                let s = browser.stats().await.expect("stats readable");
+                assert!(v["error"].is_null(), "video error: {v}; stats {s}");
+                let t = v["current_time"].as_f64().expect("currentTime");
+                if t >= target {
+                    return t;
+                }
+                let events = browser.eval("return window.restartEvents;").await;
+                assert!(
+                    Instant::now() < deadline,
+                    "stuck at {t:.1} s of media (goal {target:.1}); video {v}; stats {s}; \
+                     events {events:?}"
+                );
+            }
+        }
+    };
+    let before = played_to(BEFORE, Duration::from_secs(60)).await;
+    server.restart().await.expect("the server starts again");
+    server
+        .wait_for_stream("demo", Duration::from_secs(30))
+        .await
+        .expect("the demo resumes");
+    let after = played_to(before + AFTER, Duration::from_secs(60)).await;
+    let events = browser
+        .eval("return window.restartEvents;")
+        .await
+        .expect("events readable");
+    let s = browser.stats().await.expect("stats readable");
+    println!(
+        "smoke restart: played {before:.1} s, then to {after:.1} s across the restart; \
+         events {events}; stalls {} ({} ms), rejoins {}",
+        s["stalls"], s["stall_ms"], s["rejoins"]
+    );
+    let events = events.as_array().expect("a list of events");
+    let errors: Vec<&Value> = events.iter().filter(|e| e["type"] == "error").collect();
+    assert!(errors.is_empty(), "no error ended the session: {errors:?}");
+    let joined: Vec<&Value> = events.iter().filter(|e| e["type"] == "joined").collect();
+    assert!(
+        joined.iter().any(|e| e["rejoin"] == true),
+        "the viewer rejoined the restarted server: {events:?}"
+    );
+    assert!(
+        s["rejoins"].as_f64().is_some_and(|r| r >= 1.0),
+        "stats count the rejoin: {s}"
+    );
+    browser.close().await;
+}
+
 /// The seeder on the other WebRTC stack, the `webrtc` crate (`--seeder-rtc webrtc-rs`;
 /// `str0m` is the default, which the test above plays through).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -352,6 +423,17 @@ async fn assert_seeded(server: &Server, stats: &Value) {
         "no bytes over the seeder's link (seeded {seeded}): {stats}\nserver log:\n{}",
         server.log_tail(30)
     );
+}
+
+/// A browser on `/watch/{stream}`, once it shows its first frame.
+async fn watching(server: &Server, stream: &str) -> Browser {
+    let browser = Browser::watch(&format!("{}/watch/{stream}", server.url()))
+        .await
+        .expect("browser opens the page");
+    first_frames(std::slice::from_ref(&browser), START_TIMEOUT)
+        .await
+        .unwrap_or_else(|e| panic!("no first frame: {e}\nserver log:\n{}", server.log_tail(30)));
+    browser
 }
 
 async fn demo_server() -> Server {
