@@ -4,7 +4,9 @@
 //! `/watch/{id}` and `/embed/{id}` (player pages), `/pkg/…` (the built wasm)
 //! and every other path from the static directory. The origin's routes, `/pkg`
 //! and the static files answer CORS requests from any origin, so that other
-//! sites can embed the player. Ingest merges its own router in `main`.
+//! sites can embed the player. Ingest, with its own state, is merged in. With
+//! `--base-path /p`, every route is served under `/p` instead (`/p` itself
+//! redirects to `/p/`).
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -114,7 +116,8 @@ pub fn app(state: AppState) -> Router {
         block_bytes: state.config.block_bytes(),
         metrics: state.metrics.clone(),
     });
-    Router::new()
+    let base = state.config.base_path().to_owned();
+    let router = Router::new()
         .route("/ws", get(crate::signal::ws_handler))
         .merge(crate::origin::router().layer(cors))
         .route("/healthz", get(|| async { "ok" }))
@@ -124,7 +127,29 @@ pub fn app(state: AppState) -> Router {
         .merge(files)
         .with_state(state)
         // Ingest carries its own state, so it joins the stateless router.
-        .merge(ingest)
+        .merge(ingest);
+    if base.is_empty() {
+        return router;
+    }
+    // Under `--base-path`, as one service with the prefix stripped. The
+    // index needs its trailing slash, since the pages' URLs are relative.
+    let bare = base.clone();
+    Router::new()
+        .nest_service(&base, router)
+        .layer(axum::middleware::from_fn(
+            move |req: axum::extract::Request, next: axum::middleware::Next| {
+                let to = (req.uri().path() == bare).then(|| {
+                    let query = req.uri().query().map(|q| format!("?{q}"));
+                    format!("{bare}/{}", query.unwrap_or_default())
+                });
+                async move {
+                    match to {
+                        Some(to) => axum::response::Redirect::permanent(&to).into_response(),
+                        None => next.run(req).await,
+                    }
+                }
+            },
+        ))
 }
 
 async fn metrics(State(state): State<AppState>) -> impl IntoResponse {

@@ -142,6 +142,13 @@ pub struct Config {
     #[arg(long, env = "CLUBCAST_SEEDER_RTC", value_enum, default_value_t = SeederRtc::Str0m)]
     pub seeder_rtc: SeederRtc,
 
+    /// Path every route is served under, e.g. `/live`, for a reverse proxy
+    /// that forwards `https://site/live/…` without stripping it. Empty (the
+    /// default): the root. A proxy that strips the prefix needs none: the
+    /// pages and the player use relative URLs either way.
+    #[arg(long, env = "CLUBCAST_BASE_PATH", default_value = "")]
+    pub base_path: String,
+
     /// Test only: let test peers corrupt blocks on purpose. Refused unless the
     /// server was built with the `test-hooks` cargo feature (not wired yet).
     #[arg(long, hide = true)]
@@ -173,6 +180,7 @@ impl Default for Config {
             ice_servers: Vec::new(),
             max_peers_per_stream: 20_000,
             seeder_rtc: SeederRtc::Str0m,
+            base_path: String::new(),
             allow_test_corruption: false,
         }
     }
@@ -238,6 +246,12 @@ impl Config {
             &format!("at most {MAX_ICE_SERVERS}"),
         )?;
         self.ice_servers()?;
+        range(
+            "base-path",
+            valid_base_path(&self.base_path),
+            "must be empty or /-separated segments of A-Z, a-z, 0-9, '.', '_', '~' or '-' \
+             (not '.' or '..'), starting with '/', e.g. /live",
+        )?;
         if self.allow_test_corruption && !cfg!(feature = "test-hooks") {
             return Err(ConfigError::TestHooksMissing);
         }
@@ -282,6 +296,12 @@ impl Config {
             .saturating_mul(u64::from(self.bid_interval_ms))
     }
 
+    /// `--base-path` without a trailing `/`: empty for the root, else
+    /// `/seg[/seg…]`.
+    pub fn base_path(&self) -> &str {
+        self.base_path.trim_end_matches('/')
+    }
+
     /// The `--ice-server` values as sent in the welcome.
     pub fn ice_servers(&self) -> Result<Vec<IceServer>, ConfigError> {
         self.ice_servers
@@ -289,6 +309,27 @@ impl Config {
             .map(|s| parse_ice_server(s))
             .collect()
     }
+}
+
+/// Whether `path` is a usable `--base-path`: empty, `/`, or `/`-separated
+/// segments of unreserved URL characters (one trailing `/` allowed).
+fn valid_base_path(path: &str) -> bool {
+    let path = path.strip_suffix('/').unwrap_or(path);
+    if path.is_empty() {
+        return true;
+    }
+    let Some(rest) = path.strip_prefix('/') else {
+        return false;
+    };
+    path.len() <= 256
+        && rest.split('/').all(|seg| {
+            !seg.is_empty()
+                && seg != "."
+                && seg != ".."
+                && seg
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"._~-".contains(&b))
+        })
 }
 
 fn parse_ice_server(s: &str) -> Result<IceServer, ConfigError> {
@@ -331,6 +372,38 @@ mod tests {
             .expect("parses");
         assert_eq!(webrtc.seeder_rtc, SeederRtc::WebrtcRs);
         assert!(Config::try_parse_from(["clubcast-server", "--seeder-rtc", "quic"]).is_err());
+    }
+
+    #[test]
+    fn base_paths_are_checked_and_lose_their_trailing_slash() {
+        let with = |p: &str| Config {
+            base_path: p.into(),
+            ..Config::default()
+        };
+        for (ok, norm) in [
+            ("", ""),
+            ("/", ""),
+            ("/live", "/live"),
+            ("/live/", "/live"),
+            ("/a/b-c_d.e~f", "/a/b-c_d.e~f"),
+        ] {
+            assert!(with(ok).validate().is_ok(), "{ok:?}");
+            assert_eq!(with(ok).base_path(), norm);
+        }
+        for bad in [
+            "live", "//", "/a//b", "/a/../b", "/.", "/a b", "/a?b", "/%2e", "/live//",
+        ] {
+            assert!(
+                matches!(
+                    with(bad).validate(),
+                    Err(ConfigError::OutOfRange {
+                        option: "base-path",
+                        ..
+                    })
+                ),
+                "{bad:?}"
+            );
+        }
     }
 
     #[test]
