@@ -73,7 +73,9 @@ export const STAT_FIELDS = [
 ];
 
 const HISTORY = 120; // seconds of rate samples kept for charts
-const SCRIPT_ORIGIN = new URL(import.meta.url).origin;
+/** The server this script came from: its directory, so `https://host/live`
+ * for `https://host/live/clubcast.js` (a deployment under a path prefix). */
+export const SCRIPT_BASE = new URL(".", import.meta.url).href.replace(/\/$/, "");
 
 function zeroStats() {
   const s = {};
@@ -88,7 +90,7 @@ class Player {
     this.video = video;
     this.opts = {
       // The server this script came from, which on another site is not the page's.
-      server: SCRIPT_ORIGIN,
+      server: SCRIPT_BASE,
       target_latency_ms: 1500,
       ice_servers: [],
       ...opts,
