@@ -270,6 +270,8 @@ pub struct ServerOptions {
     /// Build the server with the `test-hooks` cargo feature (needed for
     /// `--allow-test-corruption`).
     pub test_hooks: bool,
+    /// `--base-path`: every route under it; [`Server::url`] includes it.
+    pub base_path: Option<String>,
 }
 
 /// Starts `bin` with `args`, logging to `log` (appended), and waits for it
@@ -309,6 +311,8 @@ pub struct Server {
     child: Child,
     addr: SocketAddr,
     log: PathBuf,
+    /// `--base-path`, or empty.
+    base: String,
     /// The executable and its arguments, for [`Server::restart`].
     bin: PathBuf,
     args: Vec<std::ffi::OsString>,
@@ -340,11 +344,16 @@ impl Server {
             dir.path().join("data").into(),
         ];
         args.extend(opts.args.iter().map(Into::into));
+        let base = opts.base_path.clone().unwrap_or_default();
+        if !base.is_empty() {
+            args.extend(["--base-path".into(), base.clone().into()]);
+        }
         let child = spawn_server(&bin, &args, &log, port).await?;
         Ok(Server {
             child,
             addr,
             log,
+            base,
             bin,
             args,
             _dir: dir,
@@ -377,7 +386,7 @@ impl Server {
 
     /// `GET /metrics`: every sample as `name{labels}` → value.
     pub async fn metrics(&self) -> Result<BTreeMap<String, f64>, HarnessError> {
-        let (status, body) = http_get(self.addr, "/metrics").await?;
+        let (status, body) = http_get(self.addr, &format!("{}/metrics", self.base)).await?;
         if status != 200 {
             return Err(HarnessError::Io {
                 what: "GET /metrics".into(),
@@ -387,9 +396,9 @@ impl Server {
         Ok(parse_metrics(&String::from_utf8_lossy(&body)))
     }
 
-    /// The HTTP base URL, `http://127.0.0.1:<port>`.
+    /// The HTTP base URL, `http://127.0.0.1:<port>` (and the base path).
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        format!("http://{}{}", self.addr, self.base)
     }
 
     /// The listening address.
@@ -401,7 +410,8 @@ impl Server {
     pub async fn wait_for_stream(&self, id: &str, timeout: Duration) -> Result<(), HarnessError> {
         let deadline = Instant::now() + timeout;
         loop {
-            if let Ok((200, _)) = http_get(self.addr, &format!("/streams/{id}/init")).await {
+            let init = format!("{}/streams/{id}/init", self.base);
+            if let Ok((200, _)) = http_get(self.addr, &init).await {
                 return Ok(());
             }
             if Instant::now() > deadline {

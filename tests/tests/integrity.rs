@@ -61,6 +61,7 @@ async fn corrupt_relay_is_rejected_and_dropped() {
     let server = Server::start_demo(ServerOptions {
         args: vec!["--allow-test-corruption".into()],
         test_hooks: true,
+        ..ServerOptions::default()
     })
     .await
     .expect("the test-hooks server starts and publishes the demo stream");

@@ -11,7 +11,7 @@
 use std::time::{Duration, Instant};
 
 use clubcast_protocol::block::{BLOCK_OVERHEAD, DEFAULT_BLOCK_BYTES};
-use clubcast_tests::{first_frames, median, Browser, Server, ServerOptions};
+use clubcast_tests::{first_frames, http_get, median, Browser, Server, ServerOptions};
 use serde_json::Value;
 
 /// Media seconds the viewer must play.
@@ -128,6 +128,45 @@ async fn a_player_embedded_on_another_site_plays() {
     );
     let site = serve_page(page).await;
     let stats = play_at(&server, &format!("http://{site}/"), "smoke embedded").await;
+    assert_seeded(&server, &stats).await;
+}
+
+/// A deployment under a path prefix (`--base-path /live`, as behind a proxy
+/// that forwards `/live/…` as it is): the index lists the stream with a link
+/// under the prefix, the watch page there plays it, and the player, taking
+/// its server from where its script came from, reaches the signaling socket,
+/// the origin and the seeder under the prefix.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_viewer_plays_under_a_base_path() {
+    let server = Server::start_demo(ServerOptions {
+        base_path: Some("/live".into()),
+        ..ServerOptions::default()
+    })
+    .await
+    .expect("server starts under /live and publishes the demo stream");
+    let (status, _) = http_get(server.addr(), "/live").await.expect("GET /live");
+    assert_eq!(status, 308, "the index wants its trailing slash");
+    let index = Browser::watch(&format!("{}/", server.url()))
+        .await
+        .expect("browser opens the index");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let href = loop {
+        let href = index
+            .eval("const a = document.querySelector('#streams a'); return a ? a.href : null;")
+            .await
+            .expect("index readable");
+        if let Some(h) = href.as_str() {
+            break h.to_owned();
+        }
+        assert!(Instant::now() < deadline, "the index lists no stream");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    index.close().await;
+    assert!(
+        href.starts_with(&format!("{}/watch/", server.url())),
+        "the stream's link stays under the prefix: {href}"
+    );
+    let stats = play_at(&server, &href, "smoke base path").await;
     assert_seeded(&server, &stats).await;
 }
 
