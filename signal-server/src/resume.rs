@@ -59,8 +59,10 @@ struct Saved {
 pub struct ResumeFile {
     state: PathBuf,
     init: PathBuf,
-    /// Serializes writers (a publisher and the one taking it over).
-    writing: Mutex<()>,
+    /// Serializes writers (a publisher and the one taking it over), and
+    /// holds the highest `next_seq` saved: a writer that read an older
+    /// number (the publisher being taken over) never saves it.
+    writing: Mutex<u64>,
     /// Whether a failed write was logged already.
     warned: AtomicBool,
 }
@@ -72,7 +74,7 @@ impl ResumeFile {
         ResumeFile {
             state: dir.join(format!("{name}.json")),
             init: dir.join(format!("{name}.init")),
-            writing: Mutex::new(()),
+            writing: Mutex::new(0),
             warned: AtomicBool::new(false),
         }
     }
@@ -106,6 +108,8 @@ impl ResumeFile {
                 None
             }
         };
+        let mut highest = self.writing.lock().unwrap_or_else(|e| e.into_inner());
+        *highest = (*highest).max(saved.next_seq);
         Some(Resume {
             next_seq: saved.next_seq,
             timeline_end: saved.timeline_end.filter(|(_, scale)| *scale > 0),
@@ -116,9 +120,11 @@ impl ResumeFile {
     /// Writes the state: blocks are numbered from `next_seq` on, the
     /// timeline ends at `timeline_end`.
     pub fn save(&self, next_seq: u64, timeline_end: Option<(u64, u32)>) {
+        let mut highest = self.writing.lock().unwrap_or_else(|e| e.into_inner());
+        *highest = (*highest).max(next_seq);
         let saved = Saved {
             v: VERSION,
-            next_seq,
+            next_seq: *highest,
             timeline_end,
         };
         let json = serde_json::to_vec(&saved).expect("plain numbers");
@@ -127,11 +133,12 @@ impl ResumeFile {
 
     /// Writes the newest init segment.
     pub fn save_init(&self, init: &[u8]) {
+        let _one = self.writing.lock().unwrap_or_else(|e| e.into_inner());
         self.write(&self.init, init);
     }
 
+    /// Replaces `path` with `bytes`; the caller holds `writing`.
     fn write(&self, path: &Path, bytes: &[u8]) {
-        let _one = self.writing.lock().unwrap_or_else(|e| e.into_inner());
         if let Err(e) = replace(path, bytes) {
             if !self.warned.swap(true, Ordering::Relaxed) {
                 tracing::error!(file = %path.display(), "cannot save stream state; after a restart the stream resumes from the last state saved: {e}");
@@ -205,6 +212,9 @@ mod tests {
         assert_eq!(f.load(), None, "nothing saved yet");
         f.save(42, Some((90_000, 90_000)));
         f.save_init(b"init bytes");
+        // A writer that read an older number (a publisher being taken
+        // over) does not move the saved one back.
+        f.save(40, Some((90_000, 90_000)));
         let back = ResumeFile::new(&dir, "cam").load().expect("saved");
         assert_eq!(
             back,
