@@ -229,6 +229,21 @@ mod tests {
     }
 
     #[test]
+    fn a_failed_write_is_logged_once_and_not_fatal() {
+        let dir = temp_dir("ro");
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        // `streams` is a file: nothing can be written under it.
+        std::fs::write(dir.join("streams"), b"").expect("write");
+        let f = ResumeFile::new(&dir, "cam");
+        f.save(5, None);
+        assert!(f.warned.load(Ordering::Relaxed));
+        f.save_init(b"init");
+        f.save(6, None);
+        assert_eq!(f.load(), None);
+        std::fs::remove_dir_all(&dir).expect("cleanup");
+    }
+
+    #[test]
     fn bad_files_read_as_nothing_saved() {
         let dir = temp_dir("bad");
         let f = ResumeFile::new(&dir, "cam");
