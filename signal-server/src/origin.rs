@@ -384,7 +384,7 @@ async fn wait_for(
     wait: Duration,
     slots: &tokio::sync::Semaphore,
 ) -> bool {
-    let next = stream.live_edge().map_or(0, |e| e + 1);
+    let next = stream.next_seq();
     if seq > next.saturating_add(WAIT_AHEAD) {
         return false;
     }

@@ -454,14 +454,12 @@ impl Hub {
         test_corrupt: bool,
     ) -> String {
         let cfg = &self.0.config;
-        // Nothing stored yet: the edge is the last number given out (a
-        // stream resumed after a restart goes on from its saved number), and
-        // playback starts at the next block.
-        let next_seq = stream.next_seq();
-        let live_edge = stream.live_edge().unwrap_or(next_seq.saturating_sub(1));
+        // Nothing stored yet: playback starts at the next block (a stream
+        // resumed after a restart goes on from its saved number).
+        let live_edge = stream.edge_seq();
         let start_seq = stream
             .start_seq(cfg.target_latency_ms.into())
-            .unwrap_or(next_seq);
+            .unwrap_or_else(|| stream.next_seq());
         // HTTP first: the joiner may fetch its start block to the live edge
         // from the origin at once, before its links are up, and what its
         // links miss until the grant of its own first bid comes.

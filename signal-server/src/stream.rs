@@ -530,6 +530,16 @@ impl Stream {
         self.read().next_seq
     }
 
+    /// The live edge as peers are told it: the newest block, or with none
+    /// stored yet the number before the next one (a stream resumed after a
+    /// restart goes on from its saved number; 0 for a new stream).
+    pub fn edge_seq(&self) -> u64 {
+        let st = self.read();
+        st.store
+            .live_edge()
+            .unwrap_or(st.next_seq.saturating_sub(1))
+    }
+
     /// The oldest seq the origin can still serve or will serve: the oldest
     /// stored block, or the next one when none is (a stream resumed after a
     /// restart, before its publisher is back).

@@ -23,15 +23,20 @@ const WAIT: Duration = Duration::from_secs(5);
 /// Payload per test block; its encoded form is a little larger.
 const PAYLOAD: usize = 1000;
 
+fn store(store_seconds: u64) -> StoreConfig {
+    StoreConfig {
+        store_seconds,
+        max_bytes: 64 << 20,
+    }
+}
+
 async fn serve(cfg: Config, store_seconds: u64) -> (SocketAddr, AppState) {
-    let streams = Arc::new(Streams::new(
-        None,
-        StoreConfig {
-            store_seconds,
-            max_bytes: 64 << 20,
-        },
-    ));
+    let streams = Arc::new(Streams::new(None, store(store_seconds)));
     streams.get_or_create("demo").expect("valid name");
+    serve_streams(cfg, streams).await
+}
+
+async fn serve_streams(cfg: Config, streams: Arc<Streams>) -> (SocketAddr, AppState) {
     let state = AppState::new(cfg, streams, CancellationToken::new());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
@@ -236,6 +241,74 @@ async fn prefer_wait_holds_a_request_for_the_next_block_until_it_is_produced() {
     assert!(metrics.contains("clubcast_origin_requests_total{status=\"200\"} 1\n"));
 }
 
+/// `GET path` with `Prefer: wait=5`, while blocks `seqs` of `demo` are
+/// published 300 ms after the request is sent.
+async fn get_while_published(
+    addr: SocketAddr,
+    state: &AppState,
+    path: &str,
+    seqs: std::ops::Range<u64>,
+) -> Resp {
+    let s = state.streams.get("demo").expect("exists");
+    let publisher = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        for seq in seqs {
+            s.publish(
+                BlockFlags::FRAGMENT_START,
+                seq,
+                seq * 1000,
+                Bytes::from(vec![1; PAYLOAD]),
+            )
+            .expect("publish");
+        }
+    });
+    let r = tokio::time::timeout(4 * WAIT, http(addr, "GET", path, &[("Prefer", "wait=5")]))
+        .await
+        .expect("answered");
+    publisher.await.expect("published");
+    r
+}
+
+/// After a restart (a new registry on the same data dir), the blocks before
+/// the saved number are gone (404), the saved init is served, and a request
+/// that waits for the next block is held until the publisher sends it.
+#[tokio::test]
+async fn a_resumed_stream_serves_from_its_saved_number() {
+    let dir = std::env::temp_dir().join(format!("clubcast-origin-resume-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let before = Streams::new(Some(dir.clone()), store(3600));
+    let s = before.get_or_create("demo").expect("valid name");
+    s.set_init(Bytes::from_static(b"the init"));
+    // More than `WAIT_AHEAD` blocks: a wait at the saved number is not a
+    // wait far beyond an empty store's edge.
+    for i in 0..10 {
+        s.publish(
+            BlockFlags::FRAGMENT_START,
+            i,
+            i * 1000,
+            Bytes::from(vec![1; PAYLOAD]),
+        )
+        .expect("publish");
+    }
+    s.save_progress(0, None);
+    drop((s, before));
+
+    let streams = Arc::new(Streams::new(Some(dir.clone()), store(3600)));
+    assert_eq!(streams.open_saved(), 1);
+    let (addr, state) = serve_streams(Config::default(), streams).await;
+    assert_eq!(
+        http(addr, "GET", "/streams/demo/blocks/9", &[])
+            .await
+            .status,
+        404
+    );
+    let init = http(addr, "GET", "/streams/demo/init", &[]).await;
+    assert_eq!((init.status, &init.body[..]), (200, &b"the init"[..]));
+    let r = get_while_published(addr, &state, "/streams/demo/blocks/10", 10..11).await;
+    assert_eq!(r.status, 200, "{:?}", String::from_utf8_lossy(&r.body));
+    std::fs::remove_dir_all(dir).expect("cleanup");
+}
+
 #[tokio::test]
 async fn a_run_carries_the_produced_blocks_back_to_back() {
     let (addr, state) = serve(Config::default(), 3600).await;
@@ -261,31 +334,7 @@ async fn a_run_carries_the_produced_blocks_back_to_back() {
     // The first block decides: not produced yet, with or without a wait.
     let r = http(addr, "GET", "/streams/demo/blocks?from=10", &[]).await;
     assert_eq!(r.status, 425);
-    let s = state.streams.get("demo").expect("exists");
-    let publisher = tokio::spawn(async move {
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        for seq in 10..12 {
-            s.publish(
-                BlockFlags::FRAGMENT_START,
-                seq,
-                seq * 1000,
-                Bytes::from(vec![1; PAYLOAD]),
-            )
-            .expect("publish");
-        }
-    });
-    let r = tokio::time::timeout(
-        4 * WAIT,
-        http(
-            addr,
-            "GET",
-            "/streams/demo/blocks?from=10",
-            &[("Prefer", "wait=5")],
-        ),
-    )
-    .await
-    .expect("answered");
-    publisher.await.expect("published");
+    let r = get_while_published(addr, &state, "/streams/demo/blocks?from=10", 10..12).await;
     assert_eq!(r.status, 200);
     let first = Block::decode_run(Bytes::from(r.body), MAX_RUN_BLOCKS as usize).expect("splits");
     assert_eq!(first.first().map(|b| b.header.seq), Some(10));

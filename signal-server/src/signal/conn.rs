@@ -424,7 +424,7 @@ impl Conn {
                     server_time_ms: unix_ms(),
                     // Not through the swarm lock: a join holds it for
                     // milliseconds in a large swarm, and every peer heartbeats.
-                    live_edge: session.stream.live_edge().unwrap_or(0),
+                    live_edge: session.stream.edge_seq(),
                 };
                 self.offences.good();
                 return Step::reply(to_json(&pong));
