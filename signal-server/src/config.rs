@@ -61,7 +61,9 @@ pub struct Config {
     #[arg(long, env = "CLUBCAST_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
 
-    /// Directory for persistent state (stream keys).
+    /// Directory for persistent state: stream keys, and each stream's next
+    /// block number, timeline end and init segment, so that streams resume
+    /// after a restart.
     #[arg(long, env = "CLUBCAST_DATA_DIR", default_value = "./clubcast-data")]
     pub data_dir: PathBuf,
 

@@ -3,7 +3,8 @@
 //!
 //! A stream is created on first publish (or by the demo source) under a short
 //! name. Its ed25519 key is generated once and persisted in the data dir, so the
-//! stream keeps its id across restarts. Ingest calls [`Stream::set_init`] and
+//! stream keeps its id across restarts; its numbering, timeline end and init
+//! are saved there too, so it goes on after one ([`crate::resume`]). Ingest calls [`Stream::set_init`] and
 //! [`Stream::publish`]; the origin, signaling and seeder read.
 
 use std::collections::{HashMap, VecDeque};
