@@ -26,7 +26,7 @@ use std::sync::Mutex;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
-use crate::stream::valid_name;
+use crate::stream::{replace_file, valid_name};
 
 /// Version of the state file's format.
 const VERSION: u32 = 1;
@@ -139,7 +139,7 @@ impl ResumeFile {
 
     /// Replaces `path` with `bytes`; the caller holds `writing`.
     fn write(&self, path: &Path, bytes: &[u8]) {
-        if let Err(e) = replace(path, bytes) {
+        if let Err(e) = replace_file(path, bytes, false) {
             if !self.warned.swap(true, Ordering::Relaxed) {
                 tracing::error!(file = %path.display(), "cannot save stream state; after a restart the stream resumes from the last state saved: {e}");
             }
@@ -182,16 +182,6 @@ fn read_bounded(path: &Path, max: u64) -> std::io::Result<Option<Vec<u8>>> {
         return Err(std::io::Error::other(format!("larger than {max} bytes")));
     }
     Ok(Some(bytes))
-}
-
-/// Replaces `path` with `bytes`: written beside it, then renamed over it.
-fn replace(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    if let Some(parent) = path.parent() {
-        std::fs::create_dir_all(parent)?;
-    }
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, bytes)?;
-    std::fs::rename(&tmp, path)
 }
 
 #[cfg(test)]
@@ -272,7 +262,7 @@ mod tests {
         );
         // Other files and bad names are not streams.
         std::fs::write(dir.join("streams/Bad Name.json"), b"{}").expect("write");
-        std::fs::write(dir.join("streams/cam.tmp"), b"{}").expect("write");
+        std::fs::write(dir.join("streams/cam.json.tmp"), b"{}").expect("write");
         assert_eq!(saved_names(&dir), vec!["cam".to_owned()]);
         std::fs::remove_dir_all(&dir).expect("cleanup");
     }

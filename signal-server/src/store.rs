@@ -96,13 +96,7 @@ impl BlockStore {
     /// Appends the next block and evicts what is over the bounds. The newest
     /// block is never evicted.
     pub fn push(&mut self, block: Arc<StoredBlock>) -> Result<(), StoreError> {
-        // An empty store takes any seq from `next` on.
-        let fits = if self.blocks.is_empty() {
-            block.seq() >= self.next
-        } else {
-            block.seq() == self.next
-        };
-        if !fits {
+        if block.seq() != self.next {
             return Err(StoreError::OutOfOrder {
                 expected: self.next,
                 got: block.seq(),

@@ -85,8 +85,8 @@ struct State {
     /// An init segment that differs from the newest, sent by a publisher
     /// that came back: in force from its next fragment start on.
     next_init: Option<Bytes>,
+    /// The stored blocks; it also holds the next block's number.
     store: BlockStore,
-    next_seq: u64,
     /// Where the last published fragment ended: decode time, timescale.
     timeline_end: Option<(u64, u32)>,
     /// Resumed from the data dir after a restart, and no fragment published
@@ -243,11 +243,7 @@ impl PublishGuard {
         if st.claim_of(self.id).is_none() {
             return Err(StreamError::Replaced);
         }
-        let changed = Stream::set_init_locked(&mut st, init.clone());
-        drop(st);
-        if changed {
-            self.stream.save_init(&init);
-        }
+        self.stream.set_init_in(st, init);
         Ok(())
     }
 
@@ -309,7 +305,6 @@ impl Stream {
                 inits: init.map(|i| (next_seq, i)).into_iter().collect(),
                 next_init: None,
                 store,
-                next_seq,
                 timeline_end,
                 resumed,
                 claim: None,
@@ -394,41 +389,31 @@ impl Stream {
     /// effect at the next fragment start, whose block [`Stream::publish`] flags
     /// [`BlockFlags::NEW_INIT`]; one equal to it changes nothing.
     pub fn set_init(&self, init: Bytes) {
-        let changed = Stream::set_init_locked(&mut self.write(), init.clone());
-        if changed {
-            self.save_init(&init);
-        }
+        self.set_init_in(self.write(), init);
     }
 
-    fn save_init(&self, init: &[u8]) {
-        if let Some(f) = &self.file {
-            f.save_init(init);
-        }
-    }
-
-    /// Whether `init` is now the newest init segment and was not.
-    fn set_init_locked(st: &mut State, init: Bytes) -> bool {
-        let changed = st.next_init.as_ref() != Some(&init);
+    /// [`Stream::set_init`] under the lock `st`; saves the init once the lock
+    /// is released if it is now the newest and was not.
+    fn set_init_in(&self, mut st: std::sync::RwLockWriteGuard<'_, State>, init: Bytes) {
+        let before = newest_init(&st).cloned();
         match st.inits.back() {
             None => {
-                let seq = st.next_seq;
-                st.inits.push_back((seq, init));
-                true
+                let seq = st.store.next_seq();
+                st.inits.push_back((seq, init.clone()));
             }
-            Some((_, newest)) if *newest == init => std::mem::take(&mut st.next_init).is_some(),
-            Some(_) => {
-                st.next_init = Some(init);
-                changed
-            }
+            Some((_, newest)) if *newest == init => st.next_init = None,
+            Some(_) => st.next_init = Some(init.clone()),
+        }
+        let changed = before.as_ref() != newest_init(&st);
+        drop(st);
+        if let (true, Some(f)) = (changed, &self.file) {
+            f.save_init(&init);
         }
     }
 
     /// The newest init segment, once a publisher has sent one.
     pub fn init_segment(&self) -> Option<Bytes> {
-        let st = self.read();
-        st.next_init
-            .clone()
-            .or_else(|| st.inits.back().map(|(_, b)| b.clone()))
+        newest_init(&self.read()).cloned()
     }
 
     /// The init segment block `seq` needs: the last one in force at or before
@@ -469,7 +454,7 @@ impl Stream {
         if let Some((id, now)) = by {
             self.note_alive(&mut st, id, now)?;
         }
-        let seq = st.next_seq;
+        let seq = st.store.next_seq();
         let start = flags.contains(BlockFlags::FRAGMENT_START);
         let new_init = start && (st.next_init.is_some() || st.resumed);
         st.resumed &= !start;
@@ -483,7 +468,6 @@ impl Stream {
             .sign(seq, flags, ingest_time_ms, media_time, payload)?;
         let stored = Arc::new(StoredBlock::new(block));
         st.store.push(stored.clone())?;
-        st.next_seq += 1;
         if new_init {
             if let Some(init) = st.next_init.take() {
                 st.inits.push_back((seq, init));
@@ -521,14 +505,17 @@ impl Stream {
         let Some(f) = &self.file else { return };
         let (next, end) = {
             let st = self.read();
-            (st.next_seq.saturating_add(blocks), end.or(st.timeline_end))
+            (
+                st.store.next_seq().saturating_add(blocks),
+                end.or(st.timeline_end),
+            )
         };
         f.save(next, end);
     }
 
     /// The seq the next block gets.
     pub fn next_seq(&self) -> u64 {
-        self.read().next_seq
+        self.read().store.next_seq()
     }
 
     /// The live edge as peers are told it: the newest block, or with none
@@ -538,7 +525,7 @@ impl Stream {
         let st = self.read();
         st.store
             .live_edge()
-            .unwrap_or(st.next_seq.saturating_sub(1))
+            .unwrap_or(st.store.next_seq().saturating_sub(1))
     }
 
     /// The oldest seq the origin can still serve or will serve: the oldest
@@ -689,16 +676,13 @@ impl Streams {
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 let signer = StreamSigner::from_seed(&rand::random());
-                let io = |source| StreamError::KeyFile {
-                    path: path.clone(),
-                    source,
-                };
-                std::fs::create_dir_all(dir.join("keys")).map_err(io)?;
-                let tmp = path.with_extension("tmp");
-                std::fs::write(&tmp, data_encoding::HEXLOWER.encode(&signer.to_seed()))
-                    .map_err(io)?;
-                restrict_permissions(&tmp);
-                std::fs::rename(&tmp, &path).map_err(io)?;
+                let seed = data_encoding::HEXLOWER.encode(&signer.to_seed());
+                replace_file(&path, seed.as_bytes(), true).map_err(|source| {
+                    StreamError::KeyFile {
+                        path: path.clone(),
+                        source,
+                    }
+                })?;
                 Ok(signer)
             }
             Err(source) => Err(StreamError::KeyFile { path, source }),
@@ -706,8 +690,33 @@ impl Streams {
     }
 }
 
+/// The newest init segment: the one a publisher that came back sent, else
+/// the one in force.
+fn newest_init(st: &State) -> Option<&Bytes> {
+    st.next_init
+        .as_ref()
+        .or_else(|| st.inits.back().map(|(_, b)| b))
+}
+
 fn key_path(dir: &Path, name: &str) -> PathBuf {
     dir.join("keys").join(format!("{name}.key"))
+}
+
+/// Replaces `path` with `bytes` atomically: written beside it (its name plus
+/// `.tmp`), then renamed over it; its directory is created if missing.
+/// `private`: readable by the owner only (a key).
+pub(crate) fn replace_file(path: &Path, bytes: &[u8], private: bool) -> std::io::Result<()> {
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    std::fs::write(&tmp, bytes)?;
+    if private {
+        restrict_permissions(&tmp);
+    }
+    std::fs::rename(&tmp, path)
 }
 
 #[cfg(unix)]
