@@ -343,6 +343,9 @@ pub enum ErrorCode {
     UnknownStream,
     /// The stream has its maximum number of peers.
     StreamFull,
+    /// The stream ended: its publisher stayed away longer than the server
+    /// waits (`--publisher-wait-seconds`). Its viewers are told, then closed.
+    StreamEnded,
     /// The recipient of a signal is not in the swarm.
     UnknownPeer,
     /// The server is shutting down or failed internally.
@@ -361,6 +364,7 @@ impl ErrorCode {
             ErrorCode::NotJoined => "not_joined",
             ErrorCode::UnknownStream => "unknown_stream",
             ErrorCode::StreamFull => "stream_full",
+            ErrorCode::StreamEnded => "stream_ended",
             ErrorCode::UnknownPeer => "unknown_peer",
             ErrorCode::Internal => "internal",
         }

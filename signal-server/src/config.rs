@@ -100,6 +100,13 @@ pub struct Config {
     #[arg(long, env = "CLUBCAST_ANONYMOUS_BUDGET_PERCENT", default_value_t = 25)]
     pub anonymous_budget_percent: u8,
 
+    /// Seconds a stream waits for its publisher to come back: a stream with
+    /// no publisher for this long ends. Its viewers are told (`stream_ended`),
+    /// it leaves the list and its memory is freed; a later publish under its
+    /// name starts it again, numbered on. 0: streams never end.
+    #[arg(long, env = "CLUBCAST_PUBLISHER_WAIT_SECONDS", default_value_t = 600)]
+    pub publisher_wait_seconds: u64,
+
     /// Length of a bid interval, ms.
     #[arg(long, env = "CLUBCAST_BID_INTERVAL_MS", default_value_t = 1000)]
     pub bid_interval_ms: u32,
@@ -171,6 +178,7 @@ impl Default for Config {
             seeds_per_block: 2,
             block_kib: DEFAULT_BLOCK_KIB as u32,
             store_seconds: 120,
+            publisher_wait_seconds: 600,
             origin_budget_kbps: 100_000,
             anonymous_budget_percent: 25,
             bid_interval_ms: 1000,
@@ -280,6 +288,12 @@ impl Config {
     /// Heartbeat interval.
     pub fn heartbeat(&self) -> Duration {
         Duration::from_millis(self.heartbeat_ms.into())
+    }
+
+    /// How long a stream waits for its publisher before it ends; `None`:
+    /// for ever.
+    pub fn publisher_wait(&self) -> Option<Duration> {
+        (self.publisher_wait_seconds > 0).then(|| Duration::from_secs(self.publisher_wait_seconds))
     }
 
     /// Bid interval.

@@ -291,17 +291,23 @@ async fn run(
     Ok((fragments, blocks))
 }
 
-/// Creates stream `name` if new and claims it for this publisher.
+/// Creates stream `name` if new and claims it for this publisher. A stream
+/// that ended between the lookup and the claim is made again.
 fn claim(st: &IngestState, name: &str) -> Result<PublishGuard, IngestError> {
-    let stream = st
-        .streams
-        .get_or_create(name)
-        .map_err(IngestError::Stream)?;
-    let guard = stream
-        .claim()
-        .map_err(|_| IngestError::Busy(name.to_owned()))?;
-    tracing::info!(stream = %name, id = %stream.id, "publisher connected");
-    Ok(guard)
+    loop {
+        let stream = st
+            .streams
+            .get_or_create(name)
+            .map_err(IngestError::Stream)?;
+        match stream.claim() {
+            Ok(guard) => {
+                tracing::info!(stream = %name, id = %stream.id, "publisher connected");
+                return Ok(guard);
+            }
+            Err(StreamError::Ended) => continue,
+            Err(_) => return Err(IngestError::Busy(name.to_owned())),
+        }
+    }
 }
 
 /// The ingest error for a failure to publish: the stream taken over, or a

@@ -54,6 +54,9 @@ async fn run(mut config: Config) -> Result<(), Box<dyn std::error::Error>> {
     let shutdown = CancellationToken::new();
     let state = AppState::new(config.clone(), streams.clone(), shutdown.clone());
     let mut background = vec![state.hub.spawn_bid_ticker()];
+    if let Some(wait) = config.publisher_wait() {
+        background.push(streams.spawn_ender(wait, state.metrics.clone(), shutdown.clone()));
+    }
 
     if !config.no_demo {
         background.push(clubcast_server::demo::spawn(

@@ -67,6 +67,7 @@ impl Labelled {
 #[derive(Debug, Default)]
 pub struct Metrics {
     streams: AtomicU64,
+    streams_ended: AtomicU64,
     publishing: Labelled,
     peers: Labelled,
     joins: AtomicU64,
@@ -99,6 +100,16 @@ impl Metrics {
     /// Sets the number of streams (gauge).
     pub fn set_streams(&self, n: usize) {
         self.streams.store(n as u64, Ordering::Relaxed);
+    }
+
+    /// A stream ended: its publisher stayed away too long.
+    pub fn stream_ended(&self) {
+        inc(&self.streams_ended, 1);
+    }
+
+    /// Streams ended so far.
+    pub fn streams_ended(&self) -> u64 {
+        self.streams_ended.load(Ordering::Relaxed)
     }
 
     /// Sets, for every stream, whether a publisher is sending it (gauge,
@@ -232,6 +243,13 @@ impl Metrics {
             "gauge",
             "Streams this server holds.",
             get(&self.streams),
+        )?;
+        scalar(
+            out,
+            "clubcast_streams_ended_total",
+            "counter",
+            "Streams ended because their publisher stayed away longer than --publisher-wait-seconds.",
+            get(&self.streams_ended),
         )?;
         labelled(
             out,

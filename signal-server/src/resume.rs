@@ -10,8 +10,10 @@
 //! play on past the blocks the old process held in memory.
 //!
 //! Files, under `<data dir>/streams/`: `<name>.json` (`{"v":1,"next_seq":…,
-//! "timeline_end":[ticks,timescale]}`) and `<name>.init` (the init segment's
-//! bytes). Both are replaced atomically (written beside, then renamed).
+//! "timeline_end":[ticks,timescale]}`, plus `"ended":true` once the stream
+//! ended because its publisher stayed away: a restart does not open it, and
+//! a publisher that comes back starts it again numbered on) and `<name>.init`
+//! (the init segment's bytes). Both are replaced atomically (written beside, then renamed).
 //! `next_seq` is written before a fragment's blocks are published, counting
 //! them, so a block number is never given out twice whenever the process
 //! dies; a number reserved and not used is a gap the players skip. A failed
@@ -44,6 +46,9 @@ pub struct Resume {
     pub timeline_end: Option<(u64, u32)>,
     /// Its newest init segment.
     pub init: Option<Bytes>,
+    /// It ended ([`crate::stream::Stream::end_if_away`]) and has had no
+    /// publisher since.
+    pub ended: bool,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -52,6 +57,8 @@ struct Saved {
     next_seq: u64,
     #[serde(default)]
     timeline_end: Option<(u64, u32)>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    ended: bool,
 }
 
 /// One stream's state files.
@@ -114,18 +121,29 @@ impl ResumeFile {
             next_seq: saved.next_seq,
             timeline_end: saved.timeline_end.filter(|(_, scale)| *scale > 0),
             init,
+            ended: saved.ended,
         })
     }
 
     /// Writes the state: blocks are numbered from `next_seq` on, the
     /// timeline ends at `timeline_end`.
     pub fn save(&self, next_seq: u64, timeline_end: Option<(u64, u32)>) {
+        self.save_state(next_seq, timeline_end, false);
+    }
+
+    /// [`ResumeFile::save`], and that the stream ended.
+    pub fn save_ended(&self, next_seq: u64, timeline_end: Option<(u64, u32)>) {
+        self.save_state(next_seq, timeline_end, true);
+    }
+
+    fn save_state(&self, next_seq: u64, timeline_end: Option<(u64, u32)>, ended: bool) {
         let mut highest = self.writing.lock().unwrap_or_else(|e| e.into_inner());
         *highest = (*highest).max(next_seq);
         let saved = Saved {
             v: VERSION,
             next_seq: *highest,
             timeline_end,
+            ended,
         };
         let json = serde_json::to_vec(&saved).expect("plain numbers");
         self.write(&self.state, &json);
@@ -212,9 +230,17 @@ mod tests {
                 next_seq: 42,
                 timeline_end: Some((90_000, 90_000)),
                 init: Some(Bytes::from_static(b"init bytes")),
+                ended: false,
             }
         );
         assert_eq!(saved_names(&dir), vec!["cam".to_owned()]);
+        // Ended, then published again: the flag goes with the next save.
+        f.save_ended(43, None);
+        let ended = ResumeFile::new(&dir, "cam").load().expect("saved");
+        assert!(ended.ended);
+        assert_eq!(ended.next_seq, 43);
+        f.save(44, None);
+        assert!(!ResumeFile::new(&dir, "cam").load().expect("saved").ended);
         std::fs::remove_dir_all(&dir).expect("cleanup");
     }
 

@@ -318,8 +318,16 @@ impl<T: Transport> Seeder<T> {
         }
     }
 
-    /// The swarm entry of `stream`, made (with its block forwarder) on first use.
+    /// The swarm entry of `stream`, made (with its block forwarder) on first use. An
+    /// entry under its id for an earlier stream of that name, which ended, is replaced.
     fn swarm(&mut self, stream: &Arc<Stream>) -> &mut Swarm {
+        if self
+            .swarms
+            .get(&stream.id)
+            .is_some_and(|s| !Arc::ptr_eq(&s.stream, stream))
+        {
+            self.forget_swarm(&stream.id);
+        }
         if !self.swarms.contains_key(&stream.id) {
             self.forwarders.spawn(forward(
                 stream.clone(),
@@ -336,6 +344,17 @@ impl<T: Transport> Seeder<T> {
                 source: Source::new(self.clubs, self.k),
                 roles: HashMap::new(),
             })
+    }
+
+    /// Drops the swarm entry `stream_id` and the connections of its peers.
+    fn forget_swarm(&mut self, stream_id: &str) {
+        let Some(swarm) = self.swarms.remove(stream_id) else {
+            return;
+        };
+        for peer in swarm.roles.keys() {
+            self.close(*peer);
+        }
+        debug!(stream = %swarm.stream.name, "seeder: stream ended; no longer seeding it");
     }
 
     /// Adds or removes one role; a peer left with no role loses its connection.
@@ -767,6 +786,15 @@ impl<T: Transport> Seeder<T> {
                 self.refuse(&stream, peer, SeederError::Busy);
             }
         }
+        let ended: Vec<String> = self
+            .swarms
+            .iter()
+            .filter(|(_, s)| s.stream.ended().is_cancelled())
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in ended {
+            self.forget_swarm(&id);
+        }
         let drops = self.metrics().rejects("seeder_queue_full");
         if drops != self.queue_drops_seen {
             self.queue_drops_seen = drops;
@@ -825,6 +853,7 @@ async fn forward(
     loop {
         let next = tokio::select! {
             () = shutdown.cancelled() => return,
+            () = stream.ended().cancelled() => return,
             next = rx.recv() => next,
         };
         match next {

@@ -33,7 +33,9 @@
 //! after the join or past the probe's bytes, messages
 //! before join or a second join, and rate excess. `unknown_peer` is not an
 //! offence: a signal can race a link removal. A refused join (`unknown_stream`,
-//! `stream_full`) is answered and the socket closed.
+//! `stream_full`, `stream_ended`) is answered and the socket closed. When a
+//! stream ends (its publisher stayed away, [`crate::stream::Stream::end_if_away`]),
+//! each of its peers gets `stream_ended` and a normal close.
 
 mod conn;
 pub(crate) mod limits;
@@ -65,7 +67,7 @@ use crate::app::AppState;
 use crate::config::Config;
 use crate::grants::Grants;
 use crate::metrics::Metrics;
-use crate::stream::Streams;
+use crate::stream::{Stream, Streams};
 use swarm::{CloseCell, Effects, JoinUpload, Swarm};
 
 /// Largest WebSocket message the transport reads at all; between
@@ -115,6 +117,9 @@ pub enum SignalError {
     /// The peer is not in the swarm, or not linked with the sender.
     #[error("peer {0} is not linked with you")]
     UnknownPeer(PeerId),
+    /// The stream ended (its publisher stayed away too long).
+    #[error("the stream ended: its publisher stayed away")]
+    StreamEnded,
 }
 
 /// Why the server closed a peer's connection.
@@ -129,6 +134,8 @@ pub enum DropReason {
     Reported,
     /// It committed too many protocol offences.
     Offences,
+    /// Its stream ended.
+    StreamEnded,
 }
 
 impl DropReason {
@@ -139,6 +146,7 @@ impl DropReason {
             DropReason::Silent => "silent",
             DropReason::Reported => "reported",
             DropReason::Offences => "offences",
+            DropReason::StreamEnded => "stream_ended",
         }
     }
 }
@@ -149,12 +157,20 @@ struct HubInner {
     metrics: Arc<Metrics>,
     grants: Arc<Grants>,
     ice_servers: Vec<IceServer>,
-    swarms: Mutex<HashMap<String, Arc<Mutex<Swarm>>>>,
+    /// Each stream's swarm, by stream id.
+    swarms: Mutex<HashMap<String, SwarmEntry>>,
     peers: Mutex<HashMap<PeerId, Arc<Mutex<Swarm>>>>,
     next_peer: AtomicU64,
     seeder: Mutex<Option<mpsc::Sender<SeederEvent>>>,
     shutdown: CancellationToken,
     tasks: TaskTracker,
+}
+
+/// A swarm with the stream it was made for: a stream that ended and was
+/// made again has the same id, and gets a swarm of its own.
+struct SwarmEntry {
+    stream: Arc<Stream>,
+    swarm: Arc<Mutex<Swarm>>,
 }
 
 /// The signaling hub: every stream's swarm and the routes between peers.
@@ -335,7 +351,34 @@ impl Hub {
 
     fn swarm_of(&self, id_or_name: &str) -> Option<Arc<Mutex<Swarm>>> {
         let stream = self.0.streams.get(id_or_name)?;
-        lock(&self.0.swarms).get(&stream.id).cloned()
+        lock(&self.0.swarms)
+            .get(&stream.id)
+            .filter(|e| Arc::ptr_eq(&e.stream, &stream))
+            .map(|e| e.swarm.clone())
+    }
+
+    /// The swarm of `stream`, made (with its watch) if it has none: the
+    /// entry under its id may be that of an earlier stream of the same
+    /// name that ended.
+    fn swarm_for(&self, stream: &Arc<Stream>) -> Arc<Mutex<Swarm>> {
+        let mut swarms = lock(&self.0.swarms);
+        if let Some(e) = swarms.get(&stream.id) {
+            if Arc::ptr_eq(&e.stream, stream) {
+                return e.swarm.clone();
+            }
+        }
+        let swarm = Arc::new(Mutex::new(Swarm::new(
+            stream.clone(),
+            self.0.config.club_config(),
+            self.0.config.max_peers_per_stream,
+        )));
+        self.spawn_stream_watch(stream, &swarm);
+        let entry = SwarmEntry {
+            stream: stream.clone(),
+            swarm: swarm.clone(),
+        };
+        swarms.insert(stream.id.clone(), entry);
+        swarm
     }
 
     /// Adds a peer to a stream's swarm, planned on the upload it stated if
@@ -357,18 +400,7 @@ impl Hub {
             .streams
             .get(stream_ref)
             .ok_or_else(|| SignalError::UnknownStream(stream_ref.chars().take(80).collect()))?;
-        let swarm = lock(&self.0.swarms)
-            .entry(stream.id.clone())
-            .or_insert_with(|| {
-                let swarm = Arc::new(Mutex::new(Swarm::new(
-                    stream.clone(),
-                    self.0.config.club_config(),
-                    self.0.config.max_peers_per_stream,
-                )));
-                self.spawn_publisher_watch(&stream, &swarm);
-                swarm
-            })
-            .clone();
+        let swarm = self.swarm_for(&stream);
         let (probed_kbps, probe_result) =
             probe_outcome(probe, p2p && upload_kbps.is_none(), &stream, &self.0.config);
         if let Some(result) = probe_result {
@@ -414,16 +446,24 @@ impl Hub {
     /// or leaves ([`ServerMsg::Publisher`]), until shutdown. A joiner's
     /// welcome says how it stood at the join, read under the swarm lock this
     /// task sends under; a change between that read and this task's send
-    /// reaches the joiner after its welcome, through its queue.
-    fn spawn_publisher_watch(&self, stream: &crate::stream::Stream, swarm: &Arc<Mutex<Swarm>>) {
+    /// reaches the joiner after its welcome, through its queue. When the
+    /// stream ends, ends the swarm ([`Hub::end_swarm`]).
+    fn spawn_stream_watch(&self, stream: &Arc<Stream>, swarm: &Arc<Mutex<Swarm>>) {
         let mut rx = stream.watch_publishing();
         rx.mark_unchanged();
+        let ended = stream.ended().clone();
         let swarm = Arc::downgrade(swarm);
         let hub = self.clone();
         tokio::spawn(async move {
             loop {
                 tokio::select! {
                     _ = hub.0.shutdown.cancelled() => break,
+                    () = ended.cancelled() => {
+                        if let Some(swarm) = swarm.upgrade() {
+                            hub.end_swarm(&swarm);
+                        }
+                        break;
+                    }
                     r = rx.changed() => if r.is_err() { break },
                 }
                 let Some(swarm) = swarm.upgrade() else { break };
@@ -442,6 +482,26 @@ impl Hub {
                 hub.apply(fx);
             }
         });
+    }
+
+    /// The stream of `swarm` ended: every peer is told (`stream_ended`)
+    /// and closed, the seeder loses its links, and the swarm is forgotten.
+    fn end_swarm(&self, swarm: &Arc<Mutex<Swarm>>) {
+        let (fx, stream) = {
+            let mut s = lock(swarm);
+            let fx = s.end();
+            (fx, s.stream.clone())
+        };
+        let peers = fx.dropped.len();
+        self.apply(fx);
+        let mut swarms = lock(&self.0.swarms);
+        if swarms
+            .get(&stream.id)
+            .is_some_and(|e| Arc::ptr_eq(&e.swarm, swarm))
+        {
+            swarms.remove(&stream.id);
+        }
+        tracing::info!(stream = %stream.name, peers, "stream ended; its viewers were told");
     }
 
     fn welcome(

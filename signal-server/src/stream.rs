@@ -5,7 +5,9 @@
 //! name. Its ed25519 key is generated once and persisted in the data dir, so the
 //! stream keeps its id across restarts; its numbering, timeline end and init
 //! are saved there too, so it goes on after one ([`crate::resume`]). Ingest calls [`Stream::set_init`] and
-//! [`Stream::publish`]; the origin, signaling and seeder read.
+//! [`Stream::publish`]; the origin, signaling and seeder read. A stream whose
+//! publisher stays away too long ends ([`Streams::end_away`]): the registry
+//! forgets it, and its viewers and the seeder follow [`Stream::ended`].
 
 use std::collections::{HashMap, VecDeque};
 use std::path::{Path, PathBuf};
@@ -58,6 +60,10 @@ pub enum StreamError {
     /// Another publisher holds the stream.
     #[error("stream is already being published")]
     Busy,
+    /// The stream ended (its publisher stayed away too long): the registry
+    /// makes a new one under its name ([`Streams::get_or_create`]).
+    #[error("the stream ended")]
+    Ended,
     /// This publisher's claim went to another one (it was silent too long).
     #[error("another publisher took the stream over")]
     Replaced,
@@ -95,6 +101,8 @@ struct State {
     resumed: bool,
     /// The publisher holding the stream, if any.
     claim: Option<Claim>,
+    /// Since when no publisher has been sending (`None` while one is).
+    away_since: Option<Instant>,
     /// Id of the next claim.
     next_claim: u64,
 }
@@ -161,6 +169,9 @@ pub struct Stream {
     publishing: watch::Sender<bool>,
     /// Where its state is saved across restarts (`None`: not saved).
     file: Option<ResumeFile>,
+    /// Cancelled, under the state lock, when the stream ends
+    /// ([`Stream::end_if_away`]): no claim is taken after.
+    ended: CancellationToken,
 }
 
 impl std::fmt::Debug for Stream {
@@ -231,9 +242,7 @@ impl PublishGuard {
     fn note_quiet_at(&self, now: Instant) {
         let mut st = self.stream.write();
         if st.claim_of(self.id).is_some_and(|c| c.stale(now)) {
-            self.stream
-                .publishing
-                .send_if_modified(|p| std::mem::replace(p, false));
+            self.stream.set_publishing(&mut st, false, now);
         }
     }
 
@@ -272,9 +281,7 @@ impl Drop for PublishGuard {
         let mut st = self.stream.write();
         if st.claim_of(self.id).is_some() {
             st.claim = None;
-            self.stream
-                .publishing
-                .send_if_modified(|p| std::mem::replace(p, false));
+            self.stream.set_publishing(&mut st, false, Instant::now());
             tracing::debug!(stream = %self.stream.name, "publisher gone");
         }
     }
@@ -290,6 +297,7 @@ impl Stream {
             next_seq,
             timeline_end,
             init,
+            ..
         } = saved.unwrap_or_default();
         if resumed {
             tracing::info!(stream = %name, next_seq, "stream resumed from the data dir");
@@ -308,11 +316,13 @@ impl Stream {
                 timeline_end,
                 resumed,
                 claim: None,
+                away_since: Some(Instant::now()),
                 next_claim: 0,
             }),
             tx,
             publishing: watch::channel(false).0,
             file,
+            ended: CancellationToken::new(),
         }
     }
 
@@ -334,6 +344,9 @@ impl Stream {
 
     fn claim_at(self: &Arc<Self>, now: Instant) -> Result<PublishGuard, StreamError> {
         let mut st = self.write();
+        if self.ended.is_cancelled() {
+            return Err(StreamError::Ended);
+        }
         if let Some(old) = &st.claim {
             if !old.stale(now) {
                 return Err(StreamError::Busy);
@@ -351,8 +364,7 @@ impl Stream {
             longest_gap: Duration::ZERO,
             replaced: replaced.clone(),
         });
-        self.publishing
-            .send_if_modified(|p| !std::mem::replace(p, true));
+        self.set_publishing(&mut st, true, now);
         Ok(PublishGuard {
             stream: self.clone(),
             id,
@@ -365,9 +377,49 @@ impl Stream {
     fn note_alive(&self, st: &mut State, id: u64, now: Instant) -> Result<(), StreamError> {
         let c = st.claim_of(id).ok_or(StreamError::Replaced)?;
         c.note(now);
-        self.publishing
-            .send_if_modified(|p| !std::mem::replace(p, true));
+        self.set_publishing(st, true, now);
         Ok(())
+    }
+
+    /// Sets [`Stream::publishing`] under the lock `st`, and when the
+    /// publisher went away if it now is.
+    fn set_publishing(&self, st: &mut State, on: bool, now: Instant) {
+        if self
+            .publishing
+            .send_if_modified(|p| std::mem::replace(p, on) != on)
+        {
+            st.away_since = (!on).then_some(now);
+        }
+    }
+
+    /// Ends the stream if no publisher holds it and none has sent it for
+    /// `after` or longer at `now`: no publisher may claim it any more, its
+    /// state file says so (a restart does not open it again, see
+    /// [`Streams::open_saved`]), and [`Stream::ended`] is cancelled, which
+    /// tells its viewers and the seeder. Its numbering and timeline stay
+    /// saved: a publisher that comes back later starts it again under the
+    /// same key, numbered on, so no block URL ever names two blocks.
+    /// Returns whether it ended now.
+    pub fn end_if_away(&self, after: Duration, now: Instant) -> bool {
+        let st = self.write();
+        let away = st
+            .away_since
+            .is_some_and(|t| now.saturating_duration_since(t) >= after);
+        if self.ended.is_cancelled() || st.claim.is_some() || !away {
+            return false;
+        }
+        self.ended.cancel();
+        let (next, end) = (st.store.next_seq(), st.timeline_end);
+        drop(st);
+        if let Some(f) = &self.file {
+            f.save_ended(next, end);
+        }
+        true
+    }
+
+    /// Cancelled once the stream has ended ([`Stream::end_if_away`]).
+    pub fn ended(&self) -> &CancellationToken {
+        &self.ended
     }
 
     /// Whether a publisher holds the stream and is not stale (see
@@ -631,7 +683,8 @@ impl Streams {
         let Some(dir) = &self.data_dir else { return 0 };
         let mut opened = 0;
         for name in crate::resume::saved_names(dir) {
-            if !key_path(dir, &name).exists() {
+            let ended = || ResumeFile::new(dir, &name).load().is_some_and(|r| r.ended);
+            if !key_path(dir, &name).exists() || ended() {
                 continue;
             }
             match self.get_or_create(&name) {
@@ -640,6 +693,49 @@ impl Streams {
             }
         }
         opened
+    }
+
+    /// Ends every stream whose publisher has been away for `after` or longer
+    /// at `now` ([`Stream::end_if_away`]) and forgets it: it leaves the
+    /// list, and a publish under its name makes a new one. Returns them.
+    pub fn end_away(&self, after: Duration, now: Instant) -> Vec<Arc<Stream>> {
+        let mut map = self.by_name.write().unwrap_or_else(|e| e.into_inner());
+        let mut ended = Vec::new();
+        map.retain(|_, s| {
+            let end = s.end_if_away(after, now);
+            if end {
+                ended.push(s.clone());
+            }
+            !end
+        });
+        ended
+    }
+
+    /// Runs [`Streams::end_away`] until `shutdown`, often enough that a
+    /// stream ends within a quarter of `after` past it (at most every 10 s).
+    /// Each stream ended is logged and counted.
+    pub fn spawn_ender(
+        self: &Arc<Self>,
+        after: Duration,
+        metrics: Arc<crate::metrics::Metrics>,
+        shutdown: CancellationToken,
+    ) -> tokio::task::JoinHandle<()> {
+        let streams = self.clone();
+        let every = (after / 4).clamp(Duration::from_millis(100), Duration::from_secs(10));
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    () = shutdown.cancelled() => break,
+                    _ = tick.tick() => {}
+                }
+                for s in streams.end_away(after, Instant::now()) {
+                    tracing::info!(stream = %s.name, ?after, "stream ended: its publisher stayed away");
+                    metrics.stream_ended();
+                }
+            }
+        })
     }
 
     /// A stream by id (any case, base32 or hex) or by name.
@@ -821,6 +917,77 @@ mod tests {
         assert_eq!(flags(blocks)[0], start, "only the first");
         assert_eq!(s.init_segment_at(next), Some(init_b));
         std::fs::remove_dir_all(dir).expect("cleanup");
+    }
+
+    #[test]
+    fn a_stream_whose_publisher_stays_away_ends_and_starts_again_numbered_on() {
+        use crate::ingest::chunker::publish_fragment;
+        use crate::ingest::fmp4::Fragment;
+        let dir = std::env::temp_dir().join(format!("clubcast-end-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let frag = Fragment {
+            bytes: Bytes::from(vec![1; 3000]),
+            media_time: 0,
+            timescale: 1000,
+            duration: Some(1000),
+            keyframe: true,
+            tracks: Vec::new(),
+            sequence_offset: None,
+        };
+        let wait = Duration::from_secs(10);
+        let streams = Streams::new(Some(dir.clone()), cfg());
+        let s = streams.get_or_create("cam").expect("ok");
+        let guard = s.claim().expect("free");
+        guard
+            .set_init(Bytes::from_static(b"init"))
+            .expect("claimed");
+        publish_fragment(&guard, &frag, 1024).expect("publish");
+        let later = Instant::now() + 2 * wait;
+        assert!(
+            streams.end_away(wait, later).is_empty(),
+            "a publisher holds it"
+        );
+        // Silent long enough to be taken over, and still connected: kept.
+        guard.note_quiet_at(later);
+        assert!(!s.publishing());
+        assert!(streams.end_away(wait, later + 2 * wait).is_empty());
+        // Away since it went quiet, not since its connection closed.
+        drop(guard);
+        assert!(
+            streams.end_away(wait, later + wait / 2).is_empty(),
+            "not away long enough"
+        );
+        let ended = streams.end_away(wait, later + wait);
+        assert_eq!(ended.len(), 1);
+        assert!(s.ended().is_cancelled());
+        assert!(streams.get("cam").is_none() && streams.list().is_empty());
+        assert!(matches!(s.claim(), Err(StreamError::Ended)));
+        assert!(streams.end_away(wait, later + 2 * wait).is_empty(), "once");
+
+        // A restart does not open it; a publisher that comes back makes it
+        // again, under the same key, numbered on.
+        let next = s.next_seq();
+        drop((s, ended, streams));
+        let streams = Streams::new(Some(dir.clone()), cfg());
+        assert_eq!(streams.open_saved(), 0);
+        let again = streams.get_or_create("cam").expect("ok");
+        assert_eq!(again.next_seq(), next);
+        let guard = again.claim().expect("free");
+        let blocks = publish_fragment(&guard, &frag, 1024).expect("publish");
+        assert_eq!(blocks[0].seq(), next);
+        drop((guard, again, blocks, streams));
+        assert_eq!(Streams::new(Some(dir.clone()), cfg()).open_saved(), 1);
+        std::fs::remove_dir_all(dir).expect("cleanup");
+    }
+
+    #[test]
+    fn a_stream_opened_after_a_restart_ends_if_no_publisher_comes() {
+        let streams = Streams::new(None, cfg());
+        let s = streams.get_or_create("cam").expect("ok");
+        let wait = Duration::from_secs(10);
+        assert!(streams.end_away(wait, Instant::now()).is_empty());
+        assert_eq!(streams.end_away(wait, Instant::now() + wait).len(), 1);
+        assert!(s.ended().is_cancelled());
     }
 
     #[test]

@@ -218,6 +218,93 @@ async fn a_resumed_stream_welcomes_at_its_saved_number() {
     std::fs::remove_dir_all(dir).expect("cleanup");
 }
 
+/// A stream whose publisher stays away ends: its viewers are told and
+/// closed, the seeder loses its links, a join finds no stream, and a
+/// publisher that comes back starts it again, numbered on.
+#[tokio::test]
+async fn an_ended_stream_tells_its_viewers_and_starts_again_numbered_on() {
+    let dir = std::env::temp_dir().join(format!("clubcast-ws-end-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let streams = Arc::new(Streams::new(Some(dir.clone()), STORE));
+    publish_demo(&streams);
+    let (addr, state) = serve_streams(Config::default(), streams.clone()).await;
+    let mut seeder = state.hub.attach_seeder();
+    let mut a = connect(addr).await;
+    let mut b = connect(addr).await;
+    let (a_id, b_id) = (peer_id(&join(&mut a).await), peer_id(&join(&mut b).await));
+    let seeded = seeder.links("demo");
+    assert!(!seeded.is_empty());
+    let id = streams.get("demo").expect("published").id.clone();
+
+    let wait = Duration::from_secs(600);
+    let now = std::time::Instant::now();
+    assert!(
+        streams.end_away(wait, now).is_empty(),
+        "not away long enough"
+    );
+    assert_eq!(streams.end_away(wait, now + wait).len(), 1);
+    for ws in [&mut a, &mut b] {
+        let ended = recv_until(ws, |m| matches!(m, ServerMsg::Error { .. })).await;
+        assert!(
+            matches!(
+                ended,
+                ServerMsg::Error {
+                    code: ErrorCode::StreamEnded,
+                    ..
+                }
+            ),
+            "{ended:?}"
+        );
+        assert_eq!(closed(ws).await, Some(CloseCode::Normal));
+    }
+    // Every link the seeder held in the stream is removed.
+    let mut removed = Vec::new();
+    while removed.len() < seeded.len() {
+        let ev = tokio::time::timeout(WAIT, seeder.recv())
+            .await
+            .expect("in time")
+            .expect("event");
+        if let SeederEvent::Link {
+            op: LinkOp::Remove,
+            link,
+            ..
+        } = ev
+        {
+            assert!([a_id, b_id].contains(&link.peer));
+            removed.push(link);
+        }
+    }
+    assert_eq!(state.metrics.dropped_peers("stream_ended"), 2);
+    let mut c = connect(addr).await;
+    send(&mut c, r#"{"type":"join","v":1,"stream":"demo"}"#).await;
+    assert_eq!(error_code(&mut c).await, ErrorCode::UnknownStream);
+
+    // The publisher comes back: the same key, numbered on from block 20.
+    let again = streams.get_or_create("demo").expect("made again");
+    assert_eq!(again.id, id);
+    let guard = again.claim().expect("free");
+    guard
+        .publish(
+            BlockFlags::FRAGMENT_START,
+            0,
+            9_000,
+            Bytes::from(vec![7; 500]),
+        )
+        .expect("publish");
+    let mut d = connect(addr).await;
+    let ServerMsg::Welcome {
+        live_edge,
+        publisher_connected,
+        ..
+    } = join(&mut d).await
+    else {
+        panic!("expected welcome");
+    };
+    assert_eq!((live_edge, publisher_connected), (20, true));
+    drop(guard);
+    std::fs::remove_dir_all(dir).expect("cleanup");
+}
+
 /// Every peer of a stream hears when a publisher connects and when it
 /// leaves; a joiner's welcome says how it stands.
 #[tokio::test]

@@ -278,6 +278,7 @@ impl Conn {
             Some(DropReason::Reported) => {
                 Step::close(close_code::POLICY, "reported for bad blocks")
             }
+            Some(DropReason::StreamEnded) => Step::close(close_code::NORMAL, "stream ended"),
             _ => Step::close(close_code::POLICY, "dropped"),
         }
     }
@@ -451,6 +452,7 @@ fn wire_code(e: &SignalError) -> ErrorCode {
         SignalError::UnknownStream(_) => ErrorCode::UnknownStream,
         SignalError::StreamFull(_) => ErrorCode::StreamFull,
         SignalError::UnknownPeer(_) => ErrorCode::UnknownPeer,
+        SignalError::StreamEnded => ErrorCode::StreamEnded,
     }
 }
 

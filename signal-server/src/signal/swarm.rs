@@ -16,7 +16,7 @@ use clubcast_protocol::club::{
     DEFAULT_CAPACITY_PCT,
 };
 use clubcast_protocol::signal::{
-    Link, PeerId, ServerMsg, SignalData, SEEDER_PEER_ID, SIGNAL_VERSION,
+    ErrorCode, Link, LinkOp, PeerId, ServerMsg, SignalData, SEEDER_PEER_ID, SIGNAL_VERSION,
 };
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -151,6 +151,9 @@ impl Swarm {
         close: CloseCell,
         welcome: impl FnOnce(&Joined) -> String,
     ) -> Result<Effects, SignalError> {
+        if self.stream.ended().is_cancelled() {
+            return Err(SignalError::StreamEnded);
+        }
         if self.members.len() >= self.max_peers {
             return Err(SignalError::StreamFull(self.max_peers));
         }
@@ -177,6 +180,35 @@ impl Swarm {
         let mut fx = Effects::default();
         self.deliver(joined.changes, &mut fx);
         Ok(fx)
+    }
+
+    /// Ends the swarm, its stream having ended: every peer is sent
+    /// `stream_ended` and dropped, with no link repaired, and the seeder
+    /// loses its links.
+    pub(crate) fn end(&mut self) -> Effects {
+        let mut fx = Effects::default();
+        let ended = encode(&ServerMsg::Error {
+            v: SIGNAL_VERSION,
+            code: ErrorCode::StreamEnded,
+            message: "the stream ended: its publisher stayed away".into(),
+        });
+        for (peer, m) in self.members.drain() {
+            if let Some(text) = &ended {
+                let _ = m.tx.try_send(text.clone());
+            }
+            let _ = m.close.set(DropReason::StreamEnded);
+            fx.dropped.push((peer, DropReason::StreamEnded));
+        }
+        for link in self.membership.links_of(SEEDER_PEER_ID) {
+            fx.seeder.push(SeederEvent::Link {
+                stream: self.stream.clone(),
+                op: LinkOp::Remove,
+                link,
+            });
+        }
+        self.membership = Membership::new(*self.membership.config());
+        fx.size = Some((self.stream.name.clone(), 0));
+        fx
     }
 
     /// Removes `peer` (its socket closed) and repairs the links it held.
