@@ -17,8 +17,11 @@
 //                       changes, and at the start if none is connected
 //   "stats"   a stats sample, once per second           (same object as stats())
 //   "error"   something failed                          ({message, code?}); codes
-//                       include "signal_failed", "bad_stream", "media" and
-//                       "stream_restarted" (its numbering began again: reload)
+//                       include "signal_failed", "bad_stream", "media",
+//                       "stream_restarted" (its numbering began again: reload),
+//                       "stream_ended" (its publisher stayed away longer than
+//                       the server waits: the session is over) and
+//                       "unknown_stream"
 //   "reconnecting"  signaling dropped; playing on, retry ({code, reason, attempt, in_ms})
 //   "joined"  the server admitted the peer              ({peer_id, clubs, rejoin, ...})
 //   "skip"    blocks passed over                        ({from, to}: seqs): missing

@@ -51,25 +51,35 @@ export function attachOverlay(container, player) {
     ROWS.forEach(([, f], i) => (cells[i].textContent = f(s)));
     chart(canvas, player.rates());
   };
+  // Once the stream has ended, nothing later (its last stall) replaces that.
+  let ended = false;
+  const say = (text) => {
+    if (!ended) status.textContent = text;
+  };
   const offs = [
     player.on("stats", draw),
     player.on("error", (e) => {
-      status.textContent = "error: " + e.message;
+      if (e.code === "stream_ended") {
+        say("the stream has ended");
+        ended = true;
+        return;
+      }
+      say("error: " + e.message);
       status.classList.add("cc-error");
     }),
-    player.on("reconnecting", (e) => (status.textContent = `reconnecting (attempt ${e.attempt})…`)),
+    player.on("reconnecting", (e) => say(`reconnecting (attempt ${e.attempt})…`)),
     player.on("joined", (e) => {
-      if (e.rejoin) status.textContent = "";
+      if (e.rejoin) say("");
     }),
     // No publisher: the stream goes on where it stopped once one is back.
-    player.on("publisher", (e) => (status.textContent = e.connected ? "" : "publisher away")),
+    player.on("publisher", (e) => say(e.connected ? "" : "publisher away")),
     player.on("stall", (e) => {
-      status.textContent = e.reason === "publisher" ? "waiting for the publisher…" : "buffering…";
+      say(e.reason === "publisher" ? "waiting for the publisher…" : "buffering…");
     }),
-    player.on("resume", () => (status.textContent = "")),
-    player.on("playing", () => (status.textContent = "")),
+    player.on("resume", () => say("")),
+    player.on("playing", () => say("")),
   ];
-  status.textContent = "connecting…";
+  say("connecting…");
   draw();
   return {
     element: root,

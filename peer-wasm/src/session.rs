@@ -33,7 +33,9 @@ use std::time::Duration;
 use bytes::Bytes;
 use clubcast_protocol::block::StreamKey;
 use clubcast_protocol::peer::{Peer, PeerConfig, PeerEvent, PeerStats};
-use clubcast_protocol::signal::{ClientMsg, PeerId, ServerMsg, StreamInfo, SIGNAL_VERSION};
+use clubcast_protocol::signal::{
+    ClientMsg, ErrorCode, PeerId, ServerMsg, StreamInfo, SIGNAL_VERSION,
+};
 use clubcast_protocol::Time;
 use serde::Deserialize;
 use serde_json::json;
@@ -392,7 +394,11 @@ impl Session {
     fn signal_closed(&mut self, code: u16, reason: String) {
         self.socket = None;
         self.heartbeats.clear();
-        if code == CLOSE_POLICY || self.failed.is_some() {
+        if self.failed.is_some() {
+            // The failure was reported already; the close only follows it.
+            return;
+        }
+        if code == CLOSE_POLICY {
             self.error(
                 "signal_closed",
                 format!("signaling closed ({code}) {reason}; playing on with open links"),
@@ -757,11 +763,14 @@ impl Session {
                 }
             }
             ServerMsg::Error { code, message, .. } => {
-                let code = code.as_str();
-                if self.joined.is_none() {
-                    self.fail(code, message);
+                // Before the join every error is final; after it, one that
+                // says the stream is gone (it ended, or a rejoin found no
+                // such stream) is too: reconnecting cannot bring it back.
+                let gone = matches!(code, ErrorCode::StreamEnded | ErrorCode::UnknownStream);
+                if self.joined.is_none() || gone {
+                    self.fail(code.as_str(), message);
                 } else {
-                    self.error(code, message);
+                    self.error(code.as_str(), message);
                 }
             }
         }
