@@ -254,40 +254,15 @@ async fn a_publisher_that_comes_back_with_other_settings_plays_on() {
     ];
     // Well into the last publish: each starts where the one before ended.
     let goal = publishes[0].4 + publishes[1].4 + 4.0;
-    let server = Server::start(ServerOptions {
-        args: ["--no-demo", "--publish-token", "tok"]
-            .map(String::from)
-            .to_vec(),
-        ..ServerOptions::default()
-    })
-    .await
-    .expect("server starts");
-    let ingest = format!("{}/ingest/cam", server.url());
+    let (server, ingest) = ingest_server(&[]).await;
     let publisher = std::thread::spawn(move || {
         for (i, (size, rate, hz, codecs, secs)) in publishes.into_iter().enumerate() {
             if i == 1 {
                 std::thread::sleep(AWAY);
             }
-            let video = format!("testsrc2=size={size}:rate={rate}");
-            let audio = format!("sine=frequency=440:sample_rate={hz}");
-            let status = std::process::Command::new("ffmpeg")
-                .args(["-hide_banner", "-loglevel", "error", "-re"])
-                .args(["-f", "lavfi", "-i", &video, "-f", "lavfi", "-i", &audio])
-                .args(["-t", &secs.to_string(), "-g", rate])
-                .args(&codecs)
-                .args(["-f", "mp4", "-movflags"])
-                .args(["frag_keyframe+empty_moov+default_base_moof"])
-                .args(["-frag_duration", "1000000", "-method", "PUT"])
-                .args(["-headers", "Authorization: Bearer tok", &ingest])
-                .status()
-                .expect("ffmpeg runs (`just setup` installs it)");
-            assert!(status.success(), "ffmpeg publishing {size}: {status}");
+            ffmpeg_publish(&ingest, size, rate, hz, &codecs, secs);
         }
     });
-    server
-        .wait_for_stream("cam", Duration::from_secs(30))
-        .await
-        .expect("ffmpeg publishes");
     let browser = watching(&server, "cam").await;
     // Records the page's `publisher` events.
     browser
@@ -357,6 +332,131 @@ async fn a_publisher_that_comes_back_with_other_settings_plays_on() {
     );
     browser.close().await;
     publisher.join().expect("the publisher ran");
+}
+
+/// A server with no demo, publish token `tok` and `args`, and its ingest
+/// URL for stream `cam`.
+async fn ingest_server(args: &[&str]) -> (Server, String) {
+    let args = ["--no-demo", "--publish-token", "tok"].iter().chain(args);
+    let server = Server::start(ServerOptions {
+        args: args.map(|a| a.to_string()).collect(),
+        ..ServerOptions::default()
+    })
+    .await
+    .expect("server starts");
+    let ingest = format!("{}/ingest/cam", server.url());
+    (server, ingest)
+}
+
+/// ffmpeg publishes a test pattern and a tone to `ingest` (publish token
+/// `tok`) in real time for `secs`, at `size` and `rate` frames a second (a
+/// keyframe a second), the tone at `hz`, with `codecs`.
+fn ffmpeg_publish(ingest: &str, size: &str, rate: &str, hz: &str, codecs: &[&str], secs: f64) {
+    let video = format!("testsrc2=size={size}:rate={rate}");
+    let audio = format!("sine=frequency=440:sample_rate={hz}");
+    let status = std::process::Command::new("ffmpeg")
+        .args(["-hide_banner", "-loglevel", "error", "-re"])
+        .args(["-f", "lavfi", "-i", &video, "-f", "lavfi", "-i", &audio])
+        .args(["-t", &secs.to_string(), "-g", rate])
+        .args(codecs)
+        .args(["-f", "mp4", "-movflags"])
+        .args(["frag_keyframe+empty_moov+default_base_moof"])
+        .args(["-frag_duration", "1000000", "-method", "PUT"])
+        .args(["-headers", "Authorization: Bearer tok", ingest])
+        .status()
+        .expect("ffmpeg runs (`just setup` installs it)");
+    assert!(status.success(), "ffmpeg publishing {size}: {status}");
+}
+
+/// A stream whose publisher stays away longer than `--publisher-wait-seconds`
+/// ends: its viewer's player ends its session with the error `stream_ended`
+/// and the overlay says so, the stream leaves `/streams`, and a publisher
+/// that comes back starts it again, numbered on, and seeded to a new viewer.
+/// Before streams ended, a stream stayed listed and held its blocks in memory
+/// for as long as the server ran, and its viewers waited for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_whose_publisher_stays_away_ends() {
+    const H264: [&str; 6] = ["-c:v", "libx264", "-preset", "veryfast", "-c:a", "aac"];
+    let (server, ingest) = ingest_server(&["--publisher-wait-seconds", "3"]).await;
+    let first = {
+        let ingest = ingest.clone();
+        std::thread::spawn(move || ffmpeg_publish(&ingest, "320x180", "25", "44100", &H264, 12.0))
+    };
+    let browser = watching(&server, "cam").await;
+    browser
+        .eval(
+            "window.endEvents = []; \
+             window.player.on('error', (e) => window.endEvents.push(e));",
+        )
+        .await
+        .expect("subscribes");
+    first.join().expect("the first publish ran");
+    let listed = |server: &Server| {
+        let addr = server.addr();
+        async move {
+            let (status, body) = http_get(addr, "/streams").await.expect("GET /streams");
+            assert_eq!(status, 200);
+            let list: Vec<Value> = serde_json::from_slice(&body).expect("a JSON list");
+            list.into_iter().find(|s| s["name"] == "cam")
+        }
+    };
+    let edge = listed(&server).await.expect("listed while away")["live_edge"]
+        .as_u64()
+        .expect("blocks stored");
+    // Ended within the wait plus a quarter of it, and the viewer told at once.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let events = loop {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let events = browser
+            .eval("return window.endEvents;")
+            .await
+            .expect("events");
+        if events.as_array().is_some_and(|e| !e.is_empty()) {
+            break events;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the viewer heard no end; stats {}\nserver log:\n{}",
+            browser.stats().await.expect("stats"),
+            server.log_tail(20)
+        );
+    };
+    assert_eq!(events[0]["code"], "stream_ended", "{events}");
+    let status = browser
+        .eval("return document.querySelector('.cc-status').textContent;")
+        .await
+        .expect("overlay readable");
+    assert_eq!(status, "the stream has ended");
+    assert!(
+        listed(&server).await.is_none(),
+        "an ended stream is not listed"
+    );
+    let metrics = server.metrics().await.expect("metrics");
+    assert_eq!(metrics.get("clubcast_streams_ended_total"), Some(&1.0));
+    let seeded = metrics["clubcast_bytes_seeded_total"];
+    browser.close().await;
+
+    let again =
+        std::thread::spawn(move || ffmpeg_publish(&ingest, "320x180", "25", "44100", &H264, 12.0));
+    let browser = watching(&server, "cam").await;
+    let stream = listed(&server).await.expect("listed again");
+    assert!(
+        stream["live_edge"].as_u64().is_some_and(|e| e > edge),
+        "numbered on past {edge}: {stream}"
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let metrics = server.metrics().await.expect("metrics");
+    let stats = browser.stats().await.expect("stats");
+    println!(
+        "smoke stream end: ended at edge {edge}, events {events}; again {stream}; stats {stats}"
+    );
+    assert!(
+        metrics["clubcast_bytes_seeded_total"] > seeded,
+        "the seeder seeds the stream made again: {stats}\nserver log:\n{}",
+        server.log_tail(30)
+    );
+    browser.close().await;
+    again.join().expect("the second publish ran");
 }
 
 /// A server that dies (SIGKILL) and comes back on the same data dir does not
@@ -464,8 +564,13 @@ async fn assert_seeded(server: &Server, stats: &Value) {
     );
 }
 
-/// A browser on `/watch/{stream}`, once it shows its first frame.
+/// A browser on `/watch/{stream}`, once the stream is published (within 30 s)
+/// and the page shows its first frame.
 async fn watching(server: &Server, stream: &str) -> Browser {
+    server
+        .wait_for_stream(stream, Duration::from_secs(30))
+        .await
+        .expect("the stream is published");
     let browser = Browser::watch(&format!("{}/watch/{stream}", server.url()))
         .await
         .expect("browser opens the page");
