@@ -23,6 +23,10 @@ pub enum JsError {
     /// `OperationError`: the operation failed inside the browser (e.g. SDP negotiation).
     #[error("operation failed: {0}")]
     Operation(String),
+    /// `NotAllowedError`: the browser or the user refused, e.g. `play()` with
+    /// sound before any user gesture (the autoplay policy).
+    #[error("not allowed: {0}")]
+    NotAllowed(String),
     /// `AbortError`: the operation was aborted, usually by our own `AbortController`.
     #[error("aborted: {0}")]
     Aborted(String),
@@ -98,6 +102,7 @@ fn classify(name: &str, message: String) -> JsError {
         "InvalidStateError" => JsError::InvalidState(message),
         "NotSupportedError" => JsError::NotSupported(message),
         "OperationError" => JsError::Operation(message),
+        "NotAllowedError" => JsError::NotAllowed(message),
         "AbortError" => JsError::Aborted(message),
         "NetworkError" => JsError::Network(message),
         "SyntaxError" => JsError::Syntax(message),
@@ -120,6 +125,10 @@ mod tests {
             JsError::QuotaExceeded("full".into())
         );
         assert!(classify("QuotaExceededError", String::new()).is_quota_exceeded());
+        assert_eq!(
+            classify("NotAllowedError", "autoplay".into()),
+            JsError::NotAllowed("autoplay".into())
+        );
         assert_eq!(
             classify("WeirdError", "x".into()),
             JsError::Other {

@@ -133,6 +133,12 @@ pub struct Options {
     /// False: join at once, without the upload probe.
     #[serde(default = "yes")]
     pub upload_probe: bool,
+    /// True: if the browser refuses to start playback with sound (its
+    /// autoplay policy, before any user gesture), mute the element and
+    /// start muted (`autoplay_muted` event). False: wait for the user to
+    /// press play (`autoplay_blocked` event).
+    #[serde(default = "yes")]
+    pub autoplay_muted: bool,
     /// Test only: relay corrupted blocks, if the server allows it.
     #[serde(default)]
     pub test_corrupt: bool,
@@ -152,6 +158,8 @@ pub(crate) enum Input {
     },
     Mse(MseEvent),
     Video(VideoEvent),
+    /// The browser refused `video.play()` (`NotAllowedError`: its autoplay policy).
+    PlayRefused,
     Init(u64, Result<Fetched, FetchError>),
     /// An origin fetch from `seq`: one block or a run.
     Origin {
@@ -323,6 +331,14 @@ impl Session {
             Input::Link { peer, gen, event } => self.on_link(peer, gen, event),
             Input::Mse(e) => self.on_mse(e),
             Input::Video(e) => self.on_video(e),
+            Input::PlayRefused => {
+                if let Some(event) = self
+                    .play
+                    .handle_play_refused(perf_now(), self.opts.autoplay_muted)
+                {
+                    self.emit(event);
+                }
+            }
             Input::Init(seq, r) => self.on_init(seq, r),
             Input::Origin { seq, result } => self.on_origin(seq, result),
             Input::Wake => {
@@ -1065,6 +1081,7 @@ impl Session {
             "rtt_ms": self.clock.rtt_ms(),
             "playback_rate": play.rate(),
             "jumps": play.jumps(),
+            "autoplay": play.autoplay(),
             "nudges": play.nudges(),
             "current_time": play.current_time(),
             "peer_id": self.joined.as_ref().map(|j| j.peer_id),
@@ -1137,14 +1154,6 @@ pub(crate) fn reconnect_delay_ms(attempts: u32, unit: f64) -> u64 {
 /// `performance.now()`, ms.
 pub(crate) fn perf_now() -> f64 {
     timer::now().as_secs_f64() * 1000.0
-}
-
-/// Starts a JS promise and ignores its outcome (e.g. `video.play()`, whose
-/// rejection only means autoplay was refused).
-pub(crate) fn ignore_promise(p: js_sys::Promise) {
-    wasm_bindgen_futures::spawn_local(async move {
-        let _ = wasm_bindgen_futures::JsFuture::from(p).await;
-    });
 }
 
 #[cfg(test)]

@@ -43,13 +43,14 @@ use clubcast_protocol::block::{BlockFlags, VerifiedBlock};
 use serde_json::{json, Value};
 use web_sys::HtmlMediaElement;
 
+use crate::error::JsError;
 use crate::fetch::{fetch_bytes, FetchError, Fetched};
 use crate::mse::{MseError, MseEvent, MseSink, MIME_H264_AAC};
 use crate::player::{deliver, Shared};
 use crate::playout::{self, Stalls, Steer, Timeline, MIN_BUFFER_TO_SPEED_UP_MS};
 
 use super::startup::{Mark, StartupTrace};
-use super::{ignore_promise, Input};
+use super::Input;
 
 /// Bytes of played blocks held until the media source is attached.
 pub const MAX_PENDING_BYTES: usize = 8 * 1024 * 1024;
@@ -126,6 +127,19 @@ pub(super) struct Playback {
     last_jump: f64,
     current_time: f64,
     trace: StartupTrace,
+    /// What the browser's autoplay policy did to the start.
+    autoplay: Autoplay,
+}
+
+/// How the start went past the browser's autoplay policy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Autoplay {
+    /// Not refused (yet).
+    Allowed,
+    /// Refused with sound: the player muted the element to start.
+    Muted,
+    /// Refused even muted, or muting not wanted: waits for the user.
+    Blocked,
 }
 
 impl Playback {
@@ -158,6 +172,7 @@ impl Playback {
             rate: 1.0,
             jumps: 0,
             nudges: 0,
+            autoplay: Autoplay::Allowed,
             last_jump: f64::NEG_INFINITY,
             current_time: 0.0,
             trace: StartupTrace::default(),
@@ -610,8 +625,49 @@ impl Playback {
 
     fn play_now(&mut self, now: f64) {
         self.last_play_call = now;
-        if let Ok(p) = self.video.play() {
-            ignore_promise(p);
+        let Ok(p) = self.video.play() else { return };
+        let weak = self.weak.clone();
+        wasm_bindgen_futures::spawn_local(async move {
+            if let Err(e) = wasm_bindgen_futures::JsFuture::from(p).await {
+                // Other rejections (an AbortError when a seek or a new
+                // source interrupts the start) are retried by `tick`.
+                if matches!(JsError::from(e), JsError::NotAllowed(_)) {
+                    deliver(&weak, Input::PlayRefused);
+                }
+            }
+        });
+    }
+
+    /// The browser refused to start playback (its autoplay policy): with
+    /// `mute` and sound on, mutes the element and starts again, once;
+    /// otherwise playback waits for the user's play (or any gesture that
+    /// lets `tick`'s next try through). Returns the event to emit, once per
+    /// outcome.
+    pub(super) fn handle_play_refused(&mut self, now: f64, mute: bool) -> Option<Value> {
+        if self.first_frame.is_some() {
+            return None;
+        }
+        if mute && !self.video.muted() {
+            self.video.set_muted(true);
+            self.autoplay = Autoplay::Muted;
+            self.play_now(now);
+            return Some(json!({"type": "autoplay_muted"}));
+        }
+        if self.autoplay == Autoplay::Blocked {
+            return None;
+        }
+        self.autoplay = Autoplay::Blocked;
+        Some(json!({"type": "autoplay_blocked"}))
+    }
+
+    /// `null` if the autoplay policy let the start through, `"muted"` if the
+    /// player muted the element to start, `"blocked"` if it waits (or
+    /// waited) for the user.
+    pub(super) fn autoplay(&self) -> Option<&'static str> {
+        match self.autoplay {
+            Autoplay::Allowed => None,
+            Autoplay::Muted => Some("muted"),
+            Autoplay::Blocked => Some("blocked"),
         }
     }
 
