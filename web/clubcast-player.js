@@ -6,7 +6,10 @@
 // Attributes: stream (required), server (defaults to the origin this script
 // came from), upload-kbps (upload offered for relaying, kbit/s; without it the
 // player measures its upload before it joins), upload-probe="off" (do not),
-// stats (show the overlay), muted, controls (default on).
+// stats (show the overlay), muted, controls (default on), autoplay-muted="off"
+// (if the browser refuses to autoplay with sound, wait for the user instead of
+// starting muted). When the browser's autoplay policy refused sound, the
+// element shows an "Unmute" button; when it refused playback, a "Play" one.
 // Property `.player` is the clubcast player (stats(), on(), destroy()).
 // Changing `stream`, `server` or `upload-kbps` restarts playback; removal
 // destroys it.
@@ -35,6 +38,7 @@ class ClubcastPlayer extends HTMLElement {
     shadow.append(link, this.frame);
     this.player = null;
     this.overlay = null;
+    this.button = null;
   }
 
   connectedCallback() {
@@ -52,6 +56,7 @@ class ClubcastPlayer extends HTMLElement {
   }
 
   _stop() {
+    this._hideButton();
     this.overlay?.destroy();
     this.overlay = null;
     this.player?.destroy();
@@ -70,13 +75,47 @@ class ClubcastPlayer extends HTMLElement {
     if (upload !== null) opts.upload_kbps = upload;
     // upload-probe="off": no upload probe before the join.
     if (this.getAttribute("upload-probe") === "off") opts.upload_probe = false;
+    if (this.getAttribute("autoplay-muted") === "off") opts.autoplay_muted = false;
     this.player = play(this.video, opts);
-    for (const type of ["ready", "playing", "stall", "resume", "publisher", "error"]) {
+    // The player's own mute fires a volumechange too: the button goes once unmuted.
+    this.player.on("autoplay_muted", () =>
+      this._showButton("🔇 Unmute", () => (this.video.muted = false), "volumechange", () => !this.video.muted),
+    );
+    this.player.on("autoplay_blocked", () =>
+      this._showButton("▶ Play", () => this.video.play().catch(() => {}), "playing"),
+    );
+    const events = ["ready", "playing", "stall", "resume", "publisher", "error"];
+    for (const type of [...events, "autoplay_muted", "autoplay_blocked"]) {
       this.player.on(type, (detail) =>
         this.dispatchEvent(new CustomEvent(type, { detail, bubbles: true, composed: true })),
       );
     }
     if (this.hasAttribute("stats")) this.overlay = attachOverlay(this.frame, this.player);
+  }
+
+  /** Shows a button that runs `act` when clicked; it goes when clicked, or
+   * when the video fires `until` and `settled()` holds (the user used the
+   * controls instead). */
+  _showButton(label, act, until, settled = () => true) {
+    this._hideButton();
+    const button = document.createElement("button");
+    button.className = "cc-autoplay";
+    button.textContent = label;
+    button.addEventListener("click", () => {
+      act();
+      this._hideButton();
+    });
+    const done = () => settled() && this._hideButton();
+    this.video.addEventListener(until, done);
+    this.button = { element: button, until, done };
+    this.frame.append(button);
+  }
+
+  _hideButton() {
+    if (!this.button) return;
+    this.video.removeEventListener(this.button.until, this.button.done);
+    this.button.element.remove();
+    this.button = null;
   }
 }
 

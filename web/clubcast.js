@@ -24,6 +24,12 @@
 //                       "unknown_stream"
 //   "reconnecting"  signaling dropped; playing on, retry ({code, reason, attempt, in_ms})
 //   "joined"  the server admitted the peer              ({peer_id, clubs, rejoin, ...})
+//   "autoplay_muted"   the browser refused to start with sound (its autoplay
+//                       policy, before any user gesture): the player muted the
+//                       element and started; unmute on a user gesture ({})
+//   "autoplay_blocked" the browser refused to start playback at all (or
+//                       autoplay_muted: false): it starts when the user presses
+//                       play, or at the player's next try after any gesture ({})
 //   "skip"    blocks passed over                        ({from, to}: seqs): missing
 //                       past their deadline, or gone at a rejoin (a restarted
 //                       server, or away longer than the server keeps blocks)
@@ -54,6 +60,8 @@
 //                                   // probe, up to 500 ms before the join)
 //     upload_probe?: true,          // false: no probe; unset upload is then
 //                                   // planned at the cap until bids correct it
+//     autoplay_muted?: true,        // false: if autoplay with sound is refused,
+//                                   // wait for the user, do not start muted
 //     p2p?: true }                  // false: everything from the origin
 // Unknown fields must be ignored, so options can grow on either side.
 // ---------------------------------------------------------------------------

@@ -35,6 +35,8 @@ use fantoccini::{Client, ClientBuilder};
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+/// Lets pages start playback with sound before any user gesture.
+pub const AUTOPLAY_ANYTHING: &str = "--autoplay-policy=no-user-gesture-required";
 /// The Chromium flags every test browser gets (plus a fresh `--user-data-dir`).
 pub const CHROMIUM_FLAGS: &[&str] = &[
     "--headless",
@@ -45,7 +47,7 @@ pub const CHROMIUM_FLAGS: &[&str] = &[
     "--disable-background-networking",
     "--disable-component-update",
     "--disable-sync",
-    "--autoplay-policy=no-user-gesture-required",
+    AUTOPLAY_ANYTHING,
     // A small window: with `--disable-gpu` Chromium scales and composites every
     // video frame in software, which at the default 800×600 cost about 4 points
     // of a core per player (13 → 9 % with P2P on, 2 browsers, `bench_e2e`). A
@@ -450,6 +452,21 @@ impl Browser {
     /// Starts chromedriver (`CHROMEDRIVER`, default `/usr/bin/chromedriver`)
     /// and a Chromium session (`CHROMIUM`, default `/usr/bin/chromium`).
     pub async fn launch() -> Result<Browser, HarnessError> {
+        Browser::launch_with(CHROMIUM_FLAGS).await
+    }
+
+    /// [`Browser::launch`] with the browser's own autoplay policy, as a
+    /// visitor's: no playback with sound before a user gesture.
+    pub async fn launch_with_autoplay_policy() -> Result<Browser, HarnessError> {
+        let flags: Vec<&str> = CHROMIUM_FLAGS
+            .iter()
+            .copied()
+            .filter(|f| *f != AUTOPLAY_ANYTHING)
+            .collect();
+        Browser::launch_with(&flags).await
+    }
+
+    async fn launch_with(flags: &[&str]) -> Result<Browser, HarnessError> {
         use std::os::unix::process::CommandExt;
         let driver_bin =
             std::env::var("CHROMEDRIVER").unwrap_or_else(|_| "/usr/bin/chromedriver".into());
@@ -464,7 +481,7 @@ impl Browser {
             .process_group(0)
             .spawn()
             .map_err(io(format!("spawn {driver_bin}")))?;
-        let mut browser_args: Vec<String> = CHROMIUM_FLAGS.iter().map(|s| s.to_string()).collect();
+        let mut browser_args: Vec<String> = flags.iter().map(|s| s.to_string()).collect();
         browser_args.push(format!("--user-data-dir={}", profile.path().display()));
         let caps = json!({
             "browserName": "chrome",

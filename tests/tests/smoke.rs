@@ -131,6 +131,130 @@ async fn a_player_embedded_on_another_site_plays() {
     assert_seeded(&server, &stats).await;
 }
 
+/// A visitor's browser, which refuses playback with sound before a user
+/// gesture (its default autoplay policy; the other tests turn it off), on a
+/// page that embeds `<clubcast-player>` without `muted`, as the README's
+/// example does. The player must start muted (`autoplay_muted`) and the
+/// element offer an "Unmute" button that unmutes without stopping playback;
+/// with `autoplay-muted="off"` it must say it waits (`autoplay_blocked`) and
+/// start at a click on its "Play" button. Before, the element sat paused at
+/// its first frame for good, and the page heard nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_embedded_player_gets_past_the_autoplay_policy() {
+    let server = demo_server().await;
+    let page = |attrs: &str| {
+        format!(
+            r#"<!doctype html>
+<html><body>
+<script type="module" src="{0}/clubcast-player.js"></script>
+<clubcast-player stream="demo" {attrs}></clubcast-player>
+<script type="module">
+  await customElements.whenDefined("clubcast-player");
+  window.player = document.querySelector("clubcast-player").player;
+  window.autoplayEvents = [];
+  for (const t of ["autoplay_muted", "autoplay_blocked"])
+    window.player.on(t, () => window.autoplayEvents.push(t));
+</script>
+</body></html>"#,
+            server.url()
+        )
+    };
+    let playing = |st: &Value| st["t"].as_f64().is_some_and(|t| t > 2.0) && st["paused"] == false;
+
+    // Muted to start; the button unmutes, and playback goes on.
+    let browser = open_with_autoplay_policy(page("")).await;
+    let st = autoplay_until(&browser, "plays muted", playing).await;
+    assert_eq!(st["muted"], true, "{st}");
+    assert_eq!(st["autoplay"], "muted", "{st}");
+    assert_eq!(st["events"], serde_json::json!(["autoplay_muted"]), "{st}");
+    assert_eq!(st["button"], "🔇 Unmute", "{st}");
+    click_autoplay_button(&browser).await;
+    let t = st["t"].as_f64().expect("currentTime");
+    let st = autoplay_until(&browser, "plays on unmuted", move |st| {
+        st["muted"] == false && st["t"].as_f64().is_some_and(|now| now > t + 2.0)
+    })
+    .await;
+    println!("smoke autoplay: muted start, then unmuted: {st}");
+    assert!(st["button"].is_null() && st["paused"] == false, "{st}");
+    browser.close().await;
+
+    // Told to wait: nothing plays until the Play button is clicked.
+    let browser = open_with_autoplay_policy(page(r#"autoplay-muted="off""#)).await;
+    let st = autoplay_until(&browser, "says it waits", |st| st["button"] == "▶ Play").await;
+    assert_eq!(st["autoplay"], "blocked", "{st}");
+    assert_eq!(
+        st["events"],
+        serde_json::json!(["autoplay_blocked"]),
+        "{st}"
+    );
+    assert!(st["paused"] == true && st["muted"] == false, "{st}");
+    click_autoplay_button(&browser).await;
+    let st = autoplay_until(&browser, "plays after the click", playing).await;
+    println!("smoke autoplay: blocked, then played at a click: {st}");
+    assert!(st["button"].is_null() && st["muted"] == false, "{st}");
+    browser.close().await;
+}
+
+/// A browser that keeps its autoplay policy, on `page` served from a site
+/// of its own.
+async fn open_with_autoplay_policy(page: String) -> Browser {
+    let site = serve_page(page).await;
+    let browser = Browser::launch_with_autoplay_policy()
+        .await
+        .expect("browser starts");
+    browser
+        .goto(&format!("http://{site}/"))
+        .await
+        .expect("page opens");
+    browser
+}
+
+/// What [`an_embedded_player_gets_past_the_autoplay_policy`] reads of its
+/// page: the element's video, the autoplay events, the player's `autoplay`
+/// stat and the element's button.
+async fn autoplay_state(b: &Browser) -> Value {
+    b.eval(
+        "const v = document.querySelector('clubcast-player').video; \
+         const button = document.querySelector('clubcast-player').shadowRoot \
+           .querySelector('.cc-autoplay'); \
+         return {muted: v.muted, paused: v.paused, t: v.currentTime, \
+           events: window.autoplayEvents, autoplay: window.player.stats().autoplay, \
+           button: button ? button.textContent : null};",
+    )
+    .await
+    .expect("page readable")
+}
+
+/// The first [`autoplay_state`] that `ok` accepts, within [`START_TIMEOUT`].
+async fn autoplay_until(b: &Browser, what: &str, ok: impl Fn(&Value) -> bool) -> Value {
+    let deadline = Instant::now() + START_TIMEOUT;
+    loop {
+        let st = autoplay_state(b).await;
+        if ok(&st) {
+            return st;
+        }
+        assert!(Instant::now() < deadline, "{what}: {st}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// A trusted click (WebDriver's, a user gesture) on the element's button.
+async fn click_autoplay_button(b: &Browser) {
+    b.client()
+        .find(fantoccini::Locator::Css("clubcast-player"))
+        .await
+        .expect("the element")
+        .shadow_root()
+        .await
+        .expect("its shadow root")
+        .find(fantoccini::Locator::Css(".cc-autoplay"))
+        .await
+        .expect("the button")
+        .click()
+        .await
+        .expect("a click");
+}
+
 /// A deployment under a path prefix (`--base-path /live`, as behind a proxy
 /// that forwards `/live/…` as it is): the index lists the stream with a link
 /// under the prefix, the watch page there plays it, and the player, taking
