@@ -1082,6 +1082,7 @@ impl Session {
             "playback_rate": play.rate(),
             "jumps": play.jumps(),
             "autoplay": play.autoplay(),
+            "paused_drops": play.paused_drops(),
             "nudges": play.nudges(),
             "current_time": play.current_time(),
             "peer_id": self.joined.as_ref().map(|j| j.peer_id),

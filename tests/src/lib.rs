@@ -466,6 +466,12 @@ impl Browser {
         Browser::launch_with(&flags).await
     }
 
+    /// [`Browser::launch`] with `extra` flags.
+    pub async fn launch_with_flags(extra: &[&str]) -> Result<Browser, HarnessError> {
+        let flags: Vec<&str> = CHROMIUM_FLAGS.iter().chain(extra).copied().collect();
+        Browser::launch_with(&flags).await
+    }
+
     async fn launch_with(flags: &[&str]) -> Result<Browser, HarnessError> {
         use std::os::unix::process::CommandExt;
         let driver_bin =

@@ -255,6 +255,98 @@ async fn click_autoplay_button(b: &Browser) {
         .expect("a click");
 }
 
+/// A viewer who pauses the live stream, in a browser whose source buffer
+/// holds 4 MB (`--mse-*-buffer-size-limit-mb`; Chrome's own is about 150 MB,
+/// which a 2-Mbit/s stream fills in 10 minutes), for longer than that fills
+/// at the demo's bitrate: the player keeps the blocks past 30 s ahead out of
+/// the buffer (`paused_drops`), raises no error, and on play jumps to the
+/// live point (`jump` with `reason: "resume"`). Before, every append failed
+/// once the buffer was full (`mse: source buffer full and nothing to trim`)
+/// and the player sat at the end of what it had buffered for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_viewer_who_pauses_resumes_live() {
+    /// Pause kept past the first dropped block: with it, over 4 MB of the
+    /// demo would have been buffered.
+    const MORE: Duration = Duration::from_secs(20);
+    let server = demo_server().await;
+    let browser = Browser::launch_with_flags(&[
+        "--mse-video-buffer-size-limit-mb=4",
+        "--mse-audio-buffer-size-limit-mb=4",
+    ])
+    .await
+    .expect("browser starts");
+    browser
+        .goto(&format!("{}/watch/demo", server.url()))
+        .await
+        .expect("page opens");
+    first_frames(std::slice::from_ref(&browser), START_TIMEOUT)
+        .await
+        .expect("a first frame");
+    browser
+        .eval(
+            "window.pauseEvents = []; \
+             for (const t of ['error', 'jump']) \
+               window.player.on(t, (e) => window.pauseEvents.push(e)); \
+             document.querySelector('video').pause();",
+        )
+        .await
+        .expect("pauses");
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let s = browser.stats().await.expect("stats");
+        if num(&s, "paused_drops").is_some_and(|d| d > 0.0) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "nothing held back: {s}");
+    }
+    tokio::time::sleep(MORE).await;
+    browser
+        .eval("document.querySelector('video').play();")
+        .await
+        .expect("plays");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let (s, events) = loop {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let s = browser.stats().await.expect("stats");
+        let events = browser
+            .eval("return window.pauseEvents;")
+            .await
+            .expect("events");
+        let resumed = events
+            .as_array()
+            .is_some_and(|e| e.iter().any(|e| e["reason"] == "resume"));
+        let live = |k| num(&s, k).is_some_and(|l| l < 5_000.0);
+        if resumed && live("edge_latency_ms") && live("latency_ms") {
+            break (s, events);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not back at live: {s}; events {events}"
+        );
+    };
+    println!("smoke pause: events {events}; stats {s}");
+    let errors: Vec<&Value> = events
+        .as_array()
+        .expect("a list")
+        .iter()
+        .filter(|e| e["type"] == "error")
+        .collect();
+    assert!(errors.is_empty() && s["error"].is_null(), "{errors:?}; {s}");
+    let jumps = events.as_array().expect("a list").len() - errors.len();
+    assert_eq!(jumps, 1, "one jump, to the live point: {events}");
+    let t = browser.video().await.expect("video")["current_time"]
+        .as_f64()
+        .expect("currentTime");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let v = browser.video().await.expect("video");
+    assert!(
+        v["current_time"].as_f64().is_some_and(|now| now > t + 1.0),
+        "plays on from the live point: {v}"
+    );
+    browser.close().await;
+}
+
 /// A deployment under a path prefix (`--base-path /live`, as behind a proxy
 /// that forwards `/live/…` as it is): the index lists the stream with a link
 /// under the prefix, the watch page there plays it, and the player, taking

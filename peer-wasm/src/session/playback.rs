@@ -28,6 +28,14 @@
 //! for the returning publisher's first fragment counts in it too. A rebuffer
 //! that is running when the publisher leaves counts as a wait from then on.
 //!
+//! Paused: a viewer who pauses a live stream keeps receiving it (and
+//! relaying it for its clubs). Past [`PAUSED_AHEAD_S`] of media buffered ahead
+//! of the paused playhead, blocks are kept out of the source buffer, as after
+//! a skip, which would otherwise fill (Chrome's quota is about 150 MB, minutes
+//! at a few Mbit/s) and fail every append after. Playback resumed after such
+//! a pause goes to the live point as soon as media from there is buffered:
+//! a live stream resumes live, as a new viewer would join it.
+//!
 //! Every tick: start (seek to the target latency inside the buffered backlog
 //! and `play()`, once that frame is [`MIN_START_LATENCY_SHARE`] of the target
 //! latency old), detect the
@@ -68,6 +76,9 @@ pub const NUDGE_MS: f64 = 1_000.0;
 /// How far a nudge seeks, s. Our fragments start on a keyframe, so the seek
 /// decodes again from the one that starts the fragment it lands in.
 pub const NUDGE_S: f64 = 0.1;
+/// Media buffered ahead of a paused playhead past which blocks are kept
+/// out of the source buffer, s: at 30 Mbit/s, about 110 MB.
+pub const PAUSED_AHEAD_S: f64 = 30.0;
 /// Least time between two latency jumps, ms.
 pub const MIN_JUMP_INTERVAL_MS: f64 = 2_000.0;
 /// Playback starts once the first buffered frame is at least this share of
@@ -129,6 +140,11 @@ pub(super) struct Playback {
     trace: StartupTrace,
     /// What the browser's autoplay policy did to the start.
     autoplay: Autoplay,
+    /// Blocks were kept out of the source buffer while paused
+    /// ([`PAUSED_AHEAD_S`]): on resume, playback goes to the live point.
+    paused_behind: bool,
+    /// Blocks kept out of the source buffer while paused.
+    paused_drops: u64,
 }
 
 /// How the start went past the browser's autoplay policy.
@@ -173,6 +189,8 @@ impl Playback {
             jumps: 0,
             nudges: 0,
             autoplay: Autoplay::Allowed,
+            paused_behind: false,
+            paused_drops: 0,
             last_jump: f64::NEG_INFINITY,
             current_time: 0.0,
             trace: StartupTrace::default(),
@@ -353,6 +371,16 @@ impl Playback {
 
     /// The next block in order, from the core.
     pub(super) fn play(&mut self, block: VerifiedBlock) {
+        if self.paused_far_ahead() {
+            if !self.paused_behind {
+                self.paused_behind = true;
+                // What follows resumes at a fragment start, as after a skip.
+                self.skip();
+            }
+            self.need_fragment_start = true;
+            self.paused_drops += 1;
+            return;
+        }
         let h = block.header();
         let fragment_start = h.flags.contains(BlockFlags::FRAGMENT_START);
         if self.need_fragment_start && !fragment_start {
@@ -392,6 +420,19 @@ impl Playback {
         }
         self.pending_bytes += len;
         self.pending.push_back(p);
+    }
+
+    /// Whether playback is paused (after its first frame: not a start that
+    /// autoplay held back) with over [`PAUSED_AHEAD_S`] buffered ahead.
+    fn paused_far_ahead(&self) -> bool {
+        self.first_frame.is_some()
+            && self.video.paused()
+            && playout::ahead_of(&self.ranges(), self.video.current_time()) > PAUSED_AHEAD_S
+    }
+
+    /// Blocks kept out of the source buffer while paused ([`PAUSED_AHEAD_S`]).
+    pub(super) fn paused_drops(&self) -> u64 {
+        self.paused_drops
     }
 
     /// The core skipped missing blocks; what follows starts a fragment.
@@ -558,6 +599,13 @@ impl Playback {
             // Autoplay may be refused until media is there; ask again.
             self.play_now(now);
         }
+        if self.paused_behind && !paused {
+            if let Some(jump) = self.resume_live(&ranges, t, now, server_now) {
+                // The playhead moved: what follows reads it next tick.
+                out.push(jump);
+                return out;
+            }
+        }
         let advancing = t > self.last_time + 1e-3;
         if advancing {
             self.last_time = t;
@@ -585,11 +633,7 @@ impl Playback {
         if stuck {
             if let Some(to) = playout::gap_exit(&ranges, t) {
                 let end = ranges.last().map_or(to, |r| r.1);
-                let live = self
-                    .timeline
-                    .time_of(server_now - self.target_ms)
-                    .unwrap_or(to)
-                    .clamp(to, (end - 0.5).max(to));
+                let live = self.live_point(to, end, server_now);
                 self.video.set_current_time(live);
                 self.last_advance = now;
                 out.push(json!({"type": "gap", "from": t, "to": live}));
@@ -598,7 +642,8 @@ impl Playback {
         self.latency = self.timeline.ingest_at(t).map(|ing| server_now - ing);
         self.glass = self.timeline.capture_at(t).map(|c| server_now - c);
         self.buffer_ms = playout::ahead_of(&ranges, t) * 1000.0;
-        if self.first_frame.is_some() && !self.stalls.stalled() && !paused {
+        // After a pause that held blocks back, `resume_live` moves to the live point.
+        if self.first_frame.is_some() && !self.stalls.stalled() && !paused && !self.paused_behind {
             if let Some(latency) = self.latency {
                 match playout::steer(latency, self.target_ms, self.buffer_ms) {
                     Steer::Rate(r) => self.set_rate(r),
@@ -614,6 +659,35 @@ impl Playback {
             }
         }
         out
+    }
+
+    /// Playback resumed after blocks were kept out while paused: once media
+    /// past the kept range is buffered, seeks to the live point in it (and
+    /// returns the `jump` event).
+    fn resume_live(
+        &mut self,
+        ranges: &[(f64, f64)],
+        t: f64,
+        now: f64,
+        server_now: f64,
+    ) -> Option<Value> {
+        let &(start, end) = ranges.last().filter(|(start, _)| *start > t)?;
+        self.paused_behind = false;
+        let live = self.live_point(start, end, server_now);
+        self.video.set_current_time(live);
+        self.last_time = live;
+        self.last_advance = now;
+        self.jumps += 1;
+        Some(json!({"type": "jump", "from": t, "to": live, "reason": "resume"}))
+    }
+
+    /// The live point (the target latency behind the edge) in the buffered
+    /// media from `from` to `end`, and at most up to half a second before `end`.
+    fn live_point(&self, from: f64, end: f64, server_now: f64) -> f64 {
+        self.timeline
+            .time_of(server_now - self.target_ms)
+            .unwrap_or(from)
+            .clamp(from, (end - 0.5).max(from))
     }
 
     fn set_rate(&mut self, r: f64) {
