@@ -20,8 +20,9 @@
 //                       include "signal_failed", "bad_stream", "media",
 //                       "stream_restarted" (its numbering began again: reload),
 //                       "stream_ended" (its publisher stayed away longer than
-//                       the server waits: the session is over) and
-//                       "unknown_stream"
+//                       the server waits: the session is over),
+//                       "unknown_stream" and "no_mse" (the browser has neither
+//                       MediaSource nor ManagedMediaSource: it cannot play)
 //   "reconnecting"  signaling dropped; playing on, retry ({code, reason, attempt, in_ms})
 //   "joined"  the server admitted the peer              ({peer_id, clubs, rejoin, ...})
 //   "autoplay_muted"   the browser refused to start with sound (its autoplay
@@ -133,7 +134,9 @@ class Player {
       this.wasm.on((ev) => this._emit(ev && ev.type ? ev.type : "event", ev || {}));
       this._emit("ready", {});
     } catch (err) {
-      this._emit("error", { message: String(err && err.message ? err.message : err) });
+      const event = { message: String(err && err.message ? err.message : err) };
+      if (err && typeof err.code === "string") event.code = err.code;
+      this._emit("error", event);
     }
   }
 

@@ -1,6 +1,11 @@
 //! Playback through Media Source Extensions: one `MediaSource` with one
 //! `SourceBuffer` attached to a `<video>` (or `<audio>`) element.
 //!
+//! The media source is `MediaSource`, or on a browser without it
+//! `ManagedMediaSource` (Safari on iOS 17.1 and later), which is the same API;
+//! a managed source opens only with the element's remote playback (AirPlay)
+//! off, so the sink turns it off. See [`media_source_class`].
+//!
 //! Bytes go in with [`MseSink::append`], init segment first, then media
 //! fragments in decode order. A `SourceBuffer` takes one append at a time, so
 //! the sink keeps a bounded queue ([`MAX_QUEUED_BYTES`], [`MAX_QUEUED_SEGMENTS`])
@@ -39,6 +44,31 @@ pub const MAX_QUEUED_SEGMENTS: usize = 1024;
 /// between them go together, up to this.
 pub const MAX_APPEND_BYTES: usize = 1024 * 1024;
 
+const MANAGED_MEDIA_SOURCE: &str = "ManagedMediaSource";
+
+/// The media source constructor this browser has, with its name:
+/// `MediaSource`, else `ManagedMediaSource`; `None` without either (Safari on
+/// iOS before 17.1).
+pub fn media_source_class() -> Option<(js_sys::Function, &'static str)> {
+    let global = js_sys::global();
+    ["MediaSource", MANAGED_MEDIA_SOURCE]
+        .into_iter()
+        .find_map(|name| {
+            let class = js_sys::Reflect::get(&global, &name.into()).ok()?;
+            Some((class.dyn_into::<js_sys::Function>().ok()?, name))
+        })
+}
+
+/// `class.isTypeSupported(mime)`; false if the call fails.
+fn is_type_supported(class: &js_sys::Function, mime: &str) -> bool {
+    js_sys::Reflect::get(class, &"isTypeSupported".into())
+        .ok()
+        .and_then(|f| f.dyn_into::<js_sys::Function>().ok())
+        .and_then(|f| f.call1(class, &mime.into()).ok())
+        .and_then(|v| v.as_bool())
+        .unwrap_or(false)
+}
+
 /// Errors of the MSE glue.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
@@ -51,6 +81,9 @@ pub enum MseError {
         /// What it threw.
         source: JsError,
     },
+    /// The browser has neither `MediaSource` nor `ManagedMediaSource`.
+    #[error("this browser has no Media Source Extensions (MediaSource or ManagedMediaSource)")]
+    NoMediaSource,
     /// `MediaSource.isTypeSupported` refused the MIME type.
     #[error("unsupported media type {0}")]
     Unsupported(String),
@@ -136,10 +169,17 @@ impl MseSink {
         mime: &str,
         on_event: impl FnMut(MseEvent) + 'static,
     ) -> Result<Self, MseError> {
-        if !MediaSource::is_type_supported(mime) {
+        let (class, name) = media_source_class().ok_or(MseError::NoMediaSource)?;
+        if !is_type_supported(&class, mime) {
             return Err(MseError::Unsupported(mime.to_owned()));
         }
-        let media_source = MediaSource::new().map_err(MseError::js("new MediaSource"))?;
+        let media_source: MediaSource = js_sys::Reflect::construct(&class, &js_sys::Array::new())
+            .map_err(MseError::js("new MediaSource"))?
+            .unchecked_into();
+        if name == MANAGED_MEDIA_SOURCE {
+            // Best effort: an element without the property has no AirPlay to turn off.
+            let _ = js_sys::Reflect::set(video, &"disableRemotePlayback".into(), &JsValue::TRUE);
+        }
         let handler: Handler = Rc::new(RefCell::new(on_event));
         let shared = Rc::new(RefCell::new(Sink {
             media_source: media_source.clone(),

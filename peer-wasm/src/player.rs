@@ -120,8 +120,12 @@ impl WasmPlayer {
         let opts: Options = serde_json::from_str(opts_json)
             .map_err(|e| js_sys::Error::new(&format!("clubcast: bad options: {e}")))?;
         let shared = Rc::new(Shared::default());
-        let session = Session::start(Rc::downgrade(&shared), video, opts)
-            .map_err(|e| js_sys::Error::new(&format!("clubcast: {e}")))?;
+        let session = Session::start(Rc::downgrade(&shared), video, opts).map_err(|e| {
+            let err = js_sys::Error::new(&format!("clubcast: {e}"));
+            // `clubcast.js` passes the code on in its `error` event.
+            let _ = js_sys::Reflect::set(&err, &"code".into(), &e.code().into());
+            err
+        })?;
         *shared.session.borrow_mut() = Some(session);
         Ok(WasmPlayer { shared })
     }

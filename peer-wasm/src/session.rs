@@ -103,6 +103,21 @@ pub enum SessionError {
     /// Listening on the media element failed.
     #[error("media element: {0}")]
     Video(#[from] crate::error::JsError),
+    /// The browser cannot play through MSE (see [`crate::mse::media_source_class`]).
+    #[error("{0}, so it cannot play")]
+    NoMediaSource(crate::mse::MseError),
+}
+
+impl SessionError {
+    /// Stable code for the `error` event.
+    pub fn code(&self) -> &'static str {
+        match self {
+            SessionError::NoStream => "bad_options",
+            SessionError::Socket(_) => "signal_failed",
+            SessionError::Video(_) => "media",
+            SessionError::NoMediaSource(_) => "no_mse",
+        }
+    }
 }
 
 /// Player options, from the JSON given to the `WasmPlayer` constructor.
@@ -247,6 +262,13 @@ impl Session {
     ) -> Result<Session, SessionError> {
         if opts.stream.is_empty() {
             return Err(SessionError::NoStream);
+        }
+        // Before joining: a peer that cannot play would take a place in the
+        // swarm and relay nothing it has played.
+        if crate::mse::media_source_class().is_none() {
+            return Err(SessionError::NoMediaSource(
+                crate::mse::MseError::NoMediaSource,
+            ));
         }
         let server = opts
             .server

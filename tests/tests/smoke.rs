@@ -347,6 +347,86 @@ async fn a_viewer_who_pauses_resumes_live() {
     browser.close().await;
 }
 
+/// Safari on iOS has no `MediaSource`, only `ManagedMediaSource` (17.1 and
+/// later), or neither. A page where `MediaSource` is renamed
+/// `ManagedMediaSource` (Chromium's is the same API; Safari is not available
+/// here) must play, through the managed source with remote playback off,
+/// which Safari needs to open it; a page with neither must get the error
+/// `no_mse` before the player joins the swarm. Before, the player threw an
+/// uncaught `TypeError` (`isTypeSupported` of undefined) after joining, and
+/// the page heard nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_player_uses_managed_media_source_or_says_it_cannot() {
+    let server = demo_server().await;
+    let page = |setup: &str| {
+        format!(
+            r#"<!doctype html>
+<html><body>
+<video muted playsinline></video>
+<script>{setup}</script>
+<script type="module">
+  import {{ play }} from "{0}/clubcast.js";
+  window.errors = [];
+  window.player = play(document.querySelector("video"), {{ stream: "demo" }});
+  window.player.on("error", (e) => window.errors.push(e));
+</script>
+</body></html>"#,
+            server.url()
+        )
+    };
+    let managed = page(
+        "window.ManagedMediaSource = window.MediaSource; \
+         delete window.MediaSource; window.MediaSource = undefined;",
+    );
+    let site = serve_page(managed).await;
+    let browser = Browser::watch(&format!("http://{site}/"))
+        .await
+        .expect("page opens");
+    first_frames(std::slice::from_ref(&browser), START_TIMEOUT)
+        .await
+        .unwrap_or_else(|e| panic!("no first frame: {e}"));
+    let managed = browser
+        .eval(
+            "return {mse: typeof window.MediaSource, \
+               remote_off: document.querySelector('video').disableRemotePlayback, \
+               errors: window.errors};",
+        )
+        .await
+        .expect("page readable");
+    println!("smoke managed media source: {managed}");
+    assert_eq!(managed["mse"], "undefined", "{managed}");
+    assert_eq!(managed["remote_off"], true, "{managed}");
+    assert_eq!(managed["errors"], serde_json::json!([]), "{managed}");
+    browser.close().await;
+
+    let joins =
+        |m: &std::collections::BTreeMap<String, f64>| m.get("clubcast_joins_total").copied();
+    let before = joins(&server.metrics().await.expect("metrics"));
+    let none = page("delete window.MediaSource; window.MediaSource = undefined;");
+    let site = serve_page(none).await;
+    let browser = Browser::watch(&format!("http://{site}/"))
+        .await
+        .expect("page opens");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let errors = loop {
+        let errors = browser.eval("return window.errors;").await.expect("errors");
+        if errors.as_array().is_some_and(|e| !e.is_empty()) {
+            break errors;
+        }
+        assert!(Instant::now() < deadline, "no error event");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    println!("smoke no media source: {errors}");
+    assert_eq!(errors[0]["code"], "no_mse", "{errors}");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        joins(&server.metrics().await.expect("metrics")),
+        before,
+        "it did not join"
+    );
+    browser.close().await;
+}
+
 /// A deployment under a path prefix (`--base-path /live`, as behind a proxy
 /// that forwards `/live/…` as it is): the index lists the stream with a link
 /// under the prefix, the watch page there plays it, and the player, taking
