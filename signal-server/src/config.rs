@@ -4,7 +4,7 @@
 //! every part of the server. Tests build one with [`Config::default`] (which is
 //! what an empty command line gives, environment aside) and change fields.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -151,6 +151,19 @@ pub struct Config {
     #[arg(long, env = "CLUBCAST_SEEDER_RTC", value_enum, default_value_t = SeederRtc::Str0m)]
     pub seeder_rtc: SeederRtc,
 
+    /// Address browsers reach the seeder's UDP sockets at, for a server behind a 1:1 NAT
+    /// (a cloud VM whose interface has a private address and whose public one is mapped to
+    /// it): each socket is announced at this IP and its own port, in place of its interface
+    /// address. With `--seeder-rtc str0m`; `webrtc-rs` learns it through `--ice-server`.
+    #[arg(long, env = "CLUBCAST_RTC_PUBLIC_IP")]
+    pub rtc_public_ip: Option<IpAddr>,
+
+    /// UDP ports the seeder's sockets take, `MIN-MAX`, for a firewall that opens only
+    /// those: each link takes one per interface, so the range bounds the links (seeds)
+    /// open at once. Default: ephemeral ports. With `--seeder-rtc str0m`.
+    #[arg(long, env = "CLUBCAST_RTC_PORTS")]
+    pub rtc_ports: Option<String>,
+
     /// Path every route is served under, e.g. `/live`, for a reverse proxy
     /// that forwards `https://site/live/…` without stripping it. Empty (the
     /// default): the root. A proxy that strips the prefix needs none: the
@@ -190,6 +203,8 @@ impl Default for Config {
             ice_servers: Vec::new(),
             max_peers_per_stream: 20_000,
             seeder_rtc: SeederRtc::Str0m,
+            rtc_public_ip: None,
+            rtc_ports: None,
             base_path: String::new(),
             allow_test_corruption: false,
         }
@@ -262,6 +277,19 @@ impl Config {
             "must be empty or /-separated segments of A-Z, a-z, 0-9, '.', '_', '~' or '-' \
              (not '.' or '..'), starting with '/', e.g. /live",
         )?;
+        range(
+            "rtc-public-ip",
+            self.rtc_public_ip.is_none_or(|ip| !ip.is_unspecified()),
+            "must be an address, not 0.0.0.0 or ::",
+        )?;
+        self.rtc_ports()?;
+        let str0m_only = self.rtc_public_ip.is_some() || self.rtc_ports.is_some();
+        range(
+            "seeder-rtc",
+            !str0m_only || self.seeder_rtc == SeederRtc::Str0m,
+            "--rtc-public-ip and --rtc-ports need str0m; webrtc-rs learns a NAT's public \
+             address through --ice-server (STUN)",
+        )?;
         if self.allow_test_corruption && !cfg!(feature = "test-hooks") {
             return Err(ConfigError::TestHooksMissing);
         }
@@ -316,6 +344,21 @@ impl Config {
     /// `/seg[/seg…]`.
     pub fn base_path(&self) -> &str {
         self.base_path.trim_end_matches('/')
+    }
+
+    /// `--rtc-ports` as `(min, max)`; `None` when not given.
+    pub fn rtc_ports(&self) -> Result<Option<(u16, u16)>, ConfigError> {
+        let Some(text) = &self.rtc_ports else {
+            return Ok(None);
+        };
+        text.split_once('-')
+            .and_then(|(a, b)| Some((a.trim().parse().ok()?, b.trim().parse().ok()?)))
+            .filter(|&(min, max): &(u16, u16)| 0 < min && min <= max)
+            .map(Some)
+            .ok_or_else(|| ConfigError::OutOfRange {
+                option: "rtc-ports",
+                message: format!("{text:?}: must be MIN-MAX, 1 ≤ MIN ≤ MAX ≤ 65535"),
+            })
     }
 
     /// The `--ice-server` values as sent in the welcome.
@@ -452,5 +495,38 @@ mod tests {
                 Err(ConfigError::TestHooksMissing)
             ));
         }
+    }
+
+    #[test]
+    fn nat_options_parse_and_need_str0m() {
+        let c = Config::try_parse_from([
+            "clubcast-server",
+            "--rtc-public-ip",
+            "203.0.113.5",
+            "--rtc-ports",
+            "40000-40999",
+        ])
+        .expect("parses");
+        assert!(c.validate().is_ok());
+        assert_eq!(c.rtc_ports().expect("valid"), Some((40_000, 40_999)));
+        assert_eq!(Config::default().rtc_ports().expect("valid"), None);
+        for bad in ["40999-40000", "0-10", "40000", "a-b", "1-65536", ""] {
+            let c = Config {
+                rtc_ports: Some(bad.into()),
+                ..Config::default()
+            };
+            assert!(c.validate().is_err(), "{bad:?}");
+        }
+        let unspecified = Config {
+            rtc_public_ip: Some("0.0.0.0".parse().expect("ip")),
+            ..Config::default()
+        };
+        assert!(unspecified.validate().is_err());
+        let webrtc_rs = Config {
+            seeder_rtc: SeederRtc::WebrtcRs,
+            ..c
+        };
+        let err = webrtc_rs.validate().expect_err("str0m only").to_string();
+        assert!(err.contains("--seeder-rtc"), "{err}");
     }
 }

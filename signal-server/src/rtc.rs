@@ -66,7 +66,7 @@ pub use str0m_rs::{Str0m, Str0mLink};
 pub use webrtc_rs::{WebrtcRs, WebrtcRsLink};
 
 use std::future::Future;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -171,6 +171,12 @@ pub struct RtcConfig {
     /// Whether `.local` (mDNS) candidates from the remote are resolved, as Chromium and Safari
     /// send by default. Our own host candidates are always plain IPs.
     pub resolve_mdns: bool,
+    /// The address remotes reach our sockets at (a 1:1 NAT's public IP): each socket's host
+    /// candidate is signalled at this IP and its own port, in place of its own address.
+    /// `None`: as bound. `str0m` only.
+    pub public_ip: Option<IpAddr>,
+    /// Ports the sockets bind within, inclusive; `None`: ephemeral ports. `str0m` only.
+    pub ports: Option<(u16, u16)>,
 }
 
 impl Default for RtcConfig {
@@ -182,6 +188,8 @@ impl Default for RtcConfig {
             gather_timeout: Duration::from_secs(5),
             open_timeout: Duration::from_secs(30),
             resolve_mdns: true,
+            public_ip: None,
+            ports: None,
         }
     }
 }

@@ -153,6 +153,9 @@ pub fn rtc_config(config: &crate::config::Config) -> RtcConfig {
         .collect();
     RtcConfig {
         ice_servers,
+        public_ip: config.rtc_public_ip,
+        // Checked by `Config::validate`.
+        ports: config.rtc_ports().ok().flatten(),
         ..RtcConfig::default()
     }
 }

@@ -81,17 +81,28 @@ fn candidate_addr(line: &str) -> Option<SocketAddr> {
 /// Offer, answer and trickle until both channels are open.
 async fn open_pair<T: Stack>(gathering: Gathering) -> Pair<T::Link> {
     let stack = transport::<T>(gathering);
+    open_pair_between(&stack, &stack, gathering).await
+}
+
+/// [`open_pair`] with the offer from `offering` and the answer from `answering`, both
+/// gathering as `gathering` says.
+async fn open_pair_between<T: Stack>(
+    offering: &T,
+    answering: &T,
+    gathering: Gathering,
+) -> Pair<T::Link> {
     let Handshake {
         link: offerer,
         local: offer,
         events: mut offerer_events,
-    } = stack.connect().await.expect("offer");
+    } = offering.connect().await.expect("offer");
     assert_eq!(offer.kind, SdpKind::Offer);
     let Handshake {
         link: answerer,
         local: answer,
         events: mut answerer_events,
-    } = stack.accept(relay(&offer)).await.expect("answer");
+    } = answering.accept(relay(&offer)).await.expect("answer");
+
     assert_eq!(answer.kind, SdpKind::Answer);
     let mut answerer_addrs: Vec<SocketAddr> = answer
         .sdp
@@ -411,6 +422,92 @@ async fn closing_links_leaves_no_tasks_behind<T: Stack>() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// This machine's address on its default route (no datagram is sent: a UDP `connect` only
+/// picks the route).
+fn default_route_ip() -> std::net::IpAddr {
+    let socket = std::net::UdpSocket::bind("0.0.0.0:0").expect("bind");
+    socket.connect("192.0.2.1:9").expect("a default route");
+    socket.local_addr().expect("local address").ip()
+}
+
+/// A `str0m` answerer behind a 1:1 NAT (`--rtc-public-ip`) binding within a port range
+/// (`--rtc-ports`): every candidate it signals, in its answer and trickled, names the public
+/// address and a port of the range, and none names an address of its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn str0m_signals_its_public_address_and_binds_within_a_port_range() {
+    // TEST-NET-1: nothing answers there, so the link is not opened.
+    let public: std::net::IpAddr = "192.0.2.77".parse().expect("an address");
+    let ports = (41_000, 41_009);
+    let offering = Str0m::new(RtcConfig::default());
+    let answering = Str0m::new(RtcConfig {
+        public_ip: Some(public),
+        ports: Some(ports),
+        ..RtcConfig::default()
+    });
+    let offer = offering.connect().await.expect("offer");
+    let Handshake {
+        link,
+        local: answer,
+        mut events,
+    } = answering.accept(relay(&offer.local)).await.expect("answer");
+    let mut addrs: Vec<SocketAddr> = answer
+        .sdp
+        .lines()
+        .filter_map(|l| candidate_addr(l.strip_prefix("a=")?))
+        .collect();
+    let in_answer = addrs.len();
+    while let Ok(Some(LinkEvent::LocalCandidate(c))) =
+        timeout(Duration::from_millis(200), events.next()).await
+    {
+        addrs.extend(candidate_addr(&c.candidate));
+    }
+    assert!(
+        in_answer > 0 && addrs.len() > in_answer,
+        "{addrs:?}\n{}",
+        answer.sdp
+    );
+    for addr in &addrs {
+        assert_eq!(addr.ip(), public, "{addrs:?}");
+        assert!((ports.0..=ports.1).contains(&addr.port()), "{addrs:?}");
+    }
+    link.close().await;
+    offer.link.close().await;
+}
+
+/// The same answerer with its own address as the public one (no NAT is available here to
+/// test through): the link opens on a port of the range and carries data.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn str0m_behind_an_identity_mapping_connects_within_a_port_range() {
+    let own = default_route_ip();
+    let ports = (41_010, 41_019);
+    let offering = Str0m::new(RtcConfig::default());
+    let answering = Str0m::new(RtcConfig {
+        public_ip: Some(own),
+        ports: Some(ports),
+        ..RtcConfig::default()
+    });
+    let Pair {
+        offerer,
+        answerer,
+        mut answerer_events,
+        answerer_addrs,
+        ..
+    } = open_pair_between(&offering, &answering, Gathering::Trickle).await;
+    assert!(
+        answerer_addrs
+            .iter()
+            .all(|a| (ports.0..=ports.1).contains(&a.port())),
+        "{answerer_addrs:?}"
+    );
+    offerer.try_send(block(3)).expect("send");
+    match timeout(PATIENCE, next_event(&mut answerer_events)).await {
+        Ok(Some(LinkEvent::Message(message))) => assert!(message == block(3)),
+        other => panic!("expected a message, got {other:?}"),
+    }
+    answerer.close().await;
+    offerer.close().await;
 }
 
 /// Runs each named test once on each stack, as `webrtc_rs::<name>` and `str0m::<name>`.

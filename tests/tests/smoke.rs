@@ -845,6 +845,27 @@ async fn a_viewer_gets_blocks_from_a_seeder_on_webrtc_rs() {
     assert_seeded(&server, &stats).await;
 }
 
+/// The seeder set up for a server behind a 1:1 NAT (`--rtc-public-ip`, here this machine's
+/// own address: no NAT is available to test through) and a firewall (`--rtc-ports`): the
+/// viewer still gets blocks over its link to the seeder.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_viewer_gets_blocks_from_a_seeder_with_an_announced_address_and_ports() {
+    let socket = std::net::UdpSocket::bind("0.0.0.0:0").expect("bind");
+    // No datagram is sent: a UDP `connect` only picks the route.
+    socket.connect("192.0.2.1:9").expect("a default route");
+    let own = socket.local_addr().expect("local address").ip().to_string();
+    let server = Server::start_demo(ServerOptions {
+        args: ["--rtc-public-ip", &own, "--rtc-ports", "42000-42099"]
+            .map(String::from)
+            .to_vec(),
+        ..ServerOptions::default()
+    })
+    .await
+    .expect("server starts with the seeder's address announced");
+    let stats = play(&server, "", "smoke announced").await;
+    assert_seeded(&server, &stats).await;
+}
+
 /// The lone viewer's blocks came over its data channel to the seeder, not only from the
 /// origin.
 async fn assert_seeded(server: &Server, stats: &Value) {

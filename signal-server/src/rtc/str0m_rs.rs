@@ -7,7 +7,11 @@
 //! candidates) and the outbound queue (messages), so nothing else ever mutates it.
 //!
 //! What differs from the `webrtc`-crate stack:
-//! - Candidates are host candidates only, one per bound address. Gathering takes no time, so
+//! - Candidates are host candidates only, one per bound address. With
+//!   [`RtcConfig::public_ip`] (a server behind a 1:1 NAT) each is signalled at that address
+//!   and its own port instead: the remote's checks to it arrive, through the NAT, at the
+//!   socket's own address, which is the candidate the ICE agent knows. Sockets bind within
+//!   [`RtcConfig::ports`] when it is set. Gathering takes no time, so
 //!   they are in the description itself, and with [`Gathering::Trickle`] the same ones
 //!   follow as [`LinkEvent::LocalCandidate`] too (a remote that strips or rewrites the
 //!   description's candidates still learns them). STUN and TURN servers
@@ -23,7 +27,7 @@
 
 use std::collections::VecDeque;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::Poll;
 use std::time::Instant;
@@ -96,13 +100,13 @@ impl Str0m {
         let mut sockets = Vec::new();
         let mut trickle = Vec::new();
         for addr in bind_addrs(&self.config.udp_bind)? {
-            let socket = UdpSocket::bind(addr).await.map_err(stack)?;
+            let socket = bind(addr, self.config.ports).await?;
             let local = socket.local_addr().map_err(stack)?;
             let candidate = Candidate::host(local, "udp").map_err(stack)?;
             if self.config.gathering == Gathering::Trickle {
                 // Named by index alone, as the `webrtc` stack does: a link has one m-line.
                 trickle.push(IceCandidate {
-                    candidate: candidate.to_sdp_string(),
+                    candidate: self.announced(candidate.to_sdp_string(), &[local]),
                     sdp_mid: None,
                     sdp_m_line_index: Some(0),
                 });
@@ -114,6 +118,24 @@ impl Str0m {
             return Err(RtcError::Stack("no usable local address to bind".into()));
         }
         Ok((rtc, sockets, trickle))
+    }
+
+    /// `text` (a description or a candidate line) as the remote should see it: with
+    /// [`RtcConfig::public_ip`], each host candidate on `local` at that address instead.
+    fn announced(&self, text: String, local: &[SocketAddr]) -> String {
+        let Some(public) = self.config.public_ip else {
+            return text;
+        };
+        local
+            .iter()
+            .filter(|a| a.is_ipv4() == public.is_ipv4())
+            .fold(text, |text, a| {
+                let port = a.port();
+                text.replace(
+                    &format!(" {} {port} typ host", a.ip()),
+                    &format!(" {public} {port} typ host"),
+                )
+            })
     }
 
     /// Starts the link task and hands out the link.
@@ -176,6 +198,37 @@ fn bind_addrs(configured: &[SocketAddr]) -> Result<Vec<SocketAddr>, RtcError> {
     Ok(out)
 }
 
+/// The addresses of `sockets`.
+fn bound(sockets: &[Bound]) -> Vec<SocketAddr> {
+    sockets.iter().map(|b| b.local).collect()
+}
+
+/// Where the next bind within a port range starts, so that links spread over the range
+/// rather than all probing its first ports.
+static NEXT_PORT: AtomicUsize = AtomicUsize::new(0);
+
+/// A UDP socket on `addr`, or with `ports` on `addr`'s IP and the first free port of the
+/// range, tried from a cursor that moves on with each bind.
+async fn bind(addr: SocketAddr, ports: Option<(u16, u16)>) -> Result<UdpSocket, RtcError> {
+    let Some((min, max)) = ports else {
+        return UdpSocket::bind(addr).await.map_err(stack);
+    };
+    let span = usize::from(max - min) + 1;
+    let start = NEXT_PORT.fetch_add(1, Ordering::Relaxed);
+    for i in 0..span {
+        let port = min + ((start + i) % span) as u16;
+        match UdpSocket::bind(SocketAddr::new(addr.ip(), port)).await {
+            Ok(socket) => return Ok(socket),
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => continue,
+            Err(e) => return Err(stack(e)),
+        }
+    }
+    Err(RtcError::Stack(format!(
+        "no free UDP port on {} in {min}-{max}",
+        addr.ip()
+    )))
+}
+
 /// Whether a local address can carry a host candidate.
 fn usable(ip: IpAddr) -> bool {
     match ip {
@@ -204,7 +257,7 @@ impl Transport for Str0m {
             .map_err(bad_description)?;
         let local = SessionDescription {
             kind: SdpKind::Answer,
-            sdp: answer.to_sdp_string(),
+            sdp: self.announced(answer.to_sdp_string(), &bound(&sockets)),
         };
         Ok(self.spawn((rtc, sockets, trickle), None, local))
     }
@@ -221,7 +274,7 @@ impl Transport for Str0m {
             .ok_or_else(|| RtcError::Stack("no offer to make".into()))?;
         let local = SessionDescription {
             kind: SdpKind::Offer,
-            sdp: offer.to_sdp_string(),
+            sdp: self.announced(offer.to_sdp_string(), &bound(&sockets)),
         };
         Ok(self.spawn((rtc, sockets, trickle), Some(pending), local))
     }
