@@ -12,6 +12,10 @@
 //!   http://127.0.0.1:8080/ingest/cam
 //! ```
 //!
+//! An encoder that cannot set a header gives the token in the URL instead:
+//! `http://127.0.0.1:8080/ingest/cam?token=$TOKEN` (the header wins if both
+//! are there). The server logs no request URL.
+//!
 //! Verified with ffmpeg 5.1 (and run by the `ingest_router` test when ffmpeg is
 //! installed). `-method PUT` and `-chunked_post 1` (the default) make ffmpeg's
 //! HTTP output one long chunked request; `-re` paces a file as if it were live;
@@ -55,7 +59,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Body;
-use axum::extract::{Path, State};
+use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::put;
@@ -170,11 +174,21 @@ pub fn router(state: IngestState) -> Router {
         .with_state(state)
 }
 
-fn token_ok(headers: &HeaderMap, expected: &str) -> bool {
+/// The query of an ingest request.
+#[derive(Debug, serde::Deserialize)]
+struct IngestQuery {
+    /// The publish token, for an encoder that cannot set a header.
+    token: Option<String>,
+}
+
+/// Whether the request carries the publish token: `Authorization: Bearer
+/// <token>`, or else `?token=<token>`.
+fn token_ok(headers: &HeaderMap, query: Option<&str>, expected: &str) -> bool {
     let Some(got) = headers
         .get(axum::http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
+        .or(query)
     else {
         return false;
     };
@@ -188,10 +202,11 @@ fn token_ok(headers: &HeaderMap, expected: &str) -> bool {
 async fn ingest(
     State(st): State<IngestState>,
     Path(name): Path<String>,
+    Query(query): Query<IngestQuery>,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    match run(&st, &name, &headers, body).await {
+    match run(&st, &name, &headers, query.token.as_deref(), body).await {
         Ok((fragments, blocks)) => (
             StatusCode::OK,
             Json(json!({"fragments": fragments, "blocks": blocks})),
@@ -209,9 +224,10 @@ async fn run(
     st: &IngestState,
     name: &str,
     headers: &HeaderMap,
+    query_token: Option<&str>,
     body: Body,
 ) -> Result<(u64, u64), IngestError> {
-    if !token_ok(headers, &st.publish_token) {
+    if !token_ok(headers, query_token, &st.publish_token) {
         return Err(IngestError::Unauthorized);
     }
     if !valid_name(name) {
@@ -409,7 +425,7 @@ mod tests {
         let first = quarters().into_iter().take(2);
         let body = Body::from_stream(stream::iter(first).chain(stream::pending()));
         let started = tokio::time::Instant::now();
-        let err = tokio::time::timeout(2 * IDLE_TIMEOUT, run(&st, "cam", &auth(), body))
+        let err = tokio::time::timeout(2 * IDLE_TIMEOUT, run(&st, "cam", &auth(), None, body))
             .await
             .expect("the server gives up on the publisher")
             .expect_err("stalls");
@@ -431,7 +447,9 @@ mod tests {
             c
         }));
         let started = tokio::time::Instant::now();
-        let (fragments, _) = run(&st, "cam", &auth(), body).await.expect("accepted");
+        let (fragments, _) = run(&st, "cam", &auth(), None, body)
+            .await
+            .expect("accepted");
         assert!(started.elapsed() > 3 * IDLE_TIMEOUT, "the limit is per gap");
         let whole = fmp4::split([FIXTURE]).expect("valid fixture");
         assert_eq!(fragments as usize, whole.len() - 1, "every fragment");

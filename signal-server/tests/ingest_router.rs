@@ -238,6 +238,21 @@ async fn bad_publishers_are_refused_while_a_good_one_streams_on() {
         401,
         "unauthorized",
     );
+    // An encoder that cannot set a header gives the token in the URL; a
+    // header, when there is one, is what counts.
+    let in_url = format!("q?token={TOKEN}");
+    assert_code(
+        &put(addr, "q?token=wrong", "", FIXTURE).await,
+        401,
+        "unauthorized",
+    );
+    assert_code(
+        &put(addr, &in_url, &bearer("router-test-tokeN"), FIXTURE).await,
+        401,
+        "unauthorized",
+    );
+    assert_eq!(put(addr, &in_url, "", FIXTURE).await.0, 200);
+    assert!(streams.get("q").is_some_and(|s| s.live_edge().is_some()));
     assert_code(&put(addr, "good", &ok, FIXTURE).await, 409, "stream_busy");
     assert_code(
         &put(addr, "a", &ok, b"<html>hello</html>").await,
