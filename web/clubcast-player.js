@@ -84,8 +84,8 @@ class ClubcastPlayer extends HTMLElement {
     this.player.on("autoplay_blocked", () =>
       this._showButton("▶ Play", () => this.video.play().catch(() => {}), "playing"),
     );
-    const events = ["ready", "playing", "stall", "resume", "publisher", "error"];
-    for (const type of [...events, "autoplay_muted", "autoplay_blocked"]) {
+    const events = ["ready", "playing", "stall", "resume", "publisher", "error", "autoplay_muted", "autoplay_blocked"];
+    for (const type of events) {
       this.player.on(type, (detail) =>
         this.dispatchEvent(new CustomEvent(type, { detail, bubbles: true, composed: true })),
       );
