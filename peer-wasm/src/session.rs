@@ -104,8 +104,8 @@ pub enum SessionError {
     #[error("media element: {0}")]
     Video(#[from] crate::error::JsError),
     /// The browser cannot play through MSE (see [`crate::mse::media_source_class`]).
-    #[error("{0}, so it cannot play")]
-    NoMediaSource(crate::mse::MseError),
+    #[error("this browser has no Media Source Extensions (MediaSource or ManagedMediaSource), so it cannot play")]
+    NoMediaSource,
 }
 
 impl SessionError {
@@ -115,7 +115,7 @@ impl SessionError {
             SessionError::NoStream => "bad_options",
             SessionError::Socket(_) => "signal_failed",
             SessionError::Video(_) => "media",
-            SessionError::NoMediaSource(_) => "no_mse",
+            SessionError::NoMediaSource => "no_mse",
         }
     }
 }
@@ -266,9 +266,7 @@ impl Session {
         // Before joining: a peer that cannot play would take a place in the
         // swarm and relay nothing it has played.
         if crate::mse::media_source_class().is_none() {
-            return Err(SessionError::NoMediaSource(
-                crate::mse::MseError::NoMediaSource,
-            ));
+            return Err(SessionError::NoMediaSource);
         }
         let server = opts
             .server
