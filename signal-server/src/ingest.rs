@@ -1,4 +1,5 @@
-//! `PUT`/`POST /ingest/{name}`: live fragmented MP4 from any encoder.
+//! `PUT`/`POST /ingest/{name}`: live fragmented MP4 from any encoder (RTMP
+//! publishers, remuxed by [`flv`], join it at `publish`).
 //!
 //! The body is read as a stream and split as it arrives: the init segment is
 //! stored, and each fragment is cut into signed blocks the moment its `mdat` is
@@ -53,6 +54,7 @@
 //! request's [`IDLE_TIMEOUT`].
 
 pub mod chunker;
+pub mod flv;
 pub mod fmp4;
 
 use std::sync::Arc;
@@ -64,11 +66,13 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::put;
 use axum::{Json, Router};
-use futures_util::StreamExt;
+use bytes::Bytes;
+use futures_util::{Stream, StreamExt};
 use serde_json::json;
 
 use crate::metrics::Metrics;
 use crate::stream::{valid_name, PublishGuard, StreamError, Streams};
+use flv::FlvError;
 use fmp4::{Fmp4Error, Fmp4Parser, Fragment, Item};
 
 /// A publisher that sends nothing for this long is dropped and its name freed.
@@ -114,6 +118,9 @@ pub enum IngestError {
     /// The body is not valid fragmented MP4.
     #[error(transparent)]
     Media(#[from] Fmp4Error),
+    /// An RTMP publisher's audio or video cannot be remuxed.
+    #[error(transparent)]
+    Flv(#[from] FlvError),
     /// The request body failed mid-stream.
     #[error("request body: {0}")]
     Body(String),
@@ -139,6 +146,10 @@ impl IngestError {
             IngestError::Media(Fmp4Error::Truncated(_)) => "truncated",
             IngestError::Media(Fmp4Error::NoInit) => "no_init",
             IngestError::Media(_) => "malformed_mp4",
+            IngestError::Flv(FlvError::Codec(_)) => "unsupported_codec",
+            IngestError::Flv(FlvError::TooLarge { .. }) => "too_large",
+            IngestError::Flv(FlvError::NoKeyframe(_)) => "no_keyframe",
+            IngestError::Flv(_) => "malformed_flv",
             IngestError::Body(_) => "body_error",
             IngestError::Idle => "idle_timeout",
             IngestError::Publish(_) => "internal",
@@ -153,7 +164,9 @@ impl IngestError {
             IngestError::Stream(_) => StatusCode::SERVICE_UNAVAILABLE,
             IngestError::Media(Fmp4Error::NotMp4(_)) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             IngestError::Media(Fmp4Error::TooLarge { .. }) => StatusCode::PAYLOAD_TOO_LARGE,
-            IngestError::Media(_) | IngestError::Body(_) => StatusCode::BAD_REQUEST,
+            IngestError::Media(_) | IngestError::Flv(_) | IngestError::Body(_) => {
+                StatusCode::BAD_REQUEST
+            }
             IngestError::Idle => StatusCode::REQUEST_TIMEOUT,
             IngestError::Publish(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -183,7 +196,7 @@ struct IngestQuery {
 
 /// Whether the request carries the publish token: `Authorization: Bearer
 /// <token>`, or else `?token=<token>`.
-fn token_ok(headers: &HeaderMap, query: Option<&str>, expected: &str) -> bool {
+pub(crate) fn token_ok(headers: &HeaderMap, query: Option<&str>, expected: &str) -> bool {
     let Some(got) = headers
         .get(axum::http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
@@ -233,11 +246,25 @@ async fn run(
     if !valid_name(name) {
         return Err(IngestError::Stream(StreamError::BadName));
     }
+    let body = body
+        .into_data_stream()
+        .map(|chunk| chunk.map_err(|e| IngestError::Body(e.to_string())));
+    publish(st, name, body).await
+}
+
+/// Publishes the fragmented MP4 of `body` to stream `name`, whose publisher
+/// was checked; returns the fragments and blocks published. The HTTP route
+/// and RTMP ingest both end here.
+pub(crate) async fn publish(
+    st: &IngestState,
+    name: &str,
+    body: impl Stream<Item = Result<Bytes, IngestError>> + Unpin,
+) -> Result<(u64, u64), IngestError> {
+    let mut body = body;
     // Claimed at the init segment: a body that is not fragmented MP4 creates
     // no stream (and no key file), and takes no silent publisher's place.
     let mut guard: Option<PublishGuard> = None;
     let mut parser = Fmp4Parser::new();
-    let mut body = body.into_data_stream();
     let (mut fragments, mut blocks) = (0u64, 0u64);
     // How far this publish's decode times move to continue the stream's
     // timeline, set at its first fragment.
@@ -272,7 +299,7 @@ async fn run(
         let Some(chunk) = next.map_err(|_| IngestError::Idle)? else {
             break;
         };
-        let chunk = chunk.map_err(|e| IngestError::Body(e.to_string()))?;
+        let chunk = chunk?;
         idle_at = tokio::time::Instant::now() + IDLE_TIMEOUT;
         if let Some(g) = &guard {
             g.alive();
