@@ -78,6 +78,16 @@ impl AppState {
             shutdown,
         }
     }
+
+    /// What ingest (HTTP or RTMP) needs.
+    pub fn ingest_state(&self) -> crate::ingest::IngestState {
+        crate::ingest::IngestState {
+            streams: self.streams.clone(),
+            publish_token: self.config.publish_token.clone().unwrap_or_default().into(),
+            block_bytes: self.config.block_bytes(),
+            metrics: self.metrics.clone(),
+        }
+    }
 }
 
 /// The application router.
@@ -105,17 +115,7 @@ pub fn app(state: AppState) -> Router {
         .nest_service("/pkg", ServeDir::new(dir.join("pkg")))
         .fallback_service(ServeDir::new(dir.clone()))
         .layer(assets);
-    let ingest = crate::ingest::router(crate::ingest::IngestState {
-        streams: state.streams.clone(),
-        publish_token: state
-            .config
-            .publish_token
-            .clone()
-            .unwrap_or_default()
-            .into(),
-        block_bytes: state.config.block_bytes(),
-        metrics: state.metrics.clone(),
-    });
+    let ingest = crate::ingest::router(state.ingest_state());
     let base = state.config.base_path().to_owned();
     let router = Router::new()
         .route("/ws", get(crate::signal::ws_handler))

@@ -164,6 +164,12 @@ pub struct Config {
     #[arg(long, env = "CLUBCAST_RTC_PORTS")]
     pub rtc_ports: Option<String>,
 
+    /// Address to take RTMP publishers on, e.g. `0.0.0.0:1935` (OBS: server
+    /// `rtmp://<host>:1935/live`, stream key `<name>?token=<TOKEN>`). Off when
+    /// not given.
+    #[arg(long, env = "CLUBCAST_RTMP_LISTEN")]
+    pub rtmp_listen: Option<SocketAddr>,
+
     /// Path every route is served under, e.g. `/live`, for a reverse proxy
     /// that forwards `https://site/live/…` without stripping it. Empty (the
     /// default): the root. A proxy that strips the prefix needs none: the
@@ -205,6 +211,7 @@ impl Default for Config {
             seeder_rtc: SeederRtc::Str0m,
             rtc_public_ip: None,
             rtc_ports: None,
+            rtmp_listen: None,
             base_path: String::new(),
             allow_test_corruption: false,
         }

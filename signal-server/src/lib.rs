@@ -5,7 +5,8 @@
 //! in a bounded [`store::BlockStore`]. The seeder pushes each new block to club
 //! members over WebRTC ([`rtc`]); signaling over `/ws` assigns clubs and links and
 //! relays SDP; the origin serves blocks over HTTP within the grants of the bid
-//! allocator.
+//! allocator. RTMP publishers ([`rtmp`]) are remuxed to fragmented MP4 and
+//! take the same ingest path.
 
 pub mod app;
 pub mod config;
@@ -16,6 +17,7 @@ pub mod metrics;
 pub mod origin;
 pub mod resume;
 pub mod rtc;
+pub mod rtmp;
 pub mod seeder;
 pub mod signal;
 pub mod store;

@@ -73,6 +73,17 @@ async fn run(mut config: Config) -> Result<(), Box<dyn std::error::Error>> {
         clubcast_server::seeder::SeederConfig::default(),
         shutdown.clone(),
     ));
+    if let Some(addr) = config.rtmp_listen {
+        let rtmp = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|e| format!("--rtmp-listen {addr}: {e}"))?;
+        tracing::info!(addr = %rtmp.local_addr()?, "rtmp ingest listening");
+        background.push(clubcast_server::rtmp::spawn(
+            rtmp,
+            state.ingest_state(),
+            shutdown.clone(),
+        ));
+    }
     let router = app(state.clone());
     let _ = &mut background;
 

@@ -630,6 +630,98 @@ async fn a_publisher_that_comes_back_with_other_settings_plays_on() {
     publisher.join().expect("the publisher ran");
 }
 
+/// An encoder publishing over RTMP (as OBS does by default) reaches the
+/// viewers: ffmpeg sends H.264 with B-frames and AAC in FLV to
+/// `rtmp://…/live/cam?token=tok`, the server remuxes it to fragmented MP4,
+/// and headless Chromium plays it with its sound track. A wrong token and a
+/// codec other than H.264 are refused with their codes, and leave nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_rtmp_publisher_plays_in_the_browser() {
+    const SECS: f64 = 14.0;
+    let port = clubcast_tests::free_port().expect("a free port");
+    let listen = format!("127.0.0.1:{port}");
+    let (server, _) = ingest_server(&["--rtmp-listen", &listen]).await;
+    let rtmp = format!("rtmp://{listen}/live");
+    let publish = |url: String, codec: &'static [&'static str], secs: f64| {
+        std::thread::spawn(move || {
+            std::process::Command::new("ffmpeg")
+                .args(["-hide_banner", "-loglevel", "error", "-re"])
+                .args(["-f", "lavfi", "-i", "testsrc2=size=640x360:rate=30"])
+                .args(["-f", "lavfi", "-i", "sine=frequency=440:sample_rate=48000"])
+                .args(["-t", &secs.to_string(), "-g", "60"])
+                .args(codec)
+                .args(["-c:a", "aac", "-f", "flv", &url])
+                .status()
+                .expect("ffmpeg runs (`just setup` installs it)")
+        })
+    };
+    const H264: &[&str] = &[
+        "-c:v", "libx264", "-preset", "veryfast", "-pix_fmt", "yuv420p",
+    ];
+    // Refused: the wrong token, then Sorenson H.263 (FLV's own codec).
+    let wrong = publish(format!("{rtmp}/bad?token=nope"), H264, 2.0).join();
+    assert!(
+        !wrong.expect("ffmpeg ran").success(),
+        "a wrong token is refused"
+    );
+    let h263 = publish(format!("{rtmp}/old?token=tok"), &["-c:v", "flv1"], 2.0).join();
+    assert!(!h263.expect("ffmpeg ran").success(), "H.263 is refused");
+    let m = server.metrics().await.expect("metrics");
+    for code in ["unauthorized", "unsupported_codec"] {
+        let key = format!("clubcast_rejects_total{{code=\"{code}\"}}");
+        assert_eq!(m.get(&key).copied(), Some(1.0), "{key} in {m:?}");
+    }
+    let publisher = publish(format!("{rtmp}/cam?token=tok"), H264, SECS);
+    let browser = watching(&server, "cam").await;
+    let (mut last, mut latency) = (0.0f64, Vec::new());
+    let deadline = Instant::now() + Duration::from_secs(40);
+    while last < SECS - 6.0 {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let v = browser.video().await.expect("video readable");
+        let s = browser.stats().await.expect("stats readable");
+        assert!(v["error"].is_null(), "video error: {v}; stats {s}");
+        if let Some(ms) = num(&s, "latency_ms") {
+            latency.push(ms);
+        }
+        last = last.max(v["current_time"].as_f64().expect("currentTime"));
+        assert!(
+            Instant::now() < deadline,
+            "stuck at {last:.1} s of media; video {v}; stats {s}\nserver log:\n{}",
+            server.log_tail(20)
+        );
+    }
+    let tracks = browser
+        .eval(
+            "const v = document.querySelector('video'); \
+             return [v.videoWidth, v.videoHeight, v.webkitAudioDecodedByteCount || 0];",
+        )
+        .await
+        .expect("tracks readable");
+    let s = browser.stats().await.expect("stats readable");
+    println!(
+        "smoke rtmp: played to {last:.1} s, [width, height, audio bytes] {tracks}, \
+         latency_ms median {:?}, stalls {}",
+        median(&latency),
+        s["stalls"]
+    );
+    assert_eq!(tracks[0], 640, "the video plays at its size: {tracks}");
+    assert_eq!(tracks[1], 360, "the video plays at its size: {tracks}");
+    assert!(
+        tracks[2].as_f64().unwrap_or(0.0) > 0.0,
+        "the sound track is decoded: {tracks}"
+    );
+    browser.close().await;
+    assert!(
+        publisher.join().expect("ffmpeg ran").success(),
+        "ffmpeg published to the end"
+    );
+    let (_, body) = http_get(server.addr(), "/streams")
+        .await
+        .expect("GET /streams");
+    let names: Vec<Value> = serde_json::from_slice(&body).expect("a JSON list");
+    assert_eq!(names.len(), 1, "only `cam` was made: {names:?}");
+}
+
 /// A server with no demo, publish token `tok` and `args`, and its ingest
 /// URL for stream `cam`.
 async fn ingest_server(args: &[&str]) -> (Server, String) {

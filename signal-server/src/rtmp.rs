@@ -1,0 +1,392 @@
+//! RTMP ingest, for OBS and the other encoders whose first choice it is.
+//!
+//! With `--rtmp-listen 0.0.0.0:1935`, an encoder publishes stream `cam` to
+//! `rtmp://<host>:1935/live/cam?token=<TOKEN>` (in OBS: server
+//! `rtmp://<host>:1935/live`, stream key `cam?token=<TOKEN>`). The token may
+//! also follow the application name (`rtmp://<host>:1935/live?token=<TOKEN>`,
+//! stream key `cam`); the application name is otherwise free. The token is the
+//! server's publish token, as for HTTP ingest.
+//!
+//! The handshake and the chunk and command layers are [`rml_rtmp`]'s; the FLV
+//! tags it yields go through [`Remuxer`] to fragmented MP4 and then through
+//! the same `ingest::publish` as an HTTP body: the same
+//! claim on the stream, take-over of a silent publisher, continued timeline,
+//! blocks and metrics. H.264 video and AAC audio are taken; another codec ends
+//! the publish with `unsupported_codec`.
+//!
+//! An RTMP publisher sees no HTTP status, so a refusal is an `onStatus`
+//! error (`NetStream.Publish.BadName` for a wrong token or name,
+//! `NetStream.Publish.Failed` otherwise) and the connection is closed; the
+//! server logs the code and counts it in `clubcast_ingest_rejects_total`, as for
+//! HTTP.
+//!
+//! Bounds: at most [`MAX_CONNECTIONS`] connections at once, the handshake within
+//! [`HANDSHAKE_TIMEOUT`], and a connection that sends nothing for
+//! [`IDLE_TIMEOUT`] is closed. An RTMP message is
+//! at most 16 MiB by its 24-bit length, and [`Remuxer`] bounds frames and what
+//! waits for a cut.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use rml_rtmp::handshake::{Handshake, HandshakeProcessResult, PeerType};
+use rml_rtmp::sessions::{
+    ServerSession, ServerSessionConfig, ServerSessionEvent, ServerSessionResult,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, Semaphore};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::ingest::flv::Remuxer;
+use crate::ingest::{publish, token_ok, IngestError, IngestState, IDLE_TIMEOUT};
+use crate::stream::{valid_name, StreamError};
+
+/// Most RTMP connections at once.
+pub const MAX_CONNECTIONS: usize = 64;
+/// Time a connection gets to finish the RTMP handshake.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Fragmented-MP4 pieces that may wait for the publish task.
+const QUEUE: usize = 64;
+
+/// Errors that end an RTMP connection before or outside a publish.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RtmpError {
+    /// The socket failed.
+    #[error("socket: {0}")]
+    Io(#[from] std::io::Error),
+    /// The handshake failed or did not finish in time.
+    #[error("handshake: {0}")]
+    Handshake(String),
+    /// The peer broke the RTMP protocol.
+    #[error("protocol: {0}")]
+    Protocol(String),
+    /// The connection sent nothing for too long.
+    #[error("no data for {} s", IDLE_TIMEOUT.as_secs())]
+    Idle,
+}
+
+/// Accepts RTMP connections on `listener` until `shutdown`.
+pub fn spawn(
+    listener: TcpListener,
+    st: IngestState,
+    shutdown: CancellationToken,
+) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+        loop {
+            let (sock, from) = tokio::select! {
+                () = shutdown.cancelled() => return,
+                accepted = listener.accept() => match accepted {
+                    Ok(a) => a,
+                    Err(e) => {
+                        tracing::warn!(%e, "rtmp accept failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                },
+            };
+            let Ok(slot) = slots.clone().try_acquire_owned() else {
+                tracing::warn!(%from, "rtmp connection refused: {MAX_CONNECTIONS} already open");
+                continue;
+            };
+            let (st, stop) = (st.clone(), shutdown.clone());
+            tokio::spawn(async move {
+                let _ = sock.set_nodelay(true);
+                if let Err(e) = connection(sock, &st, stop).await {
+                    tracing::info!(%from, "rtmp connection ended: {e}");
+                }
+                drop(slot);
+            });
+        }
+    })
+}
+
+/// A publish in progress on a connection.
+struct Publishing {
+    name: String,
+    remuxer: Remuxer,
+    tx: mpsc::Sender<Result<Bytes, IngestError>>,
+    task: JoinHandle<Result<(u64, u64), IngestError>>,
+}
+
+/// What a connection does next after an event.
+enum Next {
+    Go,
+    Close,
+}
+
+async fn connection(
+    mut sock: TcpStream,
+    st: &IngestState,
+    shutdown: CancellationToken,
+) -> Result<(), RtmpError> {
+    let mut buf = vec![0u8; 64 * 1024];
+    let rest = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(&mut sock, &mut buf))
+        .await
+        .map_err(|_| RtmpError::Handshake("not done in time".into()))??;
+    let Some(rest) = rest else {
+        return Ok(());
+    };
+    let (mut session, first) = ServerSession::new(ServerSessionConfig::new())
+        .map_err(|e| RtmpError::Protocol(e.to_string()))?;
+    let mut publishing: Option<Publishing> = None;
+    let mut input = rest;
+    let mut pending = first;
+    let result = loop {
+        match handle(&mut sock, &mut session, pending, st, &mut publishing).await {
+            Ok(Next::Go) => {}
+            Ok(Next::Close) => break Ok(()),
+            Err(e) => break Err(e),
+        }
+        if input.is_empty() {
+            let read = tokio::select! {
+                () = shutdown.cancelled() => break Ok(()),
+                read = tokio::time::timeout(IDLE_TIMEOUT, sock.read(&mut buf)) => read,
+            };
+            match read {
+                Err(_) => break Err(RtmpError::Idle),
+                Ok(Err(e)) => break Err(e.into()),
+                Ok(Ok(0)) => break Ok(()),
+                Ok(Ok(n)) => input = buf[..n].to_vec(),
+            }
+        }
+        pending = match session.handle_input(&input) {
+            Ok(r) => r,
+            Err(e) => break Err(RtmpError::Protocol(e.to_string())),
+        };
+        input.clear();
+    };
+    if let Some(p) = publishing.take() {
+        finish(p, st).await;
+    }
+    result
+}
+
+/// Runs the server side of the handshake; returns the bytes that followed it,
+/// or `None` when the peer left.
+async fn handshake(sock: &mut TcpStream, buf: &mut [u8]) -> Result<Option<Vec<u8>>, RtmpError> {
+    let mut hs = Handshake::new(PeerType::Server);
+    loop {
+        let n = sock.read(buf).await?;
+        if n == 0 {
+            return Ok(None);
+        }
+        match hs
+            .process_bytes(&buf[..n])
+            .map_err(|e| RtmpError::Handshake(e.to_string()))?
+        {
+            HandshakeProcessResult::InProgress { response_bytes } => {
+                sock.write_all(&response_bytes).await?;
+            }
+            HandshakeProcessResult::Completed {
+                response_bytes,
+                remaining_bytes,
+            } => {
+                sock.write_all(&response_bytes).await?;
+                return Ok(Some(remaining_bytes));
+            }
+        }
+    }
+}
+
+/// Sends what the session answers and acts on its events.
+async fn handle(
+    sock: &mut TcpStream,
+    session: &mut ServerSession,
+    results: Vec<ServerSessionResult>,
+    st: &IngestState,
+    publishing: &mut Option<Publishing>,
+) -> Result<Next, RtmpError> {
+    let protocol = |e: rml_rtmp::sessions::ServerSessionError| RtmpError::Protocol(e.to_string());
+    let mut queue = std::collections::VecDeque::from(results);
+    while let Some(result) = queue.pop_front() {
+        let event = match result {
+            ServerSessionResult::OutboundResponse(packet) => {
+                sock.write_all(&packet.bytes).await?;
+                continue;
+            }
+            ServerSessionResult::RaisedEvent(event) => event,
+            ServerSessionResult::UnhandleableMessageReceived(_) => continue,
+        };
+        match event {
+            ServerSessionEvent::ConnectionRequested { request_id, .. } => {
+                queue.extend(session.accept_request(request_id).map_err(protocol)?);
+            }
+            ServerSessionEvent::PublishStreamRequested {
+                request_id,
+                app_name,
+                stream_key,
+                ..
+            } => {
+                if publishing.is_some() {
+                    return Err(RtmpError::Protocol(
+                        "a second publish on one connection".into(),
+                    ));
+                }
+                let (name, token) = name_and_token(&app_name, &stream_key);
+                let refusal = if !token_ok(&Default::default(), token, &st.publish_token) {
+                    Some(IngestError::Unauthorized)
+                } else if !valid_name(name) {
+                    Some(IngestError::Stream(StreamError::BadName))
+                } else {
+                    None
+                };
+                if let Some(e) = refusal {
+                    st.metrics.reject(e.code());
+                    tracing::warn!(stream = %name, code = e.code(), "rtmp publish refused: {e}");
+                    let answer = session
+                        .reject_request(request_id, "NetStream.Publish.BadName", &e.to_string())
+                        .map_err(protocol)?;
+                    send(sock, answer).await?;
+                    return Ok(Next::Close);
+                }
+                *publishing = Some(start(st, name));
+                queue.extend(session.accept_request(request_id).map_err(protocol)?);
+            }
+            ServerSessionEvent::PlayStreamRequested { request_id, .. } => {
+                let answer = session
+                    .reject_request(
+                        request_id,
+                        "NetStream.Play.Failed",
+                        "RTMP is for publishing; clubcast plays in the browser (/watch/<name>)",
+                    )
+                    .map_err(protocol)?;
+                send(sock, answer).await?;
+                return Ok(Next::Close);
+            }
+            ServerSessionEvent::StreamMetadataChanged { metadata, .. } => {
+                if let (Some(p), Some(w), Some(h)) = (
+                    publishing.as_mut(),
+                    metadata.video_width,
+                    metadata.video_height,
+                ) {
+                    p.remuxer.set_size(w, h);
+                }
+            }
+            ServerSessionEvent::VideoDataReceived {
+                data, timestamp, ..
+            } => {
+                if let Some(p) = publishing.as_mut() {
+                    let out = p.remuxer.video(timestamp.value, &data);
+                    if !forward(p, out).await {
+                        return Ok(Next::Close);
+                    }
+                }
+            }
+            ServerSessionEvent::AudioDataReceived {
+                data, timestamp, ..
+            } => {
+                if let Some(p) = publishing.as_mut() {
+                    let out = p.remuxer.audio(timestamp.value, &data);
+                    if !forward(p, out).await {
+                        return Ok(Next::Close);
+                    }
+                }
+            }
+            ServerSessionEvent::PublishStreamFinished { .. } => {
+                if let Some(p) = publishing.take() {
+                    finish(p, st).await;
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok(Next::Go)
+}
+
+async fn send(sock: &mut TcpStream, results: Vec<ServerSessionResult>) -> Result<(), RtmpError> {
+    for r in results {
+        if let ServerSessionResult::OutboundResponse(packet) = r {
+            sock.write_all(&packet.bytes).await?;
+        }
+    }
+    Ok(())
+}
+
+/// The stream name and the token of a publish: the token from the stream
+/// key's query, else from the application name's.
+fn name_and_token<'a>(app: &'a str, key: &'a str) -> (&'a str, Option<&'a str>) {
+    let (name, query) = key.split_once('?').unwrap_or((key, ""));
+    let app_query = app.split_once('?').map_or("", |(_, q)| q);
+    let token = |q: &'a str| q.split('&').find_map(|kv| kv.strip_prefix("token="));
+    (name, token(query).or_else(|| token(app_query)))
+}
+
+/// Starts the publish task of stream `name`.
+fn start(st: &IngestState, name: &str) -> Publishing {
+    let (tx, mut rx) = mpsc::channel(QUEUE);
+    let body = futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx));
+    let (task_st, task_name) = (st.clone(), name.to_owned());
+    tracing::info!(stream = %name, "rtmp publisher connected");
+    Publishing {
+        name: name.to_owned(),
+        remuxer: Remuxer::new(),
+        tx,
+        task: tokio::spawn(async move { publish(&task_st, &task_name, Box::pin(body)).await }),
+    }
+}
+
+/// Hands the remuxer's output to the publish task; `false` when the publish
+/// is over (an error, or the stream taken over).
+async fn forward(
+    p: &mut Publishing,
+    out: Result<Vec<Bytes>, crate::ingest::flv::FlvError>,
+) -> bool {
+    match out {
+        Ok(pieces) => {
+            for piece in pieces {
+                if p.tx.send(Ok(piece)).await.is_err() {
+                    return false;
+                }
+            }
+            true
+        }
+        Err(e) => {
+            let _ = p.tx.send(Err(e.into())).await;
+            false
+        }
+    }
+}
+
+/// Ends a publish: the remuxer's last frames, then the task's outcome.
+async fn finish(mut p: Publishing, st: &IngestState) {
+    if let Ok(pieces) = p.remuxer.finish() {
+        for piece in pieces {
+            if p.tx.send(Ok(piece)).await.is_err() {
+                break;
+            }
+        }
+    }
+    drop(p.tx);
+    match p.task.await {
+        Ok(Ok((fragments, blocks))) => {
+            tracing::info!(stream = %p.name, fragments, blocks, "rtmp publisher finished");
+        }
+        Ok(Err(e)) => {
+            st.metrics.reject(e.code());
+            tracing::warn!(stream = %p.name, code = e.code(), "rtmp ingest rejected: {e}");
+        }
+        Err(e) => tracing::error!(stream = %p.name, "rtmp publish task failed: {e}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::name_and_token;
+
+    #[test]
+    fn the_token_comes_from_the_key_or_else_the_app() {
+        assert_eq!(name_and_token("live", "cam?token=t1"), ("cam", Some("t1")));
+        assert_eq!(name_and_token("live?token=t2", "cam"), ("cam", Some("t2")));
+        assert_eq!(
+            name_and_token("live?token=t2", "cam?x=1&token=t1"),
+            ("cam", Some("t1")),
+            "the key's token wins"
+        );
+        assert_eq!(name_and_token("live", "cam"), ("cam", None));
+    }
+}
