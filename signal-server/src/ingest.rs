@@ -33,8 +33,9 @@
 //! `replaced` ends a publisher that another took over, below), 415
 //! `not_mp4` when the body is not MP4, 413 `too_large` for an oversized box,
 //! init segment or fragment, 400 `truncated`, `no_init` or `malformed_mp4` for a
-//! bad stream, 400 `bad_name`, and 408 `idle_timeout` when the publisher sends
-//! nothing for [`IDLE_TIMEOUT`]; a block that cannot be signed or stored is a
+//! bad stream, 400 `bad_name`, 400 `bad_query` for a query string that cannot
+//! be read (a repeated `token`), and 408 `idle_timeout` when the publisher
+//! sends nothing for [`IDLE_TIMEOUT`]; a block that cannot be signed or stored is a
 //! server fault, 500 `internal`. Blocks published before an error stay stored,
 //! other streams are not touched, and the name is free for the next publisher as
 //! soon as the request ends. A stream is created (and its key stored) only at a
@@ -61,6 +62,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Body;
+use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -121,6 +123,9 @@ pub enum IngestError {
     /// An RTMP publisher's audio or video cannot be remuxed.
     #[error(transparent)]
     Flv(#[from] FlvError),
+    /// The query string cannot be read (a repeated or badly encoded `token`).
+    #[error("query string: {0}")]
+    Query(String),
     /// The request body failed mid-stream.
     #[error("request body: {0}")]
     Body(String),
@@ -150,6 +155,7 @@ impl IngestError {
             IngestError::Flv(FlvError::TooLarge { .. }) => "too_large",
             IngestError::Flv(FlvError::NoKeyframe(_)) => "no_keyframe",
             IngestError::Flv(_) => "malformed_flv",
+            IngestError::Query(_) => "bad_query",
             IngestError::Body(_) => "body_error",
             IngestError::Idle => "idle_timeout",
             IngestError::Publish(_) => "internal",
@@ -164,9 +170,10 @@ impl IngestError {
             IngestError::Stream(_) => StatusCode::SERVICE_UNAVAILABLE,
             IngestError::Media(Fmp4Error::NotMp4(_)) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             IngestError::Media(Fmp4Error::TooLarge { .. }) => StatusCode::PAYLOAD_TOO_LARGE,
-            IngestError::Media(_) | IngestError::Flv(_) | IngestError::Body(_) => {
-                StatusCode::BAD_REQUEST
-            }
+            IngestError::Media(_)
+            | IngestError::Flv(_)
+            | IngestError::Query(_)
+            | IngestError::Body(_) => StatusCode::BAD_REQUEST,
             IngestError::Idle => StatusCode::REQUEST_TIMEOUT,
             IngestError::Publish(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -215,11 +222,15 @@ pub(crate) fn token_ok(headers: &HeaderMap, query: Option<&str>, expected: &str)
 async fn ingest(
     State(st): State<IngestState>,
     Path(name): Path<String>,
-    Query(query): Query<IngestQuery>,
+    query: Result<Query<IngestQuery>, QueryRejection>,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    match run(&st, &name, &headers, query.token.as_deref(), body).await {
+    let result = match query {
+        Ok(Query(query)) => run(&st, &name, &headers, query.token.as_deref(), body).await,
+        Err(e) => Err(IngestError::Query(e.body_text())),
+    };
+    match result {
         Ok((fragments, blocks)) => (
             StatusCode::OK,
             Json(json!({"fragments": fragments, "blocks": blocks})),

@@ -251,6 +251,12 @@ async fn bad_publishers_are_refused_while_a_good_one_streams_on() {
         401,
         "unauthorized",
     );
+    // A query string that cannot be read gets our JSON error, not axum's text.
+    assert_code(
+        &put(addr, "r?token=a&token=b", &ok, FIXTURE).await,
+        400,
+        "bad_query",
+    );
     assert_eq!(put(addr, &in_url, "", FIXTURE).await.0, 200);
     assert!(streams.get("q").is_some_and(|s| s.live_edge().is_some()));
     assert_code(&put(addr, "good", &ok, FIXTURE).await, 409, "stream_busy");
