@@ -153,9 +153,15 @@ impl BlockStore {
         self.blocks.front().map(|b| b.seq())
     }
 
-    /// Where a new viewer should start: the newest fragment-start block that is
-    /// at least `target_latency_ms` behind the newest block, else the oldest
-    /// fragment start.
+    /// Where a new viewer should start: the newest fragment start that begins
+    /// with a keyframe and is at least `target_latency_ms` behind the newest
+    /// block. A decoder cannot start elsewhere: from another fragment start
+    /// the browser shows a still picture (it drops the frames) until the next
+    /// keyframe, for up to a keyframe interval (OBS's default is about 8 s).
+    /// The player then catches up to its target latency by seeking forward in
+    /// what it buffered. Without such a start: the newest keyframe start
+    /// younger than the target, else the newest fragment start at least the
+    /// target behind, else the oldest fragment start.
     pub fn start_seq(&self, target_latency_ms: u64) -> Option<u64> {
         let newest = self.blocks.back()?.block.header().ingest_time_ms;
         let starts = self
@@ -163,14 +169,23 @@ impl BlockStore {
             .iter()
             .rev()
             .filter(|b| b.block.header().flags.contains(BlockFlags::FRAGMENT_START));
-        let mut fallback = None;
+        let (mut young_key, mut old_enough, mut oldest) = (None, None, None);
         for b in starts {
-            fallback = Some(b.seq());
-            if newest.saturating_sub(b.block.header().ingest_time_ms) >= target_latency_ms {
+            let h = b.block.header();
+            let behind = newest.saturating_sub(h.ingest_time_ms) >= target_latency_ms;
+            let key = h.flags.contains(BlockFlags::KEYFRAME);
+            if key && behind {
                 return Some(b.seq());
             }
+            if key && young_key.is_none() {
+                young_key = Some(b.seq());
+            }
+            if behind && old_enough.is_none() {
+                old_enough = Some(b.seq());
+            }
+            oldest = Some(b.seq());
         }
-        fallback
+        young_key.or(old_enough).or(oldest)
     }
 
     /// Payload bitrate over the stored window, kbit/s (0 until two blocks exist).
@@ -221,6 +236,49 @@ mod tests {
             s.sign(seq, flags, t, 0, Bytes::from(vec![0; 1000]))
                 .expect("small"),
         ))
+    }
+
+    /// A block at `t` ms with `flags`.
+    fn flagged(s: &StreamSigner, seq: u64, t: u64, flags: BlockFlags) -> Arc<StoredBlock> {
+        Arc::new(StoredBlock::new(
+            s.sign(seq, flags, t, 0, Bytes::from(vec![0; 100]))
+                .expect("small"),
+        ))
+    }
+
+    #[test]
+    fn a_new_viewer_starts_at_a_keyframe() {
+        let s = StreamSigner::from_seed(&[2; 32]);
+        let key = BlockFlags::FRAGMENT_START.union(BlockFlags::KEYFRAME);
+        // A fragment every 500 ms, a keyframe every 3 s (every 6th fragment),
+        // one block each, to 9.5 s: keyframe starts at 0, 6, 12 and 18.
+        let mut store = BlockStore::new(60_000, usize::MAX);
+        for i in 0..20u64 {
+            let flags = if i % 6 == 0 {
+                key
+            } else {
+                BlockFlags::FRAGMENT_START
+            };
+            store
+                .push(flagged(&s, i, i * 500, flags))
+                .expect("in order");
+        }
+        // The keyframe at 12 (6 s, 3.5 s behind the edge) is the newest at
+        // least 1.5 s behind; the fragment start at 16 (8 s) is not a keyframe.
+        assert_eq!(store.start_seq(1_500), Some(12));
+        // 6 s behind: the keyframe at 6 (3 s), not the fragment start at 7.
+        assert_eq!(store.start_seq(6_000), Some(6));
+        // Keyframes only younger than the target: the newest of them.
+        assert_eq!(store.start_seq(20_000), Some(18));
+        // No keyframe at all (a publisher sending none yet): the newest
+        // fragment start at least the target behind, else the oldest.
+        let mut bare = BlockStore::new(60_000, usize::MAX);
+        for i in 0..20u64 {
+            bare.push(flagged(&s, i, i * 500, BlockFlags::FRAGMENT_START))
+                .expect("in order");
+        }
+        assert_eq!(bare.start_seq(1_500), Some(16));
+        assert_eq!(bare.start_seq(20_000), Some(0));
     }
 
     #[test]

@@ -635,9 +635,17 @@ async fn a_publisher_that_comes_back_with_other_settings_plays_on() {
 /// `rtmp://…/live/cam?token=tok`, the server remuxes it to fragmented MP4,
 /// and headless Chromium plays it with its sound track. A wrong token and a
 /// codec other than H.264 are refused with their codes, and leave nothing.
+///
+/// The keyframe interval is 8 s (about OBS's default), and the viewer joins
+/// 11 s in, so most fragment starts near the live edge are not keyframes: it
+/// must start at the keyframe at 8 s. Started at a fragment start without
+/// one (the rule before), Chromium showed a still picture until the next
+/// keyframe: no frame decoded in the 1.2 s after the first, against 37 from
+/// a keyframe.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_rtmp_publisher_plays_in_the_browser() {
-    const SECS: f64 = 14.0;
+    const SECS: f64 = 24.0;
+    const JOIN_AT: Duration = Duration::from_secs(11);
     let port = clubcast_tests::free_port().expect("a free port");
     let listen = format!("127.0.0.1:{port}");
     let (server, _) = ingest_server(&["--rtmp-listen", &listen]).await;
@@ -648,7 +656,8 @@ async fn an_rtmp_publisher_plays_in_the_browser() {
                 .args(["-hide_banner", "-loglevel", "error", "-re"])
                 .args(["-f", "lavfi", "-i", "testsrc2=size=640x360:rate=30"])
                 .args(["-f", "lavfi", "-i", "sine=frequency=440:sample_rate=48000"])
-                .args(["-t", &secs.to_string(), "-g", "60"])
+                .args(["-t", &secs.to_string()])
+                .args(["-g", "240", "-keyint_min", "240", "-sc_threshold", "0"])
                 .args(codec)
                 .args(["-c:a", "aac", "-f", "flv", &url])
                 .status()
@@ -672,10 +681,28 @@ async fn an_rtmp_publisher_plays_in_the_browser() {
         assert_eq!(m.get(&key).copied(), Some(1.0), "{key} in {m:?}");
     }
     let publisher = publish(format!("{rtmp}/cam?token=tok"), H264, SECS);
+    server
+        .wait_for_stream("cam", Duration::from_secs(30))
+        .await
+        .expect("the stream is published");
+    tokio::time::sleep(JOIN_AT).await;
     let browser = watching(&server, "cam").await;
+    let frames = || async {
+        let f = browser
+            .eval(
+                "const v = document.querySelector('video'); \
+                 return [v.currentTime, v.getVideoPlaybackQuality().totalVideoFrames];",
+            )
+            .await
+            .expect("frames readable");
+        (f[0].as_f64().unwrap_or(0.0), f[1].as_f64().unwrap_or(0.0))
+    };
+    let first = frames().await;
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let moving = frames().await;
     let (mut last, mut latency) = (0.0f64, Vec::new());
     let deadline = Instant::now() + Duration::from_secs(40);
-    while last < SECS - 6.0 {
+    while last < moving.0 + 6.0 {
         tokio::time::sleep(Duration::from_millis(500)).await;
         let v = browser.video().await.expect("video readable");
         let s = browser.stats().await.expect("stats readable");
@@ -699,10 +726,18 @@ async fn an_rtmp_publisher_plays_in_the_browser() {
         .expect("tracks readable");
     let s = browser.stats().await.expect("stats readable");
     println!(
-        "smoke rtmp: played to {last:.1} s, [width, height, audio bytes] {tracks}, \
-         latency_ms median {:?}, stalls {}",
+        "smoke rtmp: frames decoded {} at {:.2} s and {} at {:.2} s, played to {last:.1} s, \
+         [width, height, audio bytes] {tracks}, latency_ms median {:?}, stalls {}",
+        first.1,
+        first.0,
+        moving.1,
+        moving.0,
         median(&latency),
         s["stalls"]
+    );
+    assert!(
+        moving.1 - first.1 >= 15.0,
+        "the picture moves from the start (30 fps): frames {first:?} then {moving:?}"
     );
     assert_eq!(tracks[0], 640, "the video plays at its size: {tracks}");
     assert_eq!(tracks[1], 360, "the video plays at its size: {tracks}");
