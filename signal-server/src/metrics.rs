@@ -68,6 +68,7 @@ impl Labelled {
 pub struct Metrics {
     streams: AtomicU64,
     streams_ended: AtomicU64,
+    rtmp_connections: AtomicU64,
     publishing: Labelled,
     peers: Labelled,
     joins: AtomicU64,
@@ -105,6 +106,20 @@ impl Metrics {
     /// A stream ended: its publisher stayed away too long.
     pub fn stream_ended(&self) {
         inc(&self.streams_ended, 1);
+    }
+
+    /// An RTMP connection opened (`true`) or closed (`false`).
+    pub fn rtmp_connection(&self, open: bool) {
+        if open {
+            inc(&self.rtmp_connections, 1);
+        } else {
+            self.rtmp_connections.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
+    /// RTMP connections open now.
+    pub fn rtmp_connections(&self) -> u64 {
+        self.rtmp_connections.load(Ordering::Relaxed)
     }
 
     /// Streams ended so far.
@@ -250,6 +265,13 @@ impl Metrics {
             "counter",
             "Streams ended because their publisher stayed away longer than --publisher-wait-seconds.",
             get(&self.streams_ended),
+        )?;
+        scalar(
+            out,
+            "clubcast_rtmp_connections",
+            "gauge",
+            "RTMP connections open (publishing or not yet).",
+            get(&self.rtmp_connections),
         )?;
         labelled(
             out,

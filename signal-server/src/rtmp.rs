@@ -17,8 +17,8 @@
 //! An RTMP publisher sees no HTTP status, so a refusal is an `onStatus`
 //! error (`NetStream.Publish.BadName` for a wrong token or name,
 //! `NetStream.Publish.Failed` otherwise) and the connection is closed; the
-//! server logs the code and counts it in `clubcast_ingest_rejects_total`, as for
-//! HTTP.
+//! server logs the code and counts it in `clubcast_rejects_total`, as for
+//! HTTP. `clubcast_rtmp_connections` is the connections open.
 //!
 //! Bounds: at most [`MAX_CONNECTIONS`] connections at once, the handshake within
 //! [`HANDSHAKE_TIMEOUT`], and a connection that sends nothing for
@@ -94,11 +94,13 @@ pub fn spawn(
                 continue;
             };
             let (st, stop) = (st.clone(), shutdown.clone());
+            st.metrics.rtmp_connection(true);
             tokio::spawn(async move {
                 let _ = sock.set_nodelay(true);
                 if let Err(e) = connection(sock, &st, stop).await {
                     tracing::info!(%from, "rtmp connection ended: {e}");
                 }
+                st.metrics.rtmp_connection(false);
                 drop(slot);
             });
         }
