@@ -30,3 +30,27 @@ for name, seed in seeds.items():
         open(f"{sys.argv[2]}/{name}-{cut}", "wb").write(bytes([cut]) + seed)
 PY
 echo "seeds in ${out}"
+
+# Seeds for the flv_remux target: the FLV fixture's tags in the target's
+# framing (kind byte, even for video, odd for audio, with the top bit asking
+# for audio; 4-byte timestamp; 2-byte length; payload), whole and cut to its
+# first 20 tags.
+#   fuzz/seeds.sh <corpus dir> <flv corpus dir>  (default: fuzz/corpus/flv_remux)
+flv_out="${2:-${here}/corpus/flv_remux}"
+mkdir -p "${flv_out}"
+python3 - "${here}/../signal-server/tests/fixtures/small.flv" "${flv_out}" <<'PY'
+import struct, sys
+data = open(sys.argv[1], "rb").read()
+i = struct.unpack(">I", data[5:9])[0] + 4
+tags = []
+while i + 11 <= len(data):
+    kind = data[i]
+    size = int.from_bytes(data[i + 1:i + 4], "big")
+    ts = int.from_bytes(data[i + 4:i + 7], "big") | data[i + 7] << 24
+    body = data[i + 11:i + 11 + size]
+    if kind in (8, 9):
+        tags.append(bytes([0x81 if kind == 8 else 0x80]) + struct.pack(">IH", ts, len(body)) + body)
+    i += 11 + size + 4
+open(f"{sys.argv[2]}/whole", "wb").write(b"".join(tags))
+open(f"{sys.argv[2]}/first20", "wb").write(b"".join(tags[:20]))
+PY
