@@ -79,6 +79,9 @@ use fmp4::{Fmp4Error, Fmp4Parser, Fragment, Item};
 
 /// A publisher that sends nothing for this long is dropped and its name freed.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Keyframes further apart than this get a warning in the log: new viewers
+/// start at a keyframe, so they start up to this far back and fetch it all.
+pub const LONG_KEYFRAME_INTERVAL_MS: u64 = 4_000;
 
 /// What the ingest route needs.
 #[derive(Clone)]
@@ -281,6 +284,7 @@ pub(crate) async fn publish(
     // timeline, set at its first fragment.
     let mut shift = None;
     let mut idle_at = tokio::time::Instant::now() + IDLE_TIMEOUT;
+    let mut warned_gop = false;
     loop {
         let replaced = async {
             match &guard {
@@ -336,6 +340,18 @@ pub(crate) async fn publish(
                         .map_err(publishing)?;
                     fragments += 1;
                     blocks += b.len() as u64;
+                    let gop = guard.stream().keyframe_interval_ms();
+                    if let Some(ms) = gop.filter(|&ms| ms > LONG_KEYFRAME_INTERVAL_MS) {
+                        if frag.keyframe && !std::mem::replace(&mut warned_gop, true) {
+                            tracing::warn!(
+                                stream = %name,
+                                keyframe_interval_ms = ms,
+                                "keyframes are far apart: viewers start at a keyframe, so they \
+                                 start up to that far back; set the encoder's keyframe interval \
+                                 to 1-2 s (OBS: Settings, Output, Keyframe Interval 2)"
+                            );
+                        }
+                    }
                 }
             }
         }

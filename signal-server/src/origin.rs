@@ -2,7 +2,7 @@
 //!
 //! | route | answer |
 //! |---|---|
-//! | `GET /streams` | JSON list of `{id, name, live_edge, clubs, bitrate_kbps, peers, publishing}` |
+//! | `GET /streams` | JSON list of `{id, name, live_edge, clubs, bitrate_kbps, keyframe_interval_ms, peers, publishing}` |
 //! | `GET /streams/{id}` | one such object (`id` may be the name); 404 if unknown |
 //! | `GET /streams/{id}/init` | the newest init segment (`video/mp4`); 404 until published |
 //! | `GET /streams/{id}/init?seq={seq}` | the init segment block `seq` needs (a publisher that comes back may bring another; its first block is flagged `NEW_INIT`) |
@@ -164,6 +164,10 @@ pub struct StreamSummary {
     pub clubs: u16,
     /// Bitrate estimate, kbit/s.
     pub bitrate_kbps: u32,
+    /// About how far apart the publisher's keyframes are, ms (`null` before
+    /// the second). New viewers start at a keyframe, so a long interval
+    /// (over 4 s) makes them start further back and fetch more to catch up.
+    pub keyframe_interval_ms: Option<u64>,
     /// Peers in the swarm.
     pub peers: usize,
     /// Whether a publisher is connected and sending: `false` for a stream
@@ -179,6 +183,7 @@ fn summary(state: &AppState, s: &Stream) -> StreamSummary {
         live_edge: s.live_edge(),
         clubs: state.config.club_config().clubs,
         bitrate_kbps: s.bitrate_kbps(),
+        keyframe_interval_ms: s.keyframe_interval_ms(),
         peers: state.hub.peers(&s.id),
         publishing: s.publishing(),
     }

@@ -58,6 +58,10 @@ pub struct BlockStore {
     /// The seq the next block must have; blocks before it that are not
     /// stored are evicted (or were never stored: a server restart).
     next: u64,
+    /// Ingest time of the newest keyframe fragment start, ms.
+    last_key_ms: Option<u64>,
+    /// Ingest time between the two newest keyframe fragment starts, ms.
+    key_interval_ms: Option<u64>,
 }
 
 /// Errors of [`BlockStore::push`].
@@ -83,6 +87,8 @@ impl BlockStore {
             max_age_ms,
             max_bytes: max_bytes.min(MAX_STORE_BYTES),
             next: 0,
+            last_key_ms: None,
+            key_interval_ms: None,
         }
     }
 
@@ -104,6 +110,13 @@ impl BlockStore {
         }
         self.next = block.seq() + 1;
         let newest_time = block.block.header().ingest_time_ms;
+        let key = BlockFlags::FRAGMENT_START.union(BlockFlags::KEYFRAME);
+        if block.block.header().flags.contains(key) {
+            if let Some(last) = self.last_key_ms {
+                self.key_interval_ms = Some(newest_time.saturating_sub(last));
+            }
+            self.last_key_ms = Some(newest_time);
+        }
         self.bytes += block.encoded.len();
         self.blocks.push_back(block);
         while self.blocks.len() > 1 {
@@ -130,6 +143,13 @@ impl BlockStore {
             }
             _ => Lookup::Evicted,
         }
+    }
+
+    /// About how far apart the publisher's keyframes are: the ingest time
+    /// between the two newest fragment starts that begin with one, ms
+    /// (`None` before the second).
+    pub fn keyframe_interval_ms(&self) -> Option<u64> {
+        self.key_interval_ms
     }
 
     /// The seq the next block gets.
@@ -270,6 +290,7 @@ mod tests {
         assert_eq!(store.start_seq(6_000), Some(6));
         // Keyframes only younger than the target: the newest of them.
         assert_eq!(store.start_seq(20_000), Some(18));
+        assert_eq!(store.keyframe_interval_ms(), Some(3_000));
         // No keyframe at all (a publisher sending none yet): the newest
         // fragment start at least the target behind, else the oldest.
         let mut bare = BlockStore::new(60_000, usize::MAX);
@@ -279,6 +300,7 @@ mod tests {
         }
         assert_eq!(bare.start_seq(1_500), Some(16));
         assert_eq!(bare.start_seq(20_000), Some(0));
+        assert_eq!(bare.keyframe_interval_ms(), None);
     }
 
     #[test]

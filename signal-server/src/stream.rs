@@ -607,6 +607,12 @@ impl Stream {
         self.read().store.start_seq(target_latency_ms)
     }
 
+    /// About how far apart the publisher's keyframes are, ms (see
+    /// [`BlockStore::keyframe_interval_ms`]).
+    pub fn keyframe_interval_ms(&self) -> Option<u64> {
+        self.read().store.keyframe_interval_ms()
+    }
+
     /// Payload bitrate over the stored window, kbit/s.
     pub fn bitrate_kbps(&self) -> u32 {
         self.read().store.bitrate_kbps()

@@ -755,6 +755,18 @@ async fn an_rtmp_publisher_plays_in_the_browser() {
         .expect("GET /streams");
     let names: Vec<Value> = serde_json::from_slice(&body).expect("a JSON list");
     assert_eq!(names.len(), 1, "only `cam` was made: {names:?}");
+    // The 8-s keyframe interval is shown, and the operator warned of it.
+    let gop = names[0]["keyframe_interval_ms"].as_u64().expect("measured");
+    assert!(
+        (6_000..=10_000).contains(&gop),
+        "keyframe interval {gop} ms"
+    );
+    assert!(
+        server
+            .log_tail(usize::MAX)
+            .contains("keyframes are far apart"),
+        "the log warns of the long keyframe interval"
+    );
 }
 
 /// A server with no demo, publish token `tok` and `args`, and its ingest
