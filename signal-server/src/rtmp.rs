@@ -21,7 +21,8 @@
 //! HTTP. `clubcast_rtmp_connections` is the connections open.
 //!
 //! Bounds: at most [`MAX_CONNECTIONS`] connections at once, the handshake within
-//! [`HANDSHAKE_TIMEOUT`], and a connection that sends nothing for
+//! [`HANDSHAKE_TIMEOUT`], a publish request within [`PUBLISH_DEADLINE`], each
+//! write within [`WRITE_TIMEOUT`], and a publisher that sends nothing for
 //! [`IDLE_TIMEOUT`] is closed. An RTMP message is
 //! at most 16 MiB by its 24-bit length, and [`Remuxer`] bounds frames and what
 //! waits for a cut.
@@ -34,8 +35,8 @@ use rml_rtmp::handshake::{Handshake, HandshakeProcessResult, PeerType};
 use rml_rtmp::sessions::{
     ServerSession, ServerSessionConfig, ServerSessionEvent, ServerSessionResult,
 };
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpListener;
 use tokio::sync::{mpsc, Semaphore};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -45,9 +46,13 @@ use crate::ingest::{publish, token_ok, IngestError, IngestState, IDLE_TIMEOUT};
 use crate::stream::{valid_name, StreamError};
 
 /// Most RTMP connections at once.
-pub const MAX_CONNECTIONS: usize = 64;
+pub const MAX_CONNECTIONS: usize = 32;
 /// Time a connection gets to finish the RTMP handshake.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Time a connection gets from its start to ask to publish.
+pub const PUBLISH_DEADLINE: Duration = Duration::from_secs(30);
+/// Time a write to the encoder may take (one that reads nothing is closed).
+pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Fragmented-MP4 pieces that may wait for the publish task.
 const QUEUE: usize = 64;
 
@@ -64,9 +69,13 @@ pub enum RtmpError {
     /// The peer broke the RTMP protocol.
     #[error("protocol: {0}")]
     Protocol(String),
-    /// The connection sent nothing for too long.
-    #[error("no data for {} s", IDLE_TIMEOUT.as_secs())]
+    /// The connection sent nothing for too long, or did not ask to publish
+    /// in time.
+    #[error("idle: no data for {} s, or no publish request within {} s", IDLE_TIMEOUT.as_secs(), PUBLISH_DEADLINE.as_secs())]
     Idle,
+    /// The encoder did not read what the server sent.
+    #[error("a write took over {} s", WRITE_TIMEOUT.as_secs())]
+    WriteTimeout,
 }
 
 /// Accepts RTMP connections on `listener` until `shutdown`.
@@ -121,11 +130,12 @@ enum Next {
     Close,
 }
 
-async fn connection(
-    mut sock: TcpStream,
+async fn connection<S: AsyncRead + AsyncWrite + Unpin>(
+    mut sock: S,
     st: &IngestState,
     shutdown: CancellationToken,
 ) -> Result<(), RtmpError> {
+    let publish_by = tokio::time::Instant::now() + PUBLISH_DEADLINE;
     let mut buf = vec![0u8; 64 * 1024];
     let rest = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(&mut sock, &mut buf))
         .await
@@ -145,9 +155,13 @@ async fn connection(
             Err(e) => break Err(e),
         }
         if input.is_empty() {
+            let until = match publishing {
+                Some(_) => tokio::time::Instant::now() + IDLE_TIMEOUT,
+                None => publish_by,
+            };
             let read = tokio::select! {
                 () = shutdown.cancelled() => break Ok(()),
-                read = tokio::time::timeout(IDLE_TIMEOUT, sock.read(&mut buf)) => read,
+                read = tokio::time::timeout_at(until, sock.read(&mut buf)) => read,
             };
             match read {
                 Err(_) => break Err(RtmpError::Idle),
@@ -170,7 +184,10 @@ async fn connection(
 
 /// Runs the server side of the handshake; returns the bytes that followed it,
 /// or `None` when the peer left.
-async fn handshake(sock: &mut TcpStream, buf: &mut [u8]) -> Result<Option<Vec<u8>>, RtmpError> {
+async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
+    sock: &mut S,
+    buf: &mut [u8],
+) -> Result<Option<Vec<u8>>, RtmpError> {
     let mut hs = Handshake::new(PeerType::Server);
     loop {
         let n = sock.read(buf).await?;
@@ -182,13 +199,13 @@ async fn handshake(sock: &mut TcpStream, buf: &mut [u8]) -> Result<Option<Vec<u8
             .map_err(|e| RtmpError::Handshake(e.to_string()))?
         {
             HandshakeProcessResult::InProgress { response_bytes } => {
-                sock.write_all(&response_bytes).await?;
+                write(sock, &response_bytes).await?;
             }
             HandshakeProcessResult::Completed {
                 response_bytes,
                 remaining_bytes,
             } => {
-                sock.write_all(&response_bytes).await?;
+                write(sock, &response_bytes).await?;
                 return Ok(Some(remaining_bytes));
             }
         }
@@ -196,8 +213,8 @@ async fn handshake(sock: &mut TcpStream, buf: &mut [u8]) -> Result<Option<Vec<u8
 }
 
 /// Sends what the session answers and acts on its events.
-async fn handle(
-    sock: &mut TcpStream,
+async fn handle<S: AsyncWrite + Unpin>(
+    sock: &mut S,
     session: &mut ServerSession,
     results: Vec<ServerSessionResult>,
     st: &IngestState,
@@ -208,7 +225,7 @@ async fn handle(
     while let Some(result) = queue.pop_front() {
         let event = match result {
             ServerSessionResult::OutboundResponse(packet) => {
-                sock.write_all(&packet.bytes).await?;
+                write(sock, &packet.bytes).await?;
                 continue;
             }
             ServerSessionResult::RaisedEvent(event) => event,
@@ -300,12 +317,23 @@ async fn handle(
     Ok(Next::Go)
 }
 
-async fn send(sock: &mut TcpStream, results: Vec<ServerSessionResult>) -> Result<(), RtmpError> {
+async fn send<S: AsyncWrite + Unpin>(
+    sock: &mut S,
+    results: Vec<ServerSessionResult>,
+) -> Result<(), RtmpError> {
     for r in results {
         if let ServerSessionResult::OutboundResponse(packet) = r {
-            sock.write_all(&packet.bytes).await?;
+            write(sock, &packet.bytes).await?;
         }
     }
+    Ok(())
+}
+
+/// Writes `bytes` within [`WRITE_TIMEOUT`].
+async fn write<S: AsyncWrite + Unpin>(sock: &mut S, bytes: &[u8]) -> Result<(), RtmpError> {
+    tokio::time::timeout(WRITE_TIMEOUT, sock.write_all(bytes))
+        .await
+        .map_err(|_| RtmpError::WriteTimeout)??;
     Ok(())
 }
 
@@ -378,7 +406,108 @@ async fn finish(mut p: Publishing, st: &IngestState) {
 
 #[cfg(test)]
 mod tests {
-    use super::name_and_token;
+    use super::*;
+    use crate::metrics::Metrics;
+    use crate::stream::{StoreConfig, Streams};
+    use rml_rtmp::sessions::{ClientSession, ClientSessionConfig, ClientSessionResult};
+    use tokio::io::DuplexStream;
+
+    fn state() -> IngestState {
+        IngestState {
+            streams: Arc::new(Streams::new(
+                None,
+                StoreConfig {
+                    store_seconds: 60,
+                    max_bytes: usize::MAX,
+                },
+            )),
+            publish_token: "t".into(),
+            block_bytes: 4096,
+            metrics: Arc::new(Metrics::default()),
+        }
+    }
+
+    /// The client's side of the handshake and a `connect`, on `c`; then
+    /// `pings` ping requests, sent while it reads nothing (as far as the
+    /// server takes them).
+    async fn connect(c: &mut DuplexStream, pings: usize) -> ClientSession {
+        let mut hs = Handshake::new(PeerType::Client);
+        let p0p1 = hs.generate_outbound_p0_and_p1().expect("p0 and p1");
+        c.write_all(&p0p1).await.expect("send");
+        let mut buf = vec![0u8; 8192];
+        loop {
+            let n = c.read(&mut buf).await.expect("read");
+            assert!(n > 0, "the server left in the handshake");
+            match hs.process_bytes(&buf[..n]).expect("handshake") {
+                HandshakeProcessResult::InProgress { response_bytes } => {
+                    c.write_all(&response_bytes).await.expect("send");
+                }
+                HandshakeProcessResult::Completed { response_bytes, .. } => {
+                    c.write_all(&response_bytes).await.expect("send");
+                    break;
+                }
+            }
+        }
+        let (mut session, first) = ClientSession::new(ClientSessionConfig::new()).expect("session");
+        let connect = session.request_connection("live".into()).expect("connect");
+        let pings = (0..pings).map(|_| {
+            let (packet, _) = session.send_ping_request().expect("a ping");
+            ClientSessionResult::OutboundResponse(packet)
+        });
+        let out: Vec<_> = first.into_iter().chain([connect]).chain(pings).collect();
+        for r in out {
+            if let ClientSessionResult::OutboundResponse(p) = r {
+                // A server that gave up on this client has closed the pipe.
+                if c.write_all(&p.bytes).await.is_err() {
+                    break;
+                }
+            }
+        }
+        session
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_that_never_asks_to_publish_is_closed() {
+        let (mut client, server) = tokio::io::duplex(64 * 1024);
+        let st = state();
+        let started = tokio::time::Instant::now();
+        let task =
+            tokio::spawn(async move { connection(server, &st, CancellationToken::new()).await });
+        let mut session = connect(&mut client, 0).await;
+        // A ping 20 s in is not a publish request: the server still hangs up
+        // at the deadline, not 30 s after the ping.
+        tokio::time::sleep(Duration::from_secs(20)).await;
+        let (ping, _) = session.send_ping_request().expect("a ping");
+        client.write_all(&ping.bytes).await.expect("send");
+        let mut sink = Vec::new();
+        client
+            .read_to_end(&mut sink)
+            .await
+            .expect("read to the close");
+        let result = task.await.expect("the connection task");
+        assert!(matches!(result, Err(RtmpError::Idle)), "{result:?}");
+        let took = started.elapsed();
+        assert!(took >= PUBLISH_DEADLINE && took < PUBLISH_DEADLINE + Duration::from_secs(5));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_encoder_that_reads_nothing_is_closed() {
+        // A pipe that the server's answers to a flood of pings fill.
+        let (mut client, server) = tokio::io::duplex(8192);
+        let st = state();
+        let started = tokio::time::Instant::now();
+        let task =
+            tokio::spawn(async move { connection(server, &st, CancellationToken::new()).await });
+        let _session = connect(&mut client, 2_000).await;
+        // Reads nothing more, and keeps the connection open.
+        let result = tokio::time::timeout(Duration::from_secs(60), task)
+            .await
+            .expect("the server gives up on the encoder")
+            .expect("the connection task");
+        assert!(matches!(result, Err(RtmpError::WriteTimeout)), "{result:?}");
+        assert!(started.elapsed() >= WRITE_TIMEOUT);
+        drop(client);
+    }
 
     #[test]
     fn the_token_comes_from_the_key_or_else_the_app() {
