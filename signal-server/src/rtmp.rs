@@ -247,7 +247,8 @@ async fn handle<S: AsyncWrite + Unpin>(
                     ));
                 }
                 let (name, token) = name_and_token(&app_name, &stream_key);
-                let refusal = if !token_ok(&Default::default(), token, &st.publish_token) {
+                let refusal = if !token_ok(&Default::default(), token.as_deref(), &st.publish_token)
+                {
                     Some(IngestError::Unauthorized)
                 } else if !valid_name(name) {
                     Some(IngestError::Stream(StreamError::BadName))
@@ -338,11 +339,16 @@ async fn write<S: AsyncWrite + Unpin>(sock: &mut S, bytes: &[u8]) -> Result<(), 
 }
 
 /// The stream name and the token of a publish: the token from the stream
-/// key's query, else from the application name's.
-fn name_and_token<'a>(app: &'a str, key: &'a str) -> (&'a str, Option<&'a str>) {
+/// key's query, else from the application name's (percent-decoded, as in an
+/// HTTP ingest URL).
+fn name_and_token<'a>(app: &str, key: &'a str) -> (&'a str, Option<String>) {
     let (name, query) = key.split_once('?').unwrap_or((key, ""));
     let app_query = app.split_once('?').map_or("", |(_, q)| q);
-    let token = |q: &'a str| q.split('&').find_map(|kv| kv.strip_prefix("token="));
+    let token = |q: &str| {
+        form_urlencoded::parse(q.as_bytes())
+            .find(|(k, _)| k == "token")
+            .map(|(_, v)| v.into_owned())
+    };
     (name, token(query).or_else(|| token(app_query)))
 }
 
@@ -511,12 +517,18 @@ mod tests {
 
     #[test]
     fn the_token_comes_from_the_key_or_else_the_app() {
-        assert_eq!(name_and_token("live", "cam?token=t1"), ("cam", Some("t1")));
-        assert_eq!(name_and_token("live?token=t2", "cam"), ("cam", Some("t2")));
+        let some = |t: &str| Some(t.to_owned());
+        assert_eq!(name_and_token("live", "cam?token=t1"), ("cam", some("t1")));
+        assert_eq!(name_and_token("live?token=t2", "cam"), ("cam", some("t2")));
         assert_eq!(
             name_and_token("live?token=t2", "cam?x=1&token=t1"),
-            ("cam", Some("t1")),
+            ("cam", some("t1")),
             "the key's token wins"
+        );
+        assert_eq!(
+            name_and_token("live", "cam?token=a%26b%3D"),
+            ("cam", some("a&b=")),
+            "percent-decoded"
         );
         assert_eq!(name_and_token("live", "cam"), ("cam", None));
     }
