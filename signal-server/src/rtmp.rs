@@ -279,12 +279,14 @@ async fn handle<S: AsyncWrite + Unpin>(
                 return Ok(Next::Close);
             }
             ServerSessionEvent::StreamMetadataChanged { metadata, .. } => {
-                if let (Some(p), Some(w), Some(h)) = (
-                    publishing.as_mut(),
-                    metadata.video_width,
-                    metadata.video_height,
-                ) {
-                    p.remuxer.set_size(w, h);
+                if let Some(p) = publishing.as_mut() {
+                    if let (Some(w), Some(h)) = (metadata.video_width, metadata.video_height) {
+                        p.remuxer.set_size(w, h);
+                    }
+                    let audio = metadata.audio_codec_id.is_some();
+                    p.remuxer.set_audio_expected(audio);
+                    p.remuxer
+                        .set_audio_only(audio && metadata.video_codec_id.is_none());
                 }
             }
             ServerSessionEvent::VideoDataReceived {

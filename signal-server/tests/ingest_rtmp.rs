@@ -15,7 +15,8 @@ use clubcast_server::metrics::Metrics;
 use clubcast_server::stream::{StoreConfig, Streams};
 use rml_rtmp::handshake::{Handshake, HandshakeProcessResult, PeerType};
 use rml_rtmp::sessions::{
-    ClientSession, ClientSessionConfig, ClientSessionEvent, ClientSessionResult, PublishRequestType,
+    ClientSession, ClientSessionConfig, ClientSessionEvent, ClientSessionResult,
+    PublishRequestType, StreamMetadata,
 };
 use rml_rtmp::time::RtmpTimestamp;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -184,6 +185,12 @@ impl Client {
             .await
     }
 
+    /// Sends `onMetaData`.
+    async fn metadata(&mut self, m: &StreamMetadata) {
+        let r = self.session.publish_metadata(m).expect("metadata");
+        self.send(vec![r]).await;
+    }
+
     /// Sends the tags and stops publishing; `false` if the server hung up.
     async fn send_tags(&mut self, tags: &[(u8, u32, Bytes)]) -> bool {
         for (kind, ts, body) in tags {
@@ -255,6 +262,64 @@ async fn an_rtmp_publish_is_stored_as_fragmented_mp4_blocks() {
         s.next_seq()
     );
     assert_eq!(rig.metrics.rejects("unauthorized"), 0);
+}
+
+/// The tracks of stream `name`'s init segment: (timescale, video).
+fn init_tracks(streams: &Streams, name: &str) -> Vec<(u32, bool)> {
+    let init = streams
+        .get(name)
+        .and_then(|s| s.init_segment())
+        .expect("an init segment");
+    let mut parser = fmp4::Fmp4Parser::new();
+    parser.push(&init).expect("the init splits");
+    parser
+        .tracks()
+        .iter()
+        .map(|t| (t.timescale, t.video))
+        .collect()
+}
+
+#[tokio::test]
+async fn the_metadata_decides_the_tracks() {
+    let rig = serve().await;
+    let all = tags(FIXTURE);
+    // Audio alone (ffmpeg -vn, internet radio): the metadata names no video.
+    let mut c = Client::connect(rig.addr, "live").await;
+    assert!(c.publish(&format!("radio?token={TOKEN}")).await);
+    let mut m = StreamMetadata::new();
+    m.audio_codec_id = Some(10);
+    c.metadata(&m).await;
+    let audio: Vec<_> = all.iter().filter(|t| t.0 == 8).cloned().collect();
+    assert!(c.send_tags(&audio).await);
+    // Both named, the audio configuration late (after the first frames): the
+    // first init waits for it, since MSE cannot add a track later.
+    let mut late = all.clone();
+    let asc = late
+        .iter()
+        .position(|t| t.0 == 8 && t.2[1] == 0)
+        .expect("the AudioSpecificConfig");
+    let asc = late.remove(asc);
+    let at = late.iter().position(|t| t.1 >= 200).expect("200 ms in");
+    late.insert(at, asc);
+    late.retain(|t| !(t.0 == 8 && t.2[1] == 1 && t.1 < 200));
+    let mut c = Client::connect(rig.addr, "live").await;
+    assert!(c.publish(&format!("late?token={TOKEN}")).await);
+    m.video_codec_id = Some(7);
+    c.metadata(&m).await;
+    assert!(c.send_tags(&late).await);
+    eventually("both are published", || {
+        ["radio", "late"].iter().all(|n| {
+            rig.streams
+                .get(n)
+                .is_some_and(|s| s.live_edge().is_some() && !s.publishing())
+        })
+    })
+    .await;
+    assert_eq!(init_tracks(&rig.streams, "radio"), [(44_100, false)]);
+    assert_eq!(
+        init_tracks(&rig.streams, "late"),
+        [(1000, true), (44_100, false)]
+    );
 }
 
 #[tokio::test]

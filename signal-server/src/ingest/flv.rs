@@ -24,6 +24,9 @@
 //!   [`AUDIO_RESYNC_MS`], so rounding never opens gaps.
 //! - A new decoder configuration mid-stream (an encoder that changed its
 //!   size) ends the fragment and writes a new init segment.
+//! - A stream whose metadata names audio and no video (internet radio,
+//!   `ffmpeg -vn`) is audio alone, cut every [`FRAGMENT_MS`]
+//!   ([`Remuxer::set_audio_only`]).
 //!
 //! Bounds: a frame is at most [`MAX_FRAME`], the frames waiting for the next
 //! cut at most [`MAX_PENDING`] bytes, and the wait for the first keyframe at
@@ -140,6 +143,9 @@ pub struct Remuxer {
     size: (u16, u16),
     /// Whether the stream's metadata names an audio codec.
     expect_audio: bool,
+    /// Whether the stream's metadata names audio and no video: fragments of
+    /// audio alone.
+    audio_only: bool,
     /// Whether the init segment in force was written.
     init_written: bool,
     /// Whether the init segment in force has an audio track.
@@ -178,6 +184,16 @@ impl Remuxer {
         self.expect_audio = expected;
     }
 
+    /// Whether the stream's metadata names audio and no video (internet
+    /// radio, `ffmpeg -vn`): the stream is then audio alone, cut every
+    /// [`FRAGMENT_MS`], and video tags are ignored. Taken only before the
+    /// first init segment.
+    pub fn set_audio_only(&mut self, audio_only: bool) {
+        if !self.init_written && self.sequence == 0 {
+            self.audio_only = audio_only;
+        }
+    }
+
     /// An FLV video tag's payload at `ts` ms; returns the bytes to publish.
     pub fn video(&mut self, ts: u32, tag: &[u8]) -> Result<Vec<Bytes>, FlvError> {
         let [head, kind, c0, c1, c2, body @ ..] = tag else {
@@ -196,8 +212,9 @@ impl Remuxer {
         if head & 0x0f != FLV_AVC {
             return Err(video_codec(*head));
         }
-        if head >> 4 == 5 {
-            // Video info / command frame: no picture.
+        if head >> 4 == 5 || self.audio_only {
+            // A video info or command frame (no picture), or video in a
+            // stream its metadata said was audio alone.
             return Ok(Vec::new());
         }
         let mut out = Vec::new();
@@ -284,7 +301,9 @@ impl Remuxer {
                 };
                 let rate = u64::from(aac.rate);
                 let ms = self.audio_clock.extend(ts);
-                if self.video.is_empty() && !self.init_written {
+                if self.audio_only && !self.init_written {
+                    out.push(self.init());
+                } else if self.video.is_empty() && !self.init_written {
                     return self.wait();
                 }
                 let by_clock =
@@ -305,6 +324,11 @@ impl Remuxer {
                         },
                         true,
                     )?;
+                }
+                let first = self.audio.first().map_or(dts, |s| s.dts);
+                let span = dts.saturating_add(AAC_FRAME).saturating_sub(first);
+                if self.audio_only && span >= FRAGMENT_MS * rate / 1000 {
+                    self.flush_audio(&mut out);
                 }
             }
             Some(_) => return Err(FlvError::Malformed("unknown AAC packet type")),
@@ -367,9 +391,24 @@ impl Remuxer {
         Ok(())
     }
 
+    /// Cuts the audio waiting into a fragment of its own (audio-only streams).
+    fn flush_audio(&mut self, out: &mut Vec<Bytes>) {
+        if self.audio.is_empty() {
+            return;
+        }
+        let audio = std::mem::take(&mut self.audio);
+        self.pending_bytes = 0;
+        self.sequence += 1;
+        out.push(fragment(self.sequence, &[], 0, &audio));
+    }
+
     /// Cuts everything waiting, guessing the last frame's duration from the
     /// one before it; the audio goes with the last video.
     fn flush_all(&mut self, out: &mut Vec<Bytes>) -> Result<(), FlvError> {
+        if self.audio_only {
+            self.flush_audio(out);
+            return Ok(());
+        }
         let Some(last) = self.video.last() else {
             self.audio.clear();
             self.pending_bytes = 0;
@@ -392,7 +431,7 @@ impl Remuxer {
         self.waited = 0;
         self.init_has_audio = self.aac.is_some();
         self.audio.clear();
-        let avcc = self.avcc.as_deref().unwrap_or_default();
+        let avcc = self.avcc.as_deref().filter(|_| !self.audio_only);
         init_segment(avcc, self.size, self.aac.as_ref())
     }
 }
@@ -512,8 +551,10 @@ fn full(
 
 const MATRIX: [u32; 9] = [0x0001_0000, 0, 0, 0, 0x0001_0000, 0, 0, 0, 0x4000_0000];
 
-fn init_segment(avcc: &[u8], (w, h): (u16, u16), aac: Option<&Aac>) -> Bytes {
-    let mut o = BytesMut::with_capacity(1024 + avcc.len());
+/// The init segment: a video track with `avcc` (none for audio alone) and an
+/// audio track with `aac`.
+fn init_segment(avcc: Option<&[u8]>, (w, h): (u16, u16), aac: Option<&Aac>) -> Bytes {
+    let mut o = BytesMut::with_capacity(1024 + avcc.map_or(0, <[u8]>::len));
     bx(&mut o, b"ftyp", |o| {
         o.put_slice(b"isom");
         o.put_u32(0x200);
@@ -533,32 +574,34 @@ fn init_segment(avcc: &[u8], (w, h): (u16, u16), aac: Option<&Aac>) -> Bytes {
             o.put_bytes(0, 24);
             o.put_u32(AUDIO + 1);
         });
-        trak(
-            o,
-            VIDEO,
-            VIDEO_SCALE,
-            (w, h),
-            |o| {
-                full(o, b"vmhd", 0, 1, |o| o.put_bytes(0, 8));
-            },
-            |o| {
-                bx(o, b"avc1", |o| {
-                    o.put_bytes(0, 6);
-                    o.put_u16(1); // data reference index
-                    o.put_bytes(0, 16);
-                    o.put_u16(w);
-                    o.put_u16(h);
-                    o.put_u32(0x0048_0000); // 72 dpi
-                    o.put_u32(0x0048_0000);
-                    o.put_u32(0);
-                    o.put_u16(1); // frame count
-                    o.put_bytes(0, 32); // compressor name
-                    o.put_u16(0x18); // depth
-                    o.put_i16(-1);
-                    bx(o, b"avcC", |o| o.put_slice(avcc));
-                });
-            },
-        );
+        if let Some(avcc) = avcc {
+            trak(
+                o,
+                VIDEO,
+                VIDEO_SCALE,
+                (w, h),
+                |o| {
+                    full(o, b"vmhd", 0, 1, |o| o.put_bytes(0, 8));
+                },
+                |o| {
+                    bx(o, b"avc1", |o| {
+                        o.put_bytes(0, 6);
+                        o.put_u16(1); // data reference index
+                        o.put_bytes(0, 16);
+                        o.put_u16(w);
+                        o.put_u16(h);
+                        o.put_u32(0x0048_0000); // 72 dpi
+                        o.put_u32(0x0048_0000);
+                        o.put_u32(0);
+                        o.put_u16(1); // frame count
+                        o.put_bytes(0, 32); // compressor name
+                        o.put_u16(0x18); // depth
+                        o.put_i16(-1);
+                        bx(o, b"avcC", |o| o.put_slice(avcc));
+                    });
+                },
+            );
+        }
         if let Some(a) = aac {
             trak(
                 o,
@@ -583,12 +626,8 @@ fn init_segment(avcc: &[u8], (w, h): (u16, u16), aac: Option<&Aac>) -> Bytes {
             );
         }
         bx(o, b"mvex", |o| {
-            let tracks: &[u32] = if aac.is_some() {
-                &[VIDEO, AUDIO]
-            } else {
-                &[VIDEO]
-            };
-            for &id in tracks {
+            let tracks = [(VIDEO, avcc.is_some()), (AUDIO, aac.is_some())];
+            for (id, _) in tracks.into_iter().filter(|t| t.1) {
                 full(o, b"trex", 0, 0, |o| {
                     o.put_u32(id);
                     o.put_u32(1);
@@ -680,7 +719,8 @@ fn trak(
 }
 
 /// One fragment: the video frames (the last one lasting until `end`) and
-/// the audio frames, in one `moof` and one `mdat`.
+/// the audio frames, in one `moof` and one `mdat` (a track without frames
+/// has no `traf`).
 fn fragment(sequence: u32, video: &[Sample], end: u64, audio: &[Sample]) -> Bytes {
     let media: usize = video.iter().chain(audio).map(|s| s.data.len()).sum();
     let mut o = BytesMut::with_capacity(256 + 16 * (video.len() + audio.len()) + media);
@@ -688,23 +728,21 @@ fn fragment(sequence: u32, video: &[Sample], end: u64, audio: &[Sample]) -> Byte
     let mut offsets = Vec::new();
     bx(&mut o, b"moof", |o| {
         full(o, b"mfhd", 0, 0, |o| o.put_u32(sequence));
-        traf(
-            o,
-            VIDEO,
-            video,
-            |i| match video.get(i + 1) {
+        if !video.is_empty() {
+            let duration = |i: usize| match video.get(i + 1) {
                 Some(next) => next.dts - video[i].dts,
                 None => end.saturating_sub(video[i].dts).max(1),
-            },
-            &mut offsets,
-        );
+            };
+            traf(o, VIDEO, video, duration, &mut offsets);
+        }
         if !audio.is_empty() {
             traf(o, AUDIO, audio, |_| AAC_FRAME, &mut offsets);
         }
     });
     let moof = o.len();
     let mut data = moof + 8;
-    for (at, samples) in offsets.iter().zip([video, audio]) {
+    let runs = [video, audio].into_iter().filter(|s| !s.is_empty());
+    for (at, samples) in offsets.iter().zip(runs) {
         let off = u32::try_from(data).unwrap_or(u32::MAX);
         o[*at..at + 4].copy_from_slice(&off.to_be_bytes());
         data += samples.iter().map(|s| s.data.len()).sum::<usize>();
@@ -937,6 +975,45 @@ mod tests {
             } else {
                 assert_eq!((tracks, start), (1, 0), "starts on the video alone");
             }
+        }
+    }
+
+    #[test]
+    fn a_stream_of_audio_alone_is_cut_every_half_second() {
+        let tags = tags(FIXTURE);
+        let mut r = Remuxer::new();
+        r.set_audio_only(true);
+        let mut out = Vec::new();
+        // Video tags too: a stream announced as audio alone ignores them.
+        for &(kind, ts, body) in &tags {
+            match kind {
+                8 => out.extend(r.audio(ts, body).expect("audio")),
+                9 => out.extend(r.video(ts, body).expect("video ignored")),
+                _ => {}
+            }
+        }
+        out.extend(r.finish().expect("finish"));
+        let mut parser = fmp4::Fmp4Parser::new();
+        let items: Vec<Item> = out
+            .iter()
+            .flat_map(|b| parser.push(b).expect("the splitter takes it"))
+            .collect();
+        let tracks: Vec<_> = parser
+            .tracks()
+            .iter()
+            .map(|t| (t.timescale, t.video))
+            .collect();
+        assert_eq!(tracks, [(44_100, false)], "one audio track");
+        let frags = fragments(&items);
+        assert_eq!(frags.len(), 6, "3 s in 500-ms fragments");
+        assert!(
+            frags.iter().all(|f| f.keyframe),
+            "every audio fragment is a start"
+        );
+        for w in frags.windows(2) {
+            let (a, b) = (&w[0].tracks[0], &w[1].tracks[0]);
+            assert_eq!(a.base + a.duration, b.base, "no gap");
+            assert!(a.duration * 1000 >= 500 * 44_100, "at least 500 ms: {a:?}");
         }
     }
 
