@@ -499,6 +499,23 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn a_handshake_that_stops_halfway_is_closed() {
+        let (mut client, server) = tokio::io::duplex(64 * 1024);
+        let st = state();
+        let started = tokio::time::Instant::now();
+        let task =
+            tokio::spawn(async move { connection(server, &st, CancellationToken::new()).await });
+        client
+            .write_all(&[3; 100])
+            .await
+            .expect("a version byte and part of C1");
+        let result = task.await.expect("the connection task");
+        assert!(matches!(result, Err(RtmpError::Handshake(_))), "{result:?}");
+        assert!(started.elapsed() >= HANDSHAKE_TIMEOUT);
+        drop(client);
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn an_encoder_that_reads_nothing_is_closed() {
         // A pipe that the server's answers to a flood of pings fill.
         let (mut client, server) = tokio::io::duplex(8192);
