@@ -68,7 +68,7 @@ sim *ARGS:
     RUSTFLAGS="{{sim_rustflags}}" cargo run --profile sim -p clubcast-sim -- --compare {{ARGS}}
 
 # All benchmarks; each writes markdown + JSON into bench/results/.
-bench: bench-sim bench-server bench-e2e bench-loss
+bench: bench-sim bench-server bench-e2e bench-loss bench-ingest
 
 # Simulator scaling sweep (clubs vs baselines, same run); e.g. `just bench-sim --bench-peers 100,1000`.
 bench-sim *ARGS:
@@ -78,6 +78,10 @@ bench-sim *ARGS:
 # Server ingest/sign/seed/origin throughput.
 bench-server:
     scripts/bench-server.sh
+
+# Ingest CPU cost: HTTP (fMP4) against RTMP (FLV remuxed), same frames, same run.
+bench-ingest:
+    scripts/bench-ingest.sh
 
 # One server and N headless-Chromium peers, measured end to end.
 bench-e2e: setup build-web
