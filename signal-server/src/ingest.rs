@@ -156,7 +156,7 @@ impl IngestError {
             IngestError::Media(_) => "malformed_mp4",
             IngestError::Flv(FlvError::Codec(_)) => "unsupported_codec",
             IngestError::Flv(FlvError::TooLarge { .. }) => "too_large",
-            IngestError::Flv(FlvError::NoKeyframe(_)) => "no_keyframe",
+            IngestError::Flv(FlvError::NoKeyframe) => "no_keyframe",
             IngestError::Flv(_) => "malformed_flv",
             IngestError::Query(_) => "bad_query",
             IngestError::Body(_) => "body_error",

@@ -769,6 +769,59 @@ async fn an_rtmp_publisher_plays_in_the_browser() {
     );
 }
 
+/// Audio alone over RTMP (internet radio; ffmpeg `-vn` names no video in its
+/// `onMetaData`) is remuxed to audio-only fragments, and headless Chromium
+/// plays it: its currentTime moves, its audio is decoded, with no media error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_rtmp_radio_stream_plays_in_the_browser() {
+    let port = clubcast_tests::free_port().expect("a free port");
+    let listen = format!("127.0.0.1:{port}");
+    let (server, _) = ingest_server(&["--rtmp-listen", &listen]).await;
+    let url = format!("rtmp://{listen}/live/radio?token=tok");
+    let publisher = std::thread::spawn(move || {
+        std::process::Command::new("ffmpeg")
+            .args(["-hide_banner", "-loglevel", "error", "-re"])
+            .args(["-f", "lavfi", "-i", "sine=frequency=440:sample_rate=48000"])
+            .args(["-t", "14", "-vn", "-c:a", "aac", "-f", "flv", &url])
+            .status()
+            .expect("ffmpeg runs (`just setup` installs it)")
+    });
+    let browser = watching(&server, "radio").await;
+    let audio = || async {
+        let a = browser
+            .eval(
+                "const v = document.querySelector('video'); \
+                 return [v.currentTime, v.webkitAudioDecodedByteCount || 0];",
+            )
+            .await
+            .expect("audio readable");
+        (a[0].as_f64().unwrap_or(0.0), a[1].as_f64().unwrap_or(0.0))
+    };
+    let first = audio().await;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let later = audio().await;
+    let v = browser.video().await.expect("video readable");
+    let s = browser.stats().await.expect("stats readable");
+    println!(
+        "smoke rtmp radio: [time, audio bytes] {first:?} then {later:?}, latency_ms {}, stalls {}",
+        s["latency_ms"], s["stalls"]
+    );
+    assert!(v["error"].is_null(), "media error: {v}; stats {s}");
+    assert!(
+        later.0 - first.0 > 2.0,
+        "it plays: {first:?} then {later:?}"
+    );
+    assert!(
+        later.1 > first.1,
+        "its audio is decoded: {first:?} then {later:?}"
+    );
+    browser.close().await;
+    assert!(
+        publisher.join().expect("ffmpeg ran").success(),
+        "ffmpeg published to the end"
+    );
+}
+
 /// A server with no demo, publish token `tok` and `args`, and its ingest
 /// URL for stream `cam`.
 async fn ingest_server(args: &[&str]) -> (Server, String) {

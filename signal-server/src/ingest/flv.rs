@@ -44,6 +44,9 @@ pub const MAX_FRAME: usize = 8 * 1024 * 1024;
 pub const MAX_PENDING: usize = 16 * 1024 * 1024;
 /// Most frames that may come before the first keyframe.
 pub const MAX_WAIT_FRAMES: usize = 2_000;
+/// Most of the publisher's clock, ms, that may pass before the first keyframe
+/// (less than the ingest idle timeout, so the error says why).
+pub const MAX_WAIT_MS: u32 = 20_000;
 /// Samples in an AAC frame.
 pub const AAC_FRAME: u64 = 1024;
 /// Audio follows its timestamps again when they are this far off the
@@ -85,11 +88,16 @@ pub enum FlvError {
         /// The limit.
         limit: usize,
     },
-    /// No keyframe came (or not the audio configuration the metadata named).
+    /// No keyframe came (or not the audio configuration the metadata named)
+    /// within [`MAX_WAIT_MS`] of the publisher's clock or [`MAX_WAIT_FRAMES`]
+    /// frames. An audio-only publisher whose metadata does not say so ends here.
     #[error(
-        "no H.264 keyframe (or no AAC configuration the metadata named) in the first {0} frames"
+        "no H.264 keyframe (or no AAC configuration the metadata named) in the first {} s or {} \
+         frames; for audio alone, send onMetaData without a video codec",
+        MAX_WAIT_MS / 1000,
+        MAX_WAIT_FRAMES
     )]
-    NoKeyframe(usize),
+    NoKeyframe,
 }
 
 /// One frame waiting for the next cut.
@@ -155,6 +163,8 @@ pub struct Remuxer {
     pending_bytes: usize,
     /// Frames dropped while waiting for the first keyframe.
     waited: usize,
+    /// Timestamp of the first of them, ms.
+    waiting_since: Option<u32>,
     video_clock: Clock,
     audio_clock: Clock,
     /// Last video decode time given out.
@@ -233,7 +243,7 @@ impl Remuxer {
                 }
                 if self.avcc.is_none() {
                     // Before its decoder configuration: nothing could decode it.
-                    return self.wait();
+                    return self.wait(ts);
                 }
                 let key = head >> 4 == 1;
                 let cto = (i32::from(*c0) << 24 | i32::from(*c1) << 16 | i32::from(*c2) << 8) >> 8;
@@ -244,7 +254,7 @@ impl Remuxer {
                 };
                 let no_audio_yet = self.expect_audio && self.aac.is_none() && self.sequence == 0;
                 if self.video.is_empty() && !self.init_written && (!key || no_audio_yet) {
-                    return self.wait();
+                    return self.wait(ts);
                 }
                 if let Some(first) = self.video.first() {
                     if key || dts >= first.dts.saturating_add(FRAGMENT_MS) {
@@ -297,14 +307,14 @@ impl Remuxer {
                 }
                 let Some(aac) = &self.aac else {
                     // Before its AudioSpecificConfig: nothing could decode it.
-                    return self.wait();
+                    return self.wait(ts);
                 };
                 let rate = u64::from(aac.rate);
                 let ms = self.audio_clock.extend(ts);
                 if self.audio_only && !self.init_written {
                     out.push(self.init());
                 } else if self.video.is_empty() && !self.init_written {
-                    return self.wait();
+                    return self.wait(ts);
                 }
                 let by_clock =
                     u64::try_from(u128::from(ms) * u128::from(rate) / 1000).unwrap_or(u64::MAX);
@@ -344,11 +354,14 @@ impl Remuxer {
         Ok(out)
     }
 
-    /// A frame dropped while waiting for the first keyframe.
-    fn wait(&mut self) -> Result<Vec<Bytes>, FlvError> {
+    /// A frame at `ts` ms dropped while waiting for the first keyframe.
+    fn wait(&mut self, ts: u32) -> Result<Vec<Bytes>, FlvError> {
         self.waited += 1;
-        if self.waited > MAX_WAIT_FRAMES {
-            return Err(FlvError::NoKeyframe(MAX_WAIT_FRAMES));
+        let since = *self.waiting_since.get_or_insert(ts);
+        // A step back of the clock is not waiting longer.
+        let waited_ms = i64::from(ts.wrapping_sub(since) as i32);
+        if self.waited > MAX_WAIT_FRAMES || waited_ms > i64::from(MAX_WAIT_MS) {
+            return Err(FlvError::NoKeyframe);
         }
         Ok(Vec::new())
     }
@@ -429,6 +442,7 @@ impl Remuxer {
     fn init(&mut self) -> Bytes {
         self.init_written = true;
         self.waited = 0;
+        self.waiting_since = None;
         self.init_has_audio = self.aac.is_some();
         self.audio.clear();
         let avcc = self.avcc.as_deref().filter(|_| !self.audio_only);
@@ -1069,14 +1083,39 @@ mod tests {
             .iter()
             .find(|t| t.0 == 9 && t.2[0] >> 4 == 2)
             .expect("an inter frame");
-        let mut result = Ok(Vec::new());
+        // Frames 40 ms apart: refused past 20 s of the publisher's clock.
+        let mut refused_at = None;
         for i in 0..=MAX_WAIT_FRAMES as u32 {
-            result = r.video(i * 40, inter.2);
-            if result.is_err() {
+            if r.video(i * 40, inter.2) == Err(FlvError::NoKeyframe) {
+                refused_at = Some(i * 40);
                 break;
             }
         }
-        assert_eq!(result, Err(FlvError::NoKeyframe(MAX_WAIT_FRAMES)));
+        assert_eq!(refused_at, Some(MAX_WAIT_MS + 40));
+        // Frames with one timestamp (a stuck clock): refused past 2,000 frames.
+        let mut r = Remuxer::new();
+        let mut refused_at = None;
+        for i in 0..=MAX_WAIT_FRAMES {
+            if r.video(7, inter.2) == Err(FlvError::NoKeyframe) {
+                refused_at = Some(i);
+                break;
+            }
+        }
+        assert_eq!(refused_at, Some(MAX_WAIT_FRAMES));
+        // Audio alone, without metadata that says so: refused at 20 s too,
+        // before the ingest idle timeout.
+        let mut r = Remuxer::new();
+        let audio: Vec<_> = tags.iter().filter(|t| t.0 == 8).collect();
+        let (config, frame) = (audio[0].2, audio[1].2);
+        r.audio(0, config).expect("the configuration");
+        let mut refused_at = None;
+        for i in 0..2_000u32 {
+            if r.audio(i * 23, frame) == Err(FlvError::NoKeyframe) {
+                refused_at = Some(i * 23);
+                break;
+            }
+        }
+        assert_eq!(refused_at, Some((MAX_WAIT_MS / 23 + 1) * 23));
     }
 
     proptest::proptest! {
