@@ -25,31 +25,12 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use clubcast_server::ingest::chunker::publish_fragment;
-use clubcast_server::ingest::flv::Remuxer;
+use clubcast_server::ingest::flv::{file_tags, Remuxer};
 use clubcast_server::ingest::fmp4::{Fmp4Parser, Item};
 use clubcast_server::stream::{StoreConfig, Streams};
 
 const BLOCK_BYTES: usize = 4096;
 const CHUNK: usize = 64 * 1024;
-
-/// An FLV file's audio and video tags: (type, timestamp ms, payload).
-fn tags(flv: &[u8]) -> Vec<(u8, u32, &[u8])> {
-    let mut at = u32::from_be_bytes(flv[5..9].try_into().expect("an FLV header")) as usize + 4;
-    let mut out = Vec::new();
-    while at + 11 <= flv.len() {
-        let h = &flv[at..at + 11];
-        let size = usize::from(h[1]) << 16 | usize::from(h[2]) << 8 | usize::from(h[3]);
-        let ts = u32::from_be_bytes([h[7], h[4], h[5], h[6]]);
-        let Some(body) = flv.get(at + 11..at + 11 + size) else {
-            break;
-        };
-        if h[0] == 8 || h[0] == 9 {
-            out.push((h[0], ts, body));
-        }
-        at += 11 + size + 4;
-    }
-    out
-}
 
 /// Publishes fMP4 `chunks` to a fresh stream; returns the blocks published.
 fn publish(chunks: impl IntoIterator<Item = bytes::Bytes>) -> usize {
@@ -117,7 +98,10 @@ fn main() {
     let media: f64 = secs.parse().expect("media seconds");
     let flv = std::fs::read(flv).expect("the FLV clip");
     let mp4 = bytes::Bytes::from(std::fs::read(mp4).expect("the MP4 clip"));
-    let tags = tags(&flv);
+    let tags: Vec<_> = file_tags(&flv)
+        .into_iter()
+        .filter(|t| t.0 == 8 || t.0 == 9)
+        .collect();
     let http_chunks: Vec<bytes::Bytes> = (0..mp4.len())
         .step_by(CHUNK)
         .map(|i| mp4.slice(i..(i + CHUNK).min(mp4.len())))

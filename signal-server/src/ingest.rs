@@ -204,9 +204,26 @@ struct IngestQuery {
     token: Option<String>,
 }
 
+/// Checks a publish, HTTP or RTMP: the publish token (`Authorization: Bearer
+/// <token>`, or else `query_token`), then the stream name.
+pub(crate) fn authorize(
+    st: &IngestState,
+    headers: &HeaderMap,
+    query_token: Option<&str>,
+    name: &str,
+) -> Result<(), IngestError> {
+    if !token_ok(headers, query_token, &st.publish_token) {
+        return Err(IngestError::Unauthorized);
+    }
+    if !valid_name(name) {
+        return Err(IngestError::Stream(StreamError::BadName));
+    }
+    Ok(())
+}
+
 /// Whether the request carries the publish token: `Authorization: Bearer
 /// <token>`, or else `?token=<token>`.
-pub(crate) fn token_ok(headers: &HeaderMap, query: Option<&str>, expected: &str) -> bool {
+fn token_ok(headers: &HeaderMap, query: Option<&str>, expected: &str) -> bool {
     let Some(got) = headers
         .get(axum::http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
@@ -254,12 +271,7 @@ async fn run(
     query_token: Option<&str>,
     body: Body,
 ) -> Result<(u64, u64), IngestError> {
-    if !token_ok(headers, query_token, &st.publish_token) {
-        return Err(IngestError::Unauthorized);
-    }
-    if !valid_name(name) {
-        return Err(IngestError::Stream(StreamError::BadName));
-    }
+    authorize(st, headers, query_token, name)?;
     let body = body
         .into_data_stream()
         .map(|chunk| chunk.map_err(|e| IngestError::Body(e.to_string())));
@@ -272,9 +284,8 @@ async fn run(
 pub(crate) async fn publish(
     st: &IngestState,
     name: &str,
-    body: impl Stream<Item = Result<Bytes, IngestError>> + Unpin,
+    mut body: impl Stream<Item = Result<Bytes, IngestError>> + Unpin,
 ) -> Result<(u64, u64), IngestError> {
-    let mut body = body;
     // Claimed at the init segment: a body that is not fragmented MP4 creates
     // no stream (and no key file), and takes no silent publisher's place.
     let mut guard: Option<PublishGuard> = None;
@@ -340,17 +351,20 @@ pub(crate) async fn publish(
                         .map_err(publishing)?;
                     fragments += 1;
                     blocks += b.len() as u64;
-                    let gop = guard.stream().keyframe_interval_ms();
-                    if let Some(ms) = gop.filter(|&ms| ms > LONG_KEYFRAME_INTERVAL_MS) {
-                        if frag.keyframe && !std::mem::replace(&mut warned_gop, true) {
-                            tracing::warn!(
-                                stream = %name,
-                                keyframe_interval_ms = ms,
-                                "keyframes are far apart: viewers start at a keyframe, so they \
-                                 start up to that far back; set the encoder's keyframe interval \
-                                 to 1-2 s (OBS: Settings, Output, Keyframe Interval 2)"
-                            );
-                        }
+                    // Read at keyframes only, until the one warning.
+                    let long_gop = (frag.keyframe && !warned_gop)
+                        .then(|| guard.stream().keyframe_interval_ms())
+                        .flatten()
+                        .filter(|&ms| ms > LONG_KEYFRAME_INTERVAL_MS);
+                    if let Some(ms) = long_gop {
+                        warned_gop = true;
+                        tracing::warn!(
+                            stream = %name,
+                            keyframe_interval_ms = ms,
+                            "keyframes are far apart: viewers start at a keyframe, so they \
+                             start up to that far back; set the encoder's keyframe interval \
+                             to 1-2 s (OBS: Settings, Output, Keyframe Interval 2)"
+                        );
                     }
                 }
             }

@@ -42,8 +42,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::ingest::flv::Remuxer;
-use crate::ingest::{publish, token_ok, IngestError, IngestState, IDLE_TIMEOUT};
-use crate::stream::{valid_name, StreamError};
+use crate::ingest::{authorize, publish, IngestError, IngestState, IDLE_TIMEOUT};
 
 /// Most RTMP connections at once.
 pub const MAX_CONNECTIONS: usize = 32;
@@ -247,15 +246,8 @@ async fn handle<S: AsyncWrite + Unpin>(
                     ));
                 }
                 let (name, token) = name_and_token(&app_name, &stream_key);
-                let refusal = if !token_ok(&Default::default(), token.as_deref(), &st.publish_token)
-                {
-                    Some(IngestError::Unauthorized)
-                } else if !valid_name(name) {
-                    Some(IngestError::Stream(StreamError::BadName))
-                } else {
-                    None
-                };
-                if let Some(e) = refusal {
+                let checked = authorize(st, &Default::default(), token.as_deref(), name);
+                if let Err(e) = checked {
                     st.metrics.reject(e.code());
                     tracing::warn!(stream = %name, code = e.code(), "rtmp publish refused: {e}");
                     let answer = session
@@ -292,21 +284,17 @@ async fn handle<S: AsyncWrite + Unpin>(
             ServerSessionEvent::VideoDataReceived {
                 data, timestamp, ..
             } => {
-                if let Some(p) = publishing.as_mut() {
-                    let out = p.remuxer.video(timestamp.value, &data);
-                    if !forward(p, out).await {
-                        return Ok(Next::Close);
-                    }
+                let going = media(publishing, true, timestamp.value, &data).await;
+                if !going {
+                    return Ok(Next::Close);
                 }
             }
             ServerSessionEvent::AudioDataReceived {
                 data, timestamp, ..
             } => {
-                if let Some(p) = publishing.as_mut() {
-                    let out = p.remuxer.audio(timestamp.value, &data);
-                    if !forward(p, out).await {
-                        return Ok(Next::Close);
-                    }
+                let going = media(publishing, false, timestamp.value, &data).await;
+                if !going {
+                    return Ok(Next::Close);
                 }
             }
             ServerSessionEvent::PublishStreamFinished { .. } => {
@@ -366,6 +354,21 @@ fn start(st: &IngestState, name: &str) -> Publishing {
         tx,
         task: tokio::spawn(async move { publish(&task_st, &task_name, Box::pin(body)).await }),
     }
+}
+
+/// Remuxes a video or audio message of the publish in progress (none before
+/// the publish request: ignored) and hands the output on; `false` when the
+/// publish is over.
+async fn media(publishing: &mut Option<Publishing>, video: bool, ts: u32, data: &[u8]) -> bool {
+    let Some(p) = publishing.as_mut() else {
+        return true;
+    };
+    let out = if video {
+        p.remuxer.video(ts, data)
+    } else {
+        p.remuxer.audio(ts, data)
+    };
+    forward(p, out).await
 }
 
 /// Hands the remuxer's output to the publish task; `false` when the publish

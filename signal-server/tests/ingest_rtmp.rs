@@ -66,20 +66,10 @@ async fn serve() -> Rig {
 
 /// The FLV file's tags: (type, timestamp ms, payload).
 fn tags(flv: &[u8]) -> Vec<(u8, u32, Bytes)> {
-    let mut at = u32::from_be_bytes(flv[5..9].try_into().expect("4 bytes")) as usize + 4;
-    let mut out = Vec::new();
-    while at + 11 <= flv.len() {
-        let h = &flv[at..at + 11];
-        let size = usize::from(h[1]) << 16 | usize::from(h[2]) << 8 | usize::from(h[3]);
-        let ts = u32::from_be_bytes([h[7], h[4], h[5], h[6]]);
-        out.push((
-            h[0],
-            ts,
-            Bytes::copy_from_slice(&flv[at + 11..at + 11 + size]),
-        ));
-        at += 11 + size + 4;
-    }
-    out
+    clubcast_server::ingest::flv::file_tags(flv)
+        .into_iter()
+        .map(|(kind, ts, body)| (kind, ts, Bytes::copy_from_slice(body)))
+        .collect()
 }
 
 /// A native RTMP client on a connection.

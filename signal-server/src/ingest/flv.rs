@@ -450,6 +450,29 @@ impl Remuxer {
     }
 }
 
+/// The tags of an FLV file, in order: (type, timestamp ms, payload), type 8
+/// for audio, 9 for video, 18 for script data. They are what RTMP carries in
+/// its messages, so a file can stand in for an encoder (tests, the ingest
+/// bench). Reading stops at a tag that overruns the file.
+pub fn file_tags(flv: &[u8]) -> Vec<(u8, u32, &[u8])> {
+    let header = flv.get(5..9).and_then(|h| <[u8; 4]>::try_from(h).ok());
+    let Some(header) = header else {
+        return Vec::new();
+    };
+    let mut at = (u32::from_be_bytes(header) as usize).saturating_add(4);
+    let mut out = Vec::new();
+    while let Some(h) = flv.get(at..at.saturating_add(11)) {
+        let size = usize::from(h[1]) << 16 | usize::from(h[2]) << 8 | usize::from(h[3]);
+        let ts = u32::from_be_bytes([h[7], h[4], h[5], h[6]]);
+        let Some(body) = flv.get(at + 11..at + 11 + size) else {
+            break;
+        };
+        out.push((h[0], ts, body));
+        at += 11 + size + 4;
+    }
+    out
+}
+
 fn video_codec(head: u8) -> FlvError {
     let name = match head & 0x0f {
         2 => "Sorenson H.263".to_owned(),
@@ -809,24 +832,6 @@ mod tests {
     /// H.264 with B-frames and a keyframe a second, and 44.1-kHz AAC.
     const FIXTURE: &[u8] = include_bytes!("../../tests/fixtures/small.flv");
 
-    /// An FLV file's tags: (type, timestamp ms, payload). FLV tags are what
-    /// RTMP carries in its audio (8) and video (9) messages.
-    fn tags(flv: &[u8]) -> Vec<(u8, u32, &[u8])> {
-        let mut at = u32::from_be_bytes(flv[5..9].try_into().expect("4 bytes")) as usize + 4;
-        let mut out = Vec::new();
-        while at + 11 <= flv.len() {
-            let h = &flv[at..at + 11];
-            let size = usize::from(h[1]) << 16 | usize::from(h[2]) << 8 | usize::from(h[3]);
-            let ts = u32::from(h[7]) << 24
-                | u32::from(h[4]) << 16
-                | u32::from(h[5]) << 8
-                | u32::from(h[6]);
-            out.push((h[0], ts, &flv[at + 11..at + 11 + size]));
-            at += 11 + size + 4;
-        }
-        out
-    }
-
     /// Feeds tags to a remuxer, shifting their timestamps by `shift` ms.
     fn remux(tags: &[(u8, u32, &[u8])], shift: u32) -> Result<Vec<Bytes>, FlvError> {
         let mut r = Remuxer::new();
@@ -856,7 +861,7 @@ mod tests {
 
     #[test]
     fn an_rtmp_publish_becomes_fragments_on_one_timeline() {
-        let tags = tags(FIXTURE);
+        let tags = file_tags(FIXTURE);
         let frames = tags
             .iter()
             .filter(|t| t.0 == 9 && t.2.get(1) == Some(&1))
@@ -912,7 +917,7 @@ mod tests {
 
     #[test]
     fn timestamps_past_the_32_bit_wrap_keep_increasing() {
-        let tags = tags(FIXTURE);
+        let tags = file_tags(FIXTURE);
         // Starts 1.5 s before the wrap of the 32-bit millisecond clock.
         let out = remux(&tags, u32::MAX - 1_499).expect("remuxes");
         let items = fmp4::split(out.iter().map(|b| &b[..])).expect("splits");
@@ -925,7 +930,7 @@ mod tests {
 
     #[test]
     fn frames_before_the_first_keyframe_are_dropped_and_a_new_configuration_writes_a_new_init() {
-        let tags = tags(FIXTURE);
+        let tags = file_tags(FIXTURE);
         let config = tags
             .iter()
             .position(|t| t.0 == 9 && t.2[1] == 0)
@@ -958,7 +963,7 @@ mod tests {
 
     #[test]
     fn audio_named_in_the_metadata_is_in_the_first_init() {
-        let mut tags = tags(FIXTURE);
+        let mut tags = file_tags(FIXTURE);
         let asc = tags
             .iter()
             .position(|t| t.0 == 8 && t.2[1] == 0)
@@ -994,7 +999,7 @@ mod tests {
 
     #[test]
     fn a_stream_of_audio_alone_is_cut_every_half_second() {
-        let tags = tags(FIXTURE);
+        let tags = file_tags(FIXTURE);
         let mut r = Remuxer::new();
         r.set_audio_only(true);
         let mut out = Vec::new();
@@ -1073,7 +1078,7 @@ mod tests {
 
     #[test]
     fn a_stream_without_keyframes_is_refused_in_bounded_time() {
-        let tags = tags(FIXTURE);
+        let tags = file_tags(FIXTURE);
         let mut r = Remuxer::new();
         for &(kind, ts, body) in tags.iter().filter(|t| t.0 == 9 && t.2[1] == 0) {
             assert_eq!(kind, 9);
@@ -1139,7 +1144,7 @@ mod tests {
         fn any_timestamps_give_valid_fragments(
             clock in proptest::collection::vec(proptest::num::u32::ANY, 1..300)
         ) {
-            let tags: Vec<_> = tags(FIXTURE)
+            let tags: Vec<_> = file_tags(FIXTURE)
                 .into_iter()
                 .zip(clock.iter().cycle())
                 .map(|((kind, _, body), &ts)| (kind, ts, body))
@@ -1156,7 +1161,7 @@ mod tests {
             let at = at % flv.len();
             flv[at] = byte;
             // Only the payloads are corrupted: the file's framing is the test's.
-            let clean = tags(FIXTURE);
+            let clean = file_tags(FIXTURE);
             let mut r = Remuxer::new();
             let mut offset = 0;
             for (kind, ts, body) in clean {
