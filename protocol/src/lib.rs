@@ -6,6 +6,8 @@
 //! blocks, serves last-hop subscribers, pulls what is missing and asks the origin
 //! for gap fill through [`bid`]s. [`wire`] encodes what peers say to each other;
 //! [`signal`] is the JSON spoken with the server; [`club`] assigns clubs and links.
+//! [`kv`] signs the public key-value store's items and derives the keys two
+//! parties share to use it privately.
 //!
 //! Nothing here reads a clock, draws randomness of its own, spawns or does I/O:
 //! time is an argument ([`Time`]) and randomness comes from an injected RNG.
@@ -13,6 +15,7 @@
 pub mod bid;
 pub mod block;
 pub mod club;
+pub mod kv;
 pub mod peer;
 #[cfg(any(test, feature = "fuzzing"))]
 pub mod peer_ops;
