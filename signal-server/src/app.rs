@@ -1,6 +1,7 @@
 //! The HTTP application: shared state and the router tests and `main` serve.
 //!
-//! Routes: `/ws` (signaling), `/streams…` (origin), `/healthz`, `/metrics`,
+//! Routes: `/ws` (signaling), `/streams…` (origin), `/kv/…` (the public
+//! key-value store), `/healthz`, `/metrics`,
 //! `/watch/{id}` and `/embed/{id}` (player pages), `/pkg/…` (the built wasm)
 //! and every other path from the static directory. The origin's routes, `/pkg`
 //! and the static files answer CORS requests from any origin, so that other
@@ -43,6 +44,8 @@ pub struct AppState {
     pub origin_waiters: Arc<tokio::sync::Semaphore>,
     /// Cancelled at shutdown; ends those waits at once.
     pub shutdown: CancellationToken,
+    /// The public key-value store (`/kv`).
+    pub kv: Arc<crate::kv::KvStore>,
 }
 
 impl AppState {
@@ -66,6 +69,10 @@ impl AppState {
             grants.clone(),
             shutdown.clone(),
         );
+        let kv = Arc::new(crate::kv::KvStore::new(
+            config.kv_max_items,
+            config.kv_ttl(),
+        ));
         AppState {
             config,
             streams,
@@ -75,6 +82,7 @@ impl AppState {
             origin_waiters: Arc::new(tokio::sync::Semaphore::new(
                 crate::origin::MAX_WAITING_REQUESTS,
             )),
+            kv,
             shutdown,
         }
     }
@@ -104,6 +112,18 @@ pub fn app(state: AppState) -> Router {
             header::HeaderName::from_static("prefer"),
         ])
         .expose_headers([header::ETAG, header::RETRY_AFTER]);
+    // A page on another site (a broadcaster's, handing out a private
+    // stream's key) reads and writes items; they are signed, so any origin may.
+    let kv_cors = CorsLayer::new()
+        .allow_origin(Any)
+        .allow_methods([Method::GET, Method::PUT])
+        .allow_headers([
+            header::CONTENT_TYPE,
+            header::IF_MATCH,
+            header::IF_NONE_MATCH,
+            header::HeaderName::from_static("prefer"),
+        ])
+        .expose_headers([header::ETAG]);
     // Other sites load the player's scripts and wasm from here: a module
     // script and the wasm fetch from another origin are CORS requests, refused
     // without this (`<script type="module" src=".../clubcast-player.js">`
@@ -120,6 +140,7 @@ pub fn app(state: AppState) -> Router {
     let router = Router::new()
         .route("/ws", get(crate::signal::ws_handler))
         .merge(crate::origin::router().layer(cors))
+        .merge(crate::kv::router().layer(kv_cors))
         .route("/healthz", get(|| async { "ok" }))
         .route("/metrics", get(metrics))
         .route_service("/watch/{id}", ServeFile::new(dir.join("watch.html")))

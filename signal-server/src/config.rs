@@ -170,6 +170,16 @@ pub struct Config {
     #[arg(long, env = "CLUBCAST_RTMP_LISTEN")]
     pub rtmp_listen: Option<SocketAddr>,
 
+    /// Most items in the public key-value store (`/kv`); a put for a new key
+    /// and salt beyond it gets 507 `kv_full`. An item is at most about 1.2 KB.
+    #[arg(long, env = "CLUBCAST_KV_MAX_ITEMS", default_value_t = 50_000)]
+    pub kv_max_items: usize,
+
+    /// Seconds a `/kv` item lives after its last put (BitTorrent's DHT keeps
+    /// its items 2 hours; the writer puts the same item again to keep it).
+    #[arg(long, env = "CLUBCAST_KV_TTL_SECONDS", default_value_t = 7200)]
+    pub kv_ttl_seconds: u64,
+
     /// Path every route is served under, e.g. `/live`, for a reverse proxy
     /// that forwards `https://site/live/…` without stripping it. Empty (the
     /// default): the root. A proxy that strips the prefix needs none: the
@@ -212,6 +222,8 @@ impl Default for Config {
             rtc_public_ip: None,
             rtc_ports: None,
             rtmp_listen: None,
+            kv_max_items: 50_000,
+            kv_ttl_seconds: 7200,
             base_path: String::new(),
             allow_test_corruption: false,
         }
@@ -252,6 +264,16 @@ impl Config {
             "must be 1-60 (a block must fit one 64 KiB data channel message)",
         )?;
         range("store-seconds", self.store_seconds >= 1, "must be ≥ 1")?;
+        range(
+            "kv-max-items",
+            (1..=10_000_000).contains(&self.kv_max_items),
+            "must be 1-10000000",
+        )?;
+        range(
+            "kv-ttl-seconds",
+            (1..=30 * 86_400).contains(&self.kv_ttl_seconds),
+            "must be 1-2592000 (30 days)",
+        )?;
         range(
             "anonymous-budget-percent",
             self.anonymous_budget_percent <= 100,
@@ -329,6 +351,11 @@ impl Config {
     /// for ever.
     pub fn publisher_wait(&self) -> Option<Duration> {
         (self.publisher_wait_seconds > 0).then(|| Duration::from_secs(self.publisher_wait_seconds))
+    }
+
+    /// How long a `/kv` item lives after its last put.
+    pub fn kv_ttl(&self) -> Duration {
+        Duration::from_secs(self.kv_ttl_seconds)
     }
 
     /// Bid interval.

@@ -6,13 +6,14 @@
 //! members over WebRTC ([`rtc`]); signaling over `/ws` assigns clubs and links and
 //! relays SDP; the origin serves blocks over HTTP within the grants of the bid
 //! allocator. RTMP publishers ([`rtmp`]) are remuxed to fragmented MP4 and
-//! take the same ingest path.
+//! take the same ingest path. [`kv`] is the public key-value store, `/kv`.
 
 pub mod app;
 pub mod config;
 pub mod demo;
 pub mod grants;
 pub mod ingest;
+pub mod kv;
 pub mod metrics;
 pub mod origin;
 pub mod resume;

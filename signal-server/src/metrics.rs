@@ -86,6 +86,8 @@ pub struct Metrics {
     shares_shed: AtomicU64,
     capacities_learned: AtomicU64,
     upload_probes: Labelled,
+    kv_items: AtomicU64,
+    kv_puts: Labelled,
 }
 
 fn inc(a: &AtomicU64, n: u64) {
@@ -115,6 +117,21 @@ impl Metrics {
         } else {
             self.rtmp_connections.fetch_sub(1, Ordering::Relaxed);
         }
+    }
+
+    /// Sets the number of `/kv` items (gauge).
+    pub fn set_kv_items(&self, n: usize) {
+        self.kv_items.store(n as u64, Ordering::Relaxed);
+    }
+
+    /// A `/kv` put ended with `result` (`created`, `replaced`, `refreshed` or an error code).
+    pub fn kv_put(&self, result: &str) {
+        self.kv_puts.add(result, 1);
+    }
+
+    /// `/kv` puts that ended with `result`.
+    pub fn kv_puts(&self, result: &str) -> u64 {
+        self.kv_puts.get(result)
     }
 
     /// RTMP connections open now.
@@ -272,6 +289,21 @@ impl Metrics {
             "gauge",
             "RTMP connections open (publishing or not yet).",
             get(&self.rtmp_connections),
+        )?;
+        scalar(
+            out,
+            "clubcast_kv_items",
+            "gauge",
+            "Items in the public key-value store (/kv), expired ones not yet swept included.",
+            get(&self.kv_items),
+        )?;
+        labelled(
+            out,
+            "clubcast_kv_puts_total",
+            "counter",
+            "Puts to /kv, by result: created, replaced, refreshed, or the error code.",
+            "result",
+            &self.kv_puts,
         )?;
         labelled(
             out,

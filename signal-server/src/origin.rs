@@ -344,7 +344,7 @@ async fn answer_or_wait(
     serve: impl Fn() -> Result<Response, OriginError>,
 ) -> Response {
     let mut answer = serve();
-    if let (Err(OriginError::NotYet(n)), Some(wait)) = (&answer, prefer_wait(headers)) {
+    if let (Err(OriginError::NotYet(n)), Some(wait)) = (&answer, prefer_wait(headers, MAX_WAIT)) {
         if let Some(stream) = state.streams.get(id) {
             let produced = tokio::select! {
                 p = wait_for(&stream, *n, wait, &state.origin_waiters) => p,
@@ -361,9 +361,9 @@ async fn answer_or_wait(
     }
 }
 
-/// The wait a `Prefer: wait=<seconds>` header asks for, at most [`MAX_WAIT`];
+/// The wait a `Prefer: wait=<seconds>` header asks for, at most `max`;
 /// `None` without one (or with a malformed one).
-fn prefer_wait(headers: &HeaderMap) -> Option<Duration> {
+pub(crate) fn prefer_wait(headers: &HeaderMap, max: Duration) -> Option<Duration> {
     headers
         .get_all("prefer")
         .iter()
@@ -375,7 +375,7 @@ fn prefer_wait(headers: &HeaderMap) -> Option<Duration> {
                 return None;
             }
             let secs: u64 = v.trim().trim_matches('"').parse().ok()?;
-            Some(Duration::from_secs(secs).min(MAX_WAIT))
+            Some(Duration::from_secs(secs).min(max))
         })
         .filter(|d| !d.is_zero())
 }
@@ -537,7 +537,7 @@ mod tests {
         for v in values {
             h.append("prefer", HeaderValue::from_str(v).expect("header"));
         }
-        prefer_wait(&h)
+        prefer_wait(&h, MAX_WAIT)
     }
 
     #[test]

@@ -1,0 +1,600 @@
+//! The public key-value store, `/kv`: signed mutable items in the style of
+//! BitTorrent's BEP 44 (`clubcast_protocol::kv` has the item format).
+//!
+//! | route | answer |
+//! |---|---|
+//! | `GET /kv/{key}` (`?salt=<hex>`) | 200: the item as JSON, `ETag: "<seq>"`; 404 `not_found` |
+//! | `GET /kv/{key}?salt=<hex>&after=<seq>` with `Prefer: wait=<s>` | the item once its `seq` is above `after`, or 404 / the older item after min(s, [`MAX_WAIT`]) |
+//! | `PUT /kv/{key}` | body: the item as JSON (its `key` must be the path's). 201 stored new, 200 replaced or unchanged (the same item again refreshes its lifetime) |
+//!
+//! A put is stored only if its signature verifies under its key and its `seq`
+//! is above the stored one's: anyone may write, only the key's holder can
+//! sign, and nobody, the server included, can roll an item back. A put may
+//! carry `If-Match: "<seq>"` (compare and swap: stored only if the item
+//! stored now has this `seq`, else 412) or `If-None-Match: *` (only if none).
+//!
+//! # Limits
+//! | what | bound | at the bound |
+//! |---|---|---|
+//! | request body | [`MAX_BODY`] | 413 |
+//! | salt, value, seq | `MAX_SALT`, `MAX_VALUE`, `MAX_SEQ` of the protocol | 400 `bad_item` |
+//! | items | `--kv-max-items` | 507 `kv_full` for a new (key, salt); replacing goes on |
+//! | lifetime | `--kv-ttl-seconds` since the last put | the item is gone (a put of the same item refreshes it) |
+//! | waiting `GET`s | [`MAX_WAITERS`] at once, each at most [`MAX_WAIT`] | answered at once |
+//!
+//! Errors are JSON `{"code": "...", "message": "..."}`, counted in
+//! `clubcast_rejects_total{code}`; `clubcast_kv_items` is the number stored and
+//! `clubcast_kv_puts_total{result}` counts puts by outcome.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use clubcast_protocol::kv::{parse_key, parse_salt, KvError, KvItem, KvItemJson};
+use serde::Deserialize;
+
+use crate::app::AppState;
+use crate::metrics::Metrics;
+
+/// Largest request body: an item with a full value and salt is about 1.6 KB of JSON.
+pub const MAX_BODY: usize = 4096;
+/// Longest a `GET` with `Prefer: wait` is held.
+pub const MAX_WAIT: Duration = Duration::from_secs(30);
+/// Most `GET`s waiting at once; beyond it they are answered at once.
+pub const MAX_WAITERS: usize = 1024;
+/// Shortest time between two sweeps of expired items when the store is full,
+/// so that a flood of new keys against a full store costs no sweep each.
+const SWEEP_EVERY: Duration = Duration::from_secs(1);
+
+/// Why a put or a get is refused.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum KvStoreError {
+    /// The item, the key or the salt is malformed, or fails its bounds.
+    #[error("{0}")]
+    BadItem(#[from] KvError),
+    /// The body is not an item as JSON.
+    #[error("the body is not an item as JSON: {0}")]
+    BadJson(String),
+    /// The query is not `salt=<hex>&after=<seq>`.
+    #[error("the query must be salt=<hex>&after=<seq>: {0}")]
+    BadQuery(String),
+    /// The body's key is not the path's.
+    #[error("the item's key is not the one in the path")]
+    KeyMismatch,
+    /// The signature does not verify.
+    #[error("the signature does not verify under the item's key")]
+    BadSignature,
+    /// The stored item has a higher `seq`, or the same `seq` with other bytes.
+    #[error("seq {offered} is not above the stored item's {stored}")]
+    SeqTooLow {
+        /// The put's seq.
+        offered: u64,
+        /// The stored item's seq.
+        stored: u64,
+    },
+    /// `If-Match` / `If-None-Match` does not hold.
+    #[error("precondition failed: the stored item's seq is {stored:?}")]
+    CasMismatch {
+        /// The stored item's seq, if any.
+        stored: Option<u64>,
+    },
+    /// `If-Match` is not `"<seq>"`.
+    #[error("If-Match must be a quoted decimal seq, such as \"3\"")]
+    BadPrecondition,
+    /// The store holds `--kv-max-items` items.
+    #[error("the store is full ({0} items); try again later")]
+    Full(usize),
+    /// Nothing under this key and salt.
+    #[error("no item under this key and salt")]
+    NotFound,
+}
+
+impl KvStoreError {
+    /// Stable code in the JSON body and in `clubcast_rejects_total`.
+    pub fn code(&self) -> &'static str {
+        match self {
+            KvStoreError::BadItem(_) | KvStoreError::BadJson(_) => "bad_item",
+            KvStoreError::BadQuery(_) => "bad_query",
+            KvStoreError::KeyMismatch => "key_mismatch",
+            KvStoreError::BadSignature => "bad_signature",
+            KvStoreError::SeqTooLow { .. } => "seq_too_low",
+            KvStoreError::CasMismatch { .. } => "cas_mismatch",
+            KvStoreError::BadPrecondition => "bad_precondition",
+            KvStoreError::Full(_) => "kv_full",
+            KvStoreError::NotFound => "not_found",
+        }
+    }
+
+    fn status(&self) -> StatusCode {
+        match self {
+            KvStoreError::BadItem(_)
+            | KvStoreError::BadJson(_)
+            | KvStoreError::BadQuery(_)
+            | KvStoreError::KeyMismatch
+            | KvStoreError::BadSignature
+            | KvStoreError::BadPrecondition => StatusCode::BAD_REQUEST,
+            KvStoreError::SeqTooLow { .. } => StatusCode::CONFLICT,
+            KvStoreError::CasMismatch { .. } => StatusCode::PRECONDITION_FAILED,
+            KvStoreError::Full(_) => StatusCode::INSUFFICIENT_STORAGE,
+            KvStoreError::NotFound => StatusCode::NOT_FOUND,
+        }
+    }
+
+    fn respond(&self, metrics: &Metrics) -> Response {
+        if !matches!(self, KvStoreError::NotFound) {
+            metrics.reject(self.code());
+        }
+        let body = serde_json::json!({ "code": self.code(), "message": self.to_string() });
+        let mut r = (self.status(), Json(body)).into_response();
+        r.headers_mut()
+            .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        r
+    }
+}
+
+/// What a put did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stored {
+    /// A new (key, salt).
+    Created,
+    /// A higher `seq` replaced the stored item.
+    Replaced,
+    /// The same item again: its lifetime starts over.
+    Refreshed,
+}
+
+impl Stored {
+    fn label(self) -> &'static str {
+        match self {
+            Stored::Created => "created",
+            Stored::Replaced => "replaced",
+            Stored::Refreshed => "refreshed",
+        }
+    }
+}
+
+/// A put's precondition.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Precondition {
+    /// None.
+    Any,
+    /// `If-Match: "<seq>"`: the stored item has this seq.
+    Seq(u64),
+    /// `If-None-Match: *`: nothing is stored.
+    Absent,
+}
+
+type Slot = ([u8; 32], Vec<u8>);
+
+#[derive(Debug)]
+struct Entry {
+    item: KvItem,
+    stored: Instant,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    items: HashMap<Slot, Entry>,
+    last_sweep: Option<Instant>,
+}
+
+/// The items, bounded in number and lifetime.
+#[derive(Debug)]
+pub struct KvStore {
+    inner: Mutex<Inner>,
+    max_items: usize,
+    ttl: Duration,
+    /// Bumped at every stored put; waiting `GET`s watch it.
+    changes: tokio::sync::watch::Sender<u64>,
+    waiters: tokio::sync::Semaphore,
+}
+
+impl KvStore {
+    /// An empty store of at most `max_items` items, each living `ttl` after its last put.
+    pub fn new(max_items: usize, ttl: Duration) -> Self {
+        KvStore {
+            inner: Mutex::default(),
+            max_items,
+            ttl,
+            changes: tokio::sync::watch::channel(0).0,
+            waiters: tokio::sync::Semaphore::new(MAX_WAITERS),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        // Every update is a single insert or remove: a poisoned lock holds a valid map.
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Stores `item` if its signature verifies, its `seq` is above the stored
+    /// one's and `pre` holds.
+    pub fn put(
+        &self,
+        item: KvItem,
+        pre: Precondition,
+        now: Instant,
+    ) -> Result<Stored, KvStoreError> {
+        // Verify outside the lock: a flood of bad signatures does not stall readers.
+        item.verify().map_err(|e| match e {
+            KvError::Signature | KvError::Key => KvStoreError::BadSignature,
+            e => KvStoreError::BadItem(e),
+        })?;
+        let slot = (item.key, item.salt.clone());
+        let mut inner = self.lock();
+        let ttl = self.ttl;
+        let stored = inner
+            .items
+            .get(&slot)
+            .filter(|e| now.saturating_duration_since(e.stored) < ttl)
+            .map(|e| &e.item);
+        let holds = match pre {
+            Precondition::Any => true,
+            Precondition::Seq(s) => stored.is_some_and(|i| i.seq == s),
+            Precondition::Absent => stored.is_none(),
+        };
+        if !holds {
+            return Err(KvStoreError::CasMismatch {
+                stored: stored.map(|i| i.seq),
+            });
+        }
+        let outcome = match stored {
+            Some(old) if old.seq > item.seq || (old.seq == item.seq && *old != item) => {
+                return Err(KvStoreError::SeqTooLow {
+                    offered: item.seq,
+                    stored: old.seq,
+                });
+            }
+            Some(old) if *old == item => Stored::Refreshed,
+            Some(_) => Stored::Replaced,
+            None => Stored::Created,
+        };
+        if outcome == Stored::Created && !inner.items.contains_key(&slot) {
+            if inner.items.len() >= self.max_items {
+                sweep(&mut inner, ttl, now);
+            }
+            if inner.items.len() >= self.max_items {
+                return Err(KvStoreError::Full(self.max_items));
+            }
+        }
+        inner.items.insert(slot, Entry { item, stored: now });
+        drop(inner);
+        self.changes.send_modify(|n| *n = n.wrapping_add(1));
+        Ok(outcome)
+    }
+
+    /// The live item under (`key`, `salt`).
+    pub fn get(&self, key: &[u8; 32], salt: &[u8], now: Instant) -> Option<KvItem> {
+        let inner = self.lock();
+        let e = inner.items.get(&(*key, salt.to_vec()))?;
+        (now.saturating_duration_since(e.stored) < self.ttl).then(|| e.item.clone())
+    }
+
+    /// Items stored, expired ones not yet swept included.
+    pub fn len(&self) -> usize {
+        self.lock().items.len()
+    }
+
+    /// Whether nothing is stored.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Waits, at most `wait`, for an item under (`key`, `salt`) with a `seq`
+    /// above `after` (any item when `after` is `None`); the item then, or
+    /// what is stored at the end of the wait. Waits only while a slot of
+    /// [`MAX_WAITERS`] is free.
+    pub async fn wait(
+        &self,
+        key: &[u8; 32],
+        salt: &[u8],
+        after: Option<u64>,
+        wait: Duration,
+    ) -> Option<KvItem> {
+        let fresh = |i: &KvItem| after.is_none_or(|a| i.seq > a);
+        // Subscribe before looking, so a put in between is seen.
+        let mut rx = self.changes.subscribe();
+        let now = self.get(key, salt, Instant::now());
+        if now.as_ref().is_some_and(fresh) || wait.is_zero() {
+            return now;
+        }
+        let Ok(_slot) = self.waiters.try_acquire() else {
+            return now;
+        };
+        let found = tokio::time::timeout(wait, async {
+            while rx.changed().await.is_ok() {
+                if let Some(i) = self.get(key, salt, Instant::now()).filter(fresh) {
+                    return Some(i);
+                }
+            }
+            None
+        })
+        .await;
+        match found {
+            Ok(Some(i)) => Some(i),
+            _ => self.get(key, salt, Instant::now()),
+        }
+    }
+}
+
+fn sweep(inner: &mut Inner, ttl: Duration, now: Instant) {
+    if inner
+        .last_sweep
+        .is_some_and(|t| now.saturating_duration_since(t) < SWEEP_EVERY)
+    {
+        return;
+    }
+    inner.last_sweep = Some(now);
+    inner
+        .items
+        .retain(|_, e| now.saturating_duration_since(e.stored) < ttl);
+}
+
+/// The `/kv` routes.
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/kv/{key}", get(get_item).put(put_item))
+        .layer(DefaultBodyLimit::max(MAX_BODY))
+}
+
+/// `?salt=<hex>&after=<seq>`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct GetQuery {
+    #[serde(default)]
+    salt: String,
+    after: Option<u64>,
+}
+
+async fn get_item(
+    State(state): State<AppState>,
+    Path(key): Path<String>,
+    query: Result<Query<GetQuery>, axum::extract::rejection::QueryRejection>,
+    headers: HeaderMap,
+) -> Response {
+    let metrics = &state.metrics;
+    let answer = async {
+        let Query(q) = query.map_err(|e| KvStoreError::BadQuery(e.body_text()))?;
+        let key = parse_key(&key)?;
+        let salt = parse_salt(&q.salt)?;
+        let wait = crate::origin::prefer_wait(&headers, MAX_WAIT).unwrap_or(Duration::ZERO);
+        let found = tokio::select! {
+            f = state.kv.wait(&key, &salt, q.after, wait) => f,
+            () = state.shutdown.cancelled() => state.kv.get(&key, &salt, Instant::now()),
+        };
+        found.ok_or(KvStoreError::NotFound)
+    }
+    .await;
+    match answer {
+        Ok(item) => item_response(StatusCode::OK, &item),
+        Err(e) => e.respond(metrics),
+    }
+}
+
+async fn put_item(
+    State(state): State<AppState>,
+    Path(key): Path<String>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
+    let answer = (|| {
+        let j: KvItemJson =
+            serde_json::from_slice(&body).map_err(|e| KvStoreError::BadJson(e.to_string()))?;
+        let item = KvItem::from_json(&j)?;
+        if parse_key(&key)? != item.key {
+            return Err(KvStoreError::KeyMismatch);
+        }
+        let pre = precondition(&headers)?;
+        let stored = state.kv.put(item.clone(), pre, Instant::now())?;
+        Ok((stored, item))
+    })();
+    state.metrics.set_kv_items(state.kv.len());
+    match answer {
+        Ok((stored, item)) => {
+            state.metrics.kv_put(stored.label());
+            let status = match stored {
+                Stored::Created => StatusCode::CREATED,
+                Stored::Replaced | Stored::Refreshed => StatusCode::OK,
+            };
+            item_response(status, &item)
+        }
+        Err(e) => {
+            state.metrics.kv_put(e.code());
+            e.respond(&state.metrics)
+        }
+    }
+}
+
+fn precondition(headers: &HeaderMap) -> Result<Precondition, KvStoreError> {
+    if let Some(v) = headers.get(header::IF_MATCH) {
+        let v = v.to_str().map_err(|_| KvStoreError::BadPrecondition)?;
+        let seq = v
+            .trim()
+            .strip_prefix('"')
+            .and_then(|v| v.strip_suffix('"'))
+            .and_then(|v| v.parse().ok())
+            .ok_or(KvStoreError::BadPrecondition)?;
+        return Ok(Precondition::Seq(seq));
+    }
+    match headers.get(header::IF_NONE_MATCH) {
+        Some(v) if v.as_bytes().trim_ascii() == b"*" => Ok(Precondition::Absent),
+        Some(_) => Err(KvStoreError::BadPrecondition),
+        None => Ok(Precondition::Any),
+    }
+}
+
+fn item_response(status: StatusCode, item: &KvItem) -> Response {
+    let mut r = (status, Json(item.to_json())).into_response();
+    let h = r.headers_mut();
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    if let Ok(v) = HeaderValue::from_str(&format!("\"{}\"", item.seq)) {
+        h.insert(header::ETAG, v);
+    }
+    r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ed25519_dalek::SigningKey;
+
+    fn item(n: u8, salt: &[u8], seq: u64, value: &[u8]) -> KvItem {
+        KvItem::sign(&SigningKey::from_bytes(&[n; 32]), salt, seq, value).unwrap()
+    }
+
+    #[test]
+    fn only_a_higher_seq_replaces_an_item() {
+        let s = KvStore::new(10, Duration::from_secs(60));
+        let t = Instant::now();
+        assert_eq!(
+            s.put(item(1, b"", 2, b"a"), Precondition::Any, t).unwrap(),
+            Stored::Created
+        );
+        assert!(matches!(
+            s.put(item(1, b"", 1, b"old"), Precondition::Any, t),
+            Err(KvStoreError::SeqTooLow {
+                offered: 1,
+                stored: 2
+            })
+        ));
+        assert!(matches!(
+            s.put(item(1, b"", 2, b"other"), Precondition::Any, t),
+            Err(KvStoreError::SeqTooLow { .. })
+        ));
+        assert_eq!(
+            s.put(item(1, b"", 2, b"a"), Precondition::Any, t).unwrap(),
+            Stored::Refreshed
+        );
+        assert_eq!(
+            s.put(item(1, b"", 3, b"b"), Precondition::Any, t).unwrap(),
+            Stored::Replaced
+        );
+        // Another salt is another slot.
+        assert_eq!(
+            s.put(item(1, b"x", 1, b"c"), Precondition::Any, t).unwrap(),
+            Stored::Created
+        );
+        assert_eq!(
+            s.get(&item(1, b"", 0, b"").key, b"", t).unwrap().value,
+            b"b"
+        );
+        assert_eq!(s.len(), 2);
+    }
+
+    #[test]
+    fn a_forged_or_altered_item_is_refused_and_stores_nothing() {
+        let s = KvStore::new(10, Duration::from_secs(60));
+        let t = Instant::now();
+        let mut forged = item(1, b"", 5, b"mine");
+        forged.key = item(2, b"", 0, b"").key;
+        assert!(matches!(
+            s.put(forged, Precondition::Any, t),
+            Err(KvStoreError::BadSignature)
+        ));
+        let mut altered = item(1, b"", 5, b"mine");
+        altered.value[0] ^= 1;
+        assert!(matches!(
+            s.put(altered, Precondition::Any, t),
+            Err(KvStoreError::BadSignature)
+        ));
+        assert!(s.is_empty());
+    }
+
+    #[test]
+    fn compare_and_swap_holds_or_fails_with_the_stored_seq() {
+        let s = KvStore::new(10, Duration::from_secs(60));
+        let t = Instant::now();
+        s.put(item(1, b"", 1, b"a"), Precondition::Absent, t)
+            .unwrap();
+        assert!(matches!(
+            s.put(item(1, b"", 2, b"b"), Precondition::Absent, t),
+            Err(KvStoreError::CasMismatch { stored: Some(1) })
+        ));
+        assert!(matches!(
+            s.put(item(1, b"", 2, b"b"), Precondition::Seq(7), t),
+            Err(KvStoreError::CasMismatch { stored: Some(1) })
+        ));
+        s.put(item(1, b"", 2, b"b"), Precondition::Seq(1), t)
+            .unwrap();
+        assert!(matches!(
+            s.put(item(3, b"", 1, b"c"), Precondition::Seq(1), t),
+            Err(KvStoreError::CasMismatch { stored: None })
+        ));
+    }
+
+    #[test]
+    fn items_expire_and_a_full_store_takes_no_new_slot_until_one_does() {
+        let ttl = Duration::from_secs(60);
+        let s = KvStore::new(2, ttl);
+        let t = Instant::now();
+        s.put(item(1, b"", 1, b"a"), Precondition::Any, t).unwrap();
+        s.put(
+            item(2, b"", 1, b"b"),
+            Precondition::Any,
+            t + Duration::from_secs(30),
+        )
+        .unwrap();
+        assert!(matches!(
+            s.put(
+                item(3, b"", 1, b"c"),
+                Precondition::Any,
+                t + Duration::from_secs(40)
+            ),
+            Err(KvStoreError::Full(2))
+        ));
+        // A stored slot can still be replaced when full.
+        s.put(
+            item(2, b"", 2, b"b2"),
+            Precondition::Any,
+            t + Duration::from_secs(41),
+        )
+        .unwrap();
+        // Item 1 expires at 60 s: then it is gone and its place is free.
+        let later = t + ttl + Duration::from_secs(1);
+        assert!(s.get(&item(1, b"", 0, b"").key, b"", later).is_none());
+        s.put(item(3, b"", 1, b"c"), Precondition::Any, later)
+            .unwrap();
+        assert_eq!(s.len(), 2);
+        // An expired item does not block a lower seq: the slot is new again.
+        let s = KvStore::new(2, ttl);
+        s.put(item(1, b"", 9, b"a"), Precondition::Any, t).unwrap();
+        assert_eq!(
+            s.put(item(1, b"", 1, b"a"), Precondition::Any, later)
+                .unwrap(),
+            Stored::Created
+        );
+    }
+
+    #[tokio::test]
+    async fn a_waiting_get_answers_at_the_next_put() {
+        let s = std::sync::Arc::new(KvStore::new(10, Duration::from_secs(60)));
+        let key = item(1, b"", 0, b"").key;
+        s.put(item(1, b"", 1, b"a"), Precondition::Any, Instant::now())
+            .unwrap();
+        // The stored item is not above `after`, so the get waits for seq 2.
+        let waiter = {
+            let s = s.clone();
+            tokio::spawn(async move { s.wait(&key, b"", Some(1), Duration::from_secs(20)).await })
+        };
+        tokio::task::yield_now().await;
+        s.put(item(1, b"", 2, b"b"), Precondition::Any, Instant::now())
+            .unwrap();
+        let got = waiter.await.unwrap().unwrap();
+        assert_eq!((got.seq, got.value), (2, b"b".to_vec()));
+        // Without news, the wait ends with what is stored.
+        let got = s
+            .wait(&key, b"", Some(2), Duration::from_millis(20))
+            .await
+            .unwrap();
+        assert_eq!(got.seq, 2);
+        assert!(s
+            .wait(&[9; 32], b"", None, Duration::from_millis(20))
+            .await
+            .is_none());
+    }
+}
