@@ -124,8 +124,7 @@ class Player {
   async _start() {
     try {
       if (!this.opts.stream) throw new Error("no stream id given");
-      const mod = await import(new URL("./pkg/clubcast_peer.js", import.meta.url).href);
-      await mod.default();
+      const mod = await loadPeer();
       if (this.destroyed) return;
       if (typeof mod.WasmPlayer !== "function") {
         throw new Error("this build of clubcast_peer has no WasmPlayer export");
@@ -223,5 +222,92 @@ export function play(video, opts = {}) {
   return new Player(video, opts);
 }
 
-export const clubcast = { play, STAT_FIELDS };
+let peerModule = null;
+
+/** The wasm peer, loaded and initialised once (a failed load is tried again). */
+function loadPeer() {
+  if (!peerModule) {
+    peerModule = import(new URL("./pkg/clubcast_peer.js", import.meta.url).href).then(async (mod) => {
+      await mod.default();
+      return mod;
+    });
+    peerModule.catch(() => {
+      peerModule = null;
+    });
+  }
+  return peerModule;
+}
+
+/**
+ * Private values through the server's public key-value store (`/kv`): a slot
+ * two parties share, which only they can write or read (the server stores
+ * what it can neither read nor alter).
+ *
+ *   const store = await kv();                   // loads the wasm peer
+ *   const me = new store.KvSecret();            // or store.KvSecret.fromHex(kept)
+ *   // give me.publicKey (64 hex digits) to the other party, by any channel
+ *   const slot = me.shared(theirPublicKey);     // both sides get the same slot
+ *   await store.put(slot.seal("stream-key", 1, new TextEncoder().encode("...")));
+ *   const item = await store.get(slot.publicKey, { salt: "stream-key", after: 0, wait: 30 });
+ *   const bytes = slot.open(item);              // Uint8Array
+ *
+ * - `slot.seal(salt, seq, bytes)`: the item's JSON; `seq` must grow with each
+ *   put (0 to 2^53-1), `salt` names the value (≤ 64 bytes), bytes ≤ 960.
+ * - `store.put(item, {ifMatch?: seq, ifNoneMatch?: true})`: the stored item's JSON.
+ * - `store.get(key, {salt?, after?, wait?})`: the item's JSON, or null when
+ *   there is none. With `wait` (seconds, ≤ 30), it answers as soon as an item
+ *   with a seq above `after` is put, or at the end of the wait with what is
+ *   stored (check its seq).
+ * - `slot.open(item)`: the bytes, or throws.
+ *
+ * Every failure is an Error with a `code`: the server's (`seq_too_low`,
+ * `cas_mismatch`, `kv_full`, `bad_signature`, `bad_item`, ...; with the HTTP
+ * `status`) or the slot's (`wrong_key`, `bad_signature`, `not_sealed`,
+ * `bad_key`, `bad_item`).
+ */
+export async function kv(server = SCRIPT_BASE) {
+  const mod = await loadPeer();
+  if (typeof mod.KvSecret !== "function") {
+    throw new Error("this build of clubcast_peer has no KvSecret export");
+  }
+  const base = server.replace(/\/$/, "");
+  const hex = (text) =>
+    Array.from(new TextEncoder().encode(text), (b) => b.toString(16).padStart(2, "0")).join("");
+  const answer = async (r) => {
+    const text = await r.text();
+    if (r.ok) return text;
+    let body = {};
+    try {
+      body = JSON.parse(text);
+    } catch (_) {
+      // not JSON: a proxy's page, say
+    }
+    const err = new Error(`clubcast kv: ${body.message || `HTTP ${r.status}`}`);
+    err.code = body.code || `http_${r.status}`;
+    err.status = r.status;
+    throw err;
+  };
+  return {
+    KvSecret: mod.KvSecret,
+    async put(item, opts = {}) {
+      const text = typeof item === "string" ? item : JSON.stringify(item);
+      const headers = { "content-type": "application/json" };
+      if (opts.ifMatch !== undefined) headers["if-match"] = `"${opts.ifMatch}"`;
+      if (opts.ifNoneMatch) headers["if-none-match"] = "*";
+      const key = encodeURIComponent(JSON.parse(text).key);
+      return answer(await fetch(`${base}/kv/${key}`, { method: "PUT", headers, body: text }));
+    },
+    async get(key, opts = {}) {
+      const q = new URLSearchParams();
+      if (opts.salt) q.set("salt", hex(opts.salt));
+      if (opts.after !== undefined) q.set("after", String(opts.after));
+      const headers = opts.wait ? { prefer: `wait=${opts.wait}` } : {};
+      const r = await fetch(`${base}/kv/${encodeURIComponent(key)}?${q}`, { headers, cache: "no-store" });
+      if (r.status === 404) return null;
+      return answer(r);
+    },
+  };
+}
+
+export const clubcast = { play, kv, STAT_FIELDS };
 export default clubcast;

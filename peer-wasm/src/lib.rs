@@ -6,6 +6,7 @@
 //! playable bytes go to [`mse::MseSink`]; gaps are filled over [`fetch`]; the
 //! core's `poll_timeout` arms a [`timer::Timer`]. These modules are the thin,
 //! owned-closure glue to the browser; JS errors become typed errors ([`error`]).
+//! [`kv`] gives JavaScript the key-value store's private slots.
 
 // `stats()` is one `json!` object of many keys.
 #![recursion_limit = "256"]
@@ -13,6 +14,7 @@
 pub mod clock;
 pub mod error;
 pub mod fetch;
+pub mod kv;
 pub mod mse;
 mod player;
 pub mod playout;
@@ -22,4 +24,5 @@ pub mod timer;
 pub mod video;
 pub mod ws;
 
+pub use kv::{KvSecret, KvShared};
 pub use player::WasmPlayer;

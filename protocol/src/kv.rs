@@ -276,6 +276,11 @@ impl KvSecret {
         Self::from_bytes(bytes)
     }
 
+    /// The secret's bytes, to keep it.
+    pub fn to_bytes(&self) -> [u8; 32] {
+        self.0.to_bytes()
+    }
+
     /// The public key to give the other party.
     pub fn public(&self) -> [u8; 32] {
         x25519_dalek::PublicKey::from(&self.0).to_bytes()

@@ -1171,3 +1171,119 @@ async fn play_at(server: &Server, url: &str, label: &str) -> Value {
     browser.close().await;
     stats
 }
+
+/// A private value through the public key-value store, between two browsers
+/// (two Chromium processes) on a page of another site that imports
+/// `clubcast.js` from the server, as a broadcaster's page handing a private
+/// stream's key to a viewer would. Each makes a secret (Web Crypto); they
+/// trade public keys (here through the test); the viewer waits on the slot
+/// they share (`Prefer: wait`); the broadcaster seals and puts the value;
+/// the viewer's wait answers with it and opens it. The server holds only the
+/// sealed bytes, and a stale put is refused with the server's code.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_browsers_share_a_private_value_through_the_key_value_store() {
+    let server = Server::start(ServerOptions {
+        args: vec!["--no-demo".into()],
+        ..ServerOptions::default()
+    })
+    .await
+    .expect("server starts");
+    let page = format!(
+        r#"<!doctype html>
+<html><body>
+<script type="module">
+  import {{ kv }} from "{0}/clubcast.js";
+  try {{
+    window.store = await kv();
+    window.me = new window.store.KvSecret();
+  }} catch (e) {{
+    window.load_error = String(e);
+  }}
+</script>
+</body></html>"#,
+        server.url()
+    );
+    let site = serve_page(page).await;
+    let open = || async {
+        let b = Browser::watch(&format!("http://{site}/"))
+            .await
+            .expect("browser opens the page");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let v = b
+                .eval("return window.me ? window.me.publicKey : (window.load_error ? 'error: ' + window.load_error : null);")
+                .await
+                .expect("page readable");
+            if let Some(key) = v.as_str() {
+                assert!(!key.starts_with("error"), "{key}");
+                return (b, key.to_owned());
+            }
+            assert!(Instant::now() < deadline, "the kv API did not load");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    let (broadcaster, broadcaster_key) = open().await;
+    let (viewer, viewer_key) = open().await;
+    assert_ne!(broadcaster_key, viewer_key);
+
+    // The viewer waits on the shared slot before anything is there.
+    viewer
+        .eval(&format!(
+            r#"window.slot = window.me.shared("{broadcaster_key}");
+               window.got = null;
+               window.store.get(window.slot.publicKey, {{ salt: "stream-key", after: 0, wait: 20 }})
+                 .then((item) => {{ window.got = item ? new TextDecoder().decode(window.slot.open(item)) : "none"; }},
+                       (e) => {{ window.got = "error " + e.code; }});
+               return window.slot.publicKey;"#
+        ))
+        .await
+        .expect("viewer waits");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let put = broadcaster
+        .eval(&format!(
+            r#"const slot = window.me.shared("{viewer_key}");
+               const item = slot.seal("stream-key", 1, new TextEncoder().encode("the private key is 42"));
+               await window.store.put(item);
+               let stale = "accepted";
+               try {{ await window.store.put(slot.seal("stream-key", 1, new TextEncoder().encode("other"))); }}
+               catch (e) {{ stale = e.code + " " + e.status; }}
+               return {{ key: slot.publicKey, stale }};"#
+        ))
+        .await
+        .expect("broadcaster puts");
+    assert_eq!(put["stale"], "seq_too_low 409", "{put}");
+    let slot_key = put["key"].as_str().expect("slot key").to_owned();
+
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let got = loop {
+        let v = viewer
+            .eval("return window.got;")
+            .await
+            .expect("page readable");
+        if !v.is_null() {
+            break v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the viewer's wait did not answer"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(got, "the private key is 42");
+
+    // The server holds the item, and not the plaintext.
+    let (status, body) = http_get(
+        server.addr(),
+        &format!("/kv/{slot_key}?salt={}", "73747265616d2d6b6579"),
+    )
+    .await
+    .expect("kv get");
+    assert_eq!(status, 200);
+    let held = String::from_utf8_lossy(&body);
+    assert!(!held.contains("private key"), "{held}");
+    let metrics = server.metrics().await.expect("metrics");
+    assert_eq!(metrics.get("clubcast_kv_items"), Some(&1.0), "{metrics:?}");
+    broadcaster.close().await;
+    viewer.close().await;
+}
