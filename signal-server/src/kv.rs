@@ -22,13 +22,22 @@
 //! | lifetime | `--kv-ttl-seconds` since the last put | the item is gone (a put of the same item refreshes it) |
 //! | waiting `GET`s | [`MAX_WAITERS`] at once, each at most [`MAX_WAIT`] | answered at once |
 //!
+//! # On disk
+//! With a data dir, the live items are written to `<data dir>/kv.jsonl` (one
+//! `{"v":1,"expires_unix_ms":…,"item":{…}}` per line, replaced atomically) at
+//! most every [`SAVE_EVERY`] after a put and at shutdown, and read back at
+//! start: a crash loses at most the last [`SAVE_EVERY`] of puts. Each line
+//! read back is verified again; a line that does not parse, verify or is past
+//! its lifetime is skipped and counted in the log.
+//!
 //! Errors are JSON `{"code": "...", "message": "..."}`, counted in
 //! `clubcast_rejects_total{code}`; `clubcast_kv_items` is the number stored and
 //! `clubcast_kv_puts_total{result}` counts puts by outcome.
 
 use std::collections::HashMap;
+use std::path::{Path as FsPath, PathBuf};
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
@@ -36,7 +45,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use clubcast_protocol::kv::{parse_key, parse_salt, KvError, KvItem, KvItemJson};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::app::AppState;
 use crate::metrics::Metrics;
@@ -47,6 +56,13 @@ pub const MAX_BODY: usize = 4096;
 pub const MAX_WAIT: Duration = Duration::from_secs(30);
 /// Most `GET`s waiting at once; beyond it they are answered at once.
 pub const MAX_WAITERS: usize = 1024;
+/// Longest a put waits to be written to the data dir.
+pub const SAVE_EVERY: Duration = Duration::from_secs(10);
+/// The file under the data dir.
+pub const FILE_NAME: &str = "kv.jsonl";
+/// Version of a line of the file.
+const FILE_VERSION: u32 = 1;
+
 /// Shortest time between two sweeps of expired items when the store is full,
 /// so that a flood of new keys against a full store costs no sweep each.
 const SWEEP_EVERY: Duration = Duration::from_secs(1);
@@ -182,6 +198,27 @@ struct Entry {
 struct Inner {
     items: HashMap<Slot, Entry>,
     last_sweep: Option<Instant>,
+    /// A put since the last snapshot.
+    dirty: bool,
+}
+
+/// A line of the file.
+#[derive(Debug, Serialize, Deserialize)]
+struct SavedItem {
+    v: u32,
+    expires_unix_ms: u64,
+    item: KvItemJson,
+}
+
+/// What [`KvStore::load`] read.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Loaded {
+    /// Items stored.
+    pub items: usize,
+    /// Lines past their lifetime.
+    pub expired: usize,
+    /// Lines that do not parse or verify, of another version, or beyond `--kv-max-items`.
+    pub refused: usize,
 }
 
 /// The items, bounded in number and lifetime.
@@ -263,6 +300,7 @@ impl KvStore {
             }
         }
         inner.items.insert(slot, Entry { item, stored: now });
+        inner.dirty = true;
         drop(inner);
         self.changes.send_modify(|n| *n = n.wrapping_add(1));
         Ok(outcome)
@@ -320,6 +358,139 @@ impl KvStore {
             _ => self.get(key, salt, Instant::now()),
         }
     }
+}
+
+impl KvStore {
+    /// The live items as the file's lines, if any put came since the last
+    /// snapshot (or `force`); marks the store clean.
+    pub fn snapshot(&self, now: Instant, force: bool) -> Option<Vec<u8>> {
+        let unix_now = unix_ms(SystemTime::now());
+        let mut inner = self.lock();
+        if !inner.dirty && !force {
+            return None;
+        }
+        inner.dirty = false;
+        let mut out = Vec::new();
+        for e in inner.items.values() {
+            let age = now.saturating_duration_since(e.stored);
+            let Some(left) = self.ttl.checked_sub(age).filter(|d| !d.is_zero()) else {
+                continue;
+            };
+            let line = SavedItem {
+                v: FILE_VERSION,
+                expires_unix_ms: unix_now.saturating_add(left.as_millis() as u64),
+                item: e.item.to_json(),
+            };
+            // A struct of strings and integers always serializes.
+            if serde_json::to_writer(&mut out, &line).is_ok() {
+                out.push(b'\n');
+            }
+        }
+        Some(out)
+    }
+
+    /// Stores the items of a file written by [`KvStore::snapshot`], each
+    /// verified again and living what was left of its lifetime.
+    pub fn load(&self, file: &[u8], now: Instant) -> Loaded {
+        let unix_now = unix_ms(SystemTime::now());
+        let mut loaded = Loaded::default();
+        let mut inner = self.lock();
+        for line in file.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
+            let Ok(saved) = serde_json::from_slice::<SavedItem>(line) else {
+                loaded.refused += 1;
+                continue;
+            };
+            let item = KvItem::from_json(&saved.item);
+            let Ok(item) = item.and_then(|i| i.verify().map(|()| i)) else {
+                loaded.refused += 1;
+                continue;
+            };
+            if saved.v != FILE_VERSION || inner.items.len() >= self.max_items {
+                loaded.refused += 1;
+                continue;
+            }
+            let left = Duration::from_millis(saved.expires_unix_ms.saturating_sub(unix_now));
+            if left.is_zero() {
+                loaded.expired += 1;
+                continue;
+            }
+            // Stored as if put `ttl - left` ago (now, if the clock is that young).
+            let stored = now
+                .checked_sub(self.ttl.saturating_sub(left))
+                .unwrap_or(now);
+            let slot = (item.key, item.salt.clone());
+            if inner
+                .items
+                .get(&slot)
+                .is_some_and(|e| e.item.seq >= item.seq)
+            {
+                loaded.refused += 1;
+                continue;
+            }
+            inner.items.insert(slot, Entry { item, stored });
+            loaded.items += 1;
+        }
+        loaded
+    }
+
+    /// Reads `<data_dir>/kv.jsonl` if it exists (at most a full store's worth).
+    pub fn load_from(&self, data_dir: &FsPath) -> std::io::Result<Loaded> {
+        use std::io::Read as _;
+        let path = data_dir.join(FILE_NAME);
+        let file = match std::fs::File::open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Loaded::default()),
+            Err(e) => return Err(e),
+        };
+        let mut bytes = Vec::new();
+        let cap = (self.max_items as u64).saturating_mul(4096);
+        file.take(cap).read_to_end(&mut bytes)?;
+        Ok(self.load(&bytes, Instant::now()))
+    }
+
+    /// Writes the store to `<data_dir>/kv.jsonl` at most every [`SAVE_EVERY`]
+    /// after a put, and once more when `shutdown` is cancelled.
+    pub fn spawn_saver(
+        self: std::sync::Arc<Self>,
+        data_dir: PathBuf,
+        shutdown: tokio_util::sync::CancellationToken,
+    ) -> tokio::task::JoinHandle<()> {
+        tokio::spawn(async move {
+            let path = data_dir.join(FILE_NAME);
+            let mut failed = false;
+            loop {
+                let stop = tokio::select! {
+                    () = tokio::time::sleep(SAVE_EVERY) => false,
+                    () = shutdown.cancelled() => true,
+                };
+                if let Some(bytes) = self.snapshot(Instant::now(), false) {
+                    let to = path.clone();
+                    let written = tokio::task::spawn_blocking(move || {
+                        crate::stream::replace_file(&to, &bytes, false)
+                    })
+                    .await;
+                    match written {
+                        Ok(Ok(())) => failed = false,
+                        Ok(Err(e)) if !failed => {
+                            failed = true;
+                            // Marked dirty again, so the next round retries.
+                            self.lock().dirty = true;
+                            tracing::warn!(%e, path = %path.display(), "cannot save the kv store; retrying");
+                        }
+                        _ => self.lock().dirty = true,
+                    }
+                }
+                if stop {
+                    return;
+                }
+            }
+        })
+    }
+}
+
+fn unix_ms(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 fn sweep(inner: &mut Inner, ttl: Duration, now: Instant) {
@@ -568,6 +739,113 @@ mod tests {
                 .unwrap(),
             Stored::Created
         );
+    }
+
+    #[test]
+    fn a_snapshot_reads_back_with_what_was_left_of_each_lifetime() {
+        let ttl = Duration::from_secs(100);
+        let s = KvStore::new(10, ttl);
+        let t = Instant::now();
+        assert!(
+            s.snapshot(t, false).is_none(),
+            "nothing put, nothing to write"
+        );
+        s.put(item(1, b"", 3, b"a"), Precondition::Any, t).unwrap();
+        s.put(
+            item(2, b"x", 1, b"b"),
+            Precondition::Any,
+            t + Duration::from_secs(60),
+        )
+        .unwrap();
+        let file = s
+            .snapshot(t + Duration::from_secs(60), false)
+            .expect("dirty");
+        assert!(
+            s.snapshot(t + Duration::from_secs(60), false).is_none(),
+            "clean after"
+        );
+
+        let back = KvStore::new(10, ttl);
+        let now = Instant::now();
+        assert_eq!(
+            back.load(&file, now),
+            Loaded {
+                items: 2,
+                expired: 0,
+                refused: 0
+            }
+        );
+        assert_eq!(
+            back.get(&item(1, b"", 0, b"").key, b"", now).unwrap().seq,
+            3
+        );
+        // Item 1 had 40 s left, item 2 100 s.
+        let later = now + Duration::from_secs(50);
+        assert!(back.get(&item(1, b"", 0, b"").key, b"", later).is_none());
+        assert!(back.get(&item(2, b"", 0, b"").key, b"x", later).is_some());
+        // A put after loading is refused below the loaded seq, as before the restart.
+        assert!(matches!(
+            back.put(item(1, b"", 2, b"old"), Precondition::Any, now),
+            Err(KvStoreError::SeqTooLow { .. })
+        ));
+    }
+
+    #[test]
+    fn a_damaged_or_tampered_file_loads_only_its_good_lines() {
+        let ttl = Duration::from_secs(100);
+        let s = KvStore::new(10, ttl);
+        let t = Instant::now();
+        s.put(item(1, b"", 1, b"good"), Precondition::Any, t)
+            .unwrap();
+        let good = s.snapshot(t, true).expect("forced");
+        let text = String::from_utf8(good.clone()).unwrap();
+        let tampered = text.replace("Z29vZA==", "YmFkIQ==");
+        assert_ne!(tampered, text);
+        let expired = text.replace("\"expires_unix_ms\":", "\"expires_unix_ms\":1,\"x\":");
+        let mut file = good;
+        file.extend_from_slice(b"{not json\n\n");
+        file.extend_from_slice(tampered.as_bytes());
+        file.extend_from_slice(&[0xff, 0xfe, b'\n']);
+        file.extend_from_slice(expired.as_bytes());
+        let back = KvStore::new(10, ttl);
+        let l = back.load(&file, Instant::now());
+        assert_eq!(
+            l,
+            Loaded {
+                items: 1,
+                expired: 1,
+                refused: 3
+            }
+        );
+        assert_eq!(back.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn the_saver_writes_at_shutdown_and_a_new_store_reads_it() {
+        let dir = std::env::temp_dir().join(format!("clubcast-kv-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let s = std::sync::Arc::new(KvStore::new(10, Duration::from_secs(60)));
+        s.put(item(1, b"", 1, b"kept"), Precondition::Any, Instant::now())
+            .unwrap();
+        let stop = tokio_util::sync::CancellationToken::new();
+        let task = s.clone().spawn_saver(dir.clone(), stop.clone());
+        stop.cancel();
+        task.await.unwrap();
+        let back = KvStore::new(10, Duration::from_secs(60));
+        assert_eq!(back.load_from(&dir).unwrap().items, 1);
+        assert_eq!(
+            back.get(&item(1, b"", 0, b"").key, b"", Instant::now())
+                .unwrap()
+                .value,
+            b"kept"
+        );
+        // No file: an empty store, no error.
+        let none = KvStore::new(10, Duration::from_secs(60));
+        assert_eq!(
+            none.load_from(&dir.join("missing")).unwrap(),
+            Loaded::default()
+        );
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[tokio::test]

@@ -54,6 +54,23 @@ async fn run(mut config: Config) -> Result<(), Box<dyn std::error::Error>> {
     let shutdown = CancellationToken::new();
     let state = AppState::new(config.clone(), streams.clone(), shutdown.clone());
     let mut background = vec![state.hub.spawn_bid_ticker()];
+    match state.kv.load_from(&config.data_dir) {
+        Ok(l) if l != clubcast_server::kv::Loaded::default() => tracing::info!(
+            items = l.items,
+            expired = l.expired,
+            refused = l.refused,
+            "kv store read from the data dir"
+        ),
+        Ok(_) => {}
+        Err(e) => tracing::warn!(%e, "cannot read the kv store from the data dir; starting empty"),
+    }
+    state.metrics.set_kv_items(state.kv.len());
+    background.push(
+        state
+            .kv
+            .clone()
+            .spawn_saver(config.data_dir.clone(), shutdown.clone()),
+    );
     if let Some(wait) = config.publisher_wait() {
         background.push(streams.spawn_ender(wait, state.metrics.clone(), shutdown.clone()));
     }

@@ -143,11 +143,26 @@ async fn wait_for_port(port: u16, what: &str, child: &mut Child) -> Result<(), H
 
 /// `GET http://addr/path` over HTTP/1.0: the status and the body.
 pub async fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, Vec<u8>), HarnessError> {
+    http_request(addr, "GET", path, b"").await
+}
+
+/// `method path` with `body` over HTTP/1.0; the status and the body.
+pub async fn http_request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: &[u8],
+) -> Result<(u16, Vec<u8>), HarnessError> {
     let mut s = tokio::net::TcpStream::connect(addr)
         .await
         .map_err(io(format!("connect {addr}")))?;
-    let req = format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
-    s.write_all(req.as_bytes()).await.map_err(io("send GET"))?;
+    let mut req = format!(
+        "{method} {path} HTTP/1.0\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    req.extend_from_slice(body);
+    s.write_all(&req).await.map_err(io("send request"))?;
     let mut buf = Vec::new();
     s.read_to_end(&mut buf).await.map_err(io("read answer"))?;
     let head_end = buf

@@ -11,7 +11,9 @@
 use std::time::{Duration, Instant};
 
 use clubcast_protocol::block::{BLOCK_OVERHEAD, DEFAULT_BLOCK_BYTES};
-use clubcast_tests::{first_frames, http_get, median, Browser, Server, ServerOptions};
+use clubcast_tests::{
+    first_frames, http_get, http_request, median, Browser, Server, ServerOptions,
+};
 use serde_json::Value;
 
 /// Media seconds the viewer must play.
@@ -1286,4 +1288,58 @@ async fn two_browsers_share_a_private_value_through_the_key_value_store() {
     assert_eq!(metrics.get("clubcast_kv_items"), Some(&1.0), "{metrics:?}");
     broadcaster.close().await;
     viewer.close().await;
+}
+
+/// `/kv` items outlive a crash of the server: an item put, then the server
+/// killed (SIGKILL, nothing saved on the way out) after the store's save
+/// interval, is served by the restarted server, and the restarted server
+/// still refuses its older seq.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kv_items_outlive_a_crash_of_the_server() {
+    use clubcast_protocol::kv::KvSecret;
+    use rand::SeedableRng;
+
+    let mut server = Server::start(ServerOptions {
+        args: vec!["--no-demo".into()],
+        ..ServerOptions::default()
+    })
+    .await
+    .expect("server starts");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+    let slot = KvSecret::random(&mut rng)
+        .shared(&KvSecret::random(&mut rng).public())
+        .expect("shared");
+    let mut item = |seq: u64| {
+        let i = slot.seal(b"k", seq, b"survives", &mut rng).expect("sealed");
+        let key: String = i.key.iter().map(|b| format!("{b:02x}")).collect();
+        let path = format!("/kv/{key}");
+        (path, serde_json::to_vec(&i.to_json()).expect("json"))
+    };
+    let (path, body) = item(2);
+    let (status, answer) = http_request(server.addr(), "PUT", &path, &body)
+        .await
+        .expect("put");
+    assert_eq!(status, 201, "{}", String::from_utf8_lossy(&answer));
+
+    // The store writes at most 10 s after a put.
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    server.restart().await.expect("server restarts");
+
+    let (status, answer) = http_get(server.addr(), &format!("{path}?salt=6b"))
+        .await
+        .expect("get");
+    assert_eq!(
+        status,
+        200,
+        "{}\n{}",
+        String::from_utf8_lossy(&answer),
+        server.log_tail(20)
+    );
+    let back: Value = serde_json::from_slice(&answer).expect("json");
+    assert_eq!(back["seq"], 2);
+    let (_, older) = item(1);
+    let (status, _) = http_request(server.addr(), "PUT", &path, &older)
+        .await
+        .expect("put");
+    assert_eq!(status, 409, "the restarted store still holds seq 2");
 }
