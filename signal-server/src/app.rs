@@ -69,10 +69,10 @@ impl AppState {
             grants.clone(),
             shutdown.clone(),
         );
-        let kv = Arc::new(crate::kv::KvStore::new(
-            config.kv_max_items,
-            config.kv_ttl(),
-        ));
+        let kv = Arc::new(
+            crate::kv::KvStore::new(config.kv_max_items, config.kv_ttl())
+                .with_put_rate(config.kv_put_rate),
+        );
         AppState {
             config,
             streams,

@@ -180,6 +180,13 @@ pub struct Config {
     #[arg(long, env = "CLUBCAST_KV_TTL_SECONDS", default_value_t = 7200)]
     pub kv_ttl_seconds: u64,
 
+    /// `/kv` puts a client address may make per second on average, with a
+    /// burst of 5 seconds' worth (an IPv6 client counts as its /64); over it,
+    /// 429 `rate_limited`. 0: no limit (behind a reverse proxy every client
+    /// has the proxy's address: raise it or set 0 there).
+    #[arg(long, env = "CLUBCAST_KV_PUT_RATE", default_value_t = 10)]
+    pub kv_put_rate: u32,
+
     /// Path every route is served under, e.g. `/live`, for a reverse proxy
     /// that forwards `https://site/live/…` without stripping it. Empty (the
     /// default): the root. A proxy that strips the prefix needs none: the
@@ -224,6 +231,7 @@ impl Default for Config {
             rtmp_listen: None,
             kv_max_items: 50_000,
             kv_ttl_seconds: 7200,
+            kv_put_rate: 10,
             base_path: String::new(),
             allow_test_corruption: false,
         }
@@ -273,6 +281,11 @@ impl Config {
             "kv-ttl-seconds",
             (1..=30 * 86_400).contains(&self.kv_ttl_seconds),
             "must be 1-2592000 (30 days)",
+        )?;
+        range(
+            "kv-put-rate",
+            self.kv_put_rate <= 100_000,
+            "must be 0-100000 (0: no limit)",
         )?;
         range(
             "anonymous-budget-percent",

@@ -21,6 +21,8 @@
 //! | items | `--kv-max-items` | 507 `kv_full` for a new (key, salt); replacing goes on |
 //! | lifetime | `--kv-ttl-seconds` since the last put | the item is gone (a put of the same item refreshes it) |
 //! | waiting `GET`s | [`MAX_WAITERS`] at once, each at most [`MAX_WAIT`] | answered at once |
+//! | puts per client address | `--kv-put-rate` per second, a burst of [`PUT_BURST_SECONDS`] seconds' worth (an IPv6 client is its /64) | 429 `rate_limited`, `Retry-After` |
+//! | client addresses tracked | [`MAX_TRACKED_CLIENTS`] (quiet ones are forgotten) | 429 `rate_limited` for a new one |
 //!
 //! # On disk
 //! With a data dir, the live items are written to `<data dir>/kv.jsonl` (one
@@ -35,11 +37,12 @@
 //! `clubcast_kv_puts_total{result}` counts puts by outcome.
 
 use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path as FsPath, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::extract::{ConnectInfo, DefaultBodyLimit, Path, Query, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -49,6 +52,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::app::AppState;
 use crate::metrics::Metrics;
+use crate::signal::limits::TokenBucket;
 
 /// Largest request body: an item with a full value and salt is about 1.6 KB of JSON.
 pub const MAX_BODY: usize = 4096;
@@ -56,6 +60,11 @@ pub const MAX_BODY: usize = 4096;
 pub const MAX_WAIT: Duration = Duration::from_secs(30);
 /// Most `GET`s waiting at once; beyond it they are answered at once.
 pub const MAX_WAITERS: usize = 1024;
+/// A client's burst of puts, in seconds of its `--kv-put-rate`.
+pub const PUT_BURST_SECONDS: u32 = 5;
+/// Most client addresses whose put rate is tracked at once.
+pub const MAX_TRACKED_CLIENTS: usize = 65_536;
+
 /// Longest a put waits to be written to the data dir.
 pub const SAVE_EVERY: Duration = Duration::from_secs(10);
 /// The file under the data dir.
@@ -109,6 +118,9 @@ pub enum KvStoreError {
     /// Nothing under this key and salt.
     #[error("no item under this key and salt")]
     NotFound,
+    /// This client address put more than `--kv-put-rate` allows.
+    #[error("too many puts from this address; try again in {0} s")]
+    RateLimited(u64),
 }
 
 impl KvStoreError {
@@ -124,6 +136,7 @@ impl KvStoreError {
             KvStoreError::BadPrecondition => "bad_precondition",
             KvStoreError::Full(_) => "kv_full",
             KvStoreError::NotFound => "not_found",
+            KvStoreError::RateLimited(_) => "rate_limited",
         }
     }
 
@@ -139,6 +152,7 @@ impl KvStoreError {
             KvStoreError::CasMismatch { .. } => StatusCode::PRECONDITION_FAILED,
             KvStoreError::Full(_) => StatusCode::INSUFFICIENT_STORAGE,
             KvStoreError::NotFound => StatusCode::NOT_FOUND,
+            KvStoreError::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
         }
     }
 
@@ -150,6 +164,10 @@ impl KvStoreError {
         let mut r = (self.status(), Json(body)).into_response();
         r.headers_mut()
             .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        if let KvStoreError::RateLimited(secs) = self {
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(*secs));
+        }
         r
     }
 }
@@ -230,6 +248,15 @@ pub struct KvStore {
     /// Bumped at every stored put; waiting `GET`s watch it.
     changes: tokio::sync::watch::Sender<u64>,
     waiters: tokio::sync::Semaphore,
+    /// Puts per second per client address; 0: no limit.
+    put_rate: u32,
+    clients: Mutex<Clients>,
+}
+
+#[derive(Debug, Default)]
+struct Clients {
+    buckets: HashMap<IpAddr, TokenBucket>,
+    last_prune: Option<Instant>,
 }
 
 impl KvStore {
@@ -241,6 +268,48 @@ impl KvStore {
             ttl,
             changes: tokio::sync::watch::channel(0).0,
             waiters: tokio::sync::Semaphore::new(MAX_WAITERS),
+            put_rate: 0,
+            clients: Mutex::default(),
+        }
+    }
+
+    /// Limits each client address to `per_sec` puts a second on average
+    /// (0: no limit).
+    pub fn with_put_rate(mut self, per_sec: u32) -> Self {
+        self.put_rate = per_sec;
+        self
+    }
+
+    /// Counts a put from `client` against its rate; refused over it.
+    pub fn admit(&self, client: IpAddr, now: Instant) -> Result<(), KvStoreError> {
+        if self.put_rate == 0 {
+            return Ok(());
+        }
+        let client = client_key(client);
+        let mut clients = self.clients.lock().unwrap_or_else(|e| e.into_inner());
+        if !clients.buckets.contains_key(&client) && clients.buckets.len() >= MAX_TRACKED_CLIENTS {
+            // Forget the clients quiet long enough to be full again, at most
+            // once a second, so that a flood of new addresses costs no sweep each.
+            if clients
+                .last_prune
+                .is_none_or(|t| now.saturating_duration_since(t) >= SWEEP_EVERY)
+            {
+                clients.last_prune = Some(now);
+                clients.buckets.retain(|_, b| !b.full_at(now));
+            }
+            if clients.buckets.len() >= MAX_TRACKED_CLIENTS {
+                return Err(KvStoreError::RateLimited(1));
+            }
+        }
+        let rate = self.put_rate;
+        let bucket = clients
+            .buckets
+            .entry(client)
+            .or_insert_with(|| TokenBucket::new(rate, rate.saturating_mul(PUT_BURST_SECONDS), now));
+        if bucket.take(now) {
+            Ok(())
+        } else {
+            Err(KvStoreError::RateLimited(bucket.wait_secs()))
         }
     }
 
@@ -488,6 +557,18 @@ impl KvStore {
     }
 }
 
+/// The address a client's puts count under: an IPv6 client is its /64 (one
+/// host usually has a whole one), an IPv4-mapped one its IPv4 address.
+fn client_key(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6((u128::from(v6) & !((1u128 << 64) - 1)).into()),
+        },
+    }
+}
+
 fn unix_ms(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
@@ -550,10 +631,15 @@ async fn get_item(
 async fn put_item(
     State(state): State<AppState>,
     Path(key): Path<String>,
+    client: Option<axum::Extension<ConnectInfo<SocketAddr>>>,
     headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> Response {
     let answer = (|| {
+        // Served without client addresses (a test's router): no per-client limit.
+        if let Some(axum::Extension(ConnectInfo(addr))) = client {
+            state.kv.admit(addr.ip(), Instant::now())?;
+        }
         let j: KvItemJson =
             serde_json::from_slice(&body).map_err(|e| KvStoreError::BadJson(e.to_string()))?;
         let item = KvItem::from_json(&j)?;
@@ -846,6 +932,35 @@ mod tests {
             Loaded::default()
         );
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn each_client_address_gets_its_own_put_rate() {
+        let s = KvStore::new(10, Duration::from_secs(60)).with_put_rate(2);
+        let t = Instant::now();
+        let a: IpAddr = "192.0.2.1".parse().unwrap();
+        let b: IpAddr = "192.0.2.2".parse().unwrap();
+        // A burst of 5 s × 2/s, then refused until a token comes back.
+        for _ in 0..10 {
+            s.admit(a, t).unwrap();
+        }
+        assert!(matches!(s.admit(a, t), Err(KvStoreError::RateLimited(1))));
+        s.admit(b, t).unwrap();
+        s.admit(a, t + Duration::from_millis(500)).unwrap();
+        assert!(s.admit(a, t + Duration::from_millis(500)).is_err());
+        // One IPv6 host is its /64; an IPv4-mapped address is its IPv4 one.
+        let v6 = |x: &str| x.parse::<IpAddr>().unwrap();
+        for _ in 0..10 {
+            s.admit(v6("2001:db8:1:2::1"), t).unwrap();
+        }
+        assert!(s.admit(v6("2001:db8:1:2:ffff::9"), t).is_err());
+        s.admit(v6("2001:db8:1:3::1"), t).unwrap();
+        assert!(s.admit(v6("::ffff:192.0.2.1"), t).is_err());
+        // No limit at 0.
+        let open = KvStore::new(10, Duration::from_secs(60));
+        for _ in 0..1000 {
+            open.admit(a, t).unwrap();
+        }
     }
 
     #[tokio::test]

@@ -114,6 +114,8 @@ async fn run(mut config: Config) -> Result<(), Box<dyn std::error::Error>> {
         "clubcast-server listening"
     );
     let stop = shutdown.clone();
+    // Client addresses, for the per-address limit on `/kv` puts.
+    let router = router.into_make_service_with_connect_info::<std::net::SocketAddr>();
     axum::serve(listener, router)
         .with_graceful_shutdown(async move {
             shutdown_signal().await;

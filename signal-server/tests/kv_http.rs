@@ -345,3 +345,50 @@ async fn two_parties_exchange_a_sealed_value_the_server_cannot_read() {
         .expect("opens");
     assert_eq!(opened, secret);
 }
+
+#[tokio::test]
+async fn one_client_address_is_held_to_its_put_rate() {
+    let (app, state) = server(Config {
+        kv_put_rate: 2,
+        ..Config::default()
+    });
+    let put_from = |client: &str, seq: u64| {
+        let app = app.clone();
+        let addr: std::net::SocketAddr = format!("{client}:5000").parse().expect("addr");
+        let item = item(1, b"", seq, b"v");
+        async move {
+            let mut req = Request::builder()
+                .method("PUT")
+                .uri(path(&item.key))
+                .body(Body::from(
+                    serde_json::to_vec(&item.to_json()).expect("json"),
+                ))
+                .expect("request");
+            // What `into_make_service_with_connect_info` adds in the server.
+            req.extensions_mut()
+                .insert(axum::extract::ConnectInfo(addr));
+            app.oneshot(req).await.expect("infallible")
+        }
+    };
+    // A burst of 5 s at 2/s, then 429 with a time to come back. (A slow
+    // machine may earn a token back during the burst, so the refusal is
+    // looked for, not expected at exactly the 11th put.)
+    let mut accepted = 0;
+    let refused = loop {
+        let r = put_from("192.0.2.1", accepted + 1).await;
+        if r.status() == StatusCode::TOO_MANY_REQUESTS {
+            break r;
+        }
+        assert!(r.status().is_success(), "{}", r.status());
+        accepted += 1;
+        assert!(accepted < 200, "never refused");
+    };
+    assert!(accepted >= 10, "the burst is 10 puts: {accepted}");
+    assert_eq!(refused.headers()["retry-after"], "1");
+    // Another address is not held back by it.
+    assert_eq!(
+        put_from("192.0.2.2", accepted + 1).await.status(),
+        StatusCode::OK
+    );
+    assert_eq!(state.metrics.kv_puts("rate_limited"), 1);
+}

@@ -23,6 +23,21 @@ impl TokenBucket {
         }
     }
 
+    /// Whether the bucket would be full at `now`: a client that has been
+    /// quiet that long can be forgotten and started again full.
+    pub(crate) fn full_at(&self, now: Instant) -> bool {
+        let dt = now.saturating_duration_since(self.last).as_secs_f64();
+        self.tokens + dt * self.per_sec >= self.burst
+    }
+
+    /// Seconds until the next token, rounded up (at least 1).
+    pub(crate) fn wait_secs(&self) -> u64 {
+        if self.per_sec <= 0.0 {
+            return 1;
+        }
+        (((1.0 - self.tokens).max(0.0) / self.per_sec).ceil() as u64).max(1)
+    }
+
     /// Takes one token if there is one.
     pub(crate) fn take(&mut self, now: Instant) -> bool {
         let dt = now.saturating_duration_since(self.last).as_secs_f64();
