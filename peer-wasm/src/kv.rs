@@ -54,13 +54,8 @@ fn js_error(e: impl std::fmt::Display, code: &str) -> JsValue {
     err.into()
 }
 
-fn hex32(s: &str, what: &str) -> Result<[u8; 32], JsValue> {
-    let bytes = data_encoding::HEXLOWER_PERMISSIVE
-        .decode(s.as_bytes())
-        .map_err(|_| js_error(format!("{what} is not hex"), "bad_key"))?;
-    bytes
-        .try_into()
-        .map_err(|_| js_error(format!("{what} is not 32 bytes (64 hex digits)"), "bad_key"))
+fn hex32(hex: &str, field: &'static str) -> Result<[u8; 32], JsValue> {
+    kv::parse_hex32(field, hex).map_err(|e| js_error(e, "bad_key"))
 }
 
 /// One party's X25519 secret.
@@ -78,10 +73,7 @@ impl KvSecret {
     /// A secret kept earlier (from [`KvSecret::to_hex`]).
     #[wasm_bindgen(js_name = fromHex)]
     pub fn from_hex(hex: &str) -> Result<KvSecret, JsValue> {
-        Ok(KvSecret(kv::KvSecret::from_bytes(hex32(
-            hex,
-            "the secret",
-        )?)))
+        Ok(KvSecret(kv::KvSecret::from_bytes(hex32(hex, "secret")?)))
     }
 
     /// The secret as 64 hex digits, to keep (it is the party's identity: keep
@@ -99,7 +91,7 @@ impl KvSecret {
 
     /// The slot shared with the holder of `their_public` (64 hex digits).
     pub fn shared(&self, their_public: &str) -> Result<KvShared, JsValue> {
-        let theirs = hex32(their_public, "the other party's public key")?;
+        let theirs = hex32(their_public, "their public key")?;
         self.0
             .shared(&theirs)
             .map(KvShared)

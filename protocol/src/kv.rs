@@ -199,6 +199,12 @@ pub fn parse_salt(hex: &str) -> Result<Vec<u8>, KvError> {
     decode_hex("salt", hex, MAX_SALT)
 }
 
+/// Parses 32 bytes given as 64 hex digits (an X25519 key or secret);
+/// errors name `field`.
+pub fn parse_hex32(field: &'static str, hex: &str) -> Result<[u8; 32], KvError> {
+    decode_fixed(field, hex)
+}
+
 /// Parses an ed25519 public key given as 64 hex digits (as in `/kv/{key}`).
 pub fn parse_key(hex: &str) -> Result<[u8; 32], KvError> {
     let key: [u8; 32] = decode_fixed("key", hex)?;

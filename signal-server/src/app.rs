@@ -176,6 +176,7 @@ pub fn app(state: AppState) -> Router {
 async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
     let streams = state.streams.list();
     state.metrics.set_streams(streams.len());
+    state.metrics.set_kv_items(state.kv.len());
     state
         .metrics
         .set_publishing(streams.iter().map(|s| (s.name.clone(), s.publishing())));

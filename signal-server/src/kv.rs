@@ -288,13 +288,8 @@ impl KvStore {
         let client = client_key(client);
         let mut clients = self.clients.lock().unwrap_or_else(|e| e.into_inner());
         if !clients.buckets.contains_key(&client) && clients.buckets.len() >= MAX_TRACKED_CLIENTS {
-            // Forget the clients quiet long enough to be full again, at most
-            // once a second, so that a flood of new addresses costs no sweep each.
-            if clients
-                .last_prune
-                .is_none_or(|t| now.saturating_duration_since(t) >= SWEEP_EVERY)
-            {
-                clients.last_prune = Some(now);
+            // Forget the clients quiet long enough to be full again.
+            if due(&mut clients.last_prune, now) {
                 clients.buckets.retain(|_, b| !b.full_at(now));
             }
             if clients.buckets.len() >= MAX_TRACKED_CLIENTS {
@@ -465,7 +460,10 @@ impl KvStore {
         let mut loaded = Loaded::default();
         let mut inner = self.lock();
         for line in file.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
-            let Ok(saved) = serde_json::from_slice::<SavedItem>(line) else {
+            let saved = serde_json::from_slice::<SavedItem>(line)
+                .ok()
+                .filter(|s| s.v == FILE_VERSION && inner.items.len() < self.max_items);
+            let Some(saved) = saved else {
                 loaded.refused += 1;
                 continue;
             };
@@ -474,10 +472,6 @@ impl KvStore {
                 loaded.refused += 1;
                 continue;
             };
-            if saved.v != FILE_VERSION || inner.items.len() >= self.max_items {
-                loaded.refused += 1;
-                continue;
-            }
             let left = Duration::from_millis(saved.expires_unix_ms.saturating_sub(unix_now));
             if left.is_zero() {
                 loaded.expired += 1;
@@ -538,16 +532,19 @@ impl KvStore {
                         crate::stream::replace_file(&to, &bytes, false)
                     })
                     .await;
-                    match written {
-                        Ok(Ok(())) => failed = false,
-                        Ok(Err(e)) if !failed => {
-                            failed = true;
-                            // Marked dirty again, so the next round retries.
-                            self.lock().dirty = true;
+                    let error = match written {
+                        Ok(Ok(())) => None,
+                        Ok(Err(e)) => Some(e.to_string()),
+                        Err(e) => Some(e.to_string()),
+                    };
+                    if let Some(e) = &error {
+                        // Dirty again, so the next round retries; warned once per outage.
+                        self.lock().dirty = true;
+                        if !failed {
                             tracing::warn!(%e, path = %path.display(), "cannot save the kv store; retrying");
                         }
-                        _ => self.lock().dirty = true,
                     }
+                    failed = error.is_some();
                 }
                 if stop {
                     return;
@@ -575,16 +572,21 @@ fn unix_ms(t: SystemTime) -> u64 {
 }
 
 fn sweep(inner: &mut Inner, ttl: Duration, now: Instant) {
-    if inner
-        .last_sweep
-        .is_some_and(|t| now.saturating_duration_since(t) < SWEEP_EVERY)
-    {
-        return;
+    if due(&mut inner.last_sweep, now) {
+        inner
+            .items
+            .retain(|_, e| now.saturating_duration_since(e.stored) < ttl);
     }
-    inner.last_sweep = Some(now);
-    inner
-        .items
-        .retain(|_, e| now.saturating_duration_since(e.stored) < ttl);
+}
+
+/// Whether a sweep is due: the first, or [`SWEEP_EVERY`] after the last
+/// (then `now` is the last). A flood against a full map costs no sweep each.
+fn due(last: &mut Option<Instant>, now: Instant) -> bool {
+    if last.is_some_and(|t| now.saturating_duration_since(t) < SWEEP_EVERY) {
+        return false;
+    }
+    *last = Some(now);
+    true
 }
 
 /// The `/kv` routes.
@@ -650,7 +652,6 @@ async fn put_item(
         let stored = state.kv.put(item.clone(), pre, Instant::now())?;
         Ok((stored, item))
     })();
-    state.metrics.set_kv_items(state.kv.len());
     match answer {
         Ok((stored, item)) => {
             state.metrics.kv_put(stored.label());

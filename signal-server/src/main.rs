@@ -64,7 +64,6 @@ async fn run(mut config: Config) -> Result<(), Box<dyn std::error::Error>> {
         Ok(_) => {}
         Err(e) => tracing::warn!(%e, "cannot read the kv store from the data dir; starting empty"),
     }
-    state.metrics.set_kv_items(state.kv.len());
     background.push(
         state
             .kv

@@ -131,7 +131,20 @@ async fn a_put_item_is_served_back_and_only_a_higher_seq_replaces_it() {
     assert_eq!(state.metrics.kv_puts("refreshed"), 1);
     assert_eq!(state.metrics.kv_puts("replaced"), 1);
     assert_eq!(state.metrics.kv_puts("seq_too_low"), 2);
-    let text = state.metrics.render();
+    // The gauge is read from the store at scrape time.
+    let r = app
+        .clone()
+        .oneshot(
+            Request::get("/metrics")
+                .body(Body::empty())
+                .expect("request"),
+        )
+        .await
+        .expect("infallible");
+    let text = axum::body::to_bytes(r.into_body(), 1 << 20)
+        .await
+        .expect("body");
+    let text = String::from_utf8_lossy(&text);
     assert!(text.contains("clubcast_kv_items 1\n"), "{text}");
 }
 
