@@ -377,6 +377,16 @@ impl StreamKey {
     }
 }
 
+impl StreamKey {
+    /// Whether `sig` is this key's signature of `msg` (strict ed25519), for
+    /// the other things the stream key signs (an on-demand asset's manifest).
+    pub(crate) fn verifies(&self, msg: &[u8], sig: &[u8; SIGNATURE_LEN]) -> bool {
+        self.0
+            .verify_strict(msg, &Signature::from_bytes(sig))
+            .is_ok()
+    }
+}
+
 impl BlockVerifier for StreamKey {
     fn verify(&self, block: Block) -> Result<VerifiedBlock, BlockError> {
         let msg = block.header.signed_message(&block.payload);
@@ -413,6 +423,11 @@ impl StreamSigner {
     /// The public stream key.
     pub fn key(&self) -> StreamKey {
         StreamKey(self.0.verifying_key())
+    }
+
+    /// Signs `msg` (not a block: see [`StreamSigner::sign`]).
+    pub(crate) fn sign_message(&self, msg: &[u8]) -> [u8; SIGNATURE_LEN] {
+        self.0.sign(msg).to_bytes()
     }
 
     /// Builds and signs a block.

@@ -7,7 +7,8 @@
 //! for gap fill through [`bid`]s. [`wire`] encodes what peers say to each other;
 //! [`signal`] is the JSON spoken with the server; [`club`] assigns clubs and links.
 //! [`kv`] signs the public key-value store's items and derives the keys two
-//! parties share to use it privately.
+//! parties share to use it privately. [`vod`] is an on-demand asset's signed
+//! manifest and the cursor that plans its fetches.
 //!
 //! Nothing here reads a clock, draws randomness of its own, spawns or does I/O:
 //! time is an argument ([`Time`]) and randomness comes from an injected RNG.
@@ -26,6 +27,7 @@ pub mod signal;
 pub mod source;
 mod time;
 mod vecmap;
+pub mod vod;
 pub mod wire;
 
 pub use time::Time;
