@@ -156,7 +156,10 @@ impl BlockHeader {
         out
     }
 
-    fn parse(b: &[u8; HEADER_LEN]) -> Result<Self, BlockError> {
+    /// Reads a header from its encoded form (the first [`HEADER_LEN`] bytes
+    /// of an encoded block), for a reader that walks stored blocks without
+    /// decoding their payloads. It checks the version and flags only.
+    pub fn parse(b: &[u8; HEADER_LEN]) -> Result<Self, BlockError> {
         let u64_at = |i: usize| {
             let mut a = [0u8; 8];
             a.copy_from_slice(&b[i..i + 8]);

@@ -1,10 +1,10 @@
 //! The HTTP application: shared state and the router tests and `main` serve.
 //!
 //! Routes: `/ws` (signaling), `/streams…` (origin), `/kv/…` (the public
-//! key-value store), `/healthz`, `/metrics`,
+//! key-value store), `/vod…` (on-demand assets), `/healthz`, `/metrics`,
 //! `/watch/{id}` and `/embed/{id}` (player pages), `/pkg/…` (the built wasm)
-//! and every other path from the static directory. The origin's routes, `/pkg`
-//! and the static files answer CORS requests from any origin, so that other
+//! and every other path from the static directory. The origin's routes,
+//! `/vod`'s reads, `/pkg` and the static files answer CORS requests from any origin, so that other
 //! sites can embed the player. Ingest, with its own state, is merged in. With
 //! `--base-path /p`, every route is served under `/p` instead (`/p` itself
 //! redirects to `/p/`).
@@ -46,6 +46,9 @@ pub struct AppState {
     pub shutdown: CancellationToken,
     /// The public key-value store (`/kv`).
     pub kv: Arc<crate::kv::KvStore>,
+    /// The on-demand assets (`/vod`), under `<data dir>/vod`; empty until
+    /// `main` loads them.
+    pub vod: Arc<crate::vod::VodLibrary>,
 }
 
 impl AppState {
@@ -73,7 +76,12 @@ impl AppState {
             crate::kv::KvStore::new(config.kv_max_items, config.kv_ttl())
                 .with_put_rate(config.kv_put_rate),
         );
+        let vod = Arc::new(crate::vod::VodLibrary::new(
+            config.data_dir.join("vod"),
+            config.vod_limits(),
+        ));
         AppState {
+            vod,
             config,
             streams,
             metrics,
@@ -85,6 +93,20 @@ impl AppState {
             kv,
             shutdown,
         }
+    }
+
+    /// Loads the on-demand assets stored in the data dir and, with the demo
+    /// source on, adds the demo clip as the built-in asset `--demo-name`.
+    /// Blocking (it reads every asset's block headers): called once at start.
+    pub fn open_vod(&self) -> crate::vod::Loaded {
+        let loaded = self.vod.load();
+        if !self.config.no_demo {
+            match crate::vod::demo_asset(&self.config.demo_name, self.config.block_bytes()) {
+                Ok(asset) => self.vod.add_builtin(asset),
+                Err(e) => tracing::error!("the demo clip cannot be served on demand: {e}"),
+            }
+        }
+        loaded
     }
 
     /// What ingest (HTTP or RTMP) needs.
@@ -128,6 +150,16 @@ pub fn app(state: AppState) -> Router {
     // script and the wasm fetch from another origin are CORS requests, refused
     // without this (`<script type="module" src=".../clubcast-player.js">`
     // on an embedding page). Public files, read-only: any origin may read them.
+    // Players on other sites fetch on-demand assets too; uploads and deletes
+    // (with the publish token) are not for browsers on other sites.
+    let vod_cors = CorsLayer::new()
+        .allow_origin(Any)
+        .allow_methods([Method::GET, Method::HEAD])
+        .allow_headers([header::IF_NONE_MATCH])
+        .expose_headers([
+            header::ETAG,
+            header::HeaderName::from_static(crate::vod::RUN_BLOCKS_HEADER),
+        ]);
     let assets = CorsLayer::new()
         .allow_origin(Any)
         .allow_methods([Method::GET, Method::HEAD]);
@@ -141,6 +173,7 @@ pub fn app(state: AppState) -> Router {
         .route("/ws", get(crate::signal::ws_handler))
         .merge(crate::origin::router().layer(cors))
         .merge(crate::kv::router().layer(kv_cors))
+        .merge(crate::vod::router().layer(vod_cors))
         .route("/healthz", get(|| async { "ok" }))
         .route("/metrics", get(metrics))
         .route_service("/watch/{id}", ServeFile::new(dir.join("watch.html")))
@@ -177,6 +210,7 @@ async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
     let streams = state.streams.list();
     state.metrics.set_streams(streams.len());
     state.metrics.set_kv_items(state.kv.len());
+    state.metrics.set_vod_assets(state.vod.len());
     state
         .metrics
         .set_publishing(streams.iter().map(|s| (s.name.clone(), s.publishing())));

@@ -15,6 +15,8 @@ use clubcast_protocol::signal::IceServer;
 
 /// Most `--ice-server` entries; browsers slow down with long ICE server lists.
 pub const MAX_ICE_SERVERS: usize = 8;
+/// Largest `--vod-max-bytes`: 1 TiB.
+pub const MAX_VOD_BYTES: u64 = 1 << 40;
 
 /// Errors of option validation.
 #[derive(Debug, thiserror::Error)]
@@ -187,6 +189,16 @@ pub struct Config {
     #[arg(long, env = "CLUBCAST_KV_PUT_RATE", default_value_t = 10)]
     pub kv_put_rate: u32,
 
+    /// Largest on-demand upload (`PUT /vod/{name}`), bytes of file; a larger
+    /// one gets 413 `too_large` and leaves nothing behind.
+    #[arg(long, env = "CLUBCAST_VOD_MAX_BYTES", default_value_t = crate::vod::DEFAULT_MAX_BYTES)]
+    pub vod_max_bytes: u64,
+
+    /// Most on-demand assets stored under `<data dir>/vod/`; an upload of a
+    /// new name beyond it gets 507 `vod_full` (replacing one goes on).
+    #[arg(long, env = "CLUBCAST_VOD_MAX_ASSETS", default_value_t = crate::vod::DEFAULT_MAX_ASSETS)]
+    pub vod_max_assets: usize,
+
     /// Path every route is served under, e.g. `/live`, for a reverse proxy
     /// that forwards `https://site/live/…` without stripping it. Empty (the
     /// default): the root. A proxy that strips the prefix needs none: the
@@ -232,6 +244,8 @@ impl Default for Config {
             kv_max_items: 50_000,
             kv_ttl_seconds: 7200,
             kv_put_rate: 10,
+            vod_max_bytes: crate::vod::DEFAULT_MAX_BYTES,
+            vod_max_assets: crate::vod::DEFAULT_MAX_ASSETS,
             base_path: String::new(),
             allow_test_corruption: false,
         }
@@ -286,6 +300,16 @@ impl Config {
             "kv-put-rate",
             self.kv_put_rate <= 100_000,
             "must be 0-100000 (0: no limit)",
+        )?;
+        range(
+            "vod-max-bytes",
+            (1..=MAX_VOD_BYTES).contains(&self.vod_max_bytes),
+            "must be 1-1099511627776 (1 TiB)",
+        )?;
+        range(
+            "vod-max-assets",
+            (1..=1_000_000).contains(&self.vod_max_assets),
+            "must be 1-1000000",
         )?;
         range(
             "anonymous-budget-percent",
@@ -364,6 +388,15 @@ impl Config {
     /// for ever.
     pub fn publisher_wait(&self) -> Option<Duration> {
         (self.publisher_wait_seconds > 0).then(|| Duration::from_secs(self.publisher_wait_seconds))
+    }
+
+    /// The bounds of the on-demand library.
+    pub fn vod_limits(&self) -> crate::vod::VodLimits {
+        crate::vod::VodLimits {
+            max_bytes: self.vod_max_bytes,
+            max_assets: self.vod_max_assets,
+            block_bytes: self.block_bytes(),
+        }
     }
 
     /// How long a `/kv` item lives after its last put.
@@ -473,11 +506,46 @@ mod tests {
         assert_eq!(parsed.clubs_per_peer, d.clubs_per_peer);
         assert_eq!(parsed.bid_interval_ms, d.bid_interval_ms);
         assert_eq!(parsed.heartbeat_ms, d.heartbeat_ms);
+        assert_eq!(parsed.vod_max_bytes, d.vod_max_bytes);
+        assert_eq!(parsed.vod_max_assets, d.vod_max_assets);
         assert!(d.validate().is_ok());
         let webrtc = Config::try_parse_from(["clubcast-server", "--seeder-rtc", "webrtc-rs"])
             .expect("parses");
         assert_eq!(webrtc.seeder_rtc, SeederRtc::WebrtcRs);
         assert!(Config::try_parse_from(["clubcast-server", "--seeder-rtc", "quic"]).is_err());
+    }
+
+    #[test]
+    fn vod_limits_parse_and_are_checked() {
+        let c = Config::try_parse_from([
+            "clubcast-server",
+            "--vod-max-bytes",
+            "1048576",
+            "--vod-max-assets",
+            "3",
+        ])
+        .expect("parses");
+        assert!(c.validate().is_ok());
+        let limits = c.vod_limits();
+        assert_eq!((limits.max_bytes, limits.max_assets), (1 << 20, 3));
+        assert_eq!(limits.block_bytes, c.block_bytes());
+        for bad in [
+            Config {
+                vod_max_bytes: 0,
+                ..Config::default()
+            },
+            Config {
+                vod_max_bytes: MAX_VOD_BYTES + 1,
+                ..Config::default()
+            },
+            Config {
+                vod_max_assets: 0,
+                ..Config::default()
+            },
+        ] {
+            let err = bad.validate().expect_err("out of range").to_string();
+            assert!(err.starts_with("--vod-max-"), "{err}");
+        }
     }
 
     #[test]

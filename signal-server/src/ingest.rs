@@ -223,7 +223,7 @@ pub(crate) fn authorize(
 
 /// Whether the request carries the publish token: `Authorization: Bearer
 /// <token>`, or else `?token=<token>`.
-fn token_ok(headers: &HeaderMap, query: Option<&str>, expected: &str) -> bool {
+pub(crate) fn token_ok(headers: &HeaderMap, query: Option<&str>, expected: &str) -> bool {
     let Some(got) = headers
         .get(axum::http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())

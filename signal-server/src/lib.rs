@@ -7,6 +7,8 @@
 //! relays SDP; the origin serves blocks over HTTP within the grants of the bid
 //! allocator. RTMP publishers ([`rtmp`]) are remuxed to fragmented MP4 and
 //! take the same ingest path. [`kv`] is the public key-value store, `/kv`.
+//! [`vod`] stores uploaded fragmented MP4 files as signed on-demand assets
+//! (cut into blocks like live ingest) and serves them over `/vod`.
 
 pub mod app;
 pub mod config;
@@ -23,3 +25,4 @@ pub mod seeder;
 pub mod signal;
 pub mod store;
 pub mod stream;
+pub mod vod;

@@ -70,6 +70,14 @@ async fn run(mut config: Config) -> Result<(), Box<dyn std::error::Error>> {
             .clone()
             .spawn_saver(config.data_dir.clone(), shutdown.clone()),
     );
+    let loaded = state.open_vod();
+    if loaded != clubcast_server::vod::Loaded::default() {
+        tracing::info!(
+            assets = loaded.assets,
+            damaged = loaded.damaged,
+            "on-demand assets read from the data dir"
+        );
+    }
     if let Some(wait) = config.publisher_wait() {
         background.push(streams.spawn_ender(wait, state.metrics.clone(), shutdown.clone()));
     }

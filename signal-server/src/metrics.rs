@@ -88,6 +88,9 @@ pub struct Metrics {
     upload_probes: Labelled,
     kv_items: AtomicU64,
     kv_puts: Labelled,
+    vod_assets: AtomicU64,
+    vod_bytes: AtomicU64,
+    vod_uploads: Labelled,
 }
 
 fn inc(a: &AtomicU64, n: u64) {
@@ -132,6 +135,31 @@ impl Metrics {
     /// `/kv` puts that ended with `result`.
     pub fn kv_puts(&self, result: &str) -> u64 {
         self.kv_puts.get(result)
+    }
+
+    /// Sets the number of on-demand assets (gauge).
+    pub fn set_vod_assets(&self, n: usize) {
+        self.vod_assets.store(n as u64, Ordering::Relaxed);
+    }
+
+    /// `GET /vod/{name}/blocks` served `bytes` of blocks.
+    pub fn vod_bytes(&self, bytes: u64) {
+        inc(&self.vod_bytes, bytes);
+    }
+
+    /// Block bytes of on-demand assets served so far.
+    pub fn vod_bytes_total(&self) -> u64 {
+        self.vod_bytes.load(Ordering::Relaxed)
+    }
+
+    /// An upload to `/vod` ended with `result` (`created`, `replaced` or an error code).
+    pub fn vod_upload(&self, result: &str) {
+        self.vod_uploads.add(result, 1);
+    }
+
+    /// Uploads to `/vod` that ended with `result`.
+    pub fn vod_uploads(&self, result: &str) -> u64 {
+        self.vod_uploads.get(result)
     }
 
     /// RTMP connections open now.
@@ -304,6 +332,28 @@ impl Metrics {
             "Puts to /kv, by result: created, replaced, refreshed, or the error code.",
             "result",
             &self.kv_puts,
+        )?;
+        scalar(
+            out,
+            "clubcast_vod_assets",
+            "gauge",
+            "On-demand assets served (/vod), the built-in demo asset included.",
+            get(&self.vod_assets),
+        )?;
+        scalar(
+            out,
+            "clubcast_vod_bytes_total",
+            "counter",
+            "Block bytes of on-demand assets served (GET /vod/{name}/blocks).",
+            get(&self.vod_bytes),
+        )?;
+        labelled(
+            out,
+            "clubcast_vod_uploads_total",
+            "counter",
+            "Uploads to /vod, by result: created, replaced, or the error code.",
+            "result",
+            &self.vod_uploads,
         )?;
         labelled(
             out,

@@ -1,8 +1,9 @@
 //! Cuts fragments into blocks and publishes them.
 //!
 //! A block never spans two fragments: each fragment becomes
-//! `ceil(len / block_bytes)` blocks, the first flagged `FRAGMENT_START` (and
-//! `KEYFRAME` when the fragment starts with a sync sample). Every block of a
+//! `ceil(len / block_bytes)` blocks ([`cut`]), the first flagged `FRAGMENT_START` (and
+//! `KEYFRAME` when the fragment starts with a sync sample). On-demand uploads
+//! ([`crate::vod`]) cut their fragments the same way. Every block of a
 //! fragment carries the fragment's media time, so a player can map blocks to
 //! presentation time. Each fragment also moves the stream's timeline end
 //! ([`crate::stream::Stream::timeline_end`]) to where its reference track's samples end.
@@ -12,6 +13,7 @@
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use bytes::Bytes;
 use clubcast_protocol::block::{BlockFlags, MAX_PAYLOAD};
 
 use super::fmp4::Fragment;
@@ -35,6 +37,31 @@ pub fn clamp_block_bytes(block_bytes: usize) -> usize {
     block_bytes.clamp(MIN_BLOCK_BYTES, MAX_PAYLOAD)
 }
 
+/// How many blocks of `size` (already clamped) a fragment of `len` bytes
+/// becomes.
+pub fn block_count(len: usize, size: usize) -> usize {
+    len.div_ceil(size.max(1))
+}
+
+/// The blocks `frag` is cut into, each block's flags and payload: payloads of
+/// `size` bytes (already clamped, see [`clamp_block_bytes`]), the last one
+/// shorter; the first flagged `FRAGMENT_START`, and `KEYFRAME` as well when
+/// the fragment starts with a sync sample. The payloads share the
+/// fragment's bytes.
+pub fn cut(frag: &Fragment, size: usize) -> impl Iterator<Item = (BlockFlags, Bytes)> + '_ {
+    let size = size.max(1);
+    let first = if frag.keyframe {
+        BlockFlags::FRAGMENT_START.union(BlockFlags::KEYFRAME)
+    } else {
+        BlockFlags::FRAGMENT_START
+    };
+    (0..frag.bytes.len()).step_by(size).map(move |off| {
+        let end = (off + size).min(frag.bytes.len());
+        let flags = if off == 0 { first } else { BlockFlags::empty() };
+        (flags, frag.bytes.slice(off..end))
+    })
+}
+
 /// Publishes `frag` as blocks of at most `block_bytes`; returns them.
 pub fn publish_fragment(
     guard: &PublishGuard,
@@ -43,7 +70,7 @@ pub fn publish_fragment(
 ) -> Result<Vec<Arc<StoredBlock>>, StreamError> {
     let size = clamp_block_bytes(block_bytes);
     let now = now_ms();
-    let count = frag.bytes.len().div_ceil(size);
+    let count = block_count(frag.bytes.len(), size);
     // Where the reference track's samples end. A fragment without them (an
     // audio tail after the video ended) leaves the end there: a publisher that
     // comes back overlaps the tail's audio, which MSE splices, rather than
@@ -54,21 +81,8 @@ pub fn publish_fragment(
     // Saved first, so that a restart never numbers a block twice.
     guard.stream().save_progress(count as u64, end);
     let mut out = Vec::with_capacity(count);
-    let mut off = 0;
-    while off < frag.bytes.len() {
-        let end = (off + size).min(frag.bytes.len());
-        let flags = if off == 0 {
-            let start = BlockFlags::FRAGMENT_START;
-            if frag.keyframe {
-                start.union(BlockFlags::KEYFRAME)
-            } else {
-                start
-            }
-        } else {
-            BlockFlags::empty()
-        };
-        out.push(guard.publish(flags, frag.media_time, now, frag.bytes.slice(off..end))?);
-        off = end;
+    for (flags, payload) in cut(frag, size) {
+        out.push(guard.publish(flags, frag.media_time, now, payload)?);
     }
     if let Some((end, timescale)) = end {
         guard.stream().set_timeline_end(end, timescale);
@@ -80,7 +94,6 @@ pub fn publish_fragment(
 mod tests {
     use super::*;
     use crate::stream::{StoreConfig, Streams};
-    use bytes::Bytes;
 
     #[test]
     fn fragments_become_blocks_that_never_span_two() {
