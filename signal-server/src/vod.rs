@@ -132,8 +132,9 @@ pub enum VodError {
     /// The file has more fragments than a manifest may list.
     #[error("the file has more than {0} fragments")]
     TooManyFragments(usize),
-    /// The body is not valid fragmented MP4.
-    #[error(transparent)]
+    /// The body is not valid fragmented MP4. The message says how to make
+    /// one, since the usual cause is a plain (unfragmented) MP4 file.
+    #[error("{0}; an upload must be fragmented MP4, as `ffmpeg -i in.mp4 -c copy -movflags frag_keyframe+empty_moov+default_base_moof -f mp4 out.mp4` writes it")]
     Media(#[from] Fmp4Error),
     /// A second `moov` came after the first.
     #[error("an on-demand asset has one init segment")]

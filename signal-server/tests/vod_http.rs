@@ -304,6 +304,19 @@ async fn bad_files_get_clear_errors_and_the_server_goes_on() {
         r.json()["message"],
         "an on-demand asset has one init segment"
     );
+    // A plain MP4's shape (media data with no fragment header): the answer
+    // says how to make a file the server takes.
+    let box_len = |at: usize| u32::from_be_bytes(CLIP[at..at + 4].try_into().unwrap()) as usize;
+    let init_len = box_len(0) + box_len(box_len(0));
+    let mut plain = CLIP[..init_len].to_vec();
+    plain.extend_from_slice(&[0, 0, 0, 16, b'm', b'd', b'a', b't', 0, 0, 0, 0, 0, 0, 0, 0]);
+    let r = upload(&app, "/vod/talk", plain.leak()).await;
+    assert_eq!(r.code(), "malformed_mp4", "{:?}", r.json());
+    let message = r.json()["message"].as_str().unwrap_or_default().to_owned();
+    assert!(
+        message.contains("-movflags frag_keyframe+empty_moov"),
+        "{message}"
+    );
     let r = upload(&app, "/vod/Not%20Valid", CLIP).await;
     assert_eq!(
         (r.status, r.code().as_str()),
