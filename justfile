@@ -68,7 +68,7 @@ sim *ARGS:
     RUSTFLAGS="{{sim_rustflags}}" cargo run --profile sim -p clubcast-sim -- --compare {{ARGS}}
 
 # All benchmarks; each writes markdown + JSON into bench/results/.
-bench: bench-sim bench-server bench-e2e bench-loss bench-ingest
+bench: bench-sim bench-server bench-e2e bench-loss bench-ingest bench-vod
 
 # Simulator scaling sweep (clubs vs baselines, same run); e.g. `just bench-sim --bench-peers 100,1000`.
 bench-sim *ARGS:
@@ -82,6 +82,10 @@ bench-server:
 # Ingest CPU cost: HTTP (fMP4) against RTMP (FLV remuxed), same frames, same run.
 bench-ingest:
     scripts/bench-ingest.sh
+
+# On-demand uploads against copying the file, and block runs against nginx, same run.
+bench-vod:
+    scripts/bench-vod.sh
 
 # One server and N headless-Chromium peers, measured end to end.
 bench-e2e: setup build-web
