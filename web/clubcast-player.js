@@ -2,8 +2,11 @@
 //
 //   <script type="module" src="https://host/clubcast-player.js"></script>
 //   <clubcast-player server="https://host" stream="<id>" stats muted></clubcast-player>
+//   <clubcast-player vod="<asset name>"></clubcast-player>
 //
-// Attributes: stream (required), server (defaults to the origin this script
+// Attributes: stream (a live stream) or vod (an on-demand asset's name; then
+// key pins the key it must be signed with, ahead-s how far past the playhead
+// it fetches), server (defaults to the origin this script
 // came from), upload-kbps (upload offered for relaying, kbit/s; without it the
 // player measures its upload before it joins), upload-probe="off" (do not),
 // stats (show the overlay), muted, controls (default on), autoplay-muted="off"
@@ -11,8 +14,9 @@
 // starting muted). When the browser's autoplay policy refused sound, the
 // element shows an "Unmute" button; when it refused playback, a "Play" one.
 // Property `.player` is the clubcast player (stats(), on(), destroy()).
-// Changing `stream`, `server` or `upload-kbps` restarts playback; removal
-// destroys it.
+// Changing `stream`, `vod`, `key`, `ahead-s`, `server` or `upload-kbps`
+// restarts playback; removal destroys it. The player's events are dispatched
+// on the element as CustomEvents (detail: the event's fields).
 import { play } from "./clubcast.js";
 import { attachOverlay } from "./overlay.js";
 
@@ -20,7 +24,7 @@ const STYLE = new URL("./style.css", import.meta.url).href;
 
 class ClubcastPlayer extends HTMLElement {
   static get observedAttributes() {
-    return ["stream", "server", "upload-kbps", "stats"];
+    return ["stream", "vod", "key", "ahead-s", "server", "upload-kbps", "stats"];
   }
 
   constructor() {
@@ -66,9 +70,12 @@ class ClubcastPlayer extends HTMLElement {
   _restart() {
     this._stop();
     const stream = this.getAttribute("stream");
-    if (!stream) return;
+    const vod = this.getAttribute("vod");
+    if (!stream && !vod) return;
     // Without a server attribute, play() uses the server this script came from.
-    const opts = { stream };
+    const opts = vod ? { vod } : { stream };
+    if (vod && this.getAttribute("key")) opts.key = this.getAttribute("key");
+    if (vod && this.getAttribute("ahead-s")) opts.ahead_s = this.getAttribute("ahead-s");
     const server = this.getAttribute("server");
     if (server) opts.server = server;
     const upload = this.getAttribute("upload-kbps");
@@ -84,7 +91,10 @@ class ClubcastPlayer extends HTMLElement {
     this.player.on("autoplay_blocked", () =>
       this._showButton("▶ Play", () => this.video.play().catch(() => {}), "playing"),
     );
-    const events = ["ready", "playing", "stall", "resume", "publisher", "error", "autoplay_muted", "autoplay_blocked"];
+    const events = [
+      "ready", "playing", "stall", "resume", "publisher", "error", "autoplay_muted", "autoplay_blocked",
+      "manifest", "seeked", "ended",
+    ];
     for (const type of events) {
       this.player.on(type, (detail) =>
         this.dispatchEvent(new CustomEvent(type, { detail, bubbles: true, composed: true })),

@@ -1,7 +1,9 @@
-// clubcast JS API: plays a clubcast stream in a <video> element.
+// clubcast JS API: plays a clubcast stream, or an on-demand asset, in a <video> element.
 //
 //   import { play } from "/clubcast.js";
 //   const player = play(document.querySelector("video"), { stream: "<id>" });
+//   // or, on demand (an asset uploaded with PUT /vod/<name>; listed by GET /vod):
+//   const player = play(document.querySelector("video"), { vod: "<name>" });
 //   player.on("playing", () => console.log("first frame"));
 //   setInterval(() => console.log(player.stats()), 1000);
 //   player.destroy();
@@ -36,6 +38,24 @@
 //                       server, or away longer than the server keeps blocks)
 //   any other event the wasm peer emits, by its `type`
 //
+// On demand ({vod: "<name>"}), the events are "ready", "playing" ({startup_ms}),
+// "stall" / "resume" (reason "buffer"), "autoplay_muted", "autoplay_blocked",
+// "stats", and:
+//   "manifest" the asset's signed manifest checked out  ({name, key, duration_s,
+//                       blocks, bytes, fragments})
+//   "seeked"  a seek landed                             ({current_time})
+//   "ended"   playback reached the end of the asset     ({current_time})
+//   "retry"   a fetch failed and is tried again          ({what, attempt, in_ms, message})
+//   "gap"     the playhead jumped a hole in the buffer   ({from, to})
+//   "error"   something failed; fetching stops, what is buffered still plays
+//                       ({message, code}); codes: "bad_options", "unknown_asset"
+//                       (404), "wrong_key" (the asset is not signed by the
+//                       pinned key), "bad_manifest", "bad_signature" (of the
+//                       manifest), "bad_init", "bad_block" (a block fails its
+//                       signature or is not the one asked for: never played),
+//                       "network" (a fetch failed 7 times in a row), "http"
+//                       (another 4xx), "no_mse", "mse", "media"
+//
 // ---------------------------------------------------------------------------
 // Interface this file expects from the wasm package (web/pkg/clubcast_peer.js,
 // built from peer-wasm/ by `just build-web`):
@@ -48,6 +68,8 @@
 //     on(cb: (event: {type: string, ...}) => void): void;     // one callback, all events
 //     destroy(): void;            // closes links, socket, MSE; idempotent
 //   }
+//   export class VodPlayer { ... }  // the same shape, for on-demand assets;
+//                                   // its stats add VOD_STAT_FIELDS
 //
 // optsJson is JSON.stringify of:
 //   { server: "http://host:port",   // HTTP base; signaling is <server>/ws
@@ -64,6 +86,14 @@
 //     autoplay_muted?: true,        // false: if autoplay with sound is refused,
 //                                   // wait for the user, do not start muted
 //     p2p?: true }                  // false: everything from the origin
+// or, for VodPlayer:
+//   { server: "http://host:port",   // HTTP base; the asset is <server>/vod/<name>/…
+//     vod: "<name>",                // the asset's name ([a-z0-9_-]{1,64})
+//     key?: "<stream id>",          // the key the asset must be signed with
+//                                   // (else error "wrong_key"); unset: the
+//                                   // manifest's own key, which the server chose
+//     ahead_s?: 30,                 // how far past the playhead to fetch (1 to 600 s)
+//     autoplay_muted?: true }       // as for live
 // Unknown fields must be ignored, so options can grow on either side.
 // ---------------------------------------------------------------------------
 
@@ -82,6 +112,17 @@ export const STAT_FIELDS = [
   "publisher_wait_ms", // total time stalled at the live edge while no publisher was connected
   "publisher_connected", // whether a publisher is sending the stream, as the server last said
   "startup_ms", // player creation to first frame (null until then); see also startup_trace
+];
+
+/** Further stats of an on-demand player (bytes_from_peers, latency and
+ * publisher fields are 0 or null there). */
+export const VOD_STAT_FIELDS = [
+  "position_s", // the playhead, seconds
+  "duration_s", // the asset's duration, seconds (null until the manifest is in)
+  "asset_bytes", // the asset's blocks, bytes (bytes_from_origin adds the init segment)
+  "blocks_fetched", // blocks fetched and verified
+  "seeks", // seeks by the viewer
+  "refetches", // seeks that moved the fetch position (media not buffered)
 ];
 
 const HISTORY = 120; // seconds of rate samples kept for charts
@@ -111,6 +152,8 @@ class Player {
     // else is passed on and refused by the player with an "error" event.
     const up = this.opts.upload_kbps;
     if (typeof up === "string" && /^\d+$/.test(up)) this.opts.upload_kbps = Number(up);
+    const ahead = this.opts.ahead_s;
+    if (typeof ahead === "string" && /^\d+(\.\d+)?$/.test(ahead)) this.opts.ahead_s = Number(ahead);
     this.handlers = new Map();
     this.wasm = null;
     this.destroyed = false;
@@ -123,13 +166,16 @@ class Player {
 
   async _start() {
     try {
-      if (!this.opts.stream) throw new Error("no stream id given");
+      // `vod` plays an on-demand asset, `stream` a live stream.
+      const vod = Boolean(this.opts.vod);
+      if (!vod && !this.opts.stream) throw new Error("no stream id given");
       const mod = await loadPeer();
       if (this.destroyed) return;
-      if (typeof mod.WasmPlayer !== "function") {
-        throw new Error("this build of clubcast_peer has no WasmPlayer export");
+      const Class = vod ? mod.VodPlayer : mod.WasmPlayer;
+      if (typeof Class !== "function") {
+        throw new Error(`this build of clubcast_peer has no ${vod ? "VodPlayer" : "WasmPlayer"} export`);
       }
-      this.wasm = new mod.WasmPlayer(this.video, JSON.stringify(this.opts));
+      this.wasm = new Class(this.video, JSON.stringify(this.opts));
       this.wasm.on((ev) => this._emit(ev && ev.type ? ev.type : "event", ev || {}));
       this._emit("ready", {});
     } catch (err) {
@@ -217,7 +263,8 @@ class Player {
   }
 }
 
-/** Starts playing `opts.stream` from `opts.server` in `video`; returns the player. */
+/** Starts playing `opts.stream` (live) or `opts.vod` (on demand) from
+ * `opts.server` in `video`; returns the player. */
 export function play(video, opts = {}) {
   return new Player(video, opts);
 }
@@ -309,5 +356,5 @@ export async function kv(server = SCRIPT_BASE) {
   };
 }
 
-export const clubcast = { play, kv, STAT_FIELDS };
+export const clubcast = { play, kv, STAT_FIELDS, VOD_STAT_FIELDS };
 export default clubcast;

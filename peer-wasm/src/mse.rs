@@ -14,6 +14,11 @@
 //! buffer stays small during a long live session. On `QuotaExceededError` it
 //! trims down to [`QUOTA_KEEP_BEHIND_SECS`] and retries the same segment.
 //!
+//! An on-demand player also sets the duration ([`MseSink::set_duration`]: a
+//! seek past the media buffered so far would stop at its end otherwise),
+//! removes ranges ([`MseSink::remove`]) and appends again after the end of
+//! the stream ([`MseSink::reopen`]), for seeks.
+//!
 //! All callbacks are closures owned by the sink; dropping it detaches them,
 //! detaches the element and revokes the object URL.
 
@@ -139,6 +144,8 @@ struct Sink {
     queue: VecDeque<Segment>,
     queued_bytes: usize,
     closed: bool,
+    /// Set by [`MseSink::reopen`]: an ended source takes appends again.
+    reopened: bool,
 }
 
 /// One entry of the append queue.
@@ -150,6 +157,10 @@ enum Segment {
     Init { bytes: Vec<u8>, mime: String },
     /// `SourceBuffer.abort()`: drop the parser's partial state before what follows.
     Reset,
+    /// `SourceBuffer.remove(start, end)`, seconds.
+    Remove { start: f64, end: f64 },
+    /// `MediaSource.duration = secs`.
+    Duration(f64),
 }
 
 /// A `MediaSource` attached to a media element, fed through a bounded queue.
@@ -190,6 +201,7 @@ impl MseSink {
             queue: VecDeque::new(),
             queued_bytes: 0,
             closed: false,
+            reopened: false,
         }));
 
         let weak = Rc::downgrade(&shared);
@@ -272,6 +284,56 @@ impl MseSink {
         }
         pump(&Rc::downgrade(&self.shared), &self.handler);
         Ok(())
+    }
+
+    /// Queues the removal of the media from `start` to `end` seconds, run
+    /// once everything queued before has been appended. An empty or
+    /// malformed span is ignored.
+    pub fn remove(&self, start: f64, end: f64) -> Result<(), MseError> {
+        if !(start.is_finite() && end.is_finite() && start >= 0.0 && end > start) {
+            return Ok(());
+        }
+        {
+            let mut sink = self.shared.borrow_mut();
+            if sink.closed {
+                return Err(MseError::Closed);
+            }
+            if sink.queue.len() >= MAX_QUEUED_SEGMENTS {
+                return Err(MseError::Full);
+            }
+            sink.queue.push_back(Segment::Remove { start, end });
+        }
+        pump(&Rc::downgrade(&self.shared), &self.handler);
+        Ok(())
+    }
+
+    /// Queues setting the media source's duration to `secs` (which must not
+    /// be less than what is buffered by then); a non-finite or negative
+    /// value is ignored.
+    pub fn set_duration(&self, secs: f64) -> Result<(), MseError> {
+        if !(secs.is_finite() && secs > 0.0) {
+            return Ok(());
+        }
+        {
+            let mut sink = self.shared.borrow_mut();
+            if sink.closed {
+                return Err(MseError::Closed);
+            }
+            if sink.queue.len() >= MAX_QUEUED_SEGMENTS {
+                return Err(MseError::Full);
+            }
+            sink.queue.push_back(Segment::Duration(secs));
+        }
+        pump(&Rc::downgrade(&self.shared), &self.handler);
+        Ok(())
+    }
+
+    /// Takes appends again after [`MseSink::end_of_stream`] (a seek back into
+    /// media no longer buffered): the next append reopens the ended source.
+    pub fn reopen(&self) {
+        let mut sink = self.shared.borrow_mut();
+        sink.closed = false;
+        sink.reopened = true;
     }
 
     /// End of the last buffered range, in media seconds (the live edge of what
@@ -398,7 +460,12 @@ fn next_step(sink: &mut Sink) -> Step {
     let Some(buffer) = sink.buffer.clone() else {
         return Step::Wait;
     };
-    if buffer.updating() || sink.media_source.ready_state() != MediaSourceReadyState::Open {
+    let state = sink.media_source.ready_state();
+    // An ended source opens again with the next append or remove, which only
+    // an on-demand player asks for (`reopen`).
+    let ready = state == MediaSourceReadyState::Open
+        || (state == MediaSourceReadyState::Ended && sink.reopened && !sink.closed);
+    if buffer.updating() || !ready {
         return Step::Wait;
     }
     let now = sink.video.current_time();
@@ -415,6 +482,23 @@ fn next_step(sink: &mut Sink) -> Step {
         if let Err(e) = buffer.abort() {
             return Step::Failed(MseError::js("SourceBuffer.abort")(e));
         }
+    }
+    if let Some(&Segment::Duration(secs)) = sink.queue.front() {
+        sink.queue.pop_front();
+        // Through `Reflect` so that a throw (a value below what is buffered)
+        // is an error, not an exception through the wasm stack.
+        let set = js_sys::Reflect::set(&sink.media_source, &"duration".into(), &secs.into());
+        if let Err(e) = set {
+            return Step::Failed(MseError::js("MediaSource.duration")(e));
+        }
+        return next_step(sink);
+    }
+    if let Some(&Segment::Remove { start, end }) = sink.queue.front() {
+        sink.queue.pop_front();
+        return match buffer.remove(start, end) {
+            Ok(()) => Step::Wait,
+            Err(e) => Step::Failed(MseError::js("SourceBuffer.remove")(e)),
+        };
     }
     if let Some(Segment::Init { mime, .. }) = sink.queue.front() {
         if *mime != sink.mime {
@@ -511,7 +595,10 @@ mod tests {
         q.iter()
             .map(|s| match s {
                 Segment::Media(b) => Some(b.clone()),
-                Segment::Reset | Segment::Init { .. } => None,
+                Segment::Reset
+                | Segment::Init { .. }
+                | Segment::Remove { .. }
+                | Segment::Duration(_) => None,
             })
             .collect()
     }

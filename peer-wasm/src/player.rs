@@ -7,6 +7,9 @@
 //! so the session is never borrowed twice. Events for JavaScript are queued the
 //! same way and handed to the `on` callback after the session is released, so a
 //! callback may call `stats()` or `destroy()`.
+//!
+//! The same run loop ([`Hub`]) drives the on-demand player (`crate::vod`):
+//! anything that implements [`Driver`].
 
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
@@ -20,18 +23,58 @@ use crate::session::{Input, Options, Session};
 /// Events for JavaScript held while no callback is registered.
 pub const MAX_OUTBOX: usize = 256;
 
+/// What a [`Hub`] runs: a session that takes inputs one at a time.
+pub(crate) trait Driver {
+    /// What its callbacks report.
+    type Input;
+    /// Handles one input.
+    fn handle(&mut self, input: Self::Input);
+    /// Runs once the inbox is empty, before the session is released.
+    fn settle(&mut self);
+    /// The stats object, as JSON text.
+    fn stats_json(&self) -> String;
+}
+
+impl Driver for Session {
+    type Input = Input;
+    fn handle(&mut self, input: Input) {
+        Session::handle(self, input);
+    }
+    fn settle(&mut self) {
+        Session::settle(self);
+    }
+    fn stats_json(&self) -> String {
+        Session::stats_json(self)
+    }
+}
+
+/// The live player's [`Hub`].
+pub(crate) type Shared = Hub<Session>;
+
 /// State shared between the API object and the callbacks (which hold a `Weak`).
-#[derive(Default)]
-pub(crate) struct Shared {
-    inbox: RefCell<VecDeque<Input>>,
-    session: RefCell<Option<Session>>,
+pub(crate) struct Hub<D: Driver> {
+    inbox: RefCell<VecDeque<D::Input>>,
+    pub(crate) session: RefCell<Option<D>>,
     outbox: RefCell<VecDeque<serde_json::Value>>,
     callback: RefCell<Option<js_sys::Function>>,
     last_stats: RefCell<Option<String>>,
     destroyed: Cell<bool>,
 }
 
-impl Shared {
+impl<D: Driver> Default for Hub<D> {
+    fn default() -> Self {
+        Hub {
+            inbox: RefCell::default(),
+            session: RefCell::default(),
+            outbox: RefCell::default(),
+            callback: RefCell::default(),
+            last_stats: RefCell::default(),
+            destroyed: Cell::default(),
+        }
+    }
+}
+
+impl<D: Driver> Hub<D> {
     /// Queues an event for the `on` callback.
     pub(crate) fn emit(&self, event: serde_json::Value) {
         let mut out = self.outbox.borrow_mut();
@@ -74,6 +117,43 @@ impl Shared {
         }
     }
 
+    /// The session's stats as a plain object: fresh if the session is free,
+    /// else the last taken.
+    pub(crate) fn stats(&self) -> JsValue {
+        let fresh = self
+            .session
+            .try_borrow()
+            .ok()
+            .and_then(|s| s.as_ref().map(D::stats_json));
+        if let Some(text) = &fresh {
+            *self.last_stats.borrow_mut() = Some(text.clone());
+        }
+        let text = fresh
+            .or_else(|| self.last_stats.borrow().clone())
+            .unwrap_or_else(|| "{}".to_owned());
+        js_sys::JSON::parse(&text).unwrap_or(JsValue::NULL)
+    }
+
+    /// Registers the one callback for every event.
+    pub(crate) fn on(&self, cb: js_sys::Function) {
+        *self.callback.borrow_mut() = Some(cb);
+        self.flush_outbox();
+    }
+
+    /// Drops the session and everything queued. Idempotent.
+    pub(crate) fn destroy(&self) {
+        self.destroyed.set(true);
+        self.inbox.borrow_mut().clear();
+        let gone = self
+            .session
+            .try_borrow_mut()
+            .ok()
+            .and_then(|mut s| s.take());
+        drop(gone);
+        self.outbox.borrow_mut().clear();
+        self.callback.borrow_mut().take();
+    }
+
     fn flush_outbox(&self) {
         loop {
             let Some(cb) = self.callback.borrow().clone() else {
@@ -93,7 +173,7 @@ impl Shared {
 }
 
 /// Hands `input` to the session behind `weak`, if it still exists.
-pub(crate) fn deliver(weak: &Weak<Shared>, input: Input) {
+pub(crate) fn deliver<D: Driver>(weak: &Weak<Hub<D>>, input: D::Input) {
     let Some(shared) = weak.upgrade() else {
         return;
     };
@@ -133,39 +213,16 @@ impl WasmPlayer {
     /// Counters and playback state as a plain object (see `STAT_FIELDS` in
     /// `web/clubcast.js`).
     pub fn stats(&self) -> JsValue {
-        let fresh = self
-            .shared
-            .session
-            .try_borrow()
-            .ok()
-            .and_then(|s| s.as_ref().map(Session::stats_json));
-        if let Some(text) = &fresh {
-            *self.shared.last_stats.borrow_mut() = Some(text.clone());
-        }
-        let text = fresh
-            .or_else(|| self.shared.last_stats.borrow().clone())
-            .unwrap_or_else(|| "{}".to_owned());
-        js_sys::JSON::parse(&text).unwrap_or(JsValue::NULL)
+        self.shared.stats()
     }
 
     /// Registers the one callback that receives every event `{type, ...}`.
     pub fn on(&self, cb: js_sys::Function) {
-        *self.shared.callback.borrow_mut() = Some(cb);
-        self.shared.flush_outbox();
+        self.shared.on(cb);
     }
 
     /// Closes links, socket and media source. Idempotent.
     pub fn destroy(&self) {
-        self.shared.destroyed.set(true);
-        self.shared.inbox.borrow_mut().clear();
-        let gone = self
-            .shared
-            .session
-            .try_borrow_mut()
-            .ok()
-            .and_then(|mut s| s.take());
-        drop(gone);
-        self.shared.outbox.borrow_mut().clear();
-        self.shared.callback.borrow_mut().take();
+        self.shared.destroy();
     }
 }

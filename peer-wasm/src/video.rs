@@ -19,16 +19,35 @@ pub enum VideoEvent {
     Waiting,
     /// `error`: the element failed (see `video.error`).
     Error,
+    /// `seeking`: a seek began (`currentTime` is its target).
+    Seeking,
+    /// `seeked`: a seek finished.
+    Seeked,
+    /// `ended`: playback reached the end of the media.
+    Ended,
 }
 
 impl VideoEvent {
-    const ALL: [VideoEvent; 3] = [VideoEvent::Playing, VideoEvent::Waiting, VideoEvent::Error];
+    /// What the live player listens for.
+    pub const LIVE: [VideoEvent; 3] = [VideoEvent::Playing, VideoEvent::Waiting, VideoEvent::Error];
+    /// What the on-demand player listens for.
+    pub const ON_DEMAND: [VideoEvent; 6] = [
+        VideoEvent::Playing,
+        VideoEvent::Waiting,
+        VideoEvent::Error,
+        VideoEvent::Seeking,
+        VideoEvent::Seeked,
+        VideoEvent::Ended,
+    ];
 
     fn name(self) -> &'static str {
         match self {
             VideoEvent::Playing => "playing",
             VideoEvent::Waiting => "waiting",
             VideoEvent::Error => "error",
+            VideoEvent::Seeking => "seeking",
+            VideoEvent::Seeked => "seeked",
+            VideoEvent::Ended => "ended",
         }
     }
 }
@@ -42,14 +61,23 @@ pub struct VideoEvents {
 }
 
 impl VideoEvents {
-    /// Listens for every [`VideoEvent`] on `video`.
+    /// Listens for the live player's events ([`VideoEvent::LIVE`]) on `video`.
     pub fn attach(
         video: &HtmlMediaElement,
         on_event: impl Fn(VideoEvent) + 'static,
     ) -> Result<Self, JsError> {
+        Self::attach_kinds(video, &VideoEvent::LIVE, on_event)
+    }
+
+    /// Listens for `kinds` on `video`.
+    pub fn attach_kinds(
+        video: &HtmlMediaElement,
+        kinds: &[VideoEvent],
+        on_event: impl Fn(VideoEvent) + 'static,
+    ) -> Result<Self, JsError> {
         let on_event = Rc::new(on_event);
         let mut listeners = Vec::new();
-        for kind in VideoEvent::ALL {
+        for &kind in kinds {
             let f = Rc::clone(&on_event);
             let closure: Listener = Closure::new(move |_: Event| f(kind));
             video

@@ -423,6 +423,11 @@ impl Server {
         self.addr
     }
 
+    /// The server's `--data-dir` (inside its temporary directory).
+    pub fn data_dir(&self) -> PathBuf {
+        self._dir.path().join("data")
+    }
+
     /// Waits until stream `id` (id or name) serves its init segment.
     pub async fn wait_for_stream(&self, id: &str, timeout: Duration) -> Result<(), HarnessError> {
         let deadline = Instant::now() + timeout;

@@ -505,6 +505,8 @@ impl Playback {
                     .unwrap_or_else(|| "media error".to_owned());
                 Some(json!({"type": "error", "code": "media", "message": message}))
             }
+            // Not listened for by the live player.
+            VideoEvent::Seeking | VideoEvent::Seeked | VideoEvent::Ended => None,
         }
     }
 

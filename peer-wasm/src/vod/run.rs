@@ -1,0 +1,80 @@
+//! What one `GET /vod/{name}/blocks` answer becomes: the media bytes of the
+//! blocks asked for, or an error, never a part of them.
+//!
+//! The answer is the encoded blocks back to back. Each must verify under the
+//! asset key, and their seqs must be exactly the run asked for, in order: a
+//! server that sends a genuine block in the wrong place, one too many or too
+//! few, is refused like one that sends a forged block. The payloads of a run
+//! of whole fragments, concatenated, are those fragments' `moof`+`mdat`
+//! boxes, which MSE takes in one append.
+
+use core::ops::Range;
+
+use bytes::Bytes;
+use clubcast_protocol::block::{Block, BlockError, BlockVerifier, StreamKey};
+
+/// Why a run was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum RunError {
+    /// The body does not split into blocks (or holds more than were asked).
+    #[error("blocks {asked:?} do not parse: {source}")]
+    Decode {
+        /// The run asked for.
+        asked: Range<u64>,
+        /// Why.
+        source: BlockError,
+    },
+    /// A block's signature does not verify under the asset key.
+    #[error("block {seq} does not verify under the asset key")]
+    Signature {
+        /// The block's seq.
+        seq: u64,
+    },
+    /// The blocks are not the ones asked for.
+    #[error("asked for blocks {asked:?}, got {count} starting at {first:?}")]
+    WrongRun {
+        /// The run asked for.
+        asked: Range<u64>,
+        /// The first block's seq, if any came.
+        first: Option<u64>,
+        /// How many came.
+        count: usize,
+    },
+}
+
+impl RunError {
+    /// Stable code for the `error` event.
+    pub fn code(&self) -> &'static str {
+        "bad_block"
+    }
+}
+
+/// Checks the answer `body` to a fetch of `asked` against the asset `key`;
+/// the blocks' payloads, concatenated.
+pub fn accept_run(key: &StreamKey, asked: Range<u64>, body: Bytes) -> Result<Vec<u8>, RunError> {
+    let want = usize::try_from(asked.end.saturating_sub(asked.start)).unwrap_or(usize::MAX);
+    let blocks = Block::decode_run(body, want).map_err(|source| RunError::Decode {
+        asked: asked.clone(),
+        source,
+    })?;
+    let in_order = blocks.len() == want
+        && blocks
+            .iter()
+            .zip(asked.clone())
+            .all(|(b, seq)| b.header.seq == seq);
+    if !in_order {
+        return Err(RunError::WrongRun {
+            first: blocks.first().map(|b| b.header.seq),
+            count: blocks.len(),
+            asked,
+        });
+    }
+    let mut media = Vec::with_capacity(blocks.iter().map(|b| b.payload.len()).sum());
+    for block in blocks {
+        let seq = block.header.seq;
+        let verified = key.verify(block).map_err(|_| RunError::Signature { seq })?;
+        media.extend_from_slice(verified.payload());
+    }
+    Ok(media)
+}

@@ -1,0 +1,436 @@
+//! On-demand playback end to end: a real server, headless Chromium, the
+//! watch page with `?vod=<name>`.
+//!
+//! - `demo_asset_plays_seeks_and_ends_from_the_origin`: the built-in asset
+//!   `demo` (the demo clip, 16 s) starts, its time advances, a seek to 10 s
+//!   lands there and plays on, the video reaches `ended`, and the player
+//!   fetched every block exactly once: `bytes_from_origin` is the asset's
+//!   bytes plus its init segment, as the server counted them.
+//! - `a_seek_past_the_buffer_fetches_from_the_target_only`: the demo clip
+//!   uploaded with `PUT /vod/clip` and played with `ahead_s=2`: the seek to
+//!   10 s lands in media not fetched yet, so the player fetches from there
+//!   (`refetches`), plays on to `ended`, and never fetches the part it
+//!   skipped.
+//! - `bad_assets_play_nothing_unverified`: a payload byte of the block that
+//!   starts the fragment at 6 s is flipped in `blocks.bin` on the server's
+//!   disk: the player plays what verified, reports `bad_block` and never
+//!   buffers the bad fragment (nor anything after it); a pinned key that is
+//!   not the asset's gives `wrong_key` and fetches nothing; an unknown name
+//!   gives `unknown_asset`.
+//! - `the_index_lists_assets_and_the_element_plays_one`: the index links
+//!   `watch.html?vod=demo`, and `<clubcast-player vod="demo">` plays.
+//!
+//! Needs `web/pkg` (`just build-web`), chromedriver and Chromium.
+
+use std::time::{Duration, Instant};
+
+use clubcast_protocol::block::{StreamSigner, BLOCK_OVERHEAD, HEADER_LEN};
+use clubcast_protocol::vod::SignedManifest;
+use clubcast_tests::{http_get, http_request, workspace_dir, Browser, Server, ServerOptions};
+use serde_json::Value;
+
+/// The publish token the test servers take uploads with.
+const TOKEN: &str = "tok";
+/// Wall time allowed for a first frame.
+const START_TIMEOUT: Duration = Duration::from_secs(45);
+/// Wall time allowed for one step of playback (advance, seek, end).
+const STEP_TIMEOUT: Duration = Duration::from_secs(45);
+/// Where the tests seek to, media seconds.
+const SEEK_TO: f64 = 10.0;
+/// How far past [`SEEK_TO`] the `seeked` event may report the playhead, s.
+const SEEK_LATE_S: f64 = 2.0;
+/// Media time of the fragment whose first block is tampered with, s.
+const TAMPERED_AT: f64 = 6.0;
+/// The playhead and the buffer may reach this far past the tampered
+/// fragment's start (a frame's duration and rounding), s.
+const EPS: f64 = 0.05;
+
+/// The page's video, the player's stats and the events recorded since
+/// [`record_events`].
+const STATE_JS: &str = "const v = document.getElementById('video');
+    const b = [];
+    for (let i = 0; i < v.buffered.length; i++) b.push([v.buffered.start(i), v.buffered.end(i)]);
+    return {t: v.currentTime, ended: v.ended, seeking: v.seeking, buffered: b,
+            error: v.error ? v.error.message : null,
+            stats: window.player ? window.player.stats() : null,
+            events: window.vodEvents || []};";
+
+/// Records the player's events in `window.vodEvents`.
+const RECORD_JS: &str = "window.vodEvents = [];
+    for (const t of ['playing', 'seeked', 'ended', 'error', 'stall', 'resume', 'retry', 'gap'])
+      window.player.on(t, (e) => window.vodEvents.push(Object.assign({type: t}, e)));";
+
+/// A server with the demo source (and so the `demo` asset) that takes
+/// uploads with [`TOKEN`].
+async fn server() -> Server {
+    let opts = ServerOptions {
+        args: vec!["--publish-token".into(), TOKEN.into()],
+        ..ServerOptions::default()
+    };
+    Server::start(opts).await.expect("server starts")
+}
+
+/// `PUT /vod/<name>` of the demo clip; the summary.
+async fn upload_demo_clip(server: &Server, name: &str) -> Value {
+    let file = workspace_dir().join("signal-server/assets/demo.mp4");
+    let bytes = std::fs::read(&file).expect("the demo clip is in the repository");
+    let path = format!("/vod/{name}?token={TOKEN}");
+    let (status, body) = http_request(server.addr(), "PUT", &path, &bytes)
+        .await
+        .expect("upload");
+    let text = String::from_utf8_lossy(&body).into_owned();
+    assert_eq!(status, 201, "upload answered {status}: {text}");
+    serde_json::from_str(&text).expect("a JSON summary")
+}
+
+/// The asset's manifest, verified; waits (a minute) for the asset to appear.
+async fn manifest(server: &Server, name: &str) -> SignedManifest {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (status, body) = http_get(server.addr(), &format!("/vod/{name}/manifest"))
+            .await
+            .expect("GET manifest");
+        if status == 200 {
+            let text = String::from_utf8(body).expect("UTF-8 JSON");
+            return SignedManifest::from_json(&text).expect("a manifest that verifies");
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no asset {name:?} (status {status}); server log:\n{}",
+            server.log_tail(30)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+async fn open(browser: &Browser, server: &Server, query: &str) {
+    browser
+        .goto(&format!("{}/watch.html?{query}", server.url()))
+        .await
+        .expect("open the watch page");
+    // `window.player` is set by the page's module script.
+    wait(browser, "window.player", STEP_TIMEOUT, |s| {
+        !s["stats"].is_null()
+    })
+    .await;
+    browser.eval(RECORD_JS).await.expect("record events");
+}
+
+async fn state(browser: &Browser) -> Value {
+    browser.eval(STATE_JS).await.expect("read the page")
+}
+
+/// Polls the page until `done` holds; the state then. Panics on timeout or
+/// a media error.
+async fn wait(
+    browser: &Browser,
+    what: &str,
+    timeout: Duration,
+    done: impl Fn(&Value) -> bool,
+) -> Value {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let s = state(browser).await;
+        assert!(s["error"].is_null(), "media error waiting for {what}: {s}");
+        if done(&s) {
+            return s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what}: {s}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn t(s: &Value) -> f64 {
+    s["t"].as_f64().unwrap_or(0.0)
+}
+
+fn stat(s: &Value, k: &str) -> f64 {
+    s["stats"][k].as_f64().unwrap_or(f64::NAN)
+}
+
+fn has_event(s: &Value, kind: &str) -> bool {
+    s["events"]
+        .as_array()
+        .is_some_and(|es| es.iter().any(|e| e["type"] == kind))
+}
+
+fn buffered_end(s: &Value) -> f64 {
+    s["buffered"]
+        .as_array()
+        .and_then(|b| b.last())
+        .and_then(|r| r[1].as_f64())
+        .unwrap_or(0.0)
+}
+
+/// Starts, advances, seeks to [`SEEK_TO`] and ends; the state at the end.
+async fn play_seek_and_end(browser: &Browser) -> Value {
+    let started = wait(browser, "a first frame", START_TIMEOUT, |s| {
+        stat(s, "startup_ms").is_finite()
+    })
+    .await;
+    eprintln!("startup_ms {}", stat(&started, "startup_ms"));
+    let from = t(&started);
+    wait(browser, "the time to advance", STEP_TIMEOUT, |s| {
+        t(s) >= from + 1.0
+    })
+    .await;
+    browser
+        .eval(&format!(
+            "document.getElementById('video').currentTime = {SEEK_TO};"
+        ))
+        .await
+        .expect("seek");
+    let landed = wait(browser, "the seek to land", STEP_TIMEOUT, |s| {
+        has_event(s, "seeked")
+    })
+    .await;
+    let seeked = landed["events"]
+        .as_array()
+        .and_then(|es| es.iter().find(|e| e["type"] == "seeked"))
+        .and_then(|e| e["current_time"].as_f64())
+        .unwrap_or(f64::NAN);
+    // The page reads the time when it gets the event; on a loaded machine
+    // the media may have played on a little by then.
+    assert!(
+        (SEEK_TO - 0.1..SEEK_TO + SEEK_LATE_S).contains(&seeked),
+        "the seek landed at {seeked}: {landed}"
+    );
+    wait(
+        browser,
+        "playback to go on after the seek",
+        STEP_TIMEOUT,
+        |s| t(s) >= SEEK_TO + 1.0,
+    )
+    .await;
+    wait(browser, "the end", STEP_TIMEOUT, |s| {
+        s["ended"] == true && has_event(s, "ended")
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn demo_asset_plays_seeks_and_ends_from_the_origin() {
+    let server = server().await;
+    let signed = manifest(&server, "demo").await;
+    let m = signed.manifest();
+    let browser = Browser::launch().await.expect("browser");
+    open(&browser, &server, "vod=demo").await;
+    let end = play_seek_and_end(&browser).await;
+
+    assert!(end["stats"]["error"].is_null(), "{end}");
+    assert!(
+        (stat(&end, "duration_s") - m.duration_s()).abs() < 1e-6,
+        "{end}"
+    );
+    assert_eq!(stat(&end, "blocks_fetched"), m.blocks as f64, "{end}");
+    // The seek landed in media already fetched (30 s ahead covers the clip):
+    // every block came once, the init segment once.
+    let want = (m.bytes + m.init_bytes) as f64;
+    assert_eq!(stat(&end, "bytes_from_origin"), want, "{end}");
+    assert_eq!(stat(&end, "bytes_from_peers"), 0.0);
+    let metrics = server.metrics().await.expect("metrics");
+    let served = metrics
+        .get("clubcast_vod_bytes_total")
+        .copied()
+        .unwrap_or(f64::NAN);
+    assert_eq!(served, m.bytes as f64, "the server's count of block bytes");
+    eprintln!(
+        "demo: {} blocks, {} bytes + {} init; stalls {}, stall_ms {}",
+        m.blocks,
+        m.bytes,
+        m.init_bytes,
+        stat(&end, "stalls"),
+        stat(&end, "stall_ms")
+    );
+    browser.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_seek_past_the_buffer_fetches_from_the_target_only() {
+    let server = server().await;
+    let summary = upload_demo_clip(&server, "clip").await;
+    let signed = manifest(&server, "clip").await;
+    let m = signed.manifest();
+    assert_eq!(summary["bytes"].as_u64(), Some(m.bytes), "{summary}");
+    let (status, list) = http_get(server.addr(), "/vod").await.expect("GET /vod");
+    assert_eq!(status, 200);
+    let list: Value = serde_json::from_slice(&list).expect("JSON");
+    assert!(
+        list.as_array()
+            .is_some_and(|l| l.iter().any(|a| a["name"] == "clip")),
+        "{list}"
+    );
+
+    let browser = Browser::launch().await.expect("browser");
+    open(&browser, &server, "vod=clip&ahead_s=2").await;
+    let end = play_seek_and_end(&browser).await;
+
+    assert!(end["stats"]["error"].is_null(), "{end}");
+    assert!(
+        stat(&end, "refetches") >= 1.0,
+        "the seek moved the fetches: {end}"
+    );
+    // Fetched: from the start to a few seconds past where the seek came
+    // from, and from 10 s to the end; not the seconds in between.
+    let total = (m.bytes + m.init_bytes) as f64;
+    let got = stat(&end, "bytes_from_origin");
+    assert!(
+        got < 0.85 * total && got > 0.3 * total,
+        "fetched {got} of {total} bytes: {end}"
+    );
+    assert!(stat(&end, "blocks_fetched") < m.blocks as f64, "{end}");
+    browser.close().await;
+}
+
+/// Flips a payload byte of block `seq` in the asset's `blocks.bin`.
+fn tamper(server: &Server, name: &str, seq: u64) {
+    let path = server.data_dir().join("vod").join(name).join("blocks.bin");
+    let mut bytes = std::fs::read(&path).expect("the asset's blocks on disk");
+    let mut at = 0usize;
+    for _ in 0..seq {
+        let len = u32::from_be_bytes(
+            bytes[at + HEADER_LEN - 4..at + HEADER_LEN]
+                .try_into()
+                .expect("4 bytes"),
+        ) as usize;
+        at += BLOCK_OVERHEAD + len;
+    }
+    let len = u32::from_be_bytes(
+        bytes[at + HEADER_LEN - 4..at + HEADER_LEN]
+            .try_into()
+            .expect("4 bytes"),
+    ) as usize;
+    assert_eq!(
+        u64::from_be_bytes(bytes[at + 2..at + 10].try_into().expect("8 bytes")),
+        seq,
+        "walked to the right block"
+    );
+    bytes[at + BLOCK_OVERHEAD + len / 2] ^= 0x40;
+    std::fs::write(&path, bytes).expect("write blocks.bin");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_assets_play_nothing_unverified() {
+    let server = server().await;
+    upload_demo_clip(&server, "clip").await;
+    let signed = manifest(&server, "clip").await;
+    let m = signed.manifest();
+    let bad = m
+        .fragments
+        .iter()
+        .find(|f| m.seconds(f.media_time) >= TAMPERED_AT)
+        .copied()
+        .expect("the clip is longer than that");
+    let bad_at = m.seconds(bad.media_time);
+    tamper(&server, "clip", bad.seq);
+    let browser = Browser::launch().await.expect("browser");
+
+    // The tampered block: playback goes up to it, never into it.
+    open(&browser, &server, "vod=clip&ahead_s=2").await;
+    let failed = wait(&browser, "bad_block", STEP_TIMEOUT, |s| {
+        s["stats"]["error"].is_string()
+    })
+    .await;
+    assert_eq!(failed["stats"]["error"], "bad_block", "{failed}");
+    // Let what was buffered play out, until the playhead stands still.
+    let mut last = t(&failed);
+    let mut still_since = Instant::now();
+    let deadline = Instant::now() + STEP_TIMEOUT;
+    let s = loop {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let s = state(&browser).await;
+        if (t(&s) - last).abs() > 1e-3 {
+            last = t(&s);
+            still_since = Instant::now();
+        } else if still_since.elapsed() > Duration::from_secs(2) {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "the playhead never stopped: {s}");
+    };
+    assert!(
+        t(&s) > 2.0,
+        "what verified before the bad block played: {s}"
+    );
+    assert!(
+        t(&s) <= bad_at + EPS && buffered_end(&s) <= bad_at + EPS,
+        "nothing from the fragment at {bad_at} s on was buffered or played: {s}"
+    );
+    assert!(
+        stat(&s, "blocks_fetched") <= bad.seq as f64,
+        "no block from the bad run counted: {s}"
+    );
+
+    // A pinned key that is not the asset's: nothing fetched past the manifest.
+    let other = StreamSigner::from_seed(&[9; 32]).key().to_id();
+    open(&browser, &server, &format!("vod=clip&key={other}")).await;
+    let s = wait(&browser, "wrong_key", STEP_TIMEOUT, |s| {
+        s["stats"]["error"].is_string()
+    })
+    .await;
+    assert_eq!(s["stats"]["error"], "wrong_key", "{s}");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let s = state(&browser).await;
+    assert_eq!(stat(&s, "bytes_from_origin"), 0.0, "{s}");
+    assert_eq!(buffered_end(&s), 0.0, "{s}");
+
+    // No such asset.
+    open(&browser, &server, "vod=nosuch").await;
+    let s = wait(&browser, "unknown_asset", STEP_TIMEOUT, |s| {
+        s["stats"]["error"].is_string()
+    })
+    .await;
+    assert_eq!(s["stats"]["error"], "unknown_asset", "{s}");
+    browser.close().await;
+}
+
+/// The element's player: its stats and its video's time.
+const ELEMENT_JS: &str = "const el = document.querySelector('clubcast-player');
+    const v = el && el.shadowRoot && el.shadowRoot.querySelector('video');
+    return {stats: el && el.player ? el.player.stats() : null, t: v ? v.currentTime : 0,
+            links: Array.from(document.querySelectorAll('#assets a'), (a) => a.getAttribute('href'))};";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_index_lists_assets_and_the_element_plays_one() {
+    let server = server().await;
+    manifest(&server, "demo").await;
+    let browser = Browser::launch().await.expect("browser");
+    browser
+        .goto(&format!("{}/", server.url()))
+        .await
+        .expect("open the index");
+    browser
+        .eval(
+            "import('./clubcast-player.js').then(() => {
+               const el = document.createElement('clubcast-player');
+               el.setAttribute('vod', 'demo');
+               el.setAttribute('muted', '');
+               document.body.append(el);
+             });",
+        )
+        .await
+        .expect("add the element");
+    let deadline = Instant::now() + START_TIMEOUT;
+    let mut from = None;
+    let s = loop {
+        let s = browser.eval(ELEMENT_JS).await.expect("read the page");
+        if stat(&s, "startup_ms").is_finite() {
+            let start = *from.get_or_insert(t(&s));
+            if t(&s) >= start + 1.0 {
+                break s;
+            }
+        }
+        assert!(Instant::now() < deadline, "the element did not play: {s}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(s["stats"]["error"].is_null(), "{s}");
+    assert!(
+        s["links"]
+            .as_array()
+            .is_some_and(|l| l.iter().any(|h| h == "watch.html?vod=demo")),
+        "the index links the asset: {s}"
+    );
+    browser.close().await;
+}
