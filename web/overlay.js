@@ -12,13 +12,21 @@ const fmtBits = (bps) => {
 };
 const fmtMs = (ms) => (ms == null ? "–" : ms >= 10000 ? (ms / 1000).toFixed(1) + " s" : Math.round(ms) + " ms");
 
+const fmtClock = (secs) => {
+  const t = Math.max(0, Math.floor(secs || 0));
+  return `${Math.floor(t / 60)}:${String(t % 60).padStart(2, "0")}`;
+};
+
+// An on-demand player (its stats have duration_s) shows where it is in the
+// asset where a live one shows its latency.
 const ROWS = [
   ["peers", (s) => s.peers],
   ["clubs", (s) => s.clubs],
   ["from peers", (s) => (100 * s.p2p_ratio).toFixed(1) + " %"],
   ["down", (s) => fmtBits(s.down_bps)],
   ["up", (s) => fmtBits(s.up_bps)],
-  ["latency", (s) => fmtMs(s.latency_ms)],
+  ["latency", (s) => fmtMs(s.latency_ms), (s) => s.duration_s === undefined],
+  ["position", (s) => `${fmtClock(s.position_s)} / ${fmtClock(s.duration_s)}`, (s) => s.duration_s !== undefined],
   ["buffer", (s) => fmtMs(s.buffer_ms)],
   ["stalls", (s) => `${s.stalls} (${fmtMs(s.stall_ms)})`],
   ["startup", (s) => fmtMs(s.startup_ms)],
@@ -48,7 +56,12 @@ export function attachOverlay(container, player) {
 
   const draw = () => {
     const s = player.stats();
-    ROWS.forEach(([, f], i) => (cells[i].textContent = f(s)));
+    ROWS.forEach(([, f, shown], i) => {
+      const show = !shown || shown(s);
+      cells[i].hidden = !show;
+      cells[i].previousSibling.hidden = !show;
+      if (show) cells[i].textContent = f(s);
+    });
     chart(canvas, player.rates());
   };
   // Once the stream has ended, nothing later (its last stall) replaces that.
@@ -78,6 +91,10 @@ export function attachOverlay(container, player) {
     }),
     player.on("resume", () => say("")),
     player.on("playing", () => say("")),
+    // On demand: the manifest checked out, and the end of the asset.
+    player.on("manifest", () => say("")),
+    player.on("ended", () => say("ended")),
+    player.on("seeked", () => say("")),
   ];
   say("connecting…");
   draw();
