@@ -18,6 +18,7 @@ use std::rc::{Rc, Weak};
 use wasm_bindgen::prelude::*;
 use web_sys::HtmlMediaElement;
 
+use crate::error::JsError;
 use crate::session::{Input, Options, Session};
 
 /// Events for JavaScript held while no callback is registered.
@@ -170,6 +171,27 @@ impl<D: Driver> Hub<D> {
             }
         }
     }
+}
+
+/// Calls `video.play()`. If the browser refuses it (its autoplay policy:
+/// `NotAllowedError`), `refused` goes to the session behind `weak`. Other
+/// rejections (an `AbortError` when a seek or a new source interrupts the
+/// start) are left to the session's next try.
+pub(crate) fn start_playing<D: Driver + 'static>(
+    video: &web_sys::HtmlMediaElement,
+    weak: Weak<Hub<D>>,
+    refused: D::Input,
+) where
+    D::Input: 'static,
+{
+    let Ok(p) = video.play() else { return };
+    wasm_bindgen_futures::spawn_local(async move {
+        if let Err(e) = wasm_bindgen_futures::JsFuture::from(p).await {
+            if matches!(JsError::from(e), JsError::NotAllowed(_)) {
+                deliver(&weak, refused);
+            }
+        }
+    });
 }
 
 /// Hands `input` to the session behind `weak`, if it still exists.

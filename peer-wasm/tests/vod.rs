@@ -8,21 +8,17 @@
 
 use std::cell::RefCell;
 use std::rc::Rc;
-use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use clubcast_peer::mse::{MseEvent, MseSink, MIME_H264_AAC};
-use clubcast_peer::timer::Timer;
 use clubcast_peer::vod::{accept_run, PlayError, RunError, VodOptions, VodPlayer, DEFAULT_AHEAD_S};
 use clubcast_protocol::block::{BlockError, BlockFlags, StreamSigner, VerifiedBlock};
-use wasm_bindgen::prelude::*;
-use wasm_bindgen_futures::JsFuture;
 use wasm_bindgen_test::*;
 
-wasm_bindgen_test_configure!(run_in_browser);
+mod common;
+use common::*;
 
-/// Two seconds of H.264 baseline + AAC as fragmented MP4; see fixtures/make-fixture.sh.
-const FIXTURE: &[u8] = include_bytes!("fixtures/test.mp4");
+wasm_bindgen_test_configure!(run_in_browser);
 
 fn signer(n: u8) -> StreamSigner {
     StreamSigner::from_seed(&[n; 32])
@@ -168,24 +164,6 @@ fn options_parse_and_bad_ones_are_refused_with_a_code() {
     }
 }
 
-fn video() -> web_sys::HtmlVideoElement {
-    let document = web_sys::window()
-        .expect("window")
-        .document()
-        .expect("document");
-    let video: web_sys::HtmlVideoElement = document
-        .create_element("video")
-        .expect("video element")
-        .unchecked_into();
-    video.set_muted(true);
-    document
-        .body()
-        .expect("body")
-        .append_child(&video)
-        .expect("append video");
-    video
-}
-
 #[wasm_bindgen_test]
 fn the_player_throws_bad_options_with_their_code() {
     let v = video();
@@ -195,42 +173,6 @@ fn the_player_throws_bad_options_with_their_code() {
     let code = js_sys::Reflect::get(&thrown, &"code".into()).expect("has a code");
     assert_eq!(code.as_string().as_deref(), Some("bad_options"));
     v.remove();
-}
-
-async fn sleep(ms: u64) {
-    let mut timer = Timer::new();
-    let promise = js_sys::Promise::new(&mut |resolve, _reject| {
-        timer
-            .set(Duration::from_millis(ms), move || {
-                resolve.call0(&JsValue::NULL).expect("resolve never throws");
-            })
-            .expect("setTimeout is available in the test page");
-    });
-    JsFuture::from(promise)
-        .await
-        .expect("the promise only resolves");
-}
-
-/// The fixture's init segment and its `moof`+`mdat` fragments.
-fn segments(mp4: &[u8]) -> (Vec<u8>, Vec<Vec<u8>>) {
-    let mut init = Vec::new();
-    let mut fragments: Vec<Vec<u8>> = Vec::new();
-    let mut at = 0;
-    while at + 8 <= mp4.len() {
-        let size = u32::from_be_bytes(mp4[at..at + 4].try_into().expect("4 bytes")) as usize;
-        let boxed = &mp4[at..at + size];
-        match &mp4[at + 4..at + 8] {
-            b"ftyp" | b"moov" => init.extend_from_slice(boxed),
-            b"moof" => fragments.push(boxed.to_vec()),
-            b"mdat" => fragments
-                .last_mut()
-                .expect("mdat follows moof")
-                .extend_from_slice(boxed),
-            _ => {}
-        }
-        at += size;
-    }
-    (init, fragments)
 }
 
 async fn settle(sink: &MseSink) {

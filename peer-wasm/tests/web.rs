@@ -14,27 +14,12 @@ use clubcast_peer::rtc::{
 };
 use clubcast_peer::timer::{self, Timer};
 use wasm_bindgen::prelude::*;
-use wasm_bindgen_futures::JsFuture;
 use wasm_bindgen_test::*;
 
+mod common;
+use common::*;
+
 wasm_bindgen_test_configure!(run_in_browser);
-
-/// Two seconds of H.264 baseline + AAC as fragmented MP4; see fixtures/make-fixture.sh.
-const FIXTURE: &[u8] = include_bytes!("fixtures/test.mp4");
-
-async fn sleep(ms: u64) {
-    let mut timer = Timer::new();
-    let promise = js_sys::Promise::new(&mut |resolve, _reject| {
-        timer
-            .set(Duration::from_millis(ms), move || {
-                resolve.call0(&JsValue::NULL).expect("resolve never throws");
-            })
-            .expect("setTimeout is available in the test page");
-    });
-    JsFuture::from(promise)
-        .await
-        .expect("the promise only resolves");
-}
 
 fn recorder<E: 'static>() -> (Rc<RefCell<Vec<E>>>, impl FnMut(E) + 'static) {
     let events = Rc::new(RefCell::new(Vec::new()));
@@ -142,46 +127,9 @@ async fn data_channel_carries_binary_and_bounds_its_queue() {
     drop(a);
 }
 
-/// Splits a fragmented MP4 into the init segment (ftyp+moov) and its
-/// moof+mdat fragments, skipping other top-level boxes (mfra).
-fn segments(mp4: &[u8]) -> (Vec<u8>, Vec<Vec<u8>>) {
-    let mut init = Vec::new();
-    let mut fragments: Vec<Vec<u8>> = Vec::new();
-    let mut at = 0;
-    while at + 8 <= mp4.len() {
-        let size = u32::from_be_bytes(mp4[at..at + 4].try_into().expect("4 bytes")) as usize;
-        let kind = &mp4[at + 4..at + 8];
-        let boxed = &mp4[at..at + size];
-        match kind {
-            b"ftyp" | b"moov" => init.extend_from_slice(boxed),
-            b"moof" => fragments.push(boxed.to_vec()),
-            b"mdat" => fragments
-                .last_mut()
-                .expect("mdat follows moof")
-                .extend_from_slice(boxed),
-            _ => {}
-        }
-        at += size;
-    }
-    (init, fragments)
-}
-
 #[wasm_bindgen_test]
 async fn mse_plays_appended_fragments() {
-    let document = web_sys::window()
-        .expect("window")
-        .document()
-        .expect("document");
-    let video: web_sys::HtmlVideoElement = document
-        .create_element("video")
-        .expect("video element")
-        .unchecked_into();
-    video.set_muted(true);
-    document
-        .body()
-        .expect("body")
-        .append_child(&video)
-        .expect("append video");
+    let video = video();
 
     let (events, handler) = recorder();
     let sink = MseSink::attach(&video, MIME_H264_AAC, handler).expect("H.264 + AAC supported");

@@ -51,10 +51,9 @@ use clubcast_protocol::block::{BlockFlags, VerifiedBlock};
 use serde_json::{json, Value};
 use web_sys::HtmlMediaElement;
 
-use crate::error::JsError;
 use crate::fetch::{fetch_bytes, FetchError, Fetched};
 use crate::mse::{MseError, MseEvent, MseSink, MIME_H264_AAC};
-use crate::player::{deliver, Shared};
+use crate::player::{deliver, start_playing, Shared};
 use crate::playout::{self, Stalls, Steer, Timeline, MIN_BUFFER_TO_SPEED_UP_MS};
 
 use super::startup::{Mark, StartupTrace};
@@ -701,17 +700,8 @@ impl Playback {
 
     fn play_now(&mut self, now: f64) {
         self.last_play_call = now;
-        let Ok(p) = self.video.play() else { return };
-        let weak = self.weak.clone();
-        wasm_bindgen_futures::spawn_local(async move {
-            if let Err(e) = wasm_bindgen_futures::JsFuture::from(p).await {
-                // Other rejections (an AbortError when a seek or a new
-                // source interrupts the start) are retried by `tick`.
-                if matches!(JsError::from(e), JsError::NotAllowed(_)) {
-                    deliver(&weak, Input::PlayRefused);
-                }
-            }
-        });
+        // Other rejections than a refusal are retried by `tick`.
+        start_playing(&self.video, self.weak.clone(), Input::PlayRefused);
     }
 
     /// The browser refused to start playback (its autoplay policy): with

@@ -30,10 +30,9 @@ use serde_json::{json, Value};
 use web_sys::HtmlMediaElement;
 
 use super::{accept_run, PlayError, VodOptions};
-use crate::error::JsError;
 use crate::fetch::{fetch_bytes, Abort, FetchError, Fetched};
 use crate::mse::{MseError, MseEvent, MseSink, MAX_QUEUED_BYTES};
-use crate::player::{deliver, Driver, Hub};
+use crate::player::{deliver, start_playing, Driver, Hub};
 use crate::playout::{self, parse_init, Stalls};
 use crate::session::perf_now;
 use crate::timer::Timer;
@@ -669,17 +668,8 @@ impl VodSession {
 
     fn play_now(&mut self) {
         self.last_play_call = perf_now();
-        let Ok(p) = self.video.play() else { return };
-        let weak = self.weak.clone();
-        wasm_bindgen_futures::spawn_local(async move {
-            if let Err(e) = wasm_bindgen_futures::JsFuture::from(p).await {
-                // Other rejections (an AbortError when a seek interrupts the
-                // start) are retried by `tick`.
-                if matches!(JsError::from(e), JsError::NotAllowed(_)) {
-                    deliver(&weak, Input::PlayRefused);
-                }
-            }
-        });
+        // Other rejections than a refusal are retried by `tick`.
+        start_playing(&self.video, self.weak.clone(), Input::PlayRefused);
     }
 
     fn on_play_refused(&mut self) {
