@@ -5,12 +5,17 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use super::{SendError, LOW_BUFFERED_BYTES, MAX_BUFFERED_BYTES};
 
-/// Bytes a link holds for sending, split by where they are.
+/// Bytes a link holds for sending: everything admitted and not yet acknowledged, and how
+/// much of it the stack holds.
+///
+/// Admission checks one counter, `total`, so no reading of it counts a message twice or
+/// not at all while the message moves from the link's queue to the stack.
 #[derive(Debug, Default)]
 pub(crate) struct SendBudget {
-    /// Admitted by `try_send`, not yet handed to the stack.
-    queued: AtomicUsize,
-    /// Handed to the stack and not yet acknowledged, as last read from it.
+    /// Admitted by `try_send` and not yet acknowledged: queued plus in flight.
+    total: AtomicUsize,
+    /// Handed to the stack and not yet acknowledged, as last read from it. Written only by
+    /// the link's own I/O loop.
     in_flight: AtomicUsize,
     /// A send was refused since the last `Writable`.
     refused: AtomicBool,
@@ -19,9 +24,7 @@ pub(crate) struct SendBudget {
 impl SendBudget {
     /// Everything held: queued plus in flight.
     pub(crate) fn buffered(&self) -> usize {
-        self.queued
-            .load(Ordering::Acquire)
-            .saturating_add(self.in_flight.load(Ordering::Acquire))
+        self.total.load(Ordering::Acquire)
     }
 
     /// Admits `len` more bytes, or refuses if that would pass [`MAX_BUFFERED_BYTES`].
@@ -29,32 +32,35 @@ impl SendBudget {
     /// Safe to call from several threads: the add comes first and is undone on refusal, so
     /// racing callers may be refused early but never push the total over the bound.
     pub(crate) fn try_admit(&self, len: usize) -> Result<(), SendError> {
-        let before = self
-            .queued
-            .fetch_add(len, Ordering::AcqRel)
-            .saturating_add(self.in_flight.load(Ordering::Acquire));
+        let before = self.total.fetch_add(len, Ordering::AcqRel);
         if before.saturating_add(len) > MAX_BUFFERED_BYTES {
-            self.queued.fetch_sub(len, Ordering::AcqRel);
+            self.total.fetch_sub(len, Ordering::AcqRel);
             self.refused.store(true, Ordering::Release);
             return Err(SendError::Full { buffered: before });
         }
         Ok(())
     }
 
-    /// Moves `len` bytes from queued to in flight, when the stack has taken them.
+    /// Counts `len` queued bytes as in flight, when the stack has taken them; the total
+    /// does not change.
     pub(crate) fn handed_over(&self, len: usize) {
         self.in_flight.fetch_add(len, Ordering::AcqRel);
-        self.queued.fetch_sub(len, Ordering::AcqRel);
     }
 
     /// Forgets `len` queued bytes that will never be handed over (the link closed).
     pub(crate) fn discard(&self, len: usize) {
-        self.queued.fetch_sub(len, Ordering::AcqRel);
+        self.total.fetch_sub(len, Ordering::AcqRel);
     }
 
-    /// Replaces the in-flight figure with a fresh reading from the stack.
+    /// Replaces the in-flight figure with a fresh reading from the stack; the total moves
+    /// by the difference (what the peer acknowledged since).
     pub(crate) fn set_in_flight(&self, bytes: usize) {
-        self.in_flight.store(bytes, Ordering::Release);
+        let old = self.in_flight.swap(bytes, Ordering::AcqRel);
+        if bytes >= old {
+            self.total.fetch_add(bytes - old, Ordering::AcqRel);
+        } else {
+            self.total.fetch_sub(old - bytes, Ordering::AcqRel);
+        }
     }
 
     /// The in-flight figure as last read.
@@ -94,6 +100,21 @@ mod tests {
             })
         );
         assert_eq!(budget.buffered(), MAX_BUFFERED_BYTES);
+    }
+
+    #[test]
+    fn a_message_handed_to_the_stack_is_counted_once() {
+        let budget = SendBudget::default();
+        budget.try_admit(1000).expect("room");
+        budget.handed_over(1000);
+        assert_eq!(budget.buffered(), 1000, "moved, not added");
+        budget.try_admit(500).expect("room");
+        budget.set_in_flight(400); // the peer acknowledged 600
+        assert_eq!(budget.buffered(), 900);
+        assert_eq!(budget.in_flight(), 400);
+        budget.discard(500);
+        budget.set_in_flight(0);
+        assert_eq!(budget.buffered(), 0);
     }
 
     #[test]
