@@ -17,6 +17,9 @@
 //!   buffers the bad fragment (nor anything after it); a pinned key that is
 //!   not the asset's gives `wrong_key` and fetches nothing; an unknown name
 //!   gives `unknown_asset`.
+//! - `fragments_longer_than_a_run_play_through`: a file ffmpeg encodes (720p
+//!   H.264 high with B-frames at 6 Mbit/s, 4-s fragments, so each fragment
+//!   is several runs of blocks) plays, seeks and ends.
 //! - `the_index_lists_assets_and_the_element_plays_one`: the index links
 //!   `watch.html?vod=demo`, and `<clubcast-player vod="demo">` plays.
 //!
@@ -282,6 +285,98 @@ async fn a_seek_past_the_buffer_fetches_from_the_target_only() {
         "fetched {got} of {total} bytes: {end}"
     );
     assert!(stat(&end, "blocks_fetched") < m.blocks as f64, "{end}");
+    browser.close().await;
+}
+
+/// `PUT /vod/<name>` of a file ffmpeg makes: `secs` of 1280x720 H.264 high
+/// with B-frames at `kbps`, AAC, one fragment per `gop_s` seconds; the
+/// summary.
+async fn upload_encoded(server: &Server, name: &str, secs: u32, kbps: u32, gop_s: u32) -> Value {
+    let dir = tempfile_dir(name);
+    let file = dir.join("in.mp4");
+    let status = std::process::Command::new("ffmpeg")
+        .args(["-loglevel", "error", "-y", "-f", "lavfi", "-i"])
+        .arg("testsrc2=size=1280x720:rate=30")
+        .args(["-f", "lavfi", "-i", "sine=frequency=440:sample_rate=48000"])
+        .args([
+            "-t",
+            &secs.to_string(),
+            "-c:v",
+            "libx264",
+            "-preset",
+            "ultrafast",
+        ])
+        .args([
+            "-profile:v",
+            "high",
+            "-bf",
+            "2",
+            "-g",
+            &(30 * gop_s).to_string(),
+        ])
+        .args(["-b:v", &format!("{kbps}k"), "-minrate", &format!("{kbps}k")])
+        .args([
+            "-maxrate",
+            &format!("{kbps}k"),
+            "-bufsize",
+            &format!("{}k", kbps / 2),
+        ])
+        .args([
+            "-c:a",
+            "aac",
+            "-movflags",
+            "frag_keyframe+empty_moov+default_base_moof",
+        ])
+        .args(["-f", "mp4"])
+        .arg(&file)
+        .status()
+        .expect("ffmpeg runs (`just setup` installs it)");
+    assert!(status.success(), "ffmpeg made the file");
+    let bytes = std::fs::read(&file).expect("the encoded file");
+    let _ = std::fs::remove_dir_all(&dir);
+    let path = format!("/vod/{name}?token={TOKEN}");
+    let (status, body) = http_request(server.addr(), "PUT", &path, &bytes)
+        .await
+        .expect("upload");
+    let text = String::from_utf8_lossy(&body).into_owned();
+    assert_eq!(status, 201, "upload answered {status}: {text}");
+    serde_json::from_str(&text).expect("a JSON summary")
+}
+
+/// A fresh directory under the test's `TMPDIR`.
+fn tempfile_dir(name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("clubcast-vod-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("a temporary directory");
+    dir
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fragments_longer_than_a_run_play_through() {
+    // 4-s fragments at 6 Mbit/s: about 3 MB, some 700 blocks of 4 KiB each,
+    // so every fragment takes several runs (at most 256 blocks each), and
+    // B-frames reorder the samples within them.
+    let server = server().await;
+    upload_encoded(&server, "long", 12, 6000, 4).await;
+    let signed = manifest(&server, "long").await;
+    let m = signed.manifest();
+    let longest = (0..m.fragments.len())
+        .map(|i| m.fragment_blocks(i).end - m.fragment_blocks(i).start)
+        .max()
+        .unwrap_or(0);
+    assert!(
+        longest > clubcast_protocol::vod::MAX_RUN_BLOCKS,
+        "a fragment of {longest} blocks fits in one run: the test would prove nothing"
+    );
+    let browser = Browser::launch().await.expect("browser");
+    open(&browser, &server, "vod=long").await;
+    let end = play_seek_and_end(&browser).await;
+    assert!(end["stats"]["error"].is_null(), "{end}");
+    // At least one whole long fragment came, in several runs.
+    assert!(stat(&end, "blocks_fetched") >= longest as f64, "{end}");
+    assert!(
+        buffered_end(&end) >= m.start_s() + m.duration_s() - 0.1,
+        "{end}"
+    );
     browser.close().await;
 }
 
