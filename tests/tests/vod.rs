@@ -21,7 +21,8 @@
 //!   H.264 high with B-frames at 6 Mbit/s, 4-s fragments, so each fragment
 //!   is several runs of blocks) plays, seeks and ends.
 //! - `the_index_lists_assets_and_the_element_plays_one`: the index links
-//!   `watch.html?vod=demo`, and `<clubcast-player vod="demo">` plays.
+//!   `watch.html?vod=demo`, `<clubcast-player vod="demo">` plays, and so does
+//!   the iframe page `/embed/demo?vod`.
 //!
 //! Needs `web/pkg` (`just build-web`), chromedriver and Chromium.
 
@@ -527,5 +528,15 @@ async fn the_index_lists_assets_and_the_element_plays_one() {
             .is_some_and(|l| l.iter().any(|h| h == "watch.html?vod=demo")),
         "the index links the asset: {s}"
     );
+    // The iframe page the watch page offers: /embed/{name}?vod.
+    browser
+        .goto(&format!("{}/embed/demo?vod", server.url()))
+        .await
+        .expect("open the embed page");
+    let embedded = wait(&browser, "the embed page to play", START_TIMEOUT, |s| {
+        stat(s, "startup_ms").is_finite() && stat(s, "duration_s") > 15.0
+    })
+    .await;
+    assert!(embedded["stats"]["error"].is_null(), "{embedded}");
     browser.close().await;
 }
