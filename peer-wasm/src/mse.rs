@@ -272,6 +272,12 @@ impl MseSink {
     /// queued before has been appended: the bytes after it start a new media
     /// segment, as after a skip over missing blocks.
     pub fn reset_parser(&self) -> Result<(), MseError> {
+        self.enqueue(Segment::Reset)
+    }
+
+    /// Queues a step that carries no media bytes, within the queue's bound
+    /// on entries, and runs the queue.
+    fn enqueue(&self, step: Segment) -> Result<(), MseError> {
         {
             let mut sink = self.shared.borrow_mut();
             if sink.closed {
@@ -280,7 +286,7 @@ impl MseSink {
             if sink.queue.len() >= MAX_QUEUED_SEGMENTS {
                 return Err(MseError::Full);
             }
-            sink.queue.push_back(Segment::Reset);
+            sink.queue.push_back(step);
         }
         pump(&Rc::downgrade(&self.shared), &self.handler);
         Ok(())
@@ -293,18 +299,7 @@ impl MseSink {
         if !(start.is_finite() && end.is_finite() && start >= 0.0 && end > start) {
             return Ok(());
         }
-        {
-            let mut sink = self.shared.borrow_mut();
-            if sink.closed {
-                return Err(MseError::Closed);
-            }
-            if sink.queue.len() >= MAX_QUEUED_SEGMENTS {
-                return Err(MseError::Full);
-            }
-            sink.queue.push_back(Segment::Remove { start, end });
-        }
-        pump(&Rc::downgrade(&self.shared), &self.handler);
-        Ok(())
+        self.enqueue(Segment::Remove { start, end })
     }
 
     /// Queues setting the media source's duration to `secs` (which must not
@@ -314,18 +309,7 @@ impl MseSink {
         if !(secs.is_finite() && secs > 0.0) {
             return Ok(());
         }
-        {
-            let mut sink = self.shared.borrow_mut();
-            if sink.closed {
-                return Err(MseError::Closed);
-            }
-            if sink.queue.len() >= MAX_QUEUED_SEGMENTS {
-                return Err(MseError::Full);
-            }
-            sink.queue.push_back(Segment::Duration(secs));
-        }
-        pump(&Rc::downgrade(&self.shared), &self.handler);
-        Ok(())
+        self.enqueue(Segment::Duration(secs))
     }
 
     /// Takes appends again after [`MseSink::end_of_stream`] (a seek back into

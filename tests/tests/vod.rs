@@ -78,8 +78,13 @@ async fn server() -> Server {
 async fn upload_demo_clip(server: &Server, name: &str) -> Value {
     let file = workspace_dir().join("signal-server/assets/demo.mp4");
     let bytes = std::fs::read(&file).expect("the demo clip is in the repository");
+    upload(server, name, &bytes).await
+}
+
+/// `PUT /vod/<name>` of `bytes`, which must be taken; the summary.
+async fn upload(server: &Server, name: &str, bytes: &[u8]) -> Value {
     let path = format!("/vod/{name}?token={TOKEN}");
-    let (status, body) = http_request(server.addr(), "PUT", &path, &bytes)
+    let (status, body) = http_request(server.addr(), "PUT", &path, bytes)
         .await
         .expect("upload");
     let text = String::from_utf8_lossy(&body).into_owned();
@@ -335,13 +340,7 @@ async fn upload_encoded(server: &Server, name: &str, secs: u32, kbps: u32, gop_s
     assert!(status.success(), "ffmpeg made the file");
     let bytes = std::fs::read(&file).expect("the encoded file");
     let _ = std::fs::remove_dir_all(&dir);
-    let path = format!("/vod/{name}?token={TOKEN}");
-    let (status, body) = http_request(server.addr(), "PUT", &path, &bytes)
-        .await
-        .expect("upload");
-    let text = String::from_utf8_lossy(&body).into_owned();
-    assert_eq!(status, 201, "upload answered {status}: {text}");
-    serde_json::from_str(&text).expect("a JSON summary")
+    upload(server, name, &bytes).await
 }
 
 /// A fresh directory under the test's `TMPDIR`.
