@@ -100,3 +100,12 @@ impl Drop for VideoEvents {
         }
     }
 }
+
+/// What the element's `error` says, for an `error` event: its code and
+/// message, or just "media error" when it has none.
+pub fn media_error_message(video: &HtmlMediaElement) -> String {
+    video
+        .error()
+        .map(|e| format!("media error {}: {}", e.code(), e.message()))
+        .unwrap_or_else(|| "media error".to_owned())
+}

@@ -38,7 +38,7 @@ pub const MAX_INIT_BYTES: u64 = 4 << 20;
 pub const MAX_MANIFEST_JSON: usize = 16 << 20;
 /// Most blocks one fetch of a run (`GET /vod/{name}/blocks`) returns.
 pub const MAX_RUN_BLOCKS: u64 = 256;
-/// Longest asset name (as a stream name).
+/// Longest asset name; stream names follow the same rule ([`valid_name`]).
 pub const MAX_NAME_LEN: usize = 64;
 
 /// Domain separation for the manifest signature: no block header, KV item or
@@ -86,8 +86,9 @@ fn bad(field: &'static str, why: &'static str) -> VodError {
     VodError::BadField { field, why }
 }
 
-/// Whether `name` is a valid asset name: 1 to [`MAX_NAME_LEN`] characters of
-/// `a-z`, `0-9`, `-` and `_` (as a stream name).
+/// Whether `name` is a valid asset or stream name: 1 to [`MAX_NAME_LEN`]
+/// characters of `a-z`, `0-9`, `-` and `_` (safe in a URL path and as a file
+/// name).
 pub fn valid_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= MAX_NAME_LEN

@@ -24,8 +24,9 @@ use crate::store::{BlockStore, Lookup, StoreError, StoredBlock};
 
 /// Most streams one server holds.
 pub const MAX_STREAMS: usize = 256;
-/// Longest stream name.
-pub const MAX_NAME_LEN: usize = 64;
+/// Longest stream name, and [`valid_name`]: stream names and on-demand asset
+/// names follow one rule, the protocol's.
+pub use clubcast_protocol::vod::{valid_name, MAX_NAME_LEN};
 /// Silence after which a publisher may be taken over by a new one (see
 /// [`PublishGuard`]).
 pub const STALE_PUBLISHER: Duration = Duration::from_secs(3);
@@ -632,15 +633,6 @@ impl std::fmt::Debug for Streams {
             .field("data_dir", &self.data_dir)
             .finish_non_exhaustive()
     }
-}
-
-/// Whether `name` is a valid stream name.
-pub fn valid_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= MAX_NAME_LEN
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
 }
 
 impl Streams {

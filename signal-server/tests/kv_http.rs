@@ -2,33 +2,24 @@
 //! browser makes them, the refusals (forged, stale, malformed, oversized), compare
 //! and swap, a full store, a waiting get, and a private slot two parties share.
 
-use std::sync::Arc;
+mod common;
+
 use std::time::Duration;
 
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use axum::Router;
 use clubcast_protocol::kv::{KvItem, KvItemJson, KvSecret};
-use clubcast_server::app::{app, AppState};
+use clubcast_server::app::AppState;
 use clubcast_server::config::Config;
-use clubcast_server::stream::{StoreConfig, Streams};
 use data_encoding::HEXLOWER;
 use ed25519_dalek::SigningKey;
 use rand_chacha::rand_core::SeedableRng;
 use rand_chacha::ChaCha20Rng;
-use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
 
 fn server(cfg: Config) -> (Router, AppState) {
-    let streams = Arc::new(Streams::new(
-        None,
-        StoreConfig {
-            store_seconds: 60,
-            max_bytes: 1 << 20,
-        },
-    ));
-    let state = AppState::new(cfg, streams, CancellationToken::new());
-    (app(state.clone()), state)
+    common::router(cfg)
 }
 
 struct Resp {

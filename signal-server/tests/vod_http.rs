@@ -3,8 +3,9 @@
 //! name), the reads a player makes (list, summary, manifest, init, runs of
 //! blocks, which verify under the manifest's key), the refusals, and delete.
 
+mod common;
+
 use std::path::PathBuf;
-use std::sync::Arc;
 
 use axum::body::Body;
 use axum::http::{HeaderMap, Request, StatusCode};
@@ -12,11 +13,9 @@ use axum::Router;
 use bytes::Bytes;
 use clubcast_protocol::block::{Block, BlockFlags, BlockVerifier as _};
 use clubcast_protocol::vod::{SignedManifest, MAX_RUN_BLOCKS};
-use clubcast_server::app::{app, AppState};
+use clubcast_server::app::AppState;
 use clubcast_server::config::Config;
 use clubcast_server::demo::CLIP;
-use clubcast_server::stream::{StoreConfig, Streams};
-use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
 
 const TOKEN: &str = "vod-test-token";
@@ -36,15 +35,7 @@ fn server_at(dir: &std::path::Path, cfg: Config) -> (Router, AppState) {
         publish_token: Some(TOKEN.into()),
         ..cfg
     };
-    let streams = Arc::new(Streams::new(
-        None,
-        StoreConfig {
-            store_seconds: 60,
-            max_bytes: 1 << 20,
-        },
-    ));
-    let state = AppState::new(cfg, streams, CancellationToken::new());
-    (app(state.clone()), state)
+    common::router(cfg)
 }
 
 struct Resp {

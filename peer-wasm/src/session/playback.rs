@@ -482,7 +482,7 @@ impl Playback {
         now: f64,
         created: f64,
     ) -> Option<Value> {
-        use crate::video::VideoEvent;
+        use crate::video::{media_error_message, VideoEvent};
         match e {
             VideoEvent::Playing => {
                 if self.first_frame.is_none() {
@@ -497,11 +497,7 @@ impl Playback {
             VideoEvent::Waiting if self.video.seeking() => None,
             VideoEvent::Waiting => self.begin_stall(now),
             VideoEvent::Error => {
-                let message = self
-                    .video
-                    .error()
-                    .map(|e| format!("media error {}: {}", e.code(), e.message()))
-                    .unwrap_or_else(|| "media error".to_owned());
+                let message = media_error_message(&self.video);
                 Some(json!({"type": "error", "code": "media", "message": message}))
             }
             // Not listened for by the live player.

@@ -36,7 +36,7 @@ use crate::player::{deliver, start_playing, Driver, Hub};
 use crate::playout::{self, parse_init, Stalls};
 use crate::session::perf_now;
 use crate::timer::Timer;
-use crate::video::{VideoEvent, VideoEvents};
+use crate::video::{media_error_message, VideoEvent, VideoEvents};
 
 /// Period of the housekeeping tick (fetch planning, stalls, gaps), ms.
 pub const TICK_MS: u64 = 250;
@@ -572,12 +572,7 @@ impl VodSession {
             VideoEvent::Waiting if self.video.seeking() => {}
             VideoEvent::Waiting => self.begin_stall(now),
             VideoEvent::Error => {
-                let message = self
-                    .video
-                    .error()
-                    .map(|e| format!("media error {}: {}", e.code(), e.message()))
-                    .unwrap_or_else(|| "media error".to_owned());
-                self.fail(PlayError::Media(message));
+                self.fail(PlayError::Media(media_error_message(&self.video)));
             }
             VideoEvent::Seeking => self.on_seeking(),
             VideoEvent::Seeked => {

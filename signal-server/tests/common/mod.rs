@@ -1,0 +1,23 @@
+//! What the router tests share: an application on `cfg`, with a small
+//! in-memory stream store, as `main` would build it.
+
+use std::sync::Arc;
+
+use axum::Router;
+use clubcast_server::app::{app, AppState};
+use clubcast_server::config::Config;
+use clubcast_server::stream::{StoreConfig, Streams};
+use tokio_util::sync::CancellationToken;
+
+/// The router and its state, on `cfg`; streams keep 60 s or 1 MiB of blocks.
+pub fn router(cfg: Config) -> (Router, AppState) {
+    let streams = Arc::new(Streams::new(
+        None,
+        StoreConfig {
+            store_seconds: 60,
+            max_bytes: 1 << 20,
+        },
+    ));
+    let state = AppState::new(cfg, streams, CancellationToken::new());
+    (app(state.clone()), state)
+}
