@@ -790,6 +790,11 @@ impl Session {
                 }
             }
             ServerMsg::Publisher { connected, .. } => self.set_publisher(connected),
+            // On-demand messages answer an on-demand join, which a live
+            // session never sends.
+            ServerMsg::VodWelcome { .. } | ServerMsg::Neighbour { .. } => {
+                self.error("bad_message", "on-demand message in a live session".into());
+            }
             ServerMsg::Grant { bits, .. } => {
                 if let Some(j) = &mut self.joined {
                     j.granted_bits = bits;

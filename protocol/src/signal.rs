@@ -107,6 +107,16 @@ pub struct Link {
     pub offer: bool,
 }
 
+/// An on-demand neighbour: a peer watching the same upload of an asset,
+/// which trades its blocks both ways (no roles, no clubs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Neighbour {
+    /// The remote peer.
+    pub peer: PeerId,
+    /// Whether this side makes the WebRTC offer (if no connection is open yet).
+    pub offer: bool,
+}
+
 /// Add or remove a link role.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -215,6 +225,19 @@ pub enum ClientMsg {
         /// `--allow-test-corruption`; any other server ignores it.
         #[serde(default, skip_serializing_if = "is_false")]
         test_corrupt: bool,
+    },
+    /// First message of an on-demand viewer: join the swarm of an asset's
+    /// current upload. The server answers [`ServerMsg::VodWelcome`] with
+    /// the neighbours to connect to, or an error: `unknown_asset` when no
+    /// asset has that name, or when its key is not `key` (the asset was
+    /// replaced: the viewer's blocks are another upload's).
+    JoinVod {
+        /// Protocol version.
+        v: u32,
+        /// The asset's name.
+        asset: String,
+        /// URL form of the key the viewer's verified manifest names.
+        key: String,
     },
     /// Relay SDP or ICE to another peer.
     Signal {
@@ -346,8 +369,11 @@ pub enum ErrorCode {
     /// The stream ended: its publisher stayed away longer than the server
     /// waits (`--publisher-wait-seconds`). Its viewers are told, then closed.
     StreamEnded,
-    /// The recipient of a signal is not in the swarm.
+    /// The recipient of a signal is not in the swarm (or, on demand, not a
+    /// neighbour).
     UnknownPeer,
+    /// No on-demand asset has that name and key.
+    UnknownAsset,
     /// The server is shutting down or failed internally.
     Internal,
 }
@@ -366,6 +392,7 @@ impl ErrorCode {
             ErrorCode::StreamFull => "stream_full",
             ErrorCode::StreamEnded => "stream_ended",
             ErrorCode::UnknownPeer => "unknown_peer",
+            ErrorCode::UnknownAsset => "unknown_asset",
             ErrorCode::Internal => "internal",
         }
     }
@@ -426,6 +453,32 @@ pub enum ServerMsg {
         /// (see [`ClientMsg::Join`]). Always false in production.
         #[serde(default, skip_serializing_if = "is_false")]
         test_corrupt: bool,
+    },
+    /// Answer to [`ClientMsg::JoinVod`].
+    VodWelcome {
+        /// Protocol version.
+        v: u32,
+        /// The id the server gave this peer.
+        peer_id: PeerId,
+        /// The asset's name.
+        asset: String,
+        /// URL form of the asset key (the one the join named).
+        key: String,
+        /// Peers of the same upload to connect to now.
+        neighbours: Vec<Neighbour>,
+        /// ICE servers for RTCPeerConnection.
+        ice_servers: Vec<IceServer>,
+        /// How often to send heartbeats, ms.
+        heartbeat_ms: u32,
+    },
+    /// An on-demand neighbour was added (connect) or removed (close).
+    Neighbour {
+        /// Protocol version.
+        v: u32,
+        /// Add or remove.
+        op: LinkOp,
+        /// The neighbour.
+        neighbour: Neighbour,
     },
     /// A link role was added or removed (replacement after a leave or failure).
     Link {
@@ -588,6 +641,36 @@ mod tests {
             serde_json::from_str::<ServerMsg>(&s).expect("parses"),
             welcome(false)
         );
+    }
+
+    #[test]
+    fn on_demand_messages_are_flat_json() {
+        let m: ClientMsg =
+            serde_json::from_str(r#"{"type":"join_vod","v":1,"asset":"demo","key":"k"}"#)
+                .expect("parses");
+        assert_eq!(
+            m,
+            ClientMsg::JoinVod {
+                v: 1,
+                asset: "demo".into(),
+                key: "k".into()
+            }
+        );
+        let m = ServerMsg::Neighbour {
+            v: 1,
+            op: LinkOp::Add,
+            neighbour: Neighbour {
+                peer: 4,
+                offer: true,
+            },
+        };
+        let s = serde_json::to_string(&m).expect("serializes");
+        assert_eq!(
+            s,
+            r#"{"type":"neighbour","v":1,"op":"add","neighbour":{"peer":4,"offer":true}}"#
+        );
+        assert_eq!(serde_json::from_str::<ServerMsg>(&s).expect("parses"), m);
+        assert_eq!(ErrorCode::UnknownAsset.as_str(), "unknown_asset");
     }
 
     #[test]

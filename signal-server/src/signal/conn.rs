@@ -136,6 +136,7 @@ pub(crate) fn parse(text: &str) -> Result<ClientMsg, (ErrorCode, String)> {
 fn type_of(m: &ClientMsg) -> &'static str {
     match m {
         ClientMsg::Join { .. } => "join",
+        ClientMsg::JoinVod { .. } => "join_vod",
         ClientMsg::Signal { .. } => "signal",
         ClientMsg::Heartbeat { .. } => "heartbeat",
         ClientMsg::Bid { .. } => "bid",
@@ -410,7 +411,7 @@ impl Conn {
             };
         };
         match msg {
-            ClientMsg::Join { .. } => {
+            ClientMsg::Join { .. } | ClientMsg::JoinVod { .. } => {
                 return self.error(ErrorCode::NotJoined, "already joined".into(), true);
             }
             ClientMsg::Signal { to, data, .. } => {
