@@ -26,6 +26,8 @@ use sha2::{Digest, Sha256};
 
 use crate::block::{StreamKey, StreamSigner, BLOCK_OVERHEAD, MAX_PAYLOAD, SIGNATURE_LEN};
 
+pub mod swarm;
+
 /// Version of the manifest format (the JSON's `v`).
 pub const MANIFEST_VERSION: u8 = 1;
 /// Most fragments an asset may have: about 69 hours of 1-s fragments.
