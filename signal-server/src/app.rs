@@ -65,21 +65,22 @@ impl AppState {
             )
             .with_unit_bits(config.block_unit_bits()),
         );
+        let vod = Arc::new(crate::vod::VodLibrary::new(
+            config.data_dir.join("vod"),
+            config.vod_limits(),
+        ));
         let hub = Hub::new(
             config.clone(),
             streams.clone(),
             metrics.clone(),
             grants.clone(),
+            vod.clone(),
             shutdown.clone(),
         );
         let kv = Arc::new(
             crate::kv::KvStore::new(config.kv_max_items, config.kv_ttl())
                 .with_put_rate(config.kv_put_rate),
         );
-        let vod = Arc::new(crate::vod::VodLibrary::new(
-            config.data_dir.join("vod"),
-            config.vod_limits(),
-        ));
         AppState {
             vod,
             config,

@@ -91,6 +91,8 @@ pub struct Metrics {
     vod_assets: AtomicU64,
     vod_bytes: AtomicU64,
     vod_uploads: Labelled,
+    vod_peers: AtomicU64,
+    vod_joins: AtomicU64,
 }
 
 fn inc(a: &AtomicU64, n: u64) {
@@ -160,6 +162,31 @@ impl Metrics {
     /// Uploads to `/vod` that ended with `result`.
     pub fn vod_uploads(&self, result: &str) -> u64 {
         self.vod_uploads.get(result)
+    }
+
+    /// A viewer joined an on-demand room.
+    pub fn vod_join(&self) {
+        inc(&self.vod_joins, 1);
+        inc(&self.vod_peers, 1);
+    }
+
+    /// A viewer left an on-demand room (or was dropped from it).
+    pub fn vod_left(&self) {
+        let _ = self
+            .vod_peers
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                Some(n.saturating_sub(1))
+            });
+    }
+
+    /// Viewers in on-demand rooms now.
+    pub fn vod_peers(&self) -> u64 {
+        self.vod_peers.load(Ordering::Relaxed)
+    }
+
+    /// Viewers that joined an on-demand room so far.
+    pub fn vod_joins(&self) -> u64 {
+        self.vod_joins.load(Ordering::Relaxed)
     }
 
     /// RTMP connections open now.
@@ -354,6 +381,20 @@ impl Metrics {
             "Uploads to /vod, by result: created, replaced, or the error code.",
             "result",
             &self.vod_uploads,
+        )?;
+        scalar(
+            out,
+            "clubcast_vod_peers",
+            "gauge",
+            "On-demand viewers in rooms (join_vod), all assets together.",
+            get(&self.vod_peers),
+        )?;
+        scalar(
+            out,
+            "clubcast_vod_joins_total",
+            "counter",
+            "On-demand viewers that joined a room (join_vod answered with vod_welcome).",
+            get(&self.vod_joins),
         )?;
         labelled(
             out,

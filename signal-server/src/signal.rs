@@ -12,6 +12,16 @@
 //!    `link` add/remove when a peer leaves, fails (`link_failed`) or is reported
 //!    (`report`), `heartbeat` → `pong`, and `bid` → `grant` once per bid interval.
 //! 3. Messages for peer 0 go to the in-process seeder ([`SeederHandle`]).
+//! 4. On demand, the first message is `join_vod` instead, naming an asset
+//!    and the key id of the upload the viewer verified. The server seats it
+//!    in that upload's room (`vod_room`), answers `vod_welcome` with up to
+//!    [`VOD_NEIGHBOURS`] neighbours to offer to, tells them `neighbour add`,
+//!    and relays `signal` between neighbours only. A leave, a `link_failed`
+//!    or a `report` parts neighbours (`neighbour remove`) and tops up those
+//!    left with fewer than [`VOD_NEEDY`]. `heartbeat` → `pong` (live edge 0);
+//!    `bid` and `slow_source` are refused (`bad_message`, an offence). The
+//!    server never joins a room: the origin's `/vod/{name}/blocks` is the
+//!    backstop.
 //!
 //! # Limits
 //! | what | bound | at the bound |
@@ -26,14 +36,19 @@
 //! | silence | 3 × heartbeat interval | close 1001, peer dropped (`silent`) |
 //! | time to join | [`JOIN_TIMEOUT`] | close 1008 |
 //! | peers per stream | `--max-peers-per-stream` | `stream_full`, close |
-//! | reports | [`REPORTS_TO_KICK`] distinct linked reporters | the accused is dropped (`reported`) |
+//! | viewers per on-demand room | `--max-peers-per-stream` | `stream_full`, close |
+//! | on-demand rooms | 2 × (`--vod-max-assets` + 1): each asset's upload, and replaced ones still watched | `stream_full`, close |
+//! | neighbours of an on-demand viewer | [`VOD_MAX_DEGREE`] | not picked for others |
+//! | failed on-demand pairs kept apart | [`FAILED_PAIR_MS`], [`MAX_FAILED_PAIRS`] per room | the expired, else the oldest, forgotten |
+//! | reports | [`REPORTS_TO_KICK`] distinct linked reporters (neighbours, on demand) | the accused is dropped (`reported`) |
 //!
 //! Offences are protocol violations a correct client never commits: malformed
 //! JSON, unknown types, bad versions, oversized messages, binary messages
 //! after the join or past the probe's bytes, messages
 //! before join or a second join, and rate excess. `unknown_peer` is not an
 //! offence: a signal can race a link removal. A refused join (`unknown_stream`,
-//! `stream_full`, `stream_ended`) is answered and the socket closed. When a
+//! `stream_full`, `stream_ended`, and on demand `unknown_asset` for an unknown
+//! or bad name or a key that is not the asset's) is answered and the socket closed. When a
 //! stream ends (its publisher stayed away, [`crate::stream::Stream::end_if_away`]),
 //! each of its peers gets `stream_ended` and a normal close.
 
@@ -42,8 +57,11 @@ pub(crate) mod limits;
 mod outbox;
 mod seeder;
 mod swarm;
+mod vod_room;
+mod vod_session;
 
 pub use seeder::{SeederEvent, SeederHandle, SEEDER_QUEUE};
+pub use vod_room::{FAILED_PAIR_MS, MAX_FAILED_PAIRS, VOD_MAX_DEGREE, VOD_NEEDY, VOD_NEIGHBOURS};
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -68,7 +86,10 @@ use crate::config::Config;
 use crate::grants::Grants;
 use crate::metrics::Metrics;
 use crate::stream::{Stream, Streams};
+use crate::vod::VodLibrary;
 use swarm::{CloseCell, Effects, JoinUpload, Swarm};
+use vod_room::VodRoom;
+pub(crate) use vod_session::VodSession;
 
 /// Largest WebSocket message the transport reads at all; between
 /// [`MAX_SIGNAL_MESSAGE`] and this the client gets `too_large` and stays up.
@@ -120,6 +141,13 @@ pub enum SignalError {
     /// The stream ended (its publisher stayed away too long).
     #[error("the stream ended: its publisher stayed away")]
     StreamEnded,
+    /// No on-demand asset has this name (first) with this key (second):
+    /// the name is unknown or bad, or the asset was replaced.
+    #[error("no on-demand asset {0:?} with key {1:?}")]
+    UnknownAsset(String, String),
+    /// As many on-demand rooms are open as the server holds.
+    #[error("the server has its maximum of {0} on-demand rooms")]
+    TooManyRooms(usize),
 }
 
 /// Why the server closed a peer's connection.
@@ -160,6 +188,10 @@ struct HubInner {
     /// Each stream's swarm, by stream id.
     swarms: Mutex<HashMap<String, SwarmEntry>>,
     peers: Mutex<HashMap<PeerId, Arc<Mutex<Swarm>>>>,
+    /// The on-demand assets, whose current keys `join_vod` checks.
+    vod: Arc<VodLibrary>,
+    /// Each on-demand room, by key id.
+    vod_rooms: Mutex<HashMap<String, Arc<Mutex<VodRoom>>>>,
     next_peer: AtomicU64,
     seeder: Mutex<Option<mpsc::Sender<SeederEvent>>>,
     shutdown: CancellationToken,
@@ -257,13 +289,15 @@ pub(crate) fn unix_ms() -> u64 {
 }
 
 impl Hub {
-    /// A hub with no swarms. Connections close when `shutdown` is cancelled.
+    /// A hub with no swarms or rooms, seating on-demand viewers of the
+    /// assets in `vod`. Connections close when `shutdown` is cancelled.
     /// `config` must have passed [`Config::validate`]; bad ICE entries are skipped.
     pub fn new(
         config: Arc<Config>,
         streams: Arc<Streams>,
         metrics: Arc<Metrics>,
         grants: Arc<Grants>,
+        vod: Arc<VodLibrary>,
         shutdown: CancellationToken,
     ) -> Self {
         let ice_servers = config.ice_servers().unwrap_or_default();
@@ -275,6 +309,8 @@ impl Hub {
             ice_servers,
             swarms: Mutex::new(HashMap::new()),
             peers: Mutex::new(HashMap::new()),
+            vod,
+            vod_rooms: Mutex::new(HashMap::new()),
             next_peer: AtomicU64::new(SEEDER_PEER_ID + 1),
             seeder: Mutex::new(None),
             shutdown,

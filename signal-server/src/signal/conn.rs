@@ -11,6 +11,11 @@
 //! bytes). The join is planned on the rate they measured. After the join a
 //! binary frame is a bad message.
 //!
+//! The first message seats the connection: `join` in a live stream's swarm
+//! ([`Session`]), `join_vod` in an on-demand room ([`VodSession`], which
+//! ignores an upload probe: viewers of a room all upload to each other);
+//! every later message goes to the handler of that kind.
+//!
 //! Handling an input never awaits: it returns a [`Step`] (a reply to write,
 //! then maybe a close), and the loop has one write of its own. The task's
 //! future is resident for every connection, and each await nested in a handler
@@ -31,14 +36,17 @@ use clubcast_protocol::club::LateStreak;
 use clubcast_protocol::probe::{Measured, ProbeMeter, MAX_PROBE_BYTES, PROBE_CHUNK_BYTES};
 
 use super::limits::{Offences, TokenBucket};
+use super::outbox::Receiver;
+use super::swarm::CloseCell;
 use super::{
-    unix_ms, DropReason, Hub, Session, SignalError, CLOSE_LINGER, JOIN_TIMEOUT, MAX_OFFENCES,
-    MAX_OFFENCES_IN_A_ROW, RATE_BURST, RATE_PER_SEC, SEND_TIMEOUT, SILENT_HEARTBEATS,
+    unix_ms, DropReason, Hub, Session, SignalError, VodSession, CLOSE_LINGER, JOIN_TIMEOUT,
+    MAX_OFFENCES, MAX_OFFENCES_IN_A_ROW, RATE_BURST, RATE_PER_SEC, SEND_TIMEOUT, SILENT_HEARTBEATS,
 };
 
 /// Message types a client may send.
-const CLIENT_TYPES: [&str; 7] = [
+const CLIENT_TYPES: [&str; 8] = [
     "join",
+    "join_vod",
     "signal",
     "heartbeat",
     "bid",
@@ -49,6 +57,37 @@ const CLIENT_TYPES: [&str; 7] = [
 
 /// A close frame's code and reason.
 type Close = (u16, &'static str);
+
+/// Where the connection's first message seated it.
+enum Joined {
+    /// In a live stream's swarm.
+    Live(Session),
+    /// In an on-demand room.
+    Vod(VodSession),
+}
+
+impl Joined {
+    fn rx(&mut self) -> &mut Receiver {
+        match self {
+            Joined::Live(s) => &mut s.rx,
+            Joined::Vod(s) => &mut s.rx,
+        }
+    }
+
+    fn close(&self) -> &CloseCell {
+        match self {
+            Joined::Live(s) => &s.close,
+            Joined::Vod(s) => &s.close,
+        }
+    }
+
+    fn leave(&self, hub: &Hub) {
+        match self {
+            Joined::Live(s) => hub.leave(s),
+            Joined::Vod(s) => hub.leave_vod(s),
+        }
+    }
+}
 
 /// What handling one input asks of the socket: write `reply`, then close if
 /// `close` is set (even if the write failed).
@@ -153,7 +192,7 @@ fn to_json(msg: &ServerMsg) -> String {
 struct Conn {
     hub: Hub,
     sink: SplitSink<WebSocket, Message>,
-    session: Option<Session>,
+    session: Option<Joined>,
     bucket: TokenBucket,
     offences: Offences,
     opened: Instant,
@@ -192,7 +231,7 @@ pub(crate) fn run(hub: Hub, socket: WebSocket) -> impl Future<Output = ()> + Sen
         let close = loop {
             let outbound = async {
                 match c.session.as_mut() {
-                    Some(s) => s.rx.recv().await,
+                    Some(s) => s.rx().recv().await,
                     None => std::future::pending().await,
                 }
             };
@@ -233,7 +272,7 @@ async fn finish(mut c: Conn, mut stream: SplitStream<WebSocket>, close: Option<C
         };
         let _ = tokio::time::timeout(SEND_TIMEOUT, c.sink.send(Message::Close(Some(frame)))).await;
         if let Some(s) = c.session.take() {
-            hub.leave(&s);
+            s.leave(&hub);
         }
         // Read and drop what the client already sent, until its close reply:
         // a socket closed with unread input makes the kernel send a reset, and
@@ -244,7 +283,7 @@ async fn finish(mut c: Conn, mut stream: SplitStream<WebSocket>, close: Option<C
         .await;
     }
     if let Some(s) = c.session.take() {
-        hub.leave(&s);
+        s.leave(&hub);
     }
 }
 
@@ -273,7 +312,7 @@ impl Conn {
 
     /// The close for a peer the swarm dropped.
     fn dropped(&self) -> Step {
-        let reason = self.session.as_ref().and_then(|s| s.close.get().copied());
+        let reason = self.session.as_ref().and_then(|s| s.close().get().copied());
         match reason {
             Some(DropReason::Slow) => Step::close(close_code::POLICY, "too slow to read"),
             Some(DropReason::Reported) => {
@@ -370,45 +409,75 @@ impl Conn {
     }
 
     fn handle_msg(&mut self, msg: ClientMsg) -> Step {
+        match self.session {
+            None => self.handle_first(msg),
+            Some(Joined::Live(_)) => self.handle_live(msg),
+            Some(Joined::Vod(_)) => self.handle_vod(msg),
+        }
+    }
+
+    /// The refusal of a join, `e`: answered, then closed.
+    fn refuse(&mut self, e: &SignalError) -> Step {
+        let code = wire_code(e);
+        Step {
+            close: Some((close_code::POLICY, code.as_str())),
+            ..self.error(code, e.to_string(), false)
+        }
+    }
+
+    /// The first message, which must be a join of either kind.
+    fn handle_first(&mut self, msg: ClientMsg) -> Step {
         let hub = self.hub.clone();
-        let Some(session) = self.session.as_ref() else {
-            let ClientMsg::Join {
-                stream,
-                p2p,
-                upload_kbps,
-                probe_limited,
-                test_corrupt,
-                ..
-            } = msg
-            else {
-                return self.error(
-                    ErrorCode::NotJoined,
-                    "the first message must be join".into(),
-                    true,
-                );
-            };
-            // A probe that ran dry at the sender measured the sender.
-            let probe = self.probe.take().map(|m| {
-                if probe_limited {
-                    Measured::Limited
-                } else {
-                    m.measure()
-                }
-            });
-            return match hub.join(&stream, p2p, upload_kbps, probe, test_corrupt) {
+        if let ClientMsg::JoinVod { asset, key, .. } = msg {
+            // Viewers of a room upload to each other alike: no plan to make.
+            self.probe = None;
+            return match hub.join_vod(&asset, &key) {
                 Ok(s) => {
                     self.offences.good();
-                    self.session = Some(s);
+                    self.session = Some(Joined::Vod(s));
                     Step::default()
                 }
-                Err(e) => {
-                    let code = wire_code(&e);
-                    Step {
-                        close: Some((close_code::POLICY, code.as_str())),
-                        ..self.error(code, e.to_string(), false)
-                    }
-                }
+                Err(e) => self.refuse(&e),
             };
+        }
+        let ClientMsg::Join {
+            stream,
+            p2p,
+            upload_kbps,
+            probe_limited,
+            test_corrupt,
+            ..
+        } = msg
+        else {
+            return self.error(
+                ErrorCode::NotJoined,
+                "the first message must be join or join_vod".into(),
+                true,
+            );
+        };
+        // A probe that ran dry at the sender measured the sender.
+        let probe = self.probe.take().map(|m| {
+            if probe_limited {
+                Measured::Limited
+            } else {
+                m.measure()
+            }
+        });
+        match hub.join(&stream, p2p, upload_kbps, probe, test_corrupt) {
+            Ok(s) => {
+                self.offences.good();
+                self.session = Some(Joined::Live(s));
+                Step::default()
+            }
+            Err(e) => self.refuse(&e),
+        }
+    }
+
+    /// A message of a peer in a live stream's swarm.
+    fn handle_live(&mut self, msg: ClientMsg) -> Step {
+        let hub = self.hub.clone();
+        let Some(Joined::Live(session)) = self.session.as_ref() else {
+            return Step::default();
         };
         match msg {
             ClientMsg::Join { .. } | ClientMsg::JoinVod { .. } => {
@@ -446,6 +515,46 @@ impl Conn {
         self.offences.good();
         Step::default()
     }
+
+    /// A message of a viewer in an on-demand room.
+    fn handle_vod(&mut self, msg: ClientMsg) -> Step {
+        let hub = self.hub.clone();
+        let Some(Joined::Vod(session)) = self.session.as_ref() else {
+            return Step::default();
+        };
+        match msg {
+            ClientMsg::Join { .. } | ClientMsg::JoinVod { .. } => {
+                return self.error(ErrorCode::NotJoined, "already joined".into(), true);
+            }
+            ClientMsg::Signal { to, data, .. } => {
+                if let Err(e) = hub.vod_relay(session, to, data) {
+                    self.offences.good();
+                    return self.error(wire_code(&e), e.to_string(), false);
+                }
+            }
+            ClientMsg::Heartbeat { .. } => {
+                let pong = ServerMsg::Pong {
+                    v: SIGNAL_VERSION,
+                    server_time_ms: unix_ms(),
+                    live_edge: 0,
+                };
+                self.offences.good();
+                return Step::reply(to_json(&pong));
+            }
+            ClientMsg::Bid { .. } | ClientMsg::SlowSource { .. } => {
+                let ty = type_of(&msg);
+                return self.error(
+                    ErrorCode::BadMessage,
+                    format!("{ty} is for live streams; an on-demand viewer fetches from the origin without a grant"),
+                    true,
+                );
+            }
+            ClientMsg::LinkFailed { peer, .. } => hub.vod_link_failed(session, peer),
+            ClientMsg::Report { peer, reason, .. } => hub.vod_report(session, peer, &reason),
+        }
+        self.offences.good();
+        Step::default()
+    }
 }
 
 fn wire_code(e: &SignalError) -> ErrorCode {
@@ -454,6 +563,9 @@ fn wire_code(e: &SignalError) -> ErrorCode {
         SignalError::StreamFull(_) => ErrorCode::StreamFull,
         SignalError::UnknownPeer(_) => ErrorCode::UnknownPeer,
         SignalError::StreamEnded => ErrorCode::StreamEnded,
+        SignalError::UnknownAsset(..) => ErrorCode::UnknownAsset,
+        // The same answer as a full swarm: try again later.
+        SignalError::TooManyRooms(_) => ErrorCode::StreamFull,
     }
 }
 
@@ -479,6 +591,14 @@ mod tests {
             Some(ErrorCode::BadMessage)
         );
         assert_eq!(code(r#"{"type":"heartbeat","v":1}"#), None);
+        assert_eq!(
+            code(r#"{"type":"join_vod","v":1,"asset":"demo","key":"k"}"#),
+            None
+        );
+        assert_eq!(
+            code(r#"{"type":"join_vod","v":1,"asset":"demo"}"#),
+            Some(ErrorCode::BadMessage)
+        );
         let big = format!(
             r#"{{"type":"heartbeat","v":1,"pad":"{}"}}"#,
             "x".repeat(MAX_SIGNAL_MESSAGE)
