@@ -47,6 +47,16 @@
 //   "ended"   playback reached the end of the asset     ({current_time})
 //   "retry"   a fetch failed and is tried again          ({what, attempt, in_ms, message})
 //   "gap"     the playhead jumped a hole in the buffer   ({from, to})
+//   "p2p_joined" the server introduced this viewer to others of the same upload
+//                       ({peer_id, neighbours})
+//   "source"  the switch-over: "swarm" when the swarm alone keeps up and the
+//                       HTTP transfer stops (the origin then only fills blocks
+//                       about to be due), "http" when it falls back
+//                       ({mode, reason, swarm_bytes, http_bytes, current_time};
+//                       reasons "swarm_keeps_up", "no_peers", "backstop")
+//   "peer_dropped" a neighbour sent a frame that does not parse or a block
+//                       that does not verify: closed and reported ({peer, reason})
+//   "p2p_error" the swarm side ended (the origin goes on) ({code, message})
 //   "error"   something failed; fetching stops, what is buffered still plays
 //                       ({message, code}); codes: "bad_options", "unknown_asset"
 //                       (404), "wrong_key" (the asset is not signed by the
@@ -93,6 +103,8 @@
 //                                   // (else error "wrong_key"); unset: the
 //                                   // manifest's own key, which the server chose
 //     ahead_s?: 30,                 // how far past the playhead to fetch (1 to 600 s)
+//     ice_servers?: [...],          // as for live
+//     p2p?: true,                   // false: every block from the origin
 //     autoplay_muted?: true }       // as for live
 // Unknown fields must be ignored, so options can grow on either side.
 // ---------------------------------------------------------------------------
@@ -123,6 +135,10 @@ export const VOD_STAT_FIELDS = [
   "blocks_fetched", // blocks fetched and verified
   "seeks", // seeks by the viewer
   "refetches", // seeks that moved the fetch position (media not buffered)
+  "blocks_from_peers", // blocks received from neighbours and verified
+  "blocks_uploaded", // blocks sent to neighbours
+  "mode", // "http" (the origin streams the near part) or "swarm" (the origin is the backstop)
+  "switches", // switch-overs between the two
 ];
 
 const HISTORY = 120; // seconds of rate samples kept for charts

@@ -16,6 +16,7 @@ pub mod clock;
 pub mod error;
 pub mod fetch;
 pub mod kv;
+mod links;
 pub mod mse;
 mod player;
 pub mod playout;

@@ -1,7 +1,9 @@
-//! The session's WebRTC links: one [`RtcLink`] per remote peer with a role.
+//! A session's WebRTC links: one [`RtcLink`] per remote peer with a role
+//! (live) or per neighbour (on demand).
 //!
-//! A link is made when its peer first gets a role (offering iff the role says
-//! so) and closed when the core no longer lists the peer. Signals for a peer
+//! A link is made when its peer first gets a role or becomes a neighbour
+//! (offering iff the server says so) and closed when the core no longer
+//! lists the peer. Signals for a peer
 //! without a link yet (an offer that overtook its `link` message) are held,
 //! at most [`MAX_PENDING_PEERS`] × [`MAX_PENDING_SIGNALS`]. A link that fails,
 //! closes, or is not open after [`CONNECT_TIMEOUT_MS`] is reported; if the
@@ -21,19 +23,20 @@
 //! time ([`Links::release`]), so that playback work goes on between them.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
-use std::rc::Weak;
+use std::rc::Rc;
 
 use clubcast_protocol::block::{Block, StreamKey};
 use clubcast_protocol::peer::{Peer, Transmit};
 use clubcast_protocol::signal::{same_attempt, PeerId, SignalData};
 use clubcast_protocol::wire::Frame;
 
-use crate::player::{deliver, Shared};
 use crate::rtc::{
     IceCandidate, IceServer, LinkEvent, RtcConfig, RtcError, RtcLink, SdpKind, SessionDescription,
 };
 
-use super::Input;
+/// Where a link's events go: the remote peer, the link's generation (events
+/// of a replaced link are dropped by [`Links::handle_event`]), the event.
+pub(crate) type OnLinkEvent = Rc<dyn Fn(PeerId, u64, LinkEvent)>;
 
 /// Peers for which early signals are held.
 pub const MAX_PENDING_PEERS: usize = 16;
@@ -61,7 +64,7 @@ struct Slot {
 }
 
 /// What a link event means for the session.
-pub(super) enum Outcome {
+pub(crate) enum Outcome {
     None,
     Send(SignalData),
     Open,
@@ -70,8 +73,8 @@ pub(super) enum Outcome {
     Failed(String),
 }
 
-pub(super) struct Links {
-    weak: Weak<Shared>,
+pub(crate) struct Links {
+    on_event: OnLinkEvent,
     config: RtcConfig,
     slots: BTreeMap<PeerId, Slot>,
     /// Closed links, dropped on the next tick rather than inside their own callback.
@@ -93,9 +96,9 @@ pub(super) struct Links {
 }
 
 impl Links {
-    pub(super) fn new(weak: Weak<Shared>, ice_servers: Vec<IceServer>) -> Self {
+    pub(crate) fn new(on_event: OnLinkEvent, ice_servers: Vec<IceServer>) -> Self {
         Links {
-            weak,
+            on_event,
             config: RtcConfig { ice_servers },
             slots: BTreeMap::new(),
             closing: Vec::new(),
@@ -113,23 +116,23 @@ impl Links {
     }
 
     /// Messages sent (blocks, other frames) and received, since the start.
-    pub(super) fn messages(&self) -> (u64, u64, u64) {
+    pub(crate) fn messages(&self) -> (u64, u64, u64) {
         (self.sent_blocks, self.sent_control, self.received)
     }
 
     /// Holds back every link asked for from now on, until [`Links::release`].
-    pub(super) fn hold(&mut self) {
+    pub(crate) fn hold(&mut self) {
         self.holding = true;
     }
 
     /// Whether links are held back, or some held ones are still to be made.
-    pub(super) fn holding(&self) -> bool {
+    pub(crate) fn holding(&self) -> bool {
         self.holding || !self.held.is_empty()
     }
 
     /// Ends the hold: makes up to [`LINKS_PER_TICK`] of the held links whose
     /// peer is still `listed` (call it again on the next tick for the rest).
-    pub(super) fn release(&mut self, listed: &[PeerId], now: f64) {
+    pub(crate) fn release(&mut self, listed: &[PeerId], now: f64) {
         self.holding = false;
         self.held.retain(|p| listed.contains(p));
         for _ in 0..LINKS_PER_TICK {
@@ -141,20 +144,20 @@ impl Links {
         }
     }
 
-    pub(super) fn set_ice_servers(&mut self, ice_servers: Vec<IceServer>) {
+    pub(crate) fn set_ice_servers(&mut self, ice_servers: Vec<IceServer>) {
         self.config.ice_servers = ice_servers;
     }
 
-    pub(super) fn open_count(&self) -> usize {
+    pub(crate) fn open_count(&self) -> usize {
         self.slots.values().filter(|s| s.open).count()
     }
 
-    pub(super) fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.slots.len()
     }
 
     /// Makes the link to `peer` unless one exists.
-    pub(super) fn ensure(&mut self, peer: PeerId, offer: bool, now: f64) {
+    pub(crate) fn ensure(&mut self, peer: PeerId, offer: bool, now: f64) {
         self.offers.insert(peer, offer);
         if self.holding {
             self.held.insert(peer);
@@ -177,8 +180,8 @@ impl Links {
     fn make(&mut self, peer: PeerId, offer: bool, now: f64) -> bool {
         let gen = self.next_gen;
         self.next_gen += 1;
-        let weak = self.weak.clone();
-        let on_event = move |event| deliver(&weak, Input::Link { peer, gen, event });
+        let sink = Rc::clone(&self.on_event);
+        let on_event = move |event| sink(peer, gen, event);
         let link = if offer {
             RtcLink::offerer(&self.config, on_event)
         } else {
@@ -213,7 +216,7 @@ impl Links {
     /// SDP or ICE from `from`; `listed` says whether the core knows the peer.
     /// Returns true when a new offer replaced an open link (the core should
     /// hear that the old one closed).
-    pub(super) fn handle_signal(
+    pub(crate) fn handle_signal(
         &mut self,
         from: PeerId,
         data: SignalData,
@@ -301,7 +304,7 @@ impl Links {
     }
 
     /// Interprets a link event; a failure removes the link.
-    pub(super) fn handle_event(
+    pub(crate) fn handle_event(
         &mut self,
         peer: PeerId,
         gen: u64,
@@ -361,7 +364,7 @@ impl Links {
     }
 
     /// Closes the link to `peer` (its roles are gone); no retry.
-    pub(super) fn close(&mut self, peer: PeerId) {
+    pub(crate) fn close(&mut self, peer: PeerId) {
         if let Some(slot) = self.slots.remove(&peer) {
             slot.link.close();
             self.closing.push(slot.link);
@@ -372,14 +375,14 @@ impl Links {
         self.held.remove(&peer);
     }
 
-    pub(super) fn close_all(&mut self) {
+    pub(crate) fn close_all(&mut self) {
         self.reset();
         self.closing.clear();
     }
 
     /// Closes every link and forgets every peer: after a rejoin the server
     /// knows this browser by a new id, and the old links' remotes dropped it.
-    pub(super) fn reset(&mut self) {
+    pub(crate) fn reset(&mut self) {
         for (_, slot) in std::mem::take(&mut self.slots) {
             slot.link.close();
             self.closing.push(slot.link);
@@ -393,12 +396,12 @@ impl Links {
     }
 
     /// Drops links closed since the last tick.
-    pub(super) fn reap(&mut self) {
+    pub(crate) fn reap(&mut self) {
         self.closing.clear();
     }
 
     /// Sends one of the core's frames (or defers a WANT while the origin is busy).
-    pub(super) fn transmit(
+    pub(crate) fn transmit(
         &mut self,
         core: &mut Peer<StreamKey>,
         t: Transmit,
@@ -430,7 +433,7 @@ impl Links {
     }
 
     /// Sends the WANTs held back while the origin was busy.
-    pub(super) fn flush_deferred(&mut self, core: &mut Peer<StreamKey>, corrupt: bool) {
+    pub(crate) fn flush_deferred(&mut self, core: &mut Peer<StreamKey>, corrupt: bool) {
         for t in std::mem::take(&mut self.deferred) {
             self.transmit(core, t, corrupt, false);
         }
@@ -438,7 +441,7 @@ impl Links {
 
     /// Reports every open link's send-buffer level to the core, which may then
     /// hand out queued pushes.
-    pub(super) fn report_buffered(&self, core: &mut Peer<StreamKey>) {
+    pub(crate) fn report_buffered(&self, core: &mut Peer<StreamKey>) {
         for (&peer, slot) in &self.slots {
             if slot.open {
                 core.handle_link_buffered(peer, buffered(&slot.link));
@@ -447,8 +450,28 @@ impl Links {
     }
 
     /// Reports send-buffer levels and gives up links that never opened.
-    pub(super) fn tick(&mut self, core: &mut Peer<StreamKey>, now: f64) -> Vec<(PeerId, String)> {
+    pub(crate) fn tick(&mut self, core: &mut Peer<StreamKey>, now: f64) -> Vec<(PeerId, String)> {
         self.report_buffered(core);
+        self.give_up_late(now)
+    }
+
+    /// Sends `bytes` on the open link to `peer` (on-demand frames); a full
+    /// or closed channel drops them, and the remote asks again.
+    pub(crate) fn send(&mut self, peer: PeerId, bytes: Vec<u8>, block: bool) {
+        let Some(slot) = self.slots.get(&peer).filter(|s| s.open) else {
+            return;
+        };
+        if block {
+            self.sent_blocks += 1;
+        } else {
+            self.sent_control += 1;
+        }
+        let _ = slot.link.try_send(bytes);
+    }
+
+    /// Gives up links that are not open [`CONNECT_TIMEOUT_MS`] after they
+    /// were made: the peers and why.
+    pub(crate) fn give_up_late(&mut self, now: f64) -> Vec<(PeerId, String)> {
         let late: Vec<PeerId> = self
             .slots
             .iter()
@@ -464,7 +487,7 @@ impl Links {
     }
 
     /// Failed links whose peer is still listed and whose wait is over.
-    pub(super) fn due_retries(&mut self, listed: &[PeerId], now: f64) -> Vec<(PeerId, bool)> {
+    pub(crate) fn due_retries(&mut self, listed: &[PeerId], now: f64) -> Vec<(PeerId, bool)> {
         self.retry_at.retain(|p, _| listed.contains(p));
         let due: Vec<PeerId> = self
             .retry_at
@@ -502,7 +525,7 @@ mod tests {
     use super::*;
 
     fn links() -> Links {
-        Links::new(Weak::new(), Vec::new())
+        Links::new(Rc::new(|_, _, _| {}), Vec::new())
     }
 
     #[test]

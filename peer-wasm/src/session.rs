@@ -20,14 +20,13 @@
 //! until a new link opens, and playback goes on without a restart. A socket the
 //! server closed for a policy reason (bad blocks, bad messages) is not reopened.
 
-mod links;
 mod origin;
 mod playback;
 mod probe;
 mod startup;
 
 use std::collections::VecDeque;
-use std::rc::Weak;
+use std::rc::{Rc, Weak};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -50,7 +49,7 @@ use crate::timer::{self, Timer};
 use crate::video::{VideoEvent, VideoEvents};
 use crate::ws::{signal_url, SignalSocket, WsEvent, CLOSE_POLICY};
 
-use links::Links;
+use crate::links::{self, Links};
 use origin::Origin;
 use playback::Playback;
 use startup::Mark;
@@ -293,7 +292,15 @@ impl Session {
             join_sent: None,
             heartbeats: VecDeque::new(),
             joined: None,
-            links: Links::new(weak.clone(), opts.ice_servers.clone()),
+            links: Links::new(
+                {
+                    let weak = weak.clone();
+                    Rc::new(move |peer, gen, event| {
+                        deliver(&weak, Input::Link { peer, gen, event })
+                    })
+                },
+                opts.ice_servers.clone(),
+            ),
             origin: Origin::new(weak.clone()),
             play: Playback::new(weak, video),
             core_timer: Timer::new(),

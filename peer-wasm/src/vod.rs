@@ -13,7 +13,14 @@
 //! drops what is in flight and moves the cursor to the keyframe fragment
 //! before the target. The driver is `session::VodSession`, run by the same
 //! run loop (`player::Hub`) as the live player.
+//!
+//! Unless `p2p: false`, the player also joins the swarm of viewers of the
+//! same upload (`p2p`): neighbours trade verified blocks over WebRTC data
+//! channels, and the HTTP transfer stops once the swarm alone keeps up
+//! (the switch-over rule of `clubcast_protocol::vod::swarm`); the origin is
+//! then the backstop for blocks about to be due.
 
+mod p2p;
 pub mod run;
 mod session;
 
@@ -29,6 +36,7 @@ use crate::fetch::FetchError;
 use crate::mse::MseError;
 use crate::player::Hub;
 use crate::playout::InitError;
+use crate::rtc::IceServer;
 
 pub use run::{accept_run, RunError};
 use session::VodSession;
@@ -119,7 +127,7 @@ impl PlayError {
 }
 
 /// The options of a `VodPlayer`, as JSON: `{server?, vod, key?, ahead_s?,
-/// autoplay_muted?}`; unknown fields are ignored (`clubcast.js` passes the
+/// autoplay_muted?, p2p?, ice_servers?}`; unknown fields are ignored (`clubcast.js` passes the
 /// live player's defaults too).
 #[derive(Deserialize)]
 struct RawOptions {
@@ -133,6 +141,10 @@ struct RawOptions {
     ahead_s: Option<f64>,
     #[serde(default)]
     autoplay_muted: Option<bool>,
+    #[serde(default)]
+    p2p: Option<bool>,
+    #[serde(default)]
+    ice_servers: Vec<IceServer>,
 }
 
 /// Checked options of a `VodPlayer`.
@@ -149,6 +161,10 @@ pub struct VodOptions {
     /// If the browser refuses to start with sound, mute and start (else wait
     /// for the user).
     pub autoplay_muted: bool,
+    /// Trade blocks with other viewers of the upload (false: the origin only).
+    pub p2p: bool,
+    /// ICE servers; empty: the server's.
+    pub ice_servers: Vec<IceServer>,
 }
 
 impl VodOptions {
@@ -184,6 +200,8 @@ impl VodOptions {
             key,
             ahead_s,
             autoplay_muted: raw.autoplay_muted.unwrap_or(true),
+            p2p: raw.p2p.unwrap_or(true),
+            ice_servers: raw.ice_servers,
         })
     }
 }

@@ -20,6 +20,15 @@
 //! - `fragments_longer_than_a_run_play_through`: a file ffmpeg encodes (720p
 //!   H.264 high with B-frames at 6 Mbit/s, 4-s fragments, so each fragment
 //!   is several runs of blocks) plays, seeks and ends.
+//! - `a_second_viewer_gets_the_asset_from_the_first_and_stops_http`: viewer
+//!   A plays `demo` (and so holds all of it); viewer B, in another Chromium,
+//!   plays it too. B starts on HTTP, meets A through the server, takes the
+//!   rest of the clip from A over a data channel, and switches over: a
+//!   `source` event says `swarm` (`swarm_keeps_up`), and HTTP then fetches
+//!   only blocks about to be due. B plays to the end with every block once,
+//!   a part of them from A; with `p2p=0` (checked in the same test on a
+//!   third page) every byte comes from the origin. Fails when A sends no
+//!   blocks (checked).
 //! - `the_index_lists_assets_and_the_element_plays_one`: the index links
 //!   `watch.html?vod=demo`, `<clubcast-player vod="demo">` plays, and so does
 //!   the iframe page `/embed/demo?vod`.
@@ -61,7 +70,8 @@ const STATE_JS: &str = "const v = document.getElementById('video');
 
 /// Records the player's events in `window.vodEvents`.
 const RECORD_JS: &str = "window.vodEvents = [];
-    for (const t of ['playing', 'seeked', 'ended', 'error', 'stall', 'resume', 'retry', 'gap'])
+    for (const t of ['playing', 'seeked', 'ended', 'error', 'stall', 'resume', 'retry', 'gap',
+                     'source', 'p2p_joined', 'p2p_error', 'peer_dropped'])
       window.player.on(t, (e) => window.vodEvents.push(Object.assign({type: t}, e)));";
 
 /// A server with the demo source (and so the `demo` asset) that takes
@@ -538,4 +548,86 @@ async fn the_index_lists_assets_and_the_element_plays_one() {
     .await;
     assert!(embedded["stats"]["error"].is_null(), "{embedded}");
     browser.close().await;
+}
+
+/// The `source` events recorded on a page.
+fn source_events(s: &Value) -> Vec<Value> {
+    s["events"]
+        .as_array()
+        .map(|es| {
+            es.iter()
+                .filter(|e| e["type"] == "source")
+                .cloned()
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_viewer_gets_the_asset_from_the_first_and_stops_http() {
+    let server = server().await;
+    let signed = manifest(&server, "demo").await;
+    let m = signed.manifest();
+    let blocks = m.blocks as f64;
+
+    // A alone: everything over HTTP (30 s ahead covers the 16-s clip).
+    let a = Browser::launch().await.expect("browser A");
+    open(&a, &server, "vod=demo").await;
+    wait(&a, "A to hold the whole clip", START_TIMEOUT, |s| {
+        stat(s, "blocks_fetched") == blocks && stat(s, "peer_id").is_finite()
+    })
+    .await;
+
+    let b = Browser::launch().await.expect("browser B");
+    open(&b, &server, "vod=demo").await;
+    let switched = wait(&b, "B to switch to the swarm", START_TIMEOUT, |s| {
+        source_events(s).iter().any(|e| e["mode"] == "swarm")
+    })
+    .await;
+    let first = &source_events(&switched)[0];
+    assert_eq!(first["reason"], "swarm_keeps_up", "{switched}");
+    assert!(
+        first["swarm_bytes"].as_f64().unwrap_or(0.0) > 0.0,
+        "{switched}"
+    );
+    let end = wait(&b, "B to reach the end", STEP_TIMEOUT, |s| {
+        s["ended"] == true && has_event(s, "ended")
+    })
+    .await;
+    assert!(end["stats"]["error"].is_null(), "{end}");
+    // Every block once: from the origin or from A.
+    let from_origin = stat(&end, "blocks_fetched");
+    let from_peers = stat(&end, "blocks_from_peers");
+    assert_eq!(from_origin + from_peers, blocks, "{end}");
+    // How much comes from A depends on how soon the link opens (the origin
+    // streams the 8 s ahead of the playhead until the switch): about 35-50 %
+    // here; a tenth is sure on a loaded machine.
+    assert!(
+        from_peers >= 0.1 * blocks,
+        "A should have sent a part of the clip: {end}"
+    );
+    let a_end = state(&a).await;
+    assert!(
+        stat(&a_end, "blocks_uploaded") >= from_peers,
+        "B's blocks from peers came from A: {a_end}"
+    );
+    eprintln!(
+        "swarm: B took {from_peers} of {blocks} blocks from A; {} B from the origin; \
+         switched at {:.1} s",
+        stat(&end, "bytes_from_origin"),
+        first["current_time"].as_f64().unwrap_or(f64::NAN)
+    );
+
+    // The baseline, on a page of its own: no swarm, every byte from the origin.
+    let c = Browser::launch().await.expect("browser C");
+    open(&c, &server, "vod=demo&p2p=0").await;
+    let c_end = wait(&c, "C to hold the whole clip", START_TIMEOUT, |s| {
+        stat(s, "blocks_fetched") == blocks
+    })
+    .await;
+    assert_eq!(stat(&c_end, "blocks_from_peers"), 0.0, "{c_end}");
+    assert!(source_events(&c_end).is_empty(), "{c_end}");
+    for browser in [a, b, c] {
+        browser.close().await;
+    }
 }

@@ -1,17 +1,17 @@
-//! What one `GET /vod/{name}/blocks` answer becomes: the media bytes of the
-//! blocks asked for, or an error, never a part of them.
+//! What one `GET /vod/{name}/blocks` answer becomes: the verified blocks
+//! asked for, or an error, never a part of them.
 //!
 //! The answer is the encoded blocks back to back. Each must verify under the
 //! asset key, and their seqs must be exactly the run asked for, in order: a
 //! server that sends a genuine block in the wrong place, one too many or too
-//! few, is refused like one that sends a forged block. The payloads of a run
-//! of whole fragments, concatenated, are those fragments' `moof`+`mdat`
-//! boxes, which MSE takes in one append.
+//! few, is refused like one that sends a forged block. The blocks go to the
+//! session's swarm core, which serves them to neighbours and hands the
+//! payloads of whole fragments (their `moof`+`mdat` boxes) to MSE.
 
 use core::ops::Range;
 
 use bytes::Bytes;
-use clubcast_protocol::block::{Block, BlockError, BlockVerifier, StreamKey};
+use clubcast_protocol::block::{Block, BlockError, BlockVerifier, StreamKey, VerifiedBlock};
 
 /// Why a run was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -51,8 +51,12 @@ impl RunError {
 }
 
 /// Checks the answer `body` to a fetch of `asked` against the asset `key`;
-/// the blocks' payloads, concatenated.
-pub fn accept_run(key: &StreamKey, asked: Range<u64>, body: Bytes) -> Result<Vec<u8>, RunError> {
+/// the blocks, verified, in order.
+pub fn accept_run(
+    key: &StreamKey,
+    asked: Range<u64>,
+    body: Bytes,
+) -> Result<Vec<VerifiedBlock>, RunError> {
     let want = usize::try_from(asked.end.saturating_sub(asked.start)).unwrap_or(usize::MAX);
     let blocks = Block::decode_run(body, want).map_err(|source| RunError::Decode {
         asked: asked.clone(),
@@ -70,11 +74,11 @@ pub fn accept_run(key: &StreamKey, asked: Range<u64>, body: Bytes) -> Result<Vec
             asked,
         });
     }
-    let mut media = Vec::with_capacity(blocks.iter().map(|b| b.payload.len()).sum());
-    for block in blocks {
-        let seq = block.header.seq;
-        let verified = key.verify(block).map_err(|_| RunError::Signature { seq })?;
-        media.extend_from_slice(verified.payload());
-    }
-    Ok(media)
+    blocks
+        .into_iter()
+        .map(|block| {
+            let seq = block.header.seq;
+            key.verify(block).map_err(|_| RunError::Signature { seq })
+        })
+        .collect()
 }

@@ -1,8 +1,13 @@
 //! The driver of one `VodPlayer`: fetches, checks and appends, follows the
 //! viewer's seeks, and reports playback.
 //!
-//! Stages: manifest, then init, then runs of blocks. One fetch is in flight
-//! at a time; a new run is asked for only while less than
+//! Stages: manifest, then init, then blocks. Blocks come from two sources,
+//! planned by the [`VodSwarm`] core: the origin over HTTP (runs of
+//! `/blocks`, one in flight at a time) and, unless `p2p: false`, neighbours
+//! watching the same upload ([`super::p2p`]). The core starts on HTTP and
+//! stops the HTTP transfer once the swarm alone keeps up (the switch-over,
+//! a `source` event); the origin then only fills blocks about to be due.
+//! Whole fragments the core holds are appended in order, while less than
 //! [`FETCH_BELOW_QUEUED_BYTES`] wait for the source buffer. A fetch that fails
 //! for the network, a 5xx or a 429 is retried after [`RETRY_MS`], doubling up
 //! to [`MAX_RETRY_MS`], at most [`MAX_RETRIES`] times in a row; a 404 or
@@ -25,18 +30,24 @@ use std::rc::{Rc, Weak};
 use std::time::Duration;
 
 use bytes::Bytes;
-use clubcast_protocol::vod::{SignedManifest, VodCursor};
+use clubcast_protocol::block::StreamKey;
+use clubcast_protocol::signal::PeerId;
+use clubcast_protocol::vod::swarm::{Action, SwarmConfig, VodSwarm};
+use clubcast_protocol::vod::{Manifest, SignedManifest, VodCursor};
 use serde_json::{json, Value};
 use web_sys::HtmlMediaElement;
 
+use super::p2p::P2p;
 use super::{accept_run, PlayError, VodOptions};
 use crate::fetch::{fetch_bytes, Abort, FetchError, Fetched};
 use crate::mse::{MseError, MseEvent, MseSink, MAX_QUEUED_BYTES};
 use crate::player::{deliver, start_playing, Driver, Hub};
 use crate::playout::{self, parse_init, Stalls};
+use crate::rtc::LinkEvent;
 use crate::session::perf_now;
 use crate::timer::Timer;
 use crate::video::{media_error_message, VideoEvent, VideoEvents};
+use crate::ws::WsEvent;
 
 /// Period of the housekeeping tick (fetch planning, stalls, gaps), ms.
 pub const TICK_MS: u64 = 250;
@@ -80,6 +91,15 @@ impl Stage {
     }
 }
 
+/// The swarm core's block store, bytes: at 8 Mbit/s, about a minute of media.
+pub const STORE_BYTES: usize = 64 << 20;
+/// The core plans (a scan of the fetch window) at most this often on
+/// arriving frames, ms; the tick, an origin answer and a seek plan at once.
+/// A neighbour's blocks arrive hundreds a second, and each replan scans
+/// thousands of blocks; with 32 wants per neighbour this still asks for
+/// 640 blocks a second of each.
+pub const PLAN_EVERY_MS: u64 = 50;
+
 /// Everything a callback can report.
 pub(crate) enum Input {
     Manifest(Result<Fetched, FetchError>),
@@ -95,6 +115,18 @@ pub(crate) enum Input {
     PlayRefused,
     Retry(Stage),
     Tick,
+    /// The signaling socket.
+    Ws(WsEvent),
+    /// A neighbour's link.
+    Link {
+        peer: PeerId,
+        gen: u64,
+        event: LinkEvent,
+    },
+    Heartbeat,
+    Reconnect,
+    /// A plan put off by [`PLAN_EVERY_MS`] is due.
+    Plan,
 }
 
 /// The driver state of one `VodPlayer`.
@@ -102,6 +134,8 @@ pub(crate) struct VodSession {
     weak: Weak<Hub<VodSession>>,
     video: HtmlMediaElement,
     opts: VodOptions,
+    /// The server's HTTP base.
+    server: String,
     /// `<server>/vod/<name>`.
     base: String,
     /// `performance.now()` when the player was constructed.
@@ -109,6 +143,14 @@ pub(crate) struct VodSession {
     manifest: Option<SignedManifest>,
     mse: Option<MseSink>,
     cursor: VodCursor,
+    /// The block store and planner, from the manifest on.
+    core: Option<VodSwarm<StreamKey>>,
+    /// The swarm side, from the manifest on unless `p2p: false`.
+    p2p: Option<P2p>,
+    /// When the core last planned ([`PLAN_EVERY_MS`]).
+    planned_ms: u64,
+    /// A plan put off by [`PLAN_EVERY_MS`].
+    plan_timer: Timer,
     /// Seek epoch: results of fetches made in an older one are dropped.
     epoch: u64,
     /// The run being fetched, and its abort handle.
@@ -153,6 +195,31 @@ impl Driver for VodSession {
             Input::PlayRefused => self.on_play_refused(),
             Input::Retry(stage) => self.fetch(stage),
             Input::Tick => self.tick(),
+            Input::Ws(e) => {
+                let now = perf_now();
+                if let (Some(p2p), Some(core)) = (&mut self.p2p, &mut self.core) {
+                    p2p.on_ws(e, core, now);
+                }
+                self.pump();
+            }
+            Input::Link { peer, gen, event } => {
+                let now = perf_now();
+                if let (Some(p2p), Some(core)) = (&mut self.p2p, &mut self.core) {
+                    p2p.on_link(peer, gen, event, core, now);
+                }
+                self.pump_lazily();
+            }
+            Input::Plan => self.pump(),
+            Input::Heartbeat => {
+                if let Some(p2p) = &mut self.p2p {
+                    p2p.on_heartbeat();
+                }
+            }
+            Input::Reconnect => {
+                if let Some(p2p) = &mut self.p2p {
+                    p2p.on_reconnect();
+                }
+            }
         }
     }
 
@@ -161,11 +228,12 @@ impl Driver for VodSession {
     fn stats_json(&self) -> String {
         let now = perf_now();
         let m = self.manifest.as_ref().map(SignedManifest::manifest);
-        json!({
-            "bytes_from_peers": 0,
+        let sw = self.core.as_ref().map(VodSwarm::stats).unwrap_or_default();
+        let mut stats = json!({
+            "bytes_from_peers": sw.bytes_from_peers,
             "bytes_from_origin": self.bytes_from_origin,
-            "bytes_uploaded": 0,
-            "peers": 0,
+            "bytes_uploaded": sw.bytes_uploaded,
+            "peers": sw.peers,
             "clubs": 0,
             "latency_ms": null,
             "edge_latency_ms": null,
@@ -183,6 +251,16 @@ impl Driver for VodSession {
             "init_bytes": self.init_bytes,
             "blocks": m.map(|m| m.blocks),
             "blocks_fetched": self.blocks_fetched,
+            "blocks_from_peers": sw.blocks_from_peers,
+            "blocks_uploaded": sw.blocks_uploaded,
+            "mode": sw.mode.as_str(),
+            "switches": sw.switches,
+            "wants_sent": sw.wants_sent,
+            "wants_timed_out": sw.wants_timed_out,
+            "dont_haves": sw.dont_haves,
+            "duplicates": sw.duplicates,
+            "bad_blocks": sw.bad_blocks,
+            "store_bytes": sw.store_bytes,
             "next_block": self.cursor.next(),
             "origin_fetches": self.runs,
             "origin_failures": self.failures,
@@ -192,10 +270,15 @@ impl Driver for VodSession {
             "ended": self.ended,
             "autoplay": self.autoplay,
             "current_time": self.video.current_time(),
-            "p2p": false,
+            "p2p": self.opts.p2p,
             "error": self.failed,
-        })
-        .to_string()
+        });
+        if let (Some(p2p), Some(obj)) = (&self.p2p, stats.as_object_mut()) {
+            if let Some(more) = p2p.stats().as_object() {
+                obj.extend(more.clone());
+            }
+        }
+        stats.to_string()
     }
 }
 
@@ -227,11 +310,16 @@ impl VodSession {
             weak,
             video,
             opts,
+            server,
             base,
             created_ms: now,
             manifest: None,
             mse: None,
             cursor: VodCursor::new(),
+            core: None,
+            p2p: None,
+            planned_ms: 0,
+            plan_timer: Timer::new(),
             epoch: 0,
             inflight: None,
             held: None,
@@ -280,6 +368,9 @@ impl VodSession {
         self.abort_inflight();
         self.held = None;
         self.retry_timer.cancel();
+        if let Some(p2p) = &mut self.p2p {
+            p2p.close();
+        }
         web_sys::console::warn_1(&format!("clubcast: {e}").into());
         self.emit(json!({"type": "error", "code": code, "message": e.to_string()}));
     }
@@ -321,7 +412,10 @@ impl VodSession {
     fn on_manifest(&mut self, r: Result<Fetched, FetchError>) {
         let fetched = match r {
             Ok(f) => f,
-            Err(e) => return self.fetch_failed(Stage::Manifest, e),
+            Err(e) => {
+                self.fetch_failed(Stage::Manifest, e);
+                return;
+            }
         };
         self.attempts = 0;
         let text = String::from_utf8_lossy(&fetched.bytes);
@@ -341,6 +435,20 @@ impl VodSession {
             "duration_s": m.duration_s(), "blocks": m.blocks, "bytes": m.bytes,
             "fragments": m.fragments.len(),
         }));
+        let cfg = SwarmConfig {
+            max_store_bytes: STORE_BYTES,
+            ..SwarmConfig::default()
+        };
+        self.core = Some(VodSwarm::new(m, m.key, cfg));
+        if self.opts.p2p {
+            self.p2p = Some(P2p::start(
+                self.weak.clone(),
+                &self.server,
+                &self.opts.name,
+                &m.key,
+                self.opts.ice_servers.clone(),
+            ));
+        }
         self.manifest = Some(signed);
         self.fetch(Stage::Init);
     }
@@ -348,7 +456,10 @@ impl VodSession {
     fn on_init(&mut self, r: Result<Fetched, FetchError>) {
         let fetched = match r {
             Ok(f) => f,
-            Err(e) => return self.fetch_failed(Stage::Init, e),
+            Err(e) => {
+                self.fetch_failed(Stage::Init, e);
+                return;
+            }
         };
         self.attempts = 0;
         let Some(signed) = &self.manifest else { return };
@@ -384,33 +495,119 @@ impl VodSession {
         self.pump();
     }
 
-    /// Fetches the next run if one is due and nothing is in flight or held;
-    /// at the end, asks for the end of the stream.
+    /// Appends the whole fragments the core holds, in order, while the
+    /// sink has room; at the end, asks for the end of the stream. Then lets
+    /// the core plan (wants, the origin fetch, the switch-over) and carries
+    /// out what it asks.
     fn pump(&mut self) {
-        if self.failed.is_some() || self.inflight.is_some() || self.held.is_some() {
-            return;
-        }
-        let (Some(signed), Some(mse)) = (&self.manifest, &self.mse) else {
-            return;
-        };
-        let m = signed.manifest();
-        if self.cursor.done(m) {
-            if !self.eos {
-                self.eos = true;
-                if let Err(e) = mse.end_of_stream() {
-                    return self.fail(PlayError::Mse(e));
-                }
-            }
-            return;
-        }
-        if mse.queued_bytes() >= FETCH_BELOW_QUEUED_BYTES {
+        if self.failed.is_some() {
             return;
         }
         let t = self.video.current_time();
-        let Some(run) = self.cursor.next_run(m, t, self.opts.ahead_s) else {
+        while self.held.is_none() {
+            let (Some(signed), Some(mse), Some(core)) = (&self.manifest, &self.mse, &self.core)
+            else {
+                return;
+            };
+            let m = signed.manifest();
+            if self.cursor.done(m) {
+                if !self.eos {
+                    self.eos = true;
+                    if let Err(e) = mse.end_of_stream() {
+                        return self.fail(PlayError::Mse(e));
+                    }
+                }
+                break;
+            }
+            if mse.queued_bytes() >= FETCH_BELOW_QUEUED_BYTES {
+                break;
+            }
+            let Some(run) = self.cursor.next_run(m, t, self.opts.ahead_s) else {
+                break;
+            };
+            let held = core.held_to(run.start, run.end);
+            let Some(run) = held_part(m, run, held) else {
+                break;
+            };
+            let Some(media) = core.payloads(run.clone()) else {
+                break;
+            };
+            self.cursor.fetched(run);
+            self.held = Some(media);
+            self.release();
+        }
+        let Some(core) = &mut self.core else { return };
+        let now = now_ms();
+        self.planned_ms = now;
+        core.tick(now, self.cursor.next(), t, self.opts.ahead_s);
+        self.carry_out();
+    }
+
+    /// [`Self::pump`], unless the core planned less than [`PLAN_EVERY_MS`]
+    /// ago: then only what it asked for since (answers to neighbours).
+    fn pump_lazily(&mut self) {
+        let since = now_ms().saturating_sub(self.planned_ms);
+        if since >= PLAN_EVERY_MS {
+            return self.pump();
+        }
+        self.carry_out();
+        if !self.plan_timer.is_pending() {
+            let weak = self.weak.clone();
+            let wait = Duration::from_millis(PLAN_EVERY_MS - since);
+            let _ = self.plan_timer.set(wait, move || deliver(&weak, Input::Plan));
+        }
+    }
+
+    /// Does what the core asked for.
+    fn carry_out(&mut self) {
+        let Some(core) = &mut self.core else { return };
+        let actions: Vec<Action> = std::iter::from_fn(|| core.poll()).collect();
+        for action in actions {
+            match action {
+                Action::Send { peer, frame } => {
+                    if let Some(p2p) = &mut self.p2p {
+                        p2p.send_frame(peer, &frame);
+                    }
+                }
+                Action::Fetch(run) => self.fetch_run(run),
+                Action::Switch {
+                    mode,
+                    reason,
+                    swarm_bytes,
+                    http_bytes,
+                } => {
+                    web_sys::console::info_1(
+                        &format!(
+                            "clubcast: source {} ({}: {swarm_bytes} B from peers, \
+                             {http_bytes} B from the origin in the window)",
+                            mode.as_str(),
+                            reason.as_str()
+                        )
+                        .into(),
+                    );
+                    self.emit(json!({
+                        "type": "source", "mode": mode.as_str(), "reason": reason.as_str(),
+                        "swarm_bytes": swarm_bytes, "http_bytes": http_bytes,
+                        "current_time": self.video.current_time(),
+                    }));
+                }
+                Action::Drop { peer, reason } => {
+                    if let Some(p2p) = &mut self.p2p {
+                        p2p.drop_peer(peer, reason);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Fetches `run` from the origin.
+    fn fetch_run(&mut self, run: Range<u64>) {
+        let Ok(abort) = Abort::new() else {
+            if let Some(core) = &mut self.core {
+                core.http_failed(run, now_ms() + RETRY_MS);
+            }
             return;
         };
-        let Ok(abort) = Abort::new() else { return };
         let count = run.end - run.start;
         let url = format!("{}/blocks?from={}&count={count}", self.base, run.start);
         // A seek cancels the transfer through the handle kept in `inflight`.
@@ -430,13 +627,23 @@ impl VodSession {
                 },
             );
         });
-        self.inflight = Some((run, abort));
+        if let Some((old, abort)) = self.inflight.replace((run, abort)) {
+            // The core asks for one fetch at a time; should it not, the
+            // older one goes.
+            abort.abort();
+            if let Some(core) = &mut self.core {
+                core.http_failed(old, now_ms());
+            }
+        }
     }
 
     /// Cancels the run in flight, if any.
     fn abort_inflight(&mut self) {
-        if let Some((_, abort)) = self.inflight.take() {
+        if let Some((run, abort)) = self.inflight.take() {
             abort.abort();
+            if let Some(core) = &mut self.core {
+                core.http_failed(run, now_ms());
+            }
         }
     }
 
@@ -451,20 +658,29 @@ impl VodSession {
         self.runs += 1;
         let fetched = match result {
             Ok(f) => f,
-            Err(e) => return self.fetch_failed(Stage::Run, e),
+            Err(e) => {
+                let retry_at = self
+                    .fetch_failed(Stage::Run, e)
+                    .map_or(u64::MAX, |d| now_ms() + d);
+                if let Some(core) = &mut self.core {
+                    core.http_failed(run, retry_at);
+                }
+                return;
+            }
         };
         self.attempts = 0;
-        self.bytes_from_origin += fetched.bytes.len() as u64;
-        let Some(signed) = &self.manifest else { return };
+        let bytes = fetched.bytes.len() as u64;
+        self.bytes_from_origin += bytes;
+        let (Some(signed), Some(core)) = (&self.manifest, &mut self.core) else {
+            return;
+        };
         let key = signed.manifest().key;
-        let media = match accept_run(&key, run.clone(), Bytes::from(fetched.bytes)) {
-            Ok(media) => media,
+        let blocks = match accept_run(&key, run.clone(), Bytes::from(fetched.bytes)) {
+            Ok(blocks) => blocks,
             Err(e) => return self.fail(e.into()),
         };
         self.blocks_fetched += run.end - run.start;
-        self.cursor.fetched(run);
-        self.held = Some(media);
-        self.release();
+        core.http_done(run, blocks, bytes, now_ms());
         self.pump();
     }
 
@@ -502,19 +718,22 @@ impl VodSession {
         self.cursor.seek(signed.manifest(), end);
     }
 
-    /// A fetch of `stage` failed: retried, or the end of the session.
-    fn fetch_failed(&mut self, stage: Stage, e: FetchError) {
+    /// A fetch of `stage` failed: retried (after the wait returned, ms), or
+    /// the end of the session.
+    fn fetch_failed(&mut self, stage: Stage, e: FetchError) -> Option<u64> {
         let what = stage.what();
         let retry_after = match &e {
-            FetchError::Aborted => return,
+            FetchError::Aborted => return Some(0),
             FetchError::Status(404) => {
-                return self.fail(PlayError::UnknownAsset(self.opts.name.clone()));
+                self.fail(PlayError::UnknownAsset(self.opts.name.clone()));
+                return None;
             }
             FetchError::Status(status) if *status < 500 => {
-                return self.fail(PlayError::Http {
+                self.fail(PlayError::Http {
                     what,
                     status: *status,
                 });
+                return None;
             }
             FetchError::RateLimited { retry_after } => *retry_after,
             _ => None,
@@ -523,11 +742,12 @@ impl VodSession {
         self.attempts += 1;
         if self.attempts > MAX_RETRIES {
             let attempts = self.attempts;
-            return self.fail(PlayError::Network {
+            self.fail(PlayError::Network {
                 what,
                 source: e,
                 attempts,
             });
+            return None;
         }
         let delay = retry_after.map_or_else(
             || retry_delay_ms(self.attempts - 1),
@@ -541,6 +761,7 @@ impl VodSession {
         let _ = self.retry_timer.set(Duration::from_millis(delay), move || {
             deliver(&weak, Input::Retry(stage))
         });
+        Some(delay)
     }
 
     fn on_mse(&mut self, e: MseEvent) {
@@ -685,6 +906,9 @@ impl VodSession {
     fn tick(&mut self) {
         self.arm_tick();
         let now = perf_now();
+        if let (Some(p2p), Some(core)) = (&mut self.p2p, &mut self.core) {
+            p2p.tick(core, now);
+        }
         self.release();
         self.pump();
         let Some(mse) = &self.mse else { return };
@@ -741,8 +965,29 @@ impl Drop for VodSession {
     fn drop(&mut self) {
         self.tick_timer.cancel();
         self.retry_timer.cancel();
+        self.plan_timer.cancel();
         self.abort_inflight();
+        if let Some(p2p) = &mut self.p2p {
+            p2p.close();
+        }
     }
+}
+
+/// What of `run` can be appended when the blocks up to `held` are held:
+/// all of it, else its whole fragments that are (`None` if not even the
+/// first is). The blocks arrive out of order from neighbours, and a run
+/// planned as far as its fragments fit would otherwise wait for its last.
+fn held_part(m: &Manifest, run: Range<u64>, held: u64) -> Option<Range<u64>> {
+    if held >= run.end {
+        return Some(run);
+    }
+    let boundary = m.fragments[m.fragment_of(held)].seq;
+    (boundary > run.start).then_some(run.start..boundary)
+}
+
+/// The core's clock: `performance.now()` in whole ms.
+fn now_ms() -> u64 {
+    perf_now().max(0.0) as u64
 }
 
 /// The end of the buffered range that holds `t` (within [`SEEK_SLACK_S`]),
@@ -770,6 +1015,33 @@ mod tests {
         assert_eq!(retry_delay_ms(1), 2 * RETRY_MS);
         assert_eq!(retry_delay_ms(MAX_RETRIES), MAX_RETRY_MS);
         assert_eq!(retry_delay_ms(u32::MAX), MAX_RETRY_MS);
+    }
+
+    #[test]
+    fn only_whole_fragments_held_are_appended() {
+        use clubcast_protocol::vod::VodFragment;
+        let frag = |seq, t| VodFragment {
+            seq,
+            media_time: t,
+            keyframe: true,
+        };
+        let m = Manifest {
+            name: "a".into(),
+            key: clubcast_protocol::block::StreamSigner::from_seed(&[1; 32]).key(),
+            created_ms: 0,
+            init_sha256: [0; 32],
+            init_bytes: 1,
+            timescale: 1,
+            duration: 3,
+            blocks: 30,
+            bytes: 30,
+            fragments: vec![frag(0, 0), frag(10, 1), frag(20, 2)],
+        };
+        assert_eq!(held_part(&m, 0..30, 30), Some(0..30));
+        assert_eq!(held_part(&m, 0..30, 25), Some(0..20));
+        assert_eq!(held_part(&m, 0..30, 10), Some(0..10));
+        assert_eq!(held_part(&m, 0..30, 9), None);
+        assert_eq!(held_part(&m, 10..30, 12), None);
     }
 
     #[test]

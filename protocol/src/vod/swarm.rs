@@ -503,6 +503,18 @@ impl<K: BlockVerifier> VodSwarm<K> {
         run.is_empty() || self.store.range(run.clone()).count() as u64 == run.end - run.start
     }
 
+    /// The end of the blocks held in a row from `from`, at most `end`.
+    pub fn held_to(&self, from: u64, end: u64) -> u64 {
+        let mut next = from;
+        for &seq in self.store.range(from..end).map(|(s, _)| s) {
+            if seq != next {
+                break;
+            }
+            next += 1;
+        }
+        next
+    }
+
     /// The payloads of `run` concatenated, or `None` unless all are held. The
     /// blocks stay stored, to serve neighbours.
     pub fn payloads(&self, run: Range<u64>) -> Option<Vec<u8>> {
@@ -830,13 +842,7 @@ impl<K: BlockVerifier> VodSwarm<K> {
     /// Whether the media held in order from `next_seq` reaches `2 * urgent_s`
     /// past the playhead, or the end of the asset.
     fn buffered_ahead(&self, playhead_s: f64) -> bool {
-        let mut first_missing = self.next_seq;
-        for &seq in self.store.range(self.next_seq..).map(|(s, _)| s) {
-            if seq != first_missing {
-                break;
-            }
-            first_missing += 1;
-        }
+        let first_missing = self.held_to(self.next_seq, self.m.blocks);
         first_missing >= self.m.blocks
             || self.deadline(first_missing, playhead_s) >= 2.0 * self.cfg.urgent_s
     }
@@ -1213,6 +1219,20 @@ mod tests {
         assert_eq!(all.len(), 1);
         assert_eq!(near[0].start, 0);
         assert!(near[0].end < all[0].end, "{near:?} against {all:?}");
+    }
+
+    #[test]
+    fn held_to_is_the_end_of_the_blocks_held_in_a_row() {
+        let m = asset(4, 4);
+        let mut s = swarm(&m, SwarmConfig::default());
+        let blocks: Vec<_> = [0, 1, 2, 5].iter().map(|&q| block(&m, q)).collect();
+        s.tick(0, 0, 0.0, 30.0);
+        let _ = drain(&mut s);
+        s.http_done(0..16, blocks, 1, 0);
+        assert_eq!(s.held_to(0, 16), 3);
+        assert_eq!(s.held_to(0, 2), 2);
+        assert_eq!(s.held_to(3, 16), 3);
+        assert_eq!(s.held_to(5, 16), 6);
     }
 
     #[test]
