@@ -68,7 +68,7 @@ sim *ARGS:
     RUSTFLAGS="{{sim_rustflags}}" cargo run --profile sim -p clubcast-sim -- --compare {{ARGS}}
 
 # All benchmarks; each writes markdown + JSON into bench/results/.
-bench: bench-sim bench-server bench-e2e bench-loss bench-ingest bench-vod
+bench: bench-sim bench-server bench-e2e bench-loss bench-ingest bench-vod bench-vod-swarm
 
 # Simulator scaling sweep (clubs vs baselines, same run); e.g. `just bench-sim --bench-peers 100,1000`.
 bench-sim *ARGS:
@@ -101,6 +101,18 @@ bench-e2e: setup build-web
     # 12 browsers with P2P on, then off, then the same with 6 (labelled rows).
     cargo run -p clubcast-tests --bin bench_e2e -- --browsers 12 --secs 60 --extra 6 \
         --out {{results}} --command "just bench-e2e"
+
+# On-demand viewers, staggered, with P2P on and then off: the origin's egress, same run.
+bench-vod-swarm *ARGS: setup build-web
+    #!/usr/bin/env bash
+    set -euo pipefail
+    export TMPDIR="$(mktemp -d)"
+    trap 'rm -rf "${TMPDIR}"' EXIT
+    mkdir -p {{results}}
+    cargo build --release -p clubcast-server
+    export CLUBCAST_SERVER_BIN="$(realpath {{target_dir}})/release/clubcast-server"
+    cargo run -p clubcast-tests --bin bench_vod_swarm -- --out {{results}} \
+        --command "just bench-vod-swarm" {{ARGS}}
 
 # The seeder's WebRTC link to one headless Chromium through a UDP relay that drops 0, 2, 5 and 10 % of datagrams.
 bench-loss *ARGS: setup build-web
