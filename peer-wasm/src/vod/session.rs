@@ -554,7 +554,9 @@ impl VodSession {
         if !self.plan_timer.is_pending() {
             let weak = self.weak.clone();
             let wait = Duration::from_millis(PLAN_EVERY_MS - since);
-            let _ = self.plan_timer.set(wait, move || deliver(&weak, Input::Plan));
+            let _ = self
+                .plan_timer
+                .set(wait, move || deliver(&weak, Input::Plan));
         }
     }
 

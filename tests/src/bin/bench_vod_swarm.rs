@@ -173,7 +173,10 @@ async fn run_mode(a: &Args, file: &[u8], p2p: bool) -> Value {
     let switch_s: Vec<f64> = rows
         .iter()
         .filter_map(|r| {
-            let first = r["sources"].as_array()?.iter().find(|e| e["mode"] == "swarm")?;
+            let first = r["sources"]
+                .as_array()?
+                .iter()
+                .find(|e| e["mode"] == "swarm")?;
             first["current_time"].as_f64()
         })
         .collect();
