@@ -111,6 +111,16 @@ pub struct IceServer {
     pub credential: Option<String>,
 }
 
+impl From<clubcast_protocol::signal::IceServer> for IceServer {
+    fn from(s: clubcast_protocol::signal::IceServer) -> Self {
+        IceServer {
+            urls: s.urls,
+            username: s.username,
+            credential: s.credential,
+        }
+    }
+}
+
 /// Configuration of a link's `RTCPeerConnection`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RtcConfig {

@@ -701,16 +701,8 @@ impl Session {
                 let now = self.now();
                 peer.handle_welcome(now, &clubs, &links, start, live_edge);
                 if self.opts.ice_servers.is_empty() {
-                    self.links.set_ice_servers(
-                        ice_servers
-                            .into_iter()
-                            .map(|s| IceServer {
-                                urls: s.urls,
-                                username: s.username,
-                                credential: s.credential,
-                            })
-                            .collect(),
-                    );
+                    self.links
+                        .set_ice_servers(ice_servers.into_iter().map(IceServer::from).collect());
                 }
                 if let Some(from) = skipped_from {
                     self.play.skip();

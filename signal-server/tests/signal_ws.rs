@@ -12,22 +12,19 @@ use clubcast_protocol::probe::{MAX_PROBE_BYTES, PROBE_CHUNK_BYTES};
 use clubcast_protocol::signal::{
     ErrorCode, LinkOp, LinkRole, PeerId, ServerMsg, SignalData, MAX_SIGNAL_MESSAGE, SEEDER_PEER_ID,
 };
-use clubcast_server::app::{app, AppState};
+use clubcast_server::app::AppState;
 use clubcast_server::config::Config;
 use clubcast_server::signal::{
     SeederEvent, MAX_OFFENCES, MAX_OFFENCES_IN_A_ROW, MAX_TRANSPORT_MESSAGE, RATE_BURST,
 };
 use clubcast_server::stream::{StoreConfig, Streams};
 use futures_util::{SinkExt, StreamExt};
-use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 use tokio_util::sync::CancellationToken;
+use ws_client::{connect, error_code, listen, recv, send, Ws, WAIT};
 
-type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
-
-const WAIT: Duration = Duration::from_secs(5);
+mod ws_client;
 
 const STORE: StoreConfig = StoreConfig {
     store_seconds: 120,
@@ -56,40 +53,7 @@ fn publish_demo(streams: &Streams) {
 
 async fn serve_streams(cfg: Config, streams: Arc<Streams>) -> (SocketAddr, AppState) {
     let state = AppState::new(cfg, streams, CancellationToken::new());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    let router = app(state.clone());
-    tokio::spawn(async move { axum::serve(listener, router).await });
-    (addr, state)
-}
-
-async fn connect(addr: SocketAddr) -> Ws {
-    let (ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/ws"))
-        .await
-        .expect("connects");
-    ws
-}
-
-async fn send(ws: &mut Ws, text: &str) {
-    ws.send(Message::text(text)).await.expect("send");
-}
-
-/// The next server message; panics on close or timeout.
-async fn recv(ws: &mut Ws) -> ServerMsg {
-    loop {
-        let m = tokio::time::timeout(WAIT, ws.next())
-            .await
-            .expect("a message in time")
-            .expect("socket open")
-            .expect("no transport error");
-        match m {
-            Message::Text(t) => return serde_json::from_str(t.as_str()).expect("valid ServerMsg"),
-            Message::Close(c) => panic!("closed: {c:?}"),
-            _ => continue,
-        }
-    }
+    (listen(&state).await, state)
 }
 
 /// The next message that `f` accepts, skipping others (link changes etc.).
@@ -104,23 +68,7 @@ async fn recv_until(ws: &mut Ws, f: impl Fn(&ServerMsg) -> bool) -> ServerMsg {
 
 /// Reads until the server closes; returns the close code.
 async fn closed(ws: &mut Ws) -> Option<CloseCode> {
-    loop {
-        match tokio::time::timeout(WAIT, ws.next())
-            .await
-            .expect("closes in time")
-        {
-            Some(Ok(Message::Close(c))) => return c.map(|c| c.code),
-            Some(Ok(_)) => continue,
-            Some(Err(_)) | None => return None,
-        }
-    }
-}
-
-async fn error_code(ws: &mut Ws) -> ErrorCode {
-    match recv(ws).await {
-        ServerMsg::Error { code, .. } => code,
-        other => panic!("expected an error, got {other:?}"),
-    }
+    ws_client::closed(ws).await.map(|(code, _)| code)
 }
 
 async fn join(ws: &mut Ws) -> ServerMsg {

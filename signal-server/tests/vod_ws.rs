@@ -9,22 +9,17 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use clubcast_protocol::signal::{ErrorCode, LinkOp, Neighbour, PeerId, ServerMsg, SignalData};
-use clubcast_server::app::{app, AppState};
+use clubcast_server::app::AppState;
 use clubcast_server::config::Config;
 use clubcast_server::demo::CLIP;
 use clubcast_server::signal::MAX_OFFENCES_IN_A_ROW;
 use clubcast_server::stream::{StoreConfig, Streams};
 use clubcast_server::vod::VodError;
-use futures_util::{SinkExt, StreamExt};
-use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 use tokio_util::sync::CancellationToken;
+use ws_client::{closed, connect, error_code, listen, recv, send, Ws};
 
-type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
-
-const WAIT: Duration = Duration::from_secs(5);
+mod ws_client;
 
 /// A server with the built-in `demo` asset, its data dir a fresh temp dir
 /// named after `tag`.
@@ -45,13 +40,7 @@ async fn serve(tag: &str, cfg: Config) -> (SocketAddr, AppState, PathBuf) {
     let state = AppState::new(cfg, streams, CancellationToken::new());
     // As `main` opens the library at start.
     state.open_vod();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    let router = app(state.clone());
-    tokio::spawn(async move { axum::serve(listener, router).await });
-    (addr, state, dir)
+    (listen(&state).await, state, dir)
 }
 
 /// The key id of the asset `name` now.
@@ -63,54 +52,6 @@ fn key_of(state: &AppState, name: &str) -> String {
         .manifest()
         .key
         .to_id()
-}
-
-async fn connect(addr: SocketAddr) -> Ws {
-    let (ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/ws"))
-        .await
-        .expect("connects");
-    ws
-}
-
-async fn send(ws: &mut Ws, text: &str) {
-    ws.send(Message::text(text)).await.expect("send");
-}
-
-/// The next server message; panics on close or timeout.
-async fn recv(ws: &mut Ws) -> ServerMsg {
-    loop {
-        let m = tokio::time::timeout(WAIT, ws.next())
-            .await
-            .expect("a message in time")
-            .expect("socket open")
-            .expect("no transport error");
-        match m {
-            Message::Text(t) => return serde_json::from_str(t.as_str()).expect("valid ServerMsg"),
-            Message::Close(c) => panic!("closed: {c:?}"),
-            _ => continue,
-        }
-    }
-}
-
-/// Reads until the server closes; returns the close code and reason.
-async fn closed(ws: &mut Ws) -> Option<(CloseCode, String)> {
-    loop {
-        match tokio::time::timeout(WAIT, ws.next())
-            .await
-            .expect("closes in time")
-        {
-            Some(Ok(Message::Close(c))) => return c.map(|c| (c.code, c.reason.to_string())),
-            Some(Ok(_)) => continue,
-            Some(Err(_)) | None => return None,
-        }
-    }
-}
-
-async fn error_code(ws: &mut Ws) -> ErrorCode {
-    match recv(ws).await {
-        ServerMsg::Error { code, .. } => code,
-        other => panic!("expected an error, got {other:?}"),
-    }
 }
 
 async fn join_vod(ws: &mut Ws, asset: &str, key: &str) -> ServerMsg {

@@ -239,16 +239,8 @@ impl P2p {
                 self.heartbeat_ms = heartbeat_ms;
                 self.arm_heartbeat();
                 if !self.own_ice {
-                    self.links.set_ice_servers(
-                        ice_servers
-                            .into_iter()
-                            .map(|s| IceServer {
-                                urls: s.urls,
-                                username: s.username,
-                                credential: s.credential,
-                            })
-                            .collect(),
-                    );
+                    self.links
+                        .set_ice_servers(ice_servers.into_iter().map(IceServer::from).collect());
                 }
                 self.emit(json!({
                     "type": "p2p_joined", "peer_id": peer_id, "neighbours": neighbours.len(),

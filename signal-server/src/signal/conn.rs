@@ -473,6 +473,31 @@ impl Conn {
         }
     }
 
+    /// A second join, of either kind: an offence.
+    fn already_joined(&mut self) -> Step {
+        self.error(ErrorCode::NotJoined, "already joined".into(), true)
+    }
+
+    /// The outcome of a relay: a refusal is answered, not an offence.
+    fn relayed(&mut self, r: Result<(), SignalError>) -> Step {
+        self.offences.good();
+        match r {
+            Ok(()) => Step::default(),
+            Err(e) => self.error(wire_code(&e), e.to_string(), false),
+        }
+    }
+
+    /// The answer to a heartbeat (`live_edge` 0 on demand).
+    fn pong(&mut self, live_edge: u64) -> Step {
+        let pong = ServerMsg::Pong {
+            v: SIGNAL_VERSION,
+            server_time_ms: unix_ms(),
+            live_edge,
+        };
+        self.offences.good();
+        Step::reply(to_json(&pong))
+    }
+
     /// A message of a peer in a live stream's swarm.
     fn handle_live(&mut self, msg: ClientMsg) -> Step {
         let hub = self.hub.clone();
@@ -480,26 +505,14 @@ impl Conn {
             return Step::default();
         };
         match msg {
-            ClientMsg::Join { .. } | ClientMsg::JoinVod { .. } => {
-                return self.error(ErrorCode::NotJoined, "already joined".into(), true);
-            }
+            ClientMsg::Join { .. } | ClientMsg::JoinVod { .. } => return self.already_joined(),
             ClientMsg::Signal { to, data, .. } => {
-                if let Err(e) = hub.relay(session, to, data) {
-                    self.offences.good();
-                    return self.error(wire_code(&e), e.to_string(), false);
-                }
+                let relayed = hub.relay(session, to, data);
+                return self.relayed(relayed);
             }
-            ClientMsg::Heartbeat { .. } => {
-                let pong = ServerMsg::Pong {
-                    v: SIGNAL_VERSION,
-                    server_time_ms: unix_ms(),
-                    // Not through the swarm lock: a join holds it for
-                    // milliseconds in a large swarm, and every peer heartbeats.
-                    live_edge: session.stream.edge_seq(),
-                };
-                self.offences.good();
-                return Step::reply(to_json(&pong));
-            }
+            // Not through the swarm lock: a join holds it for milliseconds
+            // in a large swarm, and every peer heartbeats.
+            ClientMsg::Heartbeat { .. } => return self.pong(session.stream.edge_seq()),
             ClientMsg::Bid { bits, late, up, .. } => {
                 hub.metrics().bid();
                 hub.grants().handle_bid(session.peer, bits);
@@ -523,24 +536,12 @@ impl Conn {
             return Step::default();
         };
         match msg {
-            ClientMsg::Join { .. } | ClientMsg::JoinVod { .. } => {
-                return self.error(ErrorCode::NotJoined, "already joined".into(), true);
-            }
+            ClientMsg::Join { .. } | ClientMsg::JoinVod { .. } => return self.already_joined(),
             ClientMsg::Signal { to, data, .. } => {
-                if let Err(e) = hub.vod_relay(session, to, data) {
-                    self.offences.good();
-                    return self.error(wire_code(&e), e.to_string(), false);
-                }
+                let relayed = hub.vod_relay(session, to, data);
+                return self.relayed(relayed);
             }
-            ClientMsg::Heartbeat { .. } => {
-                let pong = ServerMsg::Pong {
-                    v: SIGNAL_VERSION,
-                    server_time_ms: unix_ms(),
-                    live_edge: 0,
-                };
-                self.offences.good();
-                return Step::reply(to_json(&pong));
-            }
+            ClientMsg::Heartbeat { .. } => return self.pong(0),
             ClientMsg::Bid { .. } | ClientMsg::SlowSource { .. } => {
                 let ty = type_of(&msg);
                 return self.error(
