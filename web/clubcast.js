@@ -59,7 +59,8 @@
 //   "p2p_error" the swarm side ended (the origin goes on) ({code, message})
 //   "error"   something failed; fetching stops, what is buffered still plays
 //                       ({message, code}); codes: "bad_options", "unknown_asset"
-//                       (404), "wrong_key" (the asset is not signed by the
+//                       (404), "asset_replaced" (uploaded again while it
+//                       played: its blocks are another upload's), "wrong_key" (the asset is not signed by the
 //                       pinned key), "bad_manifest", "bad_signature" (of the
 //                       manifest), "bad_init", "bad_block" (a block fails its
 //                       signature or is not the one asked for: never played),

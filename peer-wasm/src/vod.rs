@@ -78,6 +78,10 @@ pub enum PlayError {
     /// The server has no asset of that name (404).
     #[error("no on-demand asset {0:?} on this server")]
     UnknownAsset(String),
+    /// The asset was replaced while it played (409 `asset_replaced`): its
+    /// blocks are now another upload's, under another key.
+    #[error("on-demand asset {0:?} was replaced on the server while it played; play it again to get the new upload")]
+    Replaced(String),
     /// The server refused a request (a 4xx other than 404 and 429).
     #[error("{what}: HTTP {status}")]
     Http {
@@ -117,6 +121,7 @@ impl PlayError {
             PlayError::Init(_) => "bad_init",
             PlayError::Run(e) => e.code(),
             PlayError::UnknownAsset(_) => "unknown_asset",
+            PlayError::Replaced(_) => "asset_replaced",
             PlayError::Http { .. } => "http",
             PlayError::Network { .. } => "network",
             PlayError::NoMediaSource => "no_mse",

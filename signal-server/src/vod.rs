@@ -148,6 +148,12 @@ pub enum VodError {
     /// A run's query is not `from=<seq>[&count=<n>]`, n ≥ 1.
     #[error("a run is asked as ?from=<seq>&count=<n> with decimal integers, n >= 1")]
     BadRun,
+    /// The run names (`?key=`) another upload than the asset's current one:
+    /// it was replaced while a viewer played it.
+    #[error(
+        "asset {0:?} was replaced: its blocks are another upload's now; load its manifest again"
+    )]
+    Replaced(String),
     /// The run starts past the asset's last block.
     #[error("block {from} is past the asset's end ({blocks} blocks)")]
     OutOfRange {
@@ -195,6 +201,7 @@ impl VodError {
             VodError::Media(_) => "malformed_mp4",
             VodError::SecondInit | VodError::NoFragments | VodError::Manifest(_) => "bad_media",
             VodError::BadRun => "bad_run",
+            VodError::Replaced(_) => "asset_replaced",
             VodError::OutOfRange { .. } => "out_of_range",
             VodError::Body(_) => "body_error",
             VodError::Idle => "idle_timeout",
@@ -207,7 +214,10 @@ impl VodError {
         match self {
             VodError::Unauthorized => StatusCode::UNAUTHORIZED,
             VodError::UnknownAsset(_) => StatusCode::NOT_FOUND,
-            VodError::Exists(_) | VodError::Busy(_) | VodError::Builtin(_) => StatusCode::CONFLICT,
+            VodError::Exists(_)
+            | VodError::Busy(_)
+            | VodError::Builtin(_)
+            | VodError::Replaced(_) => StatusCode::CONFLICT,
             VodError::Full(_) => StatusCode::INSUFFICIENT_STORAGE,
             VodError::TooManyUploads(_) => StatusCode::SERVICE_UNAVAILABLE,
             VodError::TooLarge(_)
@@ -423,7 +433,10 @@ async fn serve_run(
     headers: &HeaderMap,
 ) -> Result<Response, VodError> {
     let asset = find(state, name)?;
-    let (from, count) = run_query(query)?;
+    let (from, count, key) = run_query(query)?;
+    if key.is_some_and(|k| k != asset.manifest().key.to_id()) {
+        return Err(VodError::Replaced(name.to_owned()));
+    }
     let run = asset.run(from, count)?;
     let n = run.seqs.end - run.seqs.start;
     let tag = etag(&asset, &format!("{from}-{n}"));
@@ -449,10 +462,11 @@ async fn serve_run(
     Ok(r)
 }
 
-/// `from` and `count` of a run's query string; `count` defaults to, and is
-/// capped at, [`MAX_RUN_BLOCKS`]. Unknown keys are ignored.
-fn run_query(query: Option<&str>) -> Result<(u64, u64), VodError> {
-    let (mut from, mut count) = (None, MAX_RUN_BLOCKS);
+/// `from`, `count` and `key` of a run's query string; `count` defaults to,
+/// and is capped at, [`MAX_RUN_BLOCKS`]; `key` (the upload the player
+/// verified the manifest of) is optional. Unknown keys are ignored.
+fn run_query(query: Option<&str>) -> Result<(u64, u64, Option<&str>), VodError> {
+    let (mut from, mut count, mut key) = (None, MAX_RUN_BLOCKS, None);
     for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
         let (k, v) = pair.split_once('=').ok_or(VodError::BadRun)?;
         match k {
@@ -464,10 +478,11 @@ fn run_query(query: Option<&str>) -> Result<(u64, u64), VodError> {
                 }
                 count = n.min(MAX_RUN_BLOCKS);
             }
+            "key" => key = Some(v),
             _ => {}
         }
     }
-    Ok((from.ok_or(VodError::BadRun)?, count))
+    Ok((from.ok_or(VodError::BadRun)?, count, key))
 }
 
 /// The `ETag` of one of `asset`'s answers: its key (a replace changes it)

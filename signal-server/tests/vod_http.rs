@@ -200,7 +200,7 @@ async fn uploads_need_the_publish_token() {
 }
 
 #[tokio::test]
-async fn an_existing_name_takes_replace_true() {
+async fn an_existing_name_takes_replace_true_and_runs_of_the_old_upload_are_refused() {
     let (app, state, dir) = server("replace", Config::default());
     let first = upload(&app, "/vod/talk", CLIP).await.json();
     let r = upload(&app, "/vod/talk", CLIP).await;
@@ -227,6 +227,22 @@ async fn an_existing_name_takes_replace_true() {
         second["key"].as_str()
     );
     assert_eq!(state.metrics.vod_uploads("replaced"), 1);
+    // A player that names the upload it verified learns of the replace.
+    let (old_key, new_key) = (first["key"].as_str(), second["key"].as_str());
+    let (old_key, new_key) = (old_key.expect("a key"), new_key.expect("a key"));
+    let r = get(
+        &app,
+        &format!("/vod/talk/blocks?from=0&count=2&key={old_key}"),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::CONFLICT);
+    assert_eq!(r.code(), "asset_replaced");
+    let r = get(
+        &app,
+        &format!("/vod/talk/blocks?from=0&count=2&key={new_key}"),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK);
     let r = upload(&app, "/vod/talk?replace=maybe", CLIP).await;
     assert_eq!(r.status, StatusCode::BAD_REQUEST);
     assert_eq!(r.code(), "bad_query");

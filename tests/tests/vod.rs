@@ -16,7 +16,8 @@
 //!   disk: the player plays what verified, reports `bad_block` and never
 //!   buffers the bad fragment (nor anything after it); a pinned key that is
 //!   not the asset's gives `wrong_key` and fetches nothing; an unknown name
-//!   gives `unknown_asset`.
+//!   gives `unknown_asset`; an asset uploaded again while it plays (2 s
+//!   ahead) gives `asset_replaced` at the next run.
 //! - `fragments_longer_than_a_run_play_through`: a file ffmpeg encodes (720p
 //!   H.264 high with B-frames at 6 Mbit/s, 4-s fragments, so each fragment
 //!   is several runs of blocks) plays, seeks and ends.
@@ -84,16 +85,22 @@ async fn server() -> Server {
     Server::start(opts).await.expect("server starts")
 }
 
-/// `PUT /vod/<name>` of the demo clip; the summary.
-async fn upload_demo_clip(server: &Server, name: &str) -> Value {
+/// The demo clip's file.
+fn clip_bytes() -> Vec<u8> {
     let file = workspace_dir().join("signal-server/assets/demo.mp4");
-    let bytes = std::fs::read(&file).expect("the demo clip is in the repository");
-    upload(server, name, &bytes).await
+    std::fs::read(&file).expect("the demo clip is in the repository")
 }
 
-/// `PUT /vod/<name>` of `bytes`, which must be taken; the summary.
+/// `PUT /vod/<name>` of the demo clip; the summary.
+async fn upload_demo_clip(server: &Server, name: &str) -> Value {
+    upload(server, name, &clip_bytes()).await
+}
+
+/// `PUT /vod/<name>` of `bytes` (`name` may carry `?replace=true`), which
+/// must be taken; the summary.
 async fn upload(server: &Server, name: &str, bytes: &[u8]) -> Value {
-    let path = format!("/vod/{name}?token={TOKEN}");
+    let sep = if name.contains('?') { '&' } else { '?' };
+    let path = format!("/vod/{name}{sep}token={TOKEN}");
     let (status, body) = http_request(server.addr(), "PUT", &path, bytes)
         .await
         .expect("upload");
@@ -488,6 +495,28 @@ async fn bad_assets_play_nothing_unverified() {
     })
     .await;
     assert_eq!(s["stats"]["error"], "unknown_asset", "{s}");
+
+    // Replaced while it plays, 2 s ahead: the next run is refused with
+    // `asset_replaced`, not taken for blocks that do not verify.
+    open(&browser, &server, "vod=clip&ahead_s=2").await;
+    wait(&browser, "a first frame", START_TIMEOUT, |s| {
+        stat(s, "startup_ms").is_finite()
+    })
+    .await;
+    let before = state(&browser).await;
+    let again = upload(&server, "clip?replace=true", &clip_bytes()).await;
+    assert_ne!(again["key"], before["stats"]["key"], "{again}");
+    let s = wait(&browser, "asset_replaced", STEP_TIMEOUT, |s| {
+        s["stats"]["error"].is_string()
+    })
+    .await;
+    assert_eq!(s["stats"]["error"], "asset_replaced", "{s}");
+    assert!(
+        s["events"]
+            .as_array()
+            .is_some_and(|es| es.iter().any(|e| e["code"] == "asset_replaced")),
+        "{s}"
+    );
     browser.close().await;
 }
 

@@ -604,14 +604,20 @@ impl VodSession {
 
     /// Fetches `run` from the origin.
     fn fetch_run(&mut self, run: Range<u64>) {
-        let Ok(abort) = Abort::new() else {
+        let key = self.manifest.as_ref().map(|m| m.manifest().key.to_id());
+        let (Ok(abort), Some(key)) = (Abort::new(), key) else {
             if let Some(core) = &mut self.core {
                 core.http_failed(run, now_ms() + RETRY_MS);
             }
             return;
         };
         let count = run.end - run.start;
-        let url = format!("{}/blocks?from={}&count={count}", self.base, run.start);
+        // The upload it verified: a replaced asset answers 409, not blocks
+        // under another key.
+        let url = format!(
+            "{}/blocks?from={}&count={count}&key={key}",
+            self.base, run.start
+        );
         // A seek cancels the transfer through the handle kept in `inflight`.
         let abort = Rc::new(abort);
         let mine = Rc::clone(&abort);
@@ -728,6 +734,10 @@ impl VodSession {
             FetchError::Aborted => return Some(0),
             FetchError::Status(404) => {
                 self.fail(PlayError::UnknownAsset(self.opts.name.clone()));
+                return None;
+            }
+            FetchError::Status(409) if stage == Stage::Run => {
+                self.fail(PlayError::Replaced(self.opts.name.clone()));
                 return None;
             }
             FetchError::Status(status) if *status < 500 => {
