@@ -397,8 +397,10 @@ fn hex_array<const N: usize>(text: &str) -> Option<[u8; N]> {
         .ok()
 }
 
-/// Which blocks a player fetches next: whole fragments from the one it is at,
+/// Which blocks a player appends next: whole fragments from the one it is at,
 /// as far as `ahead_s` past the playhead, in runs of at most [`MAX_RUN_BLOCKS`].
+/// (Where the blocks come from, the origin or neighbours, is
+/// [`swarm::VodSwarm`]'s plan; the cursor keeps the order they are played in.)
 ///
 /// A fragment of more than [`MAX_RUN_BLOCKS`] blocks takes several runs; every
 /// other run ends on a fragment boundary, so the player can append what a run

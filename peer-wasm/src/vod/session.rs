@@ -171,9 +171,7 @@ pub(crate) struct VodSession {
     stalls: Stalls,
     buffer_ms: f64,
     autoplay: Option<&'static str>,
-    bytes_from_origin: u64,
     init_bytes: u64,
-    blocks_fetched: u64,
     runs: u64,
     failures: u64,
     seeks: u64,
@@ -231,7 +229,8 @@ impl Driver for VodSession {
         let sw = self.core.as_ref().map(VodSwarm::stats).unwrap_or_default();
         let mut stats = json!({
             "bytes_from_peers": sw.bytes_from_peers,
-            "bytes_from_origin": self.bytes_from_origin,
+            // The init segment and the runs that verified (the core counts those).
+            "bytes_from_origin": self.init_bytes + sw.bytes_from_origin,
             "bytes_uploaded": sw.bytes_uploaded,
             "peers": sw.peers,
             "clubs": 0,
@@ -250,7 +249,7 @@ impl Driver for VodSession {
             "asset_bytes": m.map(|m| m.bytes),
             "init_bytes": self.init_bytes,
             "blocks": m.map(|m| m.blocks),
-            "blocks_fetched": self.blocks_fetched,
+            "blocks_fetched": sw.blocks_from_origin,
             "blocks_from_peers": sw.blocks_from_peers,
             "blocks_uploaded": sw.blocks_uploaded,
             "mode": sw.mode.as_str(),
@@ -336,9 +335,7 @@ impl VodSession {
             stalls: Stalls::default(),
             buffer_ms: 0.0,
             autoplay: None,
-            bytes_from_origin: 0,
             init_bytes: 0,
-            blocks_fetched: 0,
             runs: 0,
             failures: 0,
             seeks: 0,
@@ -480,7 +477,6 @@ impl VodSession {
             Err(e) => return self.fail(PlayError::Mse(e)),
         };
         self.init_bytes = fetched.bytes.len() as u64;
-        self.bytes_from_origin += self.init_bytes;
         // The whole asset's length, so that a seek past what is buffered
         // goes there rather than to the end of the buffer.
         let end = signed.manifest().start_s() + signed.manifest().duration_s();
@@ -678,7 +674,6 @@ impl VodSession {
         };
         self.attempts = 0;
         let bytes = fetched.bytes.len() as u64;
-        self.bytes_from_origin += bytes;
         let (Some(signed), Some(core)) = (&self.manifest, &mut self.core) else {
             return;
         };
@@ -687,7 +682,6 @@ impl VodSession {
             Ok(blocks) => blocks,
             Err(e) => return self.fail(e.into()),
         };
-        self.blocks_fetched += run.end - run.start;
         core.http_done(run, blocks, bytes, now_ms());
         self.pump();
     }
