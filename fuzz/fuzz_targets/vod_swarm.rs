@@ -1,11 +1,12 @@
 //! The on-demand swarm core against hostile neighbours and a flaky origin.
 //! The bytes are a script of operations: links opening and closing, any
 //! frame from any neighbour (blocks genuine, forged, altered or past the
-//! asset), origin answers and failures, and ticks at moving playheads. After
-//! every step: the core never holds a block that is not the asset's own, its
-//! store stays under its bound, it asks the origin for at most one run at a
-//! time, within the asset and the run cap, and every frame it sends goes to
-//! a neighbour it has.
+//! asset), origin answers (whole or cut at a grant), failures, refusals and
+//! grants, and ticks at moving playheads. After every step: the core never
+//! holds a block that is not the asset's own, its store stays under its
+//! bound, it asks the origin for at most one run at a time, within the asset
+//! and the run cap, every frame it sends goes to a neighbour it has, and its
+//! bid is at most the whole asset.
 #![no_main]
 use std::collections::BTreeSet;
 use std::sync::OnceLock;
@@ -137,12 +138,19 @@ fuzz_target!(|data: &[u8]| {
             2..=4 => core.handle_frame(peer, frame(a, s ^ x, seq, x), now),
             5 => {
                 if let Some(run) = fetching.take() {
-                    if x & 1 == 0 {
-                        let blocks = a.good[run.start as usize..run.end as usize].to_vec();
-                        core.http_done(run, blocks, 1, now);
-                    } else {
-                        core.http_failed(run, now + u64::from(s));
+                    // Whole, cut at a grant, failed, or refused for want of one.
+                    let cut = run.start + 1 + u64::from(s) % (run.end - run.start);
+                    match x % 4 {
+                        0 | 1 => {
+                            let end = if x % 4 == 0 { run.end } else { cut };
+                            let blocks = a.good[run.start as usize..end as usize].to_vec();
+                            core.http_done(run, blocks, 1, now);
+                        }
+                        2 => core.http_failed(run, now + u64::from(s)),
+                        _ => core.http_refused(run, now + u64::from(s)),
                     }
+                } else {
+                    core.grant(u64::from(s) * u64::from(x));
                 }
             }
             _ => {
@@ -176,6 +184,9 @@ fuzz_target!(|data: &[u8]| {
             st.store_bytes
         );
         assert_eq!(st.peers, peers.len());
+        // A bid is at most the whole asset.
+        let whole = a.m.bytes.div_ceil(BLOCKS) * BLOCKS * 8;
+        assert!(core.bid(u32::from(s) * 100) <= whole);
     }
     // What the core holds is the asset's own, byte for byte.
     for q in 0..BLOCKS {

@@ -253,7 +253,9 @@ pub enum ClientMsg {
         /// Protocol version.
         v: u32,
     },
-    /// Bits wanted from the origin in the next interval.
+    /// Bits wanted from the origin in the next interval: a live peer's gap
+    /// fill, or an on-demand viewer's runs (when its welcome carried a
+    /// `grant_token`; `late` and `up` are then 0).
     Bid {
         /// Protocol version.
         v: u32,
@@ -312,6 +314,10 @@ fn is_true(b: &bool) -> bool {
 }
 
 fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
+fn is_zero_u32(n: &u32) -> bool {
     *n == 0
 }
 
@@ -470,6 +476,16 @@ pub enum ServerMsg {
         ice_servers: Vec<IceServer>,
         /// How often to send heartbeats, ms.
         heartbeat_ms: u32,
+        /// Secret the viewer sends as `Authorization: Bearer` on its origin
+        /// runs (`/vod/{name}/blocks`), which then count against its grant;
+        /// absent when the server does not meter on-demand runs
+        /// (`--vod-budget-kbps 0`), and then there is nothing to bid for.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        grant_token: Option<String>,
+        /// Length of a bid interval, ms: with a `grant_token`, bid this often
+        /// ([`ClientMsg::Bid`], answered by [`ServerMsg::Grant`]).
+        #[serde(default, skip_serializing_if = "is_zero_u32")]
+        bid_interval_ms: u32,
     },
     /// An on-demand neighbour was added (connect) or removed (close).
     Neighbour {
@@ -671,6 +687,37 @@ mod tests {
         );
         assert_eq!(serde_json::from_str::<ServerMsg>(&s).expect("parses"), m);
         assert_eq!(ErrorCode::UnknownAsset.as_str(), "unknown_asset");
+        // Without metering the welcome names no token and no interval.
+        let welcome = |grant_token: Option<String>, bid_interval_ms| ServerMsg::VodWelcome {
+            v: 1,
+            peer_id: 2,
+            asset: "a".into(),
+            key: "k".into(),
+            neighbours: Vec::new(),
+            ice_servers: Vec::new(),
+            heartbeat_ms: 5000,
+            grant_token,
+            bid_interval_ms,
+        };
+        let plain = r#"{"type":"vod_welcome","v":1,"peer_id":2,"asset":"a","key":"k","neighbours":[],"ice_servers":[],"heartbeat_ms":5000}"#;
+        assert_eq!(
+            serde_json::to_string(&welcome(None, 0)).expect("serializes"),
+            plain
+        );
+        assert_eq!(
+            serde_json::from_str::<ServerMsg>(plain).expect("parses"),
+            welcome(None, 0)
+        );
+        let metered = welcome(Some("t".into()), 1000);
+        let s = serde_json::to_string(&metered).expect("serializes");
+        assert!(
+            s.ends_with(r#""grant_token":"t","bid_interval_ms":1000}"#),
+            "{s}"
+        );
+        assert_eq!(
+            serde_json::from_str::<ServerMsg>(&s).expect("parses"),
+            metered
+        );
     }
 
     #[test]

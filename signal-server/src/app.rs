@@ -36,8 +36,11 @@ pub struct AppState {
     pub streams: Arc<Streams>,
     /// Server metrics.
     pub metrics: Arc<Metrics>,
-    /// The origin grant ledger.
+    /// The grant ledger of live gap fill (`/streams/…/blocks`).
     pub grants: Arc<Grants>,
+    /// The grant ledger of on-demand runs (`/vod/{name}/blocks`), a budget
+    /// of its own; `None` when they are not metered (`--vod-budget-kbps 0`).
+    pub vod_grants: Option<Arc<Grants>>,
     /// Signaling.
     pub hub: Hub,
     /// Slots for block requests that wait for their block (`Prefer: wait`).
@@ -65,6 +68,18 @@ impl AppState {
             )
             .with_unit_bits(config.block_unit_bits()),
         );
+        // Granted in whole on-demand blocks (with their overhead), as live is.
+        let vod_grants = config.vod_budget_bits_per_interval().map(|bits| {
+            Arc::new(
+                Grants::new(
+                    bits,
+                    config.anonymous_budget_percent,
+                    config.bid_interval(),
+                    Instant::now(),
+                )
+                .with_unit_bits(config.block_unit_bits()),
+            )
+        });
         let vod = Arc::new(crate::vod::VodLibrary::new(
             config.data_dir.join("vod"),
             config.vod_limits(),
@@ -74,6 +89,7 @@ impl AppState {
             streams.clone(),
             metrics.clone(),
             grants.clone(),
+            vod_grants.clone(),
             vod.clone(),
             shutdown.clone(),
         );
@@ -87,6 +103,7 @@ impl AppState {
             streams,
             metrics,
             grants,
+            vod_grants,
             hub,
             origin_waiters: Arc::new(tokio::sync::Semaphore::new(
                 crate::origin::MAX_WAITING_REQUESTS,
@@ -151,14 +168,16 @@ pub fn app(state: AppState) -> Router {
     // script and the wasm fetch from another origin are CORS requests, refused
     // without this (`<script type="module" src=".../clubcast-player.js">`
     // on an embedding page). Public files, read-only: any origin may read them.
-    // Players on other sites fetch on-demand assets too; uploads and deletes
-    // (with the publish token) are not for browsers on other sites.
+    // Players on other sites fetch on-demand assets too, their runs with a
+    // grant token (`Authorization`); uploads and deletes (with the publish
+    // token) are not for browsers on other sites.
     let vod_cors = CorsLayer::new()
         .allow_origin(Any)
         .allow_methods([Method::GET, Method::HEAD])
-        .allow_headers([header::IF_NONE_MATCH])
+        .allow_headers([header::AUTHORIZATION, header::IF_NONE_MATCH])
         .expose_headers([
             header::ETAG,
+            header::RETRY_AFTER,
             header::HeaderName::from_static(crate::vod::RUN_BLOCKS_HEADER),
         ]);
     let assets = CorsLayer::new()

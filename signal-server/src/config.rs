@@ -17,6 +17,10 @@ use clubcast_protocol::signal::IceServer;
 pub const MAX_ICE_SERVERS: usize = 8;
 /// Largest `--vod-max-bytes`: 1 TiB.
 pub const MAX_VOD_BYTES: u64 = 1 << 40;
+/// Largest `--vod-budget-kbps`: 100 Gbit/s.
+pub const MAX_VOD_BUDGET_KBPS: u64 = 100_000_000;
+/// Default `--vod-budget-kbps`: 1 Gbit/s.
+pub const DEFAULT_VOD_BUDGET_KBPS: u64 = 1_000_000;
 
 /// Errors of option validation.
 #[derive(Debug, thiserror::Error)]
@@ -97,8 +101,18 @@ pub struct Config {
     #[arg(long, env = "CLUBCAST_ORIGIN_BUDGET_KBPS", default_value_t = 100_000)]
     pub origin_budget_kbps: u64,
 
-    /// Percent of the origin budget kept for requests without a grant token
-    /// (plain HTTP clients, caches); the rest is split among bids.
+    /// On-demand egress budget, kbit/s, for the runs of blocks
+    /// (`/vod/{name}/blocks`) of all assets: a ledger of its own, apart from
+    /// the live gap-fill budget. On-demand viewers bid for it every
+    /// `--bid-interval-ms` and send their grant token on their runs; requests
+    /// without one share `--anonymous-budget-percent` of it. 0: on-demand
+    /// runs are not metered (no grant token, bids refused).
+    #[arg(long, env = "CLUBCAST_VOD_BUDGET_KBPS", default_value_t = DEFAULT_VOD_BUDGET_KBPS)]
+    pub vod_budget_kbps: u64,
+
+    /// Percent of the origin budget (live and on demand alike) kept for
+    /// requests without a grant token (plain HTTP clients, caches); the rest
+    /// is split among bids.
     #[arg(long, env = "CLUBCAST_ANONYMOUS_BUDGET_PERCENT", default_value_t = 25)]
     pub anonymous_budget_percent: u8,
 
@@ -228,6 +242,7 @@ impl Default for Config {
             store_seconds: 120,
             publisher_wait_seconds: 600,
             origin_budget_kbps: 100_000,
+            vod_budget_kbps: DEFAULT_VOD_BUDGET_KBPS,
             anonymous_budget_percent: 25,
             bid_interval_ms: 1000,
             target_latency_ms: 1500,
@@ -310,6 +325,11 @@ impl Config {
             "vod-max-assets",
             (1..=1_000_000).contains(&self.vod_max_assets),
             "must be 1-1000000",
+        )?;
+        range(
+            "vod-budget-kbps",
+            self.vod_budget_kbps <= MAX_VOD_BUDGET_KBPS,
+            "must be 0-100000000 (100 Gbit/s; 0: on-demand runs are not metered)",
         )?;
         range(
             "anonymous-budget-percent",
@@ -420,6 +440,15 @@ impl Config {
             .saturating_mul(u64::from(self.bid_interval_ms))
     }
 
+    /// On-demand budget per bid interval, bits; `None` when on-demand runs
+    /// are not metered (`--vod-budget-kbps 0`).
+    pub fn vod_budget_bits_per_interval(&self) -> Option<u64> {
+        (self.vod_budget_kbps > 0).then(|| {
+            self.vod_budget_kbps
+                .saturating_mul(u64::from(self.bid_interval_ms))
+        })
+    }
+
     /// `--base-path` without a trailing `/`: empty for the root, else
     /// `/seg[/seg…]`.
     pub fn base_path(&self) -> &str {
@@ -508,6 +537,7 @@ mod tests {
         assert_eq!(parsed.heartbeat_ms, d.heartbeat_ms);
         assert_eq!(parsed.vod_max_bytes, d.vod_max_bytes);
         assert_eq!(parsed.vod_max_assets, d.vod_max_assets);
+        assert_eq!(parsed.vod_budget_kbps, d.vod_budget_kbps);
         assert!(d.validate().is_ok());
         let webrtc = Config::try_parse_from(["clubcast-server", "--seeder-rtc", "webrtc-rs"])
             .expect("parses");
@@ -546,6 +576,44 @@ mod tests {
             let err = bad.validate().expect_err("out of range").to_string();
             assert!(err.starts_with("--vod-max-"), "{err}");
         }
+    }
+
+    #[test]
+    fn the_vod_budget_parses_is_checked_and_0_turns_metering_off() {
+        let d = Config::default();
+        assert_eq!(d.vod_budget_kbps, DEFAULT_VOD_BUDGET_KBPS);
+        // 1 Gbit/s over 1-s intervals.
+        assert_eq!(d.vod_budget_bits_per_interval(), Some(1_000_000_000));
+        let c = Config::try_parse_from([
+            "clubcast-server",
+            "--vod-budget-kbps",
+            "2000",
+            "--bid-interval-ms",
+            "250",
+        ])
+        .expect("parses");
+        assert!(c.validate().is_ok());
+        assert_eq!(c.vod_budget_kbps, 2000);
+        assert_eq!(c.vod_budget_bits_per_interval(), Some(500_000));
+        let off =
+            Config::try_parse_from(["clubcast-server", "--vod-budget-kbps", "0"]).expect("parses");
+        assert!(off.validate().is_ok());
+        assert_eq!(off.vod_budget_bits_per_interval(), None);
+        let top = Config {
+            vod_budget_kbps: MAX_VOD_BUDGET_KBPS,
+            ..Config::default()
+        };
+        assert!(top.validate().is_ok());
+        let over = Config {
+            vod_budget_kbps: MAX_VOD_BUDGET_KBPS + 1,
+            ..Config::default()
+        };
+        let err = over.validate().expect_err("out of range").to_string();
+        assert!(err.starts_with("--vod-budget-kbps"), "{err}");
+        assert!(
+            Config::try_parse_from(["clubcast-server", "--vod-budget-kbps", "-1"]).is_err(),
+            "not a u64"
+        );
     }
 
     #[test]

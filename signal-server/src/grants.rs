@@ -8,13 +8,20 @@
 //!    blocks, see [`Grants::with_unit_bits`]), replaces every
 //!    balance with the new grants (unused bits expire) and refills the anonymous
 //!    bucket. The signaling hub sends each bidder its `grant`.
-//! 3. The origin calls [`Grants::debit`] for every block it serves. A request with
+//! 3. The origin calls [`Grants::debit`] for every block it serves (an
+//!    on-demand run, [`Grants::debit_prefix`] for its blocks at once: as many
+//!    leading blocks as fit). A request with
 //!    `Authorization: Bearer <grant_token>` draws on that peer's balance, and
 //!    past it on the bid budget no grant took this interval (first come, first
 //!    served, as the simulator's origin does), so a budget the bids left over
 //!    is not wasted while a peer that bid too little misses a block. One
 //!    without a token draws on the shared anonymous bucket, so plain HTTP clients
 //!    and caches keep working but cannot take more than their share.
+//!
+//! A server keeps two ledgers of this type: one for live gap fill
+//! (`--origin-budget-kbps`) and one for on-demand runs (`--vod-budget-kbps`,
+//! none when 0), so a viewer's bulk on-demand fetches never take the live
+//! gap-fill budget. Both end their intervals on the same tick.
 //!
 //! Budget split: `anonymous_percent` of the per-interval budget (default 25 %)
 //! is the anonymous bucket; the rest is what bids share. Bids are collected
@@ -262,33 +269,61 @@ impl Grants {
     /// the bid budget nobody was granted this interval), or from the
     /// anonymous bucket if there is no token. Nothing is taken on refusal.
     pub fn debit(&self, token: Option<&str>, bits: u64, now: Instant) -> Result<(), GrantError> {
+        self.debit_prefix(token, [bits], now).map(|_| ())
+    }
+
+    /// Takes, block by block, as many leading items of `bits` (one block's
+    /// bits each) as fit, each wholly from one place as [`Grants::debit`]
+    /// takes it: the peer's balance, else the spare bid budget, or the
+    /// anonymous bucket without a token. Returns how many were taken: at
+    /// least 1 (0 only for no items). When the first does not fit, or the
+    /// token is unknown, nothing is taken. One lock for the whole call, so a
+    /// run of blocks is metered against one state of the ledger.
+    pub fn debit_prefix(
+        &self,
+        token: Option<&str>,
+        bits: impl IntoIterator<Item = u64>,
+        now: Instant,
+    ) -> Result<usize, GrantError> {
         let mut l = self.ledger();
-        let retry_after = retry_after(l.interval_end, now);
-        match token {
-            Some(t) => {
-                let peer = *l.tokens.get(t).ok_or(GrantError::UnknownToken)?;
-                let left = l.balances.get(&peer).copied().unwrap_or(0);
-                if left >= bits {
-                    l.balances.insert(peer, left - bits);
-                } else if l.spare >= bits {
-                    l.spare -= bits;
-                } else {
-                    return Err(GrantError::OverGrant {
-                        wanted: bits,
-                        left,
-                        retry_after,
-                    });
+        let peer = match token {
+            Some(t) => Some(*l.tokens.get(t).ok_or(GrantError::UnknownToken)?),
+            None => None,
+        };
+        let mut taken = 0;
+        for b in bits {
+            let refused = match peer {
+                Some(peer) => {
+                    let left = l.balances.get(&peer).copied().unwrap_or(0);
+                    if left >= b {
+                        l.balances.insert(peer, left - b);
+                        None
+                    } else if l.spare >= b {
+                        l.spare -= b;
+                        None
+                    } else {
+                        Some(GrantError::OverGrant {
+                            wanted: b,
+                            left,
+                            retry_after: retry_after(l.interval_end, now),
+                        })
+                    }
                 }
-                Ok(())
-            }
-            None => {
-                if l.anonymous < bits {
-                    return Err(GrantError::OverAnonymous { retry_after });
+                None if l.anonymous >= b => {
+                    l.anonymous -= b;
+                    None
                 }
-                l.anonymous -= bits;
-                Ok(())
+                None => Some(GrantError::OverAnonymous {
+                    retry_after: retry_after(l.interval_end, now),
+                }),
+            };
+            match refused {
+                None => taken += 1,
+                Some(e) if taken == 0 => return Err(e),
+                Some(_) => break,
             }
         }
+        Ok(taken)
     }
 
     /// Bits left in `peer`'s grant this interval.
@@ -445,6 +480,62 @@ mod tests {
         );
     }
 
+    #[test]
+    fn a_run_takes_the_leading_blocks_that_fit_and_nothing_when_the_first_does_not() {
+        let t0 = Instant::now();
+        // 10_000 bits per interval, 20 % anonymous: bids share 8_000, 2_000 anonymous.
+        let g = Grants::new(10_000, 20, Duration::from_secs(1), t0);
+        let tok1 = g.register(1);
+        let tok2 = g.register(2);
+        g.handle_bid(1, 3_000);
+        g.handle_bid(2, 4_000);
+        let _ = g.handle_interval(t0);
+        // Peer 1: three blocks from its grant, the fourth from the 1_000
+        // spare bits, and the run is cut before the fifth.
+        assert_eq!(g.debit_prefix(Some(&tok1), [1_000; 6], t0), Ok(4));
+        assert_eq!(g.balance(1), 0);
+        let err = g.debit_prefix(Some(&tok1), [1, 1], t0).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                GrantError::OverGrant {
+                    wanted: 1,
+                    left: 0,
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        assert_eq!(err.retry_after(), Some(Duration::from_secs(1)));
+        // Peer 2's grant is untouched by that. A block that does not fit
+        // ends the prefix, even if a smaller one after it would fit.
+        assert_eq!(g.balance(2), 4_000);
+        assert_eq!(g.debit_prefix(Some(&tok2), [2_500, 2_000, 500], t0), Ok(1));
+        assert_eq!(g.balance(2), 1_500);
+        // A refused first block takes nothing, the blocks after it neither.
+        assert!(g.debit_prefix(Some(&tok2), [1_600, 100], t0).is_err());
+        assert_eq!(g.balance(2), 1_500);
+        // An unknown token is refused whole, and takes no anonymous bits.
+        assert_eq!(
+            g.debit_prefix(Some("nope"), [1], t0),
+            Err(GrantError::UnknownToken)
+        );
+        // Without a token: the anonymous bucket's 2_000 bits.
+        assert_eq!(g.debit_prefix(None, [800, 800, 800], t0), Ok(2));
+        assert!(matches!(
+            g.debit_prefix(None, [800], t0),
+            Err(GrantError::OverAnonymous { .. })
+        ));
+        assert_eq!(g.debit_prefix(None, [400, 1], t0), Ok(1), "the 400 left");
+        assert_eq!(g.debit_prefix(None, [], t0), Ok(0), "nothing asked");
+        // A peer that left is unknown.
+        g.unregister(2);
+        assert_eq!(
+            g.debit_prefix(Some(&tok2), [1], t0),
+            Err(GrantError::UnknownToken)
+        );
+    }
+
     #[derive(Debug, Clone)]
     enum Op {
         Register(PeerId),
@@ -455,6 +546,8 @@ mod tests {
         Debit(Option<PeerId>, u64),
         /// Fetches with the peer's token, or none, until every size is refused.
         Drain(Option<PeerId>),
+        /// A run of blocks of so many bits each, with the peer's token or none.
+        Run(Option<PeerId>, Vec<u64>),
         Interval,
     }
 
@@ -469,6 +562,11 @@ mod tests {
             6 => (proptest::option::weighted(0.8, peer), 1u64..8_000)
                 .prop_map(|(p, b)| Op::Debit(p, b)),
             2 => proptest::option::weighted(0.8, 1u64..6).prop_map(Op::Drain),
+            3 => (
+                proptest::option::weighted(0.8, 1u64..6),
+                proptest::collection::vec(1u64..4_000, 0..8),
+            )
+                .prop_map(|(p, bits)| Op::Run(p, bits)),
             2 => Just(Op::Interval),
         ]
     }
@@ -546,6 +644,27 @@ mod tests {
                                 }
                             }
                             bits /= 2;
+                        }
+                    }
+                    Op::Run(who, bits) => {
+                        let token = who.map(|p| tokens.get(&p).cloned().unwrap_or_default());
+                        let before = who.map(|p| g.balance(p));
+                        match g.debit_prefix(token.as_deref(), bits.iter().copied(), now) {
+                            Ok(n) => {
+                                proptest::prop_assert!(n <= bits.len());
+                                proptest::prop_assert!(n >= 1 || bits.is_empty());
+                                let taken: u64 = bits[..n].iter().sum();
+                                served += taken;
+                                served_now += taken;
+                                if who.is_none() {
+                                    anonymous += taken;
+                                }
+                            }
+                            Err(e) => {
+                                proptest::prop_assert!(!bits.is_empty() || token.is_some());
+                                proptest::prop_assert_eq!(who.map(|p| g.balance(p)), before,
+                                    "a refused run took bits: {:?}", e);
+                            }
                         }
                     }
                     Op::Interval => {

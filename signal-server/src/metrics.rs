@@ -93,6 +93,10 @@ pub struct Metrics {
     vod_uploads: Labelled,
     vod_peers: AtomicU64,
     vod_joins: AtomicU64,
+    vod_bids: AtomicU64,
+    vod_grants: AtomicU64,
+    vod_granted_bits: AtomicU64,
+    vod_refused: Labelled,
 }
 
 fn inc(a: &AtomicU64, n: u64) {
@@ -187,6 +191,43 @@ impl Metrics {
     /// Viewers that joined an on-demand room so far.
     pub fn vod_joins(&self) -> u64 {
         self.vod_joins.load(Ordering::Relaxed)
+    }
+
+    /// An on-demand viewer's bid arrived.
+    pub fn vod_bid(&self) {
+        inc(&self.vod_bids, 1);
+    }
+
+    /// On-demand bids received so far.
+    pub fn vod_bids(&self) -> u64 {
+        self.vod_bids.load(Ordering::Relaxed)
+    }
+
+    /// An on-demand grant of `bits` was made (sent, if its viewer is still there).
+    pub fn vod_grant(&self, bits: u64) {
+        inc(&self.vod_grants, 1);
+        inc(&self.vod_granted_bits, bits);
+    }
+
+    /// On-demand grants made so far.
+    pub fn vod_grants(&self) -> u64 {
+        self.vod_grants.load(Ordering::Relaxed)
+    }
+
+    /// Bits of on-demand grants so far.
+    pub fn vod_granted_bits(&self) -> u64 {
+        self.vod_granted_bits.load(Ordering::Relaxed)
+    }
+
+    /// The on-demand ledger refused a run with the grant error `code`
+    /// (`over_grant`, `over_anonymous_budget`, `unknown_token`).
+    pub fn vod_refuse(&self, code: &str) {
+        self.vod_refused.add(code, 1);
+    }
+
+    /// On-demand runs the ledger refused with `code` so far.
+    pub fn vod_refused(&self, code: &str) -> u64 {
+        self.vod_refused.get(code)
     }
 
     /// RTMP connections open now.
@@ -396,6 +437,35 @@ impl Metrics {
             "On-demand viewers that joined a room (join_vod answered with vod_welcome).",
             get(&self.vod_joins),
         )?;
+        scalar(
+            out,
+            "clubcast_vod_bids_total",
+            "counter",
+            "Bids of on-demand viewers (for their runs; live bids are clubcast_bids_total).",
+            get(&self.vod_bids),
+        )?;
+        scalar(
+            out,
+            "clubcast_vod_grants_total",
+            "counter",
+            "Grants of the on-demand ledger (--vod-budget-kbps).",
+            get(&self.vod_grants),
+        )?;
+        scalar(
+            out,
+            "clubcast_vod_granted_bits_total",
+            "counter",
+            "Bits granted by the on-demand ledger.",
+            get(&self.vod_granted_bits),
+        )?;
+        labelled(
+            out,
+            "clubcast_vod_refused_total",
+            "counter",
+            "On-demand runs the grant ledger refused, by code: over_grant and over_anonymous_budget (429), unknown_token (401).",
+            "code",
+            &self.vod_refused,
+        )?;
         labelled(
             out,
             "clubcast_stream_publishing",
@@ -445,21 +515,21 @@ impl Metrics {
             out,
             "clubcast_bids_total",
             "counter",
-            "Bids received.",
+            "Bids of live peers (gap fill; on-demand bids are clubcast_vod_bids_total).",
             get(&self.bids),
         )?;
         scalar(
             out,
             "clubcast_grants_total",
             "counter",
-            "Grants sent.",
+            "Grants of the live gap-fill ledger.",
             get(&self.grants),
         )?;
         scalar(
             out,
             "clubcast_granted_bits_total",
             "counter",
-            "Bits granted.",
+            "Bits granted by the live gap-fill ledger.",
             get(&self.granted_bits),
         )?;
         labelled(
@@ -592,6 +662,19 @@ mod tests {
         assert!(t.contains("code=\"we\\\"ird\""));
         m.set_peers("demo", 0);
         assert!(!m.render().contains("stream=\"demo\""));
+        // On-demand bids, grants and refusals are apart from live ones.
+        m.bid();
+        m.vod_bid();
+        m.vod_bid();
+        m.vod_grant(4_000);
+        m.vod_refuse("over_grant");
+        let t = m.render();
+        assert!(t.contains("clubcast_bids_total 1\n"), "{t}");
+        assert!(t.contains("clubcast_vod_bids_total 2\n"), "{t}");
+        assert!(t.contains("clubcast_grants_total 0\n"), "{t}");
+        assert!(t.contains("clubcast_vod_grants_total 1\n"), "{t}");
+        assert!(t.contains("clubcast_vod_granted_bits_total 4000\n"), "{t}");
+        assert!(t.contains("clubcast_vod_refused_total{code=\"over_grant\"} 1\n"));
         // Publishing keeps its zeros: a stream without a publisher is 0, not absent.
         m.set_publishing([("cam".to_owned(), false), ("demo".to_owned(), true)]);
         let t = m.render();

@@ -420,7 +420,9 @@ async fn wait_for(
     waited.unwrap_or(false)
 }
 
-fn bearer(headers: &HeaderMap) -> Result<Option<&str>, OriginError> {
+/// The grant token of `Authorization: Bearer <token>`; `None` without the
+/// header, an error for any other form of it. On-demand runs read it too.
+pub(crate) fn bearer(headers: &HeaderMap) -> Result<Option<&str>, OriginError> {
     let Some(v) = headers.get(header::AUTHORIZATION) else {
         return Ok(None);
     };

@@ -19,9 +19,17 @@
 //!    and relays `signal` between neighbours only. A leave, a `link_failed`
 //!    or a `report` parts neighbours (`neighbour remove`) and tops up those
 //!    left with fewer than [`VOD_NEEDY`]. `heartbeat` → `pong` (live edge 0);
-//!    `bid` and `slow_source` are refused (`bad_message`, an offence). The
-//!    server never joins a room: the origin's `/vod/{name}/blocks` is the
-//!    backstop.
+//!    `slow_source` is refused (`bad_message`, an offence). The server never
+//!    joins a room: the origin's `/vod/{name}/blocks` is the backstop, metered
+//!    by a ledger of its own (`--vod-budget-kbps`): the welcome carries a
+//!    `grant_token` and the `bid_interval_ms`, and `bid` → `grant` as live.
+//!    Unmetered (`--vod-budget-kbps 0`), the welcome has neither and a `bid`
+//!    is refused (`bad_message`, an offence). Whichever way a viewer leaves
+//!    (its socket closes, it is dropped as slow or reported), its token is
+//!    forgotten.
+//! 5. Every bid interval ([`Hub::spawn_bid_ticker`]) ends on both ledgers at
+//!    once: each live bidder's grant goes through its swarm, each on-demand
+//!    bidder's through its room.
 //!
 //! # Limits
 //! | what | bound | at the bound |
@@ -184,6 +192,8 @@ struct HubInner {
     streams: Arc<Streams>,
     metrics: Arc<Metrics>,
     grants: Arc<Grants>,
+    /// The on-demand ledger; `None` when on-demand runs are not metered.
+    vod_grants: Option<Arc<Grants>>,
     ice_servers: Vec<IceServer>,
     /// Each stream's swarm, by stream id.
     swarms: Mutex<HashMap<String, SwarmEntry>>,
@@ -192,6 +202,10 @@ struct HubInner {
     vod: Arc<VodLibrary>,
     /// Each on-demand room, by key id.
     vod_rooms: Mutex<HashMap<String, Arc<Mutex<VodRoom>>>>,
+    /// Each on-demand viewer's room, for its grants: as many entries as
+    /// viewers (kept by `join_vod` and the leaves). Taken alone, never with
+    /// a room or the rooms map held.
+    vod_viewers: Mutex<HashMap<PeerId, Arc<Mutex<VodRoom>>>>,
     next_peer: AtomicU64,
     seeder: Mutex<Option<mpsc::Sender<SeederEvent>>>,
     shutdown: CancellationToken,
@@ -290,13 +304,15 @@ pub(crate) fn unix_ms() -> u64 {
 
 impl Hub {
     /// A hub with no swarms or rooms, seating on-demand viewers of the
-    /// assets in `vod`. Connections close when `shutdown` is cancelled.
+    /// assets in `vod`, whose bids go to `vod_grants` (`None`: on-demand runs
+    /// are not metered). Connections close when `shutdown` is cancelled.
     /// `config` must have passed [`Config::validate`]; bad ICE entries are skipped.
     pub fn new(
         config: Arc<Config>,
         streams: Arc<Streams>,
         metrics: Arc<Metrics>,
         grants: Arc<Grants>,
+        vod_grants: Option<Arc<Grants>>,
         vod: Arc<VodLibrary>,
         shutdown: CancellationToken,
     ) -> Self {
@@ -306,11 +322,13 @@ impl Hub {
             streams,
             metrics,
             grants,
+            vod_grants,
             ice_servers,
             swarms: Mutex::new(HashMap::new()),
             peers: Mutex::new(HashMap::new()),
             vod,
             vod_rooms: Mutex::new(HashMap::new()),
+            vod_viewers: Mutex::new(HashMap::new()),
             next_peer: AtomicU64::new(SEEDER_PEER_ID + 1),
             seeder: Mutex::new(None),
             shutdown,
@@ -333,9 +351,15 @@ impl Hub {
         self.swarm_of(id_or_name).map_or(0, |s| lock(&s).len())
     }
 
-    /// Ends the current bid interval: allocates the budget over the bids and
-    /// sends every bidder its grant.
+    /// Ends the current bid interval of both ledgers: allocates each budget
+    /// over its bids and sends every bidder its grant, a live peer through
+    /// its swarm and an on-demand viewer through its room.
     pub fn run_bid_interval(&self, now: Instant) {
+        self.run_live_interval(now);
+        self.run_vod_interval(now);
+    }
+
+    fn run_live_interval(&self, now: Instant) {
         let grants = self.0.grants.handle_interval(now);
         let interval_ms = self.0.config.bid_interval_ms;
         for g in grants {

@@ -11,7 +11,7 @@
 //! | `GET /vod/{name}` | the summary `{name, key, duration_s, blocks, bytes, fragments, created_ms}` |
 //! | `GET /vod/{name}/manifest` | the signed manifest JSON, as stored (`application/json`) |
 //! | `GET /vod/{name}/init` | the init segment (`video/mp4`) |
-//! | `GET /vod/{name}/blocks?from={seq}&count={n}` | the encoded blocks `seq..seq+n`, back to back (`application/octet-stream`, `X-Clubcast-Blocks: <n served>`) |
+//! | `GET /vod/{name}/blocks?from={seq}&count={n}[&key={key id}]` (`Authorization: Bearer <grant_token>` optional) | the encoded blocks `seq..seq+n`, back to back (`application/octet-stream`, `X-Clubcast-Blocks: <n served>`), fewer if the grant does not cover them all |
 //!
 //! An upload is a file as ffmpeg writes it for streaming (`ftyp` + `moov`
 //! with `mvex`, then `moof`/`mdat` pairs):
@@ -37,6 +37,25 @@
 //! asset key, so a cache revalidates (a replace changes the key) and gets 304
 //! for what it has.
 //!
+//! Runs are metered (unless `--vod-budget-kbps 0`) by an on-demand grant
+//! ledger of their own ([`crate::grants`]), apart from live gap fill's: a
+//! viewer seated with `join_vod` gets a `grant_token` in its welcome, bids
+//! every bid interval and gets grants, and sends `Authorization: Bearer
+//! <grant_token>` on its runs; a run without the header draws on the
+//! anonymous share (`--anonymous-budget-percent`). A `GET` that sends blocks
+//! debits the encoded size × 8 of as many leading blocks as fit
+//! ([`Grants::debit_prefix`](crate::grants::Grants::debit_prefix)), after the
+//! key and range checks and the `If-None-Match` check. When fewer fit than
+//! were asked for, the answer is the shorter run: `X-Clubcast-Blocks` says
+//! how many, the `ETag` is that run's, and it is `Cache-Control: no-store`
+//! (a cache must not keep it under the full run's URL). When not even the
+//! first fits: 429 `over_grant` (with a token) or `over_anonymous_budget`
+//! (without), with `Retry-After` (seconds to the next interval). An unknown
+//! token is 401 `unknown_token` (the viewer left: its token is forgotten),
+//! and an `Authorization` header that is not `Bearer <token>` is 400
+//! `bad_authorization`. `HEAD`, a 304, the manifest and the init segment are
+//! not metered. Unmetered, the header is ignored and runs are served whole.
+//!
 //! # Limits
 //! | what | bound | at the bound |
 //! |---|---|---|
@@ -46,13 +65,17 @@
 //! | fragments | `MAX_FRAGMENTS` of the protocol | 413 `too_large` |
 //! | an upload's silence | [`IDLE_TIMEOUT`] | 408 `idle_timeout` |
 //! | box, init, fragment | the splitter's bounds | 413 `too_large` |
+//! | run egress | `--vod-budget-kbps` (1 Gbit/s) per bid interval: grants, the spare bid budget, the anonymous share | a cut run (`no-store`), else 429 `over_grant` / `over_anonymous_budget` |
 //!
 //! Errors are JSON `{"code": "...", "message": "..."}` with a stable code
 //! ([`VodError::code`]), counted in `clubcast_rejects_total{code}` (404
 //! aside). `clubcast_vod_assets` is the number of assets,
 //! `clubcast_vod_bytes_total` the block bytes served, and
 //! `clubcast_vod_uploads_total{result}` counts uploads by `created`,
-//! `replaced` or error code.
+//! `replaced` or error code. The ledger's refusals of runs are also counted
+//! apart from live gap fill's, in `clubcast_vod_refused_total{code}`, as its
+//! bids and grants are (`clubcast_vod_bids_total`, `clubcast_vod_grants_total`,
+//! `clubcast_vod_granted_bits_total`).
 //!
 //! With the demo source on, the built-in clip ([`crate::demo::CLIP`]) is
 //! also the asset `--demo-name` (`demo`), kept in memory under a key made at
@@ -61,6 +84,8 @@
 pub mod asset;
 pub mod library;
 pub mod upload;
+
+use std::time::Instant;
 
 use axum::body::Body;
 use axum::extract::rejection::QueryRejection;
@@ -74,6 +99,7 @@ use clubcast_protocol::vod::{VodError as ManifestError, MAX_RUN_BLOCKS};
 use futures_util::StreamExt;
 
 use crate::app::AppState;
+use crate::grants::GrantError;
 use crate::ingest::chunker::now_ms;
 use crate::ingest::fmp4::Fmp4Error;
 use crate::ingest::{token_ok, IDLE_TIMEOUT};
@@ -154,6 +180,13 @@ pub enum VodError {
         "asset {0:?} was replaced: its blocks are another upload's now; load its manifest again"
     )]
     Replaced(String),
+    /// A run's `Authorization` header is not `Bearer <grant_token>`.
+    #[error("Authorization must be \"Bearer <grant_token>\"")]
+    BadAuthorization,
+    /// The on-demand grant ledger refused the run: its first block is over
+    /// the grant or the anonymous share (429), or the token is unknown (401).
+    #[error(transparent)]
+    Grant(#[from] GrantError),
     /// The run starts past the asset's last block.
     #[error("block {from} is past the asset's end ({blocks} blocks)")]
     OutOfRange {
@@ -202,6 +235,8 @@ impl VodError {
             VodError::SecondInit | VodError::NoFragments | VodError::Manifest(_) => "bad_media",
             VodError::BadRun => "bad_run",
             VodError::Replaced(_) => "asset_replaced",
+            VodError::BadAuthorization => "bad_authorization",
+            VodError::Grant(g) => g.code(),
             VodError::OutOfRange { .. } => "out_of_range",
             VodError::Body(_) => "body_error",
             VodError::Idle => "idle_timeout",
@@ -212,7 +247,10 @@ impl VodError {
     /// The HTTP status.
     pub fn status(&self) -> StatusCode {
         match self {
-            VodError::Unauthorized => StatusCode::UNAUTHORIZED,
+            VodError::Unauthorized | VodError::Grant(GrantError::UnknownToken) => {
+                StatusCode::UNAUTHORIZED
+            }
+            VodError::Grant(_) => StatusCode::TOO_MANY_REQUESTS,
             VodError::UnknownAsset(_) => StatusCode::NOT_FOUND,
             VodError::Exists(_)
             | VodError::Busy(_)
@@ -236,20 +274,37 @@ impl VodError {
             | VodError::NoFragments
             | VodError::Manifest(_)
             | VodError::BadRun
+            | VodError::BadAuthorization
             | VodError::Body(_) => StatusCode::BAD_REQUEST,
         }
     }
 
+    /// Seconds until a retry may succeed, for `Retry-After`: the next bid
+    /// interval, for a run over the grant or the anonymous share.
+    pub fn retry_after(&self) -> Option<u64> {
+        match self {
+            VodError::Grant(g) => g.retry_after().map(|d| d.as_secs().max(1)),
+            _ => None,
+        }
+    }
+
     /// The JSON error answer, counted in the rejects metric (404 aside: an
-    /// unknown name is a question, not an offence).
+    /// unknown name is a question, not an offence), and a grant refusal also
+    /// in the on-demand ledger's.
     fn respond(&self, metrics: &Metrics) -> Response {
         if !matches!(self, VodError::UnknownAsset(_)) {
             metrics.reject(self.code());
         }
+        if let VodError::Grant(g) = self {
+            metrics.vod_refuse(g.code());
+        }
         let body = serde_json::json!({ "code": self.code(), "message": self.to_string() });
         let mut r = (self.status(), Json(body)).into_response();
-        r.headers_mut()
-            .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        let h = r.headers_mut();
+        h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        if let Some(secs) = self.retry_after() {
+            h.insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
         r
     }
 }
@@ -425,6 +480,7 @@ async fn blocks(
     }
 }
 
+/// A run of blocks: see the module doc (metering included).
 async fn serve_run(
     state: &AppState,
     method: &Method,
@@ -437,10 +493,30 @@ async fn serve_run(
     if key.is_some_and(|k| k != asset.manifest().key.to_id()) {
         return Err(VodError::Replaced(name.to_owned()));
     }
-    let run = asset.run(from, count)?;
+    let mut run = asset.run(from, count)?;
+    let ledger = state.vod_grants.as_deref();
+    // Read only when metered (as the origin does, for HEAD too); unmetered,
+    // runs are served as they always were, whatever the header.
+    let token = match ledger {
+        Some(_) => crate::origin::bearer(headers).map_err(|_| VodError::BadAuthorization)?,
+        None => None,
+    };
+    let asked = run.seqs.end - run.seqs.start;
+    let mut tag = etag(&asset, &format!("{from}-{asked}"));
+    let mut fresh = if_none_match(headers, &tag);
+    let mut cut = false;
+    if let Some(ledger) = ledger.filter(|_| !fresh && method != Method::HEAD) {
+        let bits = asset.block_lens(&run).map(|len| len.saturating_mul(8));
+        // At least one block: `run` has one, and a refusal is an error.
+        let n = ledger.debit_prefix(token, bits, Instant::now())? as u64;
+        if n < asked {
+            run = asset.run(from, n)?;
+            tag = etag(&asset, &format!("{from}-{n}"));
+            fresh = if_none_match(headers, &tag);
+            cut = true;
+        }
+    }
     let n = run.seqs.end - run.seqs.start;
-    let tag = etag(&asset, &format!("{from}-{n}"));
-    let fresh = if_none_match(headers, &tag);
     let body = if fresh || method == Method::HEAD {
         bytes::Bytes::new()
     } else {
@@ -449,12 +525,17 @@ async fn serve_run(
         body
     };
     let mut r = cached(headers, tag, "application/octet-stream", || body);
-    r.headers_mut().insert(
+    let h = r.headers_mut();
+    h.insert(
         header::HeaderName::from_static(RUN_BLOCKS_HEADER),
         HeaderValue::from(n),
     );
+    if cut {
+        // Not the answer to this URL in general: what the grant allowed now.
+        h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    }
     if method == Method::HEAD && !fresh {
-        r.headers_mut().insert(
+        h.insert(
             header::CONTENT_LENGTH,
             HeaderValue::from(run.bytes.end - run.bytes.start),
         );

@@ -523,3 +523,205 @@ async fn a_long_file_streams_in_past_any_body_buffer() {
     assert!((duration - 3.0 * lap).abs() < 0.1, "{duration} s");
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// A metered server's on-demand budget, whole blocks (with their overhead)
+/// per 1-s bid interval, 20 % of it anonymous. No bid ticker runs: the test
+/// ends intervals itself (`run_bid_interval`).
+fn metered(units: u64) -> Config {
+    let base = Config::default();
+    Config {
+        bid_interval_ms: 1000,
+        anonymous_budget_percent: 20,
+        vod_budget_kbps: (units * base.block_unit_bits()).div_ceil(1000),
+        ..base
+    }
+}
+
+/// The encoded length of blocks `0..n` of `name`, each from a `HEAD` of its
+/// one-block run (not metered).
+async fn block_lens(app: &Router, name: &str, n: u64) -> Vec<u64> {
+    let mut lens = Vec::new();
+    for seq in 0..n {
+        let uri = format!("/vod/{name}/blocks?from={seq}&count=1");
+        let r = call(app, "HEAD", &uri, &[], Body::empty()).await;
+        assert_eq!(r.status, StatusCode::OK);
+        lens.push(r.header("content-length").parse().expect("a length"));
+    }
+    lens
+}
+
+#[tokio::test]
+async fn without_metering_runs_are_served_whole_whatever_the_authorization() {
+    let cfg = Config {
+        vod_budget_kbps: 0,
+        ..metered(2)
+    };
+    let (app, state, dir) = server("unmetered", cfg);
+    assert!(state.vod_grants.is_none());
+    upload(&app, "/vod/talk", CLIP).await;
+    let uri = format!("/vod/talk/blocks?from=0&count={MAX_RUN_BLOCKS}");
+    // Far over the budget a metered server would have, and over again.
+    for auth in [None, Some("Bearer nope"), Some("Basic abc"), None] {
+        let headers: Vec<(&str, &str)> = auth.map(|a| ("authorization", a)).into_iter().collect();
+        let r = call(&app, "GET", &uri, &headers, Body::empty()).await;
+        assert_eq!(r.status, StatusCode::OK, "{auth:?}: {:?}", r.json());
+        assert_eq!(r.header("x-clubcast-blocks"), MAX_RUN_BLOCKS.to_string());
+        assert_eq!(r.header("cache-control"), "no-cache");
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[tokio::test]
+async fn anonymous_runs_share_the_anonymous_budget_cut_then_refused_until_the_next_interval() {
+    let (app, state, dir) = server("anonymous", metered(10));
+    let ledger = state.vod_grants.clone().expect("metered");
+    upload(&app, "/vod/talk", CLIP).await;
+    let count = 16;
+    let lens = block_lens(&app, "talk", count).await;
+    // The leading blocks whose bits fit the anonymous share: about 2 blocks.
+    let budget = ledger.anonymous_budget();
+    let fits = lens
+        .iter()
+        .scan(0, |sum, len| {
+            *sum += len * 8;
+            Some(*sum)
+        })
+        .take_while(|&bits| bits <= budget)
+        .count() as u64;
+    assert!((1..count).contains(&fits), "{fits} of {lens:?}");
+    let uri = format!("/vod/talk/blocks?from=0&count={count}");
+    let full_tag = call(&app, "HEAD", &uri, &[], Body::empty()).await;
+    let full_tag = full_tag.header("etag").to_owned();
+
+    // The run is cut to what fits, and says so.
+    let r = get(&app, &uri).await;
+    assert_eq!(r.status, StatusCode::OK, "{:?}", r.json());
+    assert_eq!(r.header("x-clubcast-blocks"), fits.to_string());
+    assert_eq!(r.header("cache-control"), "no-store");
+    let cut_uri = format!("/vod/talk/blocks?from=0&count={fits}");
+    let cut_tag = call(&app, "HEAD", &cut_uri, &[], Body::empty()).await;
+    assert_eq!(
+        r.header("etag"),
+        cut_tag.header("etag"),
+        "the shorter run's"
+    );
+    assert_ne!(r.header("etag"), full_tag);
+    let blocks = Block::decode_run(r.body.clone(), count as usize).expect("decodes");
+    let seqs: Vec<u64> = blocks.iter().map(|b| b.header.seq).collect();
+    assert_eq!(seqs, (0..fits).collect::<Vec<_>>());
+    assert_eq!(
+        r.body.len() as u64,
+        lens[..fits as usize].iter().sum::<u64>()
+    );
+
+    // The next block did not fit, so the run that starts with it is refused.
+    let next = format!("/vod/talk/blocks?from={fits}&count={count}");
+    let r = get(&app, &next).await;
+    assert_eq!(r.status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(r.code(), "over_anonymous_budget");
+    assert_eq!(r.header("retry-after"), "1");
+    assert_eq!(r.header("cache-control"), "no-store");
+    assert!(r.json()["message"].as_str().is_some_and(|m| !m.is_empty()));
+    // HEAD and a 304 are not metered: they pass with the share spent.
+    let head = call(&app, "HEAD", &uri, &[], Body::empty()).await;
+    assert_eq!(head.status, StatusCode::OK);
+    assert_eq!(head.header("x-clubcast-blocks"), count.to_string());
+    let again = call(
+        &app,
+        "GET",
+        &uri,
+        &[("if-none-match", &full_tag)],
+        Body::empty(),
+    )
+    .await;
+    assert_eq!(again.status, StatusCode::NOT_MODIFIED);
+    // Nor the manifest and the init segment.
+    assert_eq!(get(&app, "/vod/talk/manifest").await.status, StatusCode::OK);
+    assert_eq!(get(&app, "/vod/talk/init").await.status, StatusCode::OK);
+    assert_eq!(get(&app, &next).await.status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(state.metrics.vod_refused("over_anonymous_budget"), 2);
+    let text = std::str::from_utf8(&get(&app, "/metrics").await.body)
+        .expect("utf-8")
+        .to_owned();
+    assert!(
+        text.contains("clubcast_vod_refused_total{code=\"over_anonymous_budget\"} 2\n"),
+        "{text}"
+    );
+
+    // The live gap-fill budget is a ledger of its own, untouched by all this.
+    let live = &state.grants;
+    assert!(live
+        .debit(None, live.anonymous_budget(), std::time::Instant::now())
+        .is_ok());
+    // A new interval refills the share.
+    state.hub.run_bid_interval(std::time::Instant::now());
+    let r = get(&app, &next).await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert!(r.header("x-clubcast-blocks").parse::<u64>().expect("n") >= 1);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[tokio::test]
+async fn unknown_tokens_get_401_and_malformed_authorization_400() {
+    let (app, state, dir) = server("tokens", metered(10));
+    upload(&app, "/vod/talk", CLIP).await;
+    let uri = "/vod/talk/blocks?from=0&count=2";
+    let r = call(
+        &app,
+        "GET",
+        uri,
+        &[("authorization", "Bearer nope")],
+        Body::empty(),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(r.code(), "unknown_token");
+    assert_eq!(r.header("retry-after"), "", "waiting does not help");
+    for bad in ["Basic abc", "Bearer ", "Bearer", "nope"] {
+        let r = call(&app, "GET", uri, &[("authorization", bad)], Body::empty()).await;
+        assert_eq!(
+            (r.status, r.code().as_str()),
+            (StatusCode::BAD_REQUEST, "bad_authorization"),
+            "{bad:?}"
+        );
+    }
+    // A token the ledger knows draws on the spare bid budget before any grant.
+    let ledger = state.vod_grants.clone().expect("metered");
+    let token = ledger.register(7);
+    let auth = format!("Bearer {token}");
+    let r = call(&app, "GET", uri, &[("authorization", &auth)], Body::empty()).await;
+    assert_eq!(r.status, StatusCode::OK, "{:?}", r.json());
+    assert_eq!(r.header("x-clubcast-blocks"), "2");
+    assert_eq!(r.header("cache-control"), "no-cache", "served whole");
+    assert_eq!(state.metrics.vod_refused("unknown_token"), 1);
+    assert_eq!(state.metrics.rejects("bad_authorization"), 4);
+    // Players on other sites may send the token.
+    let preflight = call(
+        &app,
+        "OPTIONS",
+        uri,
+        &[
+            ("origin", "https://elsewhere.example"),
+            ("access-control-request-method", "GET"),
+            ("access-control-request-headers", "authorization"),
+        ],
+        Body::empty(),
+    )
+    .await;
+    assert!(preflight.status.is_success(), "{}", preflight.status);
+    assert!(preflight
+        .header("access-control-allow-headers")
+        .contains("authorization"));
+    let r = call(
+        &app,
+        "GET",
+        uri,
+        &[("origin", "https://elsewhere.example")],
+        Body::empty(),
+    )
+    .await;
+    assert!(r
+        .header("access-control-expose-headers")
+        .contains("retry-after"));
+    let _ = std::fs::remove_dir_all(dir);
+}

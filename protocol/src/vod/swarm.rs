@@ -203,6 +203,12 @@ pub struct SwarmStats {
     pub switches: u64,
     /// Blocks not stored because the store was full of blocks in the window.
     pub store_refused: u64,
+    /// Origin fetches refused for want of a grant ([`VodSwarm::http_refused`]).
+    pub http_refused: u64,
+    /// Grants received ([`VodSwarm::grant`]).
+    pub grants: u64,
+    /// Bits granted in all.
+    pub bits_granted: u64,
     /// Bytes of encoded blocks held.
     pub store_bytes: usize,
     /// Blocks held.
@@ -305,15 +311,21 @@ pub struct VodSwarm<K: BlockVerifier> {
     inflight: BTreeMap<u64, InFlight>,
     http: Option<Range<u64>>,
     retry_at_ms: u64,
+    /// The origin refused a fetch for want of a grant: none before then,
+    /// unless a grant comes first.
+    refused_until_ms: u64,
     mode: Mode,
     switched_ms: Option<u64>,
     /// Bytes per source in the switch window: (when, source, bytes).
     recent: VecDeque<(u64, Source, u64)>,
     recent_swarm: u64,
     recent_http: u64,
-    /// The window `[next_seq, window_end)` of the last tick.
+    /// The window `[next_seq, window_end)` of the last tick, its playhead
+    /// and the zone the origin was asked for.
     next_seq: u64,
     window_end: u64,
+    playhead_s: f64,
+    zone_s: f64,
     out: VecDeque<Action>,
     stats: SwarmStats,
 }
@@ -335,6 +347,7 @@ impl<K: BlockVerifier> VodSwarm<K> {
             inflight: BTreeMap::new(),
             http: None,
             retry_at_ms: 0,
+            refused_until_ms: 0,
             mode: Mode::Http,
             switched_ms: None,
             recent: VecDeque::new(),
@@ -342,6 +355,8 @@ impl<K: BlockVerifier> VodSwarm<K> {
             recent_http: 0,
             next_seq: 0,
             window_end: 0,
+            playhead_s: 0.0,
+            zone_s: 0.0,
             out: VecDeque::new(),
             stats: SwarmStats::default(),
         }
@@ -468,6 +483,54 @@ impl<K: BlockVerifier> VodSwarm<K> {
         }
     }
 
+    /// The origin refused the fetch for `range` for want of a grant (429):
+    /// no new fetch before `retry_at_ms`, or before the next grant of more
+    /// than nothing ([`VodSwarm::grant`]), whichever comes first. A range
+    /// other than the outstanding one is ignored.
+    pub fn http_refused(&mut self, range: Range<u64>, retry_at_ms: u64) {
+        if self.http.as_ref() == Some(&range) {
+            self.http = None;
+            self.refused_until_ms = retry_at_ms;
+            self.stats.http_refused += 1;
+        }
+    }
+
+    /// The bits this viewer bids for the origin's next interval of
+    /// `interval_ms` (invention 2): the blocks the origin is to bring by
+    /// the interval's end, that is those missing (neither held nor being
+    /// fetched) whose deadline falls within the zone the last tick asked
+    /// of the origin plus the interval, and not asked of a neighbour unless
+    /// urgent. Blocks count at the asset's mean encoded size. Only the last
+    /// tick's window is looked at, so the bid is at most a window's worth.
+    ///
+    /// In Http mode that is the near zone, or the whole window with no
+    /// neighbour; in Swarm mode it is only the urgent gaps, so a viewer
+    /// that the swarm serves bids (nearly) nothing.
+    pub fn bid(&self, interval_ms: u32) -> u64 {
+        if self.m.blocks == 0 {
+            return 0;
+        }
+        let horizon = self.zone_s + f64::from(interval_ms) / 1000.0;
+        let fetching = self.http.clone().unwrap_or(0..0);
+        let missing = (self.next_seq..self.window_end)
+            .filter(|&s| !fetching.contains(&s) && self.fetchable(s, self.playhead_s, horizon))
+            .count() as u64;
+        let mean_bytes = self.m.bytes.div_ceil(self.m.blocks);
+        missing.saturating_mul(mean_bytes).saturating_mul(8)
+    }
+
+    /// The origin granted `bits` for its interval now starting: a fetch it
+    /// refused ([`VodSwarm::http_refused`]) may go again at once, if the
+    /// grant is not nothing. The origin cuts a run at the grant (and lends
+    /// what budget nobody was granted), so runs are not sized to it here.
+    pub fn grant(&mut self, bits: u64) {
+        self.stats.grants += 1;
+        self.stats.bits_granted = self.stats.bits_granted.saturating_add(bits);
+        if bits > 0 {
+            self.refused_until_ms = 0;
+        }
+    }
+
     /// Plans: times out wants, evaluates the switch rule, issues the HTTP
     /// fetch if one is due, and issues wants.
     ///
@@ -486,7 +549,9 @@ impl<K: BlockVerifier> VodSwarm<K> {
             Mode::Http => self.cfg.http_ahead_s,
             Mode::Swarm => self.cfg.urgent_s,
         };
-        if self.http.is_none() && now_ms >= self.retry_at_ms {
+        self.playhead_s = playhead_s;
+        self.zone_s = zone;
+        if self.http.is_none() && now_ms >= self.retry_at_ms && now_ms >= self.refused_until_ms {
             self.plan_fetch(playhead_s, zone);
         }
         self.plan_wants(now_ms, playhead_s, zone);
@@ -1202,6 +1267,90 @@ mod tests {
         assert_eq!(st.blocks_from_origin, 37);
         assert_eq!(st.blocks_from_peers, 203);
         assert_eq!(st.duplicates, 0);
+    }
+
+    #[test]
+    fn the_bid_is_the_missing_part_of_the_origin_zone_and_the_interval() {
+        let m = asset(60, 4);
+        let bits = |blocks: u64| blocks * ENCODED as u64 * 8;
+        let mut s = swarm(&m, SwarmConfig::default());
+        assert_eq!(s.bid(1000), 0, "nothing planned yet");
+        // Alone: the origin's zone is the whole 30-s window (blocks 0..120).
+        s.tick(0, 0, 0.0, 30.0);
+        let run = fetches(&drain(&mut s))[0].clone();
+        assert_eq!(run, 0..120);
+        assert_eq!(s.bid(1000), 0, "what is being fetched is not bid for");
+        s.http_failed(run, 0);
+        assert_eq!(s.bid(1000), bits(120));
+        // Links being made: the near zone (8 s) plus the interval (1 s):
+        // the fragments that start at 0..=9 s.
+        s.expect_peers(5_000);
+        s.tick(10, 0, 0.0, 30.0);
+        let run = fetches(&drain(&mut s))[0].clone();
+        s.http_failed(run, 0);
+        assert_eq!(s.bid(1000), bits(40));
+        assert_eq!(s.bid(3000), bits(48));
+        // Held blocks are not bid for; the playhead moves the zone on.
+        serve(&mut s, &m, 0..8, 20);
+        assert_eq!(s.bid(1000), bits(32));
+        s.tick(2_000, 8, 2.0, 30.0);
+        let run = fetches(&drain(&mut s))[0].clone();
+        assert_eq!(run, 8..44);
+        s.http_failed(run, 0);
+        assert_eq!(
+            s.bid(1000),
+            bits(40),
+            "blocks 8..48: the fragments at 2..=11 s"
+        );
+    }
+
+    #[test]
+    fn once_the_swarm_keeps_up_only_urgent_gaps_are_bid_for() {
+        let mut sim = in_swarm_mode();
+        assert_eq!(sim.s.mode(), Mode::Swarm);
+        assert_eq!(sim.s.bid(1000), 0, "the neighbour brings the window");
+        // Block 160, which no neighbour has, is bid for once it is due
+        // within the urgent zone (2 s) and the interval (1 s): its fragment
+        // starts at 40 s.
+        let bid_at = |sim: &mut Sim, t_ms: u64| {
+            sim.run(t_ms - sim.now);
+            sim.s.bid(1000)
+        };
+        assert_eq!(bid_at(&mut sim, 36_500), 0);
+        assert!(bid_at(&mut sim, 37_200) >= ENCODED as u64 * 8);
+    }
+
+    #[test]
+    fn a_fetch_refused_for_want_of_a_grant_waits_for_one() {
+        let m = asset(20, 4);
+        let mut s = swarm(&m, SwarmConfig::default());
+        s.tick(0, 0, 0.0, 10.0);
+        let run = fetches(&drain(&mut s))[0].clone();
+        s.http_refused(run.clone(), 1_000);
+        s.http_refused(run.clone(), 9_000); // no longer outstanding: ignored
+        s.tick(100, 0, 0.0, 10.0);
+        assert!(fetches(&drain(&mut s)).is_empty(), "refused: wait");
+        s.grant(0);
+        s.tick(200, 0, 0.0, 10.0);
+        assert!(
+            fetches(&drain(&mut s)).is_empty(),
+            "a grant of nothing changes nothing"
+        );
+        s.grant(80_000);
+        s.tick(300, 0, 0.0, 10.0);
+        let again = fetches(&drain(&mut s));
+        assert_eq!(again, vec![run.clone()], "a grant ends the wait");
+        // Without a grant the wait ends at the time the origin gave.
+        s.http_refused(run.clone(), 1_000);
+        s.tick(999, 0, 0.0, 10.0);
+        assert!(fetches(&drain(&mut s)).is_empty());
+        s.tick(1_000, 0, 0.0, 10.0);
+        assert_eq!(fetches(&drain(&mut s)), vec![run]);
+        let st = s.stats();
+        assert_eq!(
+            (st.http_refused, st.grants, st.bits_granted),
+            (2, 2, 80_000)
+        );
     }
 
     #[test]

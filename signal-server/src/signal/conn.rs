@@ -542,11 +542,20 @@ impl Conn {
                 return self.relayed(relayed);
             }
             ClientMsg::Heartbeat { .. } => return self.pong(0),
-            ClientMsg::Bid { .. } | ClientMsg::SlowSource { .. } => {
-                let ty = type_of(&msg);
+            ClientMsg::Bid { bits, .. } => {
+                if !hub.vod_bid(session, bits) {
+                    return self.error(
+                        ErrorCode::BadMessage,
+                        "this server does not meter on-demand runs (the vod_welcome gave no grant_token): there is nothing to bid for; fetch runs without a grant".into(),
+                        true,
+                    );
+                }
+            }
+            ClientMsg::SlowSource { .. } => {
                 return self.error(
                     ErrorCode::BadMessage,
-                    format!("{ty} is for live streams; an on-demand viewer fetches from the origin without a grant"),
+                    "slow_source is for live streams; an on-demand viewer has no last-hop source"
+                        .into(),
                     true,
                 );
             }

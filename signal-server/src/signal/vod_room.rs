@@ -262,6 +262,16 @@ impl VodRoom {
         Ok(fx)
     }
 
+    /// Queues `msg` for the member `to` (its grant); one whose queue is
+    /// full is dropped as slow. Nothing happens for a non-member.
+    pub(crate) fn send_to(&mut self, to: PeerId, msg: &ServerMsg, now: Instant) -> VodEffects {
+        let mut work = Work::new();
+        self.send(to, msg, &mut work);
+        let mut fx = VodEffects::default();
+        self.drop_peers(work, now, &mut fx);
+        fx
+    }
+
     /// `peer`'s link to its neighbour `remote` failed: the pair is parted
     /// (both told `neighbour remove`), kept apart for [`FAILED_PAIR_MS`], and
     /// both are topped up if needy. A report about a peer that is not a
@@ -516,6 +526,8 @@ mod tests {
                 neighbours: n.to_vec(),
                 ice_servers: Vec::new(),
                 heartbeat_ms: 5000,
+                grant_token: None,
+                bid_interval_ms: 0,
             })
             .expect("serializes")
         }
@@ -853,6 +865,36 @@ mod tests {
             viewers[&2].view.is_empty(),
             "told of 1, then of its removal"
         );
+    }
+
+    #[test]
+    fn a_message_for_one_member_reaches_it_and_a_full_queue_drops_it() {
+        let now = Instant::now();
+        let mut r = room(10, 5, now);
+        let (mut a, _) = add(&mut r, 1, 8, now);
+        let (_b, _) = add(&mut r, 2, 1, now);
+        let grant = ServerMsg::Grant {
+            v: SIGNAL_VERSION,
+            bits: 4_000,
+            interval_ms: 1000,
+        };
+        let fx = r.send_to(1, &grant, now);
+        assert!(fx.dropped.is_empty());
+        // A's queue: B's arrival, then its grant only.
+        let mut got = Vec::new();
+        while let Some(text) = a.rx.try_recv() {
+            got.push(serde_json::from_str::<ServerMsg>(&text).expect("a server message"));
+        }
+        assert_eq!(got.last(), Some(&grant));
+        assert_eq!(got.iter().filter(|m| **m == grant).count(), 1);
+        // B's queue holds one message: its first grant fits, the second
+        // finds it full and drops B.
+        assert!(r.send_to(2, &grant, now).dropped.is_empty());
+        let fx = r.send_to(2, &grant, now);
+        assert_eq!(fx.dropped, [(2, DropReason::Slow)]);
+        assert_eq!(r.len(), 1);
+        // Nobody to send to: nothing happens.
+        assert!(r.send_to(99, &grant, now).dropped.is_empty());
     }
 
     #[test]

@@ -5,7 +5,15 @@
 //! Rooms are by key id, so a replaced asset's old viewers keep their own room
 //! (no new viewer can join it: the library names the new key). A room is made
 //! at its first join and removed when it empties; a joiner that raced the
-//! removal makes a new one. Lock order: the rooms map, then a room.
+//! removal makes a new one. Lock order: the rooms map, then a room; the
+//! viewers map (peer → room, for grants) is taken alone.
+//!
+//! With on-demand runs metered (`--vod-budget-kbps` > 0), a joiner is
+//! registered on the on-demand ledger and its welcome carries the token and
+//! the bid interval; its bids go to that ledger, its grants come through its
+//! room's outbox at each interval's end, and every way it leaves (its
+//! socket closes, or the room drops it as slow or reported) forgets its
+//! token, so runs with it get 401.
 
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
@@ -43,7 +51,8 @@ impl Hub {
     }
 
     /// Seats a viewer in the room of `asset`'s upload `key` (id form), which
-    /// must be the asset's current key, and queues its welcome.
+    /// must be the asset's current key, and queues its welcome (with a grant
+    /// token from the on-demand ledger when runs are metered).
     pub(crate) fn join_vod(&self, asset: &str, key: &str) -> Result<VodSession, SignalError> {
         let unknown = || SignalError::UnknownAsset(safe(asset), safe(key));
         let current = self.0.vod.get(asset).ok_or_else(unknown)?;
@@ -52,21 +61,35 @@ impl Hub {
         }
         let name = current.manifest().name.clone();
         let peer = self.0.next_peer.fetch_add(1, Ordering::Relaxed);
+        let token = self.0.vod_grants.as_ref().map(|g| g.register(peer));
         let (tx, rx) = outbox::outbox(OUTBOUND_QUEUE);
         let close = CloseCell::default();
         let now = Instant::now();
-        let (room, fx) = loop {
-            let room = self.vod_room_for(&name, key, now)?;
+        let seated = loop {
+            let room = match self.vod_room_for(&name, key, now) {
+                Ok(room) => room,
+                Err(e) => break Err(e),
+            };
             let mut r = lock(&room);
             if r.is_retired() {
                 continue;
             }
-            let fx = r.join(peer, tx, close.clone(), now, |n| {
-                self.vod_welcome(peer, &name, key, n)
-            })?;
+            let joined = r.join(peer, tx, close.clone(), now, |n| {
+                self.vod_welcome(peer, &name, key, n, token)
+            });
             drop(r);
-            break (room, fx);
+            break joined.map(|fx| (room, fx));
         };
+        let (room, fx) = match seated {
+            Ok(v) => v,
+            Err(e) => {
+                self.forget_vod(peer);
+                return Err(e);
+            }
+        };
+        // Dropped before this insert (another's operation found its queue
+        // full), it is taken out again when its connection ends (`leave_vod`).
+        lock(&self.0.vod_viewers).insert(peer, room.clone());
         self.0.metrics.vod_join();
         tracing::debug!(peer, asset = %name, "on-demand viewer joined");
         self.settle(&room, fx);
@@ -110,7 +133,12 @@ impl Hub {
         asset: &str,
         key: &str,
         neighbours: &[Neighbour],
+        grant_token: Option<String>,
     ) -> String {
+        let bid_interval_ms = match grant_token {
+            Some(_) => self.0.config.bid_interval_ms,
+            None => 0,
+        };
         let msg = ServerMsg::VodWelcome {
             v: SIGNAL_VERSION,
             peer_id: peer,
@@ -119,6 +147,8 @@ impl Hub {
             neighbours: neighbours.to_vec(),
             ice_servers: self.0.ice_servers.clone(),
             heartbeat_ms: self.0.config.heartbeat_ms,
+            grant_token,
+            bid_interval_ms,
         };
         serde_json::to_string(&msg).expect("ServerMsg is plain structs and strings")
     }
@@ -130,6 +160,7 @@ impl Hub {
             tracing::info!(peer, reason = reason.as_str(), "on-demand viewer dropped");
             self.0.metrics.drop_peer(reason.as_str());
             self.0.metrics.vod_left();
+            self.forget_vod(peer);
         }
         if !lock(room).is_empty() {
             return;
@@ -152,7 +183,52 @@ impl Hub {
         if was {
             self.0.metrics.vod_left();
         }
+        // Also when it was dropped before: then its entry may have been put
+        // back by a join that raced the drop.
+        self.forget_vod(session.peer);
         self.settle(&session.room, fx);
+    }
+
+    /// Forgets a viewer that left: its room entry and its grant token.
+    fn forget_vod(&self, peer: PeerId) {
+        lock(&self.0.vod_viewers).remove(&peer);
+        if let Some(g) = &self.0.vod_grants {
+            g.unregister(peer);
+        }
+    }
+
+    /// `session`'s viewer bids `bits` for its runs of the next interval;
+    /// `false` (nothing recorded) when on-demand runs are not metered.
+    pub(crate) fn vod_bid(&self, session: &VodSession, bits: u64) -> bool {
+        let Some(g) = &self.0.vod_grants else {
+            return false;
+        };
+        self.0.metrics.vod_bid();
+        g.handle_bid(session.peer, bits);
+        true
+    }
+
+    /// Ends the on-demand ledger's interval (when metered) and sends each
+    /// bidder its grant through its room's outbox; a viewer whose queue is
+    /// full is dropped as slow, as for any other message.
+    pub(super) fn run_vod_interval(&self, now: Instant) {
+        let Some(ledger) = &self.0.vod_grants else {
+            return;
+        };
+        let interval_ms = self.0.config.bid_interval_ms;
+        for g in ledger.handle_interval(now) {
+            self.0.metrics.vod_grant(g.bits);
+            let Some(room) = lock(&self.0.vod_viewers).get(&g.peer).cloned() else {
+                continue;
+            };
+            let msg = ServerMsg::Grant {
+                v: SIGNAL_VERSION,
+                bits: g.bits,
+                interval_ms,
+            };
+            let fx = lock(&room).send_to(g.peer, &msg, now);
+            self.settle(&room, fx);
+        }
     }
 
     /// Relays SDP/ICE from `session`'s viewer to its neighbour `to`.
@@ -196,5 +272,10 @@ impl Hub {
     /// On-demand rooms open now.
     pub fn vod_rooms(&self) -> usize {
         lock(&self.0.vod_rooms).len()
+    }
+
+    /// On-demand viewers the hub can send grants to now.
+    pub fn vod_viewers(&self) -> usize {
+        lock(&self.0.vod_viewers).len()
     }
 }

@@ -156,6 +156,19 @@ impl Asset {
         })
     }
 
+    /// The encoded length of each block of `run`, bytes, in order: from the
+    /// offsets held in memory, without a read. Empty for a run that is not
+    /// the asset's.
+    pub fn block_lens(&self, run: &Run) -> impl Iterator<Item = u64> + '_ {
+        let start = usize::try_from(run.seqs.start).unwrap_or(usize::MAX);
+        let end = usize::try_from(run.seqs.end).unwrap_or(usize::MAX);
+        let offsets = match start < end {
+            true => self.offsets.get(start..=end).unwrap_or(&[]),
+            false => &[],
+        };
+        offsets.windows(2).map(|w| w[1].saturating_sub(w[0]))
+    }
+
     /// The encoded blocks of `run`, back to back. Reads the file on the
     /// blocking pool.
     pub async fn read(&self, run: &Run) -> Result<Bytes, VodError> {
@@ -310,6 +323,34 @@ fn file_name(path: &Path) -> String {
 mod tests {
     use super::*;
     use clubcast_protocol::block::{StreamSigner, BLOCK_VERSION};
+
+    #[tokio::test]
+    async fn block_lens_are_the_runs_blocks_as_encoded() {
+        let asset = crate::vod::demo_asset("demo", 4096).expect("the demo clip");
+        let run = asset.run(3, 40).expect("in range");
+        let lens: Vec<u64> = asset.block_lens(&run).collect();
+        assert_eq!(lens.len(), 40);
+        assert_eq!(lens.iter().sum::<u64>(), run.bytes.end - run.bytes.start);
+        let body = asset.read(&run).await.expect("reads");
+        let blocks = clubcast_protocol::block::Block::decode_run(body, 40).expect("decodes");
+        assert_eq!(blocks.len(), 40);
+        for (b, len) in blocks.iter().zip(&lens) {
+            assert_eq!(b.encoded_len() as u64, *len);
+        }
+        // The last block of the asset has a length too.
+        let blocks = asset.manifest().blocks;
+        let last = asset.run(blocks - 1, 1).expect("the last");
+        assert_eq!(
+            asset.block_lens(&last).collect::<Vec<_>>(),
+            [last.bytes.end - last.bytes.start]
+        );
+        // A run that is not the asset's has none.
+        let reversed = Range { start: 5, end: 3 };
+        for seqs in [reversed, 0..u64::MAX, blocks..blocks + 1] {
+            let foreign = Run { seqs, bytes: 0..0 };
+            assert_eq!(asset.block_lens(&foreign).count(), 0);
+        }
+    }
 
     #[test]
     fn block_headers_read_back_as_the_protocol_encodes_them() {
