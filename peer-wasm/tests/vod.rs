@@ -92,11 +92,22 @@ fn a_run_that_is_not_the_one_asked_for_is_refused() {
             count: 4
         }
     );
-    // Too few (a server may clamp only at the end of the asset, which the
-    // cursor never asks past).
-    let err = accept_run(&key, 0..4, body(&blocks[0..3])).expect_err("short");
+    // Fewer, from the start: an origin that meters runs cuts one at the
+    // grant, and the blocks that came are kept.
+    let cut = accept_run(&key, 0..4, body(&blocks[0..3])).expect("a cut run");
+    let seqs: Vec<u64> = cut.iter().map(|b| b.seq()).collect();
+    assert_eq!(seqs, vec![0, 1, 2]);
+    // Fewer, not from the start.
+    let err = accept_run(&key, 0..4, body(&blocks[1..3])).expect_err("a middle");
     assert!(
-        matches!(err, RunError::WrongRun { count: 3, .. }),
+        matches!(
+            err,
+            RunError::WrongRun {
+                first: Some(1),
+                count: 2,
+                ..
+            }
+        ),
         "{err:?}"
     );
     // Out of order.

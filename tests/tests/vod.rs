@@ -30,6 +30,13 @@
 //!   B's blocks come from the origin (the backstop), the rest from A. With
 //!   `p2p=0` (a third page) nothing comes from peers and no swarm is joined.
 //!   Fails when A sends no blocks (checked).
+//! - `a_metered_viewer_bids_and_plays_on_its_grants`: the origin meters
+//!   on-demand runs (`--vod-budget-kbps 3000`) and keeps nothing for runs
+//!   without a grant token (`--anonymous-budget-percent 0`): the viewer,
+//!   fetching 30 s ahead, plays 8 s only because its runs carry the token
+//!   of its welcome; it bids every interval and gets grants, and the server
+//!   counts the bids and the bits granted. Fails when the player sends no
+//!   `Authorization` header (checked).
 //! - `the_index_lists_assets_and_the_element_plays_one`: the index links
 //!   `watch.html?vod=demo`, `<clubcast-player vod="demo">` plays, and so does
 //!   the iframe page `/embed/demo?vod`.
@@ -665,4 +672,57 @@ async fn a_second_viewer_gets_the_asset_from_the_first_and_stops_http() {
     for browser in [a, b, c] {
         browser.close().await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_metered_viewer_bids_and_plays_on_its_grants() {
+    // Nothing for runs without a token: the viewer plays only if its runs
+    // carry the grant token its welcome gave. 3 Mbit/s for a 1-Mbit/s
+    // asset fetched 30 s ahead, in 0.5-s intervals: runs are cut at the
+    // grant and refused past it.
+    let opts = ServerOptions {
+        args: [
+            "--publish-token",
+            TOKEN,
+            "--vod-budget-kbps",
+            "3000",
+            "--anonymous-budget-percent",
+            "0",
+            "--bid-interval-ms",
+            "500",
+        ]
+        .map(String::from)
+        .to_vec(),
+        ..ServerOptions::default()
+    };
+    let server = Server::start(opts).await.expect("server starts");
+    upload_encoded(&server, "metered", 40, 1000, 2).await;
+    let m = manifest(&server, "metered").await;
+    let browser = Browser::launch().await.expect("browser");
+    open(&browser, &server, "vod=metered&ahead_s=30").await;
+    let s = wait(&browser, "8 s of play", START_TIMEOUT, |s| t(s) >= 8.0).await;
+    assert!(s["stats"]["error"].is_null(), "{s}");
+    assert_eq!(s["stats"]["metered"], true, "{s}");
+    assert!(stat(&s, "bids_sent") >= 2.0, "{s}");
+    assert!(stat(&s, "grants") >= 1.0, "{s}");
+    assert!(stat(&s, "bits_granted") > 0.0, "{s}");
+    let metrics = server.metrics().await.expect("metrics readable");
+    let metric = |k: &str| metrics.get(k).copied().unwrap_or(0.0);
+    assert!(metric("clubcast_vod_bids_total") >= 2.0, "{metrics:?}");
+    assert!(
+        metric("clubcast_vod_granted_bits_total") > 0.0,
+        "{metrics:?}"
+    );
+    eprintln!(
+        "metered: {} of {} blocks by 8 s of play, {} runs, {} refused, {} grants ({} bits), \
+         {} bids",
+        stat(&s, "blocks_fetched"),
+        m.manifest().blocks,
+        stat(&s, "origin_fetches"),
+        stat(&s, "origin_refused"),
+        stat(&s, "grants"),
+        stat(&s, "bits_granted"),
+        stat(&s, "bids_sent"),
+    );
+    browser.close().await;
 }

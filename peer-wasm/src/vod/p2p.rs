@@ -9,6 +9,14 @@
 //! session, with a `p2p_error` event. A neighbour that sends a frame that
 //! does not parse, or a block that does not verify, is closed and reported
 //! to the server, which replaces it.
+//!
+//! Bids (invention 2): when the welcome carries a grant token, the origin
+//! meters this viewer's runs. Every bid interval the session bids what its
+//! core wants from the origin ([`VodSwarm::bid`]), each `grant` goes to the
+//! core ([`VodSwarm::grant`]), and runs carry the token
+//! ([`P2p::grant_token`]). Without a token (no socket yet, a server that
+//! does not meter, `p2p: false`) runs go without one, on the origin's
+//! anonymous budget.
 
 use std::collections::BTreeSet;
 use std::rc::{Rc, Weak};
@@ -53,6 +61,11 @@ pub(crate) struct P2p {
     own_ice: bool,
     heartbeat_ms: u32,
     heartbeat_timer: Timer,
+    /// The welcome's grant token, while the socket that got it is open.
+    grant_token: Option<String>,
+    bid_interval_ms: u32,
+    bid_timer: Timer,
+    bids_sent: u64,
     reconnect_timer: Timer,
     /// Reopening attempts in a row (reset by a welcome).
     reconnects: u32,
@@ -89,6 +102,10 @@ impl P2p {
             own_ice,
             heartbeat_ms: 0,
             heartbeat_timer: Timer::new(),
+            grant_token: None,
+            bid_interval_ms: 0,
+            bid_timer: Timer::new(),
+            bids_sent: 0,
             reconnect_timer: Timer::new(),
             reconnects: 0,
             ended: None,
@@ -131,6 +148,7 @@ impl P2p {
         self.ended = Some(code.to_owned());
         self.forget_all(core);
         self.heartbeat_timer.cancel();
+        self.bid_timer.cancel();
         self.reconnect_timer.cancel();
         if let Some(s) = self.socket.take() {
             s.close("done");
@@ -147,6 +165,9 @@ impl P2p {
         }
         self.links.reset();
         self.peer_id = None;
+        // The server forgot the token with the connection.
+        self.grant_token = None;
+        self.bid_timer.cancel();
     }
 
     fn schedule_reconnect(&mut self) {
@@ -179,6 +200,45 @@ impl P2p {
             Duration::from_millis(u64::from(self.heartbeat_ms)),
             move || deliver(&weak, Input::Heartbeat),
         );
+    }
+
+    fn arm_bid(&mut self) {
+        if self.bid_interval_ms == 0 || self.grant_token.is_none() {
+            return;
+        }
+        let weak = self.weak.clone();
+        let _ = self.bid_timer.set(
+            Duration::from_millis(u64::from(self.bid_interval_ms)),
+            move || deliver(&weak, Input::Bid),
+        );
+    }
+
+    /// The bid timer fired: bids what the core wants from the origin over
+    /// the next interval.
+    pub(crate) fn on_bid(&mut self, core: &VodSwarm<StreamKey>) {
+        if self.socket.is_some() && self.grant_token.is_some() {
+            self.send(&ClientMsg::Bid {
+                v: SIGNAL_VERSION,
+                bits: core.bid(self.bid_interval_ms),
+                late: 0,
+                up: 0,
+            });
+            self.bids_sent += 1;
+            self.arm_bid();
+        }
+    }
+
+    /// The token to send as `Authorization: Bearer` on origin runs, if the
+    /// origin meters them.
+    pub(crate) fn grant_token(&self) -> Option<&str> {
+        self.grant_token.as_deref()
+    }
+
+    /// The origin does not know the token (401): runs go without one until
+    /// the next welcome.
+    pub(crate) fn forget_token(&mut self) {
+        self.grant_token = None;
+        self.bid_timer.cancel();
     }
 
     /// The heartbeat timer fired.
@@ -232,12 +292,19 @@ impl P2p {
                 neighbours,
                 ice_servers,
                 heartbeat_ms,
+                grant_token,
+                bid_interval_ms,
                 ..
             } => {
                 self.peer_id = Some(peer_id);
                 self.reconnects = 0;
                 self.heartbeat_ms = heartbeat_ms;
                 self.arm_heartbeat();
+                self.grant_token = grant_token;
+                self.bid_interval_ms = bid_interval_ms;
+                // The first bid at once: a joiner's first grant is then an
+                // interval away at most.
+                self.on_bid(core);
                 if !self.own_ice {
                     self.links
                         .set_ice_servers(ice_servers.into_iter().map(IceServer::from).collect());
@@ -271,6 +338,7 @@ impl P2p {
                     core.remove_peer(from);
                 }
             }
+            ServerMsg::Grant { bits, .. } => core.grant(bits),
             ServerMsg::Error { code, message, .. } => {
                 if code == ErrorCode::UnknownAsset {
                     return self.end(code.as_str(), message, core);
@@ -370,6 +438,7 @@ impl P2p {
     pub(crate) fn close(&mut self) {
         self.ended.get_or_insert_with(|| "closed".to_owned());
         self.heartbeat_timer.cancel();
+        self.bid_timer.cancel();
         self.reconnect_timer.cancel();
         self.links.close_all();
         self.neighbours.clear();
@@ -390,6 +459,8 @@ impl P2p {
             "messages_sent_control": sent_control,
             "messages_received": received,
             "bad_frames": self.bad_frames,
+            "metered": self.grant_token.is_some(),
+            "bids_sent": self.bids_sent,
             "p2p_ended": self.ended,
         })
     }

@@ -2,9 +2,11 @@
 //! asked for, or an error, never a part of them.
 //!
 //! The answer is the encoded blocks back to back. Each must verify under the
-//! asset key, and their seqs must be exactly the run asked for, in order: a
-//! server that sends a genuine block in the wrong place, one too many or too
-//! few, is refused like one that sends a forged block. The blocks go to the
+//! asset key, and their seqs must be the run asked for, in order, or a
+//! beginning of it (an origin that meters runs cuts one at the viewer's
+//! grant; the rest is asked for again): a server that sends a genuine block
+//! in the wrong place, one too many or none, is refused like one that sends
+//! a forged block. The blocks go to the
 //! session's swarm core, which serves them to neighbours and hands the
 //! payloads of whole fragments (their `moof`+`mdat` boxes) to MSE.
 
@@ -51,7 +53,7 @@ impl RunError {
 }
 
 /// Checks the answer `body` to a fetch of `asked` against the asset `key`;
-/// the blocks, verified, in order.
+/// the blocks, verified, in order: all of `asked`, or at least its first.
 pub fn accept_run(
     key: &StreamKey,
     asked: Range<u64>,
@@ -62,7 +64,8 @@ pub fn accept_run(
         asked: asked.clone(),
         source,
     })?;
-    let in_order = blocks.len() == want
+    let in_order = !blocks.is_empty()
+        && blocks.len() <= want
         && blocks
             .iter()
             .zip(asked.clone())

@@ -15,6 +15,13 @@
 //! `error` event (what is buffered still plays; nothing unchecked is
 //! appended).
 //!
+//! The origin may meter runs (bids and grants, see [`super::p2p`]): a run
+//! then carries the grant token, and may come back cut at the grant (the
+//! blocks it has are kept). A run refused with 429 waits for the next grant
+//! or the `Retry-After`, whichever is first, and is not counted as a
+//! failure; a 401 for a token the origin no longer knows sends runs without
+//! one until the next welcome.
+//!
 //! Seeks: each fetch carries the seek epoch it was made in; a seek that
 //! moves the cursor starts a new epoch, so what the old position's fetch
 //! brings is dropped (and the fetch aborted). The cursor stays where it is
@@ -107,6 +114,8 @@ pub(crate) enum Input {
     Run {
         epoch: u64,
         run: Range<u64>,
+        /// Whether it carried a grant token.
+        metered: bool,
         result: Result<Fetched, FetchError>,
     },
     Mse(MseEvent),
@@ -125,6 +134,8 @@ pub(crate) enum Input {
     },
     Heartbeat,
     Reconnect,
+    /// The bid interval ([`super::p2p::P2p::on_bid`]).
+    Bid,
     /// A plan put off by [`PLAN_EVERY_MS`] is due.
     Plan,
 }
@@ -187,7 +198,12 @@ impl Driver for VodSession {
         match input {
             Input::Manifest(r) => self.on_manifest(r),
             Input::Init(r) => self.on_init(r),
-            Input::Run { epoch, run, result } => self.on_run(epoch, run, result),
+            Input::Run {
+                epoch,
+                run,
+                metered,
+                result,
+            } => self.on_run(epoch, run, metered, result),
             Input::Mse(e) => self.on_mse(e),
             Input::Video(e) => self.on_video(e),
             Input::PlayRefused => self.on_play_refused(),
@@ -216,6 +232,11 @@ impl Driver for VodSession {
             Input::Reconnect => {
                 if let Some(p2p) = &mut self.p2p {
                     p2p.on_reconnect();
+                }
+            }
+            Input::Bid => {
+                if let (Some(p2p), Some(core)) = (&mut self.p2p, &self.core) {
+                    p2p.on_bid(core);
                 }
             }
         }
@@ -254,6 +275,9 @@ impl Driver for VodSession {
             "blocks_uploaded": sw.blocks_uploaded,
             "mode": sw.mode.as_str(),
             "switches": sw.switches,
+            "grants": sw.grants,
+            "bits_granted": sw.bits_granted,
+            "origin_refused": sw.http_refused,
             "wants_sent": sw.wants_sent,
             "wants_timed_out": sw.wants_timed_out,
             "dont_haves": sw.dont_haves,
@@ -614,19 +638,32 @@ impl VodSession {
             "{}/blocks?from={}&count={count}&key={key}",
             self.base, run.start
         );
+        // Metered by the origin when the swarm side holds a grant token.
+        let auth = self
+            .p2p
+            .as_ref()
+            .and_then(|p| p.grant_token())
+            .map(|t| format!("Bearer {t}"));
         // A seek cancels the transfer through the handle kept in `inflight`.
         let abort = Rc::new(abort);
         let mine = Rc::clone(&abort);
         let weak = self.weak.clone();
         let epoch = self.epoch;
         let asked = run.clone();
+        let metered = auth.is_some();
         wasm_bindgen_futures::spawn_local(async move {
-            let result = fetch_bytes(&url, &[], Some(&mine)).await;
+            let headers: Vec<(&str, &str)> = auth
+                .as_deref()
+                .map(|a| ("Authorization", a))
+                .into_iter()
+                .collect();
+            let result = fetch_bytes(&url, &headers, Some(&mine)).await;
             deliver(
                 &weak,
                 Input::Run {
                     epoch,
                     run: asked,
+                    metered,
                     result,
                 },
             );
@@ -651,7 +688,13 @@ impl VodSession {
         }
     }
 
-    fn on_run(&mut self, epoch: u64, run: Range<u64>, result: Result<Fetched, FetchError>) {
+    fn on_run(
+        &mut self,
+        epoch: u64,
+        run: Range<u64>,
+        metered: bool,
+        result: Result<Fetched, FetchError>,
+    ) {
         if epoch != self.epoch || self.failed.is_some() {
             return;
         }
@@ -662,6 +705,27 @@ impl VodSession {
         self.runs += 1;
         let fetched = match result {
             Ok(f) => f,
+            // Over this interval's grant (or the anonymous budget): the
+            // core waits for its next grant or the origin's Retry-After.
+            // Metering is not a failure, so no retry is counted.
+            Err(FetchError::RateLimited { retry_after }) => {
+                let wait = retry_after.map_or(RETRY_MS, |d| d.as_millis() as u64);
+                if let Some(core) = &mut self.core {
+                    core.http_refused(run, now_ms() + wait.min(MAX_RETRY_MS));
+                }
+                return;
+            }
+            // The origin no longer knows the token (the socket that got it
+            // closed): again at once, without it, until the next welcome.
+            Err(FetchError::Status(401)) if metered => {
+                if let Some(p2p) = &mut self.p2p {
+                    p2p.forget_token();
+                }
+                if let Some(core) = &mut self.core {
+                    core.http_failed(run, now_ms());
+                }
+                return;
+            }
             Err(e) => {
                 let retry_at = self
                     .fetch_failed(Stage::Run, e)
