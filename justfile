@@ -102,7 +102,7 @@ bench-e2e: setup build-web
     cargo run -p clubcast-tests --bin bench_e2e -- --browsers 12 --secs 60 --extra 6 \
         --out {{results}} --command "just bench-e2e"
 
-# On-demand viewers, staggered, with P2P on and then off: the origin's egress, same run.
+# On-demand viewers, staggered, with P2P on and then off, unmetered and on a capped origin budget: the origin's egress and stalls, same run.
 bench-vod-swarm *ARGS: setup build-web
     #!/usr/bin/env bash
     set -euo pipefail
@@ -111,7 +111,8 @@ bench-vod-swarm *ARGS: setup build-web
     mkdir -p {{results}}
     cargo build --release -p clubcast-server
     export CLUBCAST_SERVER_BIN="$(realpath {{target_dir}})/release/clubcast-server"
-    cargo run -p clubcast-tests --bin bench_vod_swarm -- --out {{results}} \
+    # Unmetered, then with the origin's on-demand budget at 2x the bitrate (bids).
+    cargo run -p clubcast-tests --bin bench_vod_swarm -- --out {{results}} --capped-kbps 4000 \
         --command "just bench-vod-swarm" {{ARGS}}
 
 # The seeder's WebRTC link to one headless Chromium through a UDP relay that drops 0, 2, 5 and 10 % of datagrams.

@@ -3,10 +3,18 @@
 //! (in the same run, with a fresh server and fresh browsers) with `p2p=0`,
 //! the baseline where every block comes from the origin.
 //!
+//! With `--capped-kbps K`, the same two rows run again on an origin whose
+//! on-demand budget is K kbit/s (`--vod-budget-kbps`): with P2P on the
+//! viewers bid for it and get grants (the default anonymous share, 25 %,
+//! serves runs sent before a viewer's welcome); with P2P off the viewers
+//! have no grant token, so the whole budget is the anonymous share
+//! (`--anonymous-budget-percent 100`): the same cap, first come, first
+//! served. The uncapped rows run with `--vod-budget-kbps 0` (unmetered).
+//!
 //! ```text
 //! cargo run -p clubcast-tests --bin bench_vod_swarm -- [--browsers 6] [--secs 45]
-//!     [--stagger-s 5] [--asset-secs 90] [--kbps 2000] [--out bench/results]
-//!     [--command "just bench-vod-swarm"]
+//!     [--stagger-s 5] [--asset-secs 90] [--kbps 2000] [--capped-kbps K]
+//!     [--out bench/results] [--command "just bench-vod-swarm"]
 //! ```
 //!
 //! The asset is made with ffmpeg (`--asset-secs` of 1280x720 H.264 at
@@ -46,6 +54,7 @@ struct Args {
     stagger: Duration,
     asset_secs: u32,
     kbps: u32,
+    capped_kbps: Option<u32>,
     out: PathBuf,
     command: String,
 }
@@ -57,6 +66,7 @@ fn args() -> Args {
         stagger: Duration::from_secs(5),
         asset_secs: 90,
         kbps: 2000,
+        capped_kbps: None,
         out: workspace_dir().join("bench/results"),
         command: std::env::args().collect::<Vec<_>>().join(" "),
     };
@@ -69,6 +79,7 @@ fn args() -> Args {
             "--stagger-s" => a.stagger = Duration::from_secs(v().parse().expect("--stagger-s S")),
             "--asset-secs" => a.asset_secs = v().parse().expect("--asset-secs S"),
             "--kbps" => a.kbps = v().parse().expect("--kbps K"),
+            "--capped-kbps" => a.capped_kbps = Some(v().parse().expect("--capped-kbps K")),
             "--out" => a.out = PathBuf::from(v()),
             "--command" => a.command = v(),
             other => panic!("unknown argument {other}"),
@@ -101,11 +112,27 @@ fn encode(a: &Args) -> Vec<u8> {
     bytes
 }
 
-/// One mode: a fresh server with the asset, N browsers; its row.
-async fn run_mode(a: &Args, file: &[u8], p2p: bool) -> Value {
-    let label = if p2p { "P2P on" } else { "P2P off (baseline)" };
+/// One mode: a fresh server with the asset (its on-demand budget `cap`
+/// kbit/s, or unmetered), N browsers; its row.
+async fn run_mode(a: &Args, file: &[u8], p2p: bool, cap: Option<u32>) -> Value {
+    let label = match (p2p, cap) {
+        (true, None) => "P2P on".to_owned(),
+        (false, None) => "P2P off (baseline)".to_owned(),
+        (true, Some(k)) => format!("P2P on, origin capped at {k} kbit/s, bids"),
+        (false, Some(k)) => format!("P2P off, origin capped at {k} kbit/s"),
+    };
+    let mut args = vec![
+        "--publish-token".into(),
+        TOKEN.into(),
+        "--vod-budget-kbps".into(),
+    ];
+    args.push(cap.unwrap_or(0).to_string());
+    if cap.is_some() && !p2p {
+        // No grant tokens without the swarm side: all of it for anonymous runs.
+        args.extend(["--anonymous-budget-percent".into(), "100".into()]);
+    }
     let opts = ServerOptions {
-        args: vec!["--publish-token".into(), TOKEN.into()],
+        args,
         ..ServerOptions::default()
     };
     let server = Server::start(opts).await.expect("server starts");
@@ -190,6 +217,9 @@ async fn run_mode(a: &Args, file: &[u8], p2p: bool) -> Value {
     let row = json!({
         "mode": label,
         "p2p": p2p,
+        "vod_budget_kbps": cap,
+        "origin_refused": sum("origin_refused"),
+        "grants": sum("grants"),
         "browsers": a.browsers,
         "asset_bytes": asset_bytes,
         "origin_block_bytes": served,
@@ -225,8 +255,8 @@ async fn served(server: &Server) -> f64 {
 
 fn table(rows: &[Value]) -> String {
     let mut t = String::from(
-        "| mode | viewers | origin egress MB (per viewer) | from peers MB | origin share of bytes received | switched to swarm (p50 at media s) | startup ms p50 / max | stalls (stall ms p95) |\n\
-         |---|---|---|---|---|---|---|---|\n",
+        "| mode | viewers | origin egress MB (per viewer) | from peers MB | origin share of bytes received | switched to swarm (p50 at media s) | startup ms p50 / max | stalls (stall ms p95) | runs refused |\n\
+         |---|---|---|---|---|---|---|---|---|\n",
     );
     for r in rows {
         let opt = |k: &str, d: usize| match r[k].as_f64() {
@@ -234,7 +264,7 @@ fn table(rows: &[Value]) -> String {
             None => "–".into(),
         };
         t.push_str(&format!(
-            "| {} | {} | {:.1} ({:.1}) | {:.1} | {} | {} of {} ({}) | {} / {} | {} ({}) |\n",
+            "| {} | {} | {:.1} ({:.1}) | {:.1} | {} | {} of {} ({}) | {} / {} | {} ({}) | {} |\n",
             r["mode"].as_str().unwrap_or(""),
             r["browsers"],
             num(r, "origin_block_bytes") / 1e6,
@@ -248,6 +278,7 @@ fn table(rows: &[Value]) -> String {
             opt("startup_ms_max", 0),
             r["stalls"],
             opt("stall_ms_p95", 0),
+            r["origin_refused"],
         ));
     }
     t
@@ -258,9 +289,14 @@ async fn main() {
     let a = args();
     let file = encode(&a);
     eprintln!("bench-vod-swarm: asset {} bytes", file.len());
-    let on = run_mode(&a, &file, true).await;
-    let off = run_mode(&a, &file, false).await;
-    let rows = vec![on, off];
+    let mut rows = vec![
+        run_mode(&a, &file, true, None).await,
+        run_mode(&a, &file, false, None).await,
+    ];
+    if let Some(k) = a.capped_kbps {
+        rows.push(run_mode(&a, &file, true, Some(k)).await);
+        rows.push(run_mode(&a, &file, false, Some(k)).await);
+    }
     let (date, commit, cpu) = run_stamp();
     let md = format!(
         "# On-demand swarm: origin egress with P2P on and off\n\n\
@@ -269,7 +305,12 @@ async fn main() {
          fragments, uploaded with `PUT /vod`), each opening the watch page {} s after the one \
          before and playing {} s from the start. Origin egress is the server's \
          `clubcast_vod_bytes_total` (block bytes served); the share is of the bytes the \
-         players received. Each mode runs on a fresh server with fresh browsers, P2P on first.\n\n{}",
+         players received. Each mode runs on a fresh server with fresh browsers, P2P on first. \
+         The first two rows are unmetered (`--vod-budget-kbps 0`). A capped row's origin has \
+         an on-demand budget (`--vod-budget-kbps`): with P2P on the viewers bid for it and run \
+         on grants (runs before a viewer's welcome use the 25 % anonymous share); with P2P off \
+         they have no grant token and the whole budget is anonymous (first come, first \
+         served). Refused: origin runs answered 429 (over the grant or the anonymous share).\n\n{}",
         a.command,
         a.browsers,
         a.asset_secs,
