@@ -300,6 +300,10 @@ impl P2p {
                 self.reconnects = 0;
                 self.heartbeat_ms = heartbeat_ms;
                 self.arm_heartbeat();
+                if grant_token.is_some() {
+                    // A run refused on the anonymous share may go again, metered.
+                    core.clear_refusal();
+                }
                 self.grant_token = grant_token;
                 self.bid_interval_ms = bid_interval_ms;
                 // The first bid at once: a joiner's first grant is then an

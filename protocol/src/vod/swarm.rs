@@ -23,6 +23,12 @@
 //!   once) or the backstop brought at least `fallback_share` of the window's
 //!   bytes ([`SwitchReason::Backstop`], not within a window of the last switch).
 //!
+//! The origin may meter fetches (invention 2): the viewer bids
+//! ([`VodSwarm::bid`]) for the blocks due before the swarm can deliver
+//! them, the origin grants ([`VodSwarm::grant`]), and a fetch over the
+//! grant is refused ([`VodSwarm::http_refused`]): until the next grant,
+//! neighbours are asked for the near zone as well.
+//!
 //! A block's deadline is the start of its fragment's media time minus the
 //! playhead, in seconds. Nothing here reads a clock or does I/O: `now_ms` and
 //! the playhead are arguments.
@@ -72,6 +78,11 @@ pub struct SwarmConfig {
     pub fallback_share: f64,
     /// Most bytes of encoded blocks held.
     pub max_store_bytes: usize,
+    /// A bid covers the blocks due within this many seconds (at most the
+    /// origin's zone) plus the bid interval: what would otherwise stall.
+    /// Fetching further ahead is not bid for; it uses the budget nobody
+    /// was granted.
+    pub bid_ahead_s: f64,
 }
 
 impl Default for SwarmConfig {
@@ -85,6 +96,7 @@ impl Default for SwarmConfig {
             switch_share: 0.9,
             fallback_share: 0.25,
             max_store_bytes: 128 << 20,
+            bid_ahead_s: 4.0,
         }
     }
 }
@@ -496,24 +508,33 @@ impl<K: BlockVerifier> VodSwarm<K> {
     }
 
     /// The bits this viewer bids for the origin's next interval of
-    /// `interval_ms` (invention 2): the blocks the origin is to bring by
-    /// the interval's end, that is those missing (neither held nor being
-    /// fetched) whose deadline falls within the zone the last tick asked
-    /// of the origin plus the interval, and not asked of a neighbour unless
-    /// urgent. Blocks count at the asset's mean encoded size. Only the last
-    /// tick's window is looked at, so the bid is at most a window's worth.
+    /// `interval_ms` (invention 2): those of the blocks due before the swarm
+    /// can deliver them. A block counts when it is missing (neither held
+    /// nor being fetched), no neighbour holds it, it is not asked of a
+    /// neighbour unless urgent, and its deadline falls within `bid_ahead_s`
+    /// (at most the zone the last tick asked of the origin) plus the
+    /// interval. Blocks count at the asset's mean encoded size.
     ///
-    /// In Http mode that is the near zone, or the whole window with no
-    /// neighbour; in Swarm mode it is only the urgent gaps, so a viewer
-    /// that the swarm serves bids (nearly) nothing.
+    /// So a viewer that neighbours can serve bids (about) nothing, and the
+    /// viewer ahead of the swarm, whose blocks nobody else has, bids for
+    /// what it needs not to stall: under a tight budget, the max-min split
+    /// goes to it. Fetching further ahead draws on the budget nobody was
+    /// granted.
     pub fn bid(&self, interval_ms: u32) -> u64 {
         if self.m.blocks == 0 {
             return 0;
         }
-        let horizon = self.zone_s + f64::from(interval_ms) / 1000.0;
+        let ahead = self.zone_s.min(self.cfg.bid_ahead_s);
+        let horizon = ahead + f64::from(interval_ms) / 1000.0;
         let fetching = self.http.clone().unwrap_or(0..0);
+        let neighbour_has =
+            |seq: u64| seq < self.tracked && self.peers.values().any(|n| n.has.get(seq));
         let missing = (self.next_seq..self.window_end)
-            .filter(|&s| !fetching.contains(&s) && self.fetchable(s, self.playhead_s, horizon))
+            .filter(|&s| {
+                !fetching.contains(&s)
+                    && self.fetchable(s, self.playhead_s, horizon)
+                    && !neighbour_has(s)
+            })
             .count() as u64;
         let mean_bytes = self.m.bytes.div_ceil(self.m.blocks);
         missing.saturating_mul(mean_bytes).saturating_mul(8)
@@ -529,6 +550,12 @@ impl<K: BlockVerifier> VodSwarm<K> {
         if bits > 0 {
             self.refused_until_ms = 0;
         }
+    }
+
+    /// The viewer got a grant token: a fetch the origin refused without one
+    /// may go again at once.
+    pub fn clear_refusal(&mut self) {
+        self.refused_until_ms = 0;
     }
 
     /// Plans: times out wants, evaluates the switch rule, issues the HTTP
@@ -551,10 +578,14 @@ impl<K: BlockVerifier> VodSwarm<K> {
         };
         self.playhead_s = playhead_s;
         self.zone_s = zone;
-        if self.http.is_none() && now_ms >= self.retry_at_ms && now_ms >= self.refused_until_ms {
+        let refused = now_ms < self.refused_until_ms;
+        if self.http.is_none() && now_ms >= self.retry_at_ms && !refused {
             self.plan_fetch(playhead_s, zone);
         }
-        self.plan_wants(now_ms, playhead_s, zone);
+        // While the origin refuses for want of a grant, neighbours are asked
+        // for the near zone too.
+        let origin_zone = if refused { f64::NEG_INFINITY } else { zone };
+        self.plan_wants(now_ms, playhead_s, origin_zone);
     }
 
     /// The next thing to do, if any.
@@ -1270,38 +1301,45 @@ mod tests {
     }
 
     #[test]
-    fn the_bid_is_the_missing_part_of_the_origin_zone_and_the_interval() {
+    fn the_bid_is_what_would_stall_that_no_neighbour_has() {
         let m = asset(60, 4);
         let bits = |blocks: u64| blocks * ENCODED as u64 * 8;
         let mut s = swarm(&m, SwarmConfig::default());
         assert_eq!(s.bid(1000), 0, "nothing planned yet");
-        // Alone: the origin's zone is the whole 30-s window (blocks 0..120).
+        // Alone, the origin streams the whole 30-s window (blocks 0..120),
+        // but the bid is for what is due within 4 s and the 1-s interval:
+        // the fragments at 0..=5 s.
         s.tick(0, 0, 0.0, 30.0);
         let run = fetches(&drain(&mut s))[0].clone();
         assert_eq!(run, 0..120);
         assert_eq!(s.bid(1000), 0, "what is being fetched is not bid for");
         s.http_failed(run, 0);
-        assert_eq!(s.bid(1000), bits(120));
-        // Links being made: the near zone (8 s) plus the interval (1 s):
-        // the fragments that start at 0..=9 s.
-        s.expect_peers(5_000);
-        s.tick(10, 0, 0.0, 30.0);
-        let run = fetches(&drain(&mut s))[0].clone();
-        s.http_failed(run, 0);
-        assert_eq!(s.bid(1000), bits(40));
-        assert_eq!(s.bid(3000), bits(48));
-        // Held blocks are not bid for; the playhead moves the zone on.
-        serve(&mut s, &m, 0..8, 20);
-        assert_eq!(s.bid(1000), bits(32));
+        assert_eq!(s.bid(1000), bits(24));
+        assert_eq!(s.bid(3000), bits(32), "a longer interval: 0..=7 s");
+        // Held blocks are not bid for; the playhead moves the horizon on.
+        serve(&mut s, &m, 0..8, 10);
+        assert_eq!(s.bid(1000), bits(16));
         s.tick(2_000, 8, 2.0, 30.0);
         let run = fetches(&drain(&mut s))[0].clone();
-        assert_eq!(run, 8..44);
         s.http_failed(run, 0);
         assert_eq!(
             s.bid(1000),
-            bits(40),
-            "blocks 8..48: the fragments at 2..=11 s"
+            bits(24),
+            "blocks 8..32: the fragments at 2..=7 s"
         );
+        // A neighbour that holds blocks 8..20 can deliver them: not bid for.
+        assert!(s.add_peer(5, 2_000));
+        s.handle_frame(
+            5,
+            Frame::HaveRange {
+                start: 8,
+                count: 12,
+            },
+            2_000,
+        );
+        assert_eq!(s.bid(1000), bits(12));
+        // In Swarm mode the zone is the urgent 2 s: see
+        // `once_the_swarm_keeps_up_only_urgent_gaps_are_bid_for`.
     }
 
     #[test]
@@ -1351,6 +1389,41 @@ mod tests {
             (st.http_refused, st.grants, st.bits_granted),
             (2, 2, 80_000)
         );
+    }
+
+    #[test]
+    fn while_the_origin_refuses_neighbours_are_asked_for_the_near_zone() {
+        let m = asset(20, 4);
+        let cfg = SwarmConfig {
+            max_wants_per_peer: 200,
+            ..SwarmConfig::default()
+        };
+        let mut s = swarm(&m, cfg);
+        assert!(s.add_peer(5, 0));
+        s.handle_frame(
+            5,
+            Frame::HaveRange {
+                start: 0,
+                count: 80,
+            },
+            0,
+        );
+        drain(&mut s);
+        let wants = |actions: &[Action]| -> Vec<u64> {
+            let w = sends(actions, 5).into_iter().filter_map(|f| match f {
+                Frame::Want(q) => Some(q),
+                _ => None,
+            });
+            w.collect()
+        };
+        s.tick(0, 0, 0.0, 20.0);
+        let first = drain(&mut s);
+        let run = fetches(&first)[0].clone();
+        assert_eq!(run, 0..36, "the near zone: the fragments at 0..=8 s");
+        assert_eq!(wants(&first), (36..80).collect::<Vec<_>>());
+        s.http_refused(run.clone(), 5_000);
+        s.tick(100, 0, 0.0, 20.0);
+        assert_eq!(wants(&drain(&mut s)), (0..36).collect::<Vec<_>>());
     }
 
     #[test]
