@@ -524,19 +524,6 @@ async fn a_long_file_streams_in_past_any_body_buffer() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
-/// A metered server's on-demand budget, whole blocks (with their overhead)
-/// per 1-s bid interval, 20 % of it anonymous. No bid ticker runs: the test
-/// ends intervals itself (`run_bid_interval`).
-fn metered(units: u64) -> Config {
-    let base = Config::default();
-    Config {
-        bid_interval_ms: 1000,
-        anonymous_budget_percent: 20,
-        vod_budget_kbps: (units * base.block_unit_bits()).div_ceil(1000),
-        ..base
-    }
-}
-
 /// The encoded length of blocks `0..n` of `name`, each from a `HEAD` of its
 /// one-block run (not metered).
 async fn block_lens(app: &Router, name: &str, n: u64) -> Vec<u64> {
@@ -554,7 +541,7 @@ async fn block_lens(app: &Router, name: &str, n: u64) -> Vec<u64> {
 async fn without_metering_runs_are_served_whole_whatever_the_authorization() {
     let cfg = Config {
         vod_budget_kbps: 0,
-        ..metered(2)
+        ..common::metered(2)
     };
     let (app, state, dir) = server("unmetered", cfg);
     assert!(state.vod_grants.is_none());
@@ -573,7 +560,7 @@ async fn without_metering_runs_are_served_whole_whatever_the_authorization() {
 
 #[tokio::test]
 async fn anonymous_runs_share_the_anonymous_budget_cut_then_refused_until_the_next_interval() {
-    let (app, state, dir) = server("anonymous", metered(10));
+    let (app, state, dir) = server("anonymous", common::metered(10));
     let ledger = state.vod_grants.clone().expect("metered");
     upload(&app, "/vod/talk", CLIP).await;
     let count = 16;
@@ -663,7 +650,7 @@ async fn anonymous_runs_share_the_anonymous_budget_cut_then_refused_until_the_ne
 
 #[tokio::test]
 async fn unknown_tokens_get_401_and_malformed_authorization_400() {
-    let (app, state, dir) = server("tokens", metered(10));
+    let (app, state, dir) = server("tokens", common::metered(10));
     upload(&app, "/vod/talk", CLIP).await;
     let uri = "/vod/talk/blocks?from=0&count=2";
     let r = call(

@@ -6,7 +6,6 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Body;
@@ -19,13 +18,12 @@ use clubcast_server::app::{app, AppState};
 use clubcast_server::config::Config;
 use clubcast_server::demo::CLIP;
 use clubcast_server::signal::MAX_OFFENCES_IN_A_ROW;
-use clubcast_server::stream::{StoreConfig, Streams};
 use clubcast_server::vod::VodError;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
 use ws_client::{closed, connect, error_code, listen, recv, send, Ws};
 
+mod common;
 mod ws_client;
 
 /// A server with the built-in `demo` asset, its data dir a fresh temp dir
@@ -37,14 +35,7 @@ async fn serve(tag: &str, cfg: Config) -> (SocketAddr, AppState, PathBuf) {
         data_dir: dir.clone(),
         ..cfg
     };
-    let streams = Arc::new(Streams::new(
-        None,
-        StoreConfig {
-            store_seconds: 60,
-            max_bytes: 1 << 20,
-        },
-    ));
-    let state = AppState::new(cfg, streams, CancellationToken::new());
+    let (_, state) = common::router(cfg);
     // As `main` opens the library at start.
     state.open_vod();
     (listen(&state).await, state, dir)
@@ -592,19 +583,6 @@ async fn a_replaced_assets_viewers_keep_their_room_and_new_ones_get_the_new() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
-/// A server whose on-demand budget is `units` whole blocks (with their
-/// overhead) per 1-s interval, 20 % of it anonymous. No bid ticker runs: the
-/// test ends intervals itself (`run_bid_interval`).
-fn metered(units: u64) -> Config {
-    let base = Config::default();
-    Config {
-        bid_interval_ms: 1000,
-        anonymous_budget_percent: 20,
-        vod_budget_kbps: (units * base.block_unit_bits()).div_ceil(1000),
-        ..base
-    }
-}
-
 #[tokio::test]
 async fn an_unmetered_server_gives_no_token_and_refuses_bids() {
     let cfg = Config {
@@ -695,7 +673,7 @@ async fn a_metered_viewers_bid_is_answered_by_a_grant_within_an_interval_or_two(
 #[tokio::test]
 async fn a_run_past_the_grant_is_cut_then_refused_and_a_gone_viewers_token_is_unknown() {
     // Ten blocks an interval: eight for bids, two anonymous.
-    let cfg = metered(10);
+    let cfg = common::metered(10);
     let unit = cfg.block_unit_bits();
     let (addr, state, dir) = serve("cut", cfg).await;
     let ledger = state.vod_grants.clone().expect("metered");
