@@ -140,6 +140,11 @@ export const VOD_STAT_FIELDS = [
   "blocks_uploaded", // blocks sent to neighbours
   "mode", // "http" (the origin streams the near part) or "swarm" (the origin is the backstop)
   "switches", // switch-overs between the two
+  "metered", // the origin meters runs: they carry this viewer's grant token
+  "bids_sent", // bids for origin runs
+  "grants", // grants received
+  "bits_granted", // bits granted in all
+  "origin_refused", // origin runs refused (429) for want of a grant
 ];
 
 const HISTORY = 120; // seconds of rate samples kept for charts
