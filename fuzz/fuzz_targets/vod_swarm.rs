@@ -140,11 +140,15 @@ fuzz_target!(|data: &[u8]| {
                 if let Some(run) = fetching.take() {
                     // Whole, cut at a grant, failed, or refused for want of one.
                     let cut = run.start + 1 + u64::from(s) % (run.end - run.start);
+                    let run_end = run.end;
                     match x % 4 {
                         0 | 1 => {
                             let end = if x % 4 == 0 { run.end } else { cut };
                             let blocks = a.good[run.start as usize..end as usize].to_vec();
                             core.http_done(run, blocks, 1, now);
+                            if end < run_end {
+                                core.wait_for_grant(now + u64::from(s));
+                            }
                         }
                         2 => core.http_failed(run, now + u64::from(s)),
                         _ => core.http_refused(run, now + u64::from(s)),

@@ -234,6 +234,15 @@ impl P2p {
         self.grant_token.as_deref()
     }
 
+    /// The bid interval, ms (0 without a grant token).
+    pub(crate) fn bid_interval_ms(&self) -> u32 {
+        if self.grant_token.is_some() {
+            self.bid_interval_ms
+        } else {
+            0
+        }
+    }
+
     /// The origin does not know the token (401): runs go without one until
     /// the next welcome.
     pub(crate) fn forget_token(&mut self) {

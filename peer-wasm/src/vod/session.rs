@@ -17,9 +17,9 @@
 //!
 //! The origin may meter runs (bids and grants, see [`super::p2p`]): a run
 //! then carries the grant token, and may come back cut at the grant (the
-//! blocks it has are kept). A run refused with 429 waits for the next grant
-//! or the `Retry-After`, whichever is first, and is not counted as a
-//! failure; a 401 for a token the origin no longer knows sends runs without
+//! blocks it has are kept; the next run waits for the next grant or the
+//! interval's end). A run refused with 429 waits for the next grant or the
+//! `Retry-After`, whichever is first, and is not counted as a failure; a 401 for a token the origin no longer knows sends runs without
 //! one until the next welcome.
 //!
 //! Seeks: each fetch carries the seek epoch it was made in; a seek that
@@ -746,7 +746,14 @@ impl VodSession {
             Ok(blocks) => blocks,
             Err(e) => return self.fail(e.into()),
         };
-        core.http_done(run, blocks, bytes, now_ms());
+        let cut = (blocks.len() as u64) < run.end - run.start;
+        let now = now_ms();
+        core.http_done(run, blocks, bytes, now);
+        // Cut at the grant: this interval's budget is spent.
+        let interval = self.p2p.as_ref().map_or(0, |p| p.bid_interval_ms());
+        if cut && metered && interval > 0 {
+            core.wait_for_grant(now + u64::from(interval));
+        }
         self.pump();
     }
 

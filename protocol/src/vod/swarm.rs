@@ -552,6 +552,16 @@ impl<K: BlockVerifier> VodSwarm<K> {
         }
     }
 
+    /// The origin cut a fetch at the grant (it brought only the blocks the
+    /// grant covered, [`VodSwarm::http_done`]): this interval's budget is
+    /// spent, so no new fetch before `until_ms` (the interval's end), or
+    /// before the next grant of more than nothing, whichever comes first;
+    /// meanwhile neighbours are asked for the near zone too. Without it the
+    /// next fetch would go at once and be refused.
+    pub fn wait_for_grant(&mut self, until_ms: u64) {
+        self.refused_until_ms = self.refused_until_ms.max(until_ms);
+    }
+
     /// The viewer got a grant token: a fetch the origin refused without one
     /// may go again at once.
     pub fn clear_refusal(&mut self) {
@@ -1383,12 +1393,21 @@ mod tests {
         s.tick(999, 0, 0.0, 10.0);
         assert!(fetches(&drain(&mut s)).is_empty());
         s.tick(1_000, 0, 0.0, 10.0);
-        assert_eq!(fetches(&drain(&mut s)), vec![run]);
+        assert_eq!(fetches(&drain(&mut s)), vec![run.clone()]);
         let st = s.stats();
         assert_eq!(
             (st.http_refused, st.grants, st.bits_granted),
             (2, 2, 80_000)
         );
+        // A run cut at the grant: the rest waits for the next grant too.
+        let cut: Vec<_> = (run.start..run.start + 2).map(|q| block(&m, q)).collect();
+        s.http_done(run.clone(), cut, 2 * ENCODED as u64, 1_010);
+        s.wait_for_grant(2_000);
+        s.tick(1_020, 0, 0.0, 10.0);
+        assert!(fetches(&drain(&mut s)).is_empty(), "cut: wait");
+        s.grant(8_000);
+        s.tick(1_030, 0, 0.0, 10.0);
+        assert_eq!(fetches(&drain(&mut s)), vec![run.start + 2..run.end]);
     }
 
     #[test]
