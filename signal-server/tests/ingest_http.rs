@@ -3,12 +3,14 @@
 //! the stream's timeline, and bad bodies get clear 4xx answers without
 //! touching the streams already stored.
 
+mod common;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use clubcast_protocol::block::{Block, BlockFlags, BlockVerifier};
-use clubcast_server::app::{app, AppState};
+use clubcast_server::app::AppState;
 use clubcast_server::config::Config;
 use clubcast_server::ingest::fmp4::{self, Fragment, Item};
 use clubcast_server::store::Lookup;
@@ -33,13 +35,7 @@ async fn serve() -> (SocketAddr, AppState) {
         ..Config::default()
     };
     let state = AppState::new(cfg, streams, CancellationToken::new());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    let router = app(state.clone());
-    tokio::spawn(async move { axum::serve(listener, router).await });
-    (addr, state)
+    (common::listen(&state).await, state)
 }
 
 /// Opens a chunked PUT and returns the socket, headers sent.

@@ -1,6 +1,8 @@
 //! The origin over a loopback socket: stream listing, init, block caching
 //! headers, 404/425, and gap fill metered against bids and grants.
 
+mod common;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -9,7 +11,7 @@ use bytes::Bytes;
 use clubcast_protocol::block::Block;
 use clubcast_protocol::block::BlockFlags;
 use clubcast_protocol::signal::ServerMsg;
-use clubcast_server::app::{app, AppState};
+use clubcast_server::app::AppState;
 use clubcast_server::config::Config;
 use clubcast_server::origin::{IMMUTABLE, MAX_RUN_BLOCKS, RUN_BLOCKS_HEADER, WAIT_AHEAD};
 use clubcast_server::stream::{StoreConfig, Streams};
@@ -38,13 +40,7 @@ async fn serve(cfg: Config, store_seconds: u64) -> (SocketAddr, AppState) {
 
 async fn serve_streams(cfg: Config, streams: Arc<Streams>) -> (SocketAddr, AppState) {
     let state = AppState::new(cfg, streams, CancellationToken::new());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    let router = app(state.clone());
-    tokio::spawn(async move { axum::serve(listener, router).await });
-    (addr, state)
+    (common::listen(&state).await, state)
 }
 
 /// Publishes `n` blocks 1 s apart in ingest time.

@@ -22,8 +22,9 @@ use futures_util::{SinkExt, StreamExt};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::CancellationToken;
-use ws_client::{connect, error_code, listen, recv, send, Ws, WAIT};
+use ws_client::{connect, error_code, recv, send, Ws, WAIT};
 
+mod common;
 mod ws_client;
 
 const STORE: StoreConfig = StoreConfig {
@@ -53,7 +54,7 @@ fn publish_demo(streams: &Streams) {
 
 async fn serve_streams(cfg: Config, streams: Arc<Streams>) -> (SocketAddr, AppState) {
     let state = AppState::new(cfg, streams, CancellationToken::new());
-    (listen(&state).await, state)
+    (common::listen(&state).await, state)
 }
 
 /// The next message that `f` accepts, skipping others (link changes etc.).

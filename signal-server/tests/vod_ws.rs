@@ -21,7 +21,7 @@ use clubcast_server::signal::MAX_OFFENCES_IN_A_ROW;
 use clubcast_server::vod::VodError;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tower::ServiceExt;
-use ws_client::{closed, connect, error_code, listen, recv, send, Ws};
+use ws_client::{closed, connect, error_code, recv, send, Ws};
 
 mod common;
 mod ws_client;
@@ -38,7 +38,7 @@ async fn serve(tag: &str, cfg: Config) -> (SocketAddr, AppState, PathBuf) {
     let (_, state) = common::router(cfg);
     // As `main` opens the library at start.
     state.open_vod();
-    (listen(&state).await, state, dir)
+    (common::listen(&state).await, state, dir)
 }
 
 /// The key id of the asset `name` now.

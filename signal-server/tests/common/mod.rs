@@ -1,6 +1,10 @@
 //! What the router tests share: an application on `cfg`, with a small
-//! in-memory stream store, as `main` would build it.
+//! in-memory stream store, as `main` would build it, and a server of it on
+//! a loopback port.
+// Each test binary uses a part of it.
+#![allow(dead_code)]
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::Router;
@@ -25,7 +29,6 @@ pub fn router(cfg: Config) -> (Router, AppState) {
 /// A config whose on-demand budget is `units` whole blocks (with their
 /// overhead) per 1-s bid interval, 20 % of it anonymous. No bid ticker runs
 /// unless the test starts one: it ends intervals itself (`run_bid_interval`).
-#[allow(dead_code)] // not every test binary meters
 pub fn metered(units: u64) -> Config {
     let base = Config::default();
     Config {
@@ -34,4 +37,15 @@ pub fn metered(units: u64) -> Config {
         vod_budget_kbps: (units * base.block_unit_bits()).div_ceil(1000),
         ..base
     }
+}
+
+/// Serves the application of `state` on a loopback port; its address.
+pub async fn listen(state: &AppState) -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let router = app(state.clone());
+    tokio::spawn(async move { axum::serve(listener, router).await });
+    addr
 }

@@ -1,11 +1,10 @@
-//! What the WebSocket tests share: a server on a loopback port, and a
-//! client that sends text and reads server messages, errors and closes.
+//! What the WebSocket tests share: a client that sends text and reads
+//! server messages, errors and closes (the server: `common::listen`).
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use clubcast_protocol::signal::{ErrorCode, ServerMsg};
-use clubcast_server::app::{app, AppState};
 use futures_util::{SinkExt, StreamExt};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
@@ -16,17 +15,6 @@ pub type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
 /// How long a read waits.
 pub const WAIT: Duration = Duration::from_secs(5);
-
-/// Serves the application of `state` on a loopback port; its address.
-pub async fn listen(state: &AppState) -> SocketAddr {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    let router = app(state.clone());
-    tokio::spawn(async move { axum::serve(listener, router).await });
-    addr
-}
 
 pub async fn connect(addr: SocketAddr) -> Ws {
     let (ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/ws"))
