@@ -19,8 +19,9 @@
 //! then carries the grant token, and may come back cut at the grant (the
 //! blocks it has are kept; the next run waits for the next grant or the
 //! interval's end). A run refused with 429 waits for the next grant or the
-//! `Retry-After`, whichever is first, and is not counted as a failure; a 401 for a token the origin no longer knows sends runs without
-//! one until the next welcome.
+//! `Retry-After`, whichever is first, and is not counted as a failure (a
+//! 429 for the manifest or init is retried as above); a 401 for a token the
+//! origin no longer knows sends runs without one until the next welcome.
 //!
 //! Seeks: each fetch carries the seek epoch it was made in; a seek that
 //! moves the cursor starts a new epoch, so what the old position's fetch
